@@ -1,0 +1,79 @@
+// Python bindings of the kernel layer (used by tests and bench/kernels.py).
+#include <omp.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <vector>
+
+#include "kernels/gemm.h"
+
+namespace py = pybind11;
+
+namespace bitdlm {
+
+using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
+using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+void register_kernels(py::module_& m) {
+  m.def("active_isa", &active_isa, "Kernel ISA picked by the dispatcher");
+  m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
+  m.def("get_max_threads", []() { return omp_get_max_threads(); });
+
+  m.def(
+      "quantize_act",
+      [](F32 x) {
+        if (x.ndim() != 2) throw std::invalid_argument("x must be [N, K]");
+        const int N = (int)x.shape(0), K = (int)x.shape(1);
+        const int Kp = (int)pad_k(K);
+        I8 q({N, Kp});
+        F32 s(N);
+        I32 sum(N);
+        {
+          py::gil_scoped_release nogil;
+          quantize_act(x.data(), N, K, Kp, q.mutable_data(), s.mutable_data(), sum.mutable_data());
+        }
+        return py::make_tuple(q, s, sum);
+      },
+      "Per-token absmax int8 quantization -> (codes [N, Kp], scale [N], sum [N])");
+
+  m.def(
+      "gemm_i32",
+      [](U8 w, I8 q, I32 sum) {
+        if (w.ndim() != 2 || q.ndim() != 2) throw std::invalid_argument("w and q must be 2-D");
+        const int M = (int)w.shape(0), Kp = (int)q.shape(1), N = (int)q.shape(0);
+        if (Kp % kKBlock || w.shape(1) * 4 != Kp) throw std::invalid_argument("w is [M, Kp/4], q is [N, Kp], Kp % 128 == 0");
+        if (sum.size() != N) throw std::invalid_argument("sum must have N entries");
+        I32 out({N, M});
+        std::vector<float> ones(N, 1.f);
+        ActQ a{q.data(), ones.data(), sum.data(), N, Kp};
+        {
+          py::gil_scoped_release nogil;
+          gemm_i2_i8_i32(w.data(), M, a, out.mutable_data());
+        }
+        return out;
+      },
+      "Exact int32 ternary x int8 products [N, M]");
+
+  m.def(
+      "gemm",
+      [](U8 w, float wscale, I8 q, F32 s, I32 sum) {
+        if (w.ndim() != 2 || q.ndim() != 2) throw std::invalid_argument("w and q must be 2-D");
+        const int M = (int)w.shape(0), Kp = (int)q.shape(1), N = (int)q.shape(0);
+        if (Kp % kKBlock || w.shape(1) * 4 != Kp) throw std::invalid_argument("w is [M, Kp/4], q is [N, Kp], Kp % 128 == 0");
+        if (sum.size() != N || s.size() != N) throw std::invalid_argument("scale and sum must have N entries");
+        F32 y({N, M});
+        TernaryW tw{w.data(), M, wscale, y.mutable_data(), M};
+        ActQ a{q.data(), s.data(), sum.data(), N, Kp};
+        {
+          py::gil_scoped_release nogil;
+          gemm_i2_i8(&tw, 1, a);
+        }
+        return y;
+      },
+      "Dequantized ternary GEMM y[N, M] = (W q) / (wscale * s)");
+}
+
+}  // namespace bitdlm

@@ -1,0 +1,55 @@
+// Ternary (packed 2-bit) x int8 GEMM: the public kernel interface.
+//
+// Packed weight layout "i2_b128" (docs/format.md): a [M, K] ternary matrix is
+// stored row-major as uint8 [M, Kp/4], Kp = K rounded up to a multiple of 128.
+// Each row is a run of 32-byte blocks; block b covers k in [128b, 128b+128)
+// and byte j of it holds the codes (t+1 in {0,1,2}) of
+//   k = 128b + j      in bits 0-1,   k = 128b + 32 + j  in bits 2-3,
+//   k = 128b + 64 + j in bits 4-5,   k = 128b + 96 + j  in bits 6-7,
+// so one shift+mask of a 32-byte load yields 32 consecutive codes.
+// Padding (k >= K) holds code 1 (t = 0).
+//
+// Activations: int8 codes [N, Kp] (row stride Kp, zero padded), a per-token
+// scale s = 127/absmax and the per-token sum of codes (used to remove the +1
+// code offset: dot(t, a) = dot(t+1, a) - sum(a)).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace bitdlm {
+
+constexpr int kKBlock = 128;  // weights per packed block
+inline int64_t pad_k(int64_t K) { return (K + kKBlock - 1) / kKBlock * kKBlock; }
+
+struct ActQ {
+  const int8_t* q;      // [N, Kp]
+  const float* scale;   // [N]  s_a = 127 / clamp(absmax, 1e-5)
+  const int32_t* sum;   // [N]  sum of the int8 codes of the token
+  int N;
+  int Kp;
+};
+
+// One ternary matrix of a multi-GEMM.
+struct TernaryW {
+  const uint8_t* data;  // [M, Kp/4]
+  int M;
+  float scale;          // s_w = 1 / clamp(mean|W|, 1e-5)
+  float* y;             // output [N, ldy], columns [0, M)
+  int ldy;
+};
+
+// Quantize N rows of K floats to int8 codes, exactly as transformers' ActQuant
+// (round half to even, clamp [-128, 127]); pads each row to Kp with zeros.
+void quantize_act(const float* x, int N, int K, int Kp, int8_t* q, float* scale, int32_t* sum);
+
+// y[n, m] = dot(t[m], q[n]) / (s_w * s_a[n]) for every matrix in ws, all in
+// one OpenMP parallel region (q, k, v or gate, up share one quantized input).
+void gemm_i2_i8(const TernaryW* ws, int n_ws, const ActQ& a);
+
+// Exact int32 dot products dot(t[m], q[n]) -> out[n * M + m]; for tests.
+void gemm_i2_i8_i32(const uint8_t* W, int M, const ActQ& a, int32_t* out);
+
+// Name of the ISA the dispatcher picked ("scalar", "avx2", "avx512", "avx512vnni").
+const char* active_isa();
+
+}  // namespace bitdlm

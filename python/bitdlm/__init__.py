@@ -1,0 +1,18 @@
+"""bitdlm: CPU inference for ternary (BitNet b1.58) block-diffusion LMs."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "LLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name):  # lazy: `import bitdlm` stays cheap (the CLI starts fast)
+    if name == "load":
+        from .model import load
+
+        return load
+    if name in ("LLM", "SamplingParams"):
+        from . import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'bitdlm' has no attribute {name!r}")
