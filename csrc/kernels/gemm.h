@@ -49,6 +49,15 @@ void gemm_i2_i8(const TernaryW* ws, int n_ws, const ActQ& a);
 // Exact int32 dot products dot(t[m], q[n]) -> out[n * M + m]; for tests.
 void gemm_i2_i8_i32(const uint8_t* W, int M, const ActQ& a, int32_t* out);
 
+// lm_head / output-layer GEMMs (not ternary; only the requested positions).
+// fp16 weights [M, K] (row-major, IEEE half bits) x fp32 activations x [N, K]:
+// y[n * ldy + m] = sum_k W[m, k] * x[n, k].
+void gemm_f16_f32(const uint16_t* W, int M, int K, const float* x, int N, float* y, int ldy);
+// int8 weights [M, K] with a per-row scale (w = q * wscale[m]) x int8 activations
+// from quantize_act (codes [N, Kp], Kp = pad_k(K), scale s_a, sum unused):
+// y[n * ldy + m] = dot(Wq[m], aq[n]) * wscale[m] / s_a[n].
+void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& a, float* y, int ldy);
+
 // Name of the ISA the dispatcher picked ("scalar", "avx2", "avx512", "avx512vnni").
 const char* active_isa();
 
