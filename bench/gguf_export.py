@@ -31,7 +31,8 @@ from typing import Callable
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+# the repo checkout, unless PYTHONPATH / an install provides bitdlm first
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 from bitdlm.packing import unpack_i2  # noqa: E402
 
@@ -217,10 +218,11 @@ def gguf_block(raw) -> tuple[int, int]:
 def export_bin(model_path: str, out_path: str, weights: str = "tq2_0", output: str = "f16",
                progress: bool = True) -> str:
     """Export a bitdlm .bin file (read with bitdlm.format) to GGUF."""
-    from bitdlm import format as bfmt
+    from bitdlm.format import ModelFile
 
-    f = bfmt.read(model_path)
-    return export_gguf(f.meta, f.tensor, f.scale, list(f.names()), out_path, weights, output, progress)
+    with ModelFile.open(model_path) as f:
+        return export_gguf(f.meta, f.array, lambda n: f.tensors[n].scale, list(f.tensors), out_path,
+                           weights, output, progress)
 
 
 def main(argv=None) -> int:

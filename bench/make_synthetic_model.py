@@ -18,12 +18,15 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+# the repo checkout, unless PYTHONPATH / an install provides bitdlm first
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 from bitdlm.packing import K_BLOCK, pack_i2, pad_k  # noqa: E402
 
 # microsoft/bitnet-b1.58-2B-4T (see /work/shared/reference.md)
 SHAPE_2B = dict(hidden=2560, layers=30, heads=20, kv_heads=5, ffn=6912, vocab=128256)
+# for tests of the benchmark tooling (K multiples of 256 so TQ2_0/TQ1_0 apply)
+SHAPE_TINY = dict(hidden=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=1000)
 
 # The 81 bytes whose four 2-bit fields are all in {0,1,2} (= t+1 for t in {-1,0,1}).
 # Any such byte is 4 valid ternary codes in the i2_b128 layout, so drawing packed
@@ -104,72 +107,81 @@ def make_meta(hidden, layers, heads, kv_heads, ffn, vocab, lm_head, seed, max_po
     }
 
 
-def make_tensors(meta: dict, seed: int) -> dict:
-    """name -> numpy array, or (packed uint8, scale) for ternary weights (contract names)."""
+def iter_tensors(meta: dict, seed: int):
+    """Yield (name, array, scale) for every tensor of the contract, streaming (only
+    the embedding and one tensor are in memory at a time). Ternary tensors are
+    packed i2_b128 uint8 with their s_w; others have scale None. The random stream
+    does not depend on the lm_head type, so the f16 and i8 variants of a seed hold
+    the same weights."""
     rng = np.random.default_rng(seed)
     H, F, V = meta["hidden_size"], meta["intermediate_size"], meta["vocab_size"]
     hd, nh, nkv = meta["head_dim"], meta["num_attention_heads"], meta["num_key_value_heads"]
 
     def norm(dim):
         # not all ones, so norm weights are exercised
-        return (1.0 + 0.1 * rng.standard_normal(dim, dtype=np.float32)).astype(np.float32)
+        return (1.0 + 0.1 * rng.standard_normal(dim, dtype=np.float32)).astype(np.float32), None
 
     def ternary(m, k):
         # effective weight codes / s_w; s_w = sqrt(2K/3) keeps y at the variance of x
-        return random_ternary_packed(rng, m, k), np.float32(np.sqrt(2.0 * k / 3.0))
+        return random_ternary_packed(rng, m, k), float(np.sqrt(2.0 * k / 3.0))
 
-    t: dict = {}
     emb, emb_q, emb_scale = random_embedding(rng, V, H)
-    t["model.embed_tokens.weight"] = emb
+    yield "model.embed_tokens.weight", emb, None
+    if meta["quant"]["lm_head"] == "i8":
+        # tied model with an int8 copy of the embedding as the output layer
+        yield "lm_head.weight", emb_q, None
+        yield "lm_head.scale", emb_scale, None
+    del emb, emb_q, emb_scale
     for i in range(meta["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = norm(H)
-        t[p + "post_attention_layernorm.weight"] = norm(H)
-        t[p + "self_attn.attn_sub_norm.weight"] = norm(H)
-        t[p + "mlp.ffn_sub_norm.weight"] = norm(F)
-        t[p + "self_attn.q_proj.weight"] = ternary(nh * hd, H)
-        t[p + "self_attn.k_proj.weight"] = ternary(nkv * hd, H)
-        t[p + "self_attn.v_proj.weight"] = ternary(nkv * hd, H)
-        t[p + "self_attn.o_proj.weight"] = ternary(H, nh * hd)
-        t[p + "mlp.gate_proj.weight"] = ternary(F, H)
-        t[p + "mlp.up_proj.weight"] = ternary(F, H)
-        t[p + "mlp.down_proj.weight"] = ternary(H, F)
-    t["model.norm.weight"] = norm(H)
-    if meta["quant"]["lm_head"] == "i8":
-        # tied model with an int8 copy of the embedding as output layer
-        t["lm_head.weight"] = emb_q
-        t["lm_head.scale"] = emb_scale
-    return t
+        yield (p + "input_layernorm.weight", *norm(H))
+        yield (p + "post_attention_layernorm.weight", *norm(H))
+        yield (p + "self_attn.attn_sub_norm.weight", *norm(H))
+        yield (p + "mlp.ffn_sub_norm.weight", *norm(F))
+        yield (p + "self_attn.q_proj.weight", *ternary(nh * hd, H))
+        yield (p + "self_attn.k_proj.weight", *ternary(nkv * hd, H))
+        yield (p + "self_attn.v_proj.weight", *ternary(nkv * hd, H))
+        yield (p + "self_attn.o_proj.weight", *ternary(H, nh * hd))
+        yield (p + "mlp.gate_proj.weight", *ternary(F, H))
+        yield (p + "mlp.up_proj.weight", *ternary(F, H))
+        yield (p + "mlp.down_proj.weight", *ternary(H, F))
+    yield ("model.norm.weight", *norm(H))
 
 
-def write_model(path: str, meta: dict, tensors: dict) -> None:
-    from bitdlm import format as bfmt
+def write_model(path: str, meta: dict, seed: int, overwrite: bool = True) -> None:
+    from bitdlm.format import ModelWriter, expected_tensors
 
-    bfmt.write(path, meta, tensors)
+    with ModelWriter(path, meta, expected_tensors(meta), overwrite=overwrite) as w:
+        for name, arr, scale in iter_tensors(meta, seed):
+            w.write(name, arr, scale=scale)
+        w.commit()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output .bin path (never commit it)")
     ap.add_argument("--lm-head", choices=["f16", "i8"], default="f16")
-    ap.add_argument("--layers", type=int, default=SHAPE_2B["layers"])
+    ap.add_argument("--shape", choices=["2b", "tiny"], default="2b",
+                    help="base shape: the 2B-4T one or a tiny one for tests; the flags below override it")
+    ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hidden", type=int, default=SHAPE_2B["hidden"])
-    ap.add_argument("--ffn", type=int, default=SHAPE_2B["ffn"])
-    ap.add_argument("--heads", type=int, default=SHAPE_2B["heads"])
-    ap.add_argument("--kv-heads", type=int, default=SHAPE_2B["kv_heads"])
-    ap.add_argument("--vocab", type=int, default=SHAPE_2B["vocab"])
+    ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--ffn", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=None)
+    ap.add_argument("--kv-heads", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=None)
     a = ap.parse_args(argv)
-    if a.layers < 1:
-        ap.error("--layers must be >= 1")
+    shape = dict(SHAPE_2B if a.shape == "2b" else SHAPE_TINY)
+    for k in shape:
+        if getattr(a, k) is not None:
+            shape[k] = getattr(a, k)
+    if min(shape.values()) < 1:
+        ap.error("shape values must be >= 1")
     t0 = time.perf_counter()
-    meta = make_meta(a.hidden, a.layers, a.heads, a.kv_heads, a.ffn, a.vocab, a.lm_head, a.seed)
-    tensors = make_tensors(meta, a.seed)
-    t1 = time.perf_counter()
-    write_model(a.out, meta, tensors)
-    t2 = time.perf_counter()
+    meta = make_meta(**shape, lm_head=a.lm_head, seed=a.seed)
+    write_model(a.out, meta, a.seed)
     size = os.path.getsize(a.out)
-    print(json.dumps({"out": a.out, "bytes": size, "generate_s": round(t1 - t0, 2), "write_s": round(t2 - t1, 2)}))
+    print(json.dumps({"out": a.out, "bytes": size, "seconds": round(time.perf_counter() - t0, 2)}))
     return 0
 
 
