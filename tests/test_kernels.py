@@ -224,3 +224,14 @@ def _transformers_act_codes(torch, bitnet, xt):
     codes2 = torch.round(y * scale).to(torch.int8)
     assert torch.equal(codes.to(torch.int8), codes2)
     return codes.to(torch.int8).numpy()
+# ---------------------------------------------------------------- dispatch
+
+
+def test_set_isa_errors():
+    with pytest.raises(ValueError, match="unknown ISA"):
+        _core.set_isa("neon")
+    for name in ("scalar", "avx2", "avx512", "avx512vnni"):
+        if name not in ISAS:
+            with pytest.raises(ValueError, match="not supported"):
+                _core.set_isa(name)
+    assert "scalar" in ISAS

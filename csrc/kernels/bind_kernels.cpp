@@ -19,7 +19,37 @@ using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using U16 = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
 using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
+// bench_avx2.cpp (AVX2 flags): only called when the CPU has AVX2.
+double bench_peak_int8_avx2(int threads, int64_t iters);
+double bench_read_bw_avx2(const uint8_t* buf, size_t bytes, int threads, int reps);
+
+static void require_avx2() {
+  for (const auto& n : supported_isas())
+    if (n == "avx2") return;
+  throw std::runtime_error("the machine benchmarks need an AVX2 CPU");
+}
+
 void register_kernels(py::module_& m) {
+  m.def(
+      "bench_peak_int8",
+      [](int threads, int64_t iters) {
+        require_avx2();
+        if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
+        py::gil_scoped_release nogil;
+        return bench_peak_int8_avx2(threads, iters);
+      },
+      py::arg("threads"), py::arg("iters") = 20000000, "int8 MAC/s of a maddubs+add chain on `threads` threads");
+  m.def(
+      "bench_bandwidth",
+      [](U8 buf, int threads, int reps) {
+        require_avx2();
+        if (threads < 1 || reps < 1) throw std::invalid_argument("threads and reps must be >= 1");
+        if (reinterpret_cast<uintptr_t>(buf.data()) % 32) throw std::invalid_argument("buffer must be 32-byte aligned");
+        py::gil_scoped_release nogil;
+        return bench_read_bw_avx2(buf.data(), (size_t)buf.size(), threads, reps);
+      },
+      py::arg("buf"), py::arg("threads"), py::arg("reps") = 1, "read bytes/s streaming `buf` on `threads` threads");
+
   m.def("active_isa", &active_isa, "Kernel ISA picked by the dispatcher");
   m.def("supported_isas", &supported_isas, "ISAs this CPU can run, best last");
   m.def(

@@ -28,12 +28,12 @@ bool cpu_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
-bool cpu_avx512() {
+[[maybe_unused]] bool cpu_avx512() {
   __builtin_cpu_init();
   return cpu_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
-bool cpu_avx512vnni() {
+[[maybe_unused]] bool cpu_avx512vnni() {
   __builtin_cpu_init();
   return cpu_avx512() && __builtin_cpu_supports("avx512vnni");
 }
@@ -41,7 +41,7 @@ bool cpu_avx512vnni() {
 // Worst to best.
 const Candidate kCandidates[] = {
     {&kScalarKernels, &cpu_any},
-    // AVX2_ENTRIES
+    {&kAvx2Kernels, &cpu_avx2},
 };
 
 const KernelTable* find(const std::string& name) {
