@@ -212,10 +212,11 @@ class ModelFile:
         mm = None
         try:
             size = os.fstat(f.fileno()).st_size
+            head = f.read(16)
+            if head[:len(MAGIC)] != MAGIC[:len(head)]:
+                raise ModelFormatError(f"{path}: not a bitdlm model file "
+                                       f"(bad magic {head[:8]!r}){_foreign_hint(head)}")
             if size < PREAMBLE_SIZE:
-                pre = f.read(8)
-                if pre and not MAGIC.startswith(pre[:len(MAGIC)]):
-                    raise ModelFormatError(f"{path}: not a bitdlm model file (bad magic)")
                 raise ModelFormatError(f"{path}: file is truncated ({size} bytes)")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             header = _parse_header(mm, size, path)
@@ -276,15 +277,18 @@ class ModelFile:
         return f"ModelFile({str(self.path)!r}, {len(self.tensors)} tensors)"
 
 
+def _foreign_hint(head: bytes) -> str:
+    if head[:4] == b"GGUF":
+        return " (this is a GGUF file)"
+    if head[8:9] == b"{":
+        return " (this looks like a safetensors file: use `bitdlm convert` on its directory)"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return " (this looks like a PyTorch checkpoint)"
+    return ""
+
+
 def _parse_header(mm, size: int, path) -> dict:
     magic, version, crc, hlen = _PREAMBLE.unpack_from(mm, 0)
-    if magic != MAGIC:
-        hint = ""
-        if magic[:4] == b"GGUF":
-            hint = " (this is a GGUF file)"
-        elif magic[:1] != b"" and mm[8:9] == b"{":
-            hint = " (this looks like a safetensors file: use `bitdlm convert` on its directory)"
-        raise ModelFormatError(f"{path}: not a bitdlm model file (bad magic {magic!r}){hint}")
     if version != VERSION:
         raise ModelFormatError(f"{path}: unsupported format version {version} "
                                f"(this bitdlm reads version {VERSION}; re-convert the model)")
