@@ -118,10 +118,18 @@ def build_from_args(args):
     if args.max_model_len is not None and args.max_model_len > max_pos:
         raise SystemExit(f"bitdlm serve: --max-model-len {args.max_model_len} exceeds the "
                          f"model's max_position_embeddings {max_pos}")
-    engine_kwargs = {"max_batch": args.max_batch}
-    if args.block_size is not None:
-        engine_kwargs["block_size"] = args.block_size
-    engine = Engine(model, **engine_kwargs)
+    tok = getattr(model, "tokenizer", None)
+    if tok is None and meta.get("tokenizer_json"):
+        from .tokenizer import Tokenizer
+
+        tok = Tokenizer.from_meta(meta)
+    if tok is None:
+        raise SystemExit("bitdlm serve: the model file has no tokenizer")
+    try:
+        engine = Engine(model, max_batch=args.max_batch, block_size=args.block_size,
+                        tokenizer=tok)
+    except ValueError as e:
+        raise SystemExit(f"bitdlm serve: {e}")
     defaults = {}
     if args.threshold is not None:
         defaults["threshold"] = args.threshold
@@ -137,7 +145,7 @@ def build_from_args(args):
         api_key=args.api_key,
         default_params=defaults,
     )
-    return create_app(engine, model.tokenizer, config, model=model), config
+    return create_app(engine, tok, config, model=model), config
 
 
 def _cmd_serve(args) -> int:
@@ -232,6 +240,7 @@ class EngineLoop:
         self._stopping = False
         self.dead: BaseException | None = None
         self.running = 0              # requests in the engine's batch (engine thread writes)
+        self._last_forwards = 0
         self._thread = threading.Thread(target=self._run, name="bitdlm-engine", daemon=True)
 
     # -- called from the event loop
@@ -285,12 +294,15 @@ class EngineLoop:
                         break
                     cmds = list(self._cmds)
                     self._cmds.clear()
+                aborted = False
                 for cmd in cmds:
                     if cmd[0] == "add":
                         self._add(*cmd[1:])
                     else:
-                        self._abort(cmd[1])
-                if self._active:
+                        aborted |= self._abort(cmd[1])
+                # a step also collects the engine's abort outputs, so an idle
+                # engine is left clean
+                if self._active or aborted:
                     self._step()
                 self._update_running()
         except BaseException as e:  # a bug in this loop: fail everyone, report unhealthy
@@ -327,13 +339,14 @@ class EngineLoop:
     def _abort(self, rid):
         a = self._active.pop(rid, None)
         if a is None:  # already finished (or never admitted)
-            return
+            return False
         try:
             self.engine.abort(rid)
         except Exception:
             log.exception("abort(%s) failed", rid)
         self._release()
         self._count_finish("abort")
+        return True
 
     def _step(self):
         t0 = time.perf_counter()
@@ -358,6 +371,10 @@ class EngineLoop:
         if m is not None:
             m.step_latency.observe(time.perf_counter() - t0)
             m.steps.inc()
+            fw = getattr(getattr(self.engine, "stats", None), "forwards", None)
+            if fw is not None:
+                m.forwards.inc(max(0, fw - self._last_forwards))
+                self._last_forwards = fw
         for out in outs:
             a = self._active.get(out.request_id)
             if a is None:
@@ -368,11 +385,18 @@ class EngineLoop:
                     m.ttft.observe(now - a.t_submit)
             if m is not None and out.new_token_ids:
                 m.generation_tokens.inc(len(out.new_token_ids))
-            a.sink.put("out", out)
-            if out.finished:
+            err = getattr(out, "error", None)
+            if err:  # the engine dropped this request (e.g. out of KV cache memory)
+                a.sink.put("error", APIError(500, f"engine error: {err}", code="engine_error"))
+            else:
+                a.sink.put("out", out)
+            if out.finished or err:
                 del self._active[out.request_id]
                 self._release()
-                self._count_finish(out.finish_reason or "stop", out, a, now)
+                if err:
+                    self._count_finish("error")
+                else:
+                    self._count_finish(out.finish_reason or "stop", out, a, now)
 
     def _count_finish(self, reason, out=None, a=None, now=None):
         m = self.metrics
@@ -427,9 +451,10 @@ class _Metrics:
                                      registry=r)
         self.generation_tokens = Counter("bitdlm_generation_tokens", "Generated (final) tokens",
                                          registry=r)
-        self.steps = Counter("bitdlm_engine_steps",
-                             "Engine steps (one batched forward pass over all running requests)",
-                             registry=r)
+        self.steps = Counter("bitdlm_engine_steps", "Engine steps (each advances every running "
+                             "request)", registry=r)
+        self.forwards = Counter("bitdlm_forward_passes",
+                                "Batched model forward calls made by the engine", registry=r)
         self.request_forwards = Counter(
             "bitdlm_request_forward_passes",
             "Forward passes summed over finished requests (each request counts the passes "
@@ -812,7 +837,10 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
         if req.stop is not None:
             kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
         try:
-            return SamplingParams(**kw)
+            sp = SamplingParams(**kw)
+            if hasattr(sp, "validate"):
+                sp.validate()
+            return sp
         except (ValueError, TypeError) as e:
             raise _bad(f"Invalid sampling parameters: {e}")
 
