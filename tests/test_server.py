@@ -231,3 +231,277 @@ def test_batch_prompts_give_indexed_choices(fake_server):
             for p in ("ab", "cd", "ef")]
     assert [ch.text for ch in r.choices] == solo
     assert r.usage.completion_tokens == 9 and r.usage.prompt_tokens == 6
+
+
+def test_non_streaming_client_gone_is_aborted(fake_server):
+    srv = fake_server(delay=0.02, max_batch=2)
+    with http(srv.base) as h:
+        with pytest.raises(httpx.ReadTimeout):
+            h.post("/v1/completions", json={"prompt": "abc", "max_tokens": 200}, timeout=0.3)
+    assert wait_until(lambda: metric(srv.base, "bitdlm_requests_finished_total",
+                                     'reason="abort"') == 1)
+    assert metric(srv.base, "bitdlm_requests_running") == 0
+    assert len(srv.engine.aborted) == 1
+
+
+# ------------------------------------------------- the real server process
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from hf_models import convert_tiny
+
+    return convert_tiny(tmp_path_factory.mktemp("tiny_serve"))
+
+
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    """`python -m bitdlm.cli serve` on the tiny model; SIGTERM at the end."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(tiny_model),
+           "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--threads", "1",
+           "--max-batch", "16", "--max-queue", "32", "--max-model-len", str(MAX_LEN),
+           "--served-model-name", "tiny", "--log-level", "warning"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        if proc.poll() is not None:
+            return True
+        try:
+            return httpx.get(base + "/health", timeout=1, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_until(healthy, 60, 0.1) and proc.poll() is None, \
+            "server did not start:\n" + log_path.read_text()[-3000:]
+        yield type("Server", (), {"base": base, "proc": proc, "log": log_path})
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def prompt_ids(i):
+    """Distinct token-id prompts of varied lengths (ids 4.. avoid the specials)."""
+    n = 3 + (i * 7) % 45
+    return [4 + (i * 31 + k * 17) % 300 for k in range(n)]
+
+
+def test_models_health_and_auth(server):
+    assert httpx.get(server.base + "/health", trust_env=False).json() == {"status": "ok"}
+    c = client_for(server.base)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    with pytest.raises(openai.AuthenticationError):
+        client_for(server.base, key="wrong").models.list()
+    for key in (None, "wrong"):
+        r = http(server.base, key).get("/v1/models")
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert http(server.base, None).get("/metrics").status_code == 401
+    assert http(server.base, None).get("/health").status_code == 200
+
+
+def test_completion_stream_equals_non_stream(server):
+    c = client_for(server.base)
+    ids = prompt_ids(3)
+    r = c.completions.create(model="tiny", prompt=ids, max_tokens=24, temperature=0)
+    ch = r.choices[0]
+    assert r.object == "text_completion" and r.model == "tiny"
+    assert ch.finish_reason in ("stop", "length") and isinstance(ch.text, str)
+    assert r.usage.prompt_tokens == len(ids)
+    assert 1 <= r.usage.completion_tokens <= 24
+    assert r.usage.total_tokens == len(ids) + r.usage.completion_tokens
+    if ch.finish_reason == "length":
+        assert r.usage.completion_tokens == 24
+
+    chunks = list(c.completions.create(model="tiny", prompt=ids, max_tokens=24, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert all(k.id == chunks[0].id for k in chunks)
+    text = "".join(k.choices[0].text for k in chunks if k.choices)
+    reasons = [k.choices[0].finish_reason for k in chunks if k.choices]
+    assert text == ch.text
+    assert reasons[-1] == ch.finish_reason and all(x is None for x in reasons[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+        r.usage.completion_tokens
+    # a string prompt works too and counts its tokens
+    r2 = c.completions.create(model="tiny", prompt="hello world", max_tokens=4)
+    assert r2.usage.prompt_tokens >= 2 and r2.usage.completion_tokens <= 4
+
+
+def test_chat_stream_equals_non_stream(server):
+    c = client_for(server.base)
+    msgs = [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text",
+                                                                          "text": "there"}]}]
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0,
+                                  extra_body={"threshold": 0.9, "use_block_cache": False})
+    ch = r.choices[0]
+    assert r.object == "chat.completion" and ch.message.role == "assistant"
+    assert ch.finish_reason in ("stop", "length")
+    # ChatML: the template wraps every message in specials, so the prompt is long
+    assert r.usage.prompt_tokens > 8 and r.usage.completion_tokens <= 20
+    stream = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0,
+                                       stream=True, extra_body={"threshold": 0.9})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(k.object == "chat.completion.chunk" for k in chunks)
+    text = "".join(k.choices[0].delta.content or "" for k in chunks)
+    assert text == ch.message.content
+    assert chunks[-1].choices[0].finish_reason == ch.finish_reason
+
+
+def test_16_concurrent_requests_equal_solo_runs(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = client_for(server.base)
+
+    def run(i, stream):
+        kw = dict(model="tiny", prompt=prompt_ids(i), max_tokens=6 + (i * 5) % 30,
+                  temperature=0)
+        if not stream:
+            r = c.completions.create(**kw)
+            return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+        chunks = list(c.completions.create(stream=True, stream_options={"include_usage": True},
+                                           **kw))
+        text = "".join(k.choices[0].text for k in chunks if k.choices)
+        reason = [k.choices[0].finish_reason for k in chunks if k.choices][-1]
+        return text, reason, chunks[-1].usage.completion_tokens
+
+    solo = [run(i, False) for i in range(16)]
+    steps0 = metric(server.base, "bitdlm_engine_steps_total")
+    with ThreadPoolExecutor(16) as ex:
+        together = list(ex.map(lambda i: run(i, i % 2 == 1), range(16)))
+    assert together == solo
+    assert sum(s[2] for s in solo) > 16
+    # batched: far fewer steps than the requests took alone
+    assert metric(server.base, "bitdlm_requests_running") == 0
+    assert metric(server.base, "bitdlm_engine_steps_total") > steps0
+
+
+BAD_ROWS = [
+    # (id, route, raw body or json, expected status, expected param, expected code)
+    ("malformed-json", "/v1/completions", b'{"prompt": "x",', 400, None, "invalid_json"),
+    ("not-an-object", "/v1/completions", b"[1, 2]", 400, None, "invalid_json"),
+    ("max-tokens-str", "/v1/completions", {"prompt": "x", "max_tokens": "3"}, 400, "max_tokens",
+     "invalid_type"),
+    ("temperature-str", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature",
+     "invalid_type"),
+    ("messages-not-list", "/v1/chat/completions", {"messages": "hi"}, 400, "messages",
+     "invalid_type"),
+    ("bad-role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]},
+     400, "messages", "invalid_value"),
+    ("unknown-model", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model",
+     "model_not_found"),
+    ("context-exceeded", "/v1/completions", {"prompt": [5] * 200, "max_tokens": 100}, 400,
+     "max_tokens", "context_length_exceeded"),
+    ("prompt-alone-too-long", "/v1/completions", {"prompt": [5] * 300}, 400, "prompt",
+     "context_length_exceeded"),
+    ("empty-messages", "/v1/chat/completions", {"messages": []}, 400, "messages", "empty_array"),
+    ("empty-prompt", "/v1/completions", {"prompt": []}, 400, "prompt", None),
+    ("n-2", "/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "unsupported_parameter"),
+    ("logprobs", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs",
+     "unsupported_parameter"),
+    ("echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo",
+     "unsupported_parameter"),
+    ("unknown-field", "/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate",
+     None),
+    ("stream-options-no-stream", "/v1/completions",
+     {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    ("token-out-of-range", "/v1/completions", {"prompt": [5, 99999]}, 400, "prompt", None),
+    ("threshold-zero", "/v1/completions", {"prompt": "x", "threshold": 0}, 400, "threshold",
+     "invalid_value"),
+    # rejected by the engine's add_request (ValueError), streaming or not
+    ("mask-token-in-prompt", "/v1/completions", {"prompt": [5, 1, 6], "stream": True}, 400,
+     None, None),
+    ("small-block-not-dividing", "/v1/completions",
+     {"prompt": "x", "small_block_size": 5, "stream": True}, 400, None, None),
+]
+
+
+@pytest.mark.parametrize("row", BAD_ROWS, ids=[r[0] for r in BAD_ROWS])
+def test_bad_input_is_an_openai_error(server, row):
+    _, route, body, status, param, code = row
+    with http(server.base) as h:
+        if isinstance(body, bytes):
+            r = h.post(route, content=body, headers={"Content-Type": "application/json"})
+        else:
+            r = h.post(route, json=body)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        assert err["type"] == "invalid_request_error"
+        assert err["param"] == param and err["code"] == code
+        # the server is still fine
+        assert h.get("/health").status_code == 200
+
+
+def test_bad_input_through_the_openai_client(server):
+    c = client_for(server.base)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                  max_tokens=MAX_LEN)
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        c.completions.create(model="tiny", prompt="x", n=3)
+    r = http(server.base).get("/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_client_disconnect_mid_stream_frees_its_request(server):
+    c = client_for(server.base)
+    aborted0 = metric(server.base, "bitdlm_requests_finished_total", 'reason="abort"')
+    stream = c.completions.create(model="tiny", prompt=prompt_ids(5), max_tokens=MAX_LEN - 60,
+                                  temperature=0, stream=True, extra_body={"threshold": 1.0})
+    first = next(iter(stream))
+    assert first.choices[0].text is not None
+    stream.close()  # drop the connection mid-stream
+    assert wait_until(lambda: metric(server.base, "bitdlm_requests_finished_total",
+                                     'reason="abort"') == aborted0 + 1, 15)
+    assert wait_until(lambda: metric(server.base, "bitdlm_requests_running") == 0
+                      and metric(server.base, "bitdlm_requests_queued") == 0)
+    assert metric(server.base, "bitdlm_kv_cache_bytes") == 0
+    # and the server serves the next request
+    assert c.completions.create(model="tiny", prompt=[5, 6], max_tokens=2).choices
+
+
+def test_metrics_count_requests_tokens_and_forwards(server):
+    text = http(server.base).get("/metrics").text
+    for name in ("bitdlm_http_requests_total", "bitdlm_prompt_tokens_total",
+                 "bitdlm_generation_tokens_total", "bitdlm_forward_passes_total",
+                 "bitdlm_tokens_per_forward", "bitdlm_requests_running",
+                 "bitdlm_requests_queued", "bitdlm_step_latency_seconds_bucket"):
+        assert name in text, name
+    assert metric(server.base, "bitdlm_http_requests_total",
+                  'route="/v1/completions",status="200"') >= 16
+    assert metric(server.base, "bitdlm_generation_tokens_total") > 0
+    assert metric(server.base, "bitdlm_forward_passes_total") > 0
+    assert metric(server.base, "bitdlm_tokens_per_forward") > 0
+    assert metric(server.base, "bitdlm_step_latency_seconds_count") > 0
+
+
+def test_zz_graceful_shutdown_finishes_in_flight_requests(server):
+    """SIGTERM: the running stream still completes, then the process exits 0."""
+    c = client_for(server.base)
+    stream = c.completions.create(model="tiny", prompt=prompt_ids(7), max_tokens=40,
+                                  temperature=0, stream=True, extra_body={"threshold": 1.0})
+    it = iter(stream)
+    next(it)
+    server.proc.send_signal(signal.SIGTERM)
+    rest = list(it)  # the openai client stops at [DONE]
+    assert rest and rest[-1].choices[0].finish_reason in ("stop", "length")
+    assert server.proc.wait(30) == 0
