@@ -379,15 +379,17 @@ def test_16_concurrent_requests_equal_solo_runs(server):
         reason = [k.choices[0].finish_reason for k in chunks if k.choices][-1]
         return text, reason, chunks[-1].usage.completion_tokens
 
-    solo = [run(i, False) for i in range(16)]
     steps0 = metric(server.base, "bitdlm_engine_steps_total")
+    solo = [run(i, False) for i in range(16)]
+    steps1 = metric(server.base, "bitdlm_engine_steps_total")
     with ThreadPoolExecutor(16) as ex:
         together = list(ex.map(lambda i: run(i, i % 2 == 1), range(16)))
+    steps2 = metric(server.base, "bitdlm_engine_steps_total")
     assert together == solo
     assert sum(s[2] for s in solo) > 16
-    # batched: far fewer steps than the requests took alone
+    # they were stepped together: fewer steps than the requests took one by one
+    assert 0 < steps2 - steps1 < steps1 - steps0
     assert metric(server.base, "bitdlm_requests_running") == 0
-    assert metric(server.base, "bitdlm_engine_steps_total") > steps0
 
 
 BAD_ROWS = [
@@ -495,7 +497,7 @@ def test_metrics_count_requests_tokens_and_forwards(server):
 
 
 def test_zz_graceful_shutdown_finishes_in_flight_requests(server):
-    """SIGTERM: the running stream still completes, then the process exits 0."""
+    """SIGTERM: the running stream still completes, then the process exits."""
     c = client_for(server.base)
     stream = c.completions.create(model="tiny", prompt=prompt_ids(7), max_tokens=40,
                                   temperature=0, stream=True, extra_body={"threshold": 1.0})
@@ -504,4 +506,6 @@ def test_zz_graceful_shutdown_finishes_in_flight_requests(server):
     server.proc.send_signal(signal.SIGTERM)
     rest = list(it)  # the openai client stops at [DONE]
     assert rest and rest[-1].choices[0].finish_reason in ("stop", "length")
-    assert server.proc.wait(30) == 0
+    # uvicorn re-raises the captured signal once it has shut down cleanly
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.log.read_text()
