@@ -22,6 +22,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -259,6 +260,8 @@ def _run_threads_child(args, threads: int, on_phase) -> dict:
            "--threads-one", str(threads), "--reps", str(args.reps), "--warmup", str(args.warmup),
            "--prompt", str(args.prompt), "--seed", str(args.seed), "--max-seconds", str(args.max_seconds)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(args.timeout, proc.kill)  # a hung worker must not hang the sweep
+    watchdog.start()
     results = {}
     try:
         for line in proc.stdout:
@@ -274,6 +277,8 @@ def _run_threads_child(args, threads: int, on_phase) -> dict:
         proc.kill()
         proc.wait()
         raise
+    finally:
+        watchdog.cancel()
     if rc != 0 or len(results) != len(PHASES):
         raise RuntimeError(f"bench worker with {threads} threads failed (exit {rc}):\n{err[-2000:]}")
     return results
@@ -389,7 +394,7 @@ def register_cli(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-seconds", type=float, default=60.0,
                    help="stop repeating a phase after this many seconds (default 60)")
-    t.add_argument("--timeout", type=float, default=600.0, help="per-worker timeout in seconds")
+    t.add_argument("--timeout", type=float, default=600.0, help="kill a worker (one thread count) after this many seconds (default 600)")
     t.add_argument("--json", default=None, help="write results JSON here")
     t.add_argument("--plot", default=None, help="write a PNG plot here")
     t.set_defaults(func=_check_and_run)
