@@ -22,6 +22,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -259,7 +260,8 @@ def _run_threads_child(args, threads: int, on_phase) -> dict:
     cmd = [sys.executable, "-m", "bitdlm.bench", "_threads_worker", "--model", args.model,
            "--threads-one", str(threads), "--reps", str(args.reps), "--warmup", str(args.warmup),
            "--prompt", str(args.prompt), "--seed", str(args.seed), "--max-seconds", str(args.max_seconds)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errf = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker cannot block
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=errf, text=True)
     watchdog = threading.Timer(args.timeout, proc.kill)  # a hung worker must not hang the sweep
     watchdog.start()
     results = {}
@@ -271,14 +273,16 @@ def _run_threads_child(args, threads: int, on_phase) -> dict:
             rec = json.loads(line)
             results[rec.pop("phase")] = rec
             on_phase()
-        err = proc.stderr.read()
         rc = proc.wait(timeout=args.timeout)
+        errf.seek(0)
+        err = errf.read()
     except BaseException:
         proc.kill()
         proc.wait()
         raise
     finally:
         watchdog.cancel()
+        errf.close()
     if rc != 0 or len(results) != len(PHASES):
         raise RuntimeError(f"bench worker with {threads} threads failed (exit {rc}):\n{err[-2000:]}")
     return results
