@@ -152,6 +152,8 @@ class BitdlmRunner:
 
         self.model = bitdlm.load(model_path, threads=threads)
         self.vocab = int(self.model.meta["vocab_size"])
+        mask = self.model.meta.get("mask_token_id")
+        self.banned = None if mask is None else [int(mask)]  # as the scheduler bans the mask token
         self.rng = np.random.default_rng(seed)
         self.seqs: dict[int, int] = {}
 
@@ -160,7 +162,7 @@ class BitdlmRunner:
 
     def _forward(self, sid, tokens, start, ctx_len, write, out_idx):
         item = (sid, tokens, int(start), int(ctx_len), bool(write), np.asarray(out_idx, dtype=np.int32))
-        return self.model.forward([item], BLOCK, "select")
+        return self.model.forward([item], BLOCK, "select", banned=self.banned)
 
     def prepare(self, ctx: int) -> None:
         if ctx in self.seqs:
