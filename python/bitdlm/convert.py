@@ -156,15 +156,17 @@ class Checkpoint:
             raise ConversionError(f"checkpoint has no tensor {name!r}")
         return self.where[name].raw(name)
 
-    def f32(self, name, shape=None) -> np.ndarray:
+    def f32_check(self, name, shape=None):
         dtype, sh = self.info(name)
-        a = self.raw(name)
         if dtype not in ("F32", "F16", "BF16", "F64"):
             raise ConversionError(f"tensor {name!r} is {dtype}, expected a float tensor")
         if shape is not None and tuple(sh) != tuple(shape):
             raise ConversionError(f"tensor {name!r} has shape {list(sh)}, expected {list(shape)} "
                                   f"from config.json")
-        return _to_f32(a, dtype)
+        return dtype
+
+    def f32(self, name, shape=None) -> np.ndarray:
+        return _to_f32(self.raw(name), self.f32_check(name, shape))
 
     def close(self):
         for sf in self.files.values():
@@ -368,12 +370,21 @@ def ternary_tensor(ckpt: Checkpoint, name: str, shape, linear_class):
     return codes, np.float32(s)
 
 
-def _rows(a: np.ndarray, dtype, rows: int = 4096):
-    """Convert a float matrix to `dtype` in row blocks (bounded memory)."""
-    for i in range(0, a.shape[0], rows):
-        out = a[i:i + rows].astype(dtype)
+def _row_blocks(ckpt: Checkpoint, name: str, shape, rows: int = 8192):
+    """fp32 row blocks of a [V, H] float tensor: the big embedding / lm_head are
+    never materialised whole in fp32."""
+    ckpt.f32_check(name, shape)
+    dtype, _ = ckpt.info(name)
+    raw = ckpt.raw(name)
+    for i in range(0, raw.shape[0], rows):
+        yield _to_f32(raw[i:i + rows], dtype)
+
+
+def _f16_blocks(blocks):
+    for b in blocks:
+        out = b.astype(np.float16)
         if not np.isfinite(out).all():
-            raise ConversionError(f"non-finite value after conversion to {np.dtype(dtype)}")
+            raise ConversionError("value out of the float16 range in an embedding / lm_head")
         yield out
 
 
@@ -479,7 +490,7 @@ def convert(hf_dir, out_path, *, mask_token=None, block_size=None, small_block_s
                     codes, s = ternary_tensor(ckpt, name, shape, linear_class)
                     w.write(name, packing.pack_i2(codes), scale=float(s))
                 elif name == "model.embed_tokens.weight":
-                    w.write(name, _rows(ckpt.f32(name, shape), np.float16))
+                    w.write(name, _f16_blocks(_row_blocks(ckpt, name, shape)))
                 elif name.startswith("lm_head."):
                     if name == "lm_head.scale":
                         bar.update(1)
@@ -487,13 +498,20 @@ def convert(hf_dir, out_path, *, mask_token=None, block_size=None, small_block_s
                     src = "model.embed_tokens.weight" if hp["tie_word_embeddings"] else "lm_head.weight"
                     if src not in ckpt:
                         raise ConversionError("tie_word_embeddings is false but the checkpoint has no lm_head.weight")
-                    wf = ckpt.f32(src, (v, h))
                     if dtype == "i8":
-                        q, sc = quantize_lm_head_i8(wf)
-                        w.write("lm_head.weight", q)
-                        w.write("lm_head.scale", sc)
+                        # per-row scales: quantize block by block, scales collected on the way
+                        scales = []
+
+                        def q_blocks():
+                            for b in _row_blocks(ckpt, src, (v, h)):
+                                q, sc = quantize_lm_head_i8(b)
+                                scales.append(sc)
+                                yield q
+
+                        w.write("lm_head.weight", q_blocks())
+                        w.write("lm_head.scale", np.concatenate(scales))
                     else:
-                        w.write(name, _rows(wf, np.float16))
+                        w.write(name, _f16_blocks(_row_blocks(ckpt, src, (v, h))))
                 else:  # norms
                     w.write(name, ckpt.f32(name, shape))
                 bar.update(1)
