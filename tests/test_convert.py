@@ -122,7 +122,7 @@ def test_master_weight_variants(tmp_path, dtype, shards):
 
 
 def _transformers_linear(module):
-    """(codes, y = module(x), the effective s_w) from a transformers BitLinear/AutoBitLinear."""
+    """Ternary codes int8 [out, in] held by a transformers BitLinear / offline AutoBitLinear."""
     from transformers.integrations.bitnet import AutoBitLinear, BitLinear, unpack_weights
 
     if isinstance(module, BitLinear):
@@ -133,22 +133,24 @@ def _transformers_linear(module):
     return codes.to(torch.int8).numpy()
 
 
-@pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
-@pytest.mark.parametrize("shards", [False, True])
-def test_packed_checkpoints_match_transformers(tmp_path, linear_class, shards):
+@pytest.mark.parametrize("linear_class,shards,pack_uint8", [
+    ("bitlinear", False, True), ("autobitlinear", False, True),
+    ("bitlinear", True, True), ("autobitlinear", True, True),
+    ("autobitlinear", False, False)])
+def test_packed_checkpoints_match_transformers(tmp_path, linear_class, shards, pack_uint8):
     """transformers loads the packed checkpoint itself; its modules are the oracle for
     the codes and, through their forward, for the scale convention."""
     from transformers import BitNetForCausalLM
 
     hf = make_hf_model(tmp_path / "hf", seed=2, packed=linear_class, shards=shards,
-                       weight_scale_dtype="bfloat16")
+                       weight_scale_dtype="bfloat16", pack_uint8=pack_uint8)
     out = convert(hf, tmp_path / "m.bin", progress=False)
     ref = BitNetForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     modules = dict(ref.named_modules())
     x = torch.randn(3, max(TINY_CONFIG["hidden_size"], TINY_CONFIG["intermediate_size"]),
                     generator=torch.Generator().manual_seed(0))
     with ModelFile.open(out, verify=True) as mf:
-        assert mf.meta["source"]["weights"] == ["packed"]
+        assert mf.meta["source"]["weights"] == ["packed" if pack_uint8 else "offline"]
         for name in ternary_names(TINY_CONFIG["num_hidden_layers"]):
             t = mf.tensors[name]
             m, k = t.shape
