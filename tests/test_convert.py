@@ -339,3 +339,31 @@ def test_missing_shard(tmp_path):
     with pytest.raises(ConversionError, match="shard listed in the index is missing"):
         convert(hf, tmp_path / "m.bin", progress=False)
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_reference_model_helper_matches_bin(fp32_model):
+    """hf_models.load_reference_model (the oracle other tests use) is quantized, and every
+    BitLinear of it computes y = (codes . a_q) / (s_w * s_a) with the .bin's codes and scale."""
+    from hf_models import load_reference_model
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    ref = load_reference_model(fp32_model.parent / "hf")
+    modules = dict(ref.named_modules())
+    x = torch.randn(4, 160, generator=torch.Generator().manual_seed(1))
+    with ModelFile.open(fp32_model) as mf:
+        for name in ternary_names(TINY_CONFIG["num_hidden_layers"]):
+            mod = modules[name[:-len(".weight")]]
+            assert isinstance(mod, AutoBitLinear) and mod.online_quant
+            t = mf.tensors[name]
+            codes = packing.unpack_i2(mf.array(name), t.shape[1])
+            aq, sa = packing.act_quant(x[:, :t.shape[1]].numpy())
+            ours = (aq.astype(np.int64) @ codes.T.astype(np.int64)).astype(np.float32)
+            ours /= np.float32(t.scale) * sa[:, None]
+            with torch.no_grad():
+                theirs = mod(x[:, :t.shape[1]]).numpy()
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert not isinstance(ref.lm_head, AutoBitLinear)
+        assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()  # tied
+        norm = ref.model.layers[0].mlp.ffn_sub_norm.weight.detach().numpy()
+        np.testing.assert_array_equal(mf.array("model.layers.0.mlp.ffn_sub_norm.weight"), norm)
+        assert not np.allclose(norm, 1.0)  # randomised norms
