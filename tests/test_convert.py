@@ -292,14 +292,21 @@ BAD_INPUTS = {
     "weight_scale without quantization_config": (
         lambda d: _add_tensor(d, "model.layers.0.mlp.up_proj.weight_scale"), {}, "scale convention"),
     "bias": (lambda d: _add_tensor(d, "model.layers.1.self_attn.q_proj.bias"), {}, "bias"),
+    "NaN weight": (lambda d: _add_tensor(d, "model.layers.1.mlp.down_proj.weight", np.nan), {}, "NaN"),
+    "bad DLM config key": (lambda d: _edit_json(d / "config.json", bd_size="big"), {}, "diffusion setting"),
 }
 
 
-def _add_tensor(hf, name):
+def _add_tensor(hf, name, poison=None):
+    """Add a 1-element tensor `name`, or with `poison` put that value into it."""
     from safetensors.numpy import load_file, save_file
 
     sd = load_file(str(hf / "model.safetensors"))
-    sd[name] = np.ones(1, np.float32)
+    if poison is None:
+        sd[name] = np.ones(1, np.float32)
+    else:
+        sd[name] = sd[name].copy()
+        sd[name].flat[7] = poison
     save_file(sd, str(hf / "model.safetensors"))
 
 
