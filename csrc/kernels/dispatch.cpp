@@ -28,12 +28,12 @@ bool cpu_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
-[[maybe_unused]] bool cpu_avx512() {
+bool cpu_avx512() {
   __builtin_cpu_init();
   return cpu_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
-[[maybe_unused]] bool cpu_avx512vnni() {
+bool cpu_avx512vnni() {
   __builtin_cpu_init();
   return cpu_avx512() && __builtin_cpu_supports("avx512vnni");
 }
@@ -42,6 +42,8 @@ bool cpu_avx2() {
 const Candidate kCandidates[] = {
     {&kScalarKernels, &cpu_any},
     {&kAvx2Kernels, &cpu_avx2},
+    {&kAvx512Kernels, &cpu_avx512},
+    {&kAvx512VnniKernels, &cpu_avx512vnni},
 };
 
 const KernelTable* find(const std::string& name) {

@@ -14,7 +14,6 @@
 // rows stay in L1 while the job's weight rows (<= 32 rows) stay in L1/L2.
 #include <immintrin.h>
 
-#include <algorithm>
 
 #include "kernels/isa.h"
 
@@ -39,7 +38,7 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc32[r][t] = _mm256_setzero_si256();
   for (int b0 = 0; b0 < nb; b0 += kChunk) {
-    const int b1 = std::min(nb, b0 + kChunk);
+    const int b1 = b0 + kChunk < nb ? b0 + kChunk : nb;
     __m256i acc[R][T];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
