@@ -52,6 +52,10 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
           const __m256i a = _mm256_loadu_si256((const __m256i*)(q + t * qstride + b * kKBlock + 32 * i));
           for (int r = 0; r < R; ++r) acc[r][t] = _mm256_add_epi16(acc[r][t], _mm256_maddubs_epi16(u[r], a));
         }
+        // Empty asm pins the accumulators after each group: without it GCC
+        // reassociates the 4 groups' maddubs into add trees and spills.
+        for (int r = 0; r < R; ++r)
+          for (int t = 0; t < T; ++t) __asm__("" : "+x"(acc[r][t]));
       }
     }
     for (int r = 0; r < R; ++r)
