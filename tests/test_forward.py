@@ -92,7 +92,8 @@ def to_core(model, kv_budget=1 << 30, lm_head="f16", kv_dtype="f32"):
         add("lm_head.weight", head.astype(np.float16), "f16", head.shape)
     meta = dict(architecture="bitnet", hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
                 num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
                 max_position_embeddings=cfg.max_position_embeddings,
                 rope_theta=float(cfg.rope_parameters["rope_theta"]), rms_norm_eps=cfg.rms_norm_eps,
                 tie_word_embeddings=bool(cfg.tie_word_embeddings), hidden_act="relu2",
@@ -500,3 +501,44 @@ def test_bad_model_files(small):
         _core.Model(bytes(64), meta, {"model.norm.weight": (60, "f32", [8], None)}, 1 << 20)
     with pytest.raises(ValueError, match="lacks key"):
         _core.Model(bytes(64), {"hidden_size": 8}, {}, 1 << 20)
+
+
+@pytest.mark.parametrize("lm_head", ["f16", "i8"])
+def test_load_converted_file(tmp_path, lm_head):
+    """bitdlm.load over a real converted .bin: same numbers as the weights handed over directly."""
+    import bitdlm
+    from hf_models import convert_tiny, load_reference_model
+
+    path = convert_tiny(tmp_path, seed=3, lm_head=lm_head)
+    m = bitdlm.load(path, threads=1, kv_budget_gb=0.01)
+    assert m.meta["vocab_size"] == 320 and m.tokenizer is not None and m.kv_dtype == "f16"
+    ref = load_reference_model(path.parent / "hf")
+    toks = np.random.default_rng(10).integers(0, 320, 40)
+    got = m.logits(toks)
+    assert got.shape == (40, 320) and got.dtype == np.float32
+    direct = core_logits(to_core(ref, lm_head=lm_head, kv_dtype="f16"), toks)
+    np.testing.assert_allclose(got, direct, rtol=0, atol=1e-5)
+    if lm_head == "f16":  # the converted file against transformers itself (embedding in f16 as in the file)
+        with torch.no_grad():
+            ref.model.embed_tokens.weight.copy_(ref.model.embed_tokens.weight.half().float())
+        ref.ties = Ties(ref)
+        close_hf(got, hf_logits(ref, toks), ref, range(40))
+    with pytest.raises(MemoryError):
+        m.alloc_seq(10**7)
+    with pytest.raises(ValueError):
+        m.logits([])
+    m.close()
+
+
+def test_runtime_load_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    from hf_models import convert_tiny
+
+    path = convert_tiny(tmp_path, seed=4)
+    code = ("import sys, bitdlm; m = bitdlm.load(sys.argv[1], threads=1); m.logits([1, 2, 3]); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
