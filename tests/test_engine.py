@@ -46,6 +46,7 @@ class TorchModel:
         self.kv = {}
         self._next = 0
         self.calls = []
+        self.token_counts = []
 
     def alloc_seq(self, capacity):
         sid = self._next
@@ -61,6 +62,7 @@ class TorchModel:
         from transformers.cache_utils import DynamicCache
 
         self.calls.append(len(items))
+        self.token_counts += [len(it[1]) for it in items]
         all_logits = []
         for sid, tokens, start, ctx_len, write, out_idx in items:
             st = self.kv[sid]
@@ -196,3 +198,251 @@ def test_matches_reference(models, shift, threshold, plen):
     got = llm.generate(prompt, SamplingParams(max_tokens=20, threshold=threshold, ignore_eos=False))[0]
     assert got.token_ids == want
     assert got.stats["forwards"] > 0
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("threshold", [0.9, 0.5])
+@pytest.mark.parametrize("plen", [BS - 1, BS + 1])
+def test_block_cache_matches_reference(models, shift, threshold, plen):
+    hf, meta = models[shift]
+    prompt = _prompt(plen, seed=100 + plen)
+    want = _ref(hf, meta, prompt, max_tokens=16, threshold=threshold, use_block_cache=True)
+    got = LLM(_backend(hf, meta)).generate(
+        prompt, SamplingParams(max_tokens=16, threshold=threshold, use_block_cache=True))[0]
+    assert got.token_ids == want
+
+
+def test_block_cache_changes_the_computation(models):
+    # the sub-block cache attends to stale K/V: it must not silently fall back to full passes
+    hf, meta = models[True]
+    prompt = _prompt(BS + 1, seed=5)
+    be = _backend(hf, meta)
+    LLM(be).generate(prompt, SamplingParams(max_tokens=16, threshold=0.9, use_block_cache=True))
+    assert any(n < BS for n in be.token_counts)
+
+
+def test_batch_equals_alone(models):
+    hf, meta = models[True]
+    prompts = [_prompt(n, seed=10 + n) for n in (1, BS - 1, BS, 2 * BS + 3)]
+    params = [SamplingParams(max_tokens=12, threshold=0.9), SamplingParams(max_tokens=7, threshold=0.5),
+              SamplingParams(max_tokens=16, threshold=1.0, use_block_cache=True),
+              SamplingParams(max_tokens=10, threshold=0.7, small_block_size=2)]
+    alone = [LLM(_backend(hf, meta)).generate(p, sp)[0] for p, sp in zip(prompts, params)]
+    be = _backend(hf, meta)
+    llm = LLM(be)
+    together = llm.generate(prompts, params)
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert [g.text for g in together] == [g.text for g in alone]
+    assert max(be.calls) == len(prompts)  # one forward call carried every running request
+    assert be.kv == {}  # every cache freed
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_stop_token_truncates(models, shift):
+    hf, meta = models[shift]
+    prompt = _prompt(BS - 2, seed=3)
+    full = _ref(hf, meta, prompt, max_tokens=20, threshold=0.9, stop_ids=[])
+    stop = full[9]
+    first = full.index(stop)
+    want = _ref(hf, meta, prompt, max_tokens=20, threshold=0.9, stop_ids=[stop])
+    assert want == full[:first + 1]
+    got = LLM(_backend(hf, meta)).generate(
+        prompt, SamplingParams(max_tokens=20, threshold=0.9, stop_token_ids=[stop], ignore_eos=True))[0]
+    assert got.token_ids == want
+    assert got.finish_reason == "stop"
+
+
+def test_max_tokens_exact_and_prefix(models):
+    hf, meta = models[True]
+    prompt = _prompt(5, seed=4)
+    llm = LLM(_backend(hf, meta))
+    long = llm.generate(prompt, SamplingParams(max_tokens=20, threshold=0.9, ignore_eos=True))[0]
+    for n in (1, 3, 8, 11):
+        g = llm.generate(prompt, SamplingParams(max_tokens=n, threshold=0.9, ignore_eos=True))[0]
+        assert g.token_ids == long.token_ids[:n]
+        assert g.finish_reason == "length"
+
+
+def test_context_limit(models):
+    hf, meta = models[True]
+    L = meta["max_position_embeddings"]
+    prompt = _prompt(L - 5, seed=6)
+    g = LLM(_backend(hf, meta)).generate(prompt, SamplingParams(max_tokens=50, ignore_eos=True))[0]
+    assert len(g.token_ids) == 5 and g.finish_reason == "length"
+
+
+def test_stop_strings(models):
+    hf, meta = models[True]
+    prompt = _prompt(6, seed=8)
+    llm = LLM(_backend(hf, meta))
+    full = llm.generate(prompt, SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    text = full.text
+    assert len(text) > 8
+    stop = text[5:8]
+    cut = text.index(stop)
+    g = llm.generate(prompt, SamplingParams(max_tokens=24, ignore_eos=True, stop=["\x00never", stop]))[0]
+    assert g.text == text[:cut]
+    assert g.finish_reason == "stop"
+    assert full.token_ids[:len(g.token_ids)] == g.token_ids
+    # the kept tokens are exactly those needed to see the stop string
+    tok = llm.tokenizer
+    assert stop in tok.decode(g.token_ids) and stop not in tok.decode(g.token_ids[:-1])
+    # streaming never leaks the stop string
+    deltas = list(llm.generate_stream(prompt, SamplingParams(max_tokens=24, ignore_eos=True, stop=stop)))
+    assert "".join(deltas) == text[:cut]
+
+
+def test_streaming_matches_generate(models):
+    hf, meta = models[True]
+    prompt = _prompt(3, seed=9)
+    llm = LLM(_backend(hf, meta))
+    sp = SamplingParams(max_tokens=24, threshold=0.9, ignore_eos=True)
+    g = llm.generate(prompt, sp)[0]
+    deltas = list(llm.generate_stream(prompt, sp))
+    assert "".join(deltas) == g.text
+    assert len([d for d in deltas if d]) > 2  # text arrives while the request runs
+    assert llm.last.token_ids == g.token_ids
+
+
+def test_seeded_sampling(models):
+    hf, meta = models[True]
+    prompts = [_prompt(4, seed=11), _prompt(9, seed=12)]
+    sp = lambda seed: SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=seed,  # noqa: E731
+                                     threshold=0.9, ignore_eos=True)
+    llm = LLM(_backend(hf, meta))
+    a = llm.generate(prompts, [sp(7), sp(8)])
+    b = llm.generate(prompts, [sp(7), sp(8)])
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    alone = llm.generate(prompts[1], sp(8))[0]
+    assert alone.token_ids == a[1].token_ids  # independent of the batch
+    c = llm.generate(prompts[0], sp(9))[0]
+    greedy = llm.generate(prompts[0], SamplingParams(max_tokens=16, threshold=0.9, ignore_eos=True))[0]
+    assert c.token_ids != a[0].token_ids or a[0].token_ids != greedy.token_ids
+
+
+def test_block_size_one_is_autoregressive(models):
+    hf, meta = models[True]
+    prompt = _prompt(6, seed=13)
+    n = 12
+    eng_llm = LLM(_backend(hf, meta), block_size=1)
+    got = eng_llm.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True))[0]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           suppress_tokens=[meta["mask_token_id"]], pad_token_id=0)[0, len(prompt):].tolist()
+    assert got.token_ids == want
+    assert got.stats["forwards"] == n
+
+
+def test_caches_freed_and_abort(models):
+    hf, meta = models[True]
+    be = _backend(hf, meta)
+    eng = Engine(be, tokenizer=be.tokenizer)
+    eng.add_request("a", _prompt(5, seed=1), SamplingParams(max_tokens=30, ignore_eos=True))
+    eng.add_request("b", _prompt(6, seed=2), SamplingParams(max_tokens=3, ignore_eos=True))
+    eng.step()
+    assert len(be.kv) == 2 and eng.num_running() == 2
+    eng.abort("a")
+    assert len(be.kv) == 1
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    fin = {o.request_id: o for o in outs if o.finished}
+    assert fin["a"].finish_reason == "abort" and fin["b"].finish_reason == "length"
+    assert fin["b"].num_generated_tokens == 3
+    assert be.kv == {}
+    eng.abort("unknown")  # no-op
+
+
+def test_max_batch_queues(models):
+    hf, meta = models[True]
+    be = _backend(hf, meta)
+    llm = LLM(be, max_batch=2)
+    prompts = [_prompt(3 + i, seed=20 + i) for i in range(4)]
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    got = llm.generate(prompts, sp)
+    assert max(be.calls) == 2
+    assert [g.token_ids for g in got] == [LLM(_backend(hf, meta)).generate(p, sp)[0].token_ids for p in prompts]
+
+
+def test_bad_input(models, tok_json):
+    hf, meta = models[True]
+    be = _backend(hf, meta)
+    llm = LLM(be)
+    eng = llm.engine
+    L = meta["max_position_embeddings"]
+    bad = [
+        ([[]], SamplingParams()),
+        ("", SamplingParams()),
+        (_prompt(L, seed=0), SamplingParams()),
+        (_prompt(L + 3, seed=0), SamplingParams()),
+        ([5, 6], SamplingParams(max_tokens=0)),
+        ([5, 6], SamplingParams(max_tokens=-3)),
+        ([5, 6], SamplingParams(threshold=0.0)),
+        ([5, 6], SamplingParams(threshold=1.5)),
+        ([5, 6], SamplingParams(small_block_size=3)),
+        ([5, 6], SamplingParams(temperature=-1.0)),
+        ([5, 6], SamplingParams(top_p=0.0)),
+        ([5, 6], SamplingParams(stop=[""])),
+        ([5, meta["mask_token_id"]], SamplingParams()),
+        ([5, 10 ** 6], SamplingParams()),
+        ([5, -1], SamplingParams()),
+    ]
+    for prompt, sp in bad:
+        with pytest.raises(ValueError):
+            llm.generate(prompt, sp)
+        assert not eng.has_unfinished() and be.kv == {}
+    # a batch with one bad prompt: nothing of it is queued
+    with pytest.raises(ValueError):
+        llm.generate([[5, 6], []], SamplingParams(max_tokens=2))
+    assert not eng.has_unfinished() and be.kv == {}
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request("y", [], SamplingParams())
+    eng.add_request("x", [5, 6], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError):
+        eng.add_request("x", [7, 8], SamplingParams(max_tokens=2))
+    eng.abort("x")
+    eng.step()
+    # diffusion on a model without a mask token
+    no_mask = dict(meta, mask_token_id=None)
+    with pytest.raises(ValueError, match="mask"):
+        LLM(_backend(hf, no_mask))
+    LLM(_backend(hf, no_mask), block_size=1)  # autoregressive is fine
+    with pytest.raises(FileNotFoundError):
+        LLM("/nonexistent/model.bin")
+
+
+# ------------------------------------------------------------- tokenizer
+def test_incremental_detokenizer_utf8(tok_json):
+    tok = Tokenizer(tok_json)
+    text = "héllo wörld 日本語 テキスト the fox"
+    ids = tok.encode(text)
+    d = tok.detokenizer([])
+    deltas = [d.add(t) for t in ids]
+    deltas.append(d.flush())
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert not any("\ufffd" in x for x in deltas)
+    # byte-level tokens split multibyte characters: some deltas must have been held back
+    assert any(x == "" for x in deltas[:-1])
+
+
+def test_chat_template_matches_transformers(tok_json, models):
+    from transformers import PreTrainedTokenizerFast
+
+    _, meta = models[True]
+    tmpl = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('need system') }}{% endif %}"
+            "{{ bos_token }}{% for m in messages %}{% if loop.index0 > 5 %}{% break %}{% endif %}"
+            "<{{ m['role'] }}>{{ m['content'] | trim }}{{ eos_token }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}{{ {'a': 'é'} | tojson }}")
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_json)._tok, bos_token="<|bos|>",
+                                     eos_token="<|eos|>")
+    hf_tok.chat_template = tmpl
+    ours = Tokenizer(tok_json, chat_template=tmpl, bos_token_id=meta["bos_token_id"],
+                     eos_token_ids=meta["eos_token_ids"])
+    msgs = [{"role": "system", "content": "be brief "}, {"role": "user", "content": "hello wörld"}]
+    for agp in (True, False):
+        assert ours.apply_chat_template(msgs, add_generation_prompt=agp) == \
+            hf_tok.apply_chat_template(msgs, add_generation_prompt=agp, tokenize=False)
+    ids = ours.apply_chat_template(msgs, tokenize=True)
+    assert ids[0] == meta["bos_token_id"]
+    with pytest.raises(Exception, match="need system"):
+        ours.apply_chat_template(msgs[1:])
