@@ -325,6 +325,8 @@ def test_block_size_one_is_autoregressive(models):
                            suppress_tokens=[meta["mask_token_id"]], pad_token_id=0)[0, len(prompt):].tolist()
     assert got.token_ids == want
     assert got.stats["forwards"] == n
+    ref = _ref(m, prompt, max_tokens=n, threshold=1.0, block_size=1, sbs=1, stop_ids=[])
+    assert ref == want  # the reference decoder itself reduces to AR decoding
 
 
 def test_caches_freed_and_abort(models):
