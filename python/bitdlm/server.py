@@ -642,6 +642,7 @@ class _Job:
         self.open: set[int] = set()   # submitted and not finished
         self.watcher = None
         self.closed = False
+        self.gone = False  # the client disconnected
         self._early: collections.deque = collections.deque()
 
     def submit(self, prompts, params):
@@ -666,6 +667,7 @@ class _Job:
                     break
             if self.open:
                 log.info("client of %s went away: aborting", self.rid)
+            self.gone = True
             self.close(from_watcher=True)
             self.queue.put_nowait((None, "gone", None))
 
@@ -674,7 +676,11 @@ class _Job:
     async def events(self):
         """Yield (index, RequestOutput) until every sub-request has finished;
         raises APIError on an engine error and _ClientGone on a disconnect."""
-        while self.open:
+        while True:
+            if self.gone:
+                raise _ClientGone()
+            if not self.open:
+                return
             if self._early:
                 idx, kind, payload = self._early.popleft()
             else:
