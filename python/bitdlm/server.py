@@ -112,7 +112,10 @@ def build_from_args(args):
     from .engine import Engine
     from .model import load
 
-    model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb)
+    try:
+        model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb)
+    except (OSError, ValueError) as e:  # missing file, bad format (ModelFormatError)
+        raise SystemExit(f"bitdlm serve: cannot load {path}: {e}")
     meta = model.meta
     max_pos = int(meta["max_position_embeddings"])
     if args.max_model_len is not None and args.max_model_len > max_pos:
