@@ -971,9 +971,11 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
                 c = "".join(part.text for part in c)
             messages.append({"role": "system" if m.role == "developer" else m.role,
                              "content": c or ""})
+        from jinja2 import TemplateError
+
         try:
             ids = render_chat(tokenizer, messages)
-        except ValueError as e:
+        except (ValueError, TemplateError) as e:  # no template; raise_exception() in it
             raise _bad(f"Could not apply the chat template: {e}", param="messages")
         check_ids(ids, "conversation")
         max_tokens = req.max_completion_tokens or req.max_tokens
