@@ -103,14 +103,12 @@ def topic_documents() -> list[tuple[str, str]]:
 
 def docstring_documents(min_len: int = 40) -> list[tuple[str, str]]:
     """(qualified name, docstring) for public members of DOC_MODULES, deduplicated."""
-    seen_obj: set[int] = set()
+    # dedupe by text only: id() of transient objects (bound methods) gets
+    # reused after they are freed, which made the corpus nondeterministic
     seen_doc: set[str] = set()
     docs: list[tuple[str, str]] = []
 
     def add(name, obj):
-        if id(obj) in seen_obj:
-            return
-        seen_obj.add(id(obj))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             doc = inspect.getdoc(obj)
