@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -303,7 +304,13 @@ class Worker:
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
         self.info = self._read()
 
-    def _read(self) -> dict:
+    def _read(self, timeout: float = 900.0) -> dict:
+        # one request -> one line, so nothing is left in the reader's buffer and
+        # select() on the pipe is a reliable "has it answered" test
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.proc.kill()
+            raise TimeoutError(f"worker {self.label} gave no answer in {timeout:.0f} s (log: {self.log_path})")
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
