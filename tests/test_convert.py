@@ -374,3 +374,8 @@ def test_reference_model_helper_matches_bin(fp32_model):
         norm = ref.model.layers[0].mlp.ffn_sub_norm.weight.detach().numpy()
         np.testing.assert_array_equal(mf.array("model.layers.0.mlp.ffn_sub_norm.weight"), norm)
         assert not np.allclose(norm, 1.0)  # randomised norms
+
+
+def test_conversion_is_deterministic(fp32_model, tmp_path):
+    again = convert(fp32_model.parent / "hf", tmp_path / "again.bin", progress=False)
+    assert again.read_bytes() == fp32_model.read_bytes()
