@@ -118,6 +118,10 @@ class ByteTokenizer:
         return list(text.encode())
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
+        if any(m["role"] == "tool" for m in messages):  # like a template's raise_exception()
+            from jinja2 import TemplateError
+
+            raise TemplateError("this template has no tool role")
         s = "".join(f"<{m['role']}>{m['content']}" for m in messages)
         return s + ("<assistant>" if add_generation_prompt else "")
 
@@ -220,6 +224,14 @@ def test_finished_request_leaves_without_stalling_others(fake_server):
     assert time.monotonic() - t0 < 1.0  # did not wait for the long one (~0.6 s)
     rest = "".join(ch.choices[0].text for ch in it if ch.choices)
     assert len(rest) == 120 - 2
+
+
+def test_chat_template_error_is_400(fake_server):
+    srv = fake_server()
+    r = http(srv.base).post("/v1/chat/completions", json={
+        "messages": [{"role": "tool", "content": "x"}]})
+    assert r.status_code == 400 and "no tool role" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "messages"
 
 
 def test_batch_prompts_give_indexed_choices(fake_server):

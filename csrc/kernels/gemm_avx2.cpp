@@ -14,7 +14,6 @@
 // rows stay in L1 while the job's weight rows (<= 32 rows) stay in L1/L2.
 #include <immintrin.h>
 
-#include <algorithm>
 
 #include "kernels/isa.h"
 
@@ -39,7 +38,7 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc32[r][t] = _mm256_setzero_si256();
   for (int b0 = 0; b0 < nb; b0 += kChunk) {
-    const int b1 = std::min(nb, b0 + kChunk);
+    const int b1 = b0 + kChunk < nb ? b0 + kChunk : nb;
     __m256i acc[R][T];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
@@ -53,6 +52,10 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
           const __m256i a = _mm256_loadu_si256((const __m256i*)(q + t * qstride + b * kKBlock + 32 * i));
           for (int r = 0; r < R; ++r) acc[r][t] = _mm256_add_epi16(acc[r][t], _mm256_maddubs_epi16(u[r], a));
         }
+        // Empty asm pins the accumulators after each group: without it GCC
+        // reassociates the 4 groups' maddubs into add trees and spills.
+        for (int r = 0; r < R; ++r)
+          for (int t = 0; t < T; ++t) __asm__("" : "+x"(acc[r][t]));
       }
     }
     for (int r = 0; r < R; ++r)

@@ -28,8 +28,9 @@ extern const KernelTable kAvx512Kernels;      // AVX-512 F/BW/VL, maddubs + madd
 extern const KernelTable kAvx512VnniKernels;  // same file, vpdpbusd inner loop
 
 // IEEE binary16 bits -> float, exact for normals, subnormals, inf and NaN.
-// Pure integer code: usable in baseline (no F16C) files.
-inline float half_to_float(uint16_t h) {
+// Pure integer code: usable in baseline (no F16C) files. static: each ISA file
+// keeps its own copy, so the linker never hands baseline code an AVX build.
+static inline float half_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t mant = h & 0x3ffu;

@@ -112,7 +112,10 @@ def build_from_args(args):
     from .engine import Engine
     from .model import load
 
-    model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb)
+    try:
+        model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb)
+    except (OSError, ValueError) as e:  # missing file, bad format (ModelFormatError)
+        raise SystemExit(f"bitdlm serve: cannot load {path}: {e}")
     meta = model.meta
     max_pos = int(meta["max_position_embeddings"])
     if args.max_model_len is not None and args.max_model_len > max_pos:
@@ -642,6 +645,7 @@ class _Job:
         self.open: set[int] = set()   # submitted and not finished
         self.watcher = None
         self.closed = False
+        self.gone = False  # the client disconnected
         self._early: collections.deque = collections.deque()
 
     def submit(self, prompts, params):
@@ -666,6 +670,7 @@ class _Job:
                     break
             if self.open:
                 log.info("client of %s went away: aborting", self.rid)
+            self.gone = True
             self.close(from_watcher=True)
             self.queue.put_nowait((None, "gone", None))
 
@@ -674,7 +679,11 @@ class _Job:
     async def events(self):
         """Yield (index, RequestOutput) until every sub-request has finished;
         raises APIError on an engine error and _ClientGone on a disconnect."""
-        while self.open:
+        while True:
+            if self.gone:
+                raise _ClientGone()
+            if not self.open:
+                return
             if self._early:
                 idx, kind, payload = self._early.popleft()
             else:
@@ -962,9 +971,11 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
                 c = "".join(part.text for part in c)
             messages.append({"role": "system" if m.role == "developer" else m.role,
                              "content": c or ""})
+        from jinja2 import TemplateError
+
         try:
             ids = render_chat(tokenizer, messages)
-        except ValueError as e:
+        except (ValueError, TemplateError) as e:  # no template; raise_exception() in it
             raise _bad(f"Could not apply the chat template: {e}", param="messages")
         check_ids(ids, "conversation")
         max_tokens = req.max_completion_tokens or req.max_tokens
