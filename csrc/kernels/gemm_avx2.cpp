@@ -10,7 +10,10 @@
 //
 // Register tile: R rows x T tokens. A block of R packed rows is loaded once,
 // each of its 4 32-code groups is unpacked (shift + mask) once and used for all
-// T tokens. The tile loop runs tokens outer / rows inner, so the T activation
+// T tokens; activations are maddubs memory operands. Main tile 1 x 8 (8 int16
+// accumulators, ~2.25 vector ops per maddubs; measured ~10% faster than 2 x 4
+// at N = 32), then 2 x 4, 2 x 3, 2 x 2 for the token tail and 4 x 1 for
+// decode. The tile loop runs tokens outer / rows inner, so the T activation
 // rows stay in L1 while the job's weight rows (<= 32 rows) stay in L1/L2.
 #include <immintrin.h>
 
@@ -31,7 +34,7 @@ static inline __m128i hsum4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
 // Exact int32 dots of R packed rows x T tokens over nb blocks -> dots[r][t].
 template <int R, int T>
 static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, const int8_t* __restrict q,
-                                int64_t qstride, int nb, int32_t dots[R][4]) {
+                                int64_t qstride, int nb, int32_t dots[R][8]) {
   const __m256i mask = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc32[R][T];
@@ -66,6 +69,10 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
     const __m128i s = hsum4(acc32[r][0], T > 1 ? acc32[r][T > 1 ? 1 : 0] : z, T > 2 ? acc32[r][T > 2 ? 2 : 0] : z,
                             T > 3 ? acc32[r][T > 3 ? 3 : 0] : z);
     _mm_storeu_si128((__m128i*)dots[r], s);
+    if (T > 4)
+      _mm_storeu_si128((__m128i*)(dots[r] + 4),
+                       hsum4(acc32[r][T > 4 ? 4 : 0], T > 5 ? acc32[r][T > 5 ? 5 : 0] : z,
+                             T > 6 ? acc32[r][T > 6 ? 6 : 0] : z, T > 7 ? acc32[r][T > 7 ? 7 : 0] : z));
   }
 }
 
@@ -73,7 +80,7 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
 template <int R, int T>
 static inline void ternary_store(const TernaryW& w, const ActQ& a, int m, int n, int32_t* out) {
   const int64_t wstride = a.Kp / 4;
-  int32_t dots[R][4];
+  int32_t dots[R][8];
   ternary_tile<R, T>(w.data + (int64_t)m * wstride, wstride, a.q + (int64_t)n * a.Kp, a.Kp, a.Kp / kKBlock, dots);
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
@@ -95,6 +102,7 @@ static inline void ternary_rows(const TernaryW& w, const ActQ& a, int m0, int m1
 
 static void ternary(const TernaryW& w, const ActQ& a, int m0, int m1, int n0, int n1, int32_t* out) {
   int n = n0;
+  for (; n + 8 <= n1; n += 8) ternary_rows<1, 8>(w, a, m0, m1, n, out);
   for (; n + 4 <= n1; n += 4) ternary_rows<2, 4>(w, a, m0, m1, n, out);
   switch (n1 - n) {
     case 3: ternary_rows<2, 3>(w, a, m0, m1, n, out); break;
