@@ -84,7 +84,8 @@ def to_core(model, kv_budget=1 << 30, lm_head="f16", kv_dtype="f32"):
         sd["model.embed_tokens.weight"].shape)
     head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
     if lm_head == "i8":
-        scale = (np.abs(head).max(axis=1) / 127.0).astype(np.float32)
+        amax = np.abs(head).max(axis=1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)  # (the padding row is zero)
         q = np.clip(np.rint(head / scale[:, None]), -127, 127).astype(np.int8)
         add("lm_head.weight", q, "i8", head.shape)
         add("lm_head.scale", scale, "f32", scale.shape)
