@@ -543,3 +543,26 @@ def test_runtime_load_does_not_import_torch(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_portable_and_simd_attention_agree(small, kv_dtype):
+    """The portable (scalar ISA) and AVX2 attention loops give the same forward."""
+    hf, _ = small
+    isas = [i for i in ("scalar", "avx2") if i in _core.supported_isas()]
+    if len(isas) < 2 or not hasattr(_core, "set_isa"):
+        pytest.skip("this CPU/build has only the scalar kernels")
+    core = to_core(hf, kv_dtype=kv_dtype)
+    toks = np.random.default_rng(11).integers(0, hf.config.vocab_size, 40)
+    old = _core.active_isa()
+    res = []
+    try:
+        for isa in isas:
+            _core.set_isa(isa)
+            s = core.alloc_seq(48)
+            core_logits(core, toks[:24], B=8, seq=s)
+            res.append(core_logits(core, toks[24:], B=8, seq=s, start=24, ctx_len=24, write=False))
+            core.free_seq(s)
+    finally:
+        _core.set_isa(old)
+    np.testing.assert_allclose(res[0], res[1], rtol=0, atol=1e-4)

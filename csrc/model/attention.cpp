@@ -60,9 +60,9 @@ extern const AttnKernels kAttnPortable = {"portable", &portable::scores<float>, 
                                           &portable::to_f16};
 
 const AttnKernels& attn_kernels() {
-  // Follow the kernels' single dispatch point: every ISA above scalar has AVX2.
-  static const AttnKernels* t = std::strcmp(active_isa(), "scalar") == 0 ? &kAttnPortable : &kAttnAvx2;
-  return *t;
+  // Follow the kernels' single dispatch point (re-read: _core.set_isa may change it);
+  // every ISA above scalar has AVX2.
+  return std::strcmp(active_isa(), "scalar") == 0 ? kAttnPortable : kAttnAvx2;
 }
 
 // Query i of item `it` for the `group` query heads of KV head kvh.
