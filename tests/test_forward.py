@@ -379,8 +379,8 @@ def test_select_greedy_with_banned(small):
     hf, core = small
     V = hf.config.vocab_size
     toks = np.random.default_rng(8).integers(0, V, 12).astype(np.int32)
-    out = np.arange(12, dtype=np.int32)
-    logits = core_logits(core, toks)
+    out = np.tile(np.arange(12, dtype=np.int32), 13)  # 156 rows: several lm_head chunks, repeated rows
+    logits = core_logits(core, toks)[out]
     banned = [int(logits[3].argmax()), 0]  # banning row 3's winner must change its answer
     seq = core.alloc_seq(12)
     try:
@@ -469,6 +469,8 @@ def test_bad_arguments(small):
         ([(s, t4, 0, 0, True, o1)], 0, "logits", "block_size"),
         ([(s, t4, 0, 0, True, o1)], 1, "probs", "mode"),
         ([(s, t4, 0)], 1, "logits", "item"),
+        ([(s, t4, "0", 0, True, o1)], 1, "logits", "item"),
+        ([(s, t4, 2**40, 0, True, o1)], 1, "logits", "item"),
     ]
     try:
         for items, B, mode, msg in bad:
