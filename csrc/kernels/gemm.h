@@ -15,6 +15,8 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace bitdlm {
 
@@ -59,6 +61,13 @@ void gemm_f16_f32(const uint16_t* W, int M, int K, const float* x, int N, float*
 void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& a, float* y, int ldy);
 
 // Name of the ISA the dispatcher picked ("scalar", "avx2", "avx512", "avx512vnni").
+// The first call reads BITDLM_ISA (scalar|avx2|avx512|avx512vnni) and throws
+// std::runtime_error if that ISA is unknown or this CPU cannot run it.
 const char* active_isa();
+// ISAs this CPU (and build) can run, best last.
+std::vector<std::string> supported_isas();
+// Switch ISA in-process (tests, benchmarks); throws std::invalid_argument like
+// BITDLM_ISA does. Not thread-safe against concurrent GEMM calls.
+void set_isa(const std::string& name);
 
 }  // namespace bitdlm

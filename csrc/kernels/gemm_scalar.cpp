@@ -4,35 +4,53 @@
 namespace bitdlm {
 namespace scalar {
 
-static void tile(const TernaryW& w, const ActQ& a, int m0, int m1, int32_t* raw, bool to_float) {
+static void ternary(const TernaryW& w, const ActQ& a, int m0, int m1, int n0, int n1, int32_t* out) {
   const int kb = a.Kp / 4;
   for (int m = m0; m < m1; ++m) {
     const uint8_t* row = w.data + (int64_t)m * kb;
-    for (int n = 0; n < a.N; ++n) {
+    for (int n = n0; n < n1; ++n) {
       const int8_t* q = a.q + (int64_t)n * a.Kp;
       int32_t acc = 0;
       for (int b = 0; b < a.Kp / kKBlock; ++b)
         for (int j = 0; j < 32; ++j) {
           const uint8_t v = row[b * 32 + j];
-          for (int i = 0; i < 4; ++i)
-            acc += (int32_t)((v >> (2 * i)) & 3) * q[b * kKBlock + 32 * i + j];
+          for (int i = 0; i < 4; ++i) acc += (int32_t)((v >> (2 * i)) & 3) * q[b * kKBlock + 32 * i + j];
         }
       acc -= a.sum[n];
-      if (to_float)
-        w.y[(int64_t)n * w.ldy + m] = (float)acc / (w.scale * a.scale[n]);
+      if (out)
+        out[(int64_t)n * w.M + m] = acc;
       else
-        raw[(int64_t)n * w.M + m] = acc;
+        w.y[(int64_t)n * w.ldy + m] = (float)acc / (w.scale * a.scale[n]);
     }
   }
 }
 
-static void gemm_rows(const TernaryW& w, const ActQ& a, int m0, int m1) { tile(w, a, m0, m1, nullptr, true); }
-static void gemm_rows_i32(const TernaryW& w, const ActQ& a, int m0, int m1, int32_t* out) {
-  tile(w, a, m0, m1, out, false);
+static void f16(const uint16_t* W, int K, const float* x, int N, float* y, int ldy, int m0, int m1) {
+  for (int m = m0; m < m1; ++m) {
+    const uint16_t* wr = W + (int64_t)m * K;
+    for (int n = 0; n < N; ++n) {
+      const float* xr = x + (int64_t)n * K;
+      float acc = 0.f;
+      for (int k = 0; k < K; ++k) acc += half_to_float(wr[k]) * xr[k];
+      y[(int64_t)n * ldy + m] = acc;
+    }
+  }
+}
+
+static void i8(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0, int m1) {
+  for (int m = m0; m < m1; ++m) {
+    const int8_t* wr = W + (int64_t)m * K;
+    for (int n = 0; n < a.N; ++n) {
+      const int8_t* q = a.q + (int64_t)n * a.Kp;
+      int32_t acc = 0;
+      for (int k = 0; k < K; ++k) acc += (int32_t)wr[k] * q[k];
+      y[(int64_t)n * ldy + m] = (float)acc * wscale[m] / a.scale[n];
+    }
+  }
 }
 
 }  // namespace scalar
 
-extern const KernelTable kScalarKernels = {"scalar", &scalar::gemm_rows, &scalar::gemm_rows_i32};
+extern const KernelTable kScalarKernels = {"scalar", &scalar::ternary, &scalar::f16, &scalar::i8};
 
 }  // namespace bitdlm

@@ -1,7 +1,9 @@
 // Per-ISA kernel tables. Each ISA file (gemm_<isa>.cpp, compiled with its own
-// -m flags) defines one table; dispatch.cpp (compiled without ISA flags) picks
-// one at run time. Only plain function pointers cross the ISA boundary, so no
-// inline code built with different flags can be merged by the linker.
+// -m flags) defines its table(s); dispatch.cpp (compiled without ISA flags)
+// picks one at run time. Only plain function pointers cross the ISA boundary,
+// so no inline code built with different flags can be merged by the linker.
+// Every kernel here is single-threaded: it computes one tile of the output;
+// dispatch.cpp owns the OpenMP region and the tiling into jobs.
 #pragma once
 #include "kernels/gemm.h"
 
@@ -9,12 +11,44 @@ namespace bitdlm {
 
 struct KernelTable {
   const char* name;
-  // Rows [m0, m1) of y = W x a (dequantized into w.y); a single thread's share.
-  void (*gemm_rows)(const TernaryW& w, const ActQ& a, int m0, int m1);
-  // Same rows, exact int32 into out[n * w.M + m]; for tests.
-  void (*gemm_rows_i32)(const TernaryW& w, const ActQ& a, int m0, int m1, int32_t* out);
+  // Rows [m0, m1) x tokens [n0, n1) of y = W a. out == nullptr: dequantize into
+  // w.y (y = dot / (s_w * s_a), the same float expression in every ISA so all
+  // tables agree bit for bit); otherwise exact int32 into out[n * w.M + m].
+  void (*ternary)(const TernaryW& w, const ActQ& a, int m0, int m1, int n0, int n1, int32_t* out);
+  // Rows [m0, m1) of the fp16 lm_head: y[n*ldy+m] = sum_k W[m,k] x[n,k] (fp32 accumulation).
+  void (*f16)(const uint16_t* W, int K, const float* x, int N, float* y, int ldy, int m0, int m1);
+  // Rows [m0, m1) of the int8 lm_head: y[n*ldy+m] = (float)dot * wscale[m] / s_a[n].
+  // Activation codes must lie in [-127, 127] (quantize_act guarantees it).
+  void (*i8)(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0, int m1);
 };
 
 extern const KernelTable kScalarKernels;
+extern const KernelTable kAvx2Kernels;
+extern const KernelTable kAvx512Kernels;      // AVX-512 F/BW/VL, maddubs + madd
+extern const KernelTable kAvx512VnniKernels;  // same file, vpdpbusd inner loop
+
+// IEEE binary16 bits -> float, exact for normals, subnormals, inf and NaN.
+// Pure integer code: usable in baseline (no F16C) files. static: each ISA file
+// keeps its own copy, so the linker never hands baseline code an AVX build.
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);  // inf / NaN (payload kept)
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);  // rebias 15 -> 127
+  } else if (mant == 0) {
+    bits = sign;  // +-0
+  } else {
+    // subnormal: mant * 2^-24, exact in float
+    const float f = (float)mant * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
 
 }  // namespace bitdlm

@@ -1,0 +1,215 @@
+// AVX2 kernels (compiled with -mavx2 -mfma -mf16c; reached only through
+// kAvx2Kernels after the cpuid check in dispatch.cpp).
+//
+// Ternary x int8: codes u = t+1 in {0,1,2} are u8, activations s8, so
+// _mm256_maddubs_epi16(u, a) gives int16 pair sums in [-512, 508]. Each (row,
+// token) accumulator adds 4 of them per 128-weight block; it is widened to
+// int32 (madd with ones) every kChunk = 8 blocks, i.e. after at most 32 adds
+// (|sum| <= 16384 < 32767: no overflow for any K). The +1 offset is removed at
+// the end with the token's code sum: dot(t, a) = dot(u, a) - sum(a).
+//
+// Register tile: R rows x T tokens. A block of R packed rows is loaded once,
+// each of its 4 32-code groups is unpacked (shift + mask) once and used for all
+// T tokens. The tile loop runs tokens outer / rows inner, so the T activation
+// rows stay in L1 while the job's weight rows (<= 32 rows) stay in L1/L2.
+#include <immintrin.h>
+
+
+#include "kernels/isa.h"
+
+namespace bitdlm {
+namespace avx2 {
+
+constexpr int kChunk = 8;  // blocks between int16 -> int32 widenings (see above)
+
+// Horizontal sums of 4 int32x8 vectors -> one int32x4 (lane i = sum of v_i).
+static inline __m128i hsum4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// Exact int32 dots of R packed rows x T tokens over nb blocks -> dots[r][t].
+template <int R, int T>
+static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, const int8_t* __restrict q,
+                                int64_t qstride, int nb, int32_t dots[R][4]) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc32[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc32[r][t] = _mm256_setzero_si256();
+  for (int b0 = 0; b0 < nb; b0 += kChunk) {
+    const int b1 = b0 + kChunk < nb ? b0 + kChunk : nb;
+    __m256i acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
+    for (int b = b0; b < b1; ++b) {
+      __m256i p[R];
+      for (int r = 0; r < R; ++r) p[r] = _mm256_loadu_si256((const __m256i*)(w + r * wstride + b * 32));
+      for (int i = 0; i < 4; ++i) {
+        __m256i u[R];
+        for (int r = 0; r < R; ++r) u[r] = _mm256_and_si256(_mm256_srli_epi16(p[r], 2 * i), mask);
+        for (int t = 0; t < T; ++t) {
+          const __m256i a = _mm256_loadu_si256((const __m256i*)(q + t * qstride + b * kKBlock + 32 * i));
+          for (int r = 0; r < R; ++r) acc[r][t] = _mm256_add_epi16(acc[r][t], _mm256_maddubs_epi16(u[r], a));
+        }
+        // Empty asm pins the accumulators after each group: without it GCC
+        // reassociates the 4 groups' maddubs into add trees and spills.
+        for (int r = 0; r < R; ++r)
+          for (int t = 0; t < T; ++t) __asm__("" : "+x"(acc[r][t]));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc32[r][t] = _mm256_add_epi32(acc32[r][t], _mm256_madd_epi16(acc[r][t], ones));
+  }
+  const __m256i z = _mm256_setzero_si256();
+  for (int r = 0; r < R; ++r) {
+    const __m128i s = hsum4(acc32[r][0], T > 1 ? acc32[r][T > 1 ? 1 : 0] : z, T > 2 ? acc32[r][T > 2 ? 2 : 0] : z,
+                            T > 3 ? acc32[r][T > 3 ? 3 : 0] : z);
+    _mm_storeu_si128((__m128i*)dots[r], s);
+  }
+}
+
+// One R x T tile at (m, n): dots, offset removal and the shared epilogue.
+template <int R, int T>
+static inline void ternary_store(const TernaryW& w, const ActQ& a, int m, int n, int32_t* out) {
+  const int64_t wstride = a.Kp / 4;
+  int32_t dots[R][4];
+  ternary_tile<R, T>(w.data + (int64_t)m * wstride, wstride, a.q + (int64_t)n * a.Kp, a.Kp, a.Kp / kKBlock, dots);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      const int32_t d = dots[r][t] - a.sum[n + t];
+      if (out)
+        out[(int64_t)(n + t) * w.M + m + r] = d;
+      else
+        w.y[(int64_t)(n + t) * w.ldy + m + r] = (float)d / (w.scale * a.scale[n + t]);
+    }
+}
+
+// All rows [m0, m1) for the T tokens at n; R rows at a time, then single rows.
+template <int R, int T>
+static inline void ternary_rows(const TernaryW& w, const ActQ& a, int m0, int m1, int n, int32_t* out) {
+  int m = m0;
+  for (; m + R <= m1; m += R) ternary_store<R, T>(w, a, m, n, out);
+  for (; m < m1; ++m) ternary_store<1, T>(w, a, m, n, out);
+}
+
+static void ternary(const TernaryW& w, const ActQ& a, int m0, int m1, int n0, int n1, int32_t* out) {
+  int n = n0;
+  for (; n + 4 <= n1; n += 4) ternary_rows<2, 4>(w, a, m0, m1, n, out);
+  switch (n1 - n) {
+    case 3: ternary_rows<2, 3>(w, a, m0, m1, n, out); break;
+    case 2: ternary_rows<2, 2>(w, a, m0, m1, n, out); break;
+    case 1: ternary_rows<4, 1>(w, a, m0, m1, n, out); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------- lm_head
+
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// fp16 rows: R rows converted once per 8 k (F16C) and FMA'd into T tokens.
+template <int R, int T>
+static inline void f16_tile(const uint16_t* W, int K, const float* x, float* y, int ldy, int m, int n) {
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  const uint16_t* wr = W + (int64_t)m * K;
+  const float* xr = x + (int64_t)n * K;
+  int k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wr + (int64_t)r * K + k)));
+    for (int t = 0; t < T; ++t) {
+      const __m256 xv = _mm256_loadu_ps(xr + (int64_t)t * K + k);
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      float s = hsum8(acc[r][t]);
+      for (int kk = k; kk < K; ++kk) s += half_to_float(wr[(int64_t)r * K + kk]) * xr[(int64_t)t * K + kk];
+      y[(int64_t)(n + t) * ldy + m + r] = s;
+    }
+}
+
+template <int R, int T>
+static inline void f16_rows(const uint16_t* W, int K, const float* x, float* y, int ldy, int m0, int m1, int n) {
+  int m = m0;
+  for (; m + R <= m1; m += R) f16_tile<R, T>(W, K, x, y, ldy, m, n);
+  for (; m < m1; ++m) f16_tile<1, T>(W, K, x, y, ldy, m, n);
+}
+
+static void f16(const uint16_t* W, int K, const float* x, int N, float* y, int ldy, int m0, int m1) {
+  int n = 0;
+  for (; n + 2 <= N; n += 2) f16_rows<4, 2>(W, K, x, y, ldy, m0, m1, n);
+  if (n < N) f16_rows<4, 1>(W, K, x, y, ldy, m0, m1, n);
+}
+
+// int8 rows: |w| (u8) x sign(a, w) (s8) with maddubs, widened at once (a pair
+// sum reaches 2*128*127 = 32512, so two of them could overflow int16).
+template <int R, int T>
+static inline void i8_tile(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m,
+                           int n) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
+  const int8_t* wr = W + (int64_t)m * K;
+  const int8_t* qr = a.q + (int64_t)n * a.Kp;
+  int k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i ws[R], wa[R];
+    for (int r = 0; r < R; ++r) {
+      ws[r] = _mm256_loadu_si256((const __m256i*)(wr + (int64_t)r * K + k));
+      wa[r] = _mm256_abs_epi8(ws[r]);
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m256i av = _mm256_loadu_si256((const __m256i*)(qr + (int64_t)t * a.Kp + k));
+      for (int r = 0; r < R; ++r)
+        acc[r][t] = _mm256_add_epi32(
+            acc[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(av, ws[r])), ones));
+    }
+  }
+  const __m256i z = _mm256_setzero_si256();
+  for (int r = 0; r < R; ++r) {
+    int32_t d[4];
+    _mm_storeu_si128((__m128i*)d, hsum4(acc[r][0], T > 1 ? acc[r][T > 1 ? 1 : 0] : z,
+                                        T > 2 ? acc[r][T > 2 ? 2 : 0] : z, T > 3 ? acc[r][T > 3 ? 3 : 0] : z));
+    for (int t = 0; t < T; ++t) {
+      int32_t s = d[t];
+      for (int kk = k; kk < K; ++kk) s += (int32_t)wr[(int64_t)r * K + kk] * qr[(int64_t)t * a.Kp + kk];
+      y[(int64_t)(n + t) * ldy + m + r] = (float)s * wscale[m + r] / a.scale[n + t];
+    }
+  }
+}
+
+template <int R, int T>
+static inline void i8_rows(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0,
+                           int m1, int n) {
+  int m = m0;
+  for (; m + R <= m1; m += R) i8_tile<R, T>(W, wscale, K, a, y, ldy, m, n);
+  for (; m < m1; ++m) i8_tile<1, T>(W, wscale, K, a, y, ldy, m, n);
+}
+
+static void i8(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0, int m1) {
+  int n = 0;
+  for (; n + 4 <= a.N; n += 4) i8_rows<2, 4>(W, wscale, K, a, y, ldy, m0, m1, n);
+  switch (a.N - n) {
+    case 3: i8_rows<2, 3>(W, wscale, K, a, y, ldy, m0, m1, n); break;
+    case 2: i8_rows<2, 2>(W, wscale, K, a, y, ldy, m0, m1, n); break;
+    case 1: i8_rows<4, 1>(W, wscale, K, a, y, ldy, m0, m1, n); break;
+    default: break;
+  }
+}
+
+}  // namespace avx2
+
+extern const KernelTable kAvx2Kernels = {"avx2", &avx2::ternary, &avx2::f16, &avx2::i8};
+
+}  // namespace bitdlm

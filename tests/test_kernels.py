@@ -1,0 +1,293 @@
+"""Kernel layer tests: every ISA this machine runs vs numpy references.
+
+The numpy side (bitdlm.packing) is the oracle for the packed layout and the
+int32 products; transformers' ActQuant is the oracle for the quantizer.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
+import numpy as np
+import pytest
+
+from bitdlm import _core
+from bitdlm.packing import act_quant, pack_i2, pad_k
+
+ISAS = list(_core.supported_isas())
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    prev = _core.active_isa()
+    _core.set_isa(request.param)
+    yield request.param
+    _core.set_isa(prev)
+
+
+def _ref_act(x):
+    """numpy ActQuant -> the kernel's ActQ arrays (codes padded to Kp, sums)."""
+    q, s = act_quant(x)
+    n, k = q.shape
+    qp = np.zeros((n, pad_k(k)), np.int8)
+    qp[:, :k] = q
+    return qp, s.astype(np.float32), q.astype(np.int32).sum(axis=1).astype(np.int32)
+
+
+# ---------------------------------------------------------------- lm_head GEMMs
+
+
+def _f16_bits_with_specials(rng, m, k):
+    w = (rng.standard_normal((m, k)) * 0.5).astype(np.float16)
+    return w
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 13, 3), (64, 2560, 1), (67, 259, 8), (130, 136, 33)])
+def test_gemm_f16(isa, m, k, n):
+    rng = np.random.default_rng(m * 1000 + k + n)
+    w = _f16_bits_with_specials(rng, m, k)
+    # subnormal halves must be converted exactly (no F16C in baseline code)
+    w.flat[:: max(1, w.size // 7)] = np.float16(3e-6)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    y = _core.gemm_f16(w.view(np.uint16), x)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w.astype(np.float64)).T) + 1e-30
+    assert y.shape == (n, m) and y.dtype == np.float32
+    assert np.all(np.abs(y - ref) <= tol)
+
+
+def test_gemm_f16_special_values(isa):
+    # one weight per row: the result is that weight times 1.0, so the fp16 ->
+    # fp32 conversion of every special pattern is observed exactly.
+    bits = np.array([0x0000, 0x8000, 0x0001, 0x03FF, 0x8001, 0x0400, 0x3C00, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00],
+                    np.uint16)
+    w = np.zeros((bits.size, 3), np.uint16)
+    w[:, 1] = bits
+    x = np.array([[0.0, 1.0, 0.0]], np.float32)
+    y = _core.gemm_f16(w, x)[0]
+    np.testing.assert_array_equal(y, bits.view(np.float16).astype(np.float32))
+    nan = _core.gemm_f16(np.array([[0x7E00]], np.uint16), np.ones((1, 1), np.float32))
+    assert np.isnan(nan).all()
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 33, 2), (64, 2560, 1), (67, 300, 8), (129, 257, 33)])
+def test_gemm_i8(isa, m, k, n):
+    rng = np.random.default_rng(m + 7 * k + n)
+    w = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+    w[0, 0] = -128
+    wscale = rng.uniform(0.001, 0.1, size=m).astype(np.float32)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    q, s, _ = _ref_act(x)
+    y = _core.gemm_i8(w, wscale, q, s)
+    dots = q[:, :k].astype(np.int64) @ w.astype(np.int64).T
+    # same float expression as the kernels: (float)dot * wscale[m] / s[n]
+    ref = (dots.astype(np.float32) * wscale[None, :]) / s[:, None]
+    np.testing.assert_array_equal(y, ref.astype(np.float32))
+
+
+def test_gemm_i8_rejects_bad_input():
+    w = np.zeros((4, 10), np.int8)
+    with pytest.raises(ValueError):
+        _core.gemm_i8(w, np.ones(4, np.float32), np.zeros((1, 10), np.int8), np.ones(1, np.float32))
+    q = np.zeros((1, 128), np.int8)
+    q[0, 3] = -128
+    with pytest.raises(ValueError):
+        _core.gemm_i8(w, np.ones(4, np.float32), q, np.ones(1, np.float32))
+    with pytest.raises(ValueError):
+        _core.gemm_f16(np.zeros((4, 10), np.uint16), np.zeros((2, 11), np.float32))
+
+
+# ---------------------------------------------------------------- ternary GEMM
+
+
+def _ternary_case(rng, m, k, n):
+    codes = rng.integers(-1, 2, size=(m, k), dtype=np.int8)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    x[:, :: max(1, k // 5)] *= 9.0  # outliers: codes hit +-127
+    q, s, sums = _ref_act(x)
+    return codes, pack_i2(codes), q, s, sums
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 31, 32, 33, 128])
+@pytest.mark.parametrize("m,k", [(1, 1), (3, 130), (17, 257), (64, 384)])
+def test_gemm_i32_exact(isa, m, k, n):
+    rng = np.random.default_rng(1000 * m + 10 * k + n)
+    codes, w, q, s, sums = _ternary_case(rng, m, k, n)
+    out = _core.gemm_i32(w, q, sums)
+    ref = q[:, :k].astype(np.int64) @ codes.astype(np.int64).T
+    assert out.shape == (n, m) and out.dtype == np.int32
+    np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("m,k,n", [(640, 2560, 1), (66, 2560, 8), (40, 6912, 33)])
+def test_gemm_i32_bitnet_k(isa, m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    codes, w, q, s, sums = _ternary_case(rng, m, k, n)
+    np.testing.assert_array_equal(_core.gemm_i32(w, q, sums), q[:, :k].astype(np.int64) @ codes.astype(np.int64).T)
+
+
+def test_gemm_i32_extremes(isa):
+    # worst case for int16 partial sums: every code 2 (t = +1) against -128 / 127
+    k, m = 6912, 5
+    codes = np.ones((m, k), np.int8)
+    codes[1] = -1
+    for fill in (-128, 127):
+        q = np.full((3, pad_k(k)), fill, np.int8)
+        q[:, k:] = 0
+        sums = q.astype(np.int32).sum(axis=1).astype(np.int32)
+        out = _core.gemm_i32(pack_i2(codes), q, sums)
+        np.testing.assert_array_equal(out, q[:, :k].astype(np.int64) @ codes.astype(np.int64).T)
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 200, 1), (64, 2560, 8), (33, 300, 33), (130, 384, 70)])
+def test_gemm_dequant(isa, m, k, n):
+    rng = np.random.default_rng(3 * m + k + n)
+    codes, w, q, s, sums = _ternary_case(rng, m, k, n)
+    ws = np.float32(1.7)
+    y = _core.gemm(w, float(ws), q, s, sums)
+    dots = (q[:, :k].astype(np.int64) @ codes.astype(np.int64).T).astype(np.float32)
+    ref = dots / (ws * s[:, None])  # the kernels' exact float expression
+    np.testing.assert_array_equal(y, ref.astype(np.float32))
+
+
+def test_isas_agree_with_threads():
+    # the same call on every ISA and 1 / 2 threads gives bit-identical floats
+    rng = np.random.default_rng(5)
+    codes, w, q, s, sums = _ternary_case(rng, 2560, 2560, 9)
+    prev = _core.active_isa()
+    outs = []
+    try:
+        for name in ISAS:
+            _core.set_isa(name)
+            for t in (1, 2):
+                _core.set_num_threads(t)
+                outs.append(_core.gemm(w, 0.5, q, s, sums))
+    finally:
+        _core.set_isa(prev)
+        _core.set_num_threads(1)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+def test_gemm_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        _core.gemm_i32(np.zeros((4, 31), np.uint8), np.zeros((1, 128), np.int8), np.zeros(1, np.int32))
+    with pytest.raises(ValueError):
+        _core.gemm_i32(np.zeros((4, 32), np.uint8), np.zeros((1, 100), np.int8), np.zeros(1, np.int32))
+    with pytest.raises(ValueError):
+        _core.gemm_i32(np.zeros((4, 32), np.uint8), np.zeros((2, 128), np.int8), np.zeros(1, np.int32))
+
+
+# ---------------------------------------------------------------- quantizer
+
+
+def test_quantize_act_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((5, 300)) * 3).astype(np.float32)
+    x[4] = 0.0  # absmax clamp to 1e-5
+    q, s, sums = _core.quantize_act(x)
+    rq, rs, rsums = _ref_act(x)
+    np.testing.assert_array_equal(q, rq)
+    np.testing.assert_array_equal(s, rs)
+    np.testing.assert_array_equal(sums, rsums)
+    assert q.min() >= -127  # i8 lm_head kernels rely on it
+
+
+def test_quantize_act_matches_transformers():
+    torch = pytest.importorskip("torch")
+    bitnet = pytest.importorskip("transformers.integrations.bitnet")
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((6, 2560)) * 2).astype(np.float32)
+    # exact .5 ties after scaling: absmax 127 -> scale 1, so x itself is rounded
+    x[5] = rng.integers(-254, 255, size=2560) / 2.0
+    x[5, 0] = 127.0
+    x[4, :] = 0.0
+    x[3, :7] = [1e-8, -1e-8, 0.0, 2.5e-6, -3e-6, 5e-6, 1e-6]  # clamp branch, amax < 1e-5
+    x[3, 7:] = 0.0
+    q, s, sums = _core.quantize_act(x)
+    xt = torch.from_numpy(x)
+    ref = _transformers_act_codes(torch, bitnet, xt)
+    np.testing.assert_array_equal(q[:, : x.shape[1]], ref)
+    assert (q[:, x.shape[1]:] == 0).all()
+    ties = np.abs(x[5] - np.trunc(x[5])) == 0.5
+    assert ties.sum() > 100 and (np.abs(q[5, :2560][ties]) % 2 == 0).all()  # half to even
+
+
+def _transformers_act_codes(torch, bitnet, xt):
+    """int8 codes of transformers' BitNet activation quantizer, two ways."""
+    # BitLinear.activation_quant returns the int8 codes directly (self unused)
+    codes, _ = bitnet.BitLinear.activation_quant(None, xt, 8)
+    # ActQuant (the autograd path) returns codes / scale; recover the integers
+    y = bitnet.ActQuant.apply(xt)
+    scale = 127.0 / xt.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+    codes2 = torch.round(y * scale).to(torch.int8)
+    assert torch.equal(codes.to(torch.int8), codes2)
+    return codes.to(torch.int8).numpy()
+# ---------------------------------------------------------------- dispatch
+
+
+def test_set_isa_errors():
+    with pytest.raises(ValueError, match="unknown ISA"):
+        _core.set_isa("neon")
+    for name in ("scalar", "avx2", "avx512", "avx512vnni"):
+        if name not in ISAS:
+            with pytest.raises(ValueError, match="not supported"):
+                _core.set_isa(name)
+    assert "scalar" in ISAS
+
+
+def test_bitdlm_isa_env_override():
+    import subprocess
+    import sys
+
+    code = "from bitdlm import _core; print(_core.active_isa())"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    for name in ISAS:
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, BITDLM_ISA=name), capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == name, out.stderr
+    bad = subprocess.run([sys.executable, "-c", code], env=dict(env, BITDLM_ISA="avx9000"), capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and "BITDLM_ISA" in bad.stderr and "avx9000" in bad.stderr
+    best = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in env.items() if k != "BITDLM_ISA"},
+                          capture_output=True, text=True, timeout=60)
+    assert best.stdout.strip() == ISAS[-1]
+
+
+# ---------------------------------------------------------------- AVX-512 via SIMDe
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SIMDE_SOURCES = ["tests/simde/harness.cpp", "csrc/kernels/gemm_avx512.cpp", "csrc/kernels/gemm_avx512vnni.cpp",
+                  "csrc/kernels/gemm_scalar.cpp"]
+_SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csrc/kernels/isa.h",
+                  "csrc/kernels/gemm.h"]
+
+
+def test_avx512_kernels_bit_exact_via_simde(tmp_path_factory):
+    """The AVX-512 (BW and VNNI) kernels, compiled against SIMDe without any
+    -mavx512 flag, agree bit for bit with the scalar reference."""
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    cxx = shutil.which("g++")
+    if cxx is None or not os.path.exists("/usr/include/simde/x86/avx512.h"):
+        pytest.skip("needs g++ and SIMDe headers (Debian libsimde-dev)")
+    h = hashlib.sha256()
+    for rel in _SIMDE_SOURCES + _SIMDE_HEADERS:
+        with open(os.path.join(_ROOT, rel), "rb") as f:
+            h.update(f.read())
+    # cache the binary by source hash: the SIMDe build takes ~10-40 s
+    exe = os.path.join(tempfile.gettempdir(), f"bitdlm_simde_{h.hexdigest()[:16]}")
+    if not os.path.exists(exe):
+        tmp = str(tmp_path_factory.mktemp("simde") / "harness")
+        cmd = [cxx, "-std=c++17", "-O1", "-Wno-psabi", "-DBITDLM_SIMDE", "-I", os.path.join(_ROOT, "csrc"), "-o", tmp]
+        cmd += [os.path.join(_ROOT, s) for s in _SIMDE_SOURCES]
+        build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert build.returncode == 0, build.stderr[-4000:]
+        shutil.move(tmp, exe)
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().splitlines()[-1].startswith("OK"), run.stdout[-4000:]
+    assert "0 failed" in run.stdout
