@@ -537,7 +537,7 @@ def main(argv=None):
     save_checkpoint(model, tok, args, out, log)
     print(f"saved checkpoint to {out}", flush=True)
     if args.bin:
-        cmd = [sys.executable, "-m", "bitdlm.cli", "convert", str(out), args.bin]
+        cmd = [sys.executable, "-m", "bitdlm.cli", "convert", str(out), args.bin, "--force", "--quiet"]
         print("+", " ".join(cmd), flush=True)
         env = dict(os.environ)
         pkg = str(Path(__file__).resolve().parent.parent / "python")
