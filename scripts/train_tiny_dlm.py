@@ -434,7 +434,7 @@ def parse_args(argv=None):
     p.add_argument("--complementary", action="store_true",
                    help="two noisy copies with complementary masks (1.5x the compute per step)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--time-budget-min", type=float, default=None,
                    help="stop early (and still save) after this many minutes; breaks determinism if hit")
     p.add_argument("--lr", type=float, default=2e-3)
