@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import (CHAT_TEMPLATE, EOS_ID, IM_END_ID, MASK_ID, TINY_CONFIG, convert_tiny,
+from hf_models import (CHAT_TEMPLATE, EOS_ID, IM_END_ID, MASK_ID, TINY_CONFIG, child_env, convert_tiny,
                        make_hf_model, reference_quant, ternary_names)
 from bitdlm import packing
 from bitdlm.convert import ConversionError, convert, quantize_lm_head_i8, unpack_hf_packed
@@ -221,7 +221,7 @@ def test_dlm_config_keys_and_cli_overrides(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "convert_dlm_to_sglkernel.py"), str(hf), str(out),
            "--mask-token", "<|im_start|>", "--block-size", "8", "--small-block-size", "2",
            "--threshold", "1.0", "--no-shift", "--lm-head", "i8", "--quiet"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    env = child_env()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     with ModelFile.open(out) as mf:

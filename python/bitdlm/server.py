@@ -220,6 +220,30 @@ class _Sink:
             pass
 
 
+def _put_all(items):
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class _Batch:
+    """The events of one engine step, handed over with one
+    call_soon_threadsafe per event loop (one wake-up per step, not per request)."""
+
+    def __init__(self):
+        self.by_loop: dict = {}
+
+    def put(self, sink, kind, payload=None):
+        self.by_loop.setdefault(sink.aloop, []).append((sink.queue, (sink.index, kind, payload)))
+
+    def flush(self):
+        for aloop, items in self.by_loop.items():
+            try:
+                aloop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # event loop closed (shutdown)
+                pass
+        self.by_loop = {}
+
+
 class _Active:
     __slots__ = ("sink", "t_submit", "t_first", "n_prompt")
 
@@ -378,6 +402,7 @@ class EngineLoop:
             if fw is not None:
                 m.forwards.inc(max(0, fw - self._last_forwards))
                 self._last_forwards = fw
+        batch = _Batch()
         for out in outs:
             a = self._active.get(out.request_id)
             if a is None:
@@ -390,9 +415,10 @@ class EngineLoop:
                 m.generation_tokens.inc(len(out.new_token_ids))
             err = getattr(out, "error", None)
             if err:  # the engine dropped this request (e.g. out of KV cache memory)
-                a.sink.put("error", APIError(500, f"engine error: {err}", code="engine_error"))
+                batch.put(a.sink, "error", APIError(500, f"engine error: {err}",
+                                                    code="engine_error"))
             else:
-                a.sink.put("out", out)
+                batch.put(a.sink, "out", out)
             if out.finished or err:
                 del self._active[out.request_id]
                 self._release()
@@ -400,6 +426,7 @@ class EngineLoop:
                     self._count_finish("error")
                 else:
                     self._count_finish(out.finish_reason or "stop", out, a, now)
+        batch.flush()
 
     def _count_finish(self, reason, out=None, a=None, now=None):
         m = self.metrics
