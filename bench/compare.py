@@ -446,6 +446,20 @@ def ratios(group: dict, base: str) -> dict:
             for lab, per in group["cases"].items() if lab != base}
 
 
+def goal_ratios(doc: dict) -> dict:
+    """bitdlm speedup over llama.cpp TQ2_0 on the issue's two goal cases, per group."""
+    out = {}
+    for gname, g in doc["groups"].items():
+        for lab, per in g.get("ratios", {}).items():
+            if "TQ2_0" not in lab:
+                continue
+            for case in sorted(per):
+                kind, ctx = case.split("@")
+                if kind in ("block", "decode"):
+                    out[f"{lab} {_case_label(case)}"] = per[case]
+    return out
+
+
 def markdown(doc: dict) -> str:
     m = doc["machine"]
     lines = [f"Measured {m['time_utc']} on {m['cpu']} ({m['physical_cores']} cores, {', '.join(m['isa'])}), "
@@ -465,6 +479,12 @@ def markdown(doc: dict) -> str:
                 ms = g["cases"][lab][case]["median_ms"]
                 cells.append(f"{ms:.1f} ({g['ratios'][lab][case]:.2f}x)")
             lines.append(f"| {_case_label(case)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    goal = doc.get("goal")
+    if goal:
+        lines.append("**Goal** (issue 7: bitdlm >= 2.5x llama.cpp TQ2_0 on the 32-token block, >= 1.5x on "
+                     "1-token decoding): " + "; ".join(
+                         f"{k}: {v:.2f}x" for k, v in goal.items()))
         lines.append("")
     e = doc.get("economics")
     if e:
@@ -594,7 +614,8 @@ def main(argv=None) -> int:
     if a.torch_layers:
         small = ensure_model(os.path.join(a.workdir, f"{base_tag}-L{a.torch_layers}-f16.bin"), "f16",
                              a.torch_layers, a.seed, a.shape)
-        groups_spec[f"{base_tag} with {a.torch_layers} layers (PyTorch: fp32 output layer)"] = [
+        groups_spec[f"{base_tag} with {a.torch_layers} layer{'s' if a.torch_layers > 1 else ''} "
+                    "(PyTorch: fp32 output layer)"] = [
             ("bitdlm f16", "bitdlm", small), ("pytorch fp32 online-quant", "torch", small)]
 
     doc = {"benchmark": "bench/compare.py", "machine": machine_info(), "threads": a.threads, "reps": a.reps,
@@ -608,6 +629,7 @@ def main(argv=None) -> int:
     base = next(iter(first["cases"]))
     doc["economics"] = {"source": f"{base}, {next(iter(doc['groups']))}",
                         "by_ctx": economics(first["cases"][base], ctxs)}
+    doc["goal"] = goal_ratios(doc)
     md = markdown(doc)
     print(md)
     if a.json:
