@@ -149,9 +149,8 @@ class LlamaRunner:
 
 class TorchRunner:
     """transformers BitNetForCausalLM, fp32, online ternary quantization (the oracle
-    recipe of /work/shared/reference.md), loaded with the weights of a bitdlm .bin:
-    master weights codes / s_w, which online quantization maps back to the same
-    ternary codes (scale 1/mean|W| = 1.5 s_w for uniform codes)."""
+    recipe of /work/shared/reference.md), loaded with the weights of a bitdlm .bin
+    (tests/test_bench.py checks that both compute the same logits)."""
 
     engine = "pytorch"
 
@@ -187,7 +186,11 @@ class TorchRunner:
                     continue  # tied: the reference uses the embedding in fp32
                 a = f.array(name)
                 if t.dtype == "i2_b128":
-                    w = unpack_i2(a, t.shape[1]).astype(np.float32) * np.float32(1.0 / t.scale)
+                    # master weights whose online quantization gives back these codes
+                    # (codes / mean|codes| rounds to the codes) with effective weight
+                    # codes * mean|W| = codes / s_w, as in bitdlm
+                    codes = unpack_i2(a, t.shape[1]).astype(np.float32)
+                    w = codes * np.float32(1.0 / (t.scale * max(np.abs(codes).mean(), 1e-6)))
                 else:
                     w = a.astype(np.float32)
                 sd[name] = torch.from_numpy(w)
