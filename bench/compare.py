@@ -357,6 +357,7 @@ class Worker:
 def run_group(name: str, specs: list[tuple[str, str, str]], ctxs: list[int], args, bar) -> dict:
     """specs: (label, engine, model path). Alternating repetitions of every case."""
     workers = []
+    load = [round(x, 1) for x in os.getloadavg()]  # other tenants' load: the noise of this group
     try:
         for label, engine, path in specs:
             bar.set_postfix_str(f"{name}: loading {label}")
@@ -383,6 +384,7 @@ def run_group(name: str, specs: list[tuple[str, str, str]], ctxs: list[int], arg
                 bar.update(args.reps - rep - 1)
                 break
         return {
+            "loadavg_at_start": load,
             "engines": {w.label: {"model": os.path.basename(p), "load_s": w.info["load_s"]}
                         for w, (_l, _e, p) in zip(workers, specs)},
             "cases": {lab: {c: summarize(v) for c, v in per.items()} for lab, per in times.items()},
@@ -472,7 +474,8 @@ def markdown(doc: dict) -> str:
     for gname, g in doc["groups"].items():
         labels = list(g["cases"])
         base = labels[0]
-        lines.append(f"**{gname}** (ms per forward; in brackets: {base} speedup = peer ms / {base} ms)")
+        load = f", load average {g['loadavg_at_start']}" if g.get("loadavg_at_start") else ""
+        lines.append(f"**{gname}** (ms per forward; in brackets: {base} speedup = peer ms / {base} ms{load})")
         lines.append("")
         lines.append("| case | " + " | ".join(labels) + " |")
         lines.append("|---|" + "---:|" * len(labels))
