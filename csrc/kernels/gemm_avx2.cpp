@@ -46,11 +46,14 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
     for (int b = b0; b < b1; ++b) {
-      if (T == 1 && !(b & 1))
+      if constexpr (T == 1)
         // decode streams the weights from DRAM with no reuse; rows are short
         // (640 B at K = 2560), so help the prefetcher: fetch the rows two
         // tiles ahead (prefetches never fault past the end of the matrix)
-        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + (r + 2 * R) * wstride + b * 32), _MM_HINT_T0);
+        // (if constexpr: a plain `if (T == 1)` measurably slowed the T = 8
+        // tile 2x, presumably by changing how GCC unrolls/allocates the loop)
+        if (!(b & 1))
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + (r + 2 * R) * wstride + b * 32), _MM_HINT_T0);
       __m256i p[R];
       for (int r = 0; r < R; ++r) p[r] = _mm256_loadu_si256((const __m256i*)(w + r * wstride + b * 32));
       for (int i = 0; i < 4; ++i) {
