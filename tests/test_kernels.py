@@ -120,7 +120,7 @@ def test_gemm_i32_exact(isa, m, k, n):
     np.testing.assert_array_equal(out, ref)
 
 
-@pytest.mark.parametrize("m,k,n", [(640, 2560, 1), (66, 2560, 8), (40, 6912, 33)])
+@pytest.mark.parametrize("m,k,n", [(640, 2560, 1), (66, 2560, 8), (40, 6912, 33), (37, 6912, 13), (33, 4096, 8)])
 def test_gemm_i32_bitnet_k(isa, m, k, n):
     rng = np.random.default_rng(m + k + n)
     codes, w, q, s, sums = _ternary_case(rng, m, k, n)
