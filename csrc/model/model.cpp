@@ -1,0 +1,353 @@
+#include "model/model.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <unordered_set>
+
+#include "model/attention.h"
+#include "model/half.h"
+#include "model/sampling.h"
+
+namespace bitdlm {
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+const TensorRef& need(const std::map<std::string, TensorRef>& t, const std::string& name, const char* dtype,
+                      std::vector<int64_t> shape) {
+  auto it = t.find(name);
+  if (it == t.end()) throw std::invalid_argument("model file lacks tensor " + name);
+  const TensorRef& r = it->second;
+  if (r.dtype != dtype) throw std::invalid_argument(name + ": dtype " + r.dtype + ", expected " + dtype);
+  if (r.shape != shape)
+    throw std::invalid_argument(name + ": shape " + shape_str(r.shape) + ", expected " + shape_str(shape));
+  if (!r.data) throw std::invalid_argument(name + ": no data");
+  return r;
+}
+
+void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int dim, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float* yr = y + r * dim;
+    float ss = 0.f;
+    for (int i = 0; i < dim; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / (float)dim + eps);
+    for (int i = 0; i < dim; ++i) yr[i] = w[i] * (xr[i] * inv);
+  }
+}
+
+template <class T>
+void grow(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
+}  // namespace
+
+Model::Model(const Config& c, const std::map<std::string, TensorRef>& t, int64_t kv_budget, bool kv_f16)
+    : cfg_(c), kv_(c.layers, c.kv_heads, c.head_dim, kv_f16, kv_budget) {
+  if (c.hidden <= 0 || c.layers <= 0 || c.heads <= 0 || c.kv_heads <= 0 || c.head_dim <= 0 || c.inter <= 0 ||
+      c.vocab <= 0)
+    throw std::invalid_argument("model config: sizes must be positive");
+  if (c.heads % c.kv_heads) throw std::invalid_argument("model config: num_attention_heads % num_key_value_heads != 0");
+  if (c.head_dim % 2) throw std::invalid_argument("model config: head_dim must be even (RoPE)");
+  if (kv_budget < 0) throw std::invalid_argument("kv_budget_bytes must be >= 0");
+  const int64_t H = c.hidden, QD = (int64_t)c.heads * c.head_dim, KVD = (int64_t)c.kv_heads * c.head_dim;
+  auto ternary = [&](const std::string& name, int64_t M, int64_t K) {
+    const TensorRef& r = need(t, name, "i2_b128", {M, K});
+    if (!(r.scale > 0.f) || !std::isfinite(r.scale)) throw std::invalid_argument(name + ": bad scale");
+    return Ternary{r.data, (int)M, (int)K, r.scale};
+  };
+  auto f32 = [&](const std::string& name, int64_t n) {
+    return reinterpret_cast<const float*>(need(t, name, "f32", {n}).data);
+  };
+  for (int l = 0; l < c.layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    Layer L;
+    L.in_norm = f32(p + "input_layernorm.weight", H);
+    L.post_norm = f32(p + "post_attention_layernorm.weight", H);
+    L.attn_sub = f32(p + "self_attn.attn_sub_norm.weight", QD);
+    L.ffn_sub = f32(p + "mlp.ffn_sub_norm.weight", c.inter);
+    L.q = ternary(p + "self_attn.q_proj.weight", QD, H);
+    L.k = ternary(p + "self_attn.k_proj.weight", KVD, H);
+    L.v = ternary(p + "self_attn.v_proj.weight", KVD, H);
+    L.o = ternary(p + "self_attn.o_proj.weight", H, QD);
+    L.gate = ternary(p + "mlp.gate_proj.weight", c.inter, H);
+    L.up = ternary(p + "mlp.up_proj.weight", c.inter, H);
+    L.down = ternary(p + "mlp.down_proj.weight", H, c.inter);
+    layers_.push_back(L);
+  }
+  embed_ = reinterpret_cast<const uint16_t*>(need(t, "model.embed_tokens.weight", "f16", {c.vocab, H}).data);
+  final_norm_ = f32("model.norm.weight", H);
+  if (c.lm_head_i8) {
+    head_i8_ = reinterpret_cast<const int8_t*>(need(t, "lm_head.weight", "i8", {c.vocab, H}).data);
+    head_scale_ = f32("lm_head.scale", c.vocab);
+    head_f16_ = nullptr;
+  } else if (c.tied) {
+    head_f16_ = embed_;
+  } else {
+    head_f16_ = reinterpret_cast<const uint16_t*>(need(t, "lm_head.weight", "f16", {c.vocab, H}).data);
+  }
+}
+
+int Model::alloc_seq(int64_t capacity) {
+  std::lock_guard<std::mutex> g(mu_);
+  return kv_.alloc(capacity);
+}
+
+void Model::free_seq(int id) {
+  std::lock_guard<std::mutex> g(mu_);
+  kv_.free(id);
+}
+
+int64_t Model::kv_bytes_used() {
+  std::lock_guard<std::mutex> g(mu_);
+  return kv_.bytes_used();
+}
+
+int64_t Model::check(const std::vector<Item>& items, int block_size) {
+  std::lock_guard<std::mutex> g(mu_);
+  int64_t n_out = 0;
+  check_locked(items, block_size, &n_out);
+  return n_out;
+}
+
+void Model::check_locked(const std::vector<Item>& items, int B, int64_t* n_out) {
+  if (B < 1) throw std::invalid_argument("block_size must be >= 1, got " + std::to_string(B));
+  std::unordered_set<int> seen;
+  int64_t outs = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const Item& it = items[i];
+    const std::string at = "item " + std::to_string(i) + ": ";
+    if (!kv_.has(it.seq)) throw std::invalid_argument(at + "unknown sequence id " + std::to_string(it.seq));
+    if (!seen.insert(it.seq).second)
+      throw std::invalid_argument(at + "sequence id " + std::to_string(it.seq) + " appears twice in one call");
+    const int64_t cap = kv_.capacity(it.seq);
+    const int64_t n = (int64_t)it.tokens.size();
+    if (n == 0) throw std::invalid_argument(at + "no tokens");
+    if (it.start < 0 || it.start + n > cap)
+      throw std::invalid_argument(at + "positions [" + std::to_string(it.start) + ", " + std::to_string(it.start + n) +
+                                  ") outside the cache capacity " + std::to_string(cap));
+    if (it.ctx_len < 0 || it.ctx_len > cap)
+      throw std::invalid_argument(at + "ctx_len " + std::to_string(it.ctx_len) + " outside [0, " + std::to_string(cap) +
+                                  "]");
+    for (int32_t tok : it.tokens)
+      if (tok < 0 || tok >= cfg_.vocab)
+        throw std::invalid_argument(at + "token id " + std::to_string(tok) + " outside [0, " +
+                                    std::to_string(cfg_.vocab) + ")");
+    for (int32_t o : it.out_idx)
+      if (o < 0 || o >= n)
+        throw std::invalid_argument(at + "out_idx " + std::to_string(o) + " outside [0, " + std::to_string(n) + ")");
+    outs += (int64_t)it.out_idx.size();
+  }
+  *n_out = outs;
+}
+
+void Model::forward_logits(const std::vector<Item>& items, int B, float* out) {
+  std::lock_guard<std::mutex> g(mu_);
+  int64_t n_out;
+  check_locked(items, B, &n_out);
+  const int rows = run(items, B);
+  if (rows) head(0, rows, out);
+}
+
+void Model::forward_select(const std::vector<Item>& items, int B, const SelectArgs& sel, int32_t* tok, float* conf) {
+  std::lock_guard<std::mutex> g(mu_);
+  int64_t n_out;
+  check_locked(items, B, &n_out);
+  if ((int64_t)sel.temperature.size() != n_out || (int64_t)sel.top_p.size() != n_out ||
+      (int64_t)sel.uniform.size() != n_out)
+    throw std::invalid_argument("temperature, top_p and uniforms need one value per output row");
+  std::vector<char> is_banned(cfg_.vocab, 0);
+  for (int32_t b : sel.banned) {
+    if (b < 0 || b >= cfg_.vocab) throw std::invalid_argument("banned id " + std::to_string(b) + " outside the vocab");
+    is_banned[b] = 1;
+  }
+  if (std::count(is_banned.begin(), is_banned.end(), 1) == cfg_.vocab)
+    throw std::invalid_argument("every token id is banned");
+  const int64_t V = cfg_.vocab;
+  const int rows = run(items, B);
+  // lm_head + selection in chunks: the logits scratch stays small whatever the row count.
+  constexpr int kChunk = 64;
+  grow(logits_, (size_t)std::min(rows, kChunk) * V);
+  for (int r0 = 0; r0 < rows; r0 += kChunk) {
+    const int nr = std::min(kChunk, rows - r0);
+    head(r0, nr, logits_.data());
+    for (int r = 0; r < nr; ++r)
+      for (int32_t b : sel.banned) logits_[(int64_t)r * V + b] = -INFINITY;
+    select_rows(logits_.data(), nr, (int)V, V, sel.temperature.data() + r0, sel.top_p.data() + r0,
+                sel.uniform.data() + r0, tok + r0, conf + r0);
+  }
+}
+
+// The forward proper. Every GEMM sees all tokens of all items at once.
+int Model::run(const std::vector<Item>& items, int B) {
+  const Config& c = cfg_;
+  const int H = c.hidden, I = c.inter, hd = c.head_dim, nh = c.heads, nkv = c.kv_heads, half = hd / 2;
+  const int QD = nh * hd, KVD = nkv * hd;
+  const int KpH = (int)pad_k(H), KpQ = (int)pad_k(QD), KpI = (int)pad_k(I);
+  const int Kpmax = std::max(KpH, std::max(KpQ, KpI));
+  int64_t N64 = 0, NO64 = 0;
+  for (const Item& it : items) N64 += (int64_t)it.tokens.size(), NO64 += (int64_t)it.out_idx.size();
+  if (N64 == 0) return 0;
+  if (N64 > (1 << 24)) throw std::invalid_argument("too many tokens in one call");
+  const int N = (int)N64, NO = (int)NO64;
+
+  grow(x_, (size_t)N * H);
+  grow(xn_, (size_t)N * H);
+  grow(q_, (size_t)N * QD);
+  grow(att_, (size_t)N * QD);
+  grow(k_, (size_t)N * KVD);
+  grow(v_, (size_t)N * KVD);
+  grow(g_, (size_t)N * I);
+  grow(u_, (size_t)N * I);
+  grow(tmp_, (size_t)N * H);
+  grow(cos_, (size_t)N * half);
+  grow(sin_, (size_t)N * half);
+  grow(aq_, (size_t)N * Kpmax);
+  grow(as_, (size_t)N);
+  grow(asum_, (size_t)N);
+
+  // Embedding rows and RoPE tables (same formulas and fp32 rounding as transformers).
+  std::vector<float> inv_freq(half);
+  for (int i = 0; i < half; ++i)
+    inv_freq[i] = 1.0f / std::pow((float)c.rope_theta, (float)(2 * i) / (float)hd);
+  std::vector<AttnItem> ai(items.size());
+  {
+    int row = 0;
+    for (size_t t = 0; t < items.size(); ++t) {
+      const Item& it = items[t];
+      ai[t] = AttnItem{nullptr, nullptr, kv_.capacity(it.seq), it.start, (int)it.tokens.size(), it.ctx_len, row};
+      for (size_t j = 0; j < it.tokens.size(); ++j, ++row) {
+        const uint16_t* e = embed_ + (int64_t)it.tokens[j] * H;
+        float* xr = x_.data() + (int64_t)row * H;
+        for (int i = 0; i < H; ++i) xr[i] = f16_to_f32(e[i]);
+        const float pos = (float)(it.start + (int)j);
+        for (int i = 0; i < half; ++i) {
+          const float f = pos * inv_freq[i];
+          cos_[(int64_t)row * half + i] = std::cos(f);
+          sin_[(int64_t)row * half + i] = std::sin(f);
+        }
+      }
+    }
+  }
+  auto rope = [&](float* y, int heads) {
+    for (int r = 0; r < N; ++r) {
+      const float* cr = cos_.data() + (int64_t)r * half;
+      const float* sr = sin_.data() + (int64_t)r * half;
+      for (int h = 0; h < heads; ++h) {
+        float* v = y + ((int64_t)r * heads + h) * hd;
+        for (int i = 0; i < half; ++i) {
+          const float x1 = v[i], x2 = v[i + half];
+          v[i] = x1 * cr[i] - x2 * sr[i];
+          v[i + half] = x2 * cr[i] + x1 * sr[i];
+        }
+      }
+    }
+  };
+  auto quant = [&](const float* in, int K, int Kp) {
+    quantize_act(in, N, K, Kp, aq_.data(), as_.data(), asum_.data());
+    return ActQ{aq_.data(), as_.data(), asum_.data(), N, Kp};
+  };
+  auto tw = [](const Ternary& w, float* y) { return TernaryW{w.data, w.M, w.scale, y, w.M}; };
+  const AttnKernels& akt = attn_kernels();
+  const bool f16 = kv_.f16();
+  const size_t esz = f16 ? 2 : 4;
+
+  for (int l = 0; l < c.layers; ++l) {
+    const Layer& L = layers_[l];
+    // Attention block: one activation quantization feeds q, k and v.
+    rmsnorm(x_.data(), L.in_norm, xn_.data(), N, H, c.eps);
+    {
+      const ActQ a = quant(xn_.data(), H, KpH);
+      const TernaryW w[3] = {tw(L.q, q_.data()), tw(L.k, k_.data()), tw(L.v, v_.data())};
+      gemm_i2_i8(w, 3, a);
+    }
+    rope(q_.data(), nh);
+    rope(k_.data(), nkv);
+    for (size_t t = 0; t < items.size(); ++t) {
+      const Item& it = items[t];
+      ai[t].kc = kv_.k(it.seq, l);
+      ai[t].vc = kv_.v(it.seq, l);
+      if (!it.write) continue;
+      // Cache layout [n_kv, cap, hd]: scatter each fresh row's heads.
+      for (int j = 0; j < ai[t].n; ++j)
+        for (int h = 0; h < nkv; ++h) {
+          const int64_t src = (int64_t)(ai[t].row0 + j) * KVD + (int64_t)h * hd;
+          const int64_t dst = ((int64_t)h * ai[t].cap + it.start + j) * hd;
+          char* kd = static_cast<char*>(kv_.k(it.seq, l)) + dst * esz;
+          char* vd = static_cast<char*>(kv_.v(it.seq, l)) + dst * esz;
+          if (f16) {
+            akt.to_f16(k_.data() + src, reinterpret_cast<uint16_t*>(kd), hd);
+            akt.to_f16(v_.data() + src, reinterpret_cast<uint16_t*>(vd), hd);
+          } else {
+            std::memcpy(kd, k_.data() + src, sizeof(float) * hd);
+            std::memcpy(vd, v_.data() + src, sizeof(float) * hd);
+          }
+        }
+    }
+    attention(f16, ai.data(), (int)ai.size(), B, q_.data(), k_.data(), v_.data(), nh, nkv, hd, att_.data(),
+              attn_scratch_);
+    rmsnorm(att_.data(), L.attn_sub, att_.data(), N, QD, c.eps);
+    {
+      const ActQ a = quant(att_.data(), QD, KpQ);
+      const TernaryW w = tw(L.o, tmp_.data());
+      gemm_i2_i8(&w, 1, a);
+    }
+    for (int64_t i = 0; i < (int64_t)N * H; ++i) x_[i] += tmp_[i];
+
+    // MLP block: relu(gate)^2 * up, with gate and up in one multi-GEMM.
+    rmsnorm(x_.data(), L.post_norm, xn_.data(), N, H, c.eps);
+    {
+      const ActQ a = quant(xn_.data(), H, KpH);
+      const TernaryW w[2] = {tw(L.gate, g_.data()), tw(L.up, u_.data())};
+      gemm_i2_i8(w, 2, a);
+    }
+    for (int64_t i = 0; i < (int64_t)N * I; ++i) {
+      const float r = std::max(g_[i], 0.f);
+      g_[i] = r * r * u_[i];
+    }
+    rmsnorm(g_.data(), L.ffn_sub, g_.data(), N, I, c.eps);
+    {
+      const ActQ a = quant(g_.data(), I, KpI);
+      const TernaryW w = tw(L.down, tmp_.data());
+      gemm_i2_i8(&w, 1, a);
+    }
+    for (int64_t i = 0; i < (int64_t)N * H; ++i) x_[i] += tmp_[i];
+  }
+
+  if (NO == 0) return 0;
+  // Final norm of the requested rows only.
+  grow(xo_, (size_t)NO * H);
+  int o = 0;
+  for (size_t t = 0; t < items.size(); ++t)
+    for (int32_t idx : items[t].out_idx)
+      rmsnorm(x_.data() + (int64_t)(ai[t].row0 + idx) * H, final_norm_, xo_.data() + (int64_t)(o++) * H, 1, H, c.eps);
+  return NO;
+}
+
+void Model::head(int r0, int rows, float* out) {
+  const int H = cfg_.hidden, V = cfg_.vocab;
+  const float* x = xo_.data() + (int64_t)r0 * H;
+  if (head_i8_) {
+    const int KpH = (int)pad_k(H);
+    grow(aq_, (size_t)rows * KpH);  // out_idx may repeat rows: more rows than tokens
+    grow(as_, (size_t)rows);
+    grow(asum_, (size_t)rows);
+    quantize_act(x, rows, H, KpH, aq_.data(), as_.data(), asum_.data());
+    const ActQ a{aq_.data(), as_.data(), asum_.data(), rows, KpH};
+    gemm_i8_i8(head_i8_, head_scale_, V, H, a, out, V);
+  } else {
+    gemm_f16_f32(head_f16_, V, H, x, rows, out, V);
+  }
+}
+
+}  // namespace bitdlm

@@ -1,0 +1,97 @@
+// The BitNet b1.58 forward for a batch of sequences over a mmapped .bin.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels/gemm.h"
+#include "model/kv_cache.h"
+
+namespace bitdlm {
+
+struct Config {
+  int hidden = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0, inter = 0, vocab = 0;
+  double rope_theta = 10000.0;
+  float eps = 1e-5f;
+  bool tied = true;
+  bool lm_head_i8 = false;
+};
+
+// A tensor inside the mapped file (validated against what the model expects).
+struct TensorRef {
+  const uint8_t* data = nullptr;
+  std::string dtype;  // "f16" | "f32" | "i8" | "i2_b128"
+  std::vector<int64_t> shape;
+  float scale = 0.f;  // ternary weights: s_w
+};
+
+// One sequence's share of a forward call (see docs/architecture.md).
+struct Item {
+  int seq;
+  std::vector<int32_t> tokens;
+  int start, ctx_len;
+  bool write;
+  std::vector<int32_t> out_idx;
+};
+
+struct SelectArgs {
+  std::vector<float> temperature, top_p, uniform;  // one per output row
+  std::vector<int32_t> banned;
+};
+
+class Model {
+ public:
+  Model(const Config& cfg, const std::map<std::string, TensorRef>& tensors, int64_t kv_budget, bool kv_f16);
+
+  const Config& config() const { return cfg_; }
+  int alloc_seq(int64_t capacity);
+  void free_seq(int id);
+  int64_t kv_bytes_used();
+  int64_t kv_bytes_per_token() const { return kv_.bytes_for(1); }
+  bool kv_f16() const { return kv_.f16(); }
+
+  // Number of output rows, after validating every item (throws std::invalid_argument).
+  int64_t check(const std::vector<Item>& items, int block_size);
+  // logits [total_out, vocab] into out.
+  void forward_logits(const std::vector<Item>& items, int block_size, float* out);
+  // (token, confidence) per output row.
+  void forward_select(const std::vector<Item>& items, int block_size, const SelectArgs& sel, int32_t* tok,
+                      float* conf);
+
+ private:
+  struct Ternary {
+    const uint8_t* data;
+    int M, K;
+    float scale;
+  };
+  struct Layer {
+    const float *in_norm, *post_norm, *attn_sub, *ffn_sub;
+    Ternary q, k, v, o, gate, up, down;
+  };
+  void check_locked(const std::vector<Item>& items, int block_size, int64_t* n_out);
+  // All layers and the final norm: xo_ = norm(hidden) of the output rows; returns their number.
+  int run(const std::vector<Item>& items, int block_size);
+  // lm_head of `rows` rows of xo_ starting at row r0 -> out [rows, vocab].
+  void head(int r0, int rows, float* out);
+
+  Config cfg_;
+  std::vector<Layer> layers_;
+  const uint16_t* embed_;     // f16 [V, H]
+  const float* final_norm_;
+  const uint16_t* head_f16_;  // f16 [V, H] (the embedding when tied)
+  const int8_t* head_i8_ = nullptr;
+  const float* head_scale_ = nullptr;
+  KvCache kv_;
+  std::mutex mu_;  // one forward at a time; alloc/free never race a forward
+
+  // Scratch reused across calls (grown on demand).
+  std::vector<float> x_, xn_, q_, k_, v_, att_, g_, u_, tmp_, xo_, cos_, sin_, attn_scratch_, logits_;
+  std::vector<int8_t> aq_;
+  std::vector<float> as_;
+  std::vector<int32_t> asum_;
+};
+
+}  // namespace bitdlm

@@ -1,0 +1,18 @@
+// The select epilogue: top-1 / sampled token and its confidence per logits row,
+// so that no vocab-sized array goes back to Python.
+#pragma once
+#include <cstdint>
+
+namespace bitdlm {
+
+// For each row r of logits [rows, V] (row stride ld; banned ids already -inf;
+// rows are modified in place):
+//  temperature[r] <= 0: tok = argmax (first on ties), conf = its softmax probability;
+//  otherwise p = softmax(logits / T), restricted to the top-p nucleus (the
+//  most probable tokens, kept while the mass before them is <= top_p, at least
+//  one), renormalized; tok = the first id in increasing id order whose
+//  cumulative kept mass exceeds uniform[r] * kept mass; conf = its kept probability.
+void select_rows(float* logits, int rows, int V, int64_t ld, const float* temperature, const float* top_p,
+                 const float* uniform, int32_t* tok, float* conf);
+
+}  // namespace bitdlm

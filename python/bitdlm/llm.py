@@ -1,0 +1,217 @@
+"""Offline API: `LLM(model).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | str | None = None  # stop strings (not included in the text)
+    threshold: float | None = None  # unmask confidence threshold in (0, 1]; None = model default
+    small_block_size: int | None = None  # None = model default
+    use_block_cache: bool = False  # sub-block cache (Fast-dLLM v2 DualCache idea)
+    stop_token_ids: list[int] | None = None  # extra stop tokens besides the model's EOS
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def validate(self) -> None:
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not is_int(self.max_tokens) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.threshold is not None and (not isinstance(self.threshold, (int, float))
+                                           or not (0 < self.threshold <= 1)):
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
+        if self.small_block_size is not None and (not is_int(self.small_block_size)
+                                                  or self.small_block_size < 1):
+            raise ValueError(f"small_block_size must be a positive integer, got {self.small_block_size!r}")
+        stops = self.stop_list()
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if self.stop_token_ids is not None and not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be a list of token ids")
+
+
+@dataclass
+class Generation:
+    """The result of one prompt."""
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_token_ids: list[int]
+    stats: dict = field(default_factory=dict)  # forwards, tokens_per_forward, seconds
+
+
+class LLM:
+    """`LLM(model=None, threads=None)`: model is a `.bin` path, a loaded
+    `bitdlm.model.Model`, or None for the packaged default model."""
+
+    def __init__(self, model=None, threads: int | None = None, max_batch: int = 16,
+                 block_size: int | None = None, kv_budget_gb: float | None = None):
+        from .engine import Engine
+
+        if model is None or isinstance(model, (str, os.PathLike)):
+            path = model
+            if path is not None and not os.path.exists(path):
+                raise FileNotFoundError(f"model file not found: {path}")
+            from . import model as _model_mod
+
+            if path is None:
+                path = getattr(_model_mod, "default_model_path", lambda: None)()
+                if path is None or not os.path.exists(path):
+                    raise FileNotFoundError("no packaged default model is installed; pass a .bin path "
+                                            "(LLM(model='model.bin') / --model)")
+            model = _model_mod.load(str(path), threads=threads, kv_budget_gb=kv_budget_gb)
+        self.model = model
+        tok = getattr(model, "tokenizer", None)
+        if tok is None and model.meta.get("tokenizer_json"):
+            from .tokenizer import Tokenizer
+
+            tok = Tokenizer.from_meta(model.meta)
+        self.tokenizer = tok
+        self.engine = Engine(model, max_batch=max_batch, block_size=block_size, tokenizer=tok)
+
+    # ---------------------------------------------------------------- prompts
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("empty prompt")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt)
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise ValueError("a prompt is a string or a list of token ids") from None
+        if any(isinstance(t, bool) for t in prompt):
+            raise ValueError("a prompt is a string or a list of token ids")
+        return ids
+
+    def chat_prompt(self, messages) -> list[int]:
+        """Token ids of `messages` rendered with the model's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+    # ------------------------------------------------------------- generation
+    def generate(self, prompts, params: SamplingParams | list | None = None) -> list[Generation]:
+        """Generate for a prompt or a list of prompts (strings or token-id lists),
+        all decoded together. Returns one Generation per prompt, in order."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts))
+        plist = [prompts] if single else list(prompts)
+        if not plist:
+            return []
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(plist):
+                raise ValueError("one SamplingParams per prompt, or a single one")
+            plist_params = list(params)
+        else:
+            plist_params = [params or SamplingParams()] * len(plist)
+        encoded = [self._encode(p) for p in plist]
+        eng = self.engine
+        ids = [f"gen-{uuid.uuid4().hex}" for _ in plist]
+        added = []
+        try:
+            for rid, enc, sp in zip(ids, encoded, plist_params):
+                eng.add_request(rid, enc, sp)
+                added.append(rid)
+        except Exception:
+            for rid in added:
+                eng.abort(rid)
+            self._drain(set(added))
+            raise
+        t0 = time.perf_counter()
+        acc = {rid: dict(ids=[], text=[], reason=None, forwards=0, t=None) for rid in ids}
+        todo = set(ids)
+        try:
+            while todo:
+                for out in eng.step():
+                    a = acc.get(out.request_id)
+                    if a is None:
+                        continue
+                    a["ids"] += out.new_token_ids
+                    a["text"].append(out.text)
+                    a["forwards"] = out.forwards
+                    if out.finished:
+                        a["reason"] = out.finish_reason
+                        a["t"] = time.perf_counter() - t0
+                        todo.discard(out.request_id)
+                        if out.error:
+                            raise RuntimeError(f"request failed: {out.error}")
+        except BaseException:
+            for rid in todo:
+                eng.abort(rid)
+            self._drain(todo)
+            raise
+        res = []
+        for rid, enc in zip(ids, encoded):
+            a = acc[rid]
+            n = len(a["ids"])
+            res.append(Generation(text="".join(a["text"]), token_ids=a["ids"], finish_reason=a["reason"],
+                                  prompt_token_ids=enc,
+                                  stats=dict(forwards=a["forwards"], generated_tokens=n,
+                                             tokens_per_forward=n / a["forwards"] if a["forwards"] else 0.0,
+                                             seconds=a["t"])))
+        return res
+
+    def generate_stream(self, prompt, params: SamplingParams | None = None):
+        """Yield text deltas for one prompt as soon as a contiguous prefix of the
+        current block is final. The finished Generation is `.result` of the
+        generator's StopIteration (use `yield from`), also kept in `self.last`."""
+        eng = self.engine
+        enc = self._encode(prompt)
+        rid = f"gen-{uuid.uuid4().hex}"
+        eng.add_request(rid, enc, params or SamplingParams())
+        t0 = time.perf_counter()
+        ids, texts, reason, forwards = [], [], None, 0
+        try:
+            while reason is None:
+                for out in eng.step():
+                    if out.request_id != rid:
+                        continue
+                    ids += out.new_token_ids
+                    forwards = out.forwards
+                    if out.finished:
+                        reason = out.finish_reason
+                        if out.error:
+                            raise RuntimeError(f"request failed: {out.error}")
+                    if out.text:
+                        texts.append(out.text)
+                        yield out.text
+        finally:
+            if reason is None:  # consumer stopped early
+                eng.abort(rid)
+                self._drain({rid})
+        n = len(ids)
+        self.last = Generation(text="".join(texts), token_ids=ids, finish_reason=reason, prompt_token_ids=enc,
+                               stats=dict(forwards=forwards, generated_tokens=n,
+                                          tokens_per_forward=n / forwards if forwards else 0.0,
+                                          seconds=time.perf_counter() - t0))
+        return self.last
+
+    def _drain(self, rids: set) -> None:
+        """Consume the abort outputs of `rids` so the engine is clean again."""
+        eng = self.engine
+        eng._pending = [o for o in eng._pending if o.request_id not in rids]

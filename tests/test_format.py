@@ -1,0 +1,287 @@
+"""`.bin` writer / reader tests (no torch): round trip, zero-copy views, and a
+table of damaged or foreign files that must each raise ModelFormatError."""
+import argparse
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitdlm import packing
+from bitdlm.format import (ALIGN, MAGIC, PREAMBLE_SIZE, VERSION, ModelFile, ModelFormatError,
+                           ModelWriter, describe, expected_tensors, register_cli, storage_shape)
+
+
+def small_meta(**over):
+    meta = {
+        "architecture": "bitnet", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "intermediate_size": 96, "vocab_size": 100, "max_position_embeddings": 128,
+        "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+        "hidden_act": "relu2", "quant": {"weights": "i2_b128", "lm_head": "f16"},
+        "bos_token_id": None, "eos_token_ids": [0, 3], "mask_token_id": 1, "pad_token_id": 0,
+        "diffusion": {"block_size": 32, "small_block_size": 8, "threshold": 0.9, "shift_logits": True},
+        "chat_template": "{{ messages }} \u00e9\u4e2d",  # non-ASCII survives
+        "tokenizer_json": json.dumps({"model": {"vocab": {"a\u00e9": 0}}}),
+        "source": {"test": True},
+    }
+    meta.update(over)
+    return meta
+
+
+def random_tensors(meta, seed=0):
+    """name -> (stored array, scale) for every tensor the metadata calls for."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (dtype, shape) in expected_tensors(meta).items():
+        if dtype == "i2_b128":
+            codes = rng.integers(-1, 2, size=shape).astype(np.int8)
+            out[name] = (packing.pack_i2(codes), float(rng.uniform(10, 100)), codes)
+        elif dtype == "f16":
+            out[name] = (rng.standard_normal(shape).astype(np.float16), None, None)
+        elif dtype == "i8":
+            out[name] = (rng.integers(-127, 128, size=shape).astype(np.int8), None, None)
+        else:
+            out[name] = (rng.standard_normal(shape).astype(np.float32), None, None)
+    return out
+
+
+def write_model(path, meta=None, tensors=None, chunked=False):
+    meta = meta or small_meta()
+    tensors = tensors or random_tensors(meta)
+    with ModelWriter(path, meta, expected_tensors(meta)) as w:
+        for name, (arr, scale, _) in reversed(list(tensors.items())):  # any order works
+            data = np.array_split(arr, 3) if chunked and arr.ndim == 2 else arr
+            w.write(name, data, scale=scale)
+        w.commit()
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    p = tmp_path_factory.mktemp("good") / "model.bin"
+    tensors = write_model(p)
+    return p, tensors
+
+
+def test_round_trip_views_and_metadata(good):
+    path, tensors = good
+    with ModelFile.open(path, verify=True) as mf:
+        assert mf.meta == small_meta()
+        assert set(mf.tensors) == set(tensors)
+        for name, (arr, scale, codes) in tensors.items():
+            t = mf.tensors[name]
+            a = mf.array(name)
+            assert t.offset % ALIGN == 0
+            assert a.shape == storage_shape(t.dtype, t.shape) and a.dtype == arr.dtype
+            np.testing.assert_array_equal(a, arr)
+            # a view of the mmap, not a copy
+            assert not a.flags.owndata and not a.flags.writeable
+            if t.dtype == "i2_b128":
+                assert t.scale == np.float32(scale)
+                np.testing.assert_array_equal(packing.unpack_i2(a, t.shape[1]), codes)
+            else:
+                assert t.scale is None
+        assert mf.file_size == path.stat().st_size
+        table = mf.core_tensors()
+        assert table[Q0] == (mf.tensors[Q0].offset, "i2_b128", (64, 64), mf.tensors[Q0].scale)
+        assert table[NORM][3] is None and len(table) == len(tensors)
+        assert isinstance(mf.buffer, __import__("mmap").mmap)
+
+
+def test_chunked_write_is_identical(good, tmp_path):
+    path, tensors = good
+    p2 = tmp_path / "m.bin"
+    write_model(p2, tensors=tensors, chunked=True)
+    assert p2.read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("lm_head,tied", [("i8", True), ("i8", False), ("f16", False)])
+def test_lm_head_variants(tmp_path, lm_head, tied):
+    meta = small_meta(quant={"weights": "i2_b128", "lm_head": lm_head}, tie_word_embeddings=tied)
+    p = tmp_path / "m.bin"
+    write_model(p, meta)
+    with ModelFile.open(p) as mf:
+        assert mf.tensors["lm_head.weight"].dtype == lm_head
+        assert mf.tensors["lm_head.weight"].shape == (100, 64)
+        assert ("lm_head.scale" in mf.tensors) == (lm_head == "i8")
+
+
+def test_writer_failures_leave_nothing(tmp_path):
+    meta = small_meta()
+    tensors = random_tensors(meta)
+    specs = expected_tensors(meta)
+    p = tmp_path / "m.bin"
+    # an exception inside the block: no output, no temporary file
+    with pytest.raises(RuntimeError):
+        with ModelWriter(p, meta, specs) as w:
+            w.write("model.norm.weight", tensors["model.norm.weight"][0])
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    # forgetting tensors is refused at commit
+    with pytest.raises(ValueError, match="not written"):
+        with ModelWriter(p, meta, specs) as w:
+            w.commit()
+    # wrong dtype / size / missing scale are refused
+    with ModelWriter(p, meta, specs) as w:
+        with pytest.raises(TypeError):
+            w.write("model.norm.weight", np.zeros(64, np.float16))
+        with pytest.raises(ValueError, match="bytes"):
+            w.write("model.norm.weight", np.zeros(63, np.float32))
+        name = "model.layers.0.mlp.up_proj.weight"
+        with pytest.raises(ValueError, match="scale"):
+            w.write(name, tensors[name][0])
+    assert list(tmp_path.iterdir()) == []
+    # existing output is not overwritten unless asked
+    p.write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        ModelWriter(p, meta, specs)
+    assert p.read_bytes() == b"keep"
+    # bad metadata is refused before anything is written
+    with pytest.raises(ModelFormatError, match="hidden_act"):
+        ModelWriter(tmp_path / "x.bin", small_meta(hidden_act="gelu"), specs)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.bin"]
+
+
+# ----------------------------------------------------------------------------- bad files
+
+def _preamble(data: bytes):
+    return struct.unpack_from("<8sIIQ", data, 0)
+
+
+def _rewrite_header(data: bytes, edit) -> bytes:
+    """Apply `edit(header_dict)` and store the header back with a valid crc."""
+    magic, ver, _crc, hlen = _preamble(data)
+    header = json.loads(data[PREAMBLE_SIZE:PREAMBLE_SIZE + hlen])
+    edit(header)
+    raw = json.dumps(header).encode()
+    assert len(raw) <= hlen
+    raw += b" " * (hlen - len(raw))
+    return struct.pack("<8sIIQ", magic, ver, zlib.crc32(raw), hlen) + raw + data[PREAMBLE_SIZE + hlen:]
+
+
+def _raw_header_with_crc(data: bytes, raw: bytes) -> bytes:
+    magic, ver, _crc, hlen = _preamble(data)
+    raw = raw + b" " * (hlen - len(raw))
+    return struct.pack("<8sIIQ", magic, ver, zlib.crc32(raw), hlen) + raw + data[PREAMBLE_SIZE + hlen:]
+
+
+def _tensor(header, name):
+    return next(t for t in header["tensors"] if t["name"] == name)
+
+
+def _set(name, key, value):
+    def edit(h):
+        _tensor(h, name)[key] = value
+    return edit
+
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+NORM = "model.norm.weight"
+
+
+def _corruptions(data: bytes):
+    hlen = _preamble(data)[3]
+    data_off = json.loads(data[PREAMBLE_SIZE:PREAMBLE_SIZE + hlen])["data_offset"]
+    size = len(data)
+    cases = {}
+    for cut in (0, 4, 8, 23, 24, 100, PREAMBLE_SIZE + hlen - 1, data_off, data_off + 1000, size - 1):
+        cases[f"truncated@{cut}"] = (data[:cut], "truncated|bad magic")
+    flipped = bytearray(data)
+    flipped[0] ^= 0xFF
+    cases["flipped magic"] = (bytes(flipped), "bad magic")
+    cases["text-mode mangled"] = (data.replace(b"\r\n", b"\n", 1), "bad magic")
+    cases["future version"] = (data[:8] + struct.pack("<I", VERSION + 1) + data[12:], "version")
+    cases["absurd header length"] = (data[:16] + struct.pack("<Q", 1 << 50) + data[24:], "header length")
+    cases["zero header length"] = (data[:16] + struct.pack("<Q", 0) + data[24:], "header length")
+    cases["header longer than file"] = (data[:16] + struct.pack("<Q", size) + data[24:], "truncated")
+    hdr = bytearray(data)
+    hdr[PREAMBLE_SIZE + 40] ^= 0x01
+    cases["flipped header byte"] = (bytes(hdr), "crc32")
+    cases["invalid JSON"] = (_raw_header_with_crc(data, b"{not json"), "JSON")
+    cases["JSON array"] = (_raw_header_with_crc(data, b"[1, 2]"), "not a bitdlm header")
+    cases["trailing garbage"] = (data + b"\0" * 64, "does not match")
+    cases["random bytes"] = (np.random.default_rng(1).bytes(4096), "bad magic")
+    cases["gguf file"] = (b"GGUF" + b"\3\0\0\0" + bytes(100), "GGUF")
+    cases["safetensors file"] = (struct.pack("<Q", 2) + b"{}", "safetensors")
+    cases["empty file"] = (b"", "truncated")
+    R = _rewrite_header
+    cases["missing tensor"] = (R(data, lambda h: h["tensors"].remove(_tensor(h, Q0))), "missing")
+    cases["extra tensor"] = (R(data, lambda h: h["tensors"].append(
+        dict(_tensor(h, NORM), name="model.extra.weight", offset=_tensor(h, Q0)["offset"]))), "overlap|unexpected")
+    cases["shape mismatch"] = (R(data, _set(Q0, "shape", [32, 64])), "nbytes|expected")
+    cases["shape and nbytes mismatch"] = (R(data, lambda h: _tensor(h, Q0).update(shape=[32, 64], nbytes=1024)),
+                                          "expected i2_b128")
+    cases["wrong dtype"] = (R(data, _set(NORM, "dtype", "f16")), "nbytes|expected")
+    cases["unknown dtype"] = (R(data, _set(NORM, "dtype", "q4_0")), "unknown dtype")
+    cases["misaligned offset"] = (R(data, lambda h: _tensor(h, NORM).update(offset=_tensor(h, NORM)["offset"] + 4)),
+                                  "aligned")
+    cases["offset past the end"] = (R(data, _set(NORM, "offset", size + 64 - size % 64)), "beyond the end")
+    cases["overlapping tensors"] = (R(data, lambda h: _tensor(h, NORM).update(offset=_tensor(h, Q0)["offset"])),
+                                    "overlap")
+    cases["bad scale"] = (R(data, _set(Q0, "scale", -1.0)), "scale")
+    cases["missing scale"] = (R(data, lambda h: _tensor(h, Q0).pop("scale")), "scale")
+    cases["bad metadata"] = (R(data, lambda h: h["meta"].update(num_key_value_heads=3)), "multiple")
+    cases["missing metadata key"] = (R(data, lambda h: h["meta"].pop("vocab_size")), "vocab_size")
+    cases["eos out of vocab"] = (R(data, lambda h: h["meta"].update(eos_token_ids=[100])), "token id")
+    cases["foreign architecture"] = (R(data, lambda h: h["meta"].update(architecture="llama")), "architecture")
+    cases["bad data_offset"] = (R(data, lambda h: h.update(data_offset=3)), "data_offset")
+    return cases
+
+
+def test_bad_files_table(good, tmp_path):
+    data = good[0].read_bytes()
+    cases = _corruptions(data)
+    assert len(cases) > 30
+    for label, (blob, pattern) in cases.items():
+        p = tmp_path / "bad.bin"
+        p.write_bytes(blob)
+        with pytest.raises(ModelFormatError, match=pattern) as ei:
+            ModelFile.open(p).close()
+        assert isinstance(ei.value, ValueError), label
+        assert str(p) in str(ei.value), label
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ModelFormatError, match="no such model file"):
+        ModelFile.open(tmp_path / "nope.bin")
+    with pytest.raises(ModelFormatError, match="directory"):
+        ModelFile.open(tmp_path)
+
+
+def test_data_corruption_caught_by_verify(good, tmp_path):
+    data = bytearray(good[0].read_bytes())
+    data[-10] ^= 0x40  # inside the last tensor
+    p = tmp_path / "c.bin"
+    p.write_bytes(bytes(data))
+    ModelFile.open(p).close()  # structure is intact: cheap open succeeds
+    with pytest.raises(ModelFormatError, match="corrupted"):
+        ModelFile.open(p, verify=True)
+
+
+def test_info_command(good, capsys):
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    args = parser.parse_args(["info", str(good[0]), "--verify"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "hidden_size: 64" in out and "i2_b128" in out and "checksums: OK" in out
+    assert Q0 in out and "scale=" in out
+    assert '"vocab"' not in out  # the tokenizer itself is not dumped
+    args = parser.parse_args(["info", "/nonexistent/model.bin"])
+    assert args.func(args) == 2
+    assert "no such model file" in capsys.readouterr().err
+    with ModelFile.open(good[0]) as mf:
+        assert "tensors: " in describe(mf, show_tensors=False)
+
+
+def test_close_with_live_views(good):
+    mf = ModelFile.open(good[0])
+    a = mf.array(NORM)
+    mf.close()  # must not raise although `a` still references the mapping
+    assert a.shape == (64,)
+    with pytest.raises(KeyError):
+        ModelFile.open(good[0]).array("nope")

@@ -1,0 +1,570 @@
+"""The C++ forward (bitdlm._core.Model) against transformers' BitNetForCausalLM.
+
+The oracle is transformers in fp32 with online autobitlinear quantization
+(shared reference, section 2). Models are tiny and random; norm weights are
+randomised so the norms are tested, and the embedding is rounded to fp16 (the
+.bin stores it in fp16) so both sides use the same numbers.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from bitdlm import _core
+from bitdlm.packing import pack_i2, weight_quant
+
+torch.set_num_threads(1)
+
+TERNARY = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+# name: (hidden, heads, kv_heads, head_dim, inter, vocab, layers, tied)
+SHAPES = {
+    "gqa1_hd32_oddvocab": (128, 4, 4, 32, 256, 257, 2, True),
+    "gqa2_hd64_untied": (256, 4, 2, 64, 320, 300, 2, False),  # intermediate not a multiple of 128
+    "gqa4_hd32": (256, 8, 2, 32, 384, 512, 2, True),
+}
+
+
+def make_hf(shape, seed=0, rope_theta=10000.0):
+    """A random BitNetForCausalLM with online ternary quantization, fp32."""
+    from transformers import BitNetConfig, BitNetForCausalLM
+    from transformers.integrations.bitnet import replace_with_bitnet_linear
+    from transformers.utils.quantization_config import BitNetQuantConfig
+
+    H, nh, nkv, hd, inter, V, L, tied = shape
+    torch.manual_seed(seed)
+    cfg = BitNetConfig(vocab_size=V, hidden_size=H, intermediate_size=inter, num_hidden_layers=L,
+                       num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd,
+                       max_position_embeddings=512, rope_theta=rope_theta, rms_norm_eps=1e-5,
+                       tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=None,
+                       attn_implementation="eager")
+    model = BitNetForCausalLM(cfg).float().eval()
+    sd = model.state_dict()
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, t in sd.items():
+        if name.endswith("norm.weight"):
+            t.copy_(0.5 + torch.rand(t.shape, generator=g))
+    # fp16-representable embedding / lm_head with O(1) entries: logits of O(10)
+    sd["model.embed_tokens.weight"].copy_(torch.randn(V, H, generator=g).half().float())
+    if not tied:
+        sd["lm_head.weight"].copy_((0.5 * torch.randn(V, H, generator=g)).half().float())
+    replace_with_bitnet_linear(model, modules_to_not_convert=["lm_head"], quantization_config=BitNetQuantConfig(
+        linear_class="autobitlinear", quantization_mode="online"))
+    model.load_state_dict(sd, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def to_core(model, kv_budget=1 << 30, lm_head="f16", kv_dtype="f32"):
+    """Build a _core.Model straight from the HF weights (independent of the .bin writer)."""
+    cfg = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    buf = bytearray()
+    tensors = {}
+
+    def add(name, arr, dtype, shape, scale=None):
+        buf.extend(b"\0" * (-len(buf) % 64))
+        tensors[name] = (len(buf), dtype, list(shape), scale)
+        buf.extend(np.ascontiguousarray(arr).tobytes())
+
+    for name, w in sd.items():
+        if name.endswith("norm.weight"):
+            add(name, w.astype(np.float32), "f32", w.shape)
+        elif any(name.endswith(t + ".weight") for t in TERNARY):
+            codes, s = weight_quant(w)
+            add(name, pack_i2(codes), "i2_b128", w.shape, float(s))
+    add("model.embed_tokens.weight", sd["model.embed_tokens.weight"].astype(np.float16), "f16",
+        sd["model.embed_tokens.weight"].shape)
+    head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    if lm_head == "i8":
+        amax = np.abs(head).max(axis=1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)  # (the padding row is zero)
+        q = np.clip(np.rint(head / scale[:, None]), -127, 127).astype(np.int8)
+        add("lm_head.weight", q, "i8", head.shape)
+        add("lm_head.scale", scale, "f32", scale.shape)
+    elif not cfg.tie_word_embeddings:
+        add("lm_head.weight", head.astype(np.float16), "f16", head.shape)
+    meta = dict(architecture="bitnet", hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                max_position_embeddings=cfg.max_position_embeddings,
+                rope_theta=float(cfg.rope_parameters["rope_theta"]), rms_norm_eps=cfg.rms_norm_eps,
+                tie_word_embeddings=bool(cfg.tie_word_embeddings), hidden_act="relu2",
+                quant={"weights": "i2_b128", "lm_head": lm_head})
+    return _core.Model(bytes(buf), meta, tensors, kv_budget, kv_dtype)
+
+
+def block_mask(q_pos, kv_pos, B):
+    """4D additive float mask [1, 1, q, kv]: p sees q iff q // B <= p // B."""
+    q_pos, kv_pos = np.asarray(q_pos), np.asarray(kv_pos)
+    ok = (kv_pos[None, :] // B) <= (q_pos[:, None] // B)
+    m = torch.zeros(1, 1, len(q_pos), len(kv_pos))
+    m[0, 0][~torch.from_numpy(ok)] = torch.finfo(torch.float32).min
+    return m
+
+
+TIE_ULPS = 1  # |x*s - (k + 1/2)| within this many ulps of x*s: the code is decided by the last bits
+
+
+class Ties:
+    """Watches transformers' ActQuant inputs for near round-half ties.
+
+    A value within an ulp or so of k + 1/2 rounds either way depending on
+    summation order, and such a flip then changes everything that attends to
+    its position (the shared reference: exact equality is impossible in
+    general). Logits are compared at 1e-3 only at positions that cannot see a
+    tie; `first` is the lowest absolute position of a near tie so far."""
+
+    def __init__(self, model):
+        from transformers.integrations.bitnet import AutoBitLinear
+
+        self.pos = None
+        self.reset()
+        for m in model.modules():
+            if isinstance(m, AutoBitLinear):
+                m._forward_pre_hooks.clear()
+                m.register_forward_pre_hook(self._hook)
+
+    def reset(self):
+        self.first = 1 << 30
+
+    def _hook(self, mod, inp):
+        x = inp[0][0].float()
+        y = x * (127 / x.abs().amax(-1, keepdim=True).clamp(min=1e-5))
+        a = y.abs()
+        ulp = torch.nextafter(a, torch.full_like(a, float("inf"))) - a
+        d = ((a - a.floor()) - 0.5).abs() / ulp
+        hit = torch.nonzero((d <= TIE_ULPS).any(-1))
+        if len(hit):
+            self.first = min(self.first, int(self.pos[int(hit[0, 0])]))
+
+    def clean(self, positions, B):
+        """Which query positions see no tie (p sees q iff q // B <= p // B)."""
+        return np.asarray(positions) // B < self.first // B
+
+
+@torch.no_grad()
+def hf_logits(model, tokens, positions=None, mask=None, cache=None):
+    ids = torch.tensor([list(tokens)])
+    pos = torch.arange(len(tokens))[None] if positions is None else torch.tensor([list(positions)])
+    if getattr(model, "ties", None) is not None:
+        model.ties.pos = pos[0].numpy()
+    out = model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
+    return out.logits[0].numpy()
+
+
+def core_logits(core, tokens, B=1, cap=None, start=0, ctx_len=0, write=True, seq=None, out=None):
+    own = seq is None
+    if own:
+        seq = core.alloc_seq(cap or start + len(tokens))
+    out = np.arange(len(tokens), dtype=np.int32) if out is None else out
+    try:
+        return core.forward([(seq, np.asarray(tokens, np.int32), start, ctx_len, write, out)], B, "logits")
+    finally:
+        if own:
+            core.free_seq(seq)
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def pair(request):
+    hf = make_hf(SHAPES[request.param], seed=len(request.param))
+    hf.ties = Ties(hf)
+    return hf, to_core(hf)
+
+
+@pytest.fixture(scope="module")
+def small():
+    hf = make_hf(SHAPES["gqa4_hd32"], seed=7)
+    hf.ties = Ties(hf)
+    return hf, to_core(hf)
+
+
+def close(a, b, atol=1e-3):
+    assert a.shape == b.shape
+    err = float(np.abs(a - b).max())
+    assert err <= atol, f"max abs diff {err}"
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
+def close_hf(got, ref, hf, positions, B=1, min_clean=0.5):
+    """1e-3 and identical argmax where no tie is visible (at least `min_clean` of the
+    rows); elsewhere only close (a flipped int8 code moves logits by a few 1e-2)."""
+    ok = hf.ties.clean(positions, B)
+    assert ok.mean() >= min_clean, f"only {ok.sum()}/{len(ok)} rows free of round-half ties: pick another seed"
+    close(got[ok], ref[ok])
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_causal_logits_match_transformers(pair):
+    hf, core = pair
+    rng = np.random.default_rng(0)
+    V = hf.config.vocab_size
+    for L in (1, 7, 64):
+        toks = rng.integers(0, V, L)
+        hf.ties.reset()
+        ref = hf_logits(hf, toks)
+        assert np.abs(ref).max() > 1.0  # logits are O(1) or more: 1e-3 is a real tolerance
+        close_hf(core_logits(core, toks), ref, hf, range(L))
+
+
+def test_block_prefill_and_step_match_transformers(pair):
+    """Prefill spanning several blocks (each bidirectional), then a diffusion step without write."""
+    from transformers import DynamicCache
+
+    hf, core = pair
+    rng = np.random.default_rng(1)
+    V, B, P = hf.config.vocab_size, 8, 20  # prefix ends inside a block
+    prefix, blk = rng.integers(0, V, P), rng.integers(0, V, B)
+    hf.ties.reset()
+    cache = DynamicCache(config=hf.config)
+    ref_pre = hf_logits(hf, prefix, mask=block_mask(range(P), range(P), B), cache=cache)
+    # the step: positions P..P+B-1 (straddling a block boundary), no cache change
+    pos = np.arange(P, P + B)
+    ref_step = hf_logits(hf, blk, positions=pos, mask=block_mask(pos, np.arange(P + B), B), cache=cache)
+    cache.crop(-B)
+
+    seq = core.alloc_seq(64)
+    try:
+        got_pre = core_logits(core, prefix, B=B, seq=seq)
+        close_hf(got_pre, ref_pre, hf, range(P), B)
+        got_step = core_logits(core, blk, B=B, seq=seq, start=P, ctx_len=P, write=False)
+        close_hf(got_step, ref_step, hf, pos, B)
+        # no write: the same step again gives the same answer, and the prefix cache is intact
+        np.testing.assert_array_equal(core_logits(core, blk, B=B, seq=seq, start=P, ctx_len=P, write=False), got_step)
+        ref_again = hf_logits(hf, blk, positions=pos, mask=block_mask(pos, np.arange(P + B), B), cache=cache)
+        close_hf(got_step, ref_again, hf, pos, B)
+    finally:
+        core.free_seq(seq)
+
+
+def test_subblock_step_over_scratch_block(small):
+    """Sub-block cache: the block is written as scratch, then a sub-block step reads the
+    block's (stale) K/V around it and replaces its own positions with fresh ones."""
+    from transformers import DynamicCache
+
+    hf, core = small
+    rng = np.random.default_rng(12)  # (seed 2: a 2-ulp round-half tie at position 23 flips a code)
+    V, B, S, P = hf.config.vocab_size, 16, 4, 16
+    prefix, blk = rng.integers(0, V, P), rng.integers(0, V, B)
+    sub = rng.integers(0, V, S)
+    s0 = P + 4  # the second sub-block
+    hf.ties.reset()
+    cache = DynamicCache(config=hf.config)
+    hf_logits(hf, prefix, mask=block_mask(range(P), range(P), B), cache=cache)
+    hf_logits(hf, blk, positions=range(P, P + B), mask=block_mask(range(P, P + B), range(P + B), B), cache=cache)
+    keep = [i for i in range(P + B) if not s0 <= i < s0 + S]
+    for layer in cache.layers:  # drop the sub-block's stale K/V; fresh ones are appended by HF
+        layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+    kv_pos = np.array(keep + list(range(s0, s0 + S)))
+    ref = hf_logits(hf, sub, positions=range(s0, s0 + S), mask=block_mask(range(s0, s0 + S), kv_pos, B), cache=cache)
+
+    seq = core.alloc_seq(P + B)
+    try:
+        core_logits(core, prefix, B=B, seq=seq)
+        core_logits(core, blk, B=B, seq=seq, start=P, ctx_len=P, write=True)
+        got = core_logits(core, sub, B=B, seq=seq, start=s0, ctx_len=P + B, write=False)
+        close_hf(got, ref, hf, range(s0, s0 + S), B)
+    finally:
+        core.free_seq(seq)
+
+
+def test_batch_equals_each_alone(small):
+    hf, core = small
+    rng = np.random.default_rng(3)
+    V, B = hf.config.vocab_size, 8
+    seqs = [core.alloc_seq(64) for _ in range(3)]
+    try:
+        prefixes = [rng.integers(0, V, n) for n in (5, 16, 30)]
+        for s, p in zip(seqs, prefixes):
+            core_logits(core, p, B=B, seq=s)
+        items = [
+            (seqs[0], rng.integers(0, V, 1).astype(np.int32), 5, 5, False, np.array([0], np.int32)),
+            (seqs[1], rng.integers(0, V, 8).astype(np.int32), 16, 16, False, np.arange(8, dtype=np.int32)),
+            (seqs[2], rng.integers(0, V, 3).astype(np.int32), 30, 30, False, np.array([2, 0], np.int32)),
+        ]
+        together = core.forward(items, B, "logits")
+        alone = np.concatenate([core.forward([it], B, "logits") for it in items])
+        np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
+        assert together.shape == (1 + 8 + 2, V)
+    finally:
+        for s in seqs:
+            core.free_seq(s)
+
+
+def test_cache_over_many_step_commit_cycles(small):
+    """Block diffusion loop: steps without write, then a commit; the cache must end up as if the
+    final sequence had been prefilled at once (checked against transformers too)."""
+    hf, core = small
+    rng = np.random.default_rng(4)
+    V, B = hf.config.vocab_size, 4
+    seq = core.alloc_seq(64)
+    toks = list(rng.integers(0, V, 8))  # whole blocks: a partial block is recomputed, never cached
+    try:
+        core_logits(core, toks, B=B, seq=seq)
+        for cycle in range(10):
+            start = len(toks)
+            for _ in range(2):  # diffusion steps on garbage must not leave traces
+                core_logits(core, rng.integers(0, V, B), B=B, seq=seq, start=start, ctx_len=start, write=False)
+            final = rng.integers(0, V, B)
+            last = core_logits(core, final, B=B, seq=seq, start=start, ctx_len=start, write=True)
+            toks += list(final)
+        fresh = core_logits(core, toks, B=B)
+        np.testing.assert_allclose(last, fresh[-B:], rtol=0, atol=1e-4)
+        n = len(toks)
+        hf.ties.reset()
+        close_hf(fresh, hf_logits(hf, toks, mask=block_mask(range(n), range(n), B)), hf, range(n), B)
+        # one more step after all the cycles reads the committed cache correctly
+        nxt = rng.integers(0, V, B)
+        got = core_logits(core, nxt, B=B, seq=seq, start=n, ctx_len=n, write=False)
+        close(got, core_logits(core, toks + list(nxt), B=B)[-B:], atol=1e-4)
+    finally:
+        core.free_seq(seq)
+
+
+def test_autoregressive_decoding_equals_one_pass(small):
+    hf, core = small
+    rng = np.random.default_rng(5)
+    toks = rng.integers(0, hf.config.vocab_size, 24)
+    seq = core.alloc_seq(24)
+    try:
+        rows = [core_logits(core, toks[:10], seq=seq, out=np.array([9], np.int32))]
+        for i in range(10, 24):
+            rows.append(core_logits(core, toks[i:i + 1], seq=seq, start=i, ctx_len=i))
+        hf.ties.reset()
+        close_hf(np.concatenate(rows), hf_logits(hf, toks)[9:], hf, range(9, 24))
+    finally:
+        core.free_seq(seq)
+
+
+def test_fp16_kv_cache_close_to_fp32(small):
+    hf, _ = small
+    c16, c32 = to_core(hf, kv_dtype="f16"), to_core(hf, kv_dtype="f32")
+    assert c16.kv_dtype == "f16" and c16.kv_bytes_per_token() * 2 == c32.kv_bytes_per_token()
+    rng = np.random.default_rng(6)
+    toks = rng.integers(0, hf.config.vocab_size, 40)
+    res = []
+    for c in (c16, c32):
+        s = c.alloc_seq(48)
+        core_logits(c, toks[:32], B=8, seq=s)
+        res.append(core_logits(c, toks[32:], B=8, seq=s, start=32, ctx_len=32, write=False))
+        c.free_seq(s)
+    err = np.abs(res[0] - res[1]).max()
+    assert err < 0.05 * np.abs(res[1]).max(), err
+
+
+def test_int8_lm_head_close_to_fp16(small):
+    hf, core = small
+    c8 = to_core(hf, lm_head="i8")
+    toks = np.random.default_rng(7).integers(0, hf.config.vocab_size, 32)
+    a, b = core_logits(c8, toks), core_logits(core, toks)
+    assert np.abs(a - b).max() < 0.03 * np.abs(b).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_select_greedy_with_banned(small):
+    hf, core = small
+    V = hf.config.vocab_size
+    toks = np.random.default_rng(8).integers(0, V, 12).astype(np.int32)
+    out = np.tile(np.arange(12, dtype=np.int32), 13)  # 156 rows: several lm_head chunks, repeated rows
+    logits = core_logits(core, toks)[out]
+    banned = [int(logits[3].argmax()), 0]  # banning row 3's winner must change its answer
+    seq = core.alloc_seq(12)
+    try:
+        tok, conf = core.forward([(seq, toks, 0, 0, False, out)], 1, "select", banned=banned)
+    finally:
+        core.free_seq(seq)
+    masked = logits.copy()
+    masked[:, banned] = -np.inf
+    np.testing.assert_array_equal(tok, masked.argmax(-1))
+    assert tok[3] != banned[0]
+    np.testing.assert_allclose(conf, _softmax(masked).max(-1), rtol=1e-5)
+    assert tok.dtype == np.int32 and conf.dtype == np.float32
+
+
+def _ref_sample(logits, T, top_p, u):
+    p = _softmax(logits.astype(np.float64) / T)
+    order = np.lexsort((np.arange(len(p)), -p))  # descending probability, lower id first
+    before = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
+    kept = np.sort(order[before <= top_p]) if top_p < 1 else np.arange(len(p))
+    c = np.cumsum(p[kept])
+    i = int(np.searchsorted(c, u * c[-1], side="right"))
+    return kept[min(i, len(kept) - 1)], p[kept[min(i, len(kept) - 1)]] / c[-1]
+
+
+def test_select_sampling_matches_reference(small):
+    hf, core = small
+    V = hf.config.vocab_size
+    rng = np.random.default_rng(9)
+    toks = rng.integers(0, V, 16).astype(np.int32)
+    logits = core_logits(core, toks)
+    T = np.array([0.0, 0.7, 1.0, 1.5] * 4, np.float32)
+    P = np.array([1.0, 0.9, 0.5, 1.0] * 4, np.float32)
+    U = rng.random(16).astype(np.float32)
+    seq = core.alloc_seq(16)
+    try:
+        tok, conf = core.forward([(seq, toks, 0, 0, False, np.arange(16, dtype=np.int32))], 1, "select",
+                                 temperature=T, top_p=P, uniforms=U, banned=[5])
+    finally:
+        core.free_seq(seq)
+    masked = logits.astype(np.float64)
+    masked[:, 5] = -np.inf
+    for r in range(16):
+        if T[r] == 0:
+            want_t, want_c = masked[r].argmax(), _softmax(masked[r]).max()
+        else:
+            want_t, want_c = _ref_sample(masked[r], T[r], P[r], U[r])
+        assert tok[r] == want_t and tok[r] != 5, r
+        assert abs(conf[r] - want_c) < 1e-4, r
+
+
+def test_kv_budget(small):
+    hf, _ = small
+    core = to_core(hf, kv_budget=0)
+    with pytest.raises(MemoryError):
+        core.alloc_seq(1)
+    per = to_core(hf).kv_bytes_per_token()
+    core = to_core(hf, kv_budget=100 * per)
+    a = core.alloc_seq(60)
+    assert core.kv_bytes_used() == 60 * per
+    with pytest.raises(MemoryError, match="budget"):
+        core.alloc_seq(41)
+    b = core.alloc_seq(40)
+    core.free_seq(a)
+    assert core.kv_bytes_used() == 40 * per
+    core.free_seq(core.alloc_seq(60))
+    core.free_seq(b)
+    assert core.kv_bytes_used() == 0
+
+
+def test_bad_arguments(small):
+    hf, core = small
+    V = hf.config.vocab_size
+    s = core.alloc_seq(16)
+    t4, o1 = np.arange(4, dtype=np.int32), np.array([0], np.int32)
+    bad = [
+        ([(s + 999, t4, 0, 0, True, o1)], 1, "logits", "unknown sequence"),
+        ([(s, np.array([0, V]), 0, 0, True, o1)], 1, "logits", "token id"),
+        ([(s, np.array([-1, 2]), 0, 0, True, o1)], 1, "logits", "token id"),
+        ([(s, np.array([1.5, 2.0]), 0, 0, True, o1)], 1, "logits", "integers"),
+        ([(s, t4, 14, 0, True, o1)], 1, "logits", "capacity"),
+        ([(s, t4, -1, 0, True, o1)], 1, "logits", "capacity"),
+        ([(s, t4, 0, 17, True, o1)], 1, "logits", "ctx_len"),
+        ([(s, t4, 0, 0, True, np.array([4]))], 1, "logits", "out_idx"),
+        ([(s, t4, 0, 0, True, o1), (s, t4, 4, 4, True, o1)], 1, "logits", "twice"),
+        ([(s, np.array([], np.int32), 0, 0, True, o1)], 1, "logits", "no tokens"),
+        ([(s, t4, 0, 0, True, o1)], 0, "logits", "block_size"),
+        ([(s, t4, 0, 0, True, o1)], 1, "probs", "mode"),
+        ([(s, t4, 0)], 1, "logits", "item"),
+        ([(s, t4, "0", 0, True, o1)], 1, "logits", "item"),
+        ([(s, t4, 2**40, 0, True, o1)], 1, "logits", "item"),
+    ]
+    try:
+        for items, B, mode, msg in bad:
+            with pytest.raises(ValueError, match=msg):
+                core.forward(items, B, mode)
+        it = [(s, t4, 0, 0, False, np.array([0, 1], np.int32))]
+        for kw, msg in [(dict(temperature=[0.5]), "one value|numbers"), (dict(temperature=0.5), "uniforms"),
+                        (dict(banned=[V]), "banned"), (dict(banned=list(range(V))), "every token"),
+                        (dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
+                        (dict(temperature=1.0, uniforms=[0.5, 1.0]), "uniforms")]:
+            with pytest.raises(ValueError, match=msg):
+                core.forward(it, 1, "select", **kw)
+        with pytest.raises(IndexError):
+            core.free_seq(s + 999)
+        with pytest.raises(ValueError):
+            core.alloc_seq(0)
+        # the model is still fine afterwards
+        assert core.forward([(s, t4, 0, 0, True, o1)], 1, "logits").shape == (1, V)
+    finally:
+        core.free_seq(s)
+
+
+def test_bad_model_files(small):
+    hf, _ = small
+    good = to_core(hf)  # noqa: F841  (the builder itself works)
+    meta = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                intermediate_size=8, vocab_size=4, rope_theta=1e4, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="lacks tensor"):
+        _core.Model(bytes(64), meta, {}, 1 << 20)
+    with pytest.raises(ValueError, match="outside the buffer"):
+        _core.Model(bytes(64), meta, {"model.norm.weight": (60, "f32", [8], None)}, 1 << 20)
+    with pytest.raises(ValueError, match="lacks key"):
+        _core.Model(bytes(64), {"hidden_size": 8}, {}, 1 << 20)
+
+
+@pytest.mark.parametrize("lm_head", ["f16", "i8"])
+def test_load_converted_file(tmp_path, lm_head):
+    """bitdlm.load over a real converted .bin: same numbers as the weights handed over directly."""
+    import bitdlm
+    from hf_models import convert_tiny, load_reference_model
+
+    path = convert_tiny(tmp_path, seed=3, lm_head=lm_head)
+    m = bitdlm.load(path, threads=1, kv_budget_gb=0.01)
+    assert m.meta["vocab_size"] == 320 and m.tokenizer is not None and m.kv_dtype == "f16"
+    ref = load_reference_model(path.parent / "hf")
+    toks = np.random.default_rng(10).integers(0, 320, 40)
+    got = m.logits(toks)
+    assert got.shape == (40, 320) and got.dtype == np.float32
+    direct = core_logits(to_core(ref, lm_head=lm_head, kv_dtype="f16"), toks)
+    np.testing.assert_allclose(got, direct, rtol=0, atol=1e-5)
+    if lm_head == "f16":  # the converted file against transformers itself (embedding in f16 as in the file)
+        with torch.no_grad():
+            ref.model.embed_tokens.weight.copy_(ref.model.embed_tokens.weight.half().float())
+        ref.ties = Ties(ref)
+        close_hf(got, hf_logits(ref, toks), ref, range(40))
+    with pytest.raises(MemoryError):
+        m.alloc_seq(10**7)
+    with pytest.raises(ValueError):
+        m.logits([])
+    m.close()
+
+
+def test_runtime_load_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    from hf_models import child_env, convert_tiny
+
+    path = convert_tiny(tmp_path, seed=4)
+    code = ("import sys, bitdlm; m = bitdlm.load(sys.argv[1], threads=1); m.logits([1, 2, 3]); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    env = child_env()
+    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_portable_and_simd_attention_agree(small, kv_dtype):
+    """The portable (scalar ISA) and AVX2 attention loops give the same forward."""
+    hf, _ = small
+    isas = [i for i in ("scalar", "avx2") if i in _core.supported_isas()]
+    if len(isas) < 2 or not hasattr(_core, "set_isa"):
+        pytest.skip("this CPU/build has only the scalar kernels")
+    core = to_core(hf, kv_dtype=kv_dtype)
+    toks = np.random.default_rng(11).integers(0, hf.config.vocab_size, 40)
+    old = _core.active_isa()
+    res = []
+    try:
+        for isa in isas:
+            _core.set_isa(isa)
+            s = core.alloc_seq(48)
+            core_logits(core, toks[:24], B=8, seq=s)
+            res.append(core_logits(core, toks[24:], B=8, seq=s, start=24, ctx_len=24, write=False))
+            core.free_seq(s)
+    finally:
+        _core.set_isa(old)
+    np.testing.assert_allclose(res[0], res[1], rtol=0, atol=1e-4)

@@ -1,0 +1,523 @@
+"""The OpenAI-compatible server, driven over loopback HTTP with the official
+`openai` client (and httpx for the malformed requests a client cannot send).
+
+`server` is the real thing: `python -m bitdlm.cli serve` in a subprocess on a
+tiny converted model. `fake_server` runs the same app in-process on a
+scripted engine, for what a real engine cannot be made to do on demand
+(slow steps to fill the queue, a step that raises)."""
+import os
+
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import pytest  # noqa: E402
+from hf_models import child_env  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-test-bitdlm"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout=15.0, interval=0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    return pred()
+
+
+def client_for(base, key=KEY, **kw):
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60,
+                         http_client=openai.DefaultHttpxClient(trust_env=False), **kw)
+
+
+def http(base, key=KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=base, headers=headers, timeout=60, trust_env=False)
+
+
+def metric(base, name, labels=""):
+    """Value of one Prometheus sample (0.0 when absent)."""
+    text = http(base).get("/metrics").text
+    pat = re.escape(name + (("{" + labels + "}") if labels else "")) + r" (\S+)$"
+    m = re.search("^" + pat, text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+# ------------------------------------------------------------- fake engine
+
+
+class FakeEngine:
+    """Scripted engine: request r emits `tps` tokens per step (letters derived
+    from its prompt), each step sleeps `delay`; prompt token 1 makes a step
+    raise, token 2 makes add_request raise ValueError."""
+
+    def __init__(self, delay=0.0, tps=2, max_batch=2):
+        self.reqs, self.delay, self.tps, self.max_batch = {}, delay, tps, max_batch
+        self.aborted = []
+
+    def add_request(self, rid, prompt_ids, params):
+        if 2 in prompt_ids:
+            raise ValueError("token 2 is not allowed here")
+        self.reqs[rid] = {"p": list(prompt_ids), "max": params.max_tokens, "gen": [], "fw": 0}
+
+    def abort(self, rid):
+        if self.reqs.pop(rid, None) is not None:
+            self.aborted.append(rid)
+
+    def has_unfinished(self):
+        return bool(self.reqs)
+
+    def num_running(self):
+        return min(len(self.reqs), self.max_batch)
+
+    def step(self):
+        from types import SimpleNamespace
+
+        time.sleep(self.delay)
+        outs = []
+        for rid, r in list(self.reqs.items())[: self.max_batch]:
+            if 1 in r["p"]:
+                raise RuntimeError("step exploded")
+            r["fw"] += 1
+            new = [97 + (sum(r["p"]) + len(r["gen"]) + k) % 26
+                   for k in range(min(self.tps, r["max"] - len(r["gen"])))]
+            r["gen"] += new
+            fin = len(r["gen"]) >= r["max"]
+            outs.append(SimpleNamespace(
+                request_id=rid, new_token_ids=new, text=bytes(new).decode(), finished=fin,
+                finish_reason="length" if fin else None, num_prompt_tokens=len(r["p"]),
+                num_generated_tokens=len(r["gen"]), forwards=r["fw"]))
+            if fin:
+                del self.reqs[rid]
+        return outs
+
+
+class ByteTokenizer:
+    def encode(self, text, add_special_tokens=True):
+        return list(text.encode())
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        if any(m["role"] == "tool" for m in messages):  # like a template's raise_exception()
+            from jinja2 import TemplateError
+
+            raise TemplateError("this template has no tool role")
+        s = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return s + ("<assistant>" if add_generation_prompt else "")
+
+
+class ThreadServer:
+    """uvicorn serving `app` on a free loopback port in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        assert wait_until(lambda: self.server.started, 15), "in-process server did not start"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture
+def fake_server():
+    """Factory: fake_server(delay=..., max_batch=..., max_queue=...) -> ThreadServer."""
+    from bitdlm.server import ServerConfig, create_app
+
+    started = []
+
+    def make(delay=0.0, max_batch=2, max_queue=4, tps=2):
+        engine = FakeEngine(delay=delay, tps=tps, max_batch=max_batch)
+        cfg = ServerConfig(served_model_name="fake", max_model_len=256, vocab_size=256,
+                           max_batch=max_batch, max_queue=max_queue, api_key=KEY)
+        srv = ThreadServer(create_app(engine, ByteTokenizer(), cfg)).__enter__()
+        srv.engine = engine
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.__exit__()
+
+
+# ---------------------------------------------------- fake-engine tests
+
+
+def test_queue_full_is_429_and_admission_resumes(fake_server):
+    srv = fake_server(delay=0.05, max_batch=1, max_queue=1)
+    c = client_for(srv.base)
+    # two long requests fill the batch slot and the queue slot
+    streams = [c.completions.create(model="fake", prompt="abc", max_tokens=200, stream=True)
+               for _ in range(2)]
+    first = next(iter(streams[0]))
+    assert first.choices[0].text
+    with pytest.raises(openai.RateLimitError) as ei:
+        c.completions.create(model="fake", prompt="abc", max_tokens=4)
+    assert ei.value.status_code == 429
+    assert ei.value.body["code"] == "queue_full"
+    for s in streams:
+        s.close()
+    # the aborted requests free their slots: admission works again
+    assert wait_until(lambda: metric(srv.base, "bitdlm_requests_running") == 0
+                      and metric(srv.base, "bitdlm_requests_queued") == 0)
+    r = c.completions.create(model="fake", prompt="abc", max_tokens=4)
+    assert len(r.choices[0].text) == 4
+    assert len(srv.engine.aborted) == 2
+
+
+def test_engine_errors_fail_only_their_request(fake_server):
+    srv = fake_server(delay=0.0)
+    c = client_for(srv.base)
+    # add_request's ValueError -> 400 before any stream starts
+    with pytest.raises(openai.BadRequestError, match="token 2 is not allowed"):
+        c.completions.create(model="fake", prompt=[5, 2], max_tokens=4, stream=True)
+    # a step that raises -> 500 for that request, the server keeps serving
+    with pytest.raises(openai.InternalServerError, match="step exploded"):
+        c.completions.create(model="fake", prompt=[5, 1], max_tokens=4)
+    stream = c.completions.create(model="fake", prompt=[1, 5], max_tokens=4, stream=True)
+    with pytest.raises(openai.APIError, match="step exploded"):
+        list(stream)
+    r = c.completions.create(model="fake", prompt="ok", max_tokens=3)
+    assert len(r.choices[0].text) == 3
+    assert metric(srv.base, "bitdlm_requests_finished_total", 'reason="error"') == 2
+    assert metric(srv.base, "bitdlm_requests_finished_total", 'reason="rejected"') == 1
+
+
+def test_finished_request_leaves_without_stalling_others(fake_server):
+    srv = fake_server(delay=0.01, max_batch=4, max_queue=4)
+    c = client_for(srv.base)
+    long = c.completions.create(model="fake", prompt="x", max_tokens=120, stream=True)
+    it = iter(long)
+    next(it)
+    t0 = time.monotonic()
+    short = c.completions.create(model="fake", prompt="y", max_tokens=4)
+    assert len(short.choices[0].text) == 4
+    assert time.monotonic() - t0 < 1.0  # did not wait for the long one (~0.6 s)
+    rest = "".join(ch.choices[0].text for ch in it if ch.choices)
+    assert len(rest) == 120 - 2
+
+
+def test_chat_template_error_is_400(fake_server):
+    srv = fake_server()
+    r = http(srv.base).post("/v1/chat/completions", json={
+        "messages": [{"role": "tool", "content": "x"}]})
+    assert r.status_code == 400 and "no tool role" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "messages"
+
+
+def test_batch_prompts_give_indexed_choices(fake_server):
+    srv = fake_server()
+    c = client_for(srv.base)
+    r = c.completions.create(model="fake", prompt=["ab", "cd", "ef"], max_tokens=3)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    solo = [c.completions.create(model="fake", prompt=p, max_tokens=3).choices[0].text
+            for p in ("ab", "cd", "ef")]
+    assert [ch.text for ch in r.choices] == solo
+    assert r.usage.completion_tokens == 9 and r.usage.prompt_tokens == 6
+
+
+def test_non_streaming_client_gone_is_aborted(fake_server):
+    srv = fake_server(delay=0.02, max_batch=2)
+    with http(srv.base) as h:
+        with pytest.raises(httpx.ReadTimeout):
+            h.post("/v1/completions", json={"prompt": "abc", "max_tokens": 200}, timeout=0.3)
+    assert wait_until(lambda: metric(srv.base, "bitdlm_requests_finished_total",
+                                     'reason="abort"') == 1)
+    assert metric(srv.base, "bitdlm_requests_running") == 0
+    assert len(srv.engine.aborted) == 1
+
+
+# ------------------------------------------------- the real server process
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from hf_models import convert_tiny
+
+    return convert_tiny(tmp_path_factory.mktemp("tiny_serve"))
+
+
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    """`python -m bitdlm.cli serve` on the tiny model; SIGTERM at the end."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
+    env = child_env(OMP_NUM_THREADS=1)
+    cmd = [sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(tiny_model),
+           "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--threads", "1",
+           "--max-batch", "16", "--max-queue", "32", "--max-model-len", str(MAX_LEN),
+           "--served-model-name", "tiny", "--log-level", "warning"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        if proc.poll() is not None:
+            return True
+        try:
+            return httpx.get(base + "/health", timeout=1, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_until(healthy, 60, 0.1) and proc.poll() is None, \
+            "server did not start:\n" + log_path.read_text()[-3000:]
+        yield type("Server", (), {"base": base, "proc": proc, "log": log_path})
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def prompt_ids(i):
+    """Distinct token-id prompts of varied lengths (ids 4.. avoid the specials)."""
+    n = 3 + (i * 7) % 45
+    return [4 + (i * 31 + k * 17) % 300 for k in range(n)]
+
+
+def test_models_health_and_auth(server):
+    assert httpx.get(server.base + "/health", trust_env=False).json() == {"status": "ok"}
+    c = client_for(server.base)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    with pytest.raises(openai.AuthenticationError):
+        client_for(server.base, key="wrong").models.list()
+    for key in (None, "wrong"):
+        r = http(server.base, key).get("/v1/models")
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert http(server.base, None).get("/metrics").status_code == 401
+    assert http(server.base, None).get("/health").status_code == 200
+
+
+def test_completion_stream_equals_non_stream(server):
+    c = client_for(server.base)
+    ids = prompt_ids(3)
+    r = c.completions.create(model="tiny", prompt=ids, max_tokens=24, temperature=0)
+    ch = r.choices[0]
+    assert r.object == "text_completion" and r.model == "tiny"
+    assert ch.finish_reason in ("stop", "length") and isinstance(ch.text, str)
+    assert r.usage.prompt_tokens == len(ids)
+    assert 1 <= r.usage.completion_tokens <= 24
+    assert r.usage.total_tokens == len(ids) + r.usage.completion_tokens
+    if ch.finish_reason == "length":
+        assert r.usage.completion_tokens == 24
+
+    chunks = list(c.completions.create(model="tiny", prompt=ids, max_tokens=24, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert all(k.id == chunks[0].id for k in chunks)
+    text = "".join(k.choices[0].text for k in chunks if k.choices)
+    reasons = [k.choices[0].finish_reason for k in chunks if k.choices]
+    assert text == ch.text
+    assert reasons[-1] == ch.finish_reason and all(x is None for x in reasons[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+        r.usage.completion_tokens
+    # a string prompt works too and counts its tokens
+    r2 = c.completions.create(model="tiny", prompt="hello world", max_tokens=4)
+    assert r2.usage.prompt_tokens >= 2 and r2.usage.completion_tokens <= 4
+
+
+def test_chat_stream_equals_non_stream(server):
+    c = client_for(server.base)
+    msgs = [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text",
+                                                                          "text": "there"}]}]
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0,
+                                  extra_body={"threshold": 0.9, "use_block_cache": False})
+    ch = r.choices[0]
+    assert r.object == "chat.completion" and ch.message.role == "assistant"
+    assert ch.finish_reason in ("stop", "length")
+    # ChatML: the template wraps every message in specials, so the prompt is long
+    assert r.usage.prompt_tokens > 8 and r.usage.completion_tokens <= 20
+    stream = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0,
+                                       stream=True, extra_body={"threshold": 0.9})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(k.object == "chat.completion.chunk" for k in chunks)
+    text = "".join(k.choices[0].delta.content or "" for k in chunks)
+    assert text == ch.message.content
+    assert chunks[-1].choices[0].finish_reason == ch.finish_reason
+
+
+def test_16_concurrent_requests_equal_solo_runs(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = client_for(server.base)
+
+    def run(i, stream):
+        kw = dict(model="tiny", prompt=prompt_ids(i), max_tokens=6 + (i * 5) % 30,
+                  temperature=0)
+        if not stream:
+            r = c.completions.create(**kw)
+            return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+        chunks = list(c.completions.create(stream=True, stream_options={"include_usage": True},
+                                           **kw))
+        text = "".join(k.choices[0].text for k in chunks if k.choices)
+        reason = [k.choices[0].finish_reason for k in chunks if k.choices][-1]
+        return text, reason, chunks[-1].usage.completion_tokens
+
+    steps0 = metric(server.base, "bitdlm_engine_steps_total")
+    solo = [run(i, False) for i in range(16)]
+    steps1 = metric(server.base, "bitdlm_engine_steps_total")
+    with ThreadPoolExecutor(16) as ex:
+        together = list(ex.map(lambda i: run(i, i % 2 == 1), range(16)))
+    steps2 = metric(server.base, "bitdlm_engine_steps_total")
+    assert together == solo
+    assert sum(s[2] for s in solo) > 16
+    # they were stepped together: fewer steps than the requests took one by one
+    assert 0 < steps2 - steps1 < steps1 - steps0
+    assert metric(server.base, "bitdlm_requests_running") == 0
+
+
+BAD_ROWS = [
+    # (id, route, raw body or json, expected status, expected param, expected code)
+    ("malformed-json", "/v1/completions", b'{"prompt": "x",', 400, None, "invalid_json"),
+    ("not-an-object", "/v1/completions", b"[1, 2]", 400, None, "invalid_json"),
+    ("max-tokens-str", "/v1/completions", {"prompt": "x", "max_tokens": "3"}, 400, "max_tokens",
+     "invalid_type"),
+    ("temperature-str", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature",
+     "invalid_type"),
+    ("messages-not-list", "/v1/chat/completions", {"messages": "hi"}, 400, "messages",
+     "invalid_type"),
+    ("bad-role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]},
+     400, "messages", "invalid_value"),
+    ("unknown-model", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model",
+     "model_not_found"),
+    ("context-exceeded", "/v1/completions", {"prompt": [5] * 200, "max_tokens": 100}, 400,
+     "max_tokens", "context_length_exceeded"),
+    ("prompt-alone-too-long", "/v1/completions", {"prompt": [5] * 300}, 400, "prompt",
+     "context_length_exceeded"),
+    ("empty-messages", "/v1/chat/completions", {"messages": []}, 400, "messages", "empty_array"),
+    ("empty-prompt", "/v1/completions", {"prompt": []}, 400, "prompt", None),
+    ("n-2", "/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "unsupported_parameter"),
+    ("logprobs", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs",
+     "unsupported_parameter"),
+    ("echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo",
+     "unsupported_parameter"),
+    ("unknown-field", "/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate",
+     None),
+    ("stream-options-no-stream", "/v1/completions",
+     {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    ("token-out-of-range", "/v1/completions", {"prompt": [5, 99999]}, 400, "prompt", None),
+    ("threshold-zero", "/v1/completions", {"prompt": "x", "threshold": 0}, 400, "threshold",
+     "invalid_value"),
+    # rejected by the engine's add_request (ValueError), streaming or not
+    ("mask-token-in-prompt", "/v1/completions", {"prompt": [5, 1, 6], "stream": True}, 400,
+     None, None),
+    ("small-block-not-dividing", "/v1/completions",
+     {"prompt": "x", "small_block_size": 5, "stream": True}, 400, None, None),
+]
+
+
+@pytest.mark.parametrize("row", BAD_ROWS, ids=[r[0] for r in BAD_ROWS])
+def test_bad_input_is_an_openai_error(server, row):
+    _, route, body, status, param, code = row
+    with http(server.base) as h:
+        if isinstance(body, bytes):
+            r = h.post(route, content=body, headers={"Content-Type": "application/json"})
+        else:
+            r = h.post(route, json=body)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        assert err["type"] == "invalid_request_error"
+        assert err["param"] == param and err["code"] == code
+        # the server is still fine
+        assert h.get("/health").status_code == 200
+
+
+def test_bad_input_through_the_openai_client(server):
+    c = client_for(server.base)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                  max_tokens=MAX_LEN)
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        c.completions.create(model="tiny", prompt="x", n=3)
+    r = http(server.base).get("/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_client_disconnect_mid_stream_frees_its_request(server):
+    c = client_for(server.base)
+    aborted0 = metric(server.base, "bitdlm_requests_finished_total", 'reason="abort"')
+    stream = c.completions.create(model="tiny", prompt=prompt_ids(5), max_tokens=MAX_LEN - 60,
+                                  temperature=0, stream=True, extra_body={"threshold": 1.0})
+    first = next(iter(stream))
+    assert first.choices[0].text is not None
+    stream.close()  # drop the connection mid-stream
+    assert wait_until(lambda: metric(server.base, "bitdlm_requests_finished_total",
+                                     'reason="abort"') == aborted0 + 1, 15)
+    assert wait_until(lambda: metric(server.base, "bitdlm_requests_running") == 0
+                      and metric(server.base, "bitdlm_requests_queued") == 0)
+    assert metric(server.base, "bitdlm_kv_cache_bytes") == 0
+    # and the server serves the next request
+    assert c.completions.create(model="tiny", prompt=[5, 6], max_tokens=2).choices
+
+
+def test_metrics_count_requests_tokens_and_forwards(server):
+    text = http(server.base).get("/metrics").text
+    for name in ("bitdlm_http_requests_total", "bitdlm_prompt_tokens_total",
+                 "bitdlm_generation_tokens_total", "bitdlm_forward_passes_total",
+                 "bitdlm_tokens_per_forward", "bitdlm_requests_running",
+                 "bitdlm_requests_queued", "bitdlm_step_latency_seconds_bucket"):
+        assert name in text, name
+    assert metric(server.base, "bitdlm_http_requests_total",
+                  'route="/v1/completions",status="200"') >= 16
+    assert metric(server.base, "bitdlm_generation_tokens_total") > 0
+    assert metric(server.base, "bitdlm_forward_passes_total") > 0
+    assert metric(server.base, "bitdlm_tokens_per_forward") > 0
+    assert metric(server.base, "bitdlm_step_latency_seconds_count") > 0
+
+
+def test_zz_graceful_shutdown_finishes_in_flight_requests(server):
+    """SIGTERM: the running stream still completes, then the process exits."""
+    c = client_for(server.base)
+    stream = c.completions.create(model="tiny", prompt=prompt_ids(7), max_tokens=40,
+                                  temperature=0, stream=True, extra_body={"threshold": 1.0})
+    it = iter(stream)
+    next(it)
+    server.proc.send_signal(signal.SIGTERM)
+    rest = list(it)  # the openai client stops at [DONE]
+    assert rest and rest[-1].choices[0].finish_reason in ("stop", "length")
+    # uvicorn re-raises the captured signal once it has shut down cleanly
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.log.read_text()
