@@ -98,6 +98,7 @@ def _randomise_norms(model, gen):
 
 def make_hf_model(out_dir, *, seed: int = 0, dtype: str = "float32", shards: bool = False,
                   packed: str | None = None, weight_scale_dtype: str | None = None,
+                  pack_uint8: bool = True,
                   extra_config: dict | None = None, tokenizer: bool = True, **cfg) -> Path:
     """Save a random BitNetForCausalLM checkpoint (+ tokenizer files) to out_dir.
 
@@ -107,6 +108,8 @@ def make_hf_model(out_dir, *, seed: int = 0, dtype: str = "float32", shards: boo
       weights stored packed (uint8, transformers' pack_weights) with a
       `weight_scale` in that class's convention (autobitlinear: mean|W|,
       bitlinear: 1/mean|W|), stored in `weight_scale_dtype` (default: dtype).
+      pack_uint8=False keeps the ternary values unpacked, as floats (an offline
+      autobitlinear flavour transformers also loads).
     extra_config: keys merged into config.json (e.g. DLM keys like mask_token_id).
     cfg: BitNetConfig overrides of TINY_CONFIG.
     """
@@ -129,7 +132,8 @@ def make_hf_model(out_dir, *, seed: int = 0, dtype: str = "float32", shards: boo
     if packed is None:
         model.save_pretrained(out_dir, max_shard_size="40KB" if shards else "10GB")
     else:
-        _save_packed(model, out_dir, packed, getattr(torch, weight_scale_dtype or dtype), shards)
+        _save_packed(model, out_dir, packed, getattr(torch, weight_scale_dtype or dtype), shards,
+                     pack_uint8)
     conf = json.loads((out_dir / "config.json").read_text())
     if extra_config:
         conf.update(extra_config)
@@ -157,7 +161,8 @@ def reference_quant(w):
     return (w * scale).round().clamp(-1, 1).to(torch.int8), scale
 
 
-def _save_packed(model, out_dir: Path, linear_class: str, scale_dtype, shards: bool):
+def _save_packed(model, out_dir: Path, linear_class: str, scale_dtype, shards: bool,
+                 pack_uint8: bool = True):
     import torch
     from safetensors.torch import save_file
     from transformers.integrations.bitnet import pack_weights
@@ -167,7 +172,10 @@ def _save_packed(model, out_dir: Path, linear_class: str, scale_dtype, shards: b
         sd.pop("lm_head.weight", None)
     for name in ternary_names(model.config.num_hidden_layers):
         codes, scale = reference_quant(sd[name])
-        sd[name] = pack_weights(codes.to(torch.int16).clone()).contiguous()
+        if pack_uint8:
+            sd[name] = pack_weights(codes.to(torch.int16).clone()).contiguous()
+        else:
+            sd[name] = codes.to(sd[name].dtype).contiguous()
         ws = (1.0 / scale) if linear_class == "autobitlinear" else scale
         sd[name[:-len("weight")] + "weight_scale"] = ws.reshape(1).to(scale_dtype)
     names = sorted(sd)
@@ -218,3 +226,13 @@ def convert_tiny(tmpdir, *, seed: int = 0, lm_head: str = "f16", dtype: str = "f
     hf = make_hf_model(tmpdir / "hf", seed=seed, dtype=dtype, **cfg)
     out = tmpdir / "model.bin"
     return convert(hf, out, lm_head=lm_head, force=True, progress=False, **(convert_kwargs or {}))
+
+
+def child_env(**extra) -> dict:
+    """Environment for a child Python process that must import the SAME bitdlm
+    as the tests (an installed wheel in CI, the work tree under PYTHONPATH)."""
+    import bitdlm
+
+    parent = str(Path(bitdlm.__file__).resolve().parents[1])
+    pp = os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=pp, **{k: str(v) for k, v in extra.items()})

@@ -24,9 +24,9 @@ from pathlib import Path  # noqa: E402
 import httpx  # noqa: E402
 import openai  # noqa: E402
 import pytest  # noqa: E402
+from hf_models import child_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
 KEY = "sk-test-bitdlm"
 
 
@@ -118,6 +118,10 @@ class ByteTokenizer:
         return list(text.encode())
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
+        if any(m["role"] == "tool" for m in messages):  # like a template's raise_exception()
+            from jinja2 import TemplateError
+
+            raise TemplateError("this template has no tool role")
         s = "".join(f"<{m['role']}>{m['content']}" for m in messages)
         return s + ("<assistant>" if add_generation_prompt else "")
 
@@ -222,6 +226,14 @@ def test_finished_request_leaves_without_stalling_others(fake_server):
     assert len(rest) == 120 - 2
 
 
+def test_chat_template_error_is_400(fake_server):
+    srv = fake_server()
+    r = http(srv.base).post("/v1/chat/completions", json={
+        "messages": [{"role": "tool", "content": "x"}]})
+    assert r.status_code == 400 and "no tool role" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "messages"
+
+
 def test_batch_prompts_give_indexed_choices(fake_server):
     srv = fake_server()
     c = client_for(srv.base)
@@ -262,7 +274,7 @@ def server(tiny_model, tmp_path_factory):
     """`python -m bitdlm.cli serve` on the tiny model; SIGTERM at the end."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS=1)
     cmd = [sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(tiny_model),
            "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--threads", "1",
            "--max-batch", "16", "--max-queue", "32", "--max-model-len", str(MAX_LEN),

@@ -20,6 +20,9 @@ struct KernelTable {
   // Rows [m0, m1) of the int8 lm_head: y[n*ldy+m] = (float)dot * wscale[m] / s_a[n].
   // Activation codes must lie in [-127, 127] (quantize_act guarantees it).
   void (*i8)(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0, int m1);
+  // quantize_act (gemm.h) for this ISA, bit-identical to the scalar one; may be
+  // nullptr (the dispatcher then uses the best other implementation).
+  void (*quantize)(const float* x, int N, int K, int Kp, int8_t* q, float* scale, int32_t* sum);
 };
 
 extern const KernelTable kScalarKernels;
@@ -28,8 +31,9 @@ extern const KernelTable kAvx512Kernels;      // AVX-512 F/BW/VL, maddubs + madd
 extern const KernelTable kAvx512VnniKernels;  // same file, vpdpbusd inner loop
 
 // IEEE binary16 bits -> float, exact for normals, subnormals, inf and NaN.
-// Pure integer code: usable in baseline (no F16C) files.
-inline float half_to_float(uint16_t h) {
+// Pure integer code: usable in baseline (no F16C) files. static: each ISA file
+// keeps its own copy, so the linker never hands baseline code an AVX build.
+static inline float half_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t mant = h & 0x3ffu;

@@ -22,6 +22,8 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -150,6 +152,8 @@ class BitdlmRunner:
 
         self.model = bitdlm.load(model_path, threads=threads)
         self.vocab = int(self.model.meta["vocab_size"])
+        mask = self.model.meta.get("mask_token_id")
+        self.banned = None if mask is None else [int(mask)]  # as the scheduler bans the mask token
         self.rng = np.random.default_rng(seed)
         self.seqs: dict[int, int] = {}
 
@@ -158,7 +162,7 @@ class BitdlmRunner:
 
     def _forward(self, sid, tokens, start, ctx_len, write, out_idx):
         item = (sid, tokens, int(start), int(ctx_len), bool(write), np.asarray(out_idx, dtype=np.int32))
-        return self.model.forward([item], BLOCK, "select")
+        return self.model.forward([item], BLOCK, "select", banned=self.banned)
 
     def prepare(self, ctx: int) -> None:
         if ctx in self.seqs:
@@ -258,7 +262,10 @@ def _run_threads_child(args, threads: int, on_phase) -> dict:
     cmd = [sys.executable, "-m", "bitdlm.bench", "_threads_worker", "--model", args.model,
            "--threads-one", str(threads), "--reps", str(args.reps), "--warmup", str(args.warmup),
            "--prompt", str(args.prompt), "--seed", str(args.seed), "--max-seconds", str(args.max_seconds)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errf = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker cannot block
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=errf, text=True)
+    watchdog = threading.Timer(args.timeout, proc.kill)  # a hung worker must not hang the sweep
+    watchdog.start()
     results = {}
     try:
         for line in proc.stdout:
@@ -268,12 +275,16 @@ def _run_threads_child(args, threads: int, on_phase) -> dict:
             rec = json.loads(line)
             results[rec.pop("phase")] = rec
             on_phase()
-        err = proc.stderr.read()
         rc = proc.wait(timeout=args.timeout)
+        errf.seek(0)
+        err = errf.read()
     except BaseException:
         proc.kill()
         proc.wait()
         raise
+    finally:
+        watchdog.cancel()
+        errf.close()
     if rc != 0 or len(results) != len(PHASES):
         raise RuntimeError(f"bench worker with {threads} threads failed (exit {rc}):\n{err[-2000:]}")
     return results
@@ -389,7 +400,7 @@ def register_cli(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-seconds", type=float, default=60.0,
                    help="stop repeating a phase after this many seconds (default 60)")
-    t.add_argument("--timeout", type=float, default=600.0, help="per-worker timeout in seconds")
+    t.add_argument("--timeout", type=float, default=600.0, help="kill a worker (one thread count) after this many seconds (default 600)")
     t.add_argument("--json", default=None, help="write results JSON here")
     t.add_argument("--plot", default=None, help="write a PNG plot here")
     t.set_defaults(func=_check_and_run)

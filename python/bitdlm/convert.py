@@ -5,13 +5,12 @@ tokenizer.json, tokenizer_config.json (+ chat_template.jinja),
 generation_config.json. Ternary weights come either as master weights
 (bf16/fp16/fp32, quantized here with the BitNet absmean rule) or packed
 (uint8 + weight_scale, `quantization_config.linear_class` autobitlinear or
-bitlinear). Tensors are streamed one at a time from memory-mapped safetensors;
+bitlinear). Tensors are streamed one at a time (pread) from the safetensors files;
 no torch needed.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 import sys
@@ -46,7 +45,7 @@ _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "U8": "u1
 
 
 class _SafetensorsFile:
-    """Minimal memory-mapped safetensors reader (bf16 without torch)."""
+    """Minimal safetensors reader (bf16 without torch)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -64,33 +63,53 @@ class _SafetensorsFile:
                 raise ConversionError(f"{path}: corrupted safetensors header: {e}") from None
             base = 8 + n
             self.entries = {}
+            if not isinstance(header, dict):
+                raise ConversionError(f"{path}: corrupted safetensors header")
             for name, e in header.items():
                 if name == "__metadata__":
                     continue
-                s, t = e["data_offsets"]
+                try:
+                    s, t = (int(x) for x in e["data_offsets"])
+                    shape = [int(x) for x in e["shape"]]
+                    e["dtype"]
+                except (KeyError, TypeError, ValueError):
+                    raise ConversionError(f"{path}: corrupted safetensors entry for {name!r}") from None
                 if e["dtype"] not in _ST_DTYPES:
                     raise ConversionError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
                 if not 0 <= s <= t or base + t > size:
                     raise ConversionError(f"{path}: tensor {name} lies outside the file (truncated?)")
-                count = int(np.prod(e["shape"], dtype=np.int64))
+                count = int(np.prod(shape, dtype=np.int64))
                 if count * np.dtype(_ST_DTYPES[e["dtype"]]).itemsize != t - s:
                     raise ConversionError(f"{path}: tensor {name} size does not match its shape")
-                self.entries[name] = (e["dtype"], tuple(e["shape"]), base + s, count)
-            self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+                self.entries[name] = (e["dtype"], tuple(shape), base + s, count)
         except BaseException:
             self._f.close()
             raise
 
-    def raw(self, name: str) -> np.ndarray:
+    def raw(self, name: str, rows: tuple | None = None) -> np.ndarray:
+        """Read a tensor (or rows [start, stop) of it) from disk.
+
+        pread, not mmap: the pages of a multi-GB input do not pile up in this
+        process's resident set; only the tensor being converted is in memory."""
         dtype, shape, off, count = self.entries[name]
-        return np.frombuffer(self._mm, dtype=_ST_DTYPES[dtype], count=count, offset=off).reshape(shape)
+        dt = np.dtype(_ST_DTYPES[dtype])
+        if rows is not None:
+            row = int(np.prod(shape[1:], dtype=np.int64))
+            start, stop = max(0, rows[0]), min(shape[0], rows[1])
+            off += start * row * dt.itemsize
+            count = max(0, stop - start) * row
+            shape = (max(0, stop - start),) + tuple(shape[1:])
+        out = np.empty(count, dtype=dt)
+        buf = memoryview(out).cast("B")
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._f.fileno(), [buf[done:]], off + done)
+            if n <= 0:
+                raise ConversionError(f"{self.path}: unexpected end of file reading {name}")
+            done += n
+        return out.reshape(shape)
 
     def close(self):
-        try:
-            if self._mm is not None:
-                self._mm.close()
-        except BufferError:
-            pass
         self._f.close()
 
 
@@ -151,20 +170,25 @@ class Checkpoint:
         dtype, shape, _, _ = self.where[name].entries[name]
         return dtype, shape
 
-    def raw(self, name):
+    def raw(self, name, rows=None):
         if name not in self.where:
             raise ConversionError(f"checkpoint has no tensor {name!r}")
-        return self.where[name].raw(name)
+        return self.where[name].raw(name, rows)
 
-    def f32(self, name, shape=None) -> np.ndarray:
+    def f32_check(self, name, shape=None):
         dtype, sh = self.info(name)
-        a = self.raw(name)
         if dtype not in ("F32", "F16", "BF16", "F64"):
             raise ConversionError(f"tensor {name!r} is {dtype}, expected a float tensor")
         if shape is not None and tuple(sh) != tuple(shape):
             raise ConversionError(f"tensor {name!r} has shape {list(sh)}, expected {list(shape)} "
                                   f"from config.json")
-        return _to_f32(a, dtype)
+        return dtype
+
+    def f32(self, name, shape=None, rows=None) -> np.ndarray:
+        a = _to_f32(self.raw(name, rows), self.f32_check(name, shape))
+        if not np.isfinite(a).all():
+            raise ConversionError(f"tensor {name!r} holds NaN or infinite values")
+        return a
 
     def close(self):
         for sf in self.files.values():
@@ -368,12 +392,19 @@ def ternary_tensor(ckpt: Checkpoint, name: str, shape, linear_class):
     return codes, np.float32(s)
 
 
-def _rows(a: np.ndarray, dtype, rows: int = 4096):
-    """Convert a float matrix to `dtype` in row blocks (bounded memory)."""
-    for i in range(0, a.shape[0], rows):
-        out = a[i:i + rows].astype(dtype)
+def _row_blocks(ckpt: Checkpoint, name: str, shape, rows: int = 8192):
+    """fp32 row blocks of a [V, H] float tensor: the big embedding / lm_head are
+    never materialised whole in fp32."""
+    ckpt.f32_check(name, shape)
+    for i in range(0, shape[0], rows):
+        yield ckpt.f32(name, shape, (i, i + rows))
+
+
+def _f16_blocks(blocks):
+    for b in blocks:
+        out = b.astype(np.float16)
         if not np.isfinite(out).all():
-            raise ConversionError(f"non-finite value after conversion to {np.dtype(dtype)}")
+            raise ConversionError("value out of the float16 range in an embedding / lm_head")
         yield out
 
 
@@ -430,13 +461,18 @@ def convert(hf_dir, out_path, *, mask_token=None, block_size=None, small_block_s
         raise ConversionError(f"unsupported quantization_config.quant_method {qc.get('quant_method')!r}")
     linear_class = qc.get("linear_class", "bitlinear") if qc else None
 
-    diffusion = {
-        "block_size": int(block_size if block_size is not None else _first(cfg, _CFG_BLOCK, DEFAULT_BLOCK_SIZE)),
-        "small_block_size": int(small_block_size if small_block_size is not None
-                                else _first(cfg, _CFG_SMALL, DEFAULT_SMALL_BLOCK_SIZE)),
-        "threshold": float(threshold if threshold is not None else _first(cfg, _CFG_THRESHOLD, DEFAULT_THRESHOLD)),
-        "shift_logits": bool(shift if shift is not None else _first(cfg, _CFG_SHIFT, True)),
-    }
+    try:
+        diffusion = {
+            "block_size": int(block_size if block_size is not None
+                              else _first(cfg, _CFG_BLOCK, DEFAULT_BLOCK_SIZE)),
+            "small_block_size": int(small_block_size if small_block_size is not None
+                                    else _first(cfg, _CFG_SMALL, DEFAULT_SMALL_BLOCK_SIZE)),
+            "threshold": float(threshold if threshold is not None
+                               else _first(cfg, _CFG_THRESHOLD, DEFAULT_THRESHOLD)),
+            "shift_logits": bool(shift if shift is not None else _first(cfg, _CFG_SHIFT, True)),
+        }
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"bad diffusion setting in config.json: {e}") from None
     if diffusion["small_block_size"] > diffusion["block_size"] and small_block_size is None:
         diffusion["small_block_size"] = diffusion["block_size"]  # e.g. --block-size 1 (AR)
 
@@ -479,7 +515,7 @@ def convert(hf_dir, out_path, *, mask_token=None, block_size=None, small_block_s
                     codes, s = ternary_tensor(ckpt, name, shape, linear_class)
                     w.write(name, packing.pack_i2(codes), scale=float(s))
                 elif name == "model.embed_tokens.weight":
-                    w.write(name, _rows(ckpt.f32(name, shape), np.float16))
+                    w.write(name, _f16_blocks(_row_blocks(ckpt, name, shape)))
                 elif name.startswith("lm_head."):
                     if name == "lm_head.scale":
                         bar.update(1)
@@ -487,13 +523,20 @@ def convert(hf_dir, out_path, *, mask_token=None, block_size=None, small_block_s
                     src = "model.embed_tokens.weight" if hp["tie_word_embeddings"] else "lm_head.weight"
                     if src not in ckpt:
                         raise ConversionError("tie_word_embeddings is false but the checkpoint has no lm_head.weight")
-                    wf = ckpt.f32(src, (v, h))
                     if dtype == "i8":
-                        q, sc = quantize_lm_head_i8(wf)
-                        w.write("lm_head.weight", q)
-                        w.write("lm_head.scale", sc)
+                        # per-row scales: quantize block by block, scales collected on the way
+                        scales = []
+
+                        def q_blocks():
+                            for b in _row_blocks(ckpt, src, (v, h)):
+                                q, sc = quantize_lm_head_i8(b)
+                                scales.append(sc)
+                                yield q
+
+                        w.write("lm_head.weight", q_blocks())
+                        w.write("lm_head.scale", np.concatenate(scales))
                     else:
-                        w.write(name, _rows(wf, np.float16))
+                        w.write(name, _f16_blocks(_row_blocks(ckpt, src, (v, h))))
                 else:  # norms
                     w.write(name, ckpt.f32(name, shape))
                 bar.update(1)

@@ -109,7 +109,8 @@ class Engine:
         if self.block_size == 1 and not self.shift:
             raise ValueError("block_size 1 needs a shifted model (logits at i-1 predict token i)")
         self.default_threshold = float(diff.get("threshold", 0.9))
-        self.default_sbs = int(diff.get("small_block_size") or self.block_size)
+        sbs = int(diff.get("small_block_size") or self.block_size)
+        self.default_sbs = sbs if self.block_size % sbs == 0 else self.block_size
         self.eos_ids = frozenset(int(t) for t in (meta.get("eos_token_ids") or []))
         self.vocab = int(meta["vocab_size"])
         self.max_len = int(meta["max_position_embeddings"])
@@ -147,9 +148,11 @@ class Engine:
         if P >= self.max_len:
             raise ValueError(f"prompt of {P} tokens leaves no room in the context of {self.max_len} tokens")
         thr = self.default_threshold if params.threshold is None else float(params.threshold)
-        sbs = int(params.small_block_size or min(self.default_sbs, self.block_size))
+        sbs = int(params.small_block_size or self.default_sbs)
         if self.block_size % sbs:
             raise ValueError(f"small_block_size {sbs} must divide the block size {self.block_size}")
+        if params.stop_list() and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this engine has none")
         bs = self.block_size
         limit = min(P + params.max_tokens, self.max_len)
         # the block holding the last wanted position is decoded (and, with the sub-block

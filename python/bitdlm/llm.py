@@ -72,16 +72,16 @@ class LLM:
         from .engine import Engine
 
         if model is None or isinstance(model, (str, os.PathLike)):
+            path = model
+            if path is not None and not os.path.exists(path):
+                raise FileNotFoundError(f"model file not found: {path}")
             from . import model as _model_mod
 
-            path = model
             if path is None:
-                path = _model_mod.default_model_path()
+                path = getattr(_model_mod, "default_model_path", lambda: None)()
                 if path is None or not os.path.exists(path):
                     raise FileNotFoundError("no packaged default model is installed; pass a .bin path "
                                             "(LLM(model='model.bin') / --model)")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"model file not found: {path}")
             model = _model_mod.load(str(path), threads=threads, kv_budget_gb=kv_budget_gb)
         self.model = model
         tok = getattr(model, "tokenizer", None)

@@ -112,7 +112,10 @@ def build_from_args(args):
     from .engine import Engine
     from .model import load
 
-    model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb)
+    try:
+        model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb)
+    except (OSError, ValueError) as e:  # missing file, bad format (ModelFormatError)
+        raise SystemExit(f"bitdlm serve: cannot load {path}: {e}")
     meta = model.meta
     max_pos = int(meta["max_position_embeddings"])
     if args.max_model_len is not None and args.max_model_len > max_pos:
@@ -215,6 +218,30 @@ class _Sink:
             self.aloop.call_soon_threadsafe(self.queue.put_nowait, (self.index, kind, payload))
         except RuntimeError:  # event loop closed (shutdown): nobody is listening
             pass
+
+
+def _put_all(items):
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class _Batch:
+    """The events of one engine step, handed over with one
+    call_soon_threadsafe per event loop (one wake-up per step, not per request)."""
+
+    def __init__(self):
+        self.by_loop: dict = {}
+
+    def put(self, sink, kind, payload=None):
+        self.by_loop.setdefault(sink.aloop, []).append((sink.queue, (sink.index, kind, payload)))
+
+    def flush(self):
+        for aloop, items in self.by_loop.items():
+            try:
+                aloop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # event loop closed (shutdown)
+                pass
+        self.by_loop = {}
 
 
 class _Active:
@@ -375,6 +402,7 @@ class EngineLoop:
             if fw is not None:
                 m.forwards.inc(max(0, fw - self._last_forwards))
                 self._last_forwards = fw
+        batch = _Batch()
         for out in outs:
             a = self._active.get(out.request_id)
             if a is None:
@@ -387,9 +415,10 @@ class EngineLoop:
                 m.generation_tokens.inc(len(out.new_token_ids))
             err = getattr(out, "error", None)
             if err:  # the engine dropped this request (e.g. out of KV cache memory)
-                a.sink.put("error", APIError(500, f"engine error: {err}", code="engine_error"))
+                batch.put(a.sink, "error", APIError(500, f"engine error: {err}",
+                                                    code="engine_error"))
             else:
-                a.sink.put("out", out)
+                batch.put(a.sink, "out", out)
             if out.finished or err:
                 del self._active[out.request_id]
                 self._release()
@@ -397,6 +426,7 @@ class EngineLoop:
                     self._count_finish("error")
                 else:
                     self._count_finish(out.finish_reason or "stop", out, a, now)
+        batch.flush()
 
     def _count_finish(self, reason, out=None, a=None, now=None):
         m = self.metrics
@@ -642,6 +672,7 @@ class _Job:
         self.open: set[int] = set()   # submitted and not finished
         self.watcher = None
         self.closed = False
+        self.gone = False  # the client disconnected
         self._early: collections.deque = collections.deque()
 
     def submit(self, prompts, params):
@@ -666,6 +697,7 @@ class _Job:
                     break
             if self.open:
                 log.info("client of %s went away: aborting", self.rid)
+            self.gone = True
             self.close(from_watcher=True)
             self.queue.put_nowait((None, "gone", None))
 
@@ -674,7 +706,11 @@ class _Job:
     async def events(self):
         """Yield (index, RequestOutput) until every sub-request has finished;
         raises APIError on an engine error and _ClientGone on a disconnect."""
-        while self.open:
+        while True:
+            if self.gone:
+                raise _ClientGone()
+            if not self.open:
+                return
             if self._early:
                 idx, kind, payload = self._early.popleft()
             else:
@@ -962,9 +998,11 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
                 c = "".join(part.text for part in c)
             messages.append({"role": "system" if m.role == "developer" else m.role,
                              "content": c or ""})
+        from jinja2 import TemplateError
+
         try:
             ids = render_chat(tokenizer, messages)
-        except ValueError as e:
+        except (ValueError, TemplateError) as e:  # no template; raise_exception() in it
             raise _bad(f"Could not apply the chat template: {e}", param="messages")
         check_ids(ids, "conversation")
         max_tokens = req.max_completion_tokens or req.max_tokens

@@ -1,0 +1,71 @@
+"""`bitdlm generate "PROMPT"`: one prompt through the block-diffusion engine."""
+from __future__ import annotations
+
+import sys
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text for one prompt",
+                              description="Generate text for one prompt with Fast-dLLM v2 block diffusion "
+                                          "(block size 1: plain autoregressive decoding).")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--model", default=None, help="model .bin file (default: the packaged default model)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="unmask confidence threshold in (0, 1] (default: the model's)")
+    p.add_argument("--small-block-size", type=int, default=None, help="sub-block size (default: the model's)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="override the model's block size (1 = autoregressive)")
+    p.add_argument("--use-block-cache", action="store_true", help="sub-block cache (faster, approximate)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past EOS (benchmarking)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--stats", action="store_true", help="print forwards, tokens per forward and tok/s to stderr")
+    p.add_argument("--stream", action="store_true", help="print text as soon as it is final")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args) -> int:
+    from .llm import LLM, SamplingParams
+
+    try:
+        llm = LLM(args.model, threads=args.threads, block_size=args.block_size)
+        if llm.tokenizer is None:
+            raise ValueError("the model file has no tokenizer")
+        if args.chat:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+            prompt = llm.chat_prompt(msgs + [{"role": "user", "content": args.prompt}])
+        else:
+            if not args.prompt:
+                raise ValueError("empty prompt")
+            prompt = llm.tokenizer.encode(args.prompt)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed, stop=args.stop, threshold=args.threshold,
+                                small_block_size=args.small_block_size, use_block_cache=args.use_block_cache,
+                                ignore_eos=args.ignore_eos)
+        if args.stream:
+            stream = llm.generate_stream(prompt, params)
+            for delta in stream:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            res = llm.last
+        else:
+            res = llm.generate(prompt, params)[0]
+            sys.stdout.write(res.text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except (ValueError, FileNotFoundError, MemoryError) as e:
+        print(f"bitdlm generate: error: {e}", file=sys.stderr)
+        return 2
+    if args.stats:
+        s = res.stats
+        n, secs = s["generated_tokens"], s["seconds"] or 0.0
+        print(f"prompt tokens: {len(res.prompt_token_ids)}  generated: {n}  finish: {res.finish_reason}\n"
+              f"forwards: {s['forwards']}  tokens/forward: {s['tokens_per_forward']:.2f}  "
+              f"seconds: {secs:.3f}  tok/s: {n / secs if secs else 0.0:.1f}", file=sys.stderr)
+    return 0

@@ -1,0 +1,235 @@
+"""Benchmark tooling: synthetic models, the GGUF export, `bitdlm bench threads`, compare.py.
+
+Everything runs on a tiny model (hidden 256, 2 layers) with one or two threads."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+sys.path.insert(0, BENCH)
+
+import make_synthetic_model as msm  # noqa: E402
+from bitdlm import bench  # noqa: E402
+from bitdlm.format import ModelFile  # noqa: E402
+from bitdlm.packing import unpack_i2  # noqa: E402
+
+TINY = ["--shape", "tiny"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _have(mod: str) -> bool:
+    return importlib.util.find_spec(mod) is not None
+
+
+def _bench_cli(argv) -> int:
+    """`bitdlm bench ...` through this module's register_cli (as bitdlm.cli wires it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bitdlm")
+    bench.register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _core_ready() -> bool:
+    try:
+        from bitdlm import _core
+    except ImportError:
+        return False
+    return hasattr(_core, "Model")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    paths = {}
+    for lm in ("f16", "i8"):
+        p = str(d / f"tiny-{lm}.bin")
+        assert msm.main([p, "--lm-head", lm, "--seed", "3"] + TINY) == 0
+        paths[lm] = p
+    return paths
+
+
+# ----------------------------------------------------------------------------- generator
+
+
+def test_synthetic_model_is_a_valid_bin_with_uniform_ternary(tiny):
+    with ModelFile.open(tiny["f16"], verify=True) as f:
+        m = f.meta
+        assert (m["hidden_size"], m["num_hidden_layers"], m["vocab_size"]) == (256, 2, 1000)
+        assert "lm_head.weight" not in f.tensors  # tied f16
+        name = "model.layers.1.mlp.down_proj.weight"
+        codes = unpack_i2(f.array(name), 512)
+        frac = np.bincount(codes.ravel() + 1, minlength=3) / codes.size
+        assert np.allclose(frac, 1 / 3, atol=0.01), frac
+        assert f.tensors[name].scale == pytest.approx(np.sqrt(2 * 512 / 3), rel=1e-6)
+        norm = f.array("model.layers.0.input_layernorm.weight")
+        assert norm.std() > 0.01  # norms are not all ones
+
+
+def test_f16_and_i8_variants_hold_the_same_weights(tiny):
+    with ModelFile.open(tiny["f16"]) as a, ModelFile.open(tiny["i8"]) as b:
+        for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
+            assert np.array_equal(a.array(name), b.array(name)), name
+        emb = b.array("model.embed_tokens.weight").astype(np.float32)
+        q, s = b.array("lm_head.weight"), b.array("lm_head.scale")
+        assert q.dtype == np.int8 and np.abs(q).max(axis=1).min() == 127
+        # int8 rows reproduce the embedding to half a quantization step
+        assert np.all(np.abs(q * s[:, None] - emb) <= s[:, None] * 0.5 + 1e-7)
+
+
+def test_seed_changes_weights(tmp_path):
+    p1, p2 = str(tmp_path / "a.bin"), str(tmp_path / "b.bin")
+    msm.main([p1, "--seed", "1", "--layers", "1"] + TINY)
+    msm.main([p2, "--seed", "2", "--layers", "1"] + TINY)
+    n = "model.layers.0.mlp.up_proj.weight"
+    with ModelFile.open(p1) as a, ModelFile.open(p2) as b:
+        assert not np.array_equal(a.array(n), b.array(n))
+
+
+def test_ragged_k_padding_is_zero():
+    rng = np.random.default_rng(0)
+    packed = msm.random_ternary_packed(rng, 3, 200)  # K not a multiple of 128
+    assert packed.shape == (3, 256 // 4)
+    full = unpack_i2(packed, 256)
+    assert np.all(full[:, 200:] == 0)
+
+
+# ----------------------------------------------------------------------------- GGUF export
+
+
+@pytest.mark.parametrize("weights,output", [("tq2_0", "f16"), ("tq1_0", "q8_0")])
+def test_gguf_export_holds_the_same_weights(tiny, tmp_path, weights, output):
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize
+    from gguf_export import export_bin
+
+    out = str(tmp_path / "m.gguf")
+    export_bin(tiny["i8"], out, weights, output, progress=False)
+    r = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in r.tensors}
+    arch = r.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "bitnet"
+    assert "output.weight" not in tensors and len(tensors) == 2 + 2 * 11
+    with ModelFile.open(tiny["i8"]) as f:
+        for hf, gg, k in [("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight", 512),
+                          ("model.layers.0.self_attn.k_proj.weight", "blk.0.attn_k.weight", 256)]:
+            t = tensors[gg]
+            assert t.tensor_type.name == weights.upper()
+            got = dequantize(np.array(t.data), t.tensor_type)
+            want = unpack_i2(f.array(hf), k) / np.float32(f.tensors[hf].scale)
+            # identical codes; the per-tensor scale is rounded to fp16 once
+            assert np.allclose(got, want, rtol=1e-3, atol=0), gg
+            assert np.array_equal(np.sign(got), np.sign(want))
+        t = tensors["token_embd.weight"]
+        got = dequantize(np.array(t.data), t.tensor_type)
+        if output == "f16":
+            want = f.array("model.embed_tokens.weight").astype(np.float32)
+        else:  # Q8_0 carries exactly the int8 lm_head
+            want = f.array("lm_head.weight") * f.array("lm_head.scale")[:, None]
+        assert t.tensor_type.name == output.upper()
+        assert np.allclose(got, want, rtol=1e-3, atol=1e-6)
+        assert np.array_equal(tensors["blk.0.ffn_sub_norm.weight"].data,
+                              f.array("model.layers.0.mlp.ffn_sub_norm.weight"))
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_default_thread_counts_and_parse():
+    assert bench.default_thread_counts(2) == [1, 2, 4]
+    assert bench.default_thread_counts(1) == [1, 2]
+    assert bench.physical_cores() >= 1
+    assert bench.parse_threads("4,1,2,2") == [1, 2, 4]
+    import argparse
+
+    for bad in ("0", "a,b", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_threads(bad)
+
+
+def test_threads_rows_speedup_and_efficiency():
+    res = {t: {p: {"median_ms": ms} for p in bench.PHASES} for t, ms in ((1, 100.0), (2, 60.0), (4, 80.0))}
+    rows = {(r["phase"], r["threads"]): r for r in bench.threads_rows(res, prompt=64)}
+    assert rows[("decode", 2)]["speedup"] == pytest.approx(100 / 60)
+    assert rows[("decode", 2)]["efficiency"] == pytest.approx(100 / 60 / 2)
+    assert rows[("step32", 1)]["tokens_per_s"] == pytest.approx(32 / 0.1)
+    assert rows[("prefill", 4)]["tokens_per_s"] == pytest.approx(64 / 0.08)
+    assert "efficiency" in bench.format_table(list(rows.values()))
+
+
+def test_economics_break_even():
+    import compare
+
+    cases = {"decode@0": {"median_ms": 10.0}, "subblock@0": {"median_ms": 20.0}, "block@0": {"median_ms": 40.0}}
+    e = compare.economics(cases, [0])["0"]
+    assert e["break_even_per_step"] == {"N=8": 2.0, "N=32": 4.0}
+    # full block: (32/k + 1) * 40 = 320  ->  k = 32 / 7
+    assert e["break_even_per_block"]["full_block"] == pytest.approx(32 / 7)
+    # sub-block cache: 5*40 + (32/k - 4)*20 = 320  ->  k = 32*20 / (320 - 200 + 80)
+    assert e["break_even_per_block"]["sub_block_cache"] == pytest.approx(640 / 200)
+    slow = {"decode@0": {"median_ms": 1.0}, "subblock@0": {"median_ms": 20.0}, "block@0": {"median_ms": 40.0}}
+    assert compare.economics(slow, [0])["0"]["break_even_per_block"]["full_block"] is None
+
+
+# ----------------------------------------------------------------------------- end to end (need the C++ forward)
+
+needs_core = pytest.mark.skipif(not _core_ready(), reason="bitdlm._core.Model not built (./scripts/dev_build.sh)")
+
+
+@needs_core
+def test_bench_threads_cli_writes_json_and_png(tiny, tmp_path):
+    js, png = tmp_path / "t.json", tmp_path / "t.png"
+    rc = _bench_cli(["bench", "threads", "--model", tiny["f16"], "--threads", "1,2", "--reps", "2",
+               "--prompt", "16", "--json", str(js), "--plot", str(png)])
+    assert rc == 0
+    doc = json.loads(js.read_text())
+    assert sorted(doc["results"]) == ["1", "2"]
+    assert {r["phase"] for r in doc["rows"]} == set(bench.PHASES)
+    for r in doc["rows"]:
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0
+        assert doc["results"][str(r["threads"])][r["phase"]]["reps"] == 2
+    base = [r for r in doc["rows"] if r["threads"] == 1]
+    assert all(r["speedup"] == pytest.approx(1.0) for r in base)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_threads_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no such model file"):
+        _bench_cli(["bench", "threads", "--model", str(tmp_path / "nope.bin")])
+
+
+@needs_core
+def test_compare_tiny_end_to_end(tmp_path):
+    """compare.py on the tiny shape: bitdlm, and llama.cpp when llama-cpp-python is installed."""
+    js, png, md = tmp_path / "c.json", tmp_path / "c.png", tmp_path / "c.md"
+    cmd = [sys.executable, os.path.join(BENCH, "compare.py"), "--shape", "tiny", "--threads", "1",
+           "--reps", "2", "--ctx", "0,40", "--precision", "f16", "--torch-layers", "0",
+           "--workdir", str(tmp_path), "--json", str(js), "--plot", str(png), "--md", str(md)]
+    if not _have("llama_cpp"):
+        cmd.append("--no-llama")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(js.read_text())
+    (group,) = doc["groups"].values()
+    engines = list(group["cases"])
+    assert engines[0] == "bitdlm f16"
+    assert len(engines) == (2 if _have("llama_cpp") else 1)
+    for per in group["cases"].values():
+        assert set(per) == {f"{k}@{c}" for k in ("decode", "subblock", "block") for c in (0, 40)}
+        assert all(v["median_ms"] > 0 and v["reps"] == 2 for v in per.values())
+    econ = doc["economics"]["by_ctx"]
+    assert set(econ) == {"0", "40"}
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert "32-token block" in md.read_text()
