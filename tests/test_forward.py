@@ -247,32 +247,36 @@ def test_block_prefill_and_step_match_transformers(pair):
 
 
 def test_subblock_step_over_scratch_block(small):
-    """Sub-block cache: the block is written as scratch, then a sub-block step reads the
-    block's (stale) K/V around it and replaces its own positions with fresh ones."""
+    """Sub-block cache: the block is written as scratch, then sub-block steps read the
+    block's (stale) K/V around them and replace their own positions with fresh ones;
+    a step with write overwrites its positions in place for the next sub-block."""
     from transformers import DynamicCache
 
     hf, core = small
     rng = np.random.default_rng(12)  # (seed 2: a 2-ulp round-half tie at position 23 flips a code)
     V, B, S, P = hf.config.vocab_size, 16, 4, 16
     prefix, blk = rng.integers(0, V, P), rng.integers(0, V, B)
-    sub = rng.integers(0, V, S)
-    s0 = P + 4  # the second sub-block
     hf.ties.reset()
     cache = DynamicCache(config=hf.config)
     hf_logits(hf, prefix, mask=block_mask(range(P), range(P), B), cache=cache)
     hf_logits(hf, blk, positions=range(P, P + B), mask=block_mask(range(P, P + B), range(P + B), B), cache=cache)
-    keep = [i for i in range(P + B) if not s0 <= i < s0 + S]
-    for layer in cache.layers:  # drop the sub-block's stale K/V; fresh ones are appended by HF
-        layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
-    kv_pos = np.array(keep + list(range(s0, s0 + S)))
-    ref = hf_logits(hf, sub, positions=range(s0, s0 + S), mask=block_mask(range(s0, s0 + S), kv_pos, B), cache=cache)
+    kv_pos = list(range(P + B))  # absolute position of each HF cache column
 
     seq = core.alloc_seq(P + B)
     try:
         core_logits(core, prefix, B=B, seq=seq)
         core_logits(core, blk, B=B, seq=seq, start=P, ctx_len=P, write=True)
-        got = core_logits(core, sub, B=B, seq=seq, start=s0, ctx_len=P + B, write=False)
-        close_hf(got, ref, hf, range(s0, s0 + S), B)
+        # sub-blocks 2 and 3: the first step is written in place, the second only reads
+        for s0, write in ((P + 4, True), (P + 8, False)):
+            sub = rng.integers(0, V, S)
+            keep = [c for c, p in enumerate(kv_pos) if not s0 <= p < s0 + S]
+            for layer in cache.layers:  # drop the stale K/V of these positions; HF appends fresh ones
+                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+            kv_pos = [kv_pos[c] for c in keep] + list(range(s0, s0 + S))
+            ref = hf_logits(hf, sub, positions=range(s0, s0 + S), mask=block_mask(range(s0, s0 + S), kv_pos, B),
+                            cache=cache)
+            got = core_logits(core, sub, B=B, seq=seq, start=s0, ctx_len=P + B, write=write)
+            close_hf(got, ref, hf, range(s0, s0 + S), B)
     finally:
         core.free_seq(seq)
 
