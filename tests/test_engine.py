@@ -448,3 +448,14 @@ def test_cli_generate(models):
     assert r.returncode == 2 and "empty prompt" in r.stderr
     r = _cli("generate", "hello", "--model", "/nonexistent.bin")
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_default_model(models, monkeypatch):
+    import bitdlm.model
+
+    monkeypatch.setattr(bitdlm.model, "default_model_path", lambda: None)
+    with pytest.raises(FileNotFoundError, match="default model"):
+        LLM()
+    monkeypatch.setattr(bitdlm.model, "default_model_path", lambda: str(models[True].path))
+    g = LLM(threads=1).generate("hello", SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert len(g.token_ids) == 3
