@@ -104,10 +104,11 @@ def _backend(m: Tiny, **meta_over):
 
 
 def _ref(m: Tiny, prompt, *, max_tokens, threshold, use_block_cache=False, block_size=BS, sbs=SBS,
-         stop_ids=None):
+         stop_ids=None, max_len=None):
     meta = m.meta
     d = meta["diffusion"]
-    r = RefDecoder(m.hf, block_size=block_size, mask_id=meta["mask_token_id"], shift=d["shift_logits"])
+    r = RefDecoder(m.hf, block_size=block_size, mask_id=meta["mask_token_id"], shift=d["shift_logits"],
+                   max_len=max_len)
     return r.generate(prompt, max_new_tokens=max_tokens, small_block_size=sbs, threshold=threshold,
                       stop_ids=meta["eos_token_ids"] if stop_ids is None else stop_ids,
                       use_block_cache=use_block_cache)
@@ -219,6 +220,19 @@ def test_chunked_prefill(models):
     got = llm.generate(prompt, SamplingParams(max_tokens=10, threshold=0.9))[0]
     assert got.token_ids == want
     assert be.token_counts[:2] == [2 * BS, 2 * BS]
+
+
+@pytest.mark.parametrize("use_block_cache", [False, True])
+def test_partial_last_block(models, use_block_cache):
+    # a context that is not a multiple of the block size: the last block is cut short
+    m = models[True]
+    L = m.meta["max_position_embeddings"] - 5
+    prompt = _prompt(L - 12, seed=15)
+    want = _ref(m, prompt, max_tokens=50, threshold=0.9, stop_ids=[], max_len=L, use_block_cache=use_block_cache)
+    assert len(want) == 12
+    got = LLM(_backend(m, max_position_embeddings=L)).generate(
+        prompt, SamplingParams(max_tokens=50, threshold=0.9, ignore_eos=True, use_block_cache=use_block_cache))[0]
+    assert got.token_ids == want and got.finish_reason == "length"
 
 
 def test_stop_strings(models):
