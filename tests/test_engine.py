@@ -135,7 +135,7 @@ def test_matches_reference(models, shift, threshold, plen):
 
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("threshold", [0.9, 0.5])
-@pytest.mark.parametrize("plen", [BS - 1, BS + 1])
+@pytest.mark.parametrize("plen", [1, BS - 1, BS, BS + 1])
 def test_block_cache_matches_reference(models, shift, threshold, plen):
     m = models[shift]
     meta = m.meta
@@ -144,6 +144,17 @@ def test_block_cache_matches_reference(models, shift, threshold, plen):
     got = LLM(_backend(m)).generate(
         prompt, SamplingParams(max_tokens=16, threshold=threshold, use_block_cache=True))[0]
     assert got.token_ids == want
+
+
+def test_parallel_decoding_happens(models):
+    # the fixture is sharp enough that a lower threshold unmasks several tokens per step
+    m = models[True]
+    prompt = _prompt(5, seed=16)
+    llm = LLM(_backend(m))
+    f = {thr: llm.generate(prompt, SamplingParams(max_tokens=24, threshold=thr, ignore_eos=True))[0]
+         for thr in (1.0, 0.5)}
+    assert f[1.0].stats["forwards"] >= 24  # one token per step, plus commits
+    assert f[0.5].stats["tokens_per_forward"] > 1.3 * f[1.0].stats["tokens_per_forward"]
 
 
 def test_block_cache_changes_the_computation(models):
