@@ -521,3 +521,27 @@ def test_zz_graceful_shutdown_finishes_in_flight_requests(server):
     # uvicorn re-raises the captured signal once it has shut down cleanly
     assert server.proc.wait(30) in (0, -signal.SIGTERM)
     assert "Traceback" not in server.log.read_text()
+
+
+def test_serve_cli_refuses_bad_setups(tiny_model, monkeypatch):
+    import uvicorn
+
+    from bitdlm.cli import main
+
+    def no_run(*a, **k):
+        raise AssertionError("the server should not have started")
+
+    monkeypatch.setattr(uvicorn, "run", no_run)  # a wrong expectation must not hang here
+
+    def fails(argv, match):
+        with pytest.raises(SystemExit) as ei:
+            main(["serve"] + argv)
+        assert re.search(match, str(ei.value.code)), ei.value.code
+
+    fails(["--model", "/nonexistent/model.bin"], "cannot load /nonexistent/model.bin")
+    fails(["--model", str(tiny_model), "--max-model-len", "100000"], "exceeds")
+    fails(["--model", str(tiny_model), "--max-batch", "0"], "max-batch must be >= 1")
+    fails(["--model", str(tiny_model), "--threshold", "1.5"], "threshold")
+    fails(["--model", str(tiny_model), "--small-block-size", "0"], "small-block-size must be")
+    monkeypatch.setenv("BITDLM_MODEL", "/nonexistent/default.bin")
+    fails([], "cannot load /nonexistent/default.bin")

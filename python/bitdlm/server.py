@@ -95,12 +95,10 @@ def _check_args(args) -> None:
 def _resolve_model_path(path):
     if path:
         return path
-    try:
-        from .model import default_model_path
-        path = default_model_path()
-    except (ImportError, AttributeError, FileNotFoundError):
-        path = None
-    if not path or not os.path.exists(path):
+    from .model import default_model_path
+
+    path = default_model_path()  # $BITDLM_MODEL, else the packaged model, else None
+    if not path:
         raise SystemExit("bitdlm serve: no --model given and no packaged default model found")
     return str(path)
 
