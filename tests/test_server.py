@@ -476,18 +476,27 @@ def test_bad_input_through_the_openai_client(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-def test_client_disconnect_mid_stream_frees_its_request(server):
+def test_client_disconnect_frees_its_request(server):
     c = client_for(server.base)
     aborted0 = metric(server.base, "bitdlm_requests_finished_total", 'reason="abort"')
     stream = c.completions.create(model="tiny", prompt=prompt_ids(5), max_tokens=MAX_LEN - 60,
                                   temperature=0, stream=True, extra_body={"threshold": 1.0})
     first = next(iter(stream))
     assert first.choices[0].text is not None
+    assert metric(server.base, "bitdlm_kv_cache_bytes") > 0  # its cache is allocated
     stream.close()  # drop the connection mid-stream
     assert wait_until(lambda: metric(server.base, "bitdlm_requests_finished_total",
                                      'reason="abort"') == aborted0 + 1, 15)
     assert wait_until(lambda: metric(server.base, "bitdlm_requests_running") == 0
                       and metric(server.base, "bitdlm_requests_queued") == 0)
+    assert metric(server.base, "bitdlm_kv_cache_bytes") == 0
+    # the same for a client that gives up on a non-streamed answer
+    with http(server.base) as h, pytest.raises(httpx.ReadTimeout):
+        h.post("/v1/completions", json={"prompt": prompt_ids(6), "max_tokens": MAX_LEN - 60,
+                                        "threshold": 1.0}, timeout=0.3)
+    assert wait_until(lambda: metric(server.base, "bitdlm_requests_finished_total",
+                                     'reason="abort"') == aborted0 + 2, 15)
+    assert wait_until(lambda: metric(server.base, "bitdlm_requests_running") == 0)
     assert metric(server.base, "bitdlm_kv_cache_bytes") == 0
     # and the server serves the next request
     assert c.completions.create(model="tiny", prompt=[5, 6], max_tokens=2).choices
