@@ -434,7 +434,7 @@ def parse_args(argv=None):
     p.add_argument("--complementary", action="store_true",
                    help="two noisy copies with complementary masks (1.5x the compute per step)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--time-budget-min", type=float, default=None,
                    help="stop early (and still save) after this many minutes; breaks determinism if hit")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -537,7 +537,7 @@ def main(argv=None):
     save_checkpoint(model, tok, args, out, log)
     print(f"saved checkpoint to {out}", flush=True)
     if args.bin:
-        cmd = [sys.executable, "-m", "bitdlm.cli", "convert", str(out), args.bin]
+        cmd = [sys.executable, "-m", "bitdlm.cli", "convert", str(out), args.bin, "--force", "--quiet"]
         print("+", " ".join(cmd), flush=True)
         env = dict(os.environ)
         pkg = str(Path(__file__).resolve().parent.parent / "python")

@@ -122,6 +122,8 @@ def _sharpened_checkpoint(tmp, shift, seed):
     st = hf_dir / "model.safetensors"
     sd = load_file(str(st))
     sd["model.norm.weight"] = sd["model.norm.weight"] * np.float32(5.0)
+    # the .bin stores the (tied) embedding in f16: give the oracle the very same values
+    sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"].astype(np.float16).astype(np.float32)
     save_file(sd, str(st), metadata={"format": "pt"})
     return hf_dir
 

@@ -84,7 +84,8 @@ def to_core(model, kv_budget=1 << 30, lm_head="f16", kv_dtype="f32"):
         sd["model.embed_tokens.weight"].shape)
     head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
     if lm_head == "i8":
-        scale = (np.abs(head).max(axis=1) / 127.0).astype(np.float32)
+        amax = np.abs(head).max(axis=1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)  # (the padding row is zero)
         q = np.clip(np.rint(head / scale[:, None]), -127, 127).astype(np.int8)
         add("lm_head.weight", q, "i8", head.shape)
         add("lm_head.scale", scale, "f32", scale.shape)
@@ -378,8 +379,8 @@ def test_select_greedy_with_banned(small):
     hf, core = small
     V = hf.config.vocab_size
     toks = np.random.default_rng(8).integers(0, V, 12).astype(np.int32)
-    out = np.arange(12, dtype=np.int32)
-    logits = core_logits(core, toks)
+    out = np.tile(np.arange(12, dtype=np.int32), 13)  # 156 rows: several lm_head chunks, repeated rows
+    logits = core_logits(core, toks)[out]
     banned = [int(logits[3].argmax()), 0]  # banning row 3's winner must change its answer
     seq = core.alloc_seq(12)
     try:
@@ -468,6 +469,8 @@ def test_bad_arguments(small):
         ([(s, t4, 0, 0, True, o1)], 0, "logits", "block_size"),
         ([(s, t4, 0, 0, True, o1)], 1, "probs", "mode"),
         ([(s, t4, 0)], 1, "logits", "item"),
+        ([(s, t4, "0", 0, True, o1)], 1, "logits", "item"),
+        ([(s, t4, 2**40, 0, True, o1)], 1, "logits", "item"),
     ]
     try:
         for items, B, mode, msg in bad:
@@ -542,3 +545,26 @@ def test_runtime_load_does_not_import_torch(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_portable_and_simd_attention_agree(small, kv_dtype):
+    """The portable (scalar ISA) and AVX2 attention loops give the same forward."""
+    hf, _ = small
+    isas = [i for i in ("scalar", "avx2") if i in _core.supported_isas()]
+    if len(isas) < 2 or not hasattr(_core, "set_isa"):
+        pytest.skip("this CPU/build has only the scalar kernels")
+    core = to_core(hf, kv_dtype=kv_dtype)
+    toks = np.random.default_rng(11).integers(0, hf.config.vocab_size, 40)
+    old = _core.active_isa()
+    res = []
+    try:
+        for isa in isas:
+            _core.set_isa(isa)
+            s = core.alloc_seq(48)
+            core_logits(core, toks[:24], B=8, seq=s)
+            res.append(core_logits(core, toks[24:], B=8, seq=s, start=24, ctx_len=24, write=False))
+            core.free_seq(s)
+    finally:
+        _core.set_isa(old)
+    np.testing.assert_allclose(res[0], res[1], rtol=0, atol=1e-4)

@@ -24,9 +24,9 @@ from pathlib import Path  # noqa: E402
 import httpx  # noqa: E402
 import openai  # noqa: E402
 import pytest  # noqa: E402
+from hf_models import child_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
 KEY = "sk-test-bitdlm"
 
 
@@ -274,7 +274,7 @@ def server(tiny_model, tmp_path_factory):
     """`python -m bitdlm.cli serve` on the tiny model; SIGTERM at the end."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS=1)
     cmd = [sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(tiny_model),
            "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--threads", "1",
            "--max-batch", "16", "--max-queue", "32", "--max-model-len", str(MAX_LEN),
