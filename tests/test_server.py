@@ -158,7 +158,8 @@ def fake_server():
     def make(delay=0.0, max_batch=2, max_queue=4, tps=2):
         engine = FakeEngine(delay=delay, tps=tps, max_batch=max_batch)
         cfg = ServerConfig(served_model_name="fake", max_model_len=256, vocab_size=256,
-                           max_batch=max_batch, max_queue=max_queue, api_key=KEY)
+                           max_batch=max_batch, max_queue=max_queue, api_key=KEY,
+                           max_body_bytes=4096)
         srv = ThreadServer(create_app(engine, ByteTokenizer(), cfg)).__enter__()
         srv.engine = engine
         started.append(srv)
@@ -224,6 +225,13 @@ def test_finished_request_leaves_without_stalling_others(fake_server):
     assert time.monotonic() - t0 < 1.0  # did not wait for the long one (~0.6 s)
     rest = "".join(ch.choices[0].text for ch in it if ch.choices)
     assert len(rest) == 120 - 2
+
+
+def test_oversized_body_is_413(fake_server):
+    srv = fake_server()
+    r = http(srv.base).post("/v1/completions", content=b" " * 4097,
+                            headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
 def test_chat_template_error_is_400(fake_server):

@@ -27,6 +27,7 @@ log = logging.getLogger("bitdlm.server")
 
 # Wait this long for in-flight requests on SIGINT/SIGTERM before cancelling them.
 SHUTDOWN_TIMEOUT_S = 30
+MAX_BODY_BYTES = 32 << 20  # far above any prompt that fits a context
 
 
 # --------------------------------------------------------------------- CLI
@@ -200,6 +201,7 @@ class ServerConfig:
     max_queue: int = 64
     api_key: str | None = None
     default_params: dict = dataclasses.field(default_factory=dict)  # SamplingParams defaults
+    max_body_bytes: int = MAX_BODY_BYTES
 
 
 class _Sink:
@@ -831,6 +833,13 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
 
     # -- helpers
     async def read_body(request: Request, schema):
+        try:
+            size = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            size = 0
+        if size > config.max_body_bytes:
+            raise APIError(413, f"The request body is larger than {config.max_body_bytes} bytes.",
+                           code="request_too_large")
         raw = await request.body()
         try:
             data = json.loads(raw)
