@@ -214,17 +214,18 @@ def test_engine_errors_fail_only_their_request(fake_server):
 
 
 def test_finished_request_leaves_without_stalling_others(fake_server):
-    srv = fake_server(delay=0.01, max_batch=4, max_queue=4)
+    srv = fake_server(delay=0.02, max_batch=4, max_queue=4)
     c = client_for(srv.base)
-    long = c.completions.create(model="fake", prompt="x", max_tokens=120, stream=True)
+    long = c.completions.create(model="fake", prompt="x", max_tokens=250, stream=True)
     it = iter(long)
     next(it)
-    t0 = time.monotonic()
     short = c.completions.create(model="fake", prompt="y", max_tokens=4)
     assert len(short.choices[0].text) == 4
-    assert time.monotonic() - t0 < 1.0  # did not wait for the long one (~0.6 s)
+    # the short one joined, finished and left while the long one (>= 2 s) runs on
+    assert metric(srv.base, "bitdlm_requests_running") == 1
+    assert metric(srv.base, "bitdlm_requests_finished_total", 'reason="length"') == 1
     rest = "".join(ch.choices[0].text for ch in it if ch.choices)
-    assert len(rest) == 120 - 2
+    assert len(rest) == 250 - 2
 
 
 def test_oversized_body_is_413(fake_server):
