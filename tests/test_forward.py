@@ -537,12 +537,12 @@ def test_runtime_load_does_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    from hf_models import convert_tiny
+    from hf_models import child_env, convert_tiny
 
     path = convert_tiny(tmp_path, seed=4)
     code = ("import sys, bitdlm; m = bitdlm.load(sys.argv[1], threads=1); m.logits([1, 2, 3]); "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env = child_env()
     r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 

@@ -254,7 +254,9 @@ def test_bitdlm_isa_env_override():
     import sys
 
     code = "from bitdlm import _core; print(_core.active_isa())"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    from hf_models import child_env
+
+    env = child_env()
     for name in ISAS:
         out = subprocess.run([sys.executable, "-c", code], env=dict(env, BITDLM_ISA=name), capture_output=True,
                              text=True, timeout=60)
