@@ -80,7 +80,7 @@ class LlamaRunner:
 
         @L.llama_log_callback
         def _quiet(level, text, user_data):  # keep errors only
-            if level >= 4:  # GGML_LOG_LEVEL_ERROR
+            if level == 4:  # GGML_LOG_LEVEL_ERROR
                 sys.stderr.write(text.decode(errors="replace"))
 
         self._log_cb = _quiet  # keep a reference: ctypes callbacks must outlive their use
