@@ -155,7 +155,7 @@ def test_isas_agree_with_threads():
     # the same call on every ISA and 1 / 2 threads gives bit-identical floats
     rng = np.random.default_rng(5)
     codes, w, q, s, sums = _ternary_case(rng, 2560, 2560, 9)
-    prev = _core.active_isa()
+    prev, prev_threads = _core.active_isa(), _core.get_max_threads()
     outs = []
     try:
         for name in ISAS:
@@ -165,7 +165,7 @@ def test_isas_agree_with_threads():
                 outs.append(_core.gemm(w, 0.5, q, s, sums))
     finally:
         _core.set_isa(prev)
-        _core.set_num_threads(1)
+        _core.set_num_threads(prev_threads)
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
 
