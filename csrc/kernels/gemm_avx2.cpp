@@ -14,9 +14,9 @@
 // accumulators, ~2.25 vector ops per maddubs; measured ~10% faster than 2 x 4
 // at N = 32), then 2 x 4, 2 x 3, 2 x 2 for the token tail and 4 x 1 for
 // decode. The tile loop runs tokens outer / rows inner, so the T activation
-// rows stay in L1 while the job's weight rows (<= 32 rows) stay in L1/L2.
+// rows stay in L1 while the job's weight rows (<= 32 rows) stay in L1/L2;
+// rows too long for that are K-blocked (ternary_rows_kblocked).
 #include <immintrin.h>
-
 
 #include "kernels/isa.h"
 
@@ -185,6 +185,8 @@ static inline void f16_tile(const uint16_t* W, int K, const float* x, float* y, 
   const float* xr = x + (int64_t)n * K;
   int k = 0;
   for (; k + 8 <= K; k += 8) {
+    if (!(k & 31))  // stream the next panel's rows in while this one computes
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
     __m256 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wr + (int64_t)r * K + k)));
     for (int t = 0; t < T; ++t) {
@@ -207,10 +209,16 @@ static inline void f16_rows(const uint16_t* W, int K, const float* x, float* y, 
   for (; m < m1; ++m) f16_tile<1, T>(W, K, x, y, ldy, m, n);
 }
 
+// Panels of 4 rows outer, token tiles inner: the panel's weights (4 x K
+// halves, 20 KiB at K = 2560) stay in L1 across all tokens; with tokens outer
+// the whole job's rows were re-read from L2 per token tile.
 static void f16(const uint16_t* W, int K, const float* x, int N, float* y, int ldy, int m0, int m1) {
-  int n = 0;
-  for (; n + 2 <= N; n += 2) f16_rows<4, 2>(W, K, x, y, ldy, m0, m1, n);
-  if (n < N) f16_rows<4, 1>(W, K, x, y, ldy, m0, m1, n);
+  for (int mp = m0; mp < m1; mp += 4) {
+    const int me = mp + 4 < m1 ? mp + 4 : m1;
+    int n = 0;
+    for (; n + 2 <= N; n += 2) f16_rows<4, 2>(W, K, x, y, ldy, mp, me, n);
+    if (n < N) f16_rows<4, 1>(W, K, x, y, ldy, mp, me, n);
+  }
 }
 
 // int8 rows: |w| (u8) x sign(a, w) (s8) with maddubs, widened at once (a pair
@@ -226,6 +234,8 @@ static inline void i8_tile(const int8_t* W, const float* wscale, int K, const Ac
   const int8_t* qr = a.q + (int64_t)n * a.Kp;
   int k = 0;
   for (; k + 32 <= K; k += 32) {
+    if (!(k & 63))  // stream the next panel's rows in while this one computes
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
     __m256i ws[R], wa[R];
     for (int r = 0; r < R; ++r) {
       ws[r] = _mm256_loadu_si256((const __m256i*)(wr + (int64_t)r * K + k));
@@ -259,14 +269,18 @@ static inline void i8_rows(const int8_t* W, const float* wscale, int K, const Ac
   for (; m < m1; ++m) i8_tile<1, T>(W, wscale, K, a, y, ldy, m, n);
 }
 
+// Panels of 4 rows outer (weights stay in L1), token tiles inner, as for f16.
 static void i8(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0, int m1) {
-  int n = 0;
-  for (; n + 4 <= a.N; n += 4) i8_rows<2, 4>(W, wscale, K, a, y, ldy, m0, m1, n);
-  switch (a.N - n) {
-    case 3: i8_rows<2, 3>(W, wscale, K, a, y, ldy, m0, m1, n); break;
-    case 2: i8_rows<2, 2>(W, wscale, K, a, y, ldy, m0, m1, n); break;
-    case 1: i8_rows<4, 1>(W, wscale, K, a, y, ldy, m0, m1, n); break;
-    default: break;
+  for (int mp = m0; mp < m1; mp += 4) {
+    const int me = mp + 4 < m1 ? mp + 4 : m1;
+    int n = 0;
+    for (; n + 4 <= a.N; n += 4) i8_rows<2, 4>(W, wscale, K, a, y, ldy, mp, me, n);
+    switch (a.N - n) {
+      case 3: i8_rows<2, 3>(W, wscale, K, a, y, ldy, mp, me, n); break;
+      case 2: i8_rows<2, 2>(W, wscale, K, a, y, ldy, mp, me, n); break;
+      case 1: i8_rows<4, 1>(W, wscale, K, a, y, ldy, mp, me, n); break;
+      default: break;
+    }
   }
 }
 
