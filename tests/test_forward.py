@@ -297,7 +297,7 @@ def test_batch_equals_each_alone(small):
         ]
         together = core.forward(items, B, "logits")
         alone = np.concatenate([core.forward([it], B, "logits") for it in items])
-        np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(together, alone, rtol=1e-6, atol=1e-5)
         assert together.shape == (1 + 8 + 2, V)
     finally:
         for s in seqs:
@@ -322,7 +322,7 @@ def test_cache_over_many_step_commit_cycles(small):
             last = core_logits(core, final, B=B, seq=seq, start=start, ctx_len=start, write=True)
             toks += list(final)
         fresh = core_logits(core, toks, B=B)
-        np.testing.assert_allclose(last, fresh[-B:], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(last, fresh[-B:], rtol=1e-6, atol=1e-4)
         n = len(toks)
         hf.ties.reset()
         close_hf(fresh, hf_logits(hf, toks, mask=block_mask(range(n), range(n), B)), hf, range(n), B)
@@ -571,4 +571,5 @@ def test_portable_and_simd_attention_agree(small, kv_dtype):
             core.free_seq(s)
     finally:
         _core.set_isa(old)
-    np.testing.assert_allclose(res[0], res[1], rtol=0, atol=1e-4)
+    # (the lm_head kernels sum in different orders: last-bit differences on logits of O(100))
+    np.testing.assert_allclose(res[0], res[1], rtol=1e-5, atol=1e-4)
