@@ -80,7 +80,7 @@ class LlamaRunner:
 
         @L.llama_log_callback
         def _quiet(level, text, user_data):  # keep errors only
-            if level >= 4:  # GGML_LOG_LEVEL_ERROR
+            if level == 4:  # GGML_LOG_LEVEL_ERROR
                 sys.stderr.write(text.decode(errors="replace"))
 
         self._log_cb = _quiet  # keep a reference: ctypes callbacks must outlive their use
@@ -151,35 +151,54 @@ class LlamaRunner:
 
 class TorchRunner:
     """transformers BitNetForCausalLM, fp32, online ternary quantization (the oracle
-    recipe of /work/shared/reference.md), random weights of the given shape."""
+    recipe of /work/shared/reference.md), loaded with the weights of a bitdlm .bin:
+    master weights codes / s_w, which online quantization maps back to the same
+    ternary codes (scale 1/mean|W| = 1.5 s_w for uniform codes)."""
 
     engine = "pytorch"
 
-    def __init__(self, meta: dict, threads: int, seed: int = 0):
+    def __init__(self, model_path: str, threads: int, seed: int = 0):
         os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
         import torch
         from transformers import BitNetConfig, BitNetForCausalLM
+        from transformers.initialization import no_init_weights
         from transformers.integrations.bitnet import replace_with_bitnet_linear
         from transformers.utils.quantization_config import BitNetQuantConfig
 
+        from bitdlm.format import ModelFile
+        from bitdlm.packing import unpack_i2
+
         torch.set_num_threads(threads)
-        torch.manual_seed(seed)
         self.torch = torch
-        cfg = BitNetConfig(
-            vocab_size=meta["vocab_size"], hidden_size=meta["hidden_size"],
-            intermediate_size=meta["intermediate_size"], num_hidden_layers=meta["num_hidden_layers"],
-            num_attention_heads=meta["num_attention_heads"], num_key_value_heads=meta["num_key_value_heads"],
-            head_dim=meta["head_dim"], max_position_embeddings=meta["max_position_embeddings"],
-            rope_theta=meta["rope_theta"], rms_norm_eps=meta["rms_norm_eps"], tie_word_embeddings=True,
-            hidden_act="relu2", attn_implementation="eager",
-            bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        )
-        model = BitNetForCausalLM(cfg).float().eval()
-        sd = model.state_dict()
+        with ModelFile.open(model_path) as f:
+            meta = f.meta
+            cfg = BitNetConfig(
+                vocab_size=meta["vocab_size"], hidden_size=meta["hidden_size"],
+                intermediate_size=meta["intermediate_size"], num_hidden_layers=meta["num_hidden_layers"],
+                num_attention_heads=meta["num_attention_heads"], num_key_value_heads=meta["num_key_value_heads"],
+                head_dim=meta["head_dim"], max_position_embeddings=meta["max_position_embeddings"],
+                rope_theta=meta["rope_theta"], rms_norm_eps=meta["rms_norm_eps"], tie_word_embeddings=True,
+                hidden_act="relu2", attn_implementation="eager",
+                bos_token_id=None, eos_token_id=None, pad_token_id=None,
+            )
+            with no_init_weights():  # every parameter is overwritten below
+                model = BitNetForCausalLM(cfg).float().eval()
+            sd = {}
+            for name, t in f.tensors.items():
+                if name.startswith("lm_head."):
+                    continue  # tied: the reference uses the embedding in fp32
+                a = f.array(name)
+                if t.dtype == "i2_b128":
+                    w = unpack_i2(a, t.shape[1]).astype(np.float32) * np.float32(1.0 / t.scale)
+                else:
+                    w = a.astype(np.float32)
+                sd[name] = torch.from_numpy(w)
         model = replace_with_bitnet_linear(model, modules_to_not_convert=["lm_head"],
                                            quantization_config=BitNetQuantConfig(
                                                linear_class="autobitlinear", quantization_mode="online"))
-        model.load_state_dict(sd, assign=True, strict=False)
+        missing, _unexpected = model.load_state_dict(sd, assign=True, strict=False)
+        if [m for m in missing if not m.startswith("lm_head")]:
+            raise RuntimeError(f"PyTorch reference: weights missing from the .bin: {missing[:5]}")
         model.tie_weights()
         self.model = model
         self.vocab = meta["vocab_size"]
@@ -254,11 +273,7 @@ def _worker(argv) -> int:
     elif a.engine == "llama":
         runner = LlamaRunner(a.model, a.threads, a.seed)
     else:
-        from bitdlm.format import ModelFile
-
-        with ModelFile.open(a.model) as f:
-            meta = f.meta
-        runner = TorchRunner(meta, a.threads, a.seed)
+        runner = TorchRunner(a.model, a.threads, a.seed)
     proto.write(json.dumps({"ready": True, "load_s": time.perf_counter() - t0}) + "\n")
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -533,8 +548,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 reps, ctx 0 only, no PyTorch, no TQ1_0")
     ap.add_argument("--tq1", action="store_true", help="also llama.cpp TQ1_0 (f16 output group)")
     ap.add_argument("--precision", default="f16,i8", help="output-layer groups to run: f16,i8")
-    ap.add_argument("--torch-layers", type=int, default=4,
-                    help="layers of the PyTorch comparison model (0 = skip PyTorch; default 4)")
+    ap.add_argument("--torch-layers", type=int, default=1,
+                    help="layers of the PyTorch comparison model (0 = skip PyTorch; default 1: online "
+                         "quantization re-quantizes every weight in every forward, seconds per layer)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--layers", type=int, default=None, help="layers of the main model (default: 30, the 2B shape)")
     ap.add_argument("--shape", choices=["2b", "tiny"], default="2b", help="tiny: for testing this script")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import (CHAT_TEMPLATE, EOS_ID, IM_END_ID, MASK_ID, TINY_CONFIG, convert_tiny,
+from hf_models import (CHAT_TEMPLATE, EOS_ID, IM_END_ID, MASK_ID, TINY_CONFIG, child_env, convert_tiny,
                        make_hf_model, reference_quant, ternary_names)
 from bitdlm import packing
 from bitdlm.convert import ConversionError, convert, quantize_lm_head_i8, unpack_hf_packed
@@ -221,7 +221,7 @@ def test_dlm_config_keys_and_cli_overrides(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "convert_dlm_to_sglkernel.py"), str(hf), str(out),
            "--mask-token", "<|im_start|>", "--block-size", "8", "--small-block-size", "2",
            "--threshold", "1.0", "--no-shift", "--lm-head", "i8", "--quiet"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    env = child_env()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     with ModelFile.open(out) as mf:
@@ -292,14 +292,21 @@ BAD_INPUTS = {
     "weight_scale without quantization_config": (
         lambda d: _add_tensor(d, "model.layers.0.mlp.up_proj.weight_scale"), {}, "scale convention"),
     "bias": (lambda d: _add_tensor(d, "model.layers.1.self_attn.q_proj.bias"), {}, "bias"),
+    "NaN weight": (lambda d: _add_tensor(d, "model.layers.1.mlp.down_proj.weight", np.nan), {}, "NaN"),
+    "bad DLM config key": (lambda d: _edit_json(d / "config.json", bd_size="big"), {}, "diffusion setting"),
 }
 
 
-def _add_tensor(hf, name):
+def _add_tensor(hf, name, poison=None):
+    """Add a 1-element tensor `name`, or with `poison` put that value into it."""
     from safetensors.numpy import load_file, save_file
 
     sd = load_file(str(hf / "model.safetensors"))
-    sd[name] = np.ones(1, np.float32)
+    if poison is None:
+        sd[name] = np.ones(1, np.float32)
+    else:
+        sd[name] = sd[name].copy()
+        sd[name].flat[7] = poison
     save_file(sd, str(hf / "model.safetensors"))
 
 
@@ -367,3 +374,8 @@ def test_reference_model_helper_matches_bin(fp32_model):
         norm = ref.model.layers[0].mlp.ffn_sub_norm.weight.detach().numpy()
         np.testing.assert_array_equal(mf.array("model.layers.0.mlp.ffn_sub_norm.weight"), norm)
         assert not np.allclose(norm, 1.0)  # randomised norms
+
+
+def test_conversion_is_deterministic(fp32_model, tmp_path):
+    again = convert(fp32_model.parent / "hf", tmp_path / "again.bin", progress=False)
+    assert again.read_bytes() == fp32_model.read_bytes()

@@ -86,6 +86,9 @@ def test_round_trip_views_and_metadata(good):
             else:
                 assert t.scale is None
         assert mf.file_size == path.stat().st_size
+        table = mf.core_tensors()
+        assert table[Q0] == (mf.tensors[Q0].offset, "i2_b128", (64, 64), mf.tensors[Q0].scale)
+        assert table[NORM][3] is None and len(table) == len(tensors)
         assert isinstance(mf.buffer, __import__("mmap").mmap)
 
 

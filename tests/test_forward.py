@@ -84,7 +84,8 @@ def to_core(model, kv_budget=1 << 30, lm_head="f16", kv_dtype="f32"):
         sd["model.embed_tokens.weight"].shape)
     head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
     if lm_head == "i8":
-        scale = (np.abs(head).max(axis=1) / 127.0).astype(np.float32)
+        amax = np.abs(head).max(axis=1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)  # (the padding row is zero)
         q = np.clip(np.rint(head / scale[:, None]), -127, 127).astype(np.int8)
         add("lm_head.weight", q, "i8", head.shape)
         add("lm_head.scale", scale, "f32", scale.shape)
@@ -246,32 +247,36 @@ def test_block_prefill_and_step_match_transformers(pair):
 
 
 def test_subblock_step_over_scratch_block(small):
-    """Sub-block cache: the block is written as scratch, then a sub-block step reads the
-    block's (stale) K/V around it and replaces its own positions with fresh ones."""
+    """Sub-block cache: the block is written as scratch, then sub-block steps read the
+    block's (stale) K/V around them and replace their own positions with fresh ones;
+    a step with write overwrites its positions in place for the next sub-block."""
     from transformers import DynamicCache
 
     hf, core = small
     rng = np.random.default_rng(12)  # (seed 2: a 2-ulp round-half tie at position 23 flips a code)
     V, B, S, P = hf.config.vocab_size, 16, 4, 16
     prefix, blk = rng.integers(0, V, P), rng.integers(0, V, B)
-    sub = rng.integers(0, V, S)
-    s0 = P + 4  # the second sub-block
     hf.ties.reset()
     cache = DynamicCache(config=hf.config)
     hf_logits(hf, prefix, mask=block_mask(range(P), range(P), B), cache=cache)
     hf_logits(hf, blk, positions=range(P, P + B), mask=block_mask(range(P, P + B), range(P + B), B), cache=cache)
-    keep = [i for i in range(P + B) if not s0 <= i < s0 + S]
-    for layer in cache.layers:  # drop the sub-block's stale K/V; fresh ones are appended by HF
-        layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
-    kv_pos = np.array(keep + list(range(s0, s0 + S)))
-    ref = hf_logits(hf, sub, positions=range(s0, s0 + S), mask=block_mask(range(s0, s0 + S), kv_pos, B), cache=cache)
+    kv_pos = list(range(P + B))  # absolute position of each HF cache column
 
     seq = core.alloc_seq(P + B)
     try:
         core_logits(core, prefix, B=B, seq=seq)
         core_logits(core, blk, B=B, seq=seq, start=P, ctx_len=P, write=True)
-        got = core_logits(core, sub, B=B, seq=seq, start=s0, ctx_len=P + B, write=False)
-        close_hf(got, ref, hf, range(s0, s0 + S), B)
+        # sub-blocks 2 and 3: the first step is written in place, the second only reads
+        for s0, write in ((P + 4, True), (P + 8, False)):
+            sub = rng.integers(0, V, S)
+            keep = [c for c, p in enumerate(kv_pos) if not s0 <= p < s0 + S]
+            for layer in cache.layers:  # drop the stale K/V of these positions; HF appends fresh ones
+                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+            kv_pos = [kv_pos[c] for c in keep] + list(range(s0, s0 + S))
+            ref = hf_logits(hf, sub, positions=range(s0, s0 + S), mask=block_mask(range(s0, s0 + S), kv_pos, B),
+                            cache=cache)
+            got = core_logits(core, sub, B=B, seq=seq, start=s0, ctx_len=P + B, write=write)
+            close_hf(got, ref, hf, range(s0, s0 + S), B)
     finally:
         core.free_seq(seq)
 
@@ -378,8 +383,8 @@ def test_select_greedy_with_banned(small):
     hf, core = small
     V = hf.config.vocab_size
     toks = np.random.default_rng(8).integers(0, V, 12).astype(np.int32)
-    out = np.arange(12, dtype=np.int32)
-    logits = core_logits(core, toks)
+    out = np.tile(np.arange(12, dtype=np.int32), 13)  # 156 rows: several lm_head chunks, repeated rows
+    logits = core_logits(core, toks)[out]
     banned = [int(logits[3].argmax()), 0]  # banning row 3's winner must change its answer
     seq = core.alloc_seq(12)
     try:
@@ -468,6 +473,8 @@ def test_bad_arguments(small):
         ([(s, t4, 0, 0, True, o1)], 0, "logits", "block_size"),
         ([(s, t4, 0, 0, True, o1)], 1, "probs", "mode"),
         ([(s, t4, 0)], 1, "logits", "item"),
+        ([(s, t4, "0", 0, True, o1)], 1, "logits", "item"),
+        ([(s, t4, 2**40, 0, True, o1)], 1, "logits", "item"),
     ]
     try:
         for items, B, mode, msg in bad:
@@ -534,11 +541,34 @@ def test_runtime_load_does_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    from hf_models import convert_tiny
+    from hf_models import child_env, convert_tiny
 
     path = convert_tiny(tmp_path, seed=4)
     code = ("import sys, bitdlm; m = bitdlm.load(sys.argv[1], threads=1); m.logits([1, 2, 3]); "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env = child_env()
     r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_portable_and_simd_attention_agree(small, kv_dtype):
+    """The portable (scalar ISA) and AVX2 attention loops give the same forward."""
+    hf, _ = small
+    isas = [i for i in ("scalar", "avx2") if i in _core.supported_isas()]
+    if len(isas) < 2 or not hasattr(_core, "set_isa"):
+        pytest.skip("this CPU/build has only the scalar kernels")
+    core = to_core(hf, kv_dtype=kv_dtype)
+    toks = np.random.default_rng(11).integers(0, hf.config.vocab_size, 40)
+    old = _core.active_isa()
+    res = []
+    try:
+        for isa in isas:
+            _core.set_isa(isa)
+            s = core.alloc_seq(48)
+            core_logits(core, toks[:24], B=8, seq=s)
+            res.append(core_logits(core, toks[24:], B=8, seq=s, start=24, ctx_len=24, write=False))
+            core.free_seq(s)
+    finally:
+        _core.set_isa(old)
+    np.testing.assert_allclose(res[0], res[1], rtol=0, atol=1e-4)

@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -109,24 +108,10 @@ std::vector<std::string> supported_isas() {
 void set_isa(const std::string& name) { g_table.store(find(name), std::memory_order_release); }
 
 void quantize_act(const float* x, int N, int K, int Kp, int8_t* q, float* scale, int32_t* sum) {
-  for (int n = 0; n < N; ++n) {
-    const float* xr = x + (int64_t)n * K;
-    int8_t* qr = q + (int64_t)n * Kp;
-    float amax = 0.f;
-    for (int k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(xr[k]));
-    const float s = 127.0f / std::fmax(amax, 1e-5f);
-    int32_t acc = 0;
-    for (int k = 0; k < K; ++k) {
-      // nearbyintf: round half to even like torch.round (std::round is half away).
-      float r = std::nearbyintf(xr[k] * s);
-      r = std::fmin(std::fmax(r, -128.f), 127.f);
-      qr[k] = (int8_t)r;
-      acc += qr[k];
-    }
-    for (int k = K; k < Kp; ++k) qr[k] = 0;
-    scale[n] = s;
-    sum[n] = acc;
-  }
+  const KernelTable& t = table();
+  // AVX-512 tables reuse the AVX2 quantizer (every AVX-512 CPU has AVX2)
+  const auto fn = t.quantize ? t.quantize : (cpu_avx2() ? kAvx2Kernels.quantize : kScalarKernels.quantize);
+  fn(x, N, K, Kp, q, scale, sum);
 }
 
 // Ternary multi-GEMM. Jobs = (matrix, block of kRowBlock rows, chunk of

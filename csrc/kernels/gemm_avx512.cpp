@@ -10,6 +10,6 @@ namespace avx512 {
 #undef BITDLM_VNNI
 }  // namespace avx512
 
-extern const KernelTable kAvx512Kernels = {"avx512", &avx512::ternary, &avx512::f16, &avx512::i8};
+extern const KernelTable kAvx512Kernels = {"avx512", &avx512::ternary, &avx512::f16, &avx512::i8, nullptr};
 
 }  // namespace bitdlm

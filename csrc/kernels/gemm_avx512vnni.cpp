@@ -10,6 +10,6 @@ namespace avx512vnni {
 #undef BITDLM_VNNI
 }  // namespace avx512vnni
 
-extern const KernelTable kAvx512VnniKernels = {"avx512vnni", &avx512vnni::ternary, &avx512vnni::f16, &avx512vnni::i8};
+extern const KernelTable kAvx512VnniKernels = {"avx512vnni", &avx512vnni::ternary, &avx512vnni::f16, &avx512vnni::i8, nullptr};
 
 }  // namespace bitdlm

@@ -1,4 +1,6 @@
 // Scalar reference kernels: the definition every SIMD kernel is tested against.
+#include <cmath>
+
 #include "kernels/isa.h"
 
 namespace bitdlm {
@@ -49,8 +51,29 @@ static void i8(const int8_t* W, const float* wscale, int K, const ActQ& a, float
   }
 }
 
+static void quantize(const float* x, int N, int K, int Kp, int8_t* q, float* scale, int32_t* sum) {
+  for (int n = 0; n < N; ++n) {
+    const float* xr = x + (int64_t)n * K;
+    int8_t* qr = q + (int64_t)n * Kp;
+    float amax = 0.f;
+    for (int k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(xr[k]));
+    const float s = 127.0f / std::fmax(amax, 1e-5f);
+    int32_t acc = 0;
+    for (int k = 0; k < K; ++k) {
+      // nearbyintf: round half to even like torch.round (std::round is half away).
+      float r = std::nearbyintf(xr[k] * s);
+      r = std::fmin(std::fmax(r, -128.f), 127.f);
+      qr[k] = (int8_t)r;
+      acc += qr[k];
+    }
+    for (int k = K; k < Kp; ++k) qr[k] = 0;
+    scale[n] = s;
+    sum[n] = acc;
+  }
+}
+
 }  // namespace scalar
 
-extern const KernelTable kScalarKernels = {"scalar", &scalar::ternary, &scalar::f16, &scalar::i8};
+extern const KernelTable kScalarKernels = {"scalar", &scalar::ternary, &scalar::f16, &scalar::i8, &scalar::quantize};
 
 }  // namespace bitdlm

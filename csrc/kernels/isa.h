@@ -20,6 +20,9 @@ struct KernelTable {
   // Rows [m0, m1) of the int8 lm_head: y[n*ldy+m] = (float)dot * wscale[m] / s_a[n].
   // Activation codes must lie in [-127, 127] (quantize_act guarantees it).
   void (*i8)(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0, int m1);
+  // quantize_act (gemm.h) for this ISA, bit-identical to the scalar one; may be
+  // nullptr (the dispatcher then uses the best other implementation).
+  void (*quantize)(const float* x, int N, int K, int Kp, int8_t* q, float* scale, int32_t* sum);
 };
 
 extern const KernelTable kScalarKernels;

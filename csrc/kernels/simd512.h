@@ -35,6 +35,14 @@ typedef __m128 m128;
 typedef __mmask64 mmask64;
 #endif
 
+// PIN(x): an empty asm that forces x into a register at this point, so GCC
+// cannot reassociate the accumulation chain into add trees (which spills).
+#ifdef BITDLM_SIMDE
+#define PIN(x) ((void)0)
+#else
+#define PIN(x) __asm__("" : "+v"(x))
+#endif
+
 namespace {
 
 // n (0..64) bytes from p, the rest zero; never reads past p + n.

@@ -7,15 +7,21 @@ namespace bitdlm {
 
 // Hot loops of attention, one table per ISA (attention.cpp: portable,
 // attention_avx2.cpp: AVX2 + F16C), picked from the kernels' active_isa().
-// Key/value rows are `d` floats (or fp16 bits) apart by `ld` elements.
+// They work on the nq query heads that share one KV head at once, so each
+// key/value row is loaded (and converted from fp16) once per group, not per head.
+// Query head h is at q + h*ldq; key/value rows are `ld` elements apart.
 struct AttnKernels {
   const char* name;
-  // out[j] = scale * dot(q, K[j]), j < nk
-  void (*scores_f32)(const float* q, const float* K, int64_t ld, int nk, int d, float scale, float* out);
-  void (*scores_f16)(const float* q, const uint16_t* K, int64_t ld, int nk, int d, float scale, float* out);
-  // out += sum_j p[j] * V[j]
-  void (*accum_f32)(const float* p, const float* V, int64_t ld, int nk, int d, float* out);
-  void (*accum_f16)(const float* p, const uint16_t* V, int64_t ld, int nk, int d, float* out);
+  // out[h * ldo + j] = scale * dot(q_h, K[j]), h < nq, j < nk
+  void (*scores_f32)(const float* q, int64_t ldq, int nq, const float* K, int64_t ld, int nk, int d, float scale,
+                     float* out, int64_t ldo);
+  void (*scores_f16)(const float* q, int64_t ldq, int nq, const uint16_t* K, int64_t ld, int nk, int d, float scale,
+                     float* out, int64_t ldo);
+  // out_h (at out + h * ldout) += sum_j p[h * ldp + j] * V[j]
+  void (*accum_f32)(const float* p, int64_t ldp, int nq, const float* V, int64_t ld, int nk, int d, float* out,
+                    int64_t ldout);
+  void (*accum_f16)(const float* p, int64_t ldp, int nq, const uint16_t* V, int64_t ld, int nk, int d, float* out,
+                    int64_t ldout);
   // fp32 -> fp16 (round to nearest even) for K/V writes
   void (*to_f16)(const float* x, uint16_t* y, int n);
 };

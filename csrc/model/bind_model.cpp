@@ -65,11 +65,16 @@ std::vector<Item> parse_items(const py::handle& items_obj) {
     if (t.size() != 6)
       throw std::invalid_argument("each item is (seq_id, tokens, start, ctx_len, write, out_idx)");
     Item it;
-    it.seq = t[0].cast<int>();
+    try {
+      it.seq = t[0].cast<int>();
+      it.start = t[2].cast<int>();
+      it.ctx_len = t[3].cast<int>();
+      it.write = t[4].cast<bool>();
+    } catch (const py::cast_error&) {
+      throw std::invalid_argument(
+          "each item is (seq_id: int, tokens, start: int, ctx_len: int, write: bool, out_idx) with int32 values");
+    }
     it.tokens = int_vec(t[1], "tokens");
-    it.start = t[2].cast<int>();
-    it.ctx_len = t[3].cast<int>();
-    it.write = t[4].cast<bool>();
     it.out_idx = int_vec(t[5], "out_idx");
     items.push_back(std::move(it));
   }

@@ -17,7 +17,8 @@ KvCache::~KvCache() {
 }
 
 int KvCache::alloc(int64_t capacity) {
-  if (capacity <= 0) throw std::invalid_argument("alloc_seq: capacity must be positive, got " + std::to_string(capacity));
+  if (capacity <= 0 || capacity > (1 << 30))
+    throw std::invalid_argument("alloc_seq: capacity must be in [1, 2^30], got " + std::to_string(capacity));
   const int64_t bytes = bytes_for(capacity);
   if (used_ + bytes > budget_)
     throw KvBudgetError("KV cache budget exceeded: a sequence of capacity " + std::to_string(capacity) + " needs " +

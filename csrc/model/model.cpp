@@ -155,7 +155,8 @@ void Model::forward_logits(const std::vector<Item>& items, int B, float* out) {
   std::lock_guard<std::mutex> g(mu_);
   int64_t n_out;
   check_locked(items, B, &n_out);
-  run(items, B, out);
+  const int rows = run(items, B);
+  if (rows) head(0, rows, out);
 }
 
 void Model::forward_select(const std::vector<Item>& items, int B, const SelectArgs& sel, int32_t* tok, float* conf) {
@@ -173,16 +174,22 @@ void Model::forward_select(const std::vector<Item>& items, int B, const SelectAr
   if (std::count(is_banned.begin(), is_banned.end(), 1) == cfg_.vocab)
     throw std::invalid_argument("every token id is banned");
   const int64_t V = cfg_.vocab;
-  grow(logits_, (size_t)(n_out * V));
-  run(items, B, logits_.data());
-  for (int64_t r = 0; r < n_out; ++r)
-    for (int32_t b : sel.banned) logits_[r * V + b] = -INFINITY;
-  select_rows(logits_.data(), (int)n_out, (int)V, V, sel.temperature.data(), sel.top_p.data(), sel.uniform.data(), tok,
-              conf);
+  const int rows = run(items, B);
+  // lm_head + selection in chunks: the logits scratch stays small whatever the row count.
+  constexpr int kChunk = 64;
+  grow(logits_, (size_t)std::min(rows, kChunk) * V);
+  for (int r0 = 0; r0 < rows; r0 += kChunk) {
+    const int nr = std::min(kChunk, rows - r0);
+    head(r0, nr, logits_.data());
+    for (int r = 0; r < nr; ++r)
+      for (int32_t b : sel.banned) logits_[(int64_t)r * V + b] = -INFINITY;
+    select_rows(logits_.data(), nr, (int)V, V, sel.temperature.data() + r0, sel.top_p.data() + r0,
+                sel.uniform.data() + r0, tok + r0, conf + r0);
+  }
 }
 
 // The forward proper. Every GEMM sees all tokens of all items at once.
-void Model::run(const std::vector<Item>& items, int B, float* logits) {
+int Model::run(const std::vector<Item>& items, int B) {
   const Config& c = cfg_;
   const int H = c.hidden, I = c.inter, hd = c.head_dim, nh = c.heads, nkv = c.kv_heads, half = hd / 2;
   const int QD = nh * hd, KVD = nkv * hd;
@@ -190,7 +197,7 @@ void Model::run(const std::vector<Item>& items, int B, float* logits) {
   const int Kpmax = std::max(KpH, std::max(KpQ, KpI));
   int64_t N64 = 0, NO64 = 0;
   for (const Item& it : items) N64 += (int64_t)it.tokens.size(), NO64 += (int64_t)it.out_idx.size();
-  if (N64 == 0) return;
+  if (N64 == 0) return 0;
   if (N64 > (1 << 24)) throw std::invalid_argument("too many tokens in one call");
   const int N = (int)N64, NO = (int)NO64;
 
@@ -317,25 +324,29 @@ void Model::run(const std::vector<Item>& items, int B, float* logits) {
     for (int64_t i = 0; i < (int64_t)N * H; ++i) x_[i] += tmp_[i];
   }
 
-  if (NO == 0) return;
-  // Final norm and lm_head for the requested rows only.
+  if (NO == 0) return 0;
+  // Final norm of the requested rows only.
   grow(xo_, (size_t)NO * H);
-  {
-    int o = 0;
-    for (size_t t = 0; t < items.size(); ++t)
-      for (int32_t idx : items[t].out_idx)
-        rmsnorm(x_.data() + (int64_t)(ai[t].row0 + idx) * H, final_norm_, xo_.data() + (int64_t)(o++) * H, 1, H,
-                c.eps);
-  }
+  int o = 0;
+  for (size_t t = 0; t < items.size(); ++t)
+    for (int32_t idx : items[t].out_idx)
+      rmsnorm(x_.data() + (int64_t)(ai[t].row0 + idx) * H, final_norm_, xo_.data() + (int64_t)(o++) * H, 1, H, c.eps);
+  return NO;
+}
+
+void Model::head(int r0, int rows, float* out) {
+  const int H = cfg_.hidden, V = cfg_.vocab;
+  const float* x = xo_.data() + (int64_t)r0 * H;
   if (head_i8_) {
-    grow(aq_, (size_t)NO * KpH);  // out_idx may repeat rows: NO can exceed N
-    grow(as_, (size_t)NO);
-    grow(asum_, (size_t)NO);
-    quantize_act(xo_.data(), NO, H, KpH, aq_.data(), as_.data(), asum_.data());
-    const ActQ a{aq_.data(), as_.data(), asum_.data(), NO, KpH};
-    gemm_i8_i8(head_i8_, head_scale_, c.vocab, H, a, logits, c.vocab);
+    const int KpH = (int)pad_k(H);
+    grow(aq_, (size_t)rows * KpH);  // out_idx may repeat rows: more rows than tokens
+    grow(as_, (size_t)rows);
+    grow(asum_, (size_t)rows);
+    quantize_act(x, rows, H, KpH, aq_.data(), as_.data(), asum_.data());
+    const ActQ a{aq_.data(), as_.data(), asum_.data(), rows, KpH};
+    gemm_i8_i8(head_i8_, head_scale_, V, H, a, out, V);
   } else {
-    gemm_f16_f32(head_f16_, c.vocab, H, xo_.data(), NO, logits, c.vocab);
+    gemm_f16_f32(head_f16_, V, H, x, rows, out, V);
   }
 }
 

@@ -72,7 +72,10 @@ class Model {
     Ternary q, k, v, o, gate, up, down;
   };
   void check_locked(const std::vector<Item>& items, int block_size, int64_t* n_out);
-  void run(const std::vector<Item>& items, int block_size, float* logits);
+  // All layers and the final norm: xo_ = norm(hidden) of the output rows; returns their number.
+  int run(const std::vector<Item>& items, int block_size);
+  // lm_head of `rows` rows of xo_ starting at row r0 -> out [rows, vocab].
+  void head(int r0, int rows, float* out);
 
   Config cfg_;
   std::vector<Layer> layers_;

@@ -184,8 +184,11 @@ class Checkpoint:
                                   f"from config.json")
         return dtype
 
-    def f32(self, name, shape=None) -> np.ndarray:
-        return _to_f32(self.raw(name), self.f32_check(name, shape))
+    def f32(self, name, shape=None, rows=None) -> np.ndarray:
+        a = _to_f32(self.raw(name, rows), self.f32_check(name, shape))
+        if not np.isfinite(a).all():
+            raise ConversionError(f"tensor {name!r} holds NaN or infinite values")
+        return a
 
     def close(self):
         for sf in self.files.values():
@@ -393,9 +396,8 @@ def _row_blocks(ckpt: Checkpoint, name: str, shape, rows: int = 8192):
     """fp32 row blocks of a [V, H] float tensor: the big embedding / lm_head are
     never materialised whole in fp32."""
     ckpt.f32_check(name, shape)
-    dtype, _ = ckpt.info(name)
     for i in range(0, shape[0], rows):
-        yield _to_f32(ckpt.raw(name, (i, i + rows)), dtype)
+        yield ckpt.f32(name, shape, (i, i + rows))
 
 
 def _f16_blocks(blocks):
@@ -459,13 +461,18 @@ def convert(hf_dir, out_path, *, mask_token=None, block_size=None, small_block_s
         raise ConversionError(f"unsupported quantization_config.quant_method {qc.get('quant_method')!r}")
     linear_class = qc.get("linear_class", "bitlinear") if qc else None
 
-    diffusion = {
-        "block_size": int(block_size if block_size is not None else _first(cfg, _CFG_BLOCK, DEFAULT_BLOCK_SIZE)),
-        "small_block_size": int(small_block_size if small_block_size is not None
-                                else _first(cfg, _CFG_SMALL, DEFAULT_SMALL_BLOCK_SIZE)),
-        "threshold": float(threshold if threshold is not None else _first(cfg, _CFG_THRESHOLD, DEFAULT_THRESHOLD)),
-        "shift_logits": bool(shift if shift is not None else _first(cfg, _CFG_SHIFT, True)),
-    }
+    try:
+        diffusion = {
+            "block_size": int(block_size if block_size is not None
+                              else _first(cfg, _CFG_BLOCK, DEFAULT_BLOCK_SIZE)),
+            "small_block_size": int(small_block_size if small_block_size is not None
+                                    else _first(cfg, _CFG_SMALL, DEFAULT_SMALL_BLOCK_SIZE)),
+            "threshold": float(threshold if threshold is not None
+                               else _first(cfg, _CFG_THRESHOLD, DEFAULT_THRESHOLD)),
+            "shift_logits": bool(shift if shift is not None else _first(cfg, _CFG_SHIFT, True)),
+        }
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"bad diffusion setting in config.json: {e}") from None
     if diffusion["small_block_size"] > diffusion["block_size"] and small_block_size is None:
         diffusion["small_block_size"] = diffusion["block_size"]  # e.g. --block-size 1 (AR)
 

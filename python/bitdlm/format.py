@@ -245,6 +245,10 @@ class ModelFile:
         count = int(np.prod(shape, dtype=np.int64))
         return np.frombuffer(self.buffer, dtype=dt, count=count, offset=t.offset).reshape(shape)
 
+    def core_tensors(self) -> dict:
+        """name -> (offset, dtype, shape, scale), the table `_core.Model` takes."""
+        return {t.name: (t.offset, t.dtype, tuple(t.shape), t.scale) for t in self.tensors.values()}
+
     def verify(self) -> None:
         """Check the crc32 of every tensor's data (reads the whole file)."""
         for t in self.tensors.values():
@@ -383,6 +387,19 @@ def _parse_tensors(header: dict, size: int, path) -> dict:
 
 # --------------------------------------------------------------------------- writer
 
+def _umask() -> int:
+    try:  # Linux: read it without the racy set-and-restore
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class ModelWriter:
     """Stream tensors into a new `.bin`, atomically.
 
@@ -405,7 +422,7 @@ class ModelWriter:
             raise FileExistsError(f"{self.path} is a directory")
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} already exists")
-        self.meta = meta
+        self.meta = json.loads(json.dumps(meta))  # a frozen copy: the header size is reserved now
         self._entries = {}
         for name, (dtype, shape) in specs.items():
             if dtype not in DTYPES:
@@ -430,9 +447,7 @@ class ModelWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self._tmp = Path(tmp)
         self._f = os.fdopen(fd, "w+b")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         self._f.truncate(self._file_size)
         self._done = False
 

@@ -20,14 +20,14 @@ DEFAULT_KV_DTYPE = "f16"
 
 
 def default_threads() -> int:
-    """OMP_NUM_THREADS if set, else the CPUs this process may run on."""
+    """OMP_NUM_THREADS if set, else the physical cores this process may run on
+    (one thread per core: SMT siblings only add barrier waits)."""
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    from .bench import physical_cores
+
+    return physical_cores()
 
 
 def default_kv_budget_bytes() -> int:

@@ -27,6 +27,7 @@ log = logging.getLogger("bitdlm.server")
 
 # Wait this long for in-flight requests on SIGINT/SIGTERM before cancelling them.
 SHUTDOWN_TIMEOUT_S = 30
+MAX_BODY_BYTES = 32 << 20  # far above any prompt that fits a context
 
 
 # --------------------------------------------------------------------- CLI
@@ -95,12 +96,10 @@ def _check_args(args) -> None:
 def _resolve_model_path(path):
     if path:
         return path
-    try:
-        from .model import default_model_path
-        path = default_model_path()
-    except (ImportError, AttributeError, FileNotFoundError):
-        path = None
-    if not path or not os.path.exists(path):
+    from .model import default_model_path
+
+    path = default_model_path()  # $BITDLM_MODEL, else the packaged model, else None
+    if not path:
         raise SystemExit("bitdlm serve: no --model given and no packaged default model found")
     return str(path)
 
@@ -202,6 +201,7 @@ class ServerConfig:
     max_queue: int = 64
     api_key: str | None = None
     default_params: dict = dataclasses.field(default_factory=dict)  # SamplingParams defaults
+    max_body_bytes: int = MAX_BODY_BYTES
 
 
 class _Sink:
@@ -218,6 +218,30 @@ class _Sink:
             self.aloop.call_soon_threadsafe(self.queue.put_nowait, (self.index, kind, payload))
         except RuntimeError:  # event loop closed (shutdown): nobody is listening
             pass
+
+
+def _put_all(items):
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class _Batch:
+    """The events of one engine step, handed over with one
+    call_soon_threadsafe per event loop (one wake-up per step, not per request)."""
+
+    def __init__(self):
+        self.by_loop: dict = {}
+
+    def put(self, sink, kind, payload=None):
+        self.by_loop.setdefault(sink.aloop, []).append((sink.queue, (sink.index, kind, payload)))
+
+    def flush(self):
+        for aloop, items in self.by_loop.items():
+            try:
+                aloop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # event loop closed (shutdown)
+                pass
+        self.by_loop = {}
 
 
 class _Active:
@@ -378,6 +402,7 @@ class EngineLoop:
             if fw is not None:
                 m.forwards.inc(max(0, fw - self._last_forwards))
                 self._last_forwards = fw
+        batch = _Batch()
         for out in outs:
             a = self._active.get(out.request_id)
             if a is None:
@@ -390,9 +415,10 @@ class EngineLoop:
                 m.generation_tokens.inc(len(out.new_token_ids))
             err = getattr(out, "error", None)
             if err:  # the engine dropped this request (e.g. out of KV cache memory)
-                a.sink.put("error", APIError(500, f"engine error: {err}", code="engine_error"))
+                batch.put(a.sink, "error", APIError(500, f"engine error: {err}",
+                                                    code="engine_error"))
             else:
-                a.sink.put("out", out)
+                batch.put(a.sink, "out", out)
             if out.finished or err:
                 del self._active[out.request_id]
                 self._release()
@@ -400,6 +426,7 @@ class EngineLoop:
                     self._count_finish("error")
                 else:
                     self._count_finish(out.finish_reason or "stop", out, a, now)
+        batch.flush()
 
     def _count_finish(self, reason, out=None, a=None, now=None):
         m = self.metrics
@@ -806,6 +833,13 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
 
     # -- helpers
     async def read_body(request: Request, schema):
+        try:
+            size = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            size = 0
+        if size > config.max_body_bytes:
+            raise APIError(413, f"The request body is larger than {config.max_body_bytes} bytes.",
+                           code="request_too_large")
         raw = await request.body()
         try:
             data = json.loads(raw)
