@@ -51,11 +51,9 @@ KINDS = ("decode", "subblock", "block")
 class LlamaRunner:
     """llama.cpp through llama-cpp-python's low-level API, one context per cached length.
 
-    Sequence 0 holds the prefix [0, ctx) and one block [ctx, ctx+32); decode and
-    block cases run on sequence 1, which shares the prefix cells (seq_cp) and is
-    trimmed back afterwards, so every repetition sees the same cache. The
-    sub-block case replaces [ctx+8, ctx+16) of sequence 0, like bitdlm's
-    sub-block cache step."""
+    Sequence 0 holds the prefix [0, ctx) and one block [ctx, ctx+32); every step
+    runs on sequence 1, which shares the cached cells it needs (seq_cp) and is
+    trimmed back afterwards, so every repetition sees the same cache."""
 
     engine = "llama.cpp"
 
@@ -129,16 +127,16 @@ class LlamaRunner:
         self.prepare(case.ctx)
         lctx = self.ctxs[case.ctx]
         mem = self.L.llama_get_memory(lctx)
-        ctx = case.ctx
-        if case.kind == "subblock":
-            self.L.llama_memory_seq_rm(mem, 0, ctx + SUB_BLOCK, ctx + 2 * SUB_BLOCK)
-            return self._decode(lctx, self._tokens(SUB_BLOCK), ctx + SUB_BLOCK, 0, True)
-        if case.kind not in ("decode", "block"):
+        # llama.cpp wants each sequence's positions to continue where its cache
+        # ends, so the sub-block step sees [0, ctx+8) and not the block's later
+        # positions too (24 fewer cached positions than bitdlm's sub-block step)
+        shared = case.ctx + SUB_BLOCK if case.kind == "subblock" else case.ctx
+        if case.kind not in KINDS:
             raise ValueError(case.kind)
         self.L.llama_memory_seq_rm(mem, 1, -1, -1)
-        if ctx:
-            self.L.llama_memory_seq_cp(mem, 0, 1, 0, ctx)
-        ms = self._decode(lctx, self._tokens(case.n), ctx, 1, True)
+        if shared:
+            self.L.llama_memory_seq_cp(mem, 0, 1, 0, shared)
+        ms = self._decode(lctx, self._tokens(case.n), shared, 1, True)
         self.L.llama_memory_seq_rm(mem, 1, -1, -1)
         return ms
 

@@ -382,7 +382,8 @@ def cmd_threads(args) -> int:
     if args.plot:
         plot_threads(rows, cores, args.plot,
                      f"bitdlm thread scaling, {os.path.basename(args.model)}, {info['cpu']} "
-                     f"({cores} cores), prompt {args.prompt}")
+                     f"({cores} cores), prompt {args.prompt}, load avg at start "
+                     f"{info['loadavg_at_start'][0] if info['loadavg_at_start'] else '?'}")
         print(f"wrote {args.plot}")
     return 0
 
