@@ -11,6 +11,7 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
@@ -278,15 +279,14 @@ def tiny_model(tmp_path_factory):
 MAX_LEN = 256
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    """`python -m bitdlm.cli serve` on the tiny model; SIGTERM at the end."""
+@contextlib.contextmanager
+def running_server(model, log_path, max_len=MAX_LEN):
+    """`python -m bitdlm.cli serve` on `model`; SIGTERM at the end."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
     env = child_env(OMP_NUM_THREADS=1)
-    cmd = [sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(tiny_model),
+    cmd = [sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(model),
            "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--threads", "1",
-           "--max-batch", "16", "--max-queue", "32", "--max-model-len", str(MAX_LEN),
+           "--max-batch", "16", "--max-queue", "32", "--max-model-len", str(max_len),
            "--served-model-name", "tiny", "--log-level", "warning"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -312,6 +312,25 @@ def server(tiny_model, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    with running_server(tiny_model, tmp_path_factory.mktemp("serve_log") / "server.log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """A server on a model big enough that a long request is still running when
+    its client hangs up (on the tiny model it can finish before the first chunk)."""
+    from hf_models import convert_tiny
+
+    model = convert_tiny(tmp_path_factory.mktemp("slow_serve"), seed=3, hidden_size=512,
+                         intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=4, max_position_embeddings=4096)
+    with running_server(model, tmp_path_factory.mktemp("slow_log") / "server.log", 4096) as srv:
+        yield srv
 
 
 def prompt_ids(i):
@@ -485,11 +504,13 @@ def test_bad_input_through_the_openai_client(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-def test_client_disconnect_frees_its_request(server):
+def test_client_disconnect_frees_its_request(slow_server):
+    server = slow_server
     c = client_for(server.base)
     aborted0 = metric(server.base, "bitdlm_requests_finished_total", 'reason="abort"')
-    stream = c.completions.create(model="tiny", prompt=prompt_ids(5), max_tokens=MAX_LEN - 60,
-                                  temperature=0, stream=True, extra_body={"threshold": 1.0})
+    stream = c.completions.create(model="tiny", prompt=prompt_ids(5), max_tokens=4000,
+                                  temperature=0, stream=True,
+                                  extra_body={"threshold": 1.0, "ignore_eos": True})
     first = next(iter(stream))
     assert first.choices[0].text is not None
     assert metric(server.base, "bitdlm_kv_cache_bytes") > 0  # its cache is allocated
@@ -501,8 +522,8 @@ def test_client_disconnect_frees_its_request(server):
     assert metric(server.base, "bitdlm_kv_cache_bytes") == 0
     # the same for a client that gives up on a non-streamed answer
     with http(server.base) as h, pytest.raises(httpx.ReadTimeout):
-        h.post("/v1/completions", json={"prompt": prompt_ids(6), "max_tokens": MAX_LEN - 60,
-                                        "threshold": 1.0}, timeout=0.3)
+        h.post("/v1/completions", json={"prompt": prompt_ids(6), "max_tokens": 4000,
+                                        "threshold": 1.0, "ignore_eos": True}, timeout=0.3)
     assert wait_until(lambda: metric(server.base, "bitdlm_requests_finished_total",
                                      'reason="abort"') == aborted0 + 2, 15)
     assert wait_until(lambda: metric(server.base, "bitdlm_requests_running") == 0)

@@ -574,6 +574,7 @@ def _schemas():
         threshold: Optional[float] = Field(default=None, gt=0.0, le=1.0)
         small_block_size: Optional[int] = Field(default=None, ge=1)
         use_block_cache: Optional[bool] = None
+        ignore_eos: Optional[bool] = None  # as vLLM: keep generating past EOS (benchmarks)
 
     class CompletionRequest(_Common):
         prompt: Union[str, list[int], list[str], list[list[int]]]
@@ -873,7 +874,7 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
         kw = dict(config.default_params)
         kw["max_tokens"] = max_tokens
         for k in ("temperature", "top_p", "seed", "threshold", "small_block_size",
-                  "use_block_cache"):
+                  "use_block_cache", "ignore_eos"):
             v = getattr(req, k)
             if v is not None:
                 kw[k] = v
