@@ -110,7 +110,7 @@ def test_ragged_k_padding_is_zero():
 
 @pytest.mark.parametrize("weights,output", [("tq2_0", "f16"), ("tq1_0", "q8_0")])
 def test_gguf_export_holds_the_same_weights(tiny, tmp_path, weights, output):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     from gguf.quants import dequantize
     from gguf_export import export_bin
 
@@ -233,3 +233,21 @@ def test_compare_tiny_end_to_end(tmp_path):
     assert set(econ) == {"0", "40"}
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert "32-token block" in md.read_text()
+
+
+@needs_core
+def test_pytorch_reference_runs_the_same_weights(tiny):
+    """compare.py's PyTorch reference, loaded from the .bin, agrees with bitdlm's logits."""
+    import torch
+
+    import bitdlm
+    import compare
+
+    ref = compare.TorchRunner(tiny["f16"], threads=1)
+    ids = np.array([5, 17, 300, 42, 999, 7, 64, 128], dtype=np.int64)
+    with torch.inference_mode():
+        want = ref.model(input_ids=torch.as_tensor(ids)[None]).logits[0].float().numpy()
+    got = bitdlm.load(tiny["f16"], threads=1).logits(ids.astype(np.int32))
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))
