@@ -160,6 +160,28 @@ def main() -> None:
                   f" = {row['pct_read_bw']:.0f}% of measured read bandwidth ({bw:.1f} GB/s);"
                   f" best {row['pct_read_bw_best']:.0f}% of best ({bwb:.1f} GB/s)")
 
+    # ---- lm_head GEMMs (a quarter of the 128256-row vocabulary: > LLC, less RAM)
+    res["lm_head"] = []
+    v, h = 32064, 2560
+    w16 = (rng.standard_normal((v, h)) * 0.02).astype(np.float16).view(np.uint16)
+    w8 = rng.integers(-127, 128, size=(v, h), dtype=np.int8)
+    w8s = np.full(v, 0.01, np.float32)
+    print(f"\nlm_head GEMMs, V={v} x H={h} (f16 {w16.nbytes / 2**20:.0f} MiB, i8 {w8.nbytes / 2**20:.0f} MiB)")
+    for n in (1, 8, 32):
+        x = rng.standard_normal((n, h)).astype(np.float32)
+        q, s, _ = _core.quantize_act(x)
+        for t in THREADS:
+            _core.set_num_threads(t)
+            for kind, fn, nbytes in (("f16", lambda: _core.gemm_f16(w16, x), w16.nbytes),
+                                     ("i8", lambda: _core.gemm_i8(w8, w8s, q, s), w8.nbytes)):
+                med, best = timeit(fn, 3, 0.3 if not args.quick else 0.1)
+                row = {"kind": kind, "V": v, "H": h, "N": n, "threads": t, "median_s": med, "best_s": best,
+                       "GBps": nbytes / med / 1e9, "GMACps": v * h * n / med / 1e9}
+                res["lm_head"].append(row)
+                print(f"  {kind:>3} N={n:<3} thr={t}: {med * 1e3:8.2f} ms (best {best * 1e3:.2f})"
+                      f" {row['GBps']:6.1f} GB/s {row['GMACps']:6.1f} GMAC/s", flush=True)
+    del w16, w8
+
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -50,8 +50,8 @@ def block_causal_mask(n_q: int, q_start: int, n_kv: int, block: int, dtype):
 def torch_generate(model, prompt_ids, max_new_tokens, block, small, threshold, mask_id, eos_ids,
                    shift=True):
     """Greedy Fast-dLLM v2 decoding (no sub-block cache). Returns
-    (generated ids, decoding forwards). Forwards count every model call after
-    the prefill (denoising steps and block commits)."""
+    (generated ids, forwards). Forwards count every model call (the prefill,
+    denoising steps, block commits), like bitdlm's per-request stats."""
     import torch
     from transformers import DynamicCache
 
@@ -75,6 +75,7 @@ def torch_generate(model, prompt_ids, max_new_tokens, block, small, threshold, m
     with torch.no_grad():
         if n_done:
             logits = run(ids[:n_done], 0, True)
+            forwards += 1
             if shift and n_done == n_prompt:
                 next_first = int(logits[-1].argmax())
         finished = False
@@ -128,33 +129,54 @@ def load_torch_model(ckpt):
 
 # ----------------------------------------------------------------------------- report
 
+def _stages(log):
+    """[(log, step offset)] from the first stage to `log` (logs chain via init_log)."""
+    chain = []
+    while log is not None:
+        chain.append(log)
+        log = log.get("init_log")
+    chain.reverse()
+    out, off = [], 0
+    for lg in chain:
+        out.append((lg, off))
+        off += len(lg["steps"])
+    return out
+
+
 def plot_loss(log, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, loss = log["steps"], log["loss"]
-    ema, e = [], None
-    for v in loss:
-        e = v if e is None else 0.95 * e + 0.05 * v
-        ema.append(e)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, loss, color="0.8", lw=0.7, label="train loss (per step)")
-    ax.plot(steps, ema, color="C0", label="train loss (EMA 0.95)")
-    ev = log["eval"]
-    ax.plot([r["step"] for r in ev], [r["loss"] for r in ev], "o-", color="C1", label="held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats, masked tokens)")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     ax2 = ax.twinx()
-    ax2.plot([r["step"] for r in ev], [r["masked_acc"] for r in ev], "s--", color="C2",
-             label="held-out masked-token acc")
+    for i, (lg, off) in enumerate(_stages(log)):
+        steps = [s + off for s in lg["steps"]]
+        ema, e = [], None
+        for v in lg["loss"]:
+            e = v if e is None else 0.95 * e + 0.05 * v
+            ema.append(e)
+        first = i == 0
+        ax.plot(steps, lg["loss"], color="0.8", lw=0.6, label="train loss (per step)" if first else None)
+        ax.plot(steps, ema, color="C0", label="train loss (EMA 0.95)" if first else None)
+        ev = lg["eval"]
+        ax.plot([r["step"] + off for r in ev], [r["loss"] for r in ev], "o-", color="C1",
+                label="held-out loss" if first else None)
+        ax2.plot([r["step"] + off for r in ev], [r["masked_acc"] for r in ev], "s--", color="C2",
+                 label="held-out masked-token acc" if first else None)
+        if off:
+            ax.axvline(off, color="k", lw=0.8, ls=":")
+            ax.text(off, ax.get_ylim()[1], f" stage {i + 1}: seq {lg['args']['seq_len']}, "
+                    f"lr {lg['args']['lr']:g}", va="top", fontsize=7)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats, masked tokens)")
     ax2.set_ylabel("masked-token accuracy")
     ax2.set_ylim(0, 1)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
-    ax.set_title("tiny-bitdlm: block-diffusion training (ternary weights, int8 activations)")
+    ax.set_title("tiny-bitdlm: block-diffusion training (ternary weights, int8 activations)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -165,13 +187,13 @@ def decode_all(args, thresholds):
     if args.engine == "bitdlm":
         import bitdlm
 
-        llm = bitdlm.LLM(args.bin)
+        llm = bitdlm.LLM(args.bin, threads=args.threads)
         for th in thresholds:
             params = bitdlm.SamplingParams(temperature=0.0, max_tokens=args.max_tokens, threshold=th)
             outs = llm.generate(PROMPTS, params)
-            toks = sum(len(o.outputs[0].token_ids) for o in outs)
-            fwd = sum(o.outputs[0].forwards for o in outs) if hasattr(outs[0].outputs[0], "forwards") else None
-            res[th] = (toks, fwd, [o.outputs[0].text for o in outs])
+            toks = sum(len(o.token_ids) for o in outs)
+            fwd = sum(o.stats["forwards"] for o in outs)
+            res[th] = (toks, fwd, [o.text for o in outs])
         return res
     from tokenizers import Tokenizer
 
@@ -200,15 +222,18 @@ def main(argv=None):
     p.add_argument("--engine", choices=["bitdlm", "torch"], default="bitdlm")
     p.add_argument("--out", default="docs")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)))
     args = p.parse_args(argv)
 
     log = json.loads((Path(args.ckpt) / "train_log.json").read_text())
     out = Path(args.out)
     plot_loss(log, out / "tiny_model_loss.png")
-    last = log["eval"][-1]
-    print(f"held-out: loss {last['loss']:.3f}, masked-token accuracy {last['masked_acc']:.3f} "
-          f"(step {last['step']}, train time {log['train_time_s'] / 60:.1f} min)")
+    for i, (lg, off) in enumerate(_stages(log)):
+        r = lg["eval"][-1]
+        print(f"stage {i + 1}: {len(lg['steps'])} steps, seq {lg['args']['seq_len']}, batch "
+              f"{lg['args']['batch']}, lr {lg['args']['lr']}, {lg['train_time_s'] / 60:.1f} min; held-out "
+              f"loss {r['loss']:.3f}, masked-token accuracy {r['masked_acc']:.3f}")
     t0 = time.time()
     res = decode_all(args, [float(t) for t in args.thresholds.split(",")])
     print(f"engine {args.engine}, {len(PROMPTS)} prompts, max_tokens {args.max_tokens}, "

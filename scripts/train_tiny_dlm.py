@@ -418,6 +418,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="build-train/tiny", help="HF checkpoint directory")
     p.add_argument("--bin", default=None, help="convert the checkpoint to this .bin with `bitdlm convert`")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default=None,
+                   help="continue from a checkpoint written by this script (same tokenizer/shapes); "
+                        "its train_log.json is kept in the new log as 'init_log'")
     p.add_argument("--threads", type=int, default=1,
                    help="1 is fastest on a shared machine: OpenMP barriers stall when a core is taken")
     p.add_argument("--vocab", type=int, default=3072)
@@ -472,6 +475,21 @@ def main(argv=None):
 
     model = build_model(args, tok.get_vocab_size(), eot)
     check_ste(model)
+    init_log = None
+    if args.init_from:
+        from safetensors.torch import load_file
+
+        src = Path(args.init_from)
+        if (src / "tokenizer.json").read_text() != tok.to_str(pretty=True) and \
+                json.loads((src / "tokenizer.json").read_text()) != json.loads(tok.to_str()):
+            raise SystemExit(f"{src}: its tokenizer differs from the one this seed trains")
+        state = {k: v.float() for k, v in load_file(str(src / "model.safetensors")).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise SystemExit(f"{src}: checkpoint does not match the model ({missing}, {unexpected})")
+        model.tie_weights()
+        init_log = json.loads((src / "train_log.json").read_text())
+        print(f"initialised from {src}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
 
@@ -497,7 +515,7 @@ def main(argv=None):
         return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     gen = torch.Generator().manual_seed(args.seed)
-    log = {"args": vars(args), "steps": [], "loss": [], "eval": []}
+    log = {"args": vars(args), "steps": [], "loss": [], "eval": [], "init_log": init_log}
     model.train()
     bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True, mininterval=2.0)
     ema = None

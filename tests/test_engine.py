@@ -1,6 +1,6 @@
-"""Scheduler tests: bitdlm's Engine / LLM against the independent reference
-decoder (tests/ref_decoder.py, transformers + DynamicCache) on tiny random
-BitNet models."""
+"""Scheduler tests: bitdlm's Engine / LLM (on the C++ forward, bitdlm.load)
+against the independent reference decoder (tests/ref_decoder.py, transformers
++ DynamicCache) on tiny random BitNet models converted with bitdlm.convert."""
 from __future__ import annotations
 
 import os
@@ -24,83 +24,31 @@ BS, SBS = 8, 4
 
 
 # ----------------------------------------------------------------- fixtures
-class TorchModel:
-    """Test double of bitdlm.model.Model on top of transformers: same forward
-    contract (items, block rule, write / replace semantics, select mode)."""
+class Counting:
+    """bitdlm.load's Model (f32 KV: exact against the fp32 oracle) that counts
+    forward calls, tokens per item and live caches; meta overrides for tests."""
 
-    def __init__(self, hf, meta):
-        self.hf, self.meta = hf, meta
-        self.tokenizer = Tokenizer.from_meta(meta)
-        self.kv = {}
-        self._next = 0
-        self.calls = []
-        self.token_counts = []
+    def __init__(self, path, **meta_over):
+        import bitdlm
+
+        self.model = bitdlm.load(str(path), threads=1, kv_dtype="f32")
+        self.meta = dict(self.model.meta, **meta_over)
+        self.tokenizer = self.model.tokenizer
+        self.calls, self.token_counts, self.kv = [], [], {}
 
     def alloc_seq(self, capacity):
-        sid = self._next
-        self._next += 1
-        self.kv[sid] = dict(cap=capacity, layers=None)
+        sid = self.model.alloc_seq(capacity)
+        self.kv[sid] = capacity
         return sid
 
     def free_seq(self, sid):
+        self.model.free_seq(sid)
         del self.kv[sid]
 
-    @torch.no_grad()
-    def forward(self, items, block_size, mode, temperature=None, top_p=None, uniforms=None, banned=None):
-        from transformers.cache_utils import DynamicCache
-
+    def forward(self, items, *args, **kw):
         self.calls.append(len(items))
         self.token_counts += [len(it[1]) for it in items]
-        all_logits = []
-        for sid, tokens, start, ctx_len, write, out_idx in items:
-            st = self.kv[sid]
-            n = len(tokens)
-            assert start + n <= st["cap"] and ctx_len <= st["cap"]
-            keep = [p for p in range(ctx_len) if not (start <= p < start + n)]
-            cache = DynamicCache()
-            kv_pos = torch.tensor(keep, dtype=torch.long)
-            if st["layers"] is not None and keep:
-                cache = DynamicCache(ddp_cache_data=[(k[:, :, keep], v[:, :, keep]) for k, v in st["layers"]])
-            q = torch.arange(start, start + n)
-            kvp = torch.cat([kv_pos, q])
-            ok = (kvp[None] // block_size) <= (q[:, None] // block_size)
-            mask = torch.where(ok, 0.0, torch.finfo(torch.float32).min)[None, None]
-            out = self.hf(torch.tensor(np.asarray(tokens, np.int64))[None], attention_mask=mask,
-                          position_ids=q[None], past_key_values=cache, use_cache=True)
-            if write:
-                if st["layers"] is None:
-                    st["layers"] = [(torch.zeros(1, lay.keys.shape[1], st["cap"], lay.keys.shape[3]),
-                                     torch.zeros(1, lay.keys.shape[1], st["cap"], lay.keys.shape[3]))
-                                    for lay in cache.layers]
-                for (k, v), lay in zip(st["layers"], cache.layers):
-                    k[:, :, start:start + n] = lay.keys[:, :, -n:]
-                    v[:, :, start:start + n] = lay.values[:, :, -n:]
-            all_logits.append(out.logits[0, torch.as_tensor(np.asarray(out_idx, np.int64))].float())
-        logits = torch.cat(all_logits)
-        if mode == "logits":
-            return logits.numpy()
-        if banned is not None and len(banned):
-            logits[:, torch.as_tensor(np.asarray(banned, np.int64))] = float("-inf")
-        toks, confs = [], []
-        for i in range(logits.shape[0]):
-            t = 0.0 if temperature is None else float(temperature[i])
-            if t == 0:
-                p = torch.softmax(logits[i], -1)
-                j = int(p.argmax())
-                toks.append(j)
-                confs.append(float(p[j]))
-                continue
-            p = torch.softmax(logits[i] / t, -1)
-            ps, idx = torch.sort(p, descending=True)
-            cum = torch.cumsum(ps, 0)
-            keepm = (cum - ps) < float(top_p[i])
-            ps = torch.where(keepm, ps, 0.0)
-            ps = ps / ps.sum()
-            k = int(torch.searchsorted(torch.cumsum(ps, 0), torch.tensor(float(uniforms[i])), right=True))
-            k = min(k, int(keepm.sum()) - 1)
-            toks.append(int(idx[k]))
-            confs.append(float(ps[k]))
-        return np.asarray(toks, np.int32), np.asarray(confs, np.float32)
+        return self.model.forward(items, *args, **kw)
 
 
 @dataclass
@@ -152,14 +100,15 @@ def tok_json(models):
 
 
 def _backend(m: Tiny, **meta_over):
-    return TorchModel(m.hf, dict(m.meta, **meta_over))
+    return Counting(m.path, **meta_over)
 
 
 def _ref(m: Tiny, prompt, *, max_tokens, threshold, use_block_cache=False, block_size=BS, sbs=SBS,
-         stop_ids=None):
+         stop_ids=None, max_len=None):
     meta = m.meta
     d = meta["diffusion"]
-    r = RefDecoder(m.hf, block_size=block_size, mask_id=meta["mask_token_id"], shift=d["shift_logits"])
+    r = RefDecoder(m.hf, block_size=block_size, mask_id=meta["mask_token_id"], shift=d["shift_logits"],
+                   max_len=max_len)
     return r.generate(prompt, max_new_tokens=max_tokens, small_block_size=sbs, threshold=threshold,
                       stop_ids=meta["eos_token_ids"] if stop_ids is None else stop_ids,
                       use_block_cache=use_block_cache)
@@ -186,7 +135,7 @@ def test_matches_reference(models, shift, threshold, plen):
 
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("threshold", [0.9, 0.5])
-@pytest.mark.parametrize("plen", [BS - 1, BS + 1])
+@pytest.mark.parametrize("plen", [1, BS - 1, BS, BS + 1])
 def test_block_cache_matches_reference(models, shift, threshold, plen):
     m = models[shift]
     meta = m.meta
@@ -195,6 +144,17 @@ def test_block_cache_matches_reference(models, shift, threshold, plen):
     got = LLM(_backend(m)).generate(
         prompt, SamplingParams(max_tokens=16, threshold=threshold, use_block_cache=True))[0]
     assert got.token_ids == want
+
+
+def test_parallel_decoding_happens(models):
+    # the fixture is sharp enough that a lower threshold unmasks several tokens per step
+    m = models[True]
+    prompt = _prompt(5, seed=16)
+    llm = LLM(_backend(m))
+    f = {thr: llm.generate(prompt, SamplingParams(max_tokens=24, threshold=thr, ignore_eos=True))[0]
+         for thr in (1.0, 0.5)}
+    assert f[1.0].stats["forwards"] >= 24  # one token per step, plus commits
+    assert f[0.5].stats["tokens_per_forward"] > 1.3 * f[1.0].stats["tokens_per_forward"]
 
 
 def test_block_cache_changes_the_computation(models):
@@ -221,7 +181,7 @@ def test_batch_equals_alone(models):
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
     assert [g.text for g in together] == [g.text for g in alone]
     assert max(be.calls) == len(prompts)  # one forward call carried every running request
-    assert be.kv == {}  # every cache freed
+    assert be.kv == {} and be.model.kv_bytes_used() == 0  # every cache freed
 
 
 @pytest.mark.parametrize("shift", [True, False])
@@ -259,6 +219,31 @@ def test_context_limit(models):
     prompt = _prompt(L - 5, seed=6)
     g = LLM(_backend(m)).generate(prompt, SamplingParams(max_tokens=50, ignore_eos=True))[0]
     assert len(g.token_ids) == 5 and g.finish_reason == "length"
+
+
+def test_chunked_prefill(models):
+    m = models[True]
+    prompt = _prompt(4 * BS + 3, seed=14)
+    want = _ref(m, prompt, max_tokens=10, threshold=0.9)
+    be = _backend(m)
+    llm = LLM(be)
+    llm.engine.prefill_chunk = 2 * BS  # the prompt's 4 whole blocks take two forward calls
+    got = llm.generate(prompt, SamplingParams(max_tokens=10, threshold=0.9))[0]
+    assert got.token_ids == want
+    assert be.token_counts[:2] == [2 * BS, 2 * BS]
+
+
+@pytest.mark.parametrize("use_block_cache", [False, True])
+def test_partial_last_block(models, use_block_cache):
+    # a context that is not a multiple of the block size: the last block is cut short
+    m = models[True]
+    L = m.meta["max_position_embeddings"] - 5
+    prompt = _prompt(L - 12, seed=15)
+    want = _ref(m, prompt, max_tokens=50, threshold=0.9, stop_ids=[], max_len=L, use_block_cache=use_block_cache)
+    assert len(want) == 12
+    got = LLM(_backend(m, max_position_embeddings=L)).generate(
+        prompt, SamplingParams(max_tokens=50, threshold=0.9, ignore_eos=True, use_block_cache=use_block_cache))[0]
+    assert got.token_ids == want and got.finish_reason == "length"
 
 
 def test_stop_strings(models):
@@ -348,7 +333,7 @@ def test_caches_freed_and_abort(models):
     fin = {o.request_id: o for o in outs if o.finished}
     assert fin["a"].finish_reason == "abort" and fin["b"].finish_reason == "length"
     assert fin["b"].num_generated_tokens == 3
-    assert be.kv == {}
+    assert be.kv == {} and be.model.kv_bytes_used() == 0
     eng.abort("unknown")  # no-op
 
 
@@ -445,3 +430,57 @@ def test_chat_template_matches_transformers(tok_json, models):
     assert ids[0] == 2
     with pytest.raises(Exception, match="need system"):
         ours.apply_chat_template(msgs[1:])
+
+
+# ------------------------------------------------------------------- CLI
+def _cli(*args):
+    import subprocess
+    import sys
+
+    code = ("import sys; from bitdlm.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'the runtime path imported torch'; sys.exit(rc)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_cli_generate(models):
+    import bitdlm
+
+    m = models[True]
+    llm = LLM(bitdlm.load(str(m.path)))
+    want = llm.generate("hello world", SamplingParams(max_tokens=10, threshold=0.9, ignore_eos=True))[0]
+    r = _cli("generate", "hello world", "--model", m.path, "--max-tokens", 10, "--threshold", 0.9,
+             "--ignore-eos", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.text + "\n"
+    assert "forwards: " in r.stderr and "tokens/forward: " in r.stderr and "tok/s: " in r.stderr
+    r2 = _cli("generate", "hello world", "--model", m.path, "--max-tokens", 10, "--threshold", 0.9,
+              "--ignore-eos", "--stream")
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout == r.stdout
+    chat_ids = llm.chat_prompt([{"role": "user", "content": "hi"}])
+    assert llm.tokenizer.decode(chat_ids, skip_special_tokens=False) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    want = llm.generate(chat_ids, SamplingParams(max_tokens=6))[0]
+    r3 = _cli("generate", "hi", "--chat", "--model", m.path, "--max-tokens", 6)
+    assert r3.returncode == 0, r3.stderr
+    assert r3.stdout == want.text + "\n"
+    for bad in (["--max-tokens", 0], ["--threshold", 1.5], ["--small-block-size", 3]):
+        r = _cli("generate", "hello", "--model", m.path, *bad)
+        assert r.returncode == 2 and "error" in r.stderr, (bad, r.stderr)
+    r = _cli("generate", "", "--model", m.path)
+    assert r.returncode == 2 and "empty prompt" in r.stderr
+    r = _cli("generate", "hello", "--model", "/nonexistent.bin")
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_default_model(models, monkeypatch):
+    import bitdlm.model
+
+    monkeypatch.setattr(bitdlm.model, "default_model_path", lambda: None)
+    with pytest.raises(FileNotFoundError, match="default model"):
+        LLM()
+    monkeypatch.setattr(bitdlm.model, "default_model_path", lambda: str(models[True].path))
+    g = LLM(threads=1).generate("hello", SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert len(g.token_ids) == 3

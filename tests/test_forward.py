@@ -247,32 +247,36 @@ def test_block_prefill_and_step_match_transformers(pair):
 
 
 def test_subblock_step_over_scratch_block(small):
-    """Sub-block cache: the block is written as scratch, then a sub-block step reads the
-    block's (stale) K/V around it and replaces its own positions with fresh ones."""
+    """Sub-block cache: the block is written as scratch, then sub-block steps read the
+    block's (stale) K/V around them and replace their own positions with fresh ones;
+    a step with write overwrites its positions in place for the next sub-block."""
     from transformers import DynamicCache
 
     hf, core = small
     rng = np.random.default_rng(12)  # (seed 2: a 2-ulp round-half tie at position 23 flips a code)
     V, B, S, P = hf.config.vocab_size, 16, 4, 16
     prefix, blk = rng.integers(0, V, P), rng.integers(0, V, B)
-    sub = rng.integers(0, V, S)
-    s0 = P + 4  # the second sub-block
     hf.ties.reset()
     cache = DynamicCache(config=hf.config)
     hf_logits(hf, prefix, mask=block_mask(range(P), range(P), B), cache=cache)
     hf_logits(hf, blk, positions=range(P, P + B), mask=block_mask(range(P, P + B), range(P + B), B), cache=cache)
-    keep = [i for i in range(P + B) if not s0 <= i < s0 + S]
-    for layer in cache.layers:  # drop the sub-block's stale K/V; fresh ones are appended by HF
-        layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
-    kv_pos = np.array(keep + list(range(s0, s0 + S)))
-    ref = hf_logits(hf, sub, positions=range(s0, s0 + S), mask=block_mask(range(s0, s0 + S), kv_pos, B), cache=cache)
+    kv_pos = list(range(P + B))  # absolute position of each HF cache column
 
     seq = core.alloc_seq(P + B)
     try:
         core_logits(core, prefix, B=B, seq=seq)
         core_logits(core, blk, B=B, seq=seq, start=P, ctx_len=P, write=True)
-        got = core_logits(core, sub, B=B, seq=seq, start=s0, ctx_len=P + B, write=False)
-        close_hf(got, ref, hf, range(s0, s0 + S), B)
+        # sub-blocks 2 and 3: the first step is written in place, the second only reads
+        for s0, write in ((P + 4, True), (P + 8, False)):
+            sub = rng.integers(0, V, S)
+            keep = [c for c, p in enumerate(kv_pos) if not s0 <= p < s0 + S]
+            for layer in cache.layers:  # drop the stale K/V of these positions; HF appends fresh ones
+                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+            kv_pos = [kv_pos[c] for c in keep] + list(range(s0, s0 + S))
+            ref = hf_logits(hf, sub, positions=range(s0, s0 + S), mask=block_mask(range(s0, s0 + S), kv_pos, B),
+                            cache=cache)
+            got = core_logits(core, sub, B=B, seq=seq, start=s0, ctx_len=P + B, write=write)
+            close_hf(got, ref, hf, range(s0, s0 + S), B)
     finally:
         core.free_seq(seq)
 
@@ -293,7 +297,7 @@ def test_batch_equals_each_alone(small):
         ]
         together = core.forward(items, B, "logits")
         alone = np.concatenate([core.forward([it], B, "logits") for it in items])
-        np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(together, alone, rtol=1e-6, atol=1e-5)
         assert together.shape == (1 + 8 + 2, V)
     finally:
         for s in seqs:
@@ -318,7 +322,7 @@ def test_cache_over_many_step_commit_cycles(small):
             last = core_logits(core, final, B=B, seq=seq, start=start, ctx_len=start, write=True)
             toks += list(final)
         fresh = core_logits(core, toks, B=B)
-        np.testing.assert_allclose(last, fresh[-B:], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(last, fresh[-B:], rtol=1e-6, atol=1e-4)
         n = len(toks)
         hf.ties.reset()
         close_hf(fresh, hf_logits(hf, toks, mask=block_mask(range(n), range(n), B)), hf, range(n), B)
@@ -537,12 +541,12 @@ def test_runtime_load_does_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    from hf_models import convert_tiny
+    from hf_models import child_env, convert_tiny
 
     path = convert_tiny(tmp_path, seed=4)
     code = ("import sys, bitdlm; m = bitdlm.load(sys.argv[1], threads=1); m.logits([1, 2, 3]); "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env = child_env()
     r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
@@ -567,4 +571,5 @@ def test_portable_and_simd_attention_agree(small, kv_dtype):
             core.free_seq(s)
     finally:
         _core.set_isa(old)
-    np.testing.assert_allclose(res[0], res[1], rtol=0, atol=1e-4)
+    # (the lm_head kernels sum in different orders: last-bit differences on logits of O(100))
+    np.testing.assert_allclose(res[0], res[1], rtol=1e-5, atol=1e-4)

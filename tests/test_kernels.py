@@ -120,7 +120,7 @@ def test_gemm_i32_exact(isa, m, k, n):
     np.testing.assert_array_equal(out, ref)
 
 
-@pytest.mark.parametrize("m,k,n", [(640, 2560, 1), (66, 2560, 8), (40, 6912, 33)])
+@pytest.mark.parametrize("m,k,n", [(640, 2560, 1), (66, 2560, 8), (40, 6912, 33), (37, 6912, 13), (33, 4096, 8)])
 def test_gemm_i32_bitnet_k(isa, m, k, n):
     rng = np.random.default_rng(m + k + n)
     codes, w, q, s, sums = _ternary_case(rng, m, k, n)
@@ -155,7 +155,7 @@ def test_isas_agree_with_threads():
     # the same call on every ISA and 1 / 2 threads gives bit-identical floats
     rng = np.random.default_rng(5)
     codes, w, q, s, sums = _ternary_case(rng, 2560, 2560, 9)
-    prev = _core.active_isa()
+    prev, prev_threads = _core.active_isa(), _core.get_max_threads()
     outs = []
     try:
         for name in ISAS:
@@ -165,9 +165,29 @@ def test_isas_agree_with_threads():
                 outs.append(_core.gemm(w, 0.5, q, s, sums))
     finally:
         _core.set_isa(prev)
-        _core.set_num_threads(1)
+        _core.set_num_threads(prev_threads)
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
+
+
+def test_gemm_multi_two_threads(isa):
+    # several matrices in one parallel region, N > 64 (token chunks) and the
+    # K-blocked path (K = 6912), on 2 threads
+    rng = np.random.default_rng(11)
+    k, n = 6912, 70
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    q, s, sums = _core.quantize_act(x)
+    codes = [rng.integers(-1, 2, size=(m, k), dtype=np.int8) for m in (33, 64, 7)]
+    scales = [0.5, 1.25, 3.0]
+    prev = _core.get_max_threads()
+    _core.set_num_threads(2)
+    try:
+        ys = _core.gemm_multi([pack_i2(c) for c in codes], scales, q, s, sums)
+    finally:
+        _core.set_num_threads(prev)
+    for c, ws, y in zip(codes, scales, ys):
+        dots = (q[:, :k].astype(np.int64) @ c.astype(np.int64).T).astype(np.float32)
+        np.testing.assert_array_equal(y, (dots / (np.float32(ws) * s[:, None])).astype(np.float32))
 
 
 def test_gemm_rejects_bad_shapes():
@@ -254,7 +274,9 @@ def test_bitdlm_isa_env_override():
     import sys
 
     code = "from bitdlm import _core; print(_core.active_isa())"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    from hf_models import child_env
+
+    env = child_env()
     for name in ISAS:
         out = subprocess.run([sys.executable, "-c", code], env=dict(env, BITDLM_ISA=name), capture_output=True,
                              text=True, timeout=60)

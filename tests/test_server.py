@@ -11,6 +11,7 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
@@ -158,7 +159,8 @@ def fake_server():
     def make(delay=0.0, max_batch=2, max_queue=4, tps=2):
         engine = FakeEngine(delay=delay, tps=tps, max_batch=max_batch)
         cfg = ServerConfig(served_model_name="fake", max_model_len=256, vocab_size=256,
-                           max_batch=max_batch, max_queue=max_queue, api_key=KEY)
+                           max_batch=max_batch, max_queue=max_queue, api_key=KEY,
+                           max_body_bytes=4096)
         srv = ThreadServer(create_app(engine, ByteTokenizer(), cfg)).__enter__()
         srv.engine = engine
         started.append(srv)
@@ -213,17 +215,25 @@ def test_engine_errors_fail_only_their_request(fake_server):
 
 
 def test_finished_request_leaves_without_stalling_others(fake_server):
-    srv = fake_server(delay=0.01, max_batch=4, max_queue=4)
+    srv = fake_server(delay=0.02, max_batch=4, max_queue=4)
     c = client_for(srv.base)
-    long = c.completions.create(model="fake", prompt="x", max_tokens=120, stream=True)
+    long = c.completions.create(model="fake", prompt="x", max_tokens=250, stream=True)
     it = iter(long)
     next(it)
-    t0 = time.monotonic()
     short = c.completions.create(model="fake", prompt="y", max_tokens=4)
     assert len(short.choices[0].text) == 4
-    assert time.monotonic() - t0 < 1.0  # did not wait for the long one (~0.6 s)
+    # the short one joined, finished and left while the long one (>= 2 s) runs on
+    assert metric(srv.base, "bitdlm_requests_running") == 1
+    assert metric(srv.base, "bitdlm_requests_finished_total", 'reason="length"') == 1
     rest = "".join(ch.choices[0].text for ch in it if ch.choices)
-    assert len(rest) == 120 - 2
+    assert len(rest) == 250 - 2
+
+
+def test_oversized_body_is_413(fake_server):
+    srv = fake_server()
+    r = http(srv.base).post("/v1/completions", content=b" " * 4097,
+                            headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
 def test_chat_template_error_is_400(fake_server):
@@ -269,15 +279,14 @@ def tiny_model(tmp_path_factory):
 MAX_LEN = 256
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    """`python -m bitdlm.cli serve` on the tiny model; SIGTERM at the end."""
+@contextlib.contextmanager
+def running_server(model, log_path, max_len=MAX_LEN):
+    """`python -m bitdlm.cli serve` on `model`; SIGTERM at the end."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
     env = child_env(OMP_NUM_THREADS=1)
-    cmd = [sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(tiny_model),
+    cmd = [sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(model),
            "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--threads", "1",
-           "--max-batch", "16", "--max-queue", "32", "--max-model-len", str(MAX_LEN),
+           "--max-batch", "16", "--max-queue", "32", "--max-model-len", str(max_len),
            "--served-model-name", "tiny", "--log-level", "warning"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -303,6 +312,25 @@ def server(tiny_model, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    with running_server(tiny_model, tmp_path_factory.mktemp("serve_log") / "server.log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """A server on a model big enough that a long request is still running when
+    its client hangs up (on the tiny model it can finish before the first chunk)."""
+    from hf_models import convert_tiny
+
+    model = convert_tiny(tmp_path_factory.mktemp("slow_serve"), seed=3, hidden_size=512,
+                         intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=4, max_position_embeddings=4096)
+    with running_server(model, tmp_path_factory.mktemp("slow_log") / "server.log", 4096) as srv:
+        yield srv
 
 
 def prompt_ids(i):
@@ -476,18 +504,29 @@ def test_bad_input_through_the_openai_client(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-def test_client_disconnect_mid_stream_frees_its_request(server):
+def test_client_disconnect_frees_its_request(slow_server):
+    server = slow_server
     c = client_for(server.base)
     aborted0 = metric(server.base, "bitdlm_requests_finished_total", 'reason="abort"')
-    stream = c.completions.create(model="tiny", prompt=prompt_ids(5), max_tokens=MAX_LEN - 60,
-                                  temperature=0, stream=True, extra_body={"threshold": 1.0})
+    stream = c.completions.create(model="tiny", prompt=prompt_ids(5), max_tokens=4000,
+                                  temperature=0, stream=True,
+                                  extra_body={"threshold": 1.0, "ignore_eos": True})
     first = next(iter(stream))
     assert first.choices[0].text is not None
+    assert metric(server.base, "bitdlm_kv_cache_bytes") > 0  # its cache is allocated
     stream.close()  # drop the connection mid-stream
     assert wait_until(lambda: metric(server.base, "bitdlm_requests_finished_total",
                                      'reason="abort"') == aborted0 + 1, 15)
     assert wait_until(lambda: metric(server.base, "bitdlm_requests_running") == 0
                       and metric(server.base, "bitdlm_requests_queued") == 0)
+    assert metric(server.base, "bitdlm_kv_cache_bytes") == 0
+    # the same for a client that gives up on a non-streamed answer
+    with http(server.base) as h, pytest.raises(httpx.ReadTimeout):
+        h.post("/v1/completions", json={"prompt": prompt_ids(6), "max_tokens": 4000,
+                                        "threshold": 1.0, "ignore_eos": True}, timeout=0.3)
+    assert wait_until(lambda: metric(server.base, "bitdlm_requests_finished_total",
+                                     'reason="abort"') == aborted0 + 2, 15)
+    assert wait_until(lambda: metric(server.base, "bitdlm_requests_running") == 0)
     assert metric(server.base, "bitdlm_kv_cache_bytes") == 0
     # and the server serves the next request
     assert c.completions.create(model="tiny", prompt=[5, 6], max_tokens=2).choices
@@ -521,3 +560,27 @@ def test_zz_graceful_shutdown_finishes_in_flight_requests(server):
     # uvicorn re-raises the captured signal once it has shut down cleanly
     assert server.proc.wait(30) in (0, -signal.SIGTERM)
     assert "Traceback" not in server.log.read_text()
+
+
+def test_serve_cli_refuses_bad_setups(tiny_model, monkeypatch):
+    import uvicorn
+
+    from bitdlm.cli import main
+
+    def no_run(*a, **k):
+        raise AssertionError("the server should not have started")
+
+    monkeypatch.setattr(uvicorn, "run", no_run)  # a wrong expectation must not hang here
+
+    def fails(argv, match):
+        with pytest.raises(SystemExit) as ei:
+            main(["serve"] + argv)
+        assert re.search(match, str(ei.value.code)), ei.value.code
+
+    fails(["--model", "/nonexistent/model.bin"], "cannot load /nonexistent/model.bin")
+    fails(["--model", str(tiny_model), "--max-model-len", "100000"], "exceeds")
+    fails(["--model", str(tiny_model), "--max-batch", "0"], "max-batch must be >= 1")
+    fails(["--model", str(tiny_model), "--threshold", "1.5"], "threshold")
+    fails(["--model", str(tiny_model), "--small-block-size", "0"], "small-block-size must be")
+    monkeypatch.setenv("BITDLM_MODEL", "/nonexistent/default.bin")
+    fails([], "cannot load /nonexistent/default.bin")

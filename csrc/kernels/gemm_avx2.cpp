@@ -14,9 +14,9 @@
 // accumulators, ~2.25 vector ops per maddubs; measured ~10% faster than 2 x 4
 // at N = 32), then 2 x 4, 2 x 3, 2 x 2 for the token tail and 4 x 1 for
 // decode. The tile loop runs tokens outer / rows inner, so the T activation
-// rows stay in L1 while the job's weight rows (<= 32 rows) stay in L1/L2.
+// rows stay in L1 while the job's weight rows (<= 32 rows) stay in L1/L2;
+// rows too long for that are K-blocked (ternary_rows_kblocked).
 #include <immintrin.h>
-
 
 #include "kernels/isa.h"
 
@@ -46,11 +46,14 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
     for (int b = b0; b < b1; ++b) {
-      if (T == 1 && !(b & 1))
+      if constexpr (T == 1)
         // decode streams the weights from DRAM with no reuse; rows are short
         // (640 B at K = 2560), so help the prefetcher: fetch the rows two
         // tiles ahead (prefetches never fault past the end of the matrix)
-        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + (r + 2 * R) * wstride + b * 32), _MM_HINT_T0);
+        // (if constexpr: a plain `if (T == 1)` measurably slowed the T = 8
+        // tile 2x, presumably by changing how GCC unrolls/allocates the loop)
+        if (!(b & 1))
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + (r + 2 * R) * wstride + b * 32), _MM_HINT_T0);
       __m256i p[R];
       for (int r = 0; r < R; ++r) p[r] = _mm256_loadu_si256((const __m256i*)(w + r * wstride + b * 32));
       for (int i = 0; i < 4; ++i) {
@@ -97,9 +100,55 @@ static inline void ternary_store(const TernaryW& w, const ActQ& a, int m, int n,
     }
 }
 
+// K-blocked variant for long rows: when the T activation rows do not fit in
+// L1 (T * Kp > 24 KiB, e.g. 8 x 6912 B for down_proj), every row tile would
+// re-stream them from L2 at one 32-byte load per maddubs, which halves the
+// rate (L2 -> L1 delivers ~32 B/cycle). So a panel of kPanel rows runs over
+// K in slices of kc blocks (T * kc * 128 B = 16 KiB, L1-resident), with int32
+// partial sums in a stack array.
+template <int R, int T>
+static inline void ternary_rows_kblocked(const TernaryW& w, const ActQ& a, int m0, int m1, int n, int32_t* out) {
+  constexpr int kPanel = 32;
+  constexpr int kc = 16384 / (T * kKBlock);
+  const int64_t wstride = a.Kp / 4;
+  const int nb = a.Kp / kKBlock;
+  const int8_t* q = a.q + (int64_t)n * a.Kp;
+  int32_t acc[kPanel][8];
+  int32_t part[R][8];
+  for (int mb = m0; mb < m1; mb += kPanel) {
+    const int me = mb + kPanel < m1 ? mb + kPanel : m1;
+    for (int i = 0; i < me - mb; ++i)
+      for (int t = 0; t < T; ++t) acc[i][t] = 0;
+    for (int b0 = 0; b0 < nb; b0 += kc) {
+      const int len = kc < nb - b0 ? kc : nb - b0;
+      int m = mb;
+      for (; m + R <= me; m += R) {
+        ternary_tile<R, T>(w.data + (int64_t)m * wstride + b0 * 32, wstride, q + b0 * kKBlock, a.Kp, len, part);
+        for (int r = 0; r < R; ++r)
+          for (int t = 0; t < T; ++t) acc[m - mb + r][t] += part[r][t];
+      }
+      for (; m < me; ++m) {
+        ternary_tile<1, T>(w.data + (int64_t)m * wstride + b0 * 32, wstride, q + b0 * kKBlock, a.Kp, len, part);
+        for (int t = 0; t < T; ++t) acc[m - mb][t] += part[0][t];
+      }
+    }
+    for (int i = 0; i < me - mb; ++i)
+      for (int t = 0; t < T; ++t) {
+        const int32_t d = acc[i][t] - a.sum[n + t];
+        if (out)
+          out[(int64_t)(n + t) * w.M + mb + i] = d;
+        else
+          w.y[(int64_t)(n + t) * w.ldy + mb + i] = (float)d / (w.scale * a.scale[n + t]);
+      }
+  }
+}
+
 // All rows [m0, m1) for the T tokens at n; R rows at a time, then single rows.
 template <int R, int T>
 static inline void ternary_rows(const TernaryW& w, const ActQ& a, int m0, int m1, int n, int32_t* out) {
+  if constexpr (T > 1) {
+    if ((int64_t)T * a.Kp > 24576) return ternary_rows_kblocked<R, T>(w, a, m0, m1, n, out);
+  }
   int m = m0;
   for (; m + R <= m1; m += R) ternary_store<R, T>(w, a, m, n, out);
   for (; m < m1; ++m) ternary_store<1, T>(w, a, m, n, out);
@@ -136,6 +185,8 @@ static inline void f16_tile(const uint16_t* W, int K, const float* x, float* y, 
   const float* xr = x + (int64_t)n * K;
   int k = 0;
   for (; k + 8 <= K; k += 8) {
+    if (!(k & 31))  // stream the next panel's rows in while this one computes
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
     __m256 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wr + (int64_t)r * K + k)));
     for (int t = 0; t < T; ++t) {
@@ -158,10 +209,16 @@ static inline void f16_rows(const uint16_t* W, int K, const float* x, float* y, 
   for (; m < m1; ++m) f16_tile<1, T>(W, K, x, y, ldy, m, n);
 }
 
+// Panels of 4 rows outer, token tiles inner: the panel's weights (4 x K
+// halves, 20 KiB at K = 2560) stay in L1 across all tokens; with tokens outer
+// the whole job's rows were re-read from L2 per token tile.
 static void f16(const uint16_t* W, int K, const float* x, int N, float* y, int ldy, int m0, int m1) {
-  int n = 0;
-  for (; n + 2 <= N; n += 2) f16_rows<4, 2>(W, K, x, y, ldy, m0, m1, n);
-  if (n < N) f16_rows<4, 1>(W, K, x, y, ldy, m0, m1, n);
+  for (int mp = m0; mp < m1; mp += 4) {
+    const int me = mp + 4 < m1 ? mp + 4 : m1;
+    int n = 0;
+    for (; n + 2 <= N; n += 2) f16_rows<4, 2>(W, K, x, y, ldy, mp, me, n);
+    if (n < N) f16_rows<4, 1>(W, K, x, y, ldy, mp, me, n);
+  }
 }
 
 // int8 rows: |w| (u8) x sign(a, w) (s8) with maddubs, widened at once (a pair
@@ -177,6 +234,8 @@ static inline void i8_tile(const int8_t* W, const float* wscale, int K, const Ac
   const int8_t* qr = a.q + (int64_t)n * a.Kp;
   int k = 0;
   for (; k + 32 <= K; k += 32) {
+    if (!(k & 63))  // stream the next panel's rows in while this one computes
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
     __m256i ws[R], wa[R];
     for (int r = 0; r < R; ++r) {
       ws[r] = _mm256_loadu_si256((const __m256i*)(wr + (int64_t)r * K + k));
@@ -210,14 +269,18 @@ static inline void i8_rows(const int8_t* W, const float* wscale, int K, const Ac
   for (; m < m1; ++m) i8_tile<1, T>(W, wscale, K, a, y, ldy, m, n);
 }
 
+// Panels of 4 rows outer (weights stay in L1), token tiles inner, as for f16.
 static void i8(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0, int m1) {
-  int n = 0;
-  for (; n + 4 <= a.N; n += 4) i8_rows<2, 4>(W, wscale, K, a, y, ldy, m0, m1, n);
-  switch (a.N - n) {
-    case 3: i8_rows<2, 3>(W, wscale, K, a, y, ldy, m0, m1, n); break;
-    case 2: i8_rows<2, 2>(W, wscale, K, a, y, ldy, m0, m1, n); break;
-    case 1: i8_rows<4, 1>(W, wscale, K, a, y, ldy, m0, m1, n); break;
-    default: break;
+  for (int mp = m0; mp < m1; mp += 4) {
+    const int me = mp + 4 < m1 ? mp + 4 : m1;
+    int n = 0;
+    for (; n + 4 <= a.N; n += 4) i8_rows<2, 4>(W, wscale, K, a, y, ldy, mp, me, n);
+    switch (a.N - n) {
+      case 3: i8_rows<2, 3>(W, wscale, K, a, y, ldy, mp, me, n); break;
+      case 2: i8_rows<2, 2>(W, wscale, K, a, y, ldy, mp, me, n); break;
+      case 1: i8_rows<4, 1>(W, wscale, K, a, y, ldy, mp, me, n); break;
+      default: break;
+    }
   }
 }
 

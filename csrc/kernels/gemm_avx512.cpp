@@ -1,5 +1,9 @@
 // AVX-512 F/BW/VL kernels (maddubs + madd; no VNNI). Built with the AVX-512
 // flags minus VNNI, or against SIMDe for tests/simde (-DBITDLM_SIMDE).
+// GCC 12 warns "__Y is used uninitialized" inside its own AVX-512 cast /
+// extract / insert intrinsics (GCC bug 105593); nothing of ours is uninitialized.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "kernels/isa.h"
 #include "kernels/simd512.h"
 

@@ -17,7 +17,8 @@ _COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitdlm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="bitdlm", description="CPU inference for ternary (BitNet b1.58) block-diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for _name, module in _COMMANDS:
         importlib.import_module(module).register_cli(sub)

@@ -65,10 +65,11 @@ class Generation:
 
 class LLM:
     """`LLM(model=None, threads=None)`: model is a `.bin` path, a loaded
-    `bitdlm.model.Model`, or None for the packaged default model."""
+    `bitdlm.model.Model`, or None for the default model (bitdlm.model.default_model_path():
+    $BITDLM_MODEL or the packaged one). `block_size` overrides the model's (1 = AR)."""
 
     def __init__(self, model=None, threads: int | None = None, max_batch: int = 16,
-                 block_size: int | None = None, kv_budget_gb: float | None = None):
+                 block_size: int | None = None, kv_budget_gb: float | None = None, kv_dtype: str | None = None):
         from .engine import Engine
 
         if model is None or isinstance(model, (str, os.PathLike)):
@@ -82,7 +83,7 @@ class LLM:
                 if path is None or not os.path.exists(path):
                     raise FileNotFoundError("no packaged default model is installed; pass a .bin path "
                                             "(LLM(model='model.bin') / --model)")
-            model = _model_mod.load(str(path), threads=threads, kv_budget_gb=kv_budget_gb)
+            model = _model_mod.load(str(path), threads=threads, kv_budget_gb=kv_budget_gb, kv_dtype=kv_dtype)
         self.model = model
         tok = getattr(model, "tokenizer", None)
         if tok is None and model.meta.get("tokenizer_json"):

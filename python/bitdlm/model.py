@@ -7,8 +7,6 @@ as the model does. See docs/architecture.md for the forward contract.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 import numpy as np
 
 from . import _core
@@ -40,12 +38,13 @@ def default_kv_budget_bytes() -> int:
 
 
 def default_model_path():
-    """$BITDLM_MODEL, else a model shipped in the package (bitdlm/models/default.bin), else None."""
+    """$BITDLM_MODEL, else the model shipped in the package (bitdlm/data), else None."""
     env = os.environ.get("BITDLM_MODEL")
     if env:
         return env
-    p = Path(__file__).with_name("models") / "default.bin"
-    return str(p) if p.exists() else None
+    from .data import default_model_path as packaged
+
+    return packaged()
 
 
 class Model:

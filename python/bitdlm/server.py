@@ -27,6 +27,7 @@ log = logging.getLogger("bitdlm.server")
 
 # Wait this long for in-flight requests on SIGINT/SIGTERM before cancelling them.
 SHUTDOWN_TIMEOUT_S = 30
+MAX_BODY_BYTES = 32 << 20  # far above any prompt that fits a context
 
 
 # --------------------------------------------------------------------- CLI
@@ -95,12 +96,10 @@ def _check_args(args) -> None:
 def _resolve_model_path(path):
     if path:
         return path
-    try:
-        from .model import default_model_path
-        path = default_model_path()
-    except (ImportError, AttributeError, FileNotFoundError):
-        path = None
-    if not path or not os.path.exists(path):
+    from .model import default_model_path
+
+    path = default_model_path()  # $BITDLM_MODEL, else the packaged model, else None
+    if not path:
         raise SystemExit("bitdlm serve: no --model given and no packaged default model found")
     return str(path)
 
@@ -202,6 +201,7 @@ class ServerConfig:
     max_queue: int = 64
     api_key: str | None = None
     default_params: dict = dataclasses.field(default_factory=dict)  # SamplingParams defaults
+    max_body_bytes: int = MAX_BODY_BYTES
 
 
 class _Sink:
@@ -574,6 +574,7 @@ def _schemas():
         threshold: Optional[float] = Field(default=None, gt=0.0, le=1.0)
         small_block_size: Optional[int] = Field(default=None, ge=1)
         use_block_cache: Optional[bool] = None
+        ignore_eos: Optional[bool] = None  # as vLLM: keep generating past EOS (benchmarks)
 
     class CompletionRequest(_Common):
         prompt: Union[str, list[int], list[str], list[list[int]]]
@@ -833,6 +834,13 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
 
     # -- helpers
     async def read_body(request: Request, schema):
+        try:
+            size = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            size = 0
+        if size > config.max_body_bytes:
+            raise APIError(413, f"The request body is larger than {config.max_body_bytes} bytes.",
+                           code="request_too_large")
         raw = await request.body()
         try:
             data = json.loads(raw)
@@ -866,7 +874,7 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
         kw = dict(config.default_params)
         kw["max_tokens"] = max_tokens
         for k in ("temperature", "top_p", "seed", "threshold", "small_block_size",
-                  "use_block_cache"):
+                  "use_block_cache", "ignore_eos"):
             v = getattr(req, k)
             if v is not None:
                 kw[k] = v
