@@ -151,8 +151,16 @@ def _prompts(tok):
     return [ids[:1], ids[:7], ids[:31], ids[:32], ids[:33]]
 
 
+@pytest.fixture(scope="module")
+def llm_f32kv():
+    # f32 KV cache: bitdlm then computes like the fp32 oracle. With the default
+    # f16 KV cache this weak model (near-tied logits) diverges from the oracle
+    # after ~30 tokens on 2 of 7 prompts: rounding, not the algorithm.
+    return bitdlm.LLM(bitdlm.load(MODEL, threads=1, kv_dtype="f32"))
+
+
 @pytest.mark.parametrize("threshold", [1.0, 0.9, 0.6])
-def test_matches_torch_reference_decoder(model, llm, hf, threshold):
+def test_matches_torch_reference_decoder(model, llm_f32kv, hf, threshold):
     from ref_decoder import RefDecoder
 
     m = model.meta
@@ -160,23 +168,13 @@ def test_matches_torch_reference_decoder(model, llm, hf, threshold):
     assert d["block_size"] == 32 and len(_prompts(model.tokenizer)[3]) == 32
     ref = RefDecoder(hf, block_size=d["block_size"], mask_id=m["mask_token_id"], shift=d["shift_logits"])
     params = bitdlm.SamplingParams(max_tokens=40, temperature=0.0, threshold=threshold)
-    exact, results = 0, []
-    for prompt in _prompts(model.tokenizer):
+    prompts = _prompts(model.tokenizer) + [model.tokenizer.encode(t) for t in
+                                           ("Return a new list", "User: What is a class?\nAssistant:")]
+    for prompt in prompts:
         want = ref.generate(prompt, max_new_tokens=40, small_block_size=d["small_block_size"],
                             threshold=threshold, stop_ids=m["eos_token_ids"])
-        got = llm.generate(prompt, params)[0].token_ids
-        results.append((len(prompt), got, want))
-        if got == want:
-            exact += 1
-            continue
-        # This weak model has near-tied top-2 logits: with the 32-token prompt the
-        # two engines diverge at generated token 8, where the top-2 logits differ by
-        # 0.0024 (bitdlm) / 0.0008 (transformers) while the two forwards differ by
-        # up to 0.037 (int8 activation codes flip at rounding borders). So a
-        # divergence is tolerated only after a common prefix of a sub-block.
-        k = next(i for i, (x, y) in enumerate(zip(got + [-1], want + [-2])) if x != y)
-        assert k >= d["small_block_size"], (len(prompt), k, got, want)
-    assert exact >= len(results) - 1, [(n, g == w) for n, g, w in results]
+        got = llm_f32kv.generate(prompt, params)[0].token_ids
+        assert got == want, (len(prompt), got, want)
 
 
 def test_cli_generate_uses_the_default_model():
