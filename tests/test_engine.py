@@ -439,7 +439,9 @@ def _cli(*args):
 
     code = ("import sys; from bitdlm.cli import main; rc = main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules, 'the runtime path imported torch'; sys.exit(rc)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    from hf_models import child_env
+
+    env = child_env()
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=120)
 
