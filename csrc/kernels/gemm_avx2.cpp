@@ -168,120 +168,170 @@ static void ternary(const TernaryW& w, const ActQ& a, int m0, int m1, int n0, in
 
 // ---------------------------------------------------------------- lm_head
 
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+// Horizontal sums of 4 float x8 vectors -> one float x4 (lane i = sum of v_i).
+static inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// fp16 rows: R rows converted once per 8 k (F16C) and FMA'd into T tokens.
-template <int R, int T>
-static inline void f16_tile(const uint16_t* W, int K, const float* x, float* y, int ldy, int m, int n) {
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  const uint16_t* wr = W + (int64_t)m * K;
-  const float* xr = x + (int64_t)n * K;
-  int k = 0;
-  for (; k + 8 <= K; k += 8) {
-    if (!(k & 31))  // stream the next panel's rows in while this one computes
-      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
-    __m256 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wr + (int64_t)r * K + k)));
-    for (int t = 0; t < T; ++t) {
-      const __m256 xv = _mm256_loadu_ps(xr + (int64_t)t * K + k);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
-    }
+// Stores the lane sums of acc[0..T) (T <= 8) into out[0..T).
+template <int T, class V, class S>
+static inline void hsum_store(const V (&acc)[T], S* out) {
+  static_assert(sizeof(S) == 4, "int32 or float lanes");
+  V z;
+  __builtin_memset(&z, 0, sizeof z);
+  const auto at = [&](int i) { return i < T ? acc[i < T ? i : 0] : z; };
+  const auto h0 = hsum4(at(0), at(1), at(2), at(3));
+  __builtin_memcpy(out, &h0, 4 * (T < 4 ? T : 4));
+  if constexpr (T > 4) {
+    const auto h1 = hsum4(at(4), at(5), at(6), at(7));
+    __builtin_memcpy(out + 4, &h1, 4 * (T - 4));
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      float s = hsum8(acc[r][t]);
-      for (int kk = k; kk < K; ++kk) s += half_to_float(wr[(int64_t)r * K + kk]) * xr[(int64_t)t * K + kk];
-      y[(int64_t)(n + t) * ldy + m + r] = s;
+}
+
+// lm_head tiles. Both GEMMs share one driver (lm_rows) and differ in the
+// R x T register tile over k in [k0, k0 + len) (len a multiple of the step):
+// each weight vector is loaded and prepared (abs / fp16 -> fp32) once and used
+// for the T tokens, whose activations are memory operands. Main tile 1 x 8 (8
+// accumulators: covers the FMA / multiply latency on 2 ports), 2 x 4 and
+// smaller for the token tail, 4 x 1 for decode.
+//
+// int8: |w| (u8) x sign(a, w) (s8) with maddubs, widened to int32 at once with
+// madd (a pair sum reaches 2*128*127 = 32512, so two of them could overflow int16).
+struct I8Kern {
+  using Acc = int32_t;
+  static constexpr int kStep = 32;  // k per vector
+  static constexpr int kActBytes = 1;
+  const int8_t* W;
+  const float* wscale;
+  int K;
+  const ActQ& a;
+  float* y;
+  int ldy;
+
+  template <int R, int T>
+  void tile(int m, int n, int k0, int len, Acc part[][8]) const {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
+    const int8_t* wr = W + (int64_t)m * K + k0;
+    const int8_t* qr = a.q + (int64_t)n * a.Kp + k0;
+    for (int k = 0; k < len; k += 32) {
+      if (!(k & 63))  // fetch the next rows while these compute
+        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
+      __m256i ws[R], wa[R];
+      for (int r = 0; r < R; ++r) {
+        ws[r] = _mm256_loadu_si256((const __m256i*)(wr + (int64_t)r * K + k));
+        wa[r] = _mm256_abs_epi8(ws[r]);
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m256i av = _mm256_loadu_si256((const __m256i*)(qr + (int64_t)t * a.Kp + k));
+        for (int r = 0; r < R; ++r)
+          acc[r][t] = _mm256_add_epi32(
+              acc[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(av, ws[r])), ones));
+      }
     }
+    for (int r = 0; r < R; ++r) hsum_store<T>(acc[r], part[r]);
+  }
+
+  // k in [kv, K) (scalar tail), then dequantize.
+  void finish(int m, int n, int kv, Acc d) const {
+    for (int k = kv; k < K; ++k) d += (int32_t)W[(int64_t)m * K + k] * a.q[(int64_t)n * a.Kp + k];
+    y[(int64_t)n * ldy + m] = (float)d * wscale[m] / a.scale[n];
+  }
+};
+
+// fp16: R weight vectors converted once per 8 k (F16C), FMA'd into T tokens.
+struct F16Kern {
+  using Acc = float;
+  static constexpr int kStep = 8;
+  static constexpr int kActBytes = 4;
+  const uint16_t* W;
+  int K;
+  const float* x;
+  float* y;
+  int ldy;
+
+  template <int R, int T>
+  void tile(int m, int n, int k0, int len, Acc part[][8]) const {
+    __m256 acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    const uint16_t* wr = W + (int64_t)m * K + k0;
+    const float* xr = x + (int64_t)n * K + k0;
+    for (int k = 0; k < len; k += 8) {
+      if (!(k & 31))  // fetch the next rows while these compute
+        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
+      __m256 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wr + (int64_t)r * K + k)));
+      for (int t = 0; t < T; ++t) {
+        const __m256 xv = _mm256_loadu_ps(xr + (int64_t)t * K + k);
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+      }
+    }
+    for (int r = 0; r < R; ++r) hsum_store<T>(acc[r], part[r]);
+  }
+
+  void finish(int m, int n, int kv, Acc s) const {
+    for (int k = kv; k < K; ++k) s += half_to_float(W[(int64_t)m * K + k]) * x[(int64_t)n * K + k];
+    y[(int64_t)n * ldy + m] = s;
+  }
+};
+
+// Rows [m0, m1) x tokens [n, n + T). K is cut into slices whose T activation
+// rows fill ~16 KiB, so they stay in L1 while a panel of rows streams past
+// (each weight vector is read once per token tile; the panel, <= 64 rows,
+// stays in L2 for the next token tile); partial sums live in a stack array.
+template <int R, int T, class Kern>
+static inline void lm_rows(const Kern& kn, int K, int m0, int m1, int n) {
+  using Acc = typename Kern::Acc;
+  constexpr int kPanel = 64;
+  constexpr int kc = 16384 / (T * Kern::kActBytes) / Kern::kStep * Kern::kStep;
+  const int kv = K / Kern::kStep * Kern::kStep;
+  Acc acc[kPanel][8];
+  Acc part[R][8];
+  for (int mb = m0; mb < m1; mb += kPanel) {
+    const int me = mb + kPanel < m1 ? mb + kPanel : m1;
+    for (int i = 0; i < me - mb; ++i)
+      for (int t = 0; t < T; ++t) acc[i][t] = 0;
+    for (int k0 = 0; k0 < kv; k0 += kc) {
+      const int len = kc < kv - k0 ? kc : kv - k0;
+      int m = mb;
+      for (; m + R <= me; m += R) {
+        kn.template tile<R, T>(m, n, k0, len, part);
+        for (int r = 0; r < R; ++r)
+          for (int t = 0; t < T; ++t) acc[m - mb + r][t] += part[r][t];
+      }
+      for (; m < me; ++m) {
+        kn.template tile<1, T>(m, n, k0, len, part);
+        for (int t = 0; t < T; ++t) acc[m - mb][t] += part[0][t];
+      }
+    }
+    for (int i = 0; i < me - mb; ++i)
+      for (int t = 0; t < T; ++t) kn.finish(mb + i, n + t, kv, acc[i][t]);
+  }
 }
 
-template <int R, int T>
-static inline void f16_rows(const uint16_t* W, int K, const float* x, float* y, int ldy, int m0, int m1, int n) {
-  int m = m0;
-  for (; m + R <= m1; m += R) f16_tile<R, T>(W, K, x, y, ldy, m, n);
-  for (; m < m1; ++m) f16_tile<1, T>(W, K, x, y, ldy, m, n);
+template <class Kern>
+static void lm_head(const Kern& kn, int K, int N, int m0, int m1) {
+  int n = 0;
+  for (; n + 8 <= N; n += 8) lm_rows<1, 8>(kn, K, m0, m1, n);
+  for (; n + 4 <= N; n += 4) lm_rows<2, 4>(kn, K, m0, m1, n);
+  switch (N - n) {
+    case 3: lm_rows<2, 3>(kn, K, m0, m1, n); break;
+    case 2: lm_rows<2, 2>(kn, K, m0, m1, n); break;
+    case 1: lm_rows<4, 1>(kn, K, m0, m1, n); break;
+    default: break;
+  }
 }
 
-// Panels of 4 rows outer, token tiles inner: the panel's weights (4 x K
-// halves, 20 KiB at K = 2560) stay in L1 across all tokens; with tokens outer
-// the whole job's rows were re-read from L2 per token tile.
 static void f16(const uint16_t* W, int K, const float* x, int N, float* y, int ldy, int m0, int m1) {
-  for (int mp = m0; mp < m1; mp += 4) {
-    const int me = mp + 4 < m1 ? mp + 4 : m1;
-    int n = 0;
-    for (; n + 2 <= N; n += 2) f16_rows<4, 2>(W, K, x, y, ldy, mp, me, n);
-    if (n < N) f16_rows<4, 1>(W, K, x, y, ldy, mp, me, n);
-  }
+  lm_head(F16Kern{W, K, x, y, ldy}, K, N, m0, m1);
 }
 
-// int8 rows: |w| (u8) x sign(a, w) (s8) with maddubs, widened at once (a pair
-// sum reaches 2*128*127 = 32512, so two of them could overflow int16).
-template <int R, int T>
-static inline void i8_tile(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m,
-                           int n) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
-  const int8_t* wr = W + (int64_t)m * K;
-  const int8_t* qr = a.q + (int64_t)n * a.Kp;
-  int k = 0;
-  for (; k + 32 <= K; k += 32) {
-    if (!(k & 63))  // stream the next panel's rows in while this one computes
-      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
-    __m256i ws[R], wa[R];
-    for (int r = 0; r < R; ++r) {
-      ws[r] = _mm256_loadu_si256((const __m256i*)(wr + (int64_t)r * K + k));
-      wa[r] = _mm256_abs_epi8(ws[r]);
-    }
-    for (int t = 0; t < T; ++t) {
-      const __m256i av = _mm256_loadu_si256((const __m256i*)(qr + (int64_t)t * a.Kp + k));
-      for (int r = 0; r < R; ++r)
-        acc[r][t] = _mm256_add_epi32(
-            acc[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(av, ws[r])), ones));
-    }
-  }
-  const __m256i z = _mm256_setzero_si256();
-  for (int r = 0; r < R; ++r) {
-    int32_t d[4];
-    _mm_storeu_si128((__m128i*)d, hsum4(acc[r][0], T > 1 ? acc[r][T > 1 ? 1 : 0] : z,
-                                        T > 2 ? acc[r][T > 2 ? 2 : 0] : z, T > 3 ? acc[r][T > 3 ? 3 : 0] : z));
-    for (int t = 0; t < T; ++t) {
-      int32_t s = d[t];
-      for (int kk = k; kk < K; ++kk) s += (int32_t)wr[(int64_t)r * K + kk] * qr[(int64_t)t * a.Kp + kk];
-      y[(int64_t)(n + t) * ldy + m + r] = (float)s * wscale[m + r] / a.scale[n + t];
-    }
-  }
-}
-
-template <int R, int T>
-static inline void i8_rows(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0,
-                           int m1, int n) {
-  int m = m0;
-  for (; m + R <= m1; m += R) i8_tile<R, T>(W, wscale, K, a, y, ldy, m, n);
-  for (; m < m1; ++m) i8_tile<1, T>(W, wscale, K, a, y, ldy, m, n);
-}
-
-// Panels of 4 rows outer (weights stay in L1), token tiles inner, as for f16.
 static void i8(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0, int m1) {
-  for (int mp = m0; mp < m1; mp += 4) {
-    const int me = mp + 4 < m1 ? mp + 4 : m1;
-    int n = 0;
-    for (; n + 4 <= a.N; n += 4) i8_rows<2, 4>(W, wscale, K, a, y, ldy, mp, me, n);
-    switch (a.N - n) {
-      case 3: i8_rows<2, 3>(W, wscale, K, a, y, ldy, mp, me, n); break;
-      case 2: i8_rows<2, 2>(W, wscale, K, a, y, ldy, mp, me, n); break;
-      case 1: i8_rows<4, 1>(W, wscale, K, a, y, ldy, mp, me, n); break;
-      default: break;
-    }
-  }
+  lm_head(I8Kern{W, wscale, K, a, y, ldy}, K, a.N, m0, m1);
 }
 
 // ---------------------------------------------------------------- quantizer
