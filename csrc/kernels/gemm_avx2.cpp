@@ -190,18 +190,36 @@ static inline void hsum_store(const V (&acc)[T], S* out) {
 }
 
 // lm_head tiles. Both GEMMs share one driver (lm_rows) and differ in the
-// R x T register tile over k in [k0, k0 + len) (len a multiple of the step):
-// each weight vector is loaded and prepared (abs / fp16 -> fp32) once and used
-// for the T tokens, whose activations are memory operands. Main tile 1 x 8 (8
-// accumulators: covers the FMA / multiply latency on 2 ports), 2 x 4 and
-// smaller for the token tail, 4 x 1 for decode.
+// R x T register tile over k in [k0, k0 + len) (len a multiple of kStep): each
+// weight vector is loaded and prepared (widened / fp16 -> fp32) once and used
+// for the T tokens, whose activations are memory operands.
 //
+// Tuning knobs (overridable with -D for A/B builds).
+#ifndef PFDEC
+#define PFDEC 0
+#endif
+#ifndef LMSLICE
+#define LMSLICE 16384
+#endif
+#ifndef I8R
+#define I8R 2
+#define I8T 4
+#endif
+#ifndef F16R
+#define F16R 4
+#define F16T 2
+#endif
+constexpr int kLmPanel = 64, kLmTok = 32;  // max rows per panel, tokens per chunk
+
 // int8: |w| (u8) x sign(a, w) (s8) with maddubs, widened to int32 at once with
-// madd (a pair sum reaches 2*128*127 = 32512, so two of them could overflow int16).
+// madd (a pair sum reaches 2*128*127 = 32512, so two of them could overflow
+// int16). (Sign-extending both to int16 and using madd alone measured no faster.)
 struct I8Kern {
   using Acc = int32_t;
+  using Act = int8_t;
+  static constexpr int kWBytes = 1;
   static constexpr int kStep = 32;  // k per vector
-  static constexpr int kActBytes = 1;
+  static constexpr int kMainR = I8R, kMainT = I8T;
   const int8_t* W;
   const float* wscale;
   int K;
@@ -209,24 +227,29 @@ struct I8Kern {
   float* y;
   int ldy;
 
+  const Act* stage(int n0, int, int, int64_t& stride) const {
+    stride = a.Kp;
+    return a.q + (int64_t)n0 * a.Kp;
+  }
+
   template <int R, int T>
-  void tile(int m, int n, int k0, int len, Acc part[][8]) const {
+  void tile(int m, int k0, int len, const Act* act, int64_t astride, Acc part[][8]) const {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[R][T];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
     const int8_t* wr = W + (int64_t)m * K + k0;
-    const int8_t* qr = a.q + (int64_t)n * a.Kp + k0;
     for (int k = 0; k < len; k += 32) {
-      if (!(k & 63))  // fetch the next rows while these compute
-        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
+      if constexpr (T == 1)  // decode: no reuse, fetch the rows of the next tile
+        if (!(k & 63))
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
       __m256i ws[R], wa[R];
       for (int r = 0; r < R; ++r) {
         ws[r] = _mm256_loadu_si256((const __m256i*)(wr + (int64_t)r * K + k));
         wa[r] = _mm256_abs_epi8(ws[r]);
       }
       for (int t = 0; t < T; ++t) {
-        const __m256i av = _mm256_loadu_si256((const __m256i*)(qr + (int64_t)t * a.Kp + k));
+        const __m256i av = _mm256_loadu_si256((const __m256i*)(act + t * astride + k));
         for (int r = 0; r < R; ++r)
           acc[r][t] = _mm256_add_epi32(
               acc[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(av, ws[r])), ones));
@@ -245,28 +268,35 @@ struct I8Kern {
 // fp16: R weight vectors converted once per 8 k (F16C), FMA'd into T tokens.
 struct F16Kern {
   using Acc = float;
+  static constexpr int kWBytes = 2;
+  using Act = float;
   static constexpr int kStep = 8;
-  static constexpr int kActBytes = 4;
+  static constexpr int kMainR = F16R, kMainT = F16T;
   const uint16_t* W;
   int K;
   const float* x;
   float* y;
   int ldy;
 
+  const Act* stage(int n0, int, int, int64_t& stride) const {
+    stride = K;
+    return x + (int64_t)n0 * K;
+  }
+
   template <int R, int T>
-  void tile(int m, int n, int k0, int len, Acc part[][8]) const {
+  void tile(int m, int k0, int len, const Act* xr, int64_t xstride, Acc part[][8]) const {
     __m256 acc[R][T];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
     const uint16_t* wr = W + (int64_t)m * K + k0;
-    const float* xr = x + (int64_t)n * K + k0;
     for (int k = 0; k < len; k += 8) {
-      if (!(k & 31))  // fetch the next rows while these compute
-        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
+      if constexpr (T == 1)  // decode: no reuse, fetch the rows of the next tile
+        if (!(k & 31))
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
       __m256 wv[R];
       for (int r = 0; r < R; ++r) wv[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wr + (int64_t)r * K + k)));
       for (int t = 0; t < T; ++t) {
-        const __m256 xv = _mm256_loadu_ps(xr + (int64_t)t * K + k);
+        const __m256 xv = _mm256_loadu_ps(xr + t * xstride + k);
         for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
       }
     }
@@ -279,50 +309,84 @@ struct F16Kern {
   }
 };
 
-// Rows [m0, m1) x tokens [n, n + T). K is cut into slices whose T activation
-// rows fill ~16 KiB, so they stay in L1 while a panel of rows streams past
-// (each weight vector is read once per token tile; the panel, <= 64 rows,
-// stays in L2 for the next token tile); partial sums live in a stack array.
+// Software prefetch of the next row panel (contiguous bytes), paced by work
+// done so the DRAM stream overlaps the whole panel's compute instead of
+// arriving in bursts when the first token tile touches the rows.
+struct Prefetcher {
+  const char* p;
+  double per_work;  // bytes to fetch per unit of work
+  int64_t done_work = 0, done_bytes = 0;
+  void advance(int64_t w) {
+    done_work += w;
+    const int64_t target = (int64_t)((double)done_work * per_work);
+    for (; done_bytes < target; done_bytes += 64) _mm_prefetch(p + done_bytes, _MM_HINT_T1);
+  }
+};
+
+// The rows [mb, me) of a panel x tokens [n, n + T) (act: their activations,
+// row stride astride) into acc[row][column c..c+T). K is cut into slices whose
+// T activation rows fill ~16 KiB, so they stay in L1 while the panel's rows
+// (in L2) stream past.
 template <int R, int T, class Kern>
-static inline void lm_rows(const Kern& kn, int K, int m0, int m1, int n) {
+static inline void lm_tile_rows(const Kern& kn, int kv, int mb, int me, const typename Kern::Act* act,
+                                int64_t astride, typename Kern::Acc (*acc)[kLmTok], int c, Prefetcher& pf) {
   using Acc = typename Kern::Acc;
-  constexpr int kPanel = 64;
-  constexpr int kc = 16384 / (T * Kern::kActBytes) / Kern::kStep * Kern::kStep;
-  const int kv = K / Kern::kStep * Kern::kStep;
-  Acc acc[kPanel][8];
+  constexpr int kc = LMSLICE / (T * (int)sizeof(typename Kern::Act)) / Kern::kStep * Kern::kStep;
   Acc part[R][8];
-  for (int mb = m0; mb < m1; mb += kPanel) {
-    const int me = mb + kPanel < m1 ? mb + kPanel : m1;
-    for (int i = 0; i < me - mb; ++i)
-      for (int t = 0; t < T; ++t) acc[i][t] = 0;
-    for (int k0 = 0; k0 < kv; k0 += kc) {
-      const int len = kc < kv - k0 ? kc : kv - k0;
-      int m = mb;
-      for (; m + R <= me; m += R) {
-        kn.template tile<R, T>(m, n, k0, len, part);
-        for (int r = 0; r < R; ++r)
-          for (int t = 0; t < T; ++t) acc[m - mb + r][t] += part[r][t];
-      }
-      for (; m < me; ++m) {
-        kn.template tile<1, T>(m, n, k0, len, part);
-        for (int t = 0; t < T; ++t) acc[m - mb][t] += part[0][t];
-      }
+  for (int k0 = 0; k0 < kv; k0 += kc) {
+    const int len = kc < kv - k0 ? kc : kv - k0;
+    int m = mb;
+    for (; m + R <= me; m += R) {
+      kn.template tile<R, T>(m, k0, len, act + k0, astride, part);
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[m - mb + r][c + t] += part[r][t];
+      pf.advance((int64_t)R * T * len);
     }
-    for (int i = 0; i < me - mb; ++i)
-      for (int t = 0; t < T; ++t) kn.finish(mb + i, n + t, kv, acc[i][t]);
+    for (; m < me; ++m) {
+      kn.template tile<1, T>(m, k0, len, act + k0, astride, part);
+      for (int t = 0; t < T; ++t) acc[m - mb][c + t] += part[0][t];
+      pf.advance((int64_t)T * len);
+    }
   }
 }
 
+// Rows [m0, m1), all N tokens: chunks of kLmTok tokens, then panels of rows
+// (~40 KiB, kept in L2 for all token tiles of the chunk), then token tiles.
 template <class Kern>
 static void lm_head(const Kern& kn, int K, int N, int m0, int m1) {
-  int n = 0;
-  for (; n + 8 <= N; n += 8) lm_rows<1, 8>(kn, K, m0, m1, n);
-  for (; n + 4 <= N; n += 4) lm_rows<2, 4>(kn, K, m0, m1, n);
-  switch (N - n) {
-    case 3: lm_rows<2, 3>(kn, K, m0, m1, n); break;
-    case 2: lm_rows<2, 2>(kn, K, m0, m1, n); break;
-    case 1: lm_rows<4, 1>(kn, K, m0, m1, n); break;
-    default: break;
+  using Acc = typename Kern::Acc;
+  constexpr int RM = Kern::kMainR, TM = Kern::kMainT;
+  const int kv = K / Kern::kStep * Kern::kStep;
+  const int64_t row_bytes = (int64_t)K * Kern::kWBytes;
+  int P = (int)(40960 / row_bytes) / 4 * 4;
+  P = P < 4 ? 4 : (P > kLmPanel ? kLmPanel : P);
+  Acc acc[kLmPanel][kLmTok];
+  for (int c0 = 0; c0 < N; c0 += kLmTok) {
+    const int c1 = c0 + kLmTok < N ? c0 + kLmTok : N;
+    int64_t astride;
+    const typename Kern::Act* act = kn.stage(c0, c1, kv, astride);
+    for (int mb = m0; mb < m1; mb += P) {
+      const int me = mb + P < m1 ? mb + P : m1;
+      // (decode, one token: the 4 x 1 tile prefetches its next rows itself)
+      Prefetcher pf{(const char*)kn.W + me * row_bytes,
+                    c1 - c0 == 1 && !PFDEC ? 0.0 : (double)P * row_bytes / ((double)(me - mb) * (c1 - c0) * (kv > 0 ? kv : 1))};
+      for (int i = 0; i < me - mb; ++i)
+        for (int t = 0; t < c1 - c0; ++t) acc[i][t] = 0;
+      int n = c0;
+      const auto run = [&](auto tile_rows) {
+        tile_rows(kn, kv, mb, me, act + (n - c0) * astride, astride, acc, n - c0, pf);
+      };
+      for (; n + TM <= c1; n += TM) run(lm_tile_rows<RM, TM, Kern>);
+      for (; n + 4 <= c1; n += 4) run(lm_tile_rows<2, 4, Kern>);
+      switch (c1 - n) {
+        case 3: run(lm_tile_rows<2, 3, Kern>); break;
+        case 2: run(lm_tile_rows<2, 2, Kern>); break;
+        case 1: run(lm_tile_rows<4, 1, Kern>); break;
+        default: break;
+      }
+      for (int i = 0; i < me - mb; ++i)
+        for (int t = 0; t < c1 - c0; ++t) kn.finish(mb + i, c0 + t, kv, acc[i][t]);
+    }
   }
 }
 
