@@ -195,15 +195,12 @@ static inline void hsum_store(const V (&acc)[T], S* out) {
 // for the T tokens, whose activations are memory operands.
 //
 // Tuning knobs (overridable with -D for A/B builds).
-#ifndef PFDEC
-#define PFDEC 0
-#endif
 #ifndef LMSLICE
-#define LMSLICE 16384
+#define LMSLICE 24576  // activation bytes of a K slice (L1 is 32 KiB)
 #endif
 #ifndef I8R
-#define I8R 2
-#define I8T 4
+#define I8R 1
+#define I8T 8
 #endif
 #ifndef F16R
 #define F16R 4
@@ -369,7 +366,7 @@ static void lm_head(const Kern& kn, int K, int N, int m0, int m1) {
       const int me = mb + P < m1 ? mb + P : m1;
       // (decode, one token: the 4 x 1 tile prefetches its next rows itself)
       Prefetcher pf{(const char*)kn.W + me * row_bytes,
-                    c1 - c0 == 1 && !PFDEC ? 0.0 : (double)P * row_bytes / ((double)(me - mb) * (c1 - c0) * (kv > 0 ? kv : 1))};
+                    c1 - c0 == 1 ? 0.0 : (double)P * row_bytes / ((double)(me - mb) * (c1 - c0) * (kv > 0 ? kv : 1))};
       for (int i = 0; i < me - mb; ++i)
         for (int t = 0; t < c1 - c0; ++t) acc[i][t] = 0;
       int n = c0;
