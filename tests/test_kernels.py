@@ -43,7 +43,8 @@ def _f16_bits_with_specials(rng, m, k):
     return w
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 13, 3), (64, 2560, 1), (67, 259, 8), (130, 136, 33)])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 13, 3), (64, 2560, 1), (67, 259, 8), (130, 136, 33),
+                                   (21, 3300, 5), (13, 6500, 9)])  # last two: K-sliced tiles
 def test_gemm_f16(isa, m, k, n):
     rng = np.random.default_rng(m * 1000 + k + n)
     w = _f16_bits_with_specials(rng, m, k)
@@ -71,7 +72,8 @@ def test_gemm_f16_special_values(isa):
     assert np.isnan(nan).all()
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 33, 2), (64, 2560, 1), (67, 300, 8), (129, 257, 33)])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 33, 2), (64, 2560, 1), (67, 300, 8), (129, 257, 33),
+                                   (20, 4000, 9), (11, 7000, 5)])  # last two: K-sliced tiles
 def test_gemm_i8(isa, m, k, n):
     rng = np.random.default_rng(m + 7 * k + n)
     w = rng.integers(-128, 128, size=(m, k), dtype=np.int8)

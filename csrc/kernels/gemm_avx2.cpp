@@ -168,120 +168,232 @@ static void ternary(const TernaryW& w, const ActQ& a, int m0, int m1, int n0, in
 
 // ---------------------------------------------------------------- lm_head
 
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+// Horizontal sums of 4 float x8 vectors -> one float x4 (lane i = sum of v_i).
+static inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// fp16 rows: R rows converted once per 8 k (F16C) and FMA'd into T tokens.
-template <int R, int T>
-static inline void f16_tile(const uint16_t* W, int K, const float* x, float* y, int ldy, int m, int n) {
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  const uint16_t* wr = W + (int64_t)m * K;
-  const float* xr = x + (int64_t)n * K;
-  int k = 0;
-  for (; k + 8 <= K; k += 8) {
-    if (!(k & 31))  // stream the next panel's rows in while this one computes
-      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
-    __m256 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wr + (int64_t)r * K + k)));
-    for (int t = 0; t < T; ++t) {
-      const __m256 xv = _mm256_loadu_ps(xr + (int64_t)t * K + k);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      float s = hsum8(acc[r][t]);
-      for (int kk = k; kk < K; ++kk) s += half_to_float(wr[(int64_t)r * K + kk]) * xr[(int64_t)t * K + kk];
-      y[(int64_t)(n + t) * ldy + m + r] = s;
-    }
-}
-
-template <int R, int T>
-static inline void f16_rows(const uint16_t* W, int K, const float* x, float* y, int ldy, int m0, int m1, int n) {
-  int m = m0;
-  for (; m + R <= m1; m += R) f16_tile<R, T>(W, K, x, y, ldy, m, n);
-  for (; m < m1; ++m) f16_tile<1, T>(W, K, x, y, ldy, m, n);
-}
-
-// Panels of 4 rows outer, token tiles inner: the panel's weights (4 x K
-// halves, 20 KiB at K = 2560) stay in L1 across all tokens; with tokens outer
-// the whole job's rows were re-read from L2 per token tile.
-static void f16(const uint16_t* W, int K, const float* x, int N, float* y, int ldy, int m0, int m1) {
-  for (int mp = m0; mp < m1; mp += 4) {
-    const int me = mp + 4 < m1 ? mp + 4 : m1;
-    int n = 0;
-    for (; n + 2 <= N; n += 2) f16_rows<4, 2>(W, K, x, y, ldy, mp, me, n);
-    if (n < N) f16_rows<4, 1>(W, K, x, y, ldy, mp, me, n);
+// Stores the lane sums of acc[0..T) (T <= 8) into out[0..T).
+template <int T, class V, class S>
+static inline void hsum_store(const V (&acc)[T], S* out) {
+  static_assert(sizeof(S) == 4, "int32 or float lanes");
+  V z;
+  __builtin_memset(&z, 0, sizeof z);
+  const auto at = [&](int i) { return i < T ? acc[i < T ? i : 0] : z; };
+  const auto h0 = hsum4(at(0), at(1), at(2), at(3));
+  __builtin_memcpy(out, &h0, 4 * (T < 4 ? T : 4));
+  if constexpr (T > 4) {
+    const auto h1 = hsum4(at(4), at(5), at(6), at(7));
+    __builtin_memcpy(out + 4, &h1, 4 * (T - 4));
   }
 }
 
-// int8 rows: |w| (u8) x sign(a, w) (s8) with maddubs, widened at once (a pair
-// sum reaches 2*128*127 = 32512, so two of them could overflow int16).
-template <int R, int T>
-static inline void i8_tile(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m,
-                           int n) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
-  const int8_t* wr = W + (int64_t)m * K;
-  const int8_t* qr = a.q + (int64_t)n * a.Kp;
-  int k = 0;
-  for (; k + 32 <= K; k += 32) {
-    if (!(k & 63))  // stream the next panel's rows in while this one computes
-      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
-    __m256i ws[R], wa[R];
-    for (int r = 0; r < R; ++r) {
-      ws[r] = _mm256_loadu_si256((const __m256i*)(wr + (int64_t)r * K + k));
-      wa[r] = _mm256_abs_epi8(ws[r]);
+// lm_head tiles. Both GEMMs share one driver (lm_head below) and differ in
+// the R x T register tile over k in [k0, k0 + len) (len a multiple of kStep):
+// each weight vector is loaded and prepared (abs / fp16 -> fp32) once and used
+// for the T tokens, whose activations are memory operands.
+//
+// Tuning knobs (overridable with -D for A/B builds). Main tiles: i8 1 x 8 and
+// f16 4 x 2 measured best (f16 1 x 8, 2 x 4, 2 x 6, 3 x 4, 4 x 3 were slower).
+#ifndef LMSLICE
+#define LMSLICE 24576  // activation bytes of a K slice (L1 is 32 KiB)
+#endif
+#ifndef I8R
+#define I8R 1
+#define I8T 8
+#endif
+#ifndef F16R
+#define F16R 4
+#define F16T 2
+#endif
+constexpr int kLmPanel = 64, kLmTok = 32;  // max rows per panel, tokens per chunk
+
+// int8: |w| (u8) x sign(a, w) (s8) with maddubs, widened to int32 at once with
+// madd (a pair sum reaches 2*128*127 = 32512, so two of them could overflow
+// int16). (Sign-extending both to int16 and using madd alone measured no faster.)
+struct I8Kern {
+  using Acc = int32_t;
+  using Act = int8_t;
+  static constexpr int kWBytes = 1;
+  static constexpr int kStep = 32;  // k per vector
+  static constexpr int kMainR = I8R, kMainT = I8T;
+  const int8_t* W;
+  const float* wscale;
+  int K;
+  const ActQ& a;
+  float* y;
+  int ldy;
+
+  const Act* stage(int n0, int, int, int64_t& stride) const {
+    stride = a.Kp;
+    return a.q + (int64_t)n0 * a.Kp;
+  }
+
+  template <int R, int T>
+  void tile(int m, int k0, int len, const Act* act, int64_t astride, Acc part[][8]) const {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
+    const int8_t* wr = W + (int64_t)m * K + k0;
+    for (int k = 0; k < len; k += 32) {
+      if constexpr (T == 1)  // decode: no reuse, fetch the rows of the next tile
+        if (!(k & 63))
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
+      __m256i ws[R], wa[R];
+      for (int r = 0; r < R; ++r) {
+        ws[r] = _mm256_loadu_si256((const __m256i*)(wr + (int64_t)r * K + k));
+        wa[r] = _mm256_abs_epi8(ws[r]);
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m256i av = _mm256_loadu_si256((const __m256i*)(act + t * astride + k));
+        for (int r = 0; r < R; ++r)
+          acc[r][t] = _mm256_add_epi32(
+              acc[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(av, ws[r])), ones));
+      }
     }
-    for (int t = 0; t < T; ++t) {
-      const __m256i av = _mm256_loadu_si256((const __m256i*)(qr + (int64_t)t * a.Kp + k));
+    for (int r = 0; r < R; ++r) hsum_store<T>(acc[r], part[r]);
+  }
+
+  // k in [kv, K) (scalar tail), then dequantize.
+  void finish(int m, int n, int kv, Acc d) const {
+    for (int k = kv; k < K; ++k) d += (int32_t)W[(int64_t)m * K + k] * a.q[(int64_t)n * a.Kp + k];
+    y[(int64_t)n * ldy + m] = (float)d * wscale[m] / a.scale[n];
+  }
+};
+
+// fp16: R weight vectors converted once per 8 k (F16C), FMA'd into T tokens.
+struct F16Kern {
+  using Acc = float;
+  static constexpr int kWBytes = 2;
+  using Act = float;
+  static constexpr int kStep = 8;
+  static constexpr int kMainR = F16R, kMainT = F16T;
+  const uint16_t* W;
+  int K;
+  const float* x;
+  float* y;
+  int ldy;
+
+  const Act* stage(int n0, int, int, int64_t& stride) const {
+    stride = K;
+    return x + (int64_t)n0 * K;
+  }
+
+  template <int R, int T>
+  void tile(int m, int k0, int len, const Act* xr, int64_t xstride, Acc part[][8]) const {
+    __m256 acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    const uint16_t* wr = W + (int64_t)m * K + k0;
+    for (int k = 0; k < len; k += 8) {
+      if constexpr (T == 1)  // decode: no reuse, fetch the rows of the next tile
+        if (!(k & 31))
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + (int64_t)(r + R) * K + k), _MM_HINT_T0);
+      __m256 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wr + (int64_t)r * K + k)));
+      for (int t = 0; t < T; ++t) {
+        const __m256 xv = _mm256_loadu_ps(xr + t * xstride + k);
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+      }
+    }
+    for (int r = 0; r < R; ++r) hsum_store<T>(acc[r], part[r]);
+  }
+
+  void finish(int m, int n, int kv, Acc s) const {
+    for (int k = kv; k < K; ++k) s += half_to_float(W[(int64_t)m * K + k]) * x[(int64_t)n * K + k];
+    y[(int64_t)n * ldy + m] = s;
+  }
+};
+
+// Software prefetch of the next row panel (contiguous bytes), paced by work
+// done so the DRAM stream overlaps the whole panel's compute instead of
+// arriving in bursts when the first token tile touches the rows.
+struct Prefetcher {
+  const char* p;
+  double per_work;  // bytes to fetch per unit of work
+  int64_t done_work = 0, done_bytes = 0;
+  void advance(int64_t w) {
+    done_work += w;
+    const int64_t target = (int64_t)((double)done_work * per_work);
+    for (; done_bytes < target; done_bytes += 64) _mm_prefetch(p + done_bytes, _MM_HINT_T1);
+  }
+};
+
+// The rows [mb, me) of a panel x tokens [n, n + T) (act: their activations,
+// row stride astride) into acc[row][column c..c+T). K is cut into slices whose
+// T activation rows fill ~16 KiB, so they stay in L1 while the panel's rows
+// (in L2) stream past.
+template <int R, int T, class Kern>
+static inline void lm_tile_rows(const Kern& kn, int kv, int mb, int me, const typename Kern::Act* act,
+                                int64_t astride, typename Kern::Acc (*acc)[kLmTok], int c, Prefetcher& pf) {
+  using Acc = typename Kern::Acc;
+  constexpr int kc = LMSLICE / (T * (int)sizeof(typename Kern::Act)) / Kern::kStep * Kern::kStep;
+  Acc part[R][8];
+  for (int k0 = 0; k0 < kv; k0 += kc) {
+    const int len = kc < kv - k0 ? kc : kv - k0;
+    int m = mb;
+    for (; m + R <= me; m += R) {
+      kn.template tile<R, T>(m, k0, len, act + k0, astride, part);
       for (int r = 0; r < R; ++r)
-        acc[r][t] = _mm256_add_epi32(
-            acc[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(av, ws[r])), ones));
+        for (int t = 0; t < T; ++t) acc[m - mb + r][c + t] += part[r][t];
+      pf.advance((int64_t)R * T * len);
     }
-  }
-  const __m256i z = _mm256_setzero_si256();
-  for (int r = 0; r < R; ++r) {
-    int32_t d[4];
-    _mm_storeu_si128((__m128i*)d, hsum4(acc[r][0], T > 1 ? acc[r][T > 1 ? 1 : 0] : z,
-                                        T > 2 ? acc[r][T > 2 ? 2 : 0] : z, T > 3 ? acc[r][T > 3 ? 3 : 0] : z));
-    for (int t = 0; t < T; ++t) {
-      int32_t s = d[t];
-      for (int kk = k; kk < K; ++kk) s += (int32_t)wr[(int64_t)r * K + kk] * qr[(int64_t)t * a.Kp + kk];
-      y[(int64_t)(n + t) * ldy + m + r] = (float)s * wscale[m + r] / a.scale[n + t];
+    for (; m < me; ++m) {
+      kn.template tile<1, T>(m, k0, len, act + k0, astride, part);
+      for (int t = 0; t < T; ++t) acc[m - mb][c + t] += part[0][t];
+      pf.advance((int64_t)T * len);
     }
   }
 }
 
-template <int R, int T>
-static inline void i8_rows(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0,
-                           int m1, int n) {
-  int m = m0;
-  for (; m + R <= m1; m += R) i8_tile<R, T>(W, wscale, K, a, y, ldy, m, n);
-  for (; m < m1; ++m) i8_tile<1, T>(W, wscale, K, a, y, ldy, m, n);
+// Rows [m0, m1), all N tokens: chunks of kLmTok tokens, then panels of rows
+// (~40 KiB, kept in L2 for all token tiles of the chunk), then token tiles.
+template <class Kern>
+static void lm_head(const Kern& kn, int K, int N, int m0, int m1) {
+  using Acc = typename Kern::Acc;
+  constexpr int RM = Kern::kMainR, TM = Kern::kMainT;
+  const int kv = K / Kern::kStep * Kern::kStep;
+  const int64_t row_bytes = (int64_t)K * Kern::kWBytes;
+  int P = (int)(40960 / row_bytes) / 4 * 4;
+  P = P < 4 ? 4 : (P > kLmPanel ? kLmPanel : P);
+  Acc acc[kLmPanel][kLmTok];
+  for (int c0 = 0; c0 < N; c0 += kLmTok) {
+    const int c1 = c0 + kLmTok < N ? c0 + kLmTok : N;
+    int64_t astride;
+    const typename Kern::Act* act = kn.stage(c0, c1, kv, astride);
+    for (int mb = m0; mb < m1; mb += P) {
+      const int me = mb + P < m1 ? mb + P : m1;
+      // (decode, one token: the 4 x 1 tile prefetches its next rows itself)
+      Prefetcher pf{(const char*)kn.W + me * row_bytes,
+                    c1 - c0 == 1 ? 0.0 : (double)P * row_bytes / ((double)(me - mb) * (c1 - c0) * (kv > 0 ? kv : 1))};
+      for (int i = 0; i < me - mb; ++i)
+        for (int t = 0; t < c1 - c0; ++t) acc[i][t] = 0;
+      int n = c0;
+      const auto run = [&](auto tile_rows) {
+        tile_rows(kn, kv, mb, me, act + (n - c0) * astride, astride, acc, n - c0, pf);
+      };
+      for (; n + TM <= c1; n += TM) run(lm_tile_rows<RM, TM, Kern>);
+      for (; n + 4 <= c1; n += 4) run(lm_tile_rows<2, 4, Kern>);
+      switch (c1 - n) {
+        case 3: run(lm_tile_rows<2, 3, Kern>); break;
+        case 2: run(lm_tile_rows<2, 2, Kern>); break;
+        case 1: run(lm_tile_rows<4, 1, Kern>); break;
+        default: break;
+      }
+      for (int i = 0; i < me - mb; ++i)
+        for (int t = 0; t < c1 - c0; ++t) kn.finish(mb + i, c0 + t, kv, acc[i][t]);
+    }
+  }
 }
 
-// Panels of 4 rows outer (weights stay in L1), token tiles inner, as for f16.
+static void f16(const uint16_t* W, int K, const float* x, int N, float* y, int ldy, int m0, int m1) {
+  lm_head(F16Kern{W, K, x, y, ldy}, K, N, m0, m1);
+}
+
 static void i8(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0, int m1) {
-  for (int mp = m0; mp < m1; mp += 4) {
-    const int me = mp + 4 < m1 ? mp + 4 : m1;
-    int n = 0;
-    for (; n + 4 <= a.N; n += 4) i8_rows<2, 4>(W, wscale, K, a, y, ldy, mp, me, n);
-    switch (a.N - n) {
-      case 3: i8_rows<2, 3>(W, wscale, K, a, y, ldy, mp, me, n); break;
-      case 2: i8_rows<2, 2>(W, wscale, K, a, y, ldy, mp, me, n); break;
-      case 1: i8_rows<4, 1>(W, wscale, K, a, y, ldy, mp, me, n); break;
-      default: break;
-    }
-  }
+  lm_head(I8Kern{W, wscale, K, a, y, ldy}, K, a.N, m0, m1);
 }
 
 // ---------------------------------------------------------------- quantizer
