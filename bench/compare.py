@@ -40,7 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(HERE, "..", "python"))  # unless PYTHONPATH / an install has bitdlm
 sys.path.insert(0, HERE)
 
-from bitdlm.bench import BLOCK, SUB_BLOCK, BitdlmRunner, Case, machine_info, summarize  # noqa: E402
+from bitdlm.bench import (BLOCK, SUB_BLOCK, BitdlmRunner, Case, child_pythonpath,  # noqa: E402
+                          machine_info, summarize)
 
 KINDS = ("decode", "subblock", "block")
 
@@ -299,19 +300,11 @@ def _worker(argv) -> int:
 # ----------------------------------------------------------------------------- parent side
 
 
-def _child_pythonpath() -> str:
-    """The bitdlm this process imported comes first in the workers too."""
-    import bitdlm
-
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(bitdlm.__file__)))
-    return os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
-
-
 class Worker:
     def __init__(self, label: str, engine: str, model: str, threads: int, seed: int, log_dir: str):
         self.label = label
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), TORCH_COMPILE_DISABLE="1",
-                   PYTHONPATH=_child_pythonpath())
+                   PYTHONPATH=child_pythonpath())
         self.log_path = os.path.join(log_dir, f"worker-{label.replace(' ', '_').replace('/', '-')}.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(

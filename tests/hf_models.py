@@ -231,8 +231,6 @@ def convert_tiny(tmpdir, *, seed: int = 0, lm_head: str = "f16", dtype: str = "f
 def child_env(**extra) -> dict:
     """Environment for a child Python process that must import the SAME bitdlm
     as the tests (an installed wheel in CI, the work tree under PYTHONPATH)."""
-    import bitdlm
+    from bitdlm.bench import child_pythonpath
 
-    parent = str(Path(bitdlm.__file__).resolve().parents[1])
-    pp = os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, PYTHONPATH=pp, **{k: str(v) for k, v in extra.items()})
+    return dict(os.environ, PYTHONPATH=child_pythonpath(), **{k: str(v) for k, v in extra.items()})

@@ -178,9 +178,10 @@ def test_matches_torch_reference_decoder(model, llm_f32kv, hf, threshold):
 
 
 def test_cli_generate_uses_the_default_model():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    from hf_models import child_env
+
+    env = child_env(OMP_NUM_THREADS=1)
     env.pop("BITDLM_MODEL", None)
-    env["PYTHONPATH"] = str(Path(bitdlm.__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-m", "bitdlm.cli", "generate", "The \"if\" statement",
                         "--max-tokens", "16"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr

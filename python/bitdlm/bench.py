@@ -253,12 +253,17 @@ def _threads_worker(args) -> int:
     return 0
 
 
+def child_pythonpath() -> str:
+    """PYTHONPATH for a child process that must import this same bitdlm
+    (an installed wheel, or a checkout without install) before any other."""
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
+
+
 def _run_threads_child(args, threads: int, on_phase) -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
-    # the worker must import this same bitdlm (a checkout without install too)
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = child_pythonpath()
     cmd = [sys.executable, "-m", "bitdlm.bench", "_threads_worker", "--model", args.model,
            "--threads-one", str(threads), "--reps", str(args.reps), "--warmup", str(args.warmup),
            "--prompt", str(args.prompt), "--seed", str(args.seed), "--max-seconds", str(args.max_seconds)]

@@ -704,6 +704,14 @@ class _Job:
 
         self.watcher = asyncio.ensure_future(_watch())
 
+    def _raise_failure(self, idx, kind, payload):
+        """A queue item that ends the job: the client went away or the engine failed."""
+        if kind == "gone":
+            raise _ClientGone()
+        if kind == "error":
+            self.open.discard(idx)
+            raise payload
+
     async def events(self):
         """Yield (index, RequestOutput) until every sub-request has finished;
         raises APIError on an engine error and _ClientGone on a disconnect."""
@@ -716,11 +724,7 @@ class _Job:
                 idx, kind, payload = self._early.popleft()
             else:
                 idx, kind, payload = await self.queue.get()
-            if kind == "gone":
-                raise _ClientGone()
-            if kind == "error":
-                self.open.discard(idx)
-                raise payload
+            self._raise_failure(idx, kind, payload)
             if kind == "ack":
                 continue
             if payload.finished:
@@ -737,11 +741,7 @@ class _Job:
         while len(acked) < len(self.sub_ids):
             item = await self.queue.get()
             idx, kind, payload = item
-            if kind == "gone":
-                raise _ClientGone()
-            if kind == "error":
-                self.open.discard(idx)
-                raise payload
+            self._raise_failure(idx, kind, payload)
             if kind == "ack":
                 acked.add(idx)
             else:
