@@ -30,13 +30,37 @@ def _additive_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, block_size: int) -
 
 class RefDecoder:
     def __init__(self, model, *, block_size: int, mask_id: int | None, shift: bool,
-                 max_len: int | None = None):
-        self.model = model.eval()
+                 max_len: int | None = None, forward=None):
+        """`model`: transformers' BitNetForCausalLM. `forward`: optionally another
+        forward to drive this same algorithm with, `forward(ids, start, write) ->
+        fp32 logits [len(ids), vocab]` over a cache the callable keeps itself
+        (write=True appends the K/V of `ids`, at absolute positions start..);
+        this separates the decoding algorithm from the numerics."""
+        self.model = model.eval() if model is not None else None
+        self.forward = forward
         self.bs = block_size
         self.mask_id = mask_id
         self.shift = shift
         self.max_len = max_len or model.config.max_position_embeddings
         self.forwards = 0
+        # Closeness of every greedy decision, for telling a float near-tie from
+        # a bug when another implementation disagrees: margins[i] is the
+        # smallest gap (in probability) of decision step i (top-1 vs top-2
+        # token, a confidence vs the threshold, the most confident position
+        # vs the runner-up); decided_at[pos] is the step that fixed token pos.
+        self.margins: list[float] = []
+        self.decided_at: dict[int, int] = {}
+
+    def _decide(self, probs: torch.Tensor, positions, extra: float = float("inf")) -> None:
+        top2 = probs.topk(2, dim=-1).values
+        gap = float((top2[..., 0] - top2[..., 1]).min()) if len(positions) else float("inf")
+        for p in positions:
+            self.decided_at[p] = len(self.margins)
+        self.margins.append(min(gap, extra))
+
+    def closest_call_before(self, pos: int) -> float:
+        """Smallest decision margin up to the step that decided token `pos`."""
+        return min(self.margins[:self.decided_at[pos] + 1])
 
     @torch.no_grad()
     def _run(self, ids, q_start: int, cache: DynamicCache, kv_pos: torch.Tensor) -> torch.Tensor:
@@ -48,9 +72,21 @@ class RefDecoder:
         out = self.model(torch.tensor([ids]), attention_mask=mask, position_ids=q_pos[None],
                          past_key_values=cache, use_cache=True)
         self.forwards += 1
-        logits = out.logits[0].float()
+        return self._banned(out.logits[0].float())
+
+    def _banned(self, logits: torch.Tensor) -> torch.Tensor:
         if self.mask_id is not None:
             logits[:, self.mask_id] = float("-inf")
+        return logits
+
+    def _eval(self, ids, start: int, cache: DynamicCache, write: bool) -> torch.Tensor:
+        """Logits of `ids` at start.. seeing the cached prefix; K/V kept iff write."""
+        if self.forward is not None:
+            self.forwards += 1
+            return self._banned(torch.as_tensor(self.forward(list(ids), start, write), dtype=torch.float32).clone())
+        logits = self._run(ids, start, cache, torch.arange(start))
+        if not write:
+            cache.crop(-len(ids))
         return logits
 
     def _shifted(self, logits: torch.Tensor) -> torch.Tensor:
@@ -65,6 +101,7 @@ class RefDecoder:
         limit = min(P + max_new_tokens, self.max_len)
         stop_ids = set(stop_ids)
         cache = DynamicCache()
+        self.margins, self.decided_at = [], {}
 
         def done(seq) -> bool:
             gen = seq[P:limit]
@@ -77,12 +114,14 @@ class RefDecoder:
 
         nfull = P // bs * bs
         if nfull:
-            logits = self._run(x[:nfull], 0, cache, torch.arange(0))
+            logits = self._eval(x[:nfull], 0, cache, write=True)
             if self.shift and nfull == P:
                 x.append(int(logits[-1].argmax()))
+                self._decide(torch.softmax(logits[-1], -1), [len(x) - 1])
 
+        committed = nfull
         while not done(x):
-            bstart = cache.get_seq_length()
+            bstart = committed
             bend = min(bstart + bs, self.max_len)
             x = x + [M] * (bend - len(x))
             blk_kv = None
@@ -90,6 +129,8 @@ class RefDecoder:
                 s1 = min(s0 + small_block_size, bend - bstart)
                 while any(t == M for t in x[bstart + s0:bstart + s1]) and not done(x):
                     blk = x[bstart:bend]
+                    if use_block_cache and self.forward is not None:
+                        raise NotImplementedError("the sub-block cache needs the transformers model")
                     if use_block_cache and (blk_kv is None or blk[s0] == M):
                         logits = self._run(blk, bstart, cache, torch.arange(bstart))
                         blk_kv = [(layer.keys[:, :, bstart:].clone(), layer.values[:, :, bstart:].clone())
@@ -108,8 +149,7 @@ class RefDecoder:
                         logits = self._run(blk[s0:s1], bstart + s0, tmp, kv_pos)
                         lg = self._shifted(logits)
                     else:
-                        logits = self._run(blk, bstart, cache, torch.arange(bstart))
-                        cache.crop(-len(blk))
+                        logits = self._eval(blk, bstart, cache, write=False)
                         lg = self._shifted(logits)[s0:s1]
                     probs = torch.softmax(lg, dim=-1)
                     conf, tok = probs.max(dim=-1)
@@ -118,14 +158,23 @@ class RefDecoder:
                     sel = conf > threshold
                     sel[int(conf.argmax())] = True
                     sel &= masked
-                    for j in torch.nonzero(sel).flatten().tolist():
+                    picked = torch.nonzero(sel).flatten().tolist()
+                    cm = conf[masked]
+                    extra = float((cm - threshold).abs().min()) if threshold < 1.0 else float("inf")
+                    if len(cm) > 1:
+                        c2 = cm.topk(2).values
+                        extra = min(extra, float(c2[0] - c2[1]))
+                    self._decide(probs[picked], [bstart + s0 + j for j in picked], extra)
+                    for j in picked:
                         x[bstart + s0 + j] = int(tok[j])
             if done(x):
                 break
             # commit: block has no masks left; write its K/V
-            logits = self._run(x[bstart:bend], bstart, cache, torch.arange(bstart))
+            logits = self._eval(x[bstart:bend], bstart, cache, write=True)
+            committed = bend
             if self.shift:
                 x.append(int(logits[-1].argmax()))
+                self._decide(torch.softmax(logits[-1], -1), [len(x) - 1])
 
         gen = x[P:limit]
         for i, t in enumerate(gen):

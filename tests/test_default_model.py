@@ -153,10 +153,64 @@ def _prompts(tok):
 
 @pytest.fixture(scope="module")
 def llm_f32kv():
-    # f32 KV cache: bitdlm then computes like the fp32 oracle. With the default
-    # f16 KV cache this weak model (near-tied logits) diverges from the oracle
-    # after ~30 tokens on 2 of 7 prompts: rounding, not the algorithm.
+    # f32 KV cache: bitdlm then computes like the fp32 oracle (the default f16
+    # cache adds its own rounding).
     return bitdlm.LLM(bitdlm.load(MODEL, threads=1, kv_dtype="f32"))
+
+
+def _all_prompts(tok):
+    return _prompts(tok) + [tok.encode(t) for t in ("Return a new list", "User: What is a class?\nAssistant:")]
+
+
+class BitdlmForward:
+    """bitdlm's own forward behind the reference decoder's `forward` hook: one
+    sequence and its KV cache, logits for every row."""
+
+    def __init__(self, model, capacity: int):
+        self.model, self.bs = model, model.meta["diffusion"]["block_size"]
+        self.sid = model.alloc_seq(capacity)
+
+    def __call__(self, ids, start, write):
+        out = np.arange(len(ids), dtype=np.int32)
+        lg = self.model.forward([(self.sid, np.asarray(ids, np.int32), start, start, write, out)], self.bs, "logits")
+        return np.asarray(lg).reshape(len(ids), -1)
+
+    def close(self):
+        self.model.free_seq(self.sid)
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.9, 0.6])
+def test_engine_follows_reference_algorithm(model, llm, threshold):
+    """The scheduler alone: the independent reference decoder driven by
+    bitdlm's forward must make exactly the engine's decisions (same numerics,
+    so no float near-tie can excuse a difference)."""
+    from ref_decoder import RefDecoder
+
+    m, d = model.meta, model.meta["diffusion"]
+    params = bitdlm.SamplingParams(max_tokens=40, temperature=0.0, threshold=threshold)
+    for prompt in _all_prompts(model.tokenizer):
+        fwd = BitdlmForward(model, (len(prompt) + 40 + 31) // 32 * 32)
+        try:
+            ref = RefDecoder(None, block_size=d["block_size"], mask_id=m["mask_token_id"], shift=d["shift_logits"],
+                             max_len=m["max_position_embeddings"], forward=fwd)
+            want = ref.generate(prompt, max_new_tokens=40, small_block_size=d["small_block_size"],
+                                threshold=threshold, stop_ids=m["eos_token_ids"])
+        finally:
+            fwd.close()
+        out = llm.generate(prompt, params)[0]
+        assert out.token_ids == want, (len(prompt), out.token_ids, want)
+
+
+# Online int8 activation quantization makes every implementation chaotic at
+# the 1e-2 level: a 1e-6 difference in summation order moves an activation
+# across a rounding boundary, one int8 code changes and the logits move by up
+# to ~0.1. Measured on the shipped model: transformers fp32 vs transformers
+# fp64 differ that much on about half of 32-token windows -- as often as bitdlm
+# differs from either. So greedy decoding can only be compared until the first
+# decision that such noise can flip: a top-1 / top-2 probability gap, a
+# confidence against the threshold, or the most confident position against
+# the runner-up closer than NEAR_TIE.
+NEAR_TIE = 0.01
 
 
 @pytest.mark.parametrize("threshold", [1.0, 0.9, 0.6])
@@ -168,13 +222,21 @@ def test_matches_torch_reference_decoder(model, llm_f32kv, hf, threshold):
     assert d["block_size"] == 32 and len(_prompts(model.tokenizer)[3]) == 32
     ref = RefDecoder(hf, block_size=d["block_size"], mask_id=m["mask_token_id"], shift=d["shift_logits"])
     params = bitdlm.SamplingParams(max_tokens=40, temperature=0.0, threshold=threshold)
-    prompts = _prompts(model.tokenizer) + [model.tokenizer.encode(t) for t in
-                                           ("Return a new list", "User: What is a class?\nAssistant:")]
-    for prompt in prompts:
+    agreed = 0
+    for prompt in _all_prompts(model.tokenizer):
         want = ref.generate(prompt, max_new_tokens=40, small_block_size=d["small_block_size"],
                             threshold=threshold, stop_ids=m["eos_token_ids"])
         got = llm_f32kv.generate(prompt, params)[0].token_ids
-        assert got == want, (len(prompt), got, want)
+        i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if i is None:
+            assert got == want, (len(prompt), got, want)  # same tokens, same length
+            agreed += len(want)
+            continue
+        # a divergence must follow a near-tie of the reference decoding
+        close = ref.closest_call_before(len(prompt) + i)
+        assert close < NEAR_TIE, (len(prompt), i, close, got, want)
+        agreed += i
+    assert agreed >= 40, agreed
 
 
 def test_cli_generate_uses_the_default_model():
