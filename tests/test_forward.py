@@ -29,6 +29,8 @@ SHAPES = {
     "gqa1_hd32_oddvocab": (128, 4, 4, 32, 256, 257, 2, True),
     "gqa2_hd64_untied": (256, 4, 2, 64, 320, 300, 2, False),  # intermediate not a multiple of 128
     "gqa4_hd32": (256, 8, 2, 32, 384, 512, 2, True),
+    # attention tile tails: head_dim not a multiple of 8, 3 query rows per KV head
+    "gqa3_hd12": (72, 6, 2, 12, 160, 211, 2, True),
 }
 
 
@@ -552,9 +554,11 @@ def test_runtime_load_does_not_import_torch(tmp_path):
 
 
 @pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
-def test_portable_and_simd_attention_agree(small, kv_dtype):
-    """The portable (scalar ISA) and AVX2 attention loops give the same forward."""
-    hf, _ = small
+@pytest.mark.parametrize("shape", ["gqa4_hd32", "gqa3_hd12"])
+def test_portable_and_simd_attention_agree(small, kv_dtype, shape):
+    """The portable (scalar ISA) and AVX2 attention loops give the same forward
+    (gqa3_hd12: the tile tails, 3 query rows per KV head and head_dim % 8 != 0)."""
+    hf = small[0] if shape == "gqa4_hd32" else make_hf(SHAPES[shape], seed=3)
     isas = [i for i in ("scalar", "avx2") if i in _core.supported_isas()]
     if len(isas) < 2 or not hasattr(_core, "set_isa"):
         pytest.skip("this CPU/build has only the scalar kernels")

@@ -14,6 +14,8 @@ namespace bitdlm {
 
 namespace portable {
 
+static inline int round8(int n) { return (n + 7) & ~7; }
+
 template <class T>
 inline float ld(T x) {
   if constexpr (sizeof(T) == 2)
@@ -23,30 +25,48 @@ inline float ld(T x) {
 }
 
 template <class T>
-static void scores(const float* q, int64_t ldq, int nq, const T* K, int64_t ldk, int nk, int d, float scale,
-                   float* out, int64_t ldo) {
-  for (int j = 0; j < nk; ++j) {
-    const T* kr = K + j * ldk;
-    for (int h = 0; h < nq; ++h) {
-      const float* qh = q + h * ldq;
-      float acc = 0.f;
-      for (int i = 0; i < d; ++i) acc += qh[i] * ld(kr[i]);
-      out[h * ldo + j] = acc * scale;
-    }
+static void k_tile(const T* K, int64_t ldk, int nk, int d, float* KT, int ldkt) {
+  for (int i = 0; i < d; ++i) {
+    for (int j = 0; j < nk; ++j) KT[(int64_t)i * ldkt + j] = ld(K[j * ldk + i]);
+    for (int j = nk; j < round8(nk); ++j) KT[(int64_t)i * ldkt + j] = 0.f;
   }
 }
 
-template <class T>
-static void accum(const float* p, int64_t ldp, int nq, const T* V, int64_t ldv, int nk, int d, float* out,
-                  int64_t ldout) {
-  for (int j = 0; j < nk; ++j) {
-    const T* vr = V + j * ldv;
-    for (int h = 0; h < nq; ++h) {
-      const float w = p[h * ldp + j];
-      float* o = out + h * ldout;
-      for (int i = 0; i < d; ++i) o[i] += w * ld(vr[i]);
+static void v_tile_f16(const uint16_t* V, int64_t ldv, int nk, int d, float* Vf) {
+  for (int j = 0; j < nk; ++j)
+    for (int i = 0; i < d; ++i) Vf[(int64_t)j * d + i] = f16_to_f32(V[j * ldv + i]);
+}
+
+static void qk(const float* Q, int R, const float* KT, int ldkt, int nk, int d, float scale, float* S, int64_t lds) {
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < round8(nk); ++j) {
+      float acc = 0.f;
+      for (int i = 0; i < d; ++i) acc += Q[(int64_t)r * d + i] * KT[(int64_t)i * ldkt + j];
+      S[r * lds + j] = acc * scale;
     }
+}
+
+static void softmax(float* S, int64_t lds, int R, int n) {
+  for (int r = 0; r < R; ++r) {
+    float* s = S + r * lds;
+    float mx = -INFINITY;
+    for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+    float sum = 0.f;
+    for (int j = 0; j < n; ++j) {
+      s[j] = std::exp(s[j] - mx);
+      sum += s[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int j = 0; j < n; ++j) s[j] *= inv;
   }
+}
+
+static void pv(const float* P, int64_t ldp, int R, const float* V, int64_t ldv, int nk, int d, float* O) {
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < nk; ++j) {
+      const float w = P[r * ldp + j];
+      for (int i = 0; i < d; ++i) O[(int64_t)r * d + i] += w * V[j * ldv + i];
+    }
 }
 
 static void to_f16(const float* x, uint16_t* y, int n) {
@@ -55,9 +75,9 @@ static void to_f16(const float* x, uint16_t* y, int n) {
 
 }  // namespace portable
 
-extern const AttnKernels kAttnPortable = {"portable", &portable::scores<float>, &portable::scores<uint16_t>,
-                                          &portable::accum<float>, &portable::accum<uint16_t>,
-                                          &portable::to_f16};
+extern const AttnKernels kAttnPortable = {"portable",       &portable::k_tile<float>, &portable::k_tile<uint16_t>,
+                                          &portable::v_tile_f16, &portable::qk,           &portable::softmax,
+                                          &portable::pv,         &portable::to_f16};
 
 const AttnKernels& attn_kernels() {
   // Follow the kernels' single dispatch point (re-read: _core.set_isa may change it);
@@ -65,89 +85,136 @@ const AttnKernels& attn_kernels() {
   return std::strcmp(active_isa(), "scalar") == 0 ? kAttnPortable : kAttnAvx2;
 }
 
-// Query i of item `it` for the `group` query heads of KV head kvh.
-template <class T>
-static void attend_group(const AttnKernels& kt, const AttnItem& it, int B, int i, int kvh, int group,
-                         const float* q, const float* k, const float* v, int nh, int nkv, int hd, float* out,
-                         float* s, int64_t lds) {
-  const int64_t ldq = (int64_t)nh * hd, ldkv = (int64_t)nkv * hd;
+namespace {
+
+// Keys visible to fresh query i of an item, in the order scores are laid out:
+// cached [0, a1), cached [a2, a2 + nb), fresh [0, nf). Queries of one block
+// share them, so a tile of queries is cut wherever they change.
+struct Visible {
+  int a1, a2, nb, nf;
+  bool operator==(const Visible& o) const { return a1 == o.a1 && a2 == o.a2 && nb == o.nb && nf == o.nf; }
+  int total() const { return a1 + nb + nf; }
+};
+
+Visible visible(const AttnItem& it, int B, int i) {
   const int p = it.start + i;
   const int64_t block_end = ((int64_t)p / B + 1) * B;  // first position p must not see
   const int limit = (int)std::min<int64_t>(it.ctx_len, block_end);
-  // Visible keys: cached [0, a1), cached [a2, limit), fresh [0, nf).
-  const int a1 = std::min(limit, it.start);
-  const int a2 = it.start + it.n;
-  const int nb = std::max(0, limit - a2);
-  const int nf = (int)std::min<int64_t>(it.n, block_end - it.start);
-  const int tot = a1 + nb + nf;
-  const float scale = 1.0f / std::sqrt((float)hd);
-  const float* qr = q + (int64_t)(it.row0 + i) * ldq + (int64_t)kvh * group * hd;
-  float* o = out + (int64_t)(it.row0 + i) * ldq + (int64_t)kvh * group * hd;
-  const T* K = static_cast<const T*>(it.kc) + (int64_t)kvh * it.cap * hd;
-  const T* V = static_cast<const T*>(it.vc) + (int64_t)kvh * it.cap * hd;
+  Visible v;
+  v.a1 = std::min(limit, it.start);
+  v.a2 = it.start + it.n;
+  v.nb = std::max(0, limit - v.a2);
+  v.nf = (int)std::min<int64_t>(it.n, block_end - it.start);
+  return v;
+}
+
+struct Job {
+  int item, kvh, i0, i1;  // fresh queries [i0, i1) of item, KV head kvh
+};
+
+constexpr int kQueriesPerJob = 8;
+
+}  // namespace
+
+// One job: rows R = (i1 - i0) queries x `group` heads against their common keys.
+template <class T>
+static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis, int i0, int i1, int kvh,
+                   int group, const float* q, const float* k, const float* v, int nh, int nkv, int hd, float* out,
+                   float* Qs, float* Os, float* S, int64_t lds, float* tile) {
+  const int64_t ldq = (int64_t)nh * hd, ldkv = (int64_t)nkv * hd;
+  const int R = (i1 - i0) * group;
+  for (int i = i0; i < i1; ++i)
+    std::memcpy(Qs + (int64_t)(i - i0) * group * hd, q + (int64_t)(it.row0 + i) * ldq + (int64_t)kvh * group * hd,
+                sizeof(float) * group * hd);
+  const T* Kc = static_cast<const T*>(it.kc) + (int64_t)kvh * it.cap * hd;
+  const T* Vc = static_cast<const T*>(it.vc) + (int64_t)kvh * it.cap * hd;
   const float* Kf = k + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd;
   const float* Vf = v + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd;
-  auto scores = [&](const T* K_, int64_t ld, int nk, float* so) {
-    if constexpr (sizeof(T) == 2)
-      kt.scores_f16(qr, hd, group, K_, ld, nk, hd, scale, so, lds);
-    else
-      kt.scores_f32(qr, hd, group, K_, ld, nk, hd, scale, so, lds);
-  };
-  auto accum = [&](const float* pr, const T* V_, int64_t ld, int nk) {
-    if constexpr (sizeof(T) == 2)
-      kt.accum_f16(pr, lds, group, V_, ld, nk, hd, o, hd);
-    else
-      kt.accum_f32(pr, lds, group, V_, ld, nk, hd, o, hd);
-  };
-  if (a1 > 0) scores(K, hd, a1, s);
-  if (nb > 0) scores(K + (int64_t)a2 * hd, hd, nb, s + a1);
-  kt.scores_f32(qr, hd, group, Kf, ldkv, nf, hd, scale, s + a1 + nb, lds);
-  // Stable softmax per head (row h of s).
-  for (int h = 0; h < group; ++h) {
-    float* sh = s + h * lds;
-    float mx = -INFINITY;
-    for (int j = 0; j < tot; ++j) mx = std::max(mx, sh[j]);
-    float sum = 0.f;
-    for (int j = 0; j < tot; ++j) {
-      sh[j] = std::exp(sh[j] - mx);
-      sum += sh[j];
+  const float scale = 1.0f / std::sqrt((float)hd);
+  // Scores, segment by segment, key tile by key tile. A tile's padding
+  // columns (up to a multiple of 8) land in the next segment's first columns,
+  // which are written afterwards, or past the end (lds leaves room).
+  int c = 0;
+  auto qk_seg = [&](const auto* K, int64_t ld, int nk) {
+    for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
+      const int jt = std::min(kAttnTile, nk - j0);
+      if constexpr (sizeof(*K) == 2)
+        kt.k_tile_f16(K + j0 * ld, ld, jt, hd, tile, kAttnTile);
+      else
+        kt.k_tile_f32(K + j0 * ld, ld, jt, hd, tile, kAttnTile);
+      kt.qk(Qs, R, tile, kAttnTile, jt, hd, scale, S + c + j0, lds);
     }
-    const float inv = 1.0f / sum;
-    for (int j = 0; j < tot; ++j) sh[j] *= inv;
-  }
-  std::memset(o, 0, sizeof(float) * hd * group);
-  if (a1 > 0) accum(s, V, hd, a1);
-  if (nb > 0) accum(s + a1, V + (int64_t)a2 * hd, hd, nb);
-  kt.accum_f32(s + a1 + nb, lds, group, Vf, ldkv, nf, hd, o, hd);
+    c += nk;
+  };
+  qk_seg(Kc, hd, vis.a1);
+  qk_seg(Kc + (int64_t)vis.a2 * hd, hd, vis.nb);
+  qk_seg(Kf, ldkv, vis.nf);
+  const int tot = vis.total();
+  kt.softmax(S, lds, R, tot);
+  std::memset(Os, 0, sizeof(float) * R * hd);
+  c = 0;
+  auto pv_seg = [&](const auto* V, int64_t ld, int nk) {
+    if constexpr (sizeof(*V) == 2) {
+      for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
+        const int jt = std::min(kAttnTile, nk - j0);
+        kt.v_tile_f16(V + j0 * ld, ld, jt, hd, tile);
+        kt.pv(S + c + j0, lds, R, tile, hd, jt, hd, Os);
+      }
+    } else if (nk > 0) {
+      kt.pv(S + c, lds, R, V, ld, nk, hd, Os);
+    }
+    c += nk;
+  };
+  pv_seg(Vc, hd, vis.a1);
+  pv_seg(Vc + (int64_t)vis.a2 * hd, hd, vis.nb);
+  pv_seg(Vf, ldkv, vis.nf);
+  for (int i = i0; i < i1; ++i)
+    std::memcpy(out + (int64_t)(it.row0 + i) * ldq + (int64_t)kvh * group * hd, Os + (int64_t)(i - i0) * group * hd,
+                sizeof(float) * group * hd);
 }
 
 void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const float* q, const float* k,
                const float* v, int nh, int nkv, int hd, float* out, std::vector<float>& scratch) {
   const AttnKernels& kt = attn_kernels();
   const int group = nh / nkv;
+  // Jobs: (item, KV head, up to kQueriesPerJob consecutive queries that see the same keys).
+  std::vector<Job> jobs;
+  std::vector<Visible> vis;
   int max_keys = 1;
   for (int t = 0; t < n_items; ++t) {
-    max_keys = std::max(max_keys, std::max(items[t].ctx_len, items[t].start) + items[t].n);
+    const AttnItem& it = items[t];
+    for (int i0 = 0; i0 < it.n;) {
+      const Visible v0 = visible(it, B, i0);
+      int i1 = i0 + 1;
+      while (i1 < it.n && i1 - i0 < kQueriesPerJob && visible(it, B, i1) == v0) ++i1;
+      max_keys = std::max(max_keys, v0.total());
+      for (int h = 0; h < nkv; ++h) {
+        jobs.push_back(Job{t, h, i0, i1});
+        vis.push_back(v0);
+      }
+      i0 = i1;
+    }
   }
+  const int64_t rows = (int64_t)kQueriesPerJob * group;
+  const int64_t lds = (max_keys + 15) / 8 * 8;  // + room for a tile's padding columns
+  const int64_t per_thread = rows * hd * 2 + rows * lds + (int64_t)kAttnTile * hd;
   const int nthreads = omp_get_max_threads();
-  const int64_t lds = max_keys;  // score rows of one thread: [group, max_keys]
-  const size_t per_thread = (size_t)group * max_keys;
-  if (scratch.size() < (size_t)nthreads * per_thread) scratch.resize((size_t)nthreads * per_thread);
-  // Jobs are (item, KV head, query) triples, queries fastest.
-  std::vector<int64_t> first(n_items + 1, 0);
-  for (int t = 0; t < n_items; ++t) first[t + 1] = first[t] + (int64_t)items[t].n * nkv;
-  const int64_t jobs = first[n_items];
+  if (scratch.size() < (size_t)(nthreads * per_thread)) scratch.resize((size_t)(nthreads * per_thread));
   float* sbase = scratch.data();
-#pragma omp parallel for schedule(static) if (jobs > 1)
-  for (int64_t job = 0; job < jobs; ++job) {
-    const int t = (int)(std::upper_bound(first.begin(), first.end(), job) - first.begin()) - 1;
-    const int64_t r = job - first[t];
-    const int g = (int)(r / items[t].n), i = (int)(r % items[t].n);
-    float* s = sbase + (size_t)omp_get_thread_num() * per_thread;
+  const int64_t njobs = (int64_t)jobs.size();
+#pragma omp parallel for schedule(dynamic, 1) if (njobs > 1)
+  for (int64_t j = 0; j < njobs; ++j) {
+    float* Qs = sbase + (int64_t)omp_get_thread_num() * per_thread;
+    float* Os = Qs + rows * hd;
+    float* S = Os + rows * hd;
+    float* tile = S + rows * lds;
+    const Job& jb = jobs[j];
     if (kv_f16)
-      attend_group<uint16_t>(kt, items[t], B, i, g, group, q, k, v, nh, nkv, hd, out, s, lds);
+      attend<uint16_t>(kt, items[jb.item], vis[j], jb.i0, jb.i1, jb.kvh, group, q, k, v, nh, nkv, hd, out, Qs, Os,
+                       S, lds, tile);
     else
-      attend_group<float>(kt, items[t], B, i, g, group, q, k, v, nh, nkv, hd, out, s, lds);
+      attend<float>(kt, items[jb.item], vis[j], jb.i0, jb.i1, jb.kvh, group, q, k, v, nh, nkv, hd, out, Qs, Os, S,
+                    lds, tile);
   }
 }
 

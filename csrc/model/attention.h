@@ -6,22 +6,28 @@
 namespace bitdlm {
 
 // Hot loops of attention, one table per ISA (attention.cpp: portable,
-// attention_avx2.cpp: AVX2 + F16C), picked from the kernels' active_isa().
-// They work on the nq query heads that share one KV head at once, so each
-// key/value row is loaded (and converted from fp16) once per group, not per head.
-// Query head h is at q + h*ldq; key/value rows are `ld` elements apart.
+// attention_avx2.cpp: AVX2 + FMA + F16C), picked from the kernels' active_isa().
+//
+// attention() works on tiles: R query rows (a few queries x the query heads
+// sharing one KV head, copied into a contiguous [R, d] block) against key tiles
+// of at most kAttnTile keys. Each key/value row is converted from fp16 once per
+// tile and used by all R rows, so scores and values are two small GEMMs
+// (register-blocked, FMA-bound) instead of one dot product per query and key.
+constexpr int kAttnTile = 64;
+
 struct AttnKernels {
   const char* name;
-  // out[h * ldo + j] = scale * dot(q_h, K[j]), h < nq, j < nk
-  void (*scores_f32)(const float* q, int64_t ldq, int nq, const float* K, int64_t ld, int nk, int d, float scale,
-                     float* out, int64_t ldo);
-  void (*scores_f16)(const float* q, int64_t ldq, int nq, const uint16_t* K, int64_t ld, int nk, int d, float scale,
-                     float* out, int64_t ldo);
-  // out_h (at out + h * ldout) += sum_j p[h * ldp + j] * V[j]
-  void (*accum_f32)(const float* p, int64_t ldp, int nq, const float* V, int64_t ld, int nk, int d, float* out,
-                    int64_t ldout);
-  void (*accum_f16)(const float* p, int64_t ldp, int nq, const uint16_t* V, int64_t ld, int nk, int d, float* out,
-                    int64_t ldout);
+  // KT[i * ldkt + j] = K[j * ld + i] as fp32 (i < d, j < nk); columns nk..round8(nk) set to 0.
+  void (*k_tile_f32)(const float* K, int64_t ld, int nk, int d, float* KT, int ldkt);
+  void (*k_tile_f16)(const uint16_t* K, int64_t ld, int nk, int d, float* KT, int ldkt);
+  // Vf[j * d + i] = V[j * ld + i] as fp32
+  void (*v_tile_f16)(const uint16_t* V, int64_t ld, int nk, int d, float* Vf);
+  // S[r * lds + j] = scale * sum_i Q[r * d + i] * KT[i * ldkt + j], r < R, j < round8(nk)
+  void (*qk)(const float* Q, int R, const float* KT, int ldkt, int nk, int d, float scale, float* S, int64_t lds);
+  // In-place softmax of rows r < R of S over their first n columns.
+  void (*softmax)(float* S, int64_t lds, int R, int n);
+  // O[r * d + i] += sum_j P[r * ldp + j] * V[j * ldv + i], r < R, j < nk, i < d
+  void (*pv)(const float* P, int64_t ldp, int R, const float* V, int64_t ldv, int nk, int d, float* O);
   // fp32 -> fp16 (round to nearest even) for K/V writes
   void (*to_f16)(const float* x, uint16_t* y, int n);
 };
@@ -45,7 +51,7 @@ struct AttnItem {
 // item and query head. Fresh keys/values come from k/v (fp32, rows of n_kv*hd),
 // cached ones from the cache, where positions [start, start+n) are skipped
 // (the fresh tokens replace them). p sees q iff q / B <= p / B.
-// `scratch` is resized as needed (per-thread score rows).
+// `scratch` is resized as needed (per-thread tiles and score rows).
 void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const float* q, const float* k,
                const float* v, int nh, int nkv, int hd, float* out, std::vector<float>& scratch);
 

@@ -1,11 +1,160 @@
 // Attention hot loops with AVX2 + FMA + F16C (compiled with those flags only).
 #include <immintrin.h>
 
+#include <cmath>
+
 #include "model/attention.h"
 #include "model/half.h"
 
 namespace bitdlm {
 namespace avx2 {
+
+static inline int round8(int n) { return (n + 7) & ~7; }
+
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// K rows -> transposed fp32 tile: 8 keys x 8 dims at a time through an 8x8
+// register transpose (unpack / shuffle / permute2f128).
+template <class T>
+static void k_tile(const T* K, int64_t ld, int nk, int d, float* KT, int ldkt) {
+  const int nk8 = round8(nk);
+  for (int j0 = 0; j0 < nk8; j0 += 8) {
+    const int jn = nk - j0 < 8 ? nk - j0 : 8;
+    int i0 = 0;
+    for (; i0 + 8 <= d; i0 += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j) r[j] = j < jn ? load8(K + (j0 + j) * ld + i0) : _mm256_setzero_ps();
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* o = KT + (int64_t)i0 * ldkt + j0;
+      _mm256_storeu_ps(o + 0 * ldkt, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(o + 1 * ldkt, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(o + 2 * ldkt, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(o + 3 * ldkt, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(o + 4 * ldkt, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(o + 5 * ldkt, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(o + 6 * ldkt, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(o + 7 * ldkt, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+    for (; i0 < d; ++i0)  // head_dim not a multiple of 8
+      for (int j = 0; j < 8; ++j) {
+        float x = 0.f;
+        if (j < jn) {
+          if constexpr (sizeof(T) == 2)
+            x = f16_to_f32(K[(j0 + j) * ld + i0]);
+          else
+            x = K[(j0 + j) * ld + i0];
+        }
+        KT[(int64_t)i0 * ldkt + j0 + j] = x;
+      }
+  }
+}
+
+static void v_tile_f16(const uint16_t* V, int64_t ld, int nk, int d, float* Vf) {
+  for (int j = 0; j < nk; ++j) {
+    int i = 0;
+    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(Vf + (int64_t)j * d + i, load8(V + j * ld + i));
+    for (; i < d; ++i) Vf[(int64_t)j * d + i] = f16_to_f32(V[j * ld + i]);
+  }
+}
+
+// Scores tile: RT query rows x 16 keys, 2*RT accumulators; per dim i one
+// broadcast of Q[r][i] per row and two key vectors.
+template <int RT, int NV>
+static inline void qk_tile(const float* Q, int d, const float* KT, int ldkt, float scale, float* S, int64_t lds) {
+  __m256 acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int i = 0; i < d; ++i) {
+    __m256 kv[NV];
+    for (int c = 0; c < NV; ++c) kv[c] = _mm256_loadu_ps(KT + (int64_t)i * ldkt + 8 * c);
+    for (int r = 0; r < RT; ++r) {
+      const __m256 qb = _mm256_broadcast_ss(Q + (int64_t)r * d + i);
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_fmadd_ps(qb, kv[c], acc[r][c]);
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(S + r * lds + 8 * c, _mm256_mul_ps(acc[r][c], sc));
+}
+
+// The main tiles with named accumulators: GCC register-allocates these, while
+// for the array form above it keeps a stack copy updated with one store per
+// FMA (measured ~1 FMA per cycle instead of ~2); the array form only runs tails.
+#define BITDLM_FMA4x2(b0, b1, b2, b3, x0, x1)                                          \
+  a00 = _mm256_fmadd_ps(b0, x0, a00), a01 = _mm256_fmadd_ps(b0, x1, a01);             \
+  a10 = _mm256_fmadd_ps(b1, x0, a10), a11 = _mm256_fmadd_ps(b1, x1, a11);             \
+  a20 = _mm256_fmadd_ps(b2, x0, a20), a21 = _mm256_fmadd_ps(b2, x1, a21);             \
+  a30 = _mm256_fmadd_ps(b3, x0, a30), a31 = _mm256_fmadd_ps(b3, x1, a31)
+
+static inline void qk_4x16(const float* Q, int d, const float* KT, int ldkt, float scale, float* S, int64_t lds) {
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+  const float *q0 = Q, *q1 = Q + d, *q2 = Q + 2 * d, *q3 = Q + 3 * d;
+  for (int i = 0; i < d; ++i) {
+    const __m256 k0 = _mm256_loadu_ps(KT + (int64_t)i * ldkt), k1 = _mm256_loadu_ps(KT + (int64_t)i * ldkt + 8);
+    BITDLM_FMA4x2(_mm256_broadcast_ss(q0 + i), _mm256_broadcast_ss(q1 + i), _mm256_broadcast_ss(q2 + i),
+                  _mm256_broadcast_ss(q3 + i), k0, k1);
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  _mm256_storeu_ps(S, _mm256_mul_ps(a00, sc)), _mm256_storeu_ps(S + 8, _mm256_mul_ps(a01, sc));
+  _mm256_storeu_ps(S + lds, _mm256_mul_ps(a10, sc)), _mm256_storeu_ps(S + lds + 8, _mm256_mul_ps(a11, sc));
+  _mm256_storeu_ps(S + 2 * lds, _mm256_mul_ps(a20, sc)), _mm256_storeu_ps(S + 2 * lds + 8, _mm256_mul_ps(a21, sc));
+  _mm256_storeu_ps(S + 3 * lds, _mm256_mul_ps(a30, sc)), _mm256_storeu_ps(S + 3 * lds + 8, _mm256_mul_ps(a31, sc));
+}
+
+template <int RT>
+static inline void qk_rows(const float* Q, const float* KT, int ldkt, int nk8, int d, float scale, float* S,
+                           int64_t lds) {
+  int j = 0;
+  for (; j + 16 <= nk8; j += 16)
+    if constexpr (RT == 4)
+      qk_4x16(Q, d, KT + j, ldkt, scale, S + j, lds);
+    else
+      qk_tile<RT, 2>(Q, d, KT + j, ldkt, scale, S + j, lds);
+  if (j < nk8) qk_tile<RT, 1>(Q, d, KT + j, ldkt, scale, S + j, lds);
+}
+
+static void qk(const float* Q, int R, const float* KT, int ldkt, int nk, int d, float scale, float* S, int64_t lds) {
+  const int nk8 = round8(nk);
+  int r = 0;
+  for (; r + 4 <= R; r += 4) qk_rows<4>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds);
+  switch (R - r) {
+    case 3: qk_rows<3>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds); break;
+    case 2: qk_rows<2>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds); break;
+    case 1: qk_rows<1>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds); break;
+    default: break;
+  }
+}
+
+// exp for x <= 0 (softmax after subtracting the max): Cephes-style range
+// reduction x = n ln2 + f, degree-5 polynomial on f, 2^n through the exponent
+// bits; ~1e-7 relative error; 0 below -87.3 (2^n underflows to 0 there).
+static inline __m256 exp_neg(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-60.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-88.0f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  // 2^n, n >= -127: n = -127 gives the bit pattern 0, i.e. +0
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
 
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -14,94 +163,98 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8(const uint16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+static inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
 }
-static inline float load1(const float* p) { return *p; }
-static inline float load1(const uint16_t* p) { return f16_to_f32(*p); }
 
-// Up to 4 query heads per pass: one key row load (+ fp16 conversion) feeds NQ FMAs.
-template <int NQ, class T>
-static void scores_n(const float* q, int64_t ldq, const T* K, int64_t ld, int nk, int d, float scale, float* out,
-                     int64_t ldo) {
-  const int d8 = d & ~7;
-  for (int j = 0; j < nk; ++j) {
-    const T* kr = K + j * ld;
-    __m256 acc[NQ];
-    for (int h = 0; h < NQ; ++h) acc[h] = _mm256_setzero_ps();
-    int i = 0;
-    for (; i < d8; i += 8) {
-      const __m256 kv = load8(kr + i);
-      for (int h = 0; h < NQ; ++h) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * ldq + i), kv, acc[h]);
+static void softmax(float* S, int64_t lds, int R, int n) {
+  const int n8 = n & ~7;
+  for (int r = 0; r < R; ++r) {
+    float* s = S + r * lds;
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (int j = 0; j < n8; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
+    float mx = hmax(vm);
+    for (int j = n8; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vs = _mm256_setzero_ps();
+    for (int j = 0; j < n8; j += 8) {
+      const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx));
+      _mm256_storeu_ps(s + j, e);
+      vs = _mm256_add_ps(vs, e);
     }
-    for (int h = 0; h < NQ; ++h) {
-      float r = hsum(acc[h]);
-      for (int t = i; t < d; ++t) r += q[h * ldq + t] * load1(kr + t);
-      out[h * ldo + j] = r * scale;
+    float sum = hsum(vs);
+    for (int j = n8; j < n; ++j) {
+      s[j] = std::exp(s[j] - mx);
+      sum += s[j];
     }
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (int j = 0; j < n8; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+    for (int j = n8; j < n; ++j) s[j] *= 1.0f / sum;
   }
 }
 
-template <class T>
-static void scores(const float* q, int64_t ldq, int nq, const T* K, int64_t ld, int nk, int d, float scale,
-                   float* out, int64_t ldo) {
-  for (int h = 0; h < nq; h += 4) {
-    const float* qh = q + h * ldq;
-    float* oh = out + h * ldo;
-    switch (nq - h) {
-      case 1: scores_n<1>(qh, ldq, K, ld, nk, d, scale, oh, ldo); break;
-      case 2: scores_n<2>(qh, ldq, K, ld, nk, d, scale, oh, ldo); break;
-      case 3: scores_n<3>(qh, ldq, K, ld, nk, d, scale, oh, ldo); break;
-      default: scores_n<4>(qh, ldq, K, ld, nk, d, scale, oh, ldo); break;
-    }
-  }
-}
-
-// out_h[i0:i0+8*NV] += sum_j p_h[j] V[j][i0:...] for NQ heads: NQ*NV accumulators in registers.
-template <int NQ, int NV, class T>
-static void accum_tile(const float* p, int64_t ldp, const T* V, int64_t ld, int nk, int i0, float* out,
-                       int64_t ldout) {
-  __m256 acc[NQ][NV];
-  for (int h = 0; h < NQ; ++h)
-    for (int r = 0; r < NV; ++r) acc[h][r] = _mm256_loadu_ps(out + h * ldout + i0 + 8 * r);
+// Values tile: RT rows x 8*NV output dims, accumulated over nk keys.
+template <int RT, int NV>
+static inline void pv_tile(const float* P, int64_t ldp, const float* V, int64_t ldv, int nk, int d, float* O) {
+  __m256 acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_loadu_ps(O + (int64_t)r * d + 8 * c);
   for (int j = 0; j < nk; ++j) {
-    const T* vr = V + j * ld + i0;
     __m256 vv[NV];
-    for (int r = 0; r < NV; ++r) vv[r] = load8(vr + 8 * r);
-    for (int h = 0; h < NQ; ++h) {
-      const __m256 w = _mm256_broadcast_ss(p + h * ldp + j);
-      for (int r = 0; r < NV; ++r) acc[h][r] = _mm256_fmadd_ps(w, vv[r], acc[h][r]);
+    for (int c = 0; c < NV; ++c) vv[c] = _mm256_loadu_ps(V + j * ldv + 8 * c);
+    for (int r = 0; r < RT; ++r) {
+      const __m256 pb = _mm256_broadcast_ss(P + r * ldp + j);
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_fmadd_ps(pb, vv[c], acc[r][c]);
     }
   }
-  for (int h = 0; h < NQ; ++h)
-    for (int r = 0; r < NV; ++r) _mm256_storeu_ps(out + h * ldout + i0 + 8 * r, acc[h][r]);
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(O + (int64_t)r * d + 8 * c, acc[r][c]);
 }
 
-template <int NQ, class T>
-static void accum_n(const float* p, int64_t ldp, const T* V, int64_t ld, int nk, int d, float* out, int64_t ldout) {
+static inline void pv_4x16(const float* P, int64_t ldp, const float* V, int64_t ldv, int nk, int d, float* O) {
+  float *o0 = O, *o1 = O + d, *o2 = O + 2 * d, *o3 = O + 3 * d;
+  __m256 a00 = _mm256_loadu_ps(o0), a01 = _mm256_loadu_ps(o0 + 8), a10 = _mm256_loadu_ps(o1),
+         a11 = _mm256_loadu_ps(o1 + 8), a20 = _mm256_loadu_ps(o2), a21 = _mm256_loadu_ps(o2 + 8),
+         a30 = _mm256_loadu_ps(o3), a31 = _mm256_loadu_ps(o3 + 8);
+  const float *p0 = P, *p1 = P + ldp, *p2 = P + 2 * ldp, *p3 = P + 3 * ldp;
+  for (int j = 0; j < nk; ++j) {
+    const __m256 v0 = _mm256_loadu_ps(V + j * ldv), v1 = _mm256_loadu_ps(V + j * ldv + 8);
+    BITDLM_FMA4x2(_mm256_broadcast_ss(p0 + j), _mm256_broadcast_ss(p1 + j), _mm256_broadcast_ss(p2 + j),
+                  _mm256_broadcast_ss(p3 + j), v0, v1);
+  }
+  _mm256_storeu_ps(o0, a00), _mm256_storeu_ps(o0 + 8, a01), _mm256_storeu_ps(o1, a10), _mm256_storeu_ps(o1 + 8, a11);
+  _mm256_storeu_ps(o2, a20), _mm256_storeu_ps(o2 + 8, a21), _mm256_storeu_ps(o3, a30), _mm256_storeu_ps(o3 + 8, a31);
+}
+#undef BITDLM_FMA4x2
+
+template <int RT>
+static inline void pv_rows(const float* P, int64_t ldp, const float* V, int64_t ldv, int nk, int d, float* O) {
   int i = 0;
-  for (; i + 32 <= d; i += 32) accum_tile<NQ, 4>(p, ldp, V, ld, nk, i, out, ldout);
-  for (; i + 8 <= d; i += 8) accum_tile<NQ, 1>(p, ldp, V, ld, nk, i, out, ldout);
+  for (; i + 16 <= d; i += 16)
+    if constexpr (RT == 4)
+      pv_4x16(P, ldp, V + i, ldv, nk, d, O + i);
+    else
+      pv_tile<RT, 2>(P, ldp, V + i, ldv, nk, d, O + i);
+  for (; i + 8 <= d; i += 8) pv_tile<RT, 1>(P, ldp, V + i, ldv, nk, d, O + i);
   for (; i < d; ++i)
-    for (int j = 0; j < nk; ++j) {
-      const float x = load1(V + j * ld + i);
-      for (int h = 0; h < NQ; ++h) out[h * ldout + i] += p[h * ldp + j] * x;
+    for (int r = 0; r < RT; ++r) {
+      float acc = O[(int64_t)r * d + i];
+      for (int j = 0; j < nk; ++j) acc += P[r * ldp + j] * V[j * ldv + i];
+      O[(int64_t)r * d + i] = acc;
     }
 }
 
-template <class T>
-static void accum(const float* p, int64_t ldp, int nq, const T* V, int64_t ld, int nk, int d, float* out,
-                  int64_t ldout) {
-  for (int h = 0; h < nq; h += 4) {
-    const float* ph = p + h * ldp;
-    float* oh = out + h * ldout;
-    switch (nq - h) {
-      case 1: accum_n<1>(ph, ldp, V, ld, nk, d, oh, ldout); break;
-      case 2: accum_n<2>(ph, ldp, V, ld, nk, d, oh, ldout); break;
-      case 3: accum_n<3>(ph, ldp, V, ld, nk, d, oh, ldout); break;
-      default: accum_n<4>(ph, ldp, V, ld, nk, d, oh, ldout); break;
-    }
+static void pv(const float* P, int64_t ldp, int R, const float* V, int64_t ldv, int nk, int d, float* O) {
+  int r = 0;
+  for (; r + 4 <= R; r += 4) pv_rows<4>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d);
+  switch (R - r) {
+    case 3: pv_rows<3>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
+    case 2: pv_rows<2>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
+    case 1: pv_rows<1>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
+    default: break;
   }
 }
 
@@ -115,7 +268,8 @@ static void to_f16(const float* x, uint16_t* y, int n) {
 
 }  // namespace avx2
 
-extern const AttnKernels kAttnAvx2 = {"avx2", &avx2::scores<float>, &avx2::scores<uint16_t>, &avx2::accum<float>,
-                                      &avx2::accum<uint16_t>, &avx2::to_f16};
+extern const AttnKernels kAttnAvx2 = {"avx2",           &avx2::k_tile<float>, &avx2::k_tile<uint16_t>,
+                                      &avx2::v_tile_f16, &avx2::qk,            &avx2::softmax,
+                                      &avx2::pv,         &avx2::to_f16};
 
 }  // namespace bitdlm
