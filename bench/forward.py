@@ -11,7 +11,13 @@ median over --reps of one `Model.forward` call in "select" mode:
 - decode_ctxC:   1 token against C = 0 / 512 / 2048 cached positions (AR decoding);
 - sub8_ctx512:   an 8-token sub-block step against 512 cached (8 outputs);
 - block32_ctx512: a 32-token block step against 512 cached, outputs for the current
-                  sub-block (8) and for the whole block (32).
+                  sub-block (8) and for the whole block (32); block32_ctx2048 the same
+                  against 2048 cached (8 outputs).
+
+Each case is then run again with the model's phase profiler on
+(`Model.set_profile`, as BITDLM_PROFILE=1 does) and its mean ms per phase
+(norm, quant, gemm_*, attention, lm_head, select, ...) is stored as
+`phases_ms` and printed as a table.
 
 The cache is really written first (a chunked prefill of 2048 tokens, also
 timed), so attention reads real pages. Results go to --out as JSON. The machine
@@ -78,6 +84,7 @@ def worker(path: str, threads: list[int], reps: int, kv_dtype: str) -> dict:
         "sub8_ctx512": (8, 512, 32, 8),
         "block32_ctx512_out8": (32, 512, 32, 8),
         "block32_ctx512_out32": (32, 512, 32, 32),
+        "block32_ctx2048_out8": (32, 2048, 32, 8),
     }
     res = {}
     for th in threads:
@@ -93,6 +100,14 @@ def worker(path: str, threads: list[int], reps: int, kv_dtype: str) -> dict:
                 ts.append(time.perf_counter() - t)
             row[name] = {"ms_median": round(1e3 * statistics.median(ts), 2), "ms_min": round(1e3 * min(ts), 2),
                          "reps": reps}
+            m.set_profile(True)
+            m.profile(reset=True)
+            for _ in range(max(1, reps // 2)):
+                m.forward([item], B, "select", banned=[0])
+            prof = m.profile(reset=True)
+            m.set_profile(False)
+            calls = prof.pop("calls")
+            row[name]["phases_ms"] = {k: round(1e3 * v / calls, 2) for k, v in prof.items() if v > 0}
         row["decode_ctx512_tok_per_s"] = round(1e3 / row["decode_ctx512"]["ms_median"], 2)
         # Python + argument checking share: the same call stopped right after validation
         item = (sid, toks(32), 512, 512, False, np.arange(24, 32, dtype=np.int32))
@@ -158,7 +173,24 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print(json.dumps(out, indent=2))
+    print_phases(out)
     return 0
+
+
+def print_phases(out: dict) -> None:
+    """Per lm_head type and thread count: ms per phase (rows) for every case (columns)."""
+    for head, r in out["results"].items():
+        for th, row in r["threads"].items():
+            cases = [k for k, v in row.items() if isinstance(v, dict) and "phases_ms" in v]
+            phases = []
+            for c in cases:
+                phases += [p for p in row[c]["phases_ms"] if p not in phases]
+            print(f"\nlm_head={head} threads={th}: ms per phase (profiled runs)")
+            print(f"{'phase':14s}" + "".join(f"{c[:20]:>21s}" for c in cases))
+            for p in phases:
+                print(f"{p:14s}" + "".join(f"{row[c]['phases_ms'].get(p, 0.0):21.2f}" for c in cases))
+            print(f"{'sum':14s}" + "".join(f"{sum(row[c]['phases_ms'].values()):21.2f}" for c in cases))
+            print(f"{'timed median':14s}" + "".join(f"{row[c]['ms_median']:21.2f}" for c in cases))
 
 
 if __name__ == "__main__":

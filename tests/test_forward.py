@@ -577,3 +577,31 @@ def test_portable_and_simd_attention_agree(small, kv_dtype, shape):
         _core.set_isa(old)
     # (the lm_head kernels sum in different orders: last-bit differences on logits of O(100))
     np.testing.assert_allclose(res[0], res[1], rtol=1e-5, atol=1e-4)
+
+
+def test_phase_profile(small):
+    """The profiler splits one forward's wall time into phases; off, it records nothing."""
+    import time
+
+    _, core = small
+    toks = np.arange(2, 34)
+    core.set_profile(True)
+    try:
+        core.reset_profile()
+        t0 = time.perf_counter()
+        core_logits(core, toks, B=8)
+        wall = time.perf_counter() - t0
+        phases, calls = core.profile()
+        assert calls == 1
+        assert all(v >= 0 for v in phases.values())
+        for p in ("embed", "norm", "quant", "gemm_qkv", "attention", "gemm_o", "gemm_gate_up", "gemm_down",
+                  "lm_head"):
+            assert phases[p] > 0, p
+        assert sum(phases.values()) <= wall
+        core.set_profile(False)
+        core.reset_profile()
+        core_logits(core, toks, B=8)
+        phases, calls = core.profile()
+        assert calls == 0 and not any(phases.values())
+    finally:
+        core.set_profile(False)

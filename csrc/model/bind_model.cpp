@@ -174,6 +174,17 @@ void register_model(py::module_& m) {
       .def("kv_bytes_used", [](PyModel& s) { return s.model->kv_bytes_used(); })
       .def("kv_bytes_per_token", [](PyModel& s) { return s.model->kv_bytes_per_token(); })
       .def_property_readonly("kv_dtype", [](PyModel& s) { return s.model->kv_f16() ? "f16" : "f32"; })
+      .def("set_profile", [](PyModel& s, bool on) { s.model->set_profile(on); }, py::arg("on"),
+           "Per-phase timing of forwards on/off (also BITDLM_PROFILE=1 at load)")
+      .def(
+          "profile",
+          [](PyModel& s) {
+            py::dict d;
+            for (auto& [name, sec] : s.model->profile()) d[py::str(name)] = sec;
+            return py::make_tuple(d, s.model->profiled_calls());
+          },
+          "(seconds per phase, forward calls) since the last reset_profile()")
+      .def("reset_profile", [](PyModel& s) { s.model->reset_profile(); })
       .def(
           "forward",
           [](PyModel& s, py::object items_obj, int block_size, const std::string& mode, py::object temperature,

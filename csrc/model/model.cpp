@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <stdexcept>
 #include <unordered_set>
 
@@ -13,6 +15,27 @@
 #include "model/sampling.h"
 
 namespace bitdlm {
+
+const char* const kPhaseNames[kNumPhases] = {"embed", "norm", "quant", "gemm_qkv", "rope", "kv_write", "attention",
+                                             "gemm_o", "gemm_gate_up", "act", "gemm_down", "residual", "lm_head",
+                                             "select"};
+
+namespace {
+// Adds the lifetime of a scope to one phase (when profiling).
+struct PhaseTimer {
+  double* slot;
+  double t0;
+  PhaseTimer(bool on, double* prof, Phase p) : slot(on ? prof + p : nullptr), t0(on ? omp_get_wtime() : 0.0) {}
+  PhaseTimer(const PhaseTimer&) = delete;
+  PhaseTimer& operator=(const PhaseTimer&) = delete;
+  void stop() {
+    if (slot) *slot += omp_get_wtime() - t0;
+    slot = nullptr;
+  }
+  ~PhaseTimer() { stop(); }
+};
+}  // namespace
+
 
 namespace {
 
@@ -63,6 +86,8 @@ Model::Model(const Config& c, const std::map<std::string, TensorRef>& t, int64_t
   if (c.hidden <= 0 || c.layers <= 0 || c.heads <= 0 || c.kv_heads <= 0 || c.head_dim <= 0 || c.inter <= 0 ||
       c.vocab <= 0)
     throw std::invalid_argument("model config: sizes must be positive");
+  const char* prof = std::getenv("BITDLM_PROFILE");
+  prof_on_ = prof && *prof && std::string(prof) != "0";
   if (c.heads % c.kv_heads) throw std::invalid_argument("model config: num_attention_heads % num_key_value_heads != 0");
   if (c.head_dim % 2) throw std::invalid_argument("model config: head_dim must be even (RoPE)");
   if (kv_budget < 0) throw std::invalid_argument("kv_budget_bytes must be >= 0");
@@ -102,6 +127,29 @@ Model::Model(const Config& c, const std::map<std::string, TensorRef>& t, int64_t
   } else {
     head_f16_ = reinterpret_cast<const uint16_t*>(need(t, "lm_head.weight", "f16", {c.vocab, H}).data);
   }
+}
+
+void Model::set_profile(bool on) {
+  std::lock_guard<std::mutex> g(mu_);
+  prof_on_ = on;
+}
+
+std::vector<std::pair<std::string, double>> Model::profile() {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<std::pair<std::string, double>> out;
+  for (int p = 0; p < kNumPhases; ++p) out.emplace_back(kPhaseNames[p], prof_[p]);
+  return out;
+}
+
+int64_t Model::profiled_calls() {
+  std::lock_guard<std::mutex> g(mu_);
+  return prof_calls_;
+}
+
+void Model::reset_profile() {
+  std::lock_guard<std::mutex> g(mu_);
+  for (double& x : prof_) x = 0.0;
+  prof_calls_ = 0;
 }
 
 int Model::alloc_seq(int64_t capacity) {
@@ -162,6 +210,7 @@ void Model::forward_logits(const std::vector<Item>& items, int B, float* out) {
   int64_t n_out;
   check_locked(items, B, &n_out);
   const int rows = run(items, B);
+  PhaseTimer t(prof_on_, prof_, kLmHead);
   if (rows) head(0, rows, out);
 }
 
@@ -186,7 +235,11 @@ void Model::forward_select(const std::vector<Item>& items, int B, const SelectAr
   grow(logits_, (size_t)std::min(rows, kChunk) * V);
   for (int r0 = 0; r0 < rows; r0 += kChunk) {
     const int nr = std::min(kChunk, rows - r0);
-    head(r0, nr, logits_.data());
+    {
+      PhaseTimer t(prof_on_, prof_, kLmHead);
+      head(r0, nr, logits_.data());
+    }
+    PhaseTimer t(prof_on_, prof_, kSelect);
     for (int r = 0; r < nr; ++r)
       for (int32_t b : sel.banned) logits_[(int64_t)r * V + b] = -INFINITY;
     select_rows(logits_.data(), nr, (int)V, V, sel.temperature.data() + r0, sel.top_p.data() + r0,
@@ -206,6 +259,8 @@ int Model::run(const std::vector<Item>& items, int B) {
   if (N64 == 0) return 0;
   if (N64 > (1 << 24)) throw std::invalid_argument("too many tokens in one call");
   const int N = (int)N64, NO = (int)NO64;
+  if (prof_on_) ++prof_calls_;
+  const auto timed = [this](Phase p) { return PhaseTimer(prof_on_, prof_, p); };
 
   grow(x_, (size_t)N * H);
   grow(xn_, (size_t)N * H);
@@ -228,6 +283,7 @@ int Model::run(const std::vector<Item>& items, int B) {
     inv_freq[i] = 1.0f / std::pow((float)c.rope_theta, (float)(2 * i) / (float)hd);
   std::vector<AttnItem> ai(items.size());
   {
+    auto t = timed(kEmbed);
     int row = 0;
     for (size_t t = 0; t < items.size(); ++t) {
       const Item& it = items[t];
@@ -260,6 +316,7 @@ int Model::run(const std::vector<Item>& items, int B) {
     }
   };
   auto quant = [&](const float* in, int K, int Kp) {
+    auto t = timed(kQuant);
     quantize_act(in, N, K, Kp, aq_.data(), as_.data(), asum_.data());
     return ActQ{aq_.data(), as_.data(), asum_.data(), N, Kp};
   };
@@ -271,14 +328,22 @@ int Model::run(const std::vector<Item>& items, int B) {
   for (int l = 0; l < c.layers; ++l) {
     const Layer& L = layers_[l];
     // Attention block: one activation quantization feeds q, k and v.
-    rmsnorm(x_.data(), L.in_norm, xn_.data(), N, H, c.eps);
+    {
+      auto t = timed(kNorm);
+      rmsnorm(x_.data(), L.in_norm, xn_.data(), N, H, c.eps);
+    }
     {
       const ActQ a = quant(xn_.data(), H, KpH);
       const TernaryW w[3] = {tw(L.q, q_.data()), tw(L.k, k_.data()), tw(L.v, v_.data())};
+      auto t = timed(kGemmQkv);
       gemm_i2_i8(w, 3, a);
     }
-    rope(q_.data(), nh);
-    rope(k_.data(), nkv);
+    {
+      auto t = timed(kRope);
+      rope(q_.data(), nh);
+      rope(k_.data(), nkv);
+    }
+    auto t_kv = timed(kKvWrite);
     for (size_t t = 0; t < items.size(); ++t) {
       const Item& it = items[t];
       ai[t].kc = kv_.k(it.seq, l);
@@ -300,24 +365,40 @@ int Model::run(const std::vector<Item>& items, int B) {
           }
         }
     }
-    attention(f16, ai.data(), (int)ai.size(), B, q_.data(), k_.data(), v_.data(), nh, nkv, hd, att_.data(),
-              attn_scratch_);
-    rmsnorm(att_.data(), L.attn_sub, att_.data(), N, QD, c.eps);
+    t_kv.stop();
+    {
+      auto t = timed(kAttention);
+      attention(f16, ai.data(), (int)ai.size(), B, q_.data(), k_.data(), v_.data(), nh, nkv, hd, att_.data(),
+                attn_scratch_);
+    }
+    {
+      auto t = timed(kNorm);
+      rmsnorm(att_.data(), L.attn_sub, att_.data(), N, QD, c.eps);
+    }
     {
       const ActQ a = quant(att_.data(), QD, KpQ);
       const TernaryW w = tw(L.o, tmp_.data());
+      auto t = timed(kGemmO);
       gemm_i2_i8(&w, 1, a);
     }
-    for (int64_t i = 0; i < (int64_t)N * H; ++i) x_[i] += tmp_[i];
+    {
+      auto t = timed(kResidual);
+      for (int64_t i = 0; i < (int64_t)N * H; ++i) x_[i] += tmp_[i];
+    }
 
     // MLP block: relu(gate)^2 * up, with gate and up in one multi-GEMM.
-    rmsnorm(x_.data(), L.post_norm, xn_.data(), N, H, c.eps);
+    {
+      auto t = timed(kNorm);
+      rmsnorm(x_.data(), L.post_norm, xn_.data(), N, H, c.eps);
+    }
     {
       const ActQ a = quant(xn_.data(), H, KpH);
       const TernaryW w[2] = {tw(L.gate, g_.data()), tw(L.up, u_.data())};
+      auto t = timed(kGemmGateUp);
       gemm_i2_i8(w, 2, a);
     }
     {
+      auto t = timed(kAct);
       float* g = g_.data();
       const float* u = u_.data();
       for (int64_t i = 0; i < (int64_t)N * I; ++i) {
@@ -326,13 +407,20 @@ int Model::run(const std::vector<Item>& items, int B) {
         g[i] = r * r * u[i];
       }
     }
-    rmsnorm(g_.data(), L.ffn_sub, g_.data(), N, I, c.eps);
+    {
+      auto t = timed(kNorm);
+      rmsnorm(g_.data(), L.ffn_sub, g_.data(), N, I, c.eps);
+    }
     {
       const ActQ a = quant(g_.data(), I, KpI);
       const TernaryW w = tw(L.down, tmp_.data());
+      auto t = timed(kGemmDown);
       gemm_i2_i8(&w, 1, a);
     }
-    for (int64_t i = 0; i < (int64_t)N * H; ++i) x_[i] += tmp_[i];
+    {
+      auto t = timed(kResidual);
+      for (int64_t i = 0; i < (int64_t)N * H; ++i) x_[i] += tmp_[i];
+    }
   }
 
   if (NO == 0) return 0;

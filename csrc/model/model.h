@@ -42,6 +42,13 @@ struct SelectArgs {
   std::vector<int32_t> banned;
 };
 
+// Wall time per phase of the forward, summed over calls while profiling is on
+// (BITDLM_PROFILE=1 at construction, or set_profile). Phases are timed on the
+// calling thread around whole (parallel) regions, so they add up to the call.
+enum Phase { kEmbed, kNorm, kQuant, kGemmQkv, kRope, kKvWrite, kAttention, kGemmO, kGemmGateUp, kAct, kGemmDown,
+             kResidual, kLmHead, kSelect, kNumPhases };
+extern const char* const kPhaseNames[kNumPhases];
+
 class Model {
  public:
   Model(const Config& cfg, const std::map<std::string, TensorRef>& tensors, int64_t kv_budget, bool kv_f16);
@@ -60,6 +67,13 @@ class Model {
   // (token, confidence) per output row.
   void forward_select(const std::vector<Item>& items, int block_size, const SelectArgs& sel, int32_t* tok,
                       float* conf);
+
+  void set_profile(bool on);
+  bool profiling() const { return prof_on_; }
+  // (phase name, seconds) since the last reset, and the number of forward calls.
+  std::vector<std::pair<std::string, double>> profile();
+  int64_t profiled_calls();
+  void reset_profile();
 
  private:
   struct Ternary {
@@ -86,6 +100,9 @@ class Model {
   const float* head_scale_ = nullptr;
   KvCache kv_;
   std::mutex mu_;  // one forward at a time; alloc/free never race a forward
+  bool prof_on_ = false;
+  double prof_[kNumPhases] = {};
+  int64_t prof_calls_ = 0;
 
   // Scratch reused across calls (grown on demand).
   std::vector<float> x_, xn_, q_, k_, v_, att_, g_, u_, tmp_, xo_, cos_, sin_, attn_scratch_, logits_;

@@ -89,6 +89,18 @@ class Model:
     def free_seq(self, seq_id: int) -> None:
         self._core.free_seq(seq_id)
 
+    def set_profile(self, on: bool = True) -> None:
+        """Time every forward phase (also on with BITDLM_PROFILE=1 at load)."""
+        self._core.set_profile(on)
+
+    def profile(self, reset: bool = False) -> dict:
+        """Seconds spent per forward phase since the last reset (norm, quant,
+        gemm_qkv, attention, gemm_gate_up, lm_head, ...), plus 'calls'."""
+        phases, calls = self._core.profile()
+        if reset:
+            self._core.reset_profile()
+        return {**phases, "calls": calls}
+
     def kv_bytes_used(self) -> int:
         return self._core.kv_bytes_used()
 
