@@ -21,7 +21,7 @@ import numpy as np
 # the repo checkout, unless PYTHONPATH / an install provides bitdlm first
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
-from bitdlm.packing import K_BLOCK, pack_i2, pad_k  # noqa: E402
+from bitdlm.packing import K_BLOCK, pack_i2  # noqa: E402
 
 # microsoft/bitnet-b1.58-2B-4T (see /work/shared/reference.md)
 SHAPE_2B = dict(hidden=2560, layers=30, heads=20, kv_heads=5, ffn=6912, vocab=128256)

@@ -22,7 +22,6 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 import json
 from pathlib import Path
 
-import numpy as np
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|mask|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID, MASK_ID, IM_START_ID, IM_END_ID = 0, 1, 2, 3

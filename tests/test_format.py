@@ -2,16 +2,14 @@
 table of damaged or foreign files that must each raise ModelFormatError."""
 import argparse
 import json
-import os
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bitdlm import packing
-from bitdlm.format import (ALIGN, MAGIC, PREAMBLE_SIZE, VERSION, ModelFile, ModelFormatError,
+from bitdlm.format import (ALIGN, PREAMBLE_SIZE, VERSION, ModelFile, ModelFormatError,
                            ModelWriter, describe, expected_tensors, register_cli, storage_shape)
 
 

@@ -10,9 +10,7 @@ import os
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402

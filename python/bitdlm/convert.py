@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import packing
-from .format import ModelWriter, TERNARY_NAMES, expected_tensors, ModelFormatError, validate_meta
+from .format import ModelWriter, expected_tensors, ModelFormatError, validate_meta
 
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_SMALL_BLOCK_SIZE = 8

@@ -281,7 +281,6 @@ class Engine:
         seq.bstart, seq.blk, seq.masked, seq.scratch = bstart, blk, masked, False
 
     def _plan(self, seq: _Seq):
-        bs = self.block_size
         if seq.prefilling:
             c0 = seq.committed
             c1 = min(seq.nfull, c0 + self.prefill_chunk)
