@@ -401,6 +401,39 @@ def test_select_greedy_with_banned(small):
     assert tok.dtype == np.int32 and conf.dtype == np.float32
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_select_greedy_each_isa_odd_vocab(isa):
+    """Greedy select (portable loop and AVX2 loop) on a vocab that is not a
+    multiple of 8, with a row whose two best tokens are tied exactly (the
+    first id wins)."""
+    if isa not in _core.supported_isas():
+        pytest.skip(f"{isa} not supported by this CPU")
+    hf = make_hf(SHAPES["gqa3_hd12"], seed=5)
+    V = hf.config.vocab_size
+    emb = hf.model.embed_tokens.weight.data
+    toks = np.random.default_rng(9).integers(0, V, 10).astype(np.int32)
+    core0 = to_core(hf)
+    best = int(core_logits(core0, toks)[-1].argmax())
+    tie = V - 1 if best != V - 1 else V - 2  # copy the winner's (tied) lm_head row: an exact tie
+    emb[tie] = emb[best]
+    core = to_core(hf)
+    logits = core_logits(core, toks)
+    out = np.arange(10, dtype=np.int32)
+    old = _core.active_isa()
+    _core.set_isa(isa)
+    try:
+        seq = core.alloc_seq(10)
+        tok, conf = core.forward([(seq, toks, 0, 0, False, out)], 1, "select", banned=[1])
+        core.free_seq(seq)
+    finally:
+        _core.set_isa(old)
+    masked = logits.copy()
+    masked[:, 1] = -np.inf
+    np.testing.assert_array_equal(tok, masked.argmax(-1))
+    assert logits[-1, tie] == logits[-1, best] and tok[-1] == min(best, tie)
+    np.testing.assert_allclose(conf, _softmax(masked).max(-1), rtol=1e-5)
+
+
 def _ref_sample(logits, T, top_p, u):
     p = _softmax(logits.astype(np.float64) / T)
     order = np.lexsort((np.arange(len(p)), -p))  # descending probability, lower id first

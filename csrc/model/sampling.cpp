@@ -3,7 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <cstring>
 #include <vector>
+
+#include "kernels/gemm.h"
 
 namespace bitdlm {
 
@@ -75,13 +78,15 @@ static void sample(float* l, int V, float T, float top_p, float u, int32_t* tok,
 
 void select_rows(float* logits, int rows, int V, int64_t ld, const float* temperature, const float* top_p,
                  const float* uniform, int32_t* tok, float* conf) {
+  const bool simd = std::strcmp(active_isa(), "scalar") != 0;  // every ISA above scalar has AVX2
 #pragma omp parallel for schedule(dynamic, 1) if (rows > 1)
   for (int r = 0; r < rows; ++r) {
     float* l = logits + r * ld;
-    if (temperature[r] <= 0.f)
-      greedy(l, V, tok + r, conf + r);
-    else
+    if (temperature[r] <= 0.f) {
+      if (!simd || !greedy_avx2(l, V, tok + r, conf + r)) greedy(l, V, tok + r, conf + r);
+    } else {
       sample(l, V, temperature[r], top_p[r], uniform[r], tok + r, conf + r);
+    }
   }
 }
 
