@@ -248,3 +248,16 @@ def test_cli_generate_uses_the_default_model():
                         "--max-tokens", "16"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 0
+
+
+def test_cli_generate_profile():
+    from hf_models import child_env
+
+    env = child_env(OMP_NUM_THREADS=1)
+    r = subprocess.run([sys.executable, "-m", "bitdlm.cli", "generate", "The \"if\" statement", "--max-tokens", "8",
+                        "--profile"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stderr.splitlines() if line.strip()}
+    for phase in ("gemm_qkv", "gemm_gate_up", "attention", "lm_head"):
+        assert phase in rows and float(rows[phase][1]) > 0, r.stderr
+    assert "forwards)" in r.stderr

@@ -27,6 +27,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--stats", action="store_true", help="print forwards, tokens per forward and tok/s to stderr")
     p.add_argument("--stream", action="store_true", help="print text as soon as it is final")
+    p.add_argument("--profile", action="store_true",
+                   help="print the forward's time per phase (GEMMs, attention, lm_head, ...) to stderr")
     p.set_defaults(func=run_cli)
 
 
@@ -44,6 +46,8 @@ def run_cli(args) -> int:
             if not args.prompt:
                 raise ValueError("empty prompt")
             prompt = llm.tokenizer.encode(args.prompt)
+        if args.profile:
+            llm.model.set_profile(True)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed, stop=args.stop, threshold=args.threshold,
                                 small_block_size=args.small_block_size, use_block_cache=args.use_block_cache,
@@ -68,4 +72,17 @@ def run_cli(args) -> int:
         print(f"prompt tokens: {len(res.prompt_token_ids)}  generated: {n}  finish: {res.finish_reason}\n"
               f"forwards: {s['forwards']}  tokens/forward: {s['tokens_per_forward']:.2f}  "
               f"seconds: {secs:.3f}  tok/s: {n / secs if secs else 0.0:.1f}", file=sys.stderr)
+    if args.profile:
+        print_profile(llm.model.profile(), sys.stderr)
     return 0
+
+
+def print_profile(prof: dict, file) -> None:
+    """The phase table of Model.profile(): ms in all, per forward, and share."""
+    prof = dict(prof)
+    calls = prof.pop("calls") or 1
+    total = sum(prof.values()) or 1.0
+    print(f"{'phase':14s}{'ms':>10s}{'ms/forward':>12s}{'share':>8s}   ({calls} forwards)", file=file)
+    for name, sec in sorted(prof.items(), key=lambda kv: -kv[1]):
+        if sec > 0:
+            print(f"{name:14s}{1e3 * sec:10.1f}{1e3 * sec / calls:12.2f}{100 * sec / total:7.1f}%", file=file)
