@@ -285,7 +285,7 @@ def running_server(model, log_path, max_len=MAX_LEN):
     cmd = [sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(model),
            "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--threads", "1",
            "--max-batch", "16", "--max-queue", "32", "--max-model-len", str(max_len),
-           "--served-model-name", "tiny", "--log-level", "warning"]
+           "--served-model-name", "tiny", "--log-level", "warning", "--profile"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -543,6 +543,9 @@ def test_metrics_count_requests_tokens_and_forwards(server):
     assert metric(server.base, "bitdlm_forward_passes_total") > 0
     assert metric(server.base, "bitdlm_tokens_per_forward") > 0
     assert metric(server.base, "bitdlm_step_latency_seconds_count") > 0
+    # --profile: the forward's time per phase
+    for phase in ("gemm_qkv", "gemm_gate_up", "attention", "lm_head", "select"):
+        assert metric(server.base, "bitdlm_forward_phase_seconds_total", f'phase="{phase}"') > 0, phase
 
 
 def test_zz_graceful_shutdown_finishes_in_flight_requests(server):

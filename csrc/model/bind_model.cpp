@@ -185,6 +185,7 @@ void register_model(py::module_& m) {
           },
           "(seconds per phase, forward calls) since the last reset_profile()")
       .def("reset_profile", [](PyModel& s) { s.model->reset_profile(); })
+      .def_property_readonly("profiling", [](PyModel& s) { return s.model->profiling(); })
       .def(
           "forward",
           [](PyModel& s, py::object items_obj, int block_size, const std::string& mode, py::object temperature,

@@ -135,21 +135,29 @@ void Model::set_profile(bool on) {
 }
 
 std::vector<std::pair<std::string, double>> Model::profile() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<std::mutex> g(prof_mu_);
   std::vector<std::pair<std::string, double>> out;
-  for (int p = 0; p < kNumPhases; ++p) out.emplace_back(kPhaseNames[p], prof_[p]);
+  for (int p = 0; p < kNumPhases; ++p) out.emplace_back(kPhaseNames[p], prof_pub_[p]);
   return out;
 }
 
 int64_t Model::profiled_calls() {
-  std::lock_guard<std::mutex> g(mu_);
-  return prof_calls_;
+  std::lock_guard<std::mutex> g(prof_mu_);
+  return prof_pub_calls_;
+}
+
+void Model::publish_profile() {  // (called with mu_ held)
+  if (!prof_on_) return;
+  std::lock_guard<std::mutex> g(prof_mu_);
+  std::copy(prof_, prof_ + kNumPhases, prof_pub_);
+  prof_pub_calls_ = prof_calls_;
 }
 
 void Model::reset_profile() {
   std::lock_guard<std::mutex> g(mu_);
-  for (double& x : prof_) x = 0.0;
-  prof_calls_ = 0;
+  std::lock_guard<std::mutex> g2(prof_mu_);
+  for (int p = 0; p < kNumPhases; ++p) prof_[p] = prof_pub_[p] = 0.0;
+  prof_calls_ = prof_pub_calls_ = 0;
 }
 
 int Model::alloc_seq(int64_t capacity) {
@@ -210,8 +218,11 @@ void Model::forward_logits(const std::vector<Item>& items, int B, float* out) {
   int64_t n_out;
   check_locked(items, B, &n_out);
   const int rows = run(items, B);
-  PhaseTimer t(prof_on_, prof_, kLmHead);
-  if (rows) head(0, rows, out);
+  {
+    PhaseTimer t(prof_on_, prof_, kLmHead);
+    if (rows) head(0, rows, out);
+  }
+  publish_profile();
 }
 
 void Model::forward_select(const std::vector<Item>& items, int B, const SelectArgs& sel, int32_t* tok, float* conf) {
@@ -245,6 +256,7 @@ void Model::forward_select(const std::vector<Item>& items, int B, const SelectAr
     select_rows(logits_.data(), nr, (int)V, V, sel.temperature.data() + r0, sel.top_p.data() + r0,
                 sel.uniform.data() + r0, tok + r0, conf + r0);
   }
+  publish_profile();
 }
 
 // The forward proper. Every GEMM sees all tokens of all items at once.

@@ -103,6 +103,12 @@ class Model {
   bool prof_on_ = false;
   double prof_[kNumPhases] = {};
   int64_t prof_calls_ = 0;
+  // What profile() returns: a copy made after each forward under its own
+  // mutex, so reading it (a /metrics scrape) never waits for a forward.
+  void publish_profile();
+  std::mutex prof_mu_;
+  double prof_pub_[kNumPhases] = {};
+  int64_t prof_pub_calls_ = 0;
 
   // Scratch reused across calls (grown on demand).
   std::vector<float> x_, xn_, q_, k_, v_, att_, g_, u_, tmp_, xo_, cos_, sin_, attn_scratch_, logits_;

@@ -93,9 +93,14 @@ class Model:
         """Time every forward phase (also on with BITDLM_PROFILE=1 at load)."""
         self._core.set_profile(on)
 
+    @property
+    def profiling(self) -> bool:
+        return bool(self._core.profiling)
+
     def profile(self, reset: bool = False) -> dict:
         """Seconds spent per forward phase since the last reset (norm, quant,
-        gemm_qkv, attention, gemm_gate_up, lm_head, ...), plus 'calls'."""
+        gemm_qkv, attention, gemm_gate_up, lm_head, ...), plus 'calls'; as of
+        the last finished forward (never waits for a running one)."""
         phases, calls = self._core.profile()
         if reset:
             self._core.reset_profile()

@@ -59,6 +59,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="model id clients pass (default: the file name without extension)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--profile", action="store_true",
+                   help="time every forward phase and export it on /metrics as "
+                        "bitdlm_forward_phase_seconds{phase=...} (also BITDLM_PROFILE=1)")
 
 
 def register_cli(subparsers) -> None:
@@ -115,6 +118,8 @@ def build_from_args(args):
         model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb)
     except (OSError, ValueError) as e:  # missing file, bad format (ModelFormatError)
         raise SystemExit(f"bitdlm serve: cannot load {path}: {e}")
+    if getattr(args, "profile", False):
+        model.set_profile(True)
     meta = model.meta
     max_pos = int(meta["max_position_embeddings"])
     if args.max_model_len is not None and args.max_model_len > max_pos:
@@ -460,6 +465,25 @@ class EngineLoop:
 # ----------------------------------------------------------------- metrics
 
 
+class _PhaseCollector:
+    """Forward time per phase (Model.profile(), cumulative since load) as a counter."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        prof = dict(self.model.profile())
+        prof.pop("calls", None)
+        c = CounterMetricFamily("bitdlm_forward_phase_seconds",
+                                "Wall time of model forwards by phase (GEMMs, attention, lm_head, ...)",
+                                labels=["phase"])
+        for phase, sec in prof.items():
+            c.add_metric([phase], sec)
+        yield c
+
+
 class _Metrics:
     """Prometheus metrics in a registry of their own (one per app)."""
 
@@ -516,6 +540,8 @@ class _Metrics:
         if model is not None and hasattr(model, "kv_bytes_used"):
             g = Gauge("bitdlm_kv_cache_bytes", "KV cache bytes in use", registry=r)
             g.set_function(lambda: float(model.kv_bytes_used()))
+        if model is not None and getattr(model, "profiling", False):
+            r.register(_PhaseCollector(model))
 
     def finished_request(self, out, latency):
         fw = int(out.forwards or 0)
