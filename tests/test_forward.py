@@ -605,11 +605,14 @@ def test_portable_and_simd_attention_agree(small, kv_dtype, shape):
             s = core.alloc_seq(48)
             core_logits(core, toks[:24], B=8, seq=s)
             res.append(core_logits(core, toks[24:], B=8, seq=s, start=24, ctx_len=24, write=False))
+            # one query: the direct (untiled) scores / values path
+            res.append(core_logits(core, toks[24:25], B=1, seq=s, start=24, ctx_len=24, write=False))
             core.free_seq(s)
     finally:
         _core.set_isa(old)
     # (the lm_head kernels sum in different orders: last-bit differences on logits of O(100))
-    np.testing.assert_allclose(res[0], res[1], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(res[0], res[2], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(res[1], res[3], rtol=1e-5, atol=1e-4)
 
 
 def test_phase_profile(small):

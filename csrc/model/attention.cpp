@@ -61,11 +61,23 @@ static void softmax(float* S, int64_t lds, int R, int n) {
   }
 }
 
-static void pv(const float* P, int64_t ldp, int R, const float* V, int64_t ldv, int nk, int d, float* O) {
+template <class T>
+static void qk_direct(const float* Q, int R, const T* K, int64_t ldk, int nk, int d, float scale, float* S,
+                      int64_t lds) {
+  for (int j = 0; j < nk; ++j)
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int i = 0; i < d; ++i) acc += Q[(int64_t)r * d + i] * ld(K[j * ldk + i]);
+      S[r * lds + j] = acc * scale;
+    }
+}
+
+template <class T>
+static void pv(const float* P, int64_t ldp, int R, const T* V, int64_t ldv, int nk, int d, float* O) {
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < nk; ++j) {
       const float w = P[r * ldp + j];
-      for (int i = 0; i < d; ++i) O[(int64_t)r * d + i] += w * V[j * ldv + i];
+      for (int i = 0; i < d; ++i) O[(int64_t)r * d + i] += w * ld(V[j * ldv + i]);
     }
 }
 
@@ -75,9 +87,17 @@ static void to_f16(const float* x, uint16_t* y, int n) {
 
 }  // namespace portable
 
-extern const AttnKernels kAttnPortable = {"portable",       &portable::k_tile<float>, &portable::k_tile<uint16_t>,
-                                          &portable::v_tile_f16, &portable::qk,           &portable::softmax,
-                                          &portable::pv,         &portable::to_f16};
+extern const AttnKernels kAttnPortable = {"portable",
+                                          &portable::k_tile<float>,
+                                          &portable::k_tile<uint16_t>,
+                                          &portable::v_tile_f16,
+                                          &portable::qk,
+                                          &portable::qk_direct<float>,
+                                          &portable::qk_direct<uint16_t>,
+                                          &portable::softmax,
+                                          &portable::pv<float>,
+                                          &portable::pv<uint16_t>,
+                                          &portable::to_f16};
 
 const AttnKernels& attn_kernels() {
   // Follow the kernels' single dispatch point (re-read: _core.set_isa may change it);
@@ -134,8 +154,17 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
   // Scores, segment by segment, key tile by key tile. A tile's padding
   // columns (up to a multiple of 8) land in the next segment's first columns,
   // which are written afterwards, or past the end (lds leaves room).
+  const bool direct = R <= kAttnDirectRows;
   int c = 0;
   auto qk_seg = [&](const auto* K, int64_t ld, int nk) {
+    if (direct) {
+      if constexpr (sizeof(*K) == 2)
+        kt.qk_direct_f16(Qs, R, K, ld, nk, hd, scale, S + c, lds);
+      else
+        kt.qk_direct_f32(Qs, R, K, ld, nk, hd, scale, S + c, lds);
+      c += nk;
+      return;
+    }
     for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
       const int jt = std::min(kAttnTile, nk - j0);
       if constexpr (sizeof(*K) == 2)
@@ -157,11 +186,15 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
     if constexpr (sizeof(*V) == 2) {
       for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
         const int jt = std::min(kAttnTile, nk - j0);
-        kt.v_tile_f16(V + j0 * ld, ld, jt, hd, tile);
-        kt.pv(S + c + j0, lds, R, tile, hd, jt, hd, Os);
+        if (direct) {
+          kt.pv_f16(S + c + j0, lds, R, V + j0 * ld, ld, jt, hd, Os);
+        } else {
+          kt.v_tile_f16(V + j0 * ld, ld, jt, hd, tile);
+          kt.pv_f32(S + c + j0, lds, R, tile, hd, jt, hd, Os);
+        }
       }
     } else if (nk > 0) {
-      kt.pv(S + c, lds, R, V, ld, nk, hd, Os);
+      kt.pv_f32(S + c, lds, R, V, ld, nk, hd, Os);
     }
     c += nk;
   };

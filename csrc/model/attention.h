@@ -13,7 +13,10 @@ namespace bitdlm {
 // of at most kAttnTile keys. Each key/value row is converted from fp16 once per
 // tile and used by all R rows, so scores and values are two small GEMMs
 // (register-blocked, FMA-bound) instead of one dot product per query and key.
+// With at most kAttnDirectRows rows (decoding: one query) the tiles would cost
+// as much as the products: scores and values then read K/V rows directly.
 constexpr int kAttnTile = 64;
+constexpr int kAttnDirectRows = 4;
 
 struct AttnKernels {
   const char* name;
@@ -24,10 +27,16 @@ struct AttnKernels {
   void (*v_tile_f16)(const uint16_t* V, int64_t ld, int nk, int d, float* Vf);
   // S[r * lds + j] = scale * sum_i Q[r * d + i] * KT[i * ldkt + j], r < R, j < round8(nk)
   void (*qk)(const float* Q, int R, const float* KT, int ldkt, int nk, int d, float scale, float* S, int64_t lds);
+  // The same straight from K rows (K[j * ld + i]), for few rows (R <= 4: decoding)
+  void (*qk_direct_f32)(const float* Q, int R, const float* K, int64_t ld, int nk, int d, float scale, float* S,
+                        int64_t lds);
+  void (*qk_direct_f16)(const float* Q, int R, const uint16_t* K, int64_t ld, int nk, int d, float scale, float* S,
+                        int64_t lds);
   // In-place softmax of rows r < R of S over their first n columns.
   void (*softmax)(float* S, int64_t lds, int R, int n);
   // O[r * d + i] += sum_j P[r * ldp + j] * V[j * ldv + i], r < R, j < nk, i < d
-  void (*pv)(const float* P, int64_t ldp, int R, const float* V, int64_t ldv, int nk, int d, float* O);
+  void (*pv_f32)(const float* P, int64_t ldp, int R, const float* V, int64_t ldv, int nk, int d, float* O);
+  void (*pv_f16)(const float* P, int64_t ldp, int R, const uint16_t* V, int64_t ldv, int nk, int d, float* O);
   // fp32 -> fp16 (round to nearest even) for K/V writes
   void (*to_f16)(const float* x, uint16_t* y, int n);
 };

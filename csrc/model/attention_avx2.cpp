@@ -16,6 +16,65 @@ static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+static inline float load1(const float* p) { return *p; }
+static inline float load1(const uint16_t* p) { return f16_to_f32(*p); }
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Scores straight from K rows (no transposed tile) for R <= 4 rows, i.e. one
+// query's heads when decoding: each key row is loaded (and converted) once for
+// the R rows; R = 4 runs 2 keys x 4 rows = 8 named accumulators (enough
+// independent FMA chains), other R one dot product at a time.
+static inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+template <class T>
+static void qk_direct(const float* Q, int R, const T* K, int64_t ld, int nk, int d, float scale, float* S,
+                      int64_t lds) {
+  int j = 0;
+  if (R == 4 && d % 8 == 0) {
+    const float *q0 = Q, *q1 = Q + d, *q2 = Q + 2 * d, *q3 = Q + 3 * d;
+    const __m128 sc = _mm_set1_ps(scale);
+    for (; j + 2 <= nk; j += 2) {
+      const T *k0 = K + j * ld, *k1 = k0 + ld;
+      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+      for (int i = 0; i < d; i += 8) {
+        const __m256 x0 = load8(k0 + i), x1 = load8(k1 + i);
+        __m256 q = _mm256_loadu_ps(q0 + i);
+        a00 = _mm256_fmadd_ps(q, x0, a00), a01 = _mm256_fmadd_ps(q, x1, a01);
+        q = _mm256_loadu_ps(q1 + i);
+        a10 = _mm256_fmadd_ps(q, x0, a10), a11 = _mm256_fmadd_ps(q, x1, a11);
+        q = _mm256_loadu_ps(q2 + i);
+        a20 = _mm256_fmadd_ps(q, x0, a20), a21 = _mm256_fmadd_ps(q, x1, a21);
+        q = _mm256_loadu_ps(q3 + i);
+        a30 = _mm256_fmadd_ps(q, x0, a30), a31 = _mm256_fmadd_ps(q, x1, a31);
+      }
+      float s0[4], s1[4];
+      _mm_storeu_ps(s0, _mm_mul_ps(hsum4(a00, a10, a20, a30), sc));
+      _mm_storeu_ps(s1, _mm_mul_ps(hsum4(a01, a11, a21, a31), sc));
+      for (int r = 0; r < 4; ++r) S[r * lds + j] = s0[r], S[r * lds + j + 1] = s1[r];
+    }
+  }
+  const int d8 = d & ~7;
+  for (; j < nk; ++j)
+    for (int r = 0; r < R; ++r) {
+      const float* q = Q + (int64_t)r * d;
+      const T* k = K + j * ld;
+      __m256 a = _mm256_setzero_ps();
+      for (int i = 0; i < d8; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a);
+      float x = hsum(a);
+      for (int i = d8; i < d; ++i) x += q[i] * load1(k + i);
+      S[r * lds + j] = x * scale;
+    }
+}
+
 
 // K rows -> transposed fp32 tile: 8 keys x 8 dims at a time through an 8x8
 // register transpose (unpack / shuffle / permute2f128).
@@ -136,12 +195,6 @@ static void qk(const float* Q, int R, const float* KT, int ldkt, int nk, int d, 
   }
 }
 
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 static inline float hmax(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -177,14 +230,14 @@ static void softmax(float* S, int64_t lds, int R, int n) {
 }
 
 // Values tile: RT rows x 8*NV output dims, accumulated over nk keys.
-template <int RT, int NV>
-static inline void pv_tile(const float* P, int64_t ldp, const float* V, int64_t ldv, int nk, int d, float* O) {
+template <int RT, int NV, class T>
+static inline void pv_tile(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O) {
   __m256 acc[RT][NV];
   for (int r = 0; r < RT; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_loadu_ps(O + (int64_t)r * d + 8 * c);
   for (int j = 0; j < nk; ++j) {
     __m256 vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = _mm256_loadu_ps(V + j * ldv + 8 * c);
+    for (int c = 0; c < NV; ++c) vv[c] = load8(V + j * ldv + 8 * c);
     for (int r = 0; r < RT; ++r) {
       const __m256 pb = _mm256_broadcast_ss(P + r * ldp + j);
       for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_fmadd_ps(pb, vv[c], acc[r][c]);
@@ -194,14 +247,15 @@ static inline void pv_tile(const float* P, int64_t ldp, const float* V, int64_t 
     for (int c = 0; c < NV; ++c) _mm256_storeu_ps(O + (int64_t)r * d + 8 * c, acc[r][c]);
 }
 
-static inline void pv_4x16(const float* P, int64_t ldp, const float* V, int64_t ldv, int nk, int d, float* O) {
+template <class T>
+static inline void pv_4x16(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O) {
   float *o0 = O, *o1 = O + d, *o2 = O + 2 * d, *o3 = O + 3 * d;
   __m256 a00 = _mm256_loadu_ps(o0), a01 = _mm256_loadu_ps(o0 + 8), a10 = _mm256_loadu_ps(o1),
          a11 = _mm256_loadu_ps(o1 + 8), a20 = _mm256_loadu_ps(o2), a21 = _mm256_loadu_ps(o2 + 8),
          a30 = _mm256_loadu_ps(o3), a31 = _mm256_loadu_ps(o3 + 8);
   const float *p0 = P, *p1 = P + ldp, *p2 = P + 2 * ldp, *p3 = P + 3 * ldp;
   for (int j = 0; j < nk; ++j) {
-    const __m256 v0 = _mm256_loadu_ps(V + j * ldv), v1 = _mm256_loadu_ps(V + j * ldv + 8);
+    const __m256 v0 = load8(V + j * ldv), v1 = load8(V + j * ldv + 8);
     BITDLM_FMA4x2(_mm256_broadcast_ss(p0 + j), _mm256_broadcast_ss(p1 + j), _mm256_broadcast_ss(p2 + j),
                   _mm256_broadcast_ss(p3 + j), v0, v1);
   }
@@ -210,30 +264,33 @@ static inline void pv_4x16(const float* P, int64_t ldp, const float* V, int64_t 
 }
 #undef BITDLM_FMA4x2
 
-template <int RT>
-static inline void pv_rows(const float* P, int64_t ldp, const float* V, int64_t ldv, int nk, int d, float* O) {
+template <int RT, class T>
+static inline void pv_rows(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O) {
   int i = 0;
   for (; i + 16 <= d; i += 16)
     if constexpr (RT == 4)
       pv_4x16(P, ldp, V + i, ldv, nk, d, O + i);
     else
-      pv_tile<RT, 2>(P, ldp, V + i, ldv, nk, d, O + i);
-  for (; i + 8 <= d; i += 8) pv_tile<RT, 1>(P, ldp, V + i, ldv, nk, d, O + i);
+      pv_tile<RT, 2, T>(P, ldp, V + i, ldv, nk, d, O + i);
+  for (; i + 8 <= d; i += 8) pv_tile<RT, 1, T>(P, ldp, V + i, ldv, nk, d, O + i);
   for (; i < d; ++i)
     for (int r = 0; r < RT; ++r) {
       float acc = O[(int64_t)r * d + i];
-      for (int j = 0; j < nk; ++j) acc += P[r * ldp + j] * V[j * ldv + i];
+      for (int j = 0; j < nk; ++j) acc += P[r * ldp + j] * load1(V + j * ldv + i);
       O[(int64_t)r * d + i] = acc;
     }
 }
 
-static void pv(const float* P, int64_t ldp, int R, const float* V, int64_t ldv, int nk, int d, float* O) {
+// T = uint16_t: fp16 values converted as they are loaded (for few rows, where
+// converting a tile first would cost as much as the products).
+template <class T>
+static void pv(const float* P, int64_t ldp, int R, const T* V, int64_t ldv, int nk, int d, float* O) {
   int r = 0;
-  for (; r + 4 <= R; r += 4) pv_rows<4>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d);
+  for (; r + 4 <= R; r += 4) pv_rows<4, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d);
   switch (R - r) {
-    case 3: pv_rows<3>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
-    case 2: pv_rows<2>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
-    case 1: pv_rows<1>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
+    case 3: pv_rows<3, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
+    case 2: pv_rows<2, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
+    case 1: pv_rows<1, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
     default: break;
   }
 }
@@ -248,8 +305,16 @@ static void to_f16(const float* x, uint16_t* y, int n) {
 
 }  // namespace avx2
 
-extern const AttnKernels kAttnAvx2 = {"avx2",           &avx2::k_tile<float>, &avx2::k_tile<uint16_t>,
-                                      &avx2::v_tile_f16, &avx2::qk,            &avx2::softmax,
-                                      &avx2::pv,         &avx2::to_f16};
+extern const AttnKernels kAttnAvx2 = {"avx2",
+                                      &avx2::k_tile<float>,
+                                      &avx2::k_tile<uint16_t>,
+                                      &avx2::v_tile_f16,
+                                      &avx2::qk,
+                                      &avx2::qk_direct<float>,
+                                      &avx2::qk_direct<uint16_t>,
+                                      &avx2::softmax,
+                                      &avx2::pv<float>,
+                                      &avx2::pv<uint16_t>,
+                                      &avx2::to_f16};
 
 }  // namespace bitdlm
