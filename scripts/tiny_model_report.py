@@ -228,6 +228,7 @@ def main(argv=None):
 
     log = json.loads((Path(args.ckpt) / "train_log.json").read_text())
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     plot_loss(log, out / "tiny_model_loss.png")
     for i, (lg, off) in enumerate(_stages(log)):
         r = lg["eval"][-1]
