@@ -167,7 +167,8 @@ def plot_loss(log, path):
                  label="held-out masked-token acc" if first else None)
         if off:
             ax.axvline(off, color="k", lw=0.8, ls=":")
-            ax.text(off, ax.get_ylim()[1], f" stage {i + 1}: seq {lg['args']['seq_len']}, "
+            lo, hi = ax.get_ylim()  # stagger the labels: stages can be close together
+            ax.text(off, hi - (i % 3) * 0.06 * (hi - lo), f" stage {i + 1}: seq {lg['args']['seq_len']}, "
                     f"lr {lg['args']['lr']:g}", va="top", fontsize=7)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats, masked tokens)")
