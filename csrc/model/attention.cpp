@@ -61,6 +61,24 @@ static void softmax(float* S, int64_t lds, int R, int n) {
   }
 }
 
+static void softmax_tile(float* S, int64_t lds, int R, int n, float* m, float* l, float* O, int d) {
+  for (int r = 0; r < R; ++r) {
+    float* s = S + r * lds;
+    float mx = m[r];
+    for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+    const float alpha = m[r] == -INFINITY ? 0.f : std::exp(m[r] - mx);
+    float sum = 0.f;
+    for (int j = 0; j < n; ++j) {
+      s[j] = std::exp(s[j] - mx);
+      sum += s[j];
+    }
+    l[r] = l[r] * alpha + sum;
+    m[r] = mx;
+    if (alpha != 1.f)
+      for (int i = 0; i < d; ++i) O[(int64_t)r * d + i] *= alpha;
+  }
+}
+
 template <class T>
 static void qk_direct(const float* Q, int R, const T* K, int64_t ldk, int nk, int d, float scale, float* S,
                       int64_t lds) {
@@ -95,6 +113,7 @@ extern const AttnKernels kAttnPortable = {"portable",
                                           &portable::qk_direct<float>,
                                           &portable::qk_direct<uint16_t>,
                                           &portable::softmax,
+                                          &portable::softmax_tile,
                                           &portable::pv<float>,
                                           &portable::pv<uint16_t>,
                                           &portable::to_f16};
@@ -151,50 +170,65 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
   const float* Kf = k + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd;
   const float* Vf = v + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd;
   const float scale = 1.0f / std::sqrt((float)hd);
-  // Scores, segment by segment, key tile by key tile. A tile's padding
-  // columns (up to a multiple of 8) land in the next segment's first columns,
-  // which are written afterwards, or past the end (lds leaves room).
   const bool direct = R <= kAttnDirectRows;
+  if (!direct) {
+    // Tiles: scores of one key tile (R x 64, in L1), online softmax, values --
+    // the score rows over all keys are never materialised.
+    float* m = S + (int64_t)R * kAttnTile;
+    float* l = m + R;
+    for (int r = 0; r < R; ++r) m[r] = -INFINITY, l[r] = 0.f;
+    std::memset(Os, 0, sizeof(float) * R * hd);
+    auto seg = [&](const auto* K, const auto* V, int64_t ld, int nk) {
+      for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
+        const int jt = std::min(kAttnTile, nk - j0);
+        if constexpr (sizeof(*K) == 2)
+          kt.k_tile_f16(K + j0 * ld, ld, jt, hd, tile, kAttnTile);
+        else
+          kt.k_tile_f32(K + j0 * ld, ld, jt, hd, tile, kAttnTile);
+        kt.qk(Qs, R, tile, kAttnTile, jt, hd, scale, S, kAttnTile);
+        kt.softmax_tile(S, kAttnTile, R, jt, m, l, Os, hd);
+        if constexpr (sizeof(*V) == 2) {
+          kt.v_tile_f16(V + j0 * ld, ld, jt, hd, tile);
+          kt.pv_f32(S, kAttnTile, R, tile, hd, jt, hd, Os);
+        } else {
+          kt.pv_f32(S, kAttnTile, R, V + j0 * ld, ld, jt, hd, Os);
+        }
+      }
+    };
+    seg(Kc, Vc, hd, vis.a1);
+    seg(Kc + (int64_t)vis.a2 * hd, Vc + (int64_t)vis.a2 * hd, hd, vis.nb);
+    seg(Kf, Vf, ldkv, vis.nf);
+    for (int r = 0; r < R; ++r) {
+      const float inv = 1.0f / l[r];
+      for (int i = 0; i < hd; ++i) Os[(int64_t)r * hd + i] *= inv;
+    }
+    for (int i = i0; i < i1; ++i)
+      std::memcpy(out + (int64_t)(it.row0 + i) * ldq + (int64_t)kvh * group * hd,
+                  Os + (int64_t)(i - i0) * group * hd, sizeof(float) * group * hd);
+    return;
+  }
+  // Few rows: scores straight from the K rows over all keys, softmax, values.
   int c = 0;
   auto qk_seg = [&](const auto* K, int64_t ld, int nk) {
-    if (direct) {
-      if constexpr (sizeof(*K) == 2)
-        kt.qk_direct_f16(Qs, R, K, ld, nk, hd, scale, S + c, lds);
-      else
-        kt.qk_direct_f32(Qs, R, K, ld, nk, hd, scale, S + c, lds);
-      c += nk;
-      return;
-    }
-    for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
-      const int jt = std::min(kAttnTile, nk - j0);
-      if constexpr (sizeof(*K) == 2)
-        kt.k_tile_f16(K + j0 * ld, ld, jt, hd, tile, kAttnTile);
-      else
-        kt.k_tile_f32(K + j0 * ld, ld, jt, hd, tile, kAttnTile);
-      kt.qk(Qs, R, tile, kAttnTile, jt, hd, scale, S + c + j0, lds);
-    }
+    if constexpr (sizeof(*K) == 2)
+      kt.qk_direct_f16(Qs, R, K, ld, nk, hd, scale, S + c, lds);
+    else
+      kt.qk_direct_f32(Qs, R, K, ld, nk, hd, scale, S + c, lds);
     c += nk;
   };
   qk_seg(Kc, hd, vis.a1);
   qk_seg(Kc + (int64_t)vis.a2 * hd, hd, vis.nb);
   qk_seg(Kf, ldkv, vis.nf);
-  const int tot = vis.total();
-  kt.softmax(S, lds, R, tot);
+  kt.softmax(S, lds, R, vis.total());
   std::memset(Os, 0, sizeof(float) * R * hd);
   c = 0;
   auto pv_seg = [&](const auto* V, int64_t ld, int nk) {
-    if constexpr (sizeof(*V) == 2) {
-      for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
-        const int jt = std::min(kAttnTile, nk - j0);
-        if (direct) {
-          kt.pv_f16(S + c + j0, lds, R, V + j0 * ld, ld, jt, hd, Os);
-        } else {
-          kt.v_tile_f16(V + j0 * ld, ld, jt, hd, tile);
-          kt.pv_f32(S + c + j0, lds, R, tile, hd, jt, hd, Os);
-        }
-      }
-    } else if (nk > 0) {
-      kt.pv_f32(S + c, lds, R, V, ld, nk, hd, Os);
+    for (int j0 = 0; j0 < nk; j0 += kAttnTile) {  // tiles: V rows stay in L1 across the dim chunks
+      const int jt = std::min(kAttnTile, nk - j0);
+      if constexpr (sizeof(*V) == 2)
+        kt.pv_f16(S + c + j0, lds, R, V + j0 * ld, ld, jt, hd, Os);
+      else
+        kt.pv_f32(S + c + j0, lds, R, V + j0 * ld, ld, jt, hd, Os);
     }
     c += nk;
   };
@@ -230,7 +264,10 @@ void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const flo
   }
   const int64_t rows = (int64_t)kQueriesPerJob * group;
   const int64_t lds = (max_keys + 15) / 8 * 8;  // + room for a tile's padding columns
-  const int64_t per_thread = rows * hd * 2 + rows * lds + (int64_t)kAttnTile * hd;
+  // S: the direct path's score rows (<= kAttnDirectRows x lds) or a tile's
+  // scores plus the running max / sum (rows x kAttnTile + 2 rows)
+  const int64_t s_size = std::max<int64_t>((int64_t)kAttnDirectRows * lds, rows * (kAttnTile + 2));
+  const int64_t per_thread = rows * hd * 2 + s_size + (int64_t)kAttnTile * hd;
   const int nthreads = omp_get_max_threads();
   if (scratch.size() < (size_t)(nthreads * per_thread)) scratch.resize((size_t)(nthreads * per_thread));
   float* sbase = scratch.data();
@@ -240,7 +277,7 @@ void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const flo
     float* Qs = sbase + (int64_t)omp_get_thread_num() * per_thread;
     float* Os = Qs + rows * hd;
     float* S = Os + rows * hd;
-    float* tile = S + rows * lds;
+    float* tile = S + s_size;
     const Job& jb = jobs[j];
     if (kv_f16)
       attend<uint16_t>(kt, items[jb.item], vis[j], jb.i0, jb.i1, jb.kvh, group, q, k, v, nh, nkv, hd, out, Qs, Os,

@@ -34,6 +34,11 @@ struct AttnKernels {
                         int64_t lds);
   // In-place softmax of rows r < R of S over their first n columns.
   void (*softmax)(float* S, int64_t lds, int R, int n);
+  // Online softmax over one key tile (rows r < R of S, first n columns): with
+  // the running max m[r] and sum l[r] so far, S[r] becomes exp(S[r] - m'),
+  // m[r] = m' = max(m[r], max S[r]), l[r] = l[r] e^(m - m') + sum, and the
+  // partial output O[r * d ..] is rescaled by e^(m - m').
+  void (*softmax_tile)(float* S, int64_t lds, int R, int n, float* m, float* l, float* O, int d);
   // O[r * d + i] += sum_j P[r * ldp + j] * V[j * ldv + i], r < R, j < nk, i < d
   void (*pv_f32)(const float* P, int64_t ldp, int R, const float* V, int64_t ldv, int nk, int d, float* O);
   void (*pv_f16)(const float* P, int64_t ldp, int R, const uint16_t* V, int64_t ldv, int nk, int d, float* O);

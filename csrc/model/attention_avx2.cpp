@@ -229,6 +229,40 @@ static void softmax(float* S, int64_t lds, int R, int n) {
   }
 }
 
+static void softmax_tile(float* S, int64_t lds, int R, int n, float* m, float* l, float* O, int d) {
+  const int n8 = n & ~7;
+  for (int r = 0; r < R; ++r) {
+    float* s = S + r * lds;
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (int j = 0; j < n8; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
+    float mx = hmax(vm);
+    mx = m[r] > mx ? m[r] : mx;
+    for (int j = n8; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+    const float alpha = m[r] == -INFINITY ? 0.f : std::exp(m[r] - mx);
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vs = _mm256_setzero_ps();
+    for (int j = 0; j < n8; j += 8) {
+      const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx));
+      _mm256_storeu_ps(s + j, e);
+      vs = _mm256_add_ps(vs, e);
+    }
+    float sum = hsum(vs);
+    for (int j = n8; j < n; ++j) {
+      s[j] = std::exp(s[j] - mx);
+      sum += s[j];
+    }
+    l[r] = l[r] * alpha + sum;
+    m[r] = mx;
+    if (alpha != 1.f) {
+      float* o = O + (int64_t)r * d;
+      const __m256 va = _mm256_set1_ps(alpha);
+      int i = 0;
+      for (; i + 8 <= d; i += 8) _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(o + i), va));
+      for (; i < d; ++i) o[i] *= alpha;
+    }
+  }
+}
+
 // Values tile: RT rows x 8*NV output dims, accumulated over nk keys.
 template <int RT, int NV, class T>
 static inline void pv_tile(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O) {
@@ -313,6 +347,7 @@ extern const AttnKernels kAttnAvx2 = {"avx2",
                                       &avx2::qk_direct<float>,
                                       &avx2::qk_direct<uint16_t>,
                                       &avx2::softmax,
+                                      &avx2::softmax_tile,
                                       &avx2::pv<float>,
                                       &avx2::pv<uint16_t>,
                                       &avx2::to_f16};
