@@ -203,63 +203,56 @@ static inline float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-static void softmax(float* S, int64_t lds, int R, int n) {
+// max(init, s[0..n))
+static inline float row_max(const float* s, int n, float init) {
   const int n8 = n & ~7;
+  __m256 vm = _mm256_set1_ps(init);
+  for (int j = 0; j < n8; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
+  float mx = hmax(vm);
+  for (int j = n8; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  return mx;
+}
+
+// s[j] = exp(s[j] - mx) for j < n; returns their sum.
+static inline float exp_sum(float* s, int n, float mx) {
+  const int n8 = n & ~7;
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vs = _mm256_setzero_ps();
+  for (int j = 0; j < n8; j += 8) {
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx));
+    _mm256_storeu_ps(s + j, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  float sum = hsum(vs);
+  for (int j = n8; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  return sum;
+}
+
+static inline void scale_row(float* x, int n, float a) {
+  const __m256 va = _mm256_set1_ps(a);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), va));
+  for (; i < n; ++i) x[i] *= a;
+}
+
+static void softmax(float* S, int64_t lds, int R, int n) {
   for (int r = 0; r < R; ++r) {
     float* s = S + r * lds;
-    __m256 vm = _mm256_set1_ps(-INFINITY);
-    for (int j = 0; j < n8; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
-    float mx = hmax(vm);
-    for (int j = n8; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
-    const __m256 vmx = _mm256_set1_ps(mx);
-    __m256 vs = _mm256_setzero_ps();
-    for (int j = 0; j < n8; j += 8) {
-      const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx));
-      _mm256_storeu_ps(s + j, e);
-      vs = _mm256_add_ps(vs, e);
-    }
-    float sum = hsum(vs);
-    for (int j = n8; j < n; ++j) {
-      s[j] = std::exp(s[j] - mx);
-      sum += s[j];
-    }
-    const __m256 inv = _mm256_set1_ps(1.0f / sum);
-    for (int j = 0; j < n8; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
-    for (int j = n8; j < n; ++j) s[j] *= 1.0f / sum;
+    scale_row(s, n, 1.0f / exp_sum(s, n, row_max(s, n, -INFINITY)));
   }
 }
 
 static void softmax_tile(float* S, int64_t lds, int R, int n, float* m, float* l, float* O, int d) {
-  const int n8 = n & ~7;
   for (int r = 0; r < R; ++r) {
     float* s = S + r * lds;
-    __m256 vm = _mm256_set1_ps(-INFINITY);
-    for (int j = 0; j < n8; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
-    float mx = hmax(vm);
-    mx = m[r] > mx ? m[r] : mx;
-    for (int j = n8; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+    const float mx = row_max(s, n, m[r]);
     const float alpha = m[r] == -INFINITY ? 0.f : std::exp(m[r] - mx);
-    const __m256 vmx = _mm256_set1_ps(mx);
-    __m256 vs = _mm256_setzero_ps();
-    for (int j = 0; j < n8; j += 8) {
-      const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx));
-      _mm256_storeu_ps(s + j, e);
-      vs = _mm256_add_ps(vs, e);
-    }
-    float sum = hsum(vs);
-    for (int j = n8; j < n; ++j) {
-      s[j] = std::exp(s[j] - mx);
-      sum += s[j];
-    }
-    l[r] = l[r] * alpha + sum;
+    l[r] = l[r] * alpha + exp_sum(s, n, mx);
     m[r] = mx;
-    if (alpha != 1.f) {
-      float* o = O + (int64_t)r * d;
-      const __m256 va = _mm256_set1_ps(alpha);
-      int i = 0;
-      for (; i + 8 <= d; i += 8) _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(o + i), va));
-      for (; i < d; ++i) o[i] *= alpha;
-    }
+    if (alpha != 1.f) scale_row(O + (int64_t)r * d, d, alpha);
   }
 }
 
