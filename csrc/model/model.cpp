@@ -337,6 +337,23 @@ int Model::run(const std::vector<Item>& items, int B) {
   const bool f16 = kv_.f16();
   const size_t esz = f16 ? 2 : 4;
 
+  // The end of both blocks: BitNet's sub-norm (in place), one activation
+  // quantization, the output projection to H, and the residual add.
+  auto sub_norm_project_add = [&](float* in, const float* sub_norm, int K, int Kp, const Ternary& proj, Phase ph) {
+    {
+      auto t = timed(kNorm);
+      rmsnorm(in, sub_norm, in, N, K, c.eps);
+    }
+    {
+      const ActQ a = quant(in, K, Kp);
+      const TernaryW w = tw(proj, tmp_.data());
+      auto t = timed(ph);
+      gemm_i2_i8(&w, 1, a);
+    }
+    auto t = timed(kResidual);
+    for (int64_t i = 0; i < (int64_t)N * H; ++i) x_[i] += tmp_[i];
+  };
+
   for (int l = 0; l < c.layers; ++l) {
     const Layer& L = layers_[l];
     // Attention block: one activation quantization feeds q, k and v.
@@ -383,20 +400,7 @@ int Model::run(const std::vector<Item>& items, int B) {
       attention(f16, ai.data(), (int)ai.size(), B, q_.data(), k_.data(), v_.data(), nh, nkv, hd, att_.data(),
                 attn_scratch_);
     }
-    {
-      auto t = timed(kNorm);
-      rmsnorm(att_.data(), L.attn_sub, att_.data(), N, QD, c.eps);
-    }
-    {
-      const ActQ a = quant(att_.data(), QD, KpQ);
-      const TernaryW w = tw(L.o, tmp_.data());
-      auto t = timed(kGemmO);
-      gemm_i2_i8(&w, 1, a);
-    }
-    {
-      auto t = timed(kResidual);
-      for (int64_t i = 0; i < (int64_t)N * H; ++i) x_[i] += tmp_[i];
-    }
+    sub_norm_project_add(att_.data(), L.attn_sub, QD, KpQ, L.o, kGemmO);
 
     // MLP block: relu(gate)^2 * up, with gate and up in one multi-GEMM.
     {
@@ -419,20 +423,7 @@ int Model::run(const std::vector<Item>& items, int B) {
         g[i] = r * r * u[i];
       }
     }
-    {
-      auto t = timed(kNorm);
-      rmsnorm(g_.data(), L.ffn_sub, g_.data(), N, I, c.eps);
-    }
-    {
-      const ActQ a = quant(g_.data(), I, KpI);
-      const TernaryW w = tw(L.down, tmp_.data());
-      auto t = timed(kGemmDown);
-      gemm_i2_i8(&w, 1, a);
-    }
-    {
-      auto t = timed(kResidual);
-      for (int64_t i = 0; i < (int64_t)N * H; ++i) x_[i] += tmp_[i];
-    }
+    sub_norm_project_add(g_.data(), L.ffn_sub, I, KpI, L.down, kGemmDown);
   }
 
   if (NO == 0) return 0;
