@@ -46,21 +46,6 @@ static void qk(const float* Q, int R, const float* KT, int ldkt, int nk, int d, 
     }
 }
 
-static void softmax(float* S, int64_t lds, int R, int n) {
-  for (int r = 0; r < R; ++r) {
-    float* s = S + r * lds;
-    float mx = -INFINITY;
-    for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-    float sum = 0.f;
-    for (int j = 0; j < n; ++j) {
-      s[j] = std::exp(s[j] - mx);
-      sum += s[j];
-    }
-    const float inv = 1.0f / sum;
-    for (int j = 0; j < n; ++j) s[j] *= inv;
-  }
-}
-
 static void softmax_tile(float* S, int64_t lds, int R, int n, float* m, float* l, float* O, int d) {
   for (int r = 0; r < R; ++r) {
     float* s = S + r * lds;
@@ -112,7 +97,6 @@ extern const AttnKernels kAttnPortable = {"portable",
                                           &portable::qk,
                                           &portable::qk_direct<float>,
                                           &portable::qk_direct<uint16_t>,
-                                          &portable::softmax,
                                           &portable::softmax_tile,
                                           &portable::pv<float>,
                                           &portable::pv<uint16_t>,
@@ -132,7 +116,6 @@ namespace {
 struct Visible {
   int a1, a2, nb, nf;
   bool operator==(const Visible& o) const { return a1 == o.a1 && a2 == o.a2 && nb == o.nb && nf == o.nf; }
-  int total() const { return a1 + nb + nf; }
 };
 
 Visible visible(const AttnItem& it, int B, int i) {
@@ -159,7 +142,7 @@ constexpr int kQueriesPerJob = 8;
 template <class T>
 static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis, int i0, int i1, int kvh,
                    int group, const float* q, const float* k, const float* v, int nh, int nkv, int hd, float* out,
-                   float* Qs, float* Os, float* S, int64_t lds, float* tile) {
+                   float* Qs, float* Os, float* S, float* tile) {
   const int64_t ldq = (int64_t)nh * hd, ldkv = (int64_t)nkv * hd;
   const int R = (i1 - i0) * group;
   for (int i = i0; i < i1; ++i)
@@ -170,71 +153,48 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
   const float* Kf = k + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd;
   const float* Vf = v + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd;
   const float scale = 1.0f / std::sqrt((float)hd);
+  // Key tile by key tile: scores (R x 64, in L1), online softmax, values; the
+  // score rows over all keys are never stored. Few rows (decoding) read the
+  // K/V rows directly, more rows go through converted / transposed tiles.
   const bool direct = R <= kAttnDirectRows;
-  if (!direct) {
-    // Tiles: scores of one key tile (R x 64, in L1), online softmax, values --
-    // the score rows over all keys are never materialised.
-    float* m = S + (int64_t)R * kAttnTile;
-    float* l = m + R;
-    for (int r = 0; r < R; ++r) m[r] = -INFINITY, l[r] = 0.f;
-    std::memset(Os, 0, sizeof(float) * R * hd);
-    auto seg = [&](const auto* K, const auto* V, int64_t ld, int nk) {
-      for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
-        const int jt = std::min(kAttnTile, nk - j0);
-        if constexpr (sizeof(*K) == 2)
+  float* m = S + (int64_t)R * kAttnTile;
+  float* l = m + R;
+  for (int r = 0; r < R; ++r) m[r] = -INFINITY, l[r] = 0.f;
+  std::memset(Os, 0, sizeof(float) * R * hd);
+  auto seg = [&](const auto* K, const auto* V, int64_t ld, int nk) {
+    constexpr bool f16 = sizeof(*K) == 2;
+    for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
+      const int jt = std::min(kAttnTile, nk - j0);
+      if (direct) {
+        if constexpr (f16)
+          kt.qk_direct_f16(Qs, R, K + j0 * ld, ld, jt, hd, scale, S, kAttnTile);
+        else
+          kt.qk_direct_f32(Qs, R, K + j0 * ld, ld, jt, hd, scale, S, kAttnTile);
+      } else {
+        if constexpr (f16)
           kt.k_tile_f16(K + j0 * ld, ld, jt, hd, tile, kAttnTile);
         else
           kt.k_tile_f32(K + j0 * ld, ld, jt, hd, tile, kAttnTile);
         kt.qk(Qs, R, tile, kAttnTile, jt, hd, scale, S, kAttnTile);
-        kt.softmax_tile(S, kAttnTile, R, jt, m, l, Os, hd);
-        if constexpr (sizeof(*V) == 2) {
-          kt.v_tile_f16(V + j0 * ld, ld, jt, hd, tile);
-          kt.pv_f32(S, kAttnTile, R, tile, hd, jt, hd, Os);
-        } else {
-          kt.pv_f32(S, kAttnTile, R, V + j0 * ld, ld, jt, hd, Os);
-        }
       }
-    };
-    seg(Kc, Vc, hd, vis.a1);
-    seg(Kc + (int64_t)vis.a2 * hd, Vc + (int64_t)vis.a2 * hd, hd, vis.nb);
-    seg(Kf, Vf, ldkv, vis.nf);
-    for (int r = 0; r < R; ++r) {
-      const float inv = 1.0f / l[r];
-      for (int i = 0; i < hd; ++i) Os[(int64_t)r * hd + i] *= inv;
+      kt.softmax_tile(S, kAttnTile, R, jt, m, l, Os, hd);
+      if constexpr (!f16) {
+        kt.pv_f32(S, kAttnTile, R, V + j0 * ld, ld, jt, hd, Os);
+      } else if (direct) {
+        kt.pv_f16(S, kAttnTile, R, V + j0 * ld, ld, jt, hd, Os);
+      } else {
+        kt.v_tile_f16(V + j0 * ld, ld, jt, hd, tile);
+        kt.pv_f32(S, kAttnTile, R, tile, hd, jt, hd, Os);
+      }
     }
-    for (int i = i0; i < i1; ++i)
-      std::memcpy(out + (int64_t)(it.row0 + i) * ldq + (int64_t)kvh * group * hd,
-                  Os + (int64_t)(i - i0) * group * hd, sizeof(float) * group * hd);
-    return;
+  };
+  seg(Kc, Vc, hd, vis.a1);
+  seg(Kc + (int64_t)vis.a2 * hd, Vc + (int64_t)vis.a2 * hd, hd, vis.nb);
+  seg(Kf, Vf, ldkv, vis.nf);
+  for (int r = 0; r < R; ++r) {
+    const float inv = 1.0f / l[r];
+    for (int i = 0; i < hd; ++i) Os[(int64_t)r * hd + i] *= inv;
   }
-  // Few rows: scores straight from the K rows over all keys, softmax, values.
-  int c = 0;
-  auto qk_seg = [&](const auto* K, int64_t ld, int nk) {
-    if constexpr (sizeof(*K) == 2)
-      kt.qk_direct_f16(Qs, R, K, ld, nk, hd, scale, S + c, lds);
-    else
-      kt.qk_direct_f32(Qs, R, K, ld, nk, hd, scale, S + c, lds);
-    c += nk;
-  };
-  qk_seg(Kc, hd, vis.a1);
-  qk_seg(Kc + (int64_t)vis.a2 * hd, hd, vis.nb);
-  qk_seg(Kf, ldkv, vis.nf);
-  kt.softmax(S, lds, R, vis.total());
-  std::memset(Os, 0, sizeof(float) * R * hd);
-  c = 0;
-  auto pv_seg = [&](const auto* V, int64_t ld, int nk) {
-    for (int j0 = 0; j0 < nk; j0 += kAttnTile) {  // tiles: V rows stay in L1 across the dim chunks
-      const int jt = std::min(kAttnTile, nk - j0);
-      if constexpr (sizeof(*V) == 2)
-        kt.pv_f16(S + c + j0, lds, R, V + j0 * ld, ld, jt, hd, Os);
-      else
-        kt.pv_f32(S + c + j0, lds, R, V + j0 * ld, ld, jt, hd, Os);
-    }
-    c += nk;
-  };
-  pv_seg(Vc, hd, vis.a1);
-  pv_seg(Vc + (int64_t)vis.a2 * hd, hd, vis.nb);
-  pv_seg(Vf, ldkv, vis.nf);
   for (int i = i0; i < i1; ++i)
     std::memcpy(out + (int64_t)(it.row0 + i) * ldq + (int64_t)kvh * group * hd, Os + (int64_t)(i - i0) * group * hd,
                 sizeof(float) * group * hd);
@@ -247,14 +207,12 @@ void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const flo
   // Jobs: (item, KV head, up to kQueriesPerJob consecutive queries that see the same keys).
   std::vector<Job> jobs;
   std::vector<Visible> vis;
-  int max_keys = 1;
   for (int t = 0; t < n_items; ++t) {
     const AttnItem& it = items[t];
     for (int i0 = 0; i0 < it.n;) {
       const Visible v0 = visible(it, B, i0);
       int i1 = i0 + 1;
       while (i1 < it.n && i1 - i0 < kQueriesPerJob && visible(it, B, i1) == v0) ++i1;
-      max_keys = std::max(max_keys, v0.total());
       for (int h = 0; h < nkv; ++h) {
         jobs.push_back(Job{t, h, i0, i1});
         vis.push_back(v0);
@@ -263,10 +221,7 @@ void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const flo
     }
   }
   const int64_t rows = (int64_t)kQueriesPerJob * group;
-  const int64_t lds = (max_keys + 15) / 8 * 8;  // + room for a tile's padding columns
-  // S: the direct path's score rows (<= kAttnDirectRows x lds) or a tile's
-  // scores plus the running max / sum (rows x kAttnTile + 2 rows)
-  const int64_t s_size = std::max<int64_t>((int64_t)kAttnDirectRows * lds, rows * (kAttnTile + 2));
+  const int64_t s_size = rows * (kAttnTile + 2);  // one tile's scores, then the running max and sum per row
   const int64_t per_thread = rows * hd * 2 + s_size + (int64_t)kAttnTile * hd;
   const int nthreads = omp_get_max_threads();
   if (scratch.size() < (size_t)(nthreads * per_thread)) scratch.resize((size_t)(nthreads * per_thread));
@@ -281,10 +236,10 @@ void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const flo
     const Job& jb = jobs[j];
     if (kv_f16)
       attend<uint16_t>(kt, items[jb.item], vis[j], jb.i0, jb.i1, jb.kvh, group, q, k, v, nh, nkv, hd, out, Qs, Os,
-                       S, lds, tile);
+                       S, tile);
     else
       attend<float>(kt, items[jb.item], vis[j], jb.i0, jb.i1, jb.kvh, group, q, k, v, nh, nkv, hd, out, Qs, Os, S,
-                    lds, tile);
+                    tile);
   }
 }
 

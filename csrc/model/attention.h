@@ -32,8 +32,6 @@ struct AttnKernels {
                         int64_t lds);
   void (*qk_direct_f16)(const float* Q, int R, const uint16_t* K, int64_t ld, int nk, int d, float scale, float* S,
                         int64_t lds);
-  // In-place softmax of rows r < R of S over their first n columns.
-  void (*softmax)(float* S, int64_t lds, int R, int n);
   // Online softmax over one key tile (rows r < R of S, first n columns): with
   // the running max m[r] and sum l[r] so far, S[r] becomes exp(S[r] - m'),
   // m[r] = m' = max(m[r], max S[r]), l[r] = l[r] e^(m - m') + sum, and the

@@ -238,13 +238,6 @@ static inline void scale_row(float* x, int n, float a) {
   for (; i < n; ++i) x[i] *= a;
 }
 
-static void softmax(float* S, int64_t lds, int R, int n) {
-  for (int r = 0; r < R; ++r) {
-    float* s = S + r * lds;
-    scale_row(s, n, 1.0f / exp_sum(s, n, row_max(s, n, -INFINITY)));
-  }
-}
-
 static void softmax_tile(float* S, int64_t lds, int R, int n, float* m, float* l, float* O, int d) {
   for (int r = 0; r < R; ++r) {
     float* s = S + r * lds;
@@ -339,7 +332,6 @@ extern const AttnKernels kAttnAvx2 = {"avx2",
                                       &avx2::qk,
                                       &avx2::qk_direct<float>,
                                       &avx2::qk_direct<uint16_t>,
-                                      &avx2::softmax,
                                       &avx2::softmax_tile,
                                       &avx2::pv<float>,
                                       &avx2::pv<uint16_t>,
