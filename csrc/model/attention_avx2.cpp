@@ -5,7 +5,7 @@
 
 #include "model/attention.h"
 #include "model/half.h"
-#include "model/simd_exp_avx2.h"
+#include "model/simd_avx2.h"
 
 namespace bitdlm {
 namespace avx2 {
@@ -195,23 +195,6 @@ static void qk(const float* Q, int R, const float* KT, int ldkt, int nk, int d, 
   }
 }
 
-
-static inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// max(init, s[0..n))
-static inline float row_max(const float* s, int n, float init) {
-  const int n8 = n & ~7;
-  __m256 vm = _mm256_set1_ps(init);
-  for (int j = 0; j < n8; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
-  float mx = hmax(vm);
-  for (int j = n8; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
-  return mx;
-}
 
 // s[j] = exp(s[j] - mx) for j < n; returns their sum.
 static inline float exp_sum(float* s, int n, float mx) {

@@ -5,7 +5,7 @@
 #include <cmath>
 
 #include "model/sampling.h"
-#include "model/simd_exp_avx2.h"
+#include "model/simd_avx2.h"
 
 namespace bitdlm {
 
@@ -14,17 +14,11 @@ namespace bitdlm {
 // double from float exps (~1e-7 relative). false if no lane equals the max
 // (NaN logits): the caller then runs the portable code.
 bool greedy_avx2(const float* l, int V, int32_t* tok, float* conf) {
-  __m256 vm = _mm256_set1_ps(-INFINITY);
-  int i = 0;
-  for (; i + 8 <= V; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(l + i));
-  float m8[8];
-  _mm256_storeu_ps(m8, vm);
-  float mx = -INFINITY;
-  for (float x : m8) mx = x > mx ? x : mx;
-  for (; i < V; ++i) mx = l[i] > mx ? l[i] : mx;
+  const float mx = avx2::row_max(l, V, -INFINITY);
   const __m256 vmx = _mm256_set1_ps(mx);
   int best = -1;
-  for (i = 0; i + 8 <= V; i += 8) {
+  int i = 0;
+  for (; i + 8 <= V; i += 8) {
     const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(l + i), vmx, _CMP_EQ_OQ));
     if (hit) {
       best = i + __builtin_ctz(hit);

@@ -1,5 +1,6 @@
-// Vector exp for AVX2 + FMA translation units only (*_avx2.cpp): static, so
-// no code built with AVX flags is ever shared with baseline files.
+// AVX2 helpers shared by the model's AVX2 translation units only
+// (*_avx2.cpp): a vector exp and row reductions. Static, so no code built with
+// AVX flags is ever shared with baseline files.
 #pragma once
 #include <immintrin.h>
 
@@ -25,6 +26,23 @@ static inline __m256 exp_neg(__m256 x) {
   // 2^n, n >= -127: n = -127 gives the bit pattern 0, i.e. +0
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+static inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// max(init, s[0..n))
+static inline float row_max(const float* s, int n, float init) {
+  const int n8 = n & ~7;
+  __m256 vm = _mm256_set1_ps(init);
+  for (int j = 0; j < n8; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
+  float mx = hmax(vm);
+  for (int j = n8; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  return mx;
 }
 
 }  // namespace avx2
