@@ -26,14 +26,15 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Scores straight from K rows (no transposed tile) for R <= 4 rows, i.e. one
-// query's heads when decoding: each key row is loaded (and converted) once for
-// the R rows; R = 4 runs 2 keys x 4 rows = 8 named accumulators (enough
-// independent FMA chains), other R one dot product at a time.
 static inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
+
+// Scores straight from K rows (no transposed tile) for R <= 4 rows, i.e. one
+// query's heads when decoding: each key row is loaded (and converted) once for
+// the R rows; R = 4 runs 2 keys x 4 rows = 8 named accumulators (enough
+// independent FMA chains), other R one dot product at a time.
 
 template <class T>
 static void qk_direct(const float* Q, int R, const T* K, int64_t ld, int nk, int d, float scale, float* S,

@@ -72,7 +72,7 @@ def run_cli(args) -> int:
         print(f"prompt tokens: {len(res.prompt_token_ids)}  generated: {n}  finish: {res.finish_reason}\n"
               f"forwards: {s['forwards']}  tokens/forward: {s['tokens_per_forward']:.2f}  "
               f"seconds: {secs:.3f}  tok/s: {n / secs if secs else 0.0:.1f}", file=sys.stderr)
-    if args.profile or llm.model.profiling:  # (BITDLM_PROFILE=1 turns it on at load)
+    if llm.model.profiling:  # --profile, or BITDLM_PROFILE=1 at load
         print_profile(llm.model.profile(), sys.stderr)
     return 0
 
