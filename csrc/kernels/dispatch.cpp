@@ -98,6 +98,14 @@ constexpr int64_t kParallelMacs = int64_t(1) << 21;
 
 const char* active_isa() { return table().name; }
 
+Isa active_isa_id() {
+  const KernelTable* t = &table();
+  if (t == &kAvx512VnniKernels) return Isa::kAvx512Vnni;
+  if (t == &kAvx512Kernels) return Isa::kAvx512;
+  if (t == &kAvx2Kernels) return Isa::kAvx2;
+  return Isa::kScalar;
+}
+
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
   for (const Candidate& c : kCandidates)

@@ -60,6 +60,13 @@ void gemm_f16_f32(const uint16_t* W, int M, int K, const float* x, int N, float*
 // y[n * ldy + m] = dot(Wq[m], aq[n]) * wscale[m] / s_a[n].
 void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& a, float* y, int ldy);
 
+// The ISA levels, worst to best. Every op family (GEMMs, attention, sampling,
+// small ops) keeps one table per level and indexes it with active_isa_id():
+// the choice is made once (cpuid + BITDLM_ISA), never per call by name.
+enum class Isa : int { kScalar = 0, kAvx2, kAvx512, kAvx512Vnni, kAmx, kNumIsa };
+// The level the dispatcher picked (one atomic load after the first call).
+Isa active_isa_id();
+
 // Name of the ISA the dispatcher picked ("scalar", "avx2", "avx512", "avx512vnni").
 // The first call reads BITDLM_ISA (scalar|avx2|avx512|avx512vnni) and throws
 // std::runtime_error if that ISA is unknown or this CPU cannot run it.
