@@ -31,14 +31,18 @@
 // broadcast intrinsics (GCC bug 105593); nothing of ours is uninitialized.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-
 #include <cstdlib>
 #include <cstring>
 #include <new>
 
 #include "kernels/epilogue.h"
 #include "kernels/isa.h"
+#include "kernels/simd512.h"
+#ifdef BITDLM_SIMDE
+// tests/simde: SIMDe for the AVX-512 part, a checking scalar emulator for the
+// tiles (no CPU here runs AMX; the emulator faults where the hardware would)
+#include "../tests/simde/amx_emu.h"
+#endif
 
 namespace bitdlm {
 namespace amx {
@@ -111,22 +115,22 @@ static void act_vnni(const ActQ& a, int g, int s, int8_t* buf) {
 static void unpack_rows(const TernaryW& w, const ActQ& a, int m0, int nrows, uint8_t* ub) {
   const int nb = a.Kp / kKBlock;
   const int64_t wstride = a.Kp / 4;
-  const __m512i mask = _mm512_set1_epi8(3);
+  const m512i mask = V(_mm512_set1_epi8)(3);
   // shift counts per 16-bit lane: low 256 bits by 0 resp. 4, high by 2 resp. 6,
   // so a broadcast 32-byte block yields k = 0..63 resp. 64..127 in order
-  const __m512i cnt01 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-  const __m512i cnt23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+  const m512i cnt01 = V(_mm512_inserti64x4)(V(_mm512_set1_epi16)(0), V(_mm256_set1_epi16)(2), 1);
+  const m512i cnt23 = V(_mm512_inserti64x4)(V(_mm512_set1_epi16)(4), V(_mm256_set1_epi16)(6), 1);
   for (int r = 0; r < kTileRows; ++r) {
     uint8_t* dst = ub + r * kTileK;
     if (r >= nrows) {
-      for (int s = 0; s < 2 * nb; ++s) _mm512_store_si512(dst + s * kTileBytes, _mm512_setzero_si512());
+      for (int s = 0; s < 2 * nb; ++s) V(_mm512_store_si512)(dst + s * kTileBytes, V(_mm512_setzero_si512)());
       continue;
     }
     const uint8_t* row = w.data + (int64_t)(m0 + r) * wstride;
     for (int b = 0; b < nb; ++b) {
-      const __m512i p = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(row + b * 32)));
-      _mm512_store_si512(dst + (2 * b) * kTileBytes, _mm512_and_si512(_mm512_srlv_epi16(p, cnt01), mask));
-      _mm512_store_si512(dst + (2 * b + 1) * kTileBytes, _mm512_and_si512(_mm512_srlv_epi16(p, cnt23), mask));
+      const m512i p = V(_mm512_broadcast_i64x4)(V(_mm256_loadu_si256)((const m256i*)(row + b * 32)));
+      V(_mm512_store_si512)(dst + (2 * b) * kTileBytes, V(_mm512_and_si512)(V(_mm512_srlv_epi16)(p, cnt01), mask));
+      V(_mm512_store_si512)(dst + (2 * b + 1) * kTileBytes, V(_mm512_and_si512)(V(_mm512_srlv_epi16)(p, cnt23), mask));
     }
   }
 }
