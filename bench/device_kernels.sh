@@ -41,11 +41,11 @@ done
 # the clear error on CPUs without AMX (the test itself asserts the message)
 echo "BITDLM_ISA=amx on this CPU:"; BITDLM_ISA=amx python3 -c "from bitdlm import _core; print(_core.active_isa())" 2>&1 | tail -1
 
-step "benchmark: ceilings + per-ISA GEMMs at N = 1, 2, 4, 8, 32"
+step "benchmark: ceilings, per-ISA GEMMs at N = 1, 2, 4, 8, 32, 30-layer decode per ISA, lm_head"
 bench_isas=$(echo "$isas" | tr ' ' '\n' | grep -v scalar | paste -sd, -)
 threads="1,$(nproc)"
 [ "$(nproc)" -ge 16 ] && threads="1,16"
-timeout 300 python3 bench/kernels.py --quick --isas "$bench_isas" --threads "$threads" --json "$OUT/kernels.json" || status=1
+timeout 300 python3 bench/kernels.py --isas "$bench_isas" --threads "$threads" --json "$OUT/kernels.json" || status=1
 
 step "done (status $status)"
 exit $status

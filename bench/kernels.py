@@ -176,18 +176,21 @@ def main() -> None:
             _core.gemm_multi(wd, one_d, q2, s2, sm2)
 
         print(f"\nN=1 over all {N_LAYERS} layers ({total / 2**20:.0f} MiB of packed weights)")
-        for t in THREADS:
+        for isa, t in [(i, t) for i in isas for t in THREADS]:  # decode: every ISA (AVX-512 vs AVX2 GEMV)
+            _core.set_isa(isa)
             _core.set_num_threads(t)
             med, best = timeit(decode_pass, 3, 1.0)
             bw = res["ceilings"][t]["read_GBps"]
             bwb = res["ceilings"][t]["read_GBps_best"]
-            row = {"threads": t, "bytes": total, "median_s": med, "best_s": best, "GBps": total / med / 1e9,
+            row = {"isa": isa, "threads": t, "bytes": total, "median_s": med, "best_s": best, "GBps": total / med / 1e9,
                    "GBps_best": total / best / 1e9, "pct_read_bw": 100 * total / med / 1e9 / bw,
                    "pct_read_bw_best": 100 * total / best / 1e9 / bwb}
             res["decode_30_layers"].append(row)
-            print(f"  {t} thread(s): {med * 1e3:.2f} ms (best {best * 1e3:.2f}) -> {row['GBps']:.1f} GB/s"
+            print(f"  {isa:>10} {t} thread(s): {med * 1e3:.2f} ms (best {best * 1e3:.2f}) -> {row['GBps']:.1f} GB/s"
                   f" = {row['pct_read_bw']:.0f}% of measured read bandwidth ({bw:.1f} GB/s);"
                   f" best {row['pct_read_bw_best']:.0f}% of best ({bwb:.1f} GB/s)")
+
+    _core.set_isa(res["isa"])
 
     # ---- lm_head GEMMs (a quarter of the 128256-row vocabulary: > LLC, less RAM)
     res["lm_head"] = []
