@@ -1,10 +1,13 @@
 """Kernel benchmark: machine ceilings, then the BitNet-2B GEMM shapes.
 
-    PYTHONPATH=python python3 bench/kernels.py [--quick] [--passive] [--isa avx2] [--out bench/out/kernels.json]
+    PYTHONPATH=python python3 bench/kernels.py [--quick] [--passive] [--isa avx2 | --isas avx2,amx]
+        [--threads 1,16] [--json bench/out/kernels.json]
 
-1. Ceilings with 1 and 2 threads: read bandwidth (streaming a buffer far
-   larger than the LLC) and the int8 MAC peak (a vpmaddubsw -> vpaddw chain,
-   32 MAC per instruction), both in C++ (_core.bench_bandwidth / bench_peak_int8).
+1. Ceilings per thread count: read bandwidth (streaming a buffer far larger
+   than the LLC), the AVX2 int8 MAC peak (a vpmaddubsw -> vpaddw chain, 32 MAC
+   per instruction), the AVX-512 VNNI peak (8 vpdpbusd zmm chains) and the AMX
+   int8 peak (TDPBSSD on 4 accumulator tiles), each skipped where the CPU lacks
+   it; all in C++ (_core.bench_bandwidth / bench_peak_int8 / _vnni / _amx).
 2. Ternary GEMM y[N, M] = W[M, K] x a[N, K] for M x K in 2560x2560, 640x2560,
    6912x2560, 2560x6912, N in {1, 8, 32, 128}, threads {1, 2}: median time,
    GOPS (2*M*K*N / t), and % of roofline, where the roofline time is
@@ -77,13 +80,25 @@ def main() -> None:
     ap.add_argument("--isa", default=None, help="force a kernel ISA (default: the dispatcher's pick)")
     ap.add_argument("--passive", action="store_true",
                     help="OMP_WAIT_POLICY=PASSIVE (use on a shared/oversubscribed machine)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "kernels.json"))
+    ap.add_argument("--isas", default=None,
+                    help="comma list: run the GEMM table for each of these ISAs (default: --isa or the dispatcher's)")
+    ap.add_argument("--threads", default=None, help="comma list of thread counts (default 1,2)")
+    ap.add_argument("--out", "--json", dest="out",
+                    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "kernels.json"))
     args = ap.parse_args()
+    global THREADS
+    if args.threads:
+        THREADS = [int(t) for t in args.threads.split(",")]
     if args.isa:
         _core.set_isa(args.isa)
+    isas = args.isas.split(",") if args.isas else [_core.active_isa()]
+    for name in isas:
+        if name not in _core.supported_isas():
+            print(f"skipping ISA {name}: not supported here (supported: {', '.join(_core.supported_isas())})")
+    isas = [i for i in isas if i in _core.supported_isas()]
     reps, min_time = (3, 0.05) if args.quick else (5, 0.3)
     rng = np.random.default_rng(0)
-    res = {"isa": _core.active_isa(), "machine": platform.processor() or platform.machine(),
+    res = {"isa": _core.active_isa(), "gemm_isas": isas, "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
            "load_avg_at_start": os.getloadavg(),
            "note": "shared machine: timings are noisy; medians (and best) of repetitions",
@@ -103,6 +118,14 @@ def main() -> None:
         c = res["ceilings"][t]
         print(f"  {t} thread(s): read {c['read_GBps']:6.1f} GB/s (best {c['read_GBps_best']:.1f}),"
               f" int8 peak {c['int8_GMACps']:6.1f} GMAC/s (best {c['int8_GMACps_best']:.1f})")
+        for key, isa_name, fn, iters in (("vnni", "avx512vnni", _core.bench_peak_vnni, 1_000_000),
+                                         ("amx", "amx", _core.bench_peak_amx, 20_000)):
+            if isa_name not in _core.supported_isas():
+                print(f"    {key} peak: skipped (this CPU cannot run {isa_name})")
+                continue
+            pv = [fn(t, iters) for _ in range(3 * reps)]
+            c[f"{key}_GMACps"], c[f"{key}_GMACps_best"] = statistics.median(pv) / 1e9, max(pv) / 1e9
+            print(f"    {key} int8 peak {c[key + '_GMACps']:8.1f} GMAC/s (best {c[key + '_GMACps_best']:.1f})")
     del buf
 
     # ---- BitNet-2B shapes
@@ -111,27 +134,33 @@ def main() -> None:
     print("\nternary GEMM (GOPS = 2*M*K*N/t; %roof: roofline time max(MAC/peak, bytes/bw) / t; %peak: MAC rate /"
           " int8 peak;\n columns without B use medians, B = best run vs best ceilings)")
     print(hdr)
-    for (m, k) in SHAPES:
-        w = random_packed(rng, m, k)
-        for n in NS:
-            x = rng.standard_normal((n, k)).astype(np.float32)
-            q, s, sm = _core.quantize_act(x)
-            for t in THREADS:
-                _core.set_num_threads(t)
-                med, best = timeit(lambda: _core.gemm(w, 1.0, q, s, sm), reps, min_time)
-                c = res["ceilings"][t]
-                macs, wbytes = m * pad_k(k) * n, w.nbytes
-                t_roof = max(macs / (c["int8_GMACps"] * 1e9), wbytes / (c["read_GBps"] * 1e9))
-                t_roof_b = max(macs / (c["int8_GMACps_best"] * 1e9), wbytes / (c["read_GBps_best"] * 1e9))
-                row = {"M": m, "K": k, "N": n, "threads": t, "median_s": med, "best_s": best,
-                       "GOPS": 2 * m * k * n / med / 1e9, "GMACps": macs / med / 1e9, "GBps": wbytes / med / 1e9,
-                       "pct_roofline": 100 * t_roof / med, "pct_int8_peak": 100 * macs / med / (c["int8_GMACps"] * 1e9),
-                       "pct_roofline_best": 100 * t_roof_b / best,
-                       "pct_int8_peak_best": 100 * macs / best / (c["int8_GMACps_best"] * 1e9)}
-                res["gemm"].append(row)
-                print(f"{m:>5}x{k:<5} {n:>4} {t:>3} {med * 1e3:>10.3f} {best * 1e3:>9.3f} {row['GOPS']:>7.1f}"
-                      f" {row['GMACps']:>7.1f} {row['GBps']:>6.1f} {row['pct_roofline']:>6.1f} {row['pct_int8_peak']:>6.1f}"
-                      f" {row['pct_roofline_best']:>6.1f} {row['pct_int8_peak_best']:>6.1f}", flush=True)
+    for isa in isas:
+        _core.set_isa(isa)
+        # the int8 ceiling this ISA's kernels run on
+        peak_key = {"amx": "amx", "avx512vnni": "vnni"}.get(isa, "int8")
+        print(f"-- ISA {isa} (int8 ceiling: {peak_key} peak)")
+        for (m, k) in SHAPES:
+            w = random_packed(rng, m, k)
+            for n in (NS if len(isas) == 1 else [1, 2, 4, 8, 32]):  # 2, 4: where AMX starts to pay
+                x = rng.standard_normal((n, k)).astype(np.float32)
+                q, s, sm = _core.quantize_act(x)
+                for t in THREADS:
+                    _core.set_num_threads(t)
+                    med, best = timeit(lambda: _core.gemm(w, 1.0, q, s, sm), reps, min_time)
+                    c = res["ceilings"][t]
+                    macs, wbytes = m * pad_k(k) * n, w.nbytes
+                    t_roof = max(macs / (c[peak_key + "_GMACps"] * 1e9), wbytes / (c["read_GBps"] * 1e9))
+                    t_roof_b = max(macs / (c[peak_key + "_GMACps_best"] * 1e9), wbytes / (c["read_GBps_best"] * 1e9))
+                    row = {"isa": isa, "M": m, "K": k, "N": n, "threads": t, "median_s": med, "best_s": best,
+                           "GOPS": 2 * m * k * n / med / 1e9, "GMACps": macs / med / 1e9, "GBps": wbytes / med / 1e9,
+                           "pct_roofline": 100 * t_roof / med, "pct_int8_peak": 100 * macs / med / (c[peak_key + "_GMACps"] * 1e9),
+                           "pct_roofline_best": 100 * t_roof_b / best,
+                           "pct_int8_peak_best": 100 * macs / best / (c[peak_key + "_GMACps_best"] * 1e9)}
+                    res["gemm"].append(row)
+                    print(f"{m:>5}x{k:<5} {n:>4} {t:>3} {med * 1e3:>10.3f} {best * 1e3:>9.3f} {row['GOPS']:>7.1f}"
+                          f" {row['GMACps']:>7.1f} {row['GBps']:>6.1f} {row['pct_roofline']:>6.1f} {row['pct_int8_peak']:>6.1f}"
+                          f" {row['pct_roofline_best']:>6.1f} {row['pct_int8_peak_best']:>6.1f}", flush=True)
+    _core.set_isa(res["isa"])  # the rest runs on the dispatcher's (or --isa) choice
 
     # ---- decode: N = 1 over all 30 layers (working set >> LLC)
     if not args.quick:
@@ -147,18 +176,21 @@ def main() -> None:
             _core.gemm_multi(wd, one_d, q2, s2, sm2)
 
         print(f"\nN=1 over all {N_LAYERS} layers ({total / 2**20:.0f} MiB of packed weights)")
-        for t in THREADS:
+        for isa, t in [(i, t) for i in isas for t in THREADS]:  # decode: every ISA (AVX-512 vs AVX2 GEMV)
+            _core.set_isa(isa)
             _core.set_num_threads(t)
             med, best = timeit(decode_pass, 3, 1.0)
             bw = res["ceilings"][t]["read_GBps"]
             bwb = res["ceilings"][t]["read_GBps_best"]
-            row = {"threads": t, "bytes": total, "median_s": med, "best_s": best, "GBps": total / med / 1e9,
+            row = {"isa": isa, "threads": t, "bytes": total, "median_s": med, "best_s": best, "GBps": total / med / 1e9,
                    "GBps_best": total / best / 1e9, "pct_read_bw": 100 * total / med / 1e9 / bw,
                    "pct_read_bw_best": 100 * total / best / 1e9 / bwb}
             res["decode_30_layers"].append(row)
-            print(f"  {t} thread(s): {med * 1e3:.2f} ms (best {best * 1e3:.2f}) -> {row['GBps']:.1f} GB/s"
+            print(f"  {isa:>10} {t} thread(s): {med * 1e3:.2f} ms (best {best * 1e3:.2f}) -> {row['GBps']:.1f} GB/s"
                   f" = {row['pct_read_bw']:.0f}% of measured read bandwidth ({bw:.1f} GB/s);"
                   f" best {row['pct_read_bw_best']:.0f}% of best ({bwb:.1f} GB/s)")
+
+    _core.set_isa(res["isa"])
 
     # ---- lm_head GEMMs (a quarter of the 128256-row vocabulary: > LLC, less RAM)
     res["lm_head"] = []

@@ -129,6 +129,19 @@ def test_gemm_i32_bitnet_k(isa, m, k, n):
     np.testing.assert_array_equal(_core.gemm_i32(w, q, sums), q[:, :k].astype(np.int64) @ codes.astype(np.int64).T)
 
 
+@pytest.mark.parametrize("m,k", [(45, 257), (17, 64), (33, 1000)])
+def test_gemm_i32_every_token_count(isa, m, k):
+    # N = 1..40: every register/AMX tile tail (2, 3, 15, 16, 17, 33, ...); M, K tails
+    rng = np.random.default_rng(m * k)
+    codes, w, q, s, sums = _ternary_case(rng, m, k, 40)
+    codes[0] = -1  # all -1 / all +1 rows
+    codes[-1] = 1
+    w = pack_i2(codes)
+    ref = q[:, :k].astype(np.int64) @ codes.astype(np.int64).T
+    for n in range(1, 41):
+        np.testing.assert_array_equal(_core.gemm_i32(w, q[:n], sums[:n]), ref[:n], err_msg=f"N={n}")
+
+
 def test_gemm_i32_extremes(isa):
     # worst case for int16 partial sums: every code 2 (t = +1) against -128 / 127
     k, m = 6912, 5
@@ -264,7 +277,7 @@ def _transformers_act_codes(torch, bitnet, xt):
 def test_set_isa_errors():
     with pytest.raises(ValueError, match="unknown ISA"):
         _core.set_isa("neon")
-    for name in ("scalar", "avx2", "avx512", "avx512vnni"):
+    for name in ("scalar", "avx2", "avx512", "avx512vnni", "amx"):
         if name not in ISAS:
             with pytest.raises(ValueError, match="not supported"):
                 _core.set_isa(name)
@@ -291,12 +304,63 @@ def test_bitdlm_isa_env_override():
     assert best.stdout.strip() == ISAS[-1]
 
 
+# ---------------------------------------------------------------- AMX
+
+_NO_AMX = "this CPU has no AMX-INT8 (or Linux refused the tile state); the AMX kernel is checked under SIMDe + emulation"
+
+
+@pytest.mark.skipif("amx" not in ISAS, reason=_NO_AMX)
+@pytest.mark.parametrize("n", [2, 3, 15, 16, 17, 32, 33, 64, 65, 130])
+def test_amx_multi_gemm_bit_exact_vs_scalar(n):
+    """Native AMX (several matrices in one call, 2 threads) == scalar, int32 and dequantized floats."""
+    rng = np.random.default_rng(n)
+    shapes = [(45, 2560), (17, 2560), (640, 2560)]
+    k = 2560
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    x[:, ::97] *= 9.0
+    q, s, sums = _ref_act(x)
+    mats = [pack_i2(rng.integers(-1, 2, size=(m, k), dtype=np.int8)) for m, _ in shapes]
+    prev, prev_threads = _core.active_isa(), _core.get_max_threads()
+    try:
+        outs = {}
+        for name in ("scalar", "amx"):
+            _core.set_isa(name)
+            _core.set_num_threads(2)
+            outs[name] = ([_core.gemm_i32(w, q, sums) for w in mats], _core.gemm_multi(mats, [1.3] * 3, q, s, sums))
+    finally:
+        _core.set_isa(prev)
+        _core.set_num_threads(prev_threads)
+    for a, b in zip(outs["scalar"][0], outs["amx"][0]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(outs["scalar"][1], outs["amx"][1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bitdlm_isa_amx_clear_error_without_amx():
+    import subprocess
+    import sys
+
+    if "amx" in ISAS:
+        pytest.skip("this CPU runs AMX (the error path is for CPUs without it)")
+    from hf_models import child_env
+
+    code = "from bitdlm import _core; print(_core.active_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(child_env(), BITDLM_ISA="amx"), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0
+    assert "ISA 'amx' is not supported by this CPU" in out.stderr
+    assert "cpuid has no" in out.stderr or "Linux refused AMX state" in out.stderr
+    with pytest.raises(ValueError, match="amx"):
+        _core.set_isa("amx")
+
+
 # ---------------------------------------------------------------- AVX-512 via SIMDe
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SIMDE_SOURCES = ["tests/simde/harness.cpp", "csrc/kernels/gemm_avx512.cpp", "csrc/kernels/gemm_avx512vnni.cpp",
-                  "csrc/kernels/gemm_scalar.cpp"]
+                  "csrc/kernels/gemm_amx.cpp", "csrc/kernels/gemm_scalar.cpp"]
 _SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csrc/kernels/isa.h",
+                  "csrc/kernels/ternary_driver.h", "csrc/kernels/epilogue.h", "tests/simde/amx_emu.h",
                   "csrc/kernels/gemm.h"]
 
 

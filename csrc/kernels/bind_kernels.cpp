@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "kernels/gemm.h"
@@ -23,6 +24,16 @@ using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 double bench_peak_int8_avx2(int threads, int64_t iters);
 double bench_read_bw_avx2(const uint8_t* buf, size_t bytes, int threads, int reps);
 
+// bench_avx512vnni.cpp / bench_amx.cpp: only called when that ISA is supported.
+double bench_peak_vnni(int threads, int64_t iters);
+double bench_peak_amx(int threads, int64_t iters);
+
+static void require_isa(const char* isa) {
+  for (const auto& n : supported_isas())
+    if (n == isa) return;
+  throw std::runtime_error(std::string("this benchmark needs the '") + isa + "' ISA, which this CPU cannot run");
+}
+
 static void require_avx2() {
   for (const auto& n : supported_isas())
     if (n == "avx2") return;
@@ -39,6 +50,24 @@ void register_kernels(py::module_& m) {
         return bench_peak_int8_avx2(threads, iters);
       },
       py::arg("threads"), py::arg("iters") = 20000000, "int8 MAC/s of a maddubs+add chain on `threads` threads");
+  m.def(
+      "bench_peak_vnni",
+      [](int threads, int64_t iters) {
+        require_isa("avx512vnni");
+        if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
+        py::gil_scoped_release nogil;
+        return bench_peak_vnni(threads, iters);
+      },
+      py::arg("threads"), py::arg("iters") = 10000000, "int8 MAC/s of 8 vpdpbusd zmm chains on `threads` threads");
+  m.def(
+      "bench_peak_amx",
+      [](int threads, int64_t iters) {
+        require_isa("amx");
+        if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
+        py::gil_scoped_release nogil;
+        return bench_peak_amx(threads, iters);
+      },
+      py::arg("threads"), py::arg("iters") = 200000, "int8 MAC/s of TDPBSSD on 4 accumulator tiles per thread");
   m.def(
       "bench_bandwidth",
       [](U8 buf, int threads, int reps) {

@@ -1,8 +1,13 @@
 // The one dispatch point: picks a kernel table from cpuid, overridable with
-// BITDLM_ISA=scalar|avx2|avx512|avx512vnni, and owns the OpenMP parallelism
+// BITDLM_ISA=scalar|avx2|avx512|avx512vnni|amx, and owns the OpenMP parallelism
 // (one parallel region per call; the ISA kernels are single-threaded tiles).
 // Compiled WITHOUT ISA flags: it must run on any x86-64 CPU.
+#include <cpuid.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <algorithm>
 #include <atomic>
@@ -10,6 +15,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <new>
 
 #include "kernels/isa.h"
 
@@ -17,54 +23,93 @@ namespace bitdlm {
 
 namespace {
 
+// Each candidate says why this machine cannot run it (nullptr: it can).
 struct Candidate {
   const KernelTable* table;
-  bool (*supported)();
+  const char* (*unsupported)();
 };
 
-bool cpu_any() { return true; }
-bool cpu_avx2() {
+bool has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
-bool cpu_avx512() {
-  __builtin_cpu_init();
-  return cpu_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+bool has_avx512() {
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
-bool cpu_avx512vnni() {
-  __builtin_cpu_init();
-  return cpu_avx512() && __builtin_cpu_supports("avx512vnni");
+bool has_avx512vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+
+const char* why_any() { return nullptr; }
+const char* why_avx2() { return has_avx2() ? nullptr : "cpuid has no AVX2/FMA/F16C"; }
+const char* why_avx512() { return has_avx512() ? nullptr : "cpuid has no AVX-512 F/BW/VL/DQ"; }
+const char* why_avx512vnni() { return has_avx512vnni() ? nullptr : "cpuid has no AVX-512 VNNI"; }
+
+// AMX: cpuid leaf 7 EDX bit 24 (AMX-TILE) and 25 (AMX-INT8), then Linux must
+// grant this process the XTILEDATA state (arch_prctl(ARCH_REQ_XCOMP_PERM));
+// without it the first tile instruction faults. Asked once per process.
+const char* why_amx() {
+  if (!has_avx512vnni()) return "cpuid has no AVX-512 VNNI (needed beside AMX)";
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 25)))
+    return "cpuid has no AMX-INT8";
+  static const std::string refused = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0) return std::string();
+    return std::string("Linux refused AMX state (arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA): ") +
+           std::strerror(errno) + ")";
+  }();
+  return refused.empty() ? nullptr : refused.c_str();
 }
 
-// Worst to best.
+// Worst to best; each level's CPUs also run every level below it.
 const Candidate kCandidates[] = {
-    {&kScalarKernels, &cpu_any},
-    {&kAvx2Kernels, &cpu_avx2},
-    {&kAvx512Kernels, &cpu_avx512},
-    {&kAvx512VnniKernels, &cpu_avx512vnni},
+    {&kScalarKernels, &why_any},         {&kAvx2Kernels, &why_avx2}, {&kAvx512Kernels, &why_avx512},
+    {&kAvx512VnniKernels, &why_avx512vnni}, {&kAmxKernels, &why_amx},
 };
+constexpr int kNum = (int)(sizeof kCandidates / sizeof kCandidates[0]);
+static_assert(kNum == (int)Isa::kNumIsa, "one candidate per Isa level");
 
-const KernelTable* find(const std::string& name) {
-  std::string known;
-  for (const Candidate& c : kCandidates) {
-    if (name == c.table->name) {
-      if (!c.supported())
-        throw std::invalid_argument("ISA '" + name + "' is not supported by this CPU (supported: " +
-                                    [] {
-                                      std::string s;
-                                      for (auto& n : supported_isas()) s += (s.empty() ? "" : ", ") + n;
-                                      return s;
-                                    }() +
-                                    ")");
-      return c.table;
+// The tables with their missing entries filled from the level below (e.g. the
+// AVX-512 quantizer is AVX2's, AMX's decode GEMV is AVX-512 VNNI's), so a call
+// never tests for nullptr. Built once, when the first ISA is chosen.
+KernelTable g_resolved[kNum];
+
+void resolve_tables() {
+  static const bool done = [] {
+    for (int i = 0; i < kNum; ++i) {
+      KernelTable t = *kCandidates[i].table;
+      if (i > 0) {
+        const KernelTable& lo = g_resolved[i - 1];
+        if (!t.ternary) t.ternary = lo.ternary;
+        if (!t.f16) t.f16 = lo.f16;
+        if (!t.i8) t.i8 = lo.i8;
+        if (!t.quantize) t.quantize = lo.quantize;
+      }
+      g_resolved[i] = t;
     }
-    known += (known.empty() ? "" : "|") + std::string(c.table->name);
+    return true;
+  }();
+  (void)done;
+}
+
+int find(const std::string& name) {
+  std::string known;
+  for (int i = 0; i < kNum; ++i) {
+    if (name == kCandidates[i].table->name) {
+      if (const char* why = kCandidates[i].unsupported()) {
+        std::string sup;
+        for (auto& n : supported_isas()) sup += (sup.empty() ? "" : ", ") + n;
+        throw std::invalid_argument("ISA '" + name + "' is not supported by this CPU (" + why +
+                                    "; supported: " + sup + ")");
+      }
+      return i;
+    }
+    known += (known.empty() ? "" : "|") + std::string(kCandidates[i].table->name);
   }
   throw std::invalid_argument("unknown ISA '" + name + "' (expected " + known + ")");
 }
 
-const KernelTable* pick_table() {
+int pick() {
   const char* env = std::getenv("BITDLM_ISA");
   if (env && *env) {
     try {
@@ -73,22 +118,25 @@ const KernelTable* pick_table() {
       throw std::runtime_error(std::string("BITDLM_ISA: ") + e.what());
     }
   }
-  const KernelTable* best = &kScalarKernels;
-  for (const Candidate& c : kCandidates)
-    if (c.supported()) best = c.table;
+  int best = 0;
+  for (int i = 0; i < kNum; ++i)
+    if (!kCandidates[i].unsupported()) best = i;
   return best;
 }
 
-std::atomic<const KernelTable*> g_table{nullptr};
+std::atomic<int> g_isa{-1};
 
-const KernelTable& table() {
-  const KernelTable* t = g_table.load(std::memory_order_acquire);
-  if (!t) {
-    t = pick_table();  // throws on a bad BITDLM_ISA, again at every call
-    g_table.store(t, std::memory_order_release);
+int isa_index() {
+  int i = g_isa.load(std::memory_order_acquire);
+  if (i < 0) {
+    resolve_tables();
+    i = pick();  // throws on a bad BITDLM_ISA, again at every call
+    g_isa.store(i, std::memory_order_release);
   }
-  return *t;
+  return i;
 }
+
+const KernelTable& table() { return g_resolved[isa_index()]; }
 
 // Below this many multiply-accumulates a call runs on one thread: waking the
 // team costs more than it saves.
@@ -98,28 +146,32 @@ constexpr int64_t kParallelMacs = int64_t(1) << 21;
 
 const char* active_isa() { return table().name; }
 
-Isa active_isa_id() {
-  const KernelTable* t = &table();
-  if (t == &kAvx512VnniKernels) return Isa::kAvx512Vnni;
-  if (t == &kAvx512Kernels) return Isa::kAvx512;
-  if (t == &kAvx2Kernels) return Isa::kAvx2;
-  return Isa::kScalar;
-}
+Isa active_isa_id() { return (Isa)isa_index(); }
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
   for (const Candidate& c : kCandidates)
-    if (c.supported()) out.push_back(c.table->name);
+    if (!c.unsupported()) out.push_back(c.table->name);
   return out;
 }
 
-void set_isa(const std::string& name) { g_table.store(find(name), std::memory_order_release); }
+int amx_min_tokens() {
+  // Tunable for measurements (bench/kernels.py); below it the VNNI GEMV runs.
+  static const int n = [] {
+    const char* e = std::getenv("BITDLM_AMX_MIN_TOKENS");
+    const int v = e && *e ? std::atoi(e) : 0;
+    return v > 0 ? v : kAmxMinTokens;
+  }();
+  return n;
+}
+
+void set_isa(const std::string& name) {
+  resolve_tables();
+  g_isa.store(find(name), std::memory_order_release);
+}
 
 void quantize_act(const float* x, int N, int K, int Kp, int8_t* q, float* scale, int32_t* sum) {
-  const KernelTable& t = table();
-  // AVX-512 tables reuse the AVX2 quantizer (every AVX-512 CPU has AVX2)
-  const auto fn = t.quantize ? t.quantize : (cpu_avx2() ? kAvx2Kernels.quantize : kScalarKernels.quantize);
-  fn(x, N, K, Kp, q, scale, sum);
+  table().quantize(x, N, K, Kp, q, scale, sum);
 }
 
 // Ternary multi-GEMM. Jobs = (matrix, block of kRowBlock rows, chunk of
@@ -128,31 +180,64 @@ void quantize_act(const float* x, int N, int K, int Kp, int8_t* q, float* scale,
 // shared machine a descheduled thread then delays the call by at most one job
 // instead of its whole static share (measured: static 2-thread calls stalled
 // for whole 24 ms scheduler slices under load).
+// AMX path: the activations are re-laid out into VNNI tiles first (in the same
+// parallel region, split over (token group, k step) tiles, then a barrier);
+// every thread configures its tiles once, runs its jobs and releases them.
+static thread_local int8_t* t_vnni = nullptr;
+static thread_local size_t t_vnni_cap = 0;
+
 static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* out_i32) {
   const KernelTable& t = table();
-  constexpr int kRowBlock = 32;
-  constexpr int kTokChunk = 64;
+  constexpr int kRowBlock = 32;  // the AMX kernel's 2 x 16 weight rows
+  constexpr int kTokChunk = 64;  // a multiple of 16 (AMX token tiles)
   const int n_chunks = (a.N + kTokChunk - 1) / kTokChunk;
   int64_t total = 0, macs = 0;
   for (int i = 0; i < n_ws; ++i) {
     total += (int64_t)((ws[i].M + kRowBlock - 1) / kRowBlock) * n_chunks;
     macs += (int64_t)ws[i].M * a.N * a.Kp;
   }
-  const bool par = macs >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
-#pragma omp parallel for schedule(dynamic, 1) if (par)
-  for (int64_t job = 0; job < total; ++job) {
-    int64_t j = job;
-    int i = 0;
-    for (;;) {
-      const int64_t nj = (int64_t)((ws[i].M + kRowBlock - 1) / kRowBlock) * n_chunks;
-      if (j < nj) break;
-      j -= nj;
-      ++i;
+  const bool amx = t.amx_ternary && a.N >= amx_min_tokens();
+  const int groups = (a.N + 15) / 16, steps = a.Kp / 64;
+  if (amx) {
+    const size_t need = (size_t)groups * 16 * a.Kp;
+    if (need > t_vnni_cap) {
+      std::free(t_vnni);
+      t_vnni = (int8_t*)std::aligned_alloc(64, (need + 63) / 64 * 64);
+      if (!t_vnni) {
+        t_vnni_cap = 0;
+        throw std::bad_alloc();
+      }
+      t_vnni_cap = need;
     }
-    const int rb = (int)(j / n_chunks), tc = (int)(j % n_chunks);
-    const int m0 = rb * kRowBlock, m1 = std::min(ws[i].M, m0 + kRowBlock);
-    const int n0 = tc * kTokChunk, n1 = std::min(a.N, n0 + kTokChunk);
-    t.ternary(ws[i], a, m0, m1, n0, n1, out_i32);
+  }
+  int8_t* const vb = t_vnni;
+  const bool par = macs >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
+#pragma omp parallel if (par)
+  {
+    if (amx) {
+#pragma omp for schedule(static)
+      for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
+      t.amx_begin();
+    }
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t job = 0; job < total; ++job) {
+      int64_t j = job;
+      int i = 0;
+      for (;;) {
+        const int64_t nj = (int64_t)((ws[i].M + kRowBlock - 1) / kRowBlock) * n_chunks;
+        if (j < nj) break;
+        j -= nj;
+        ++i;
+      }
+      const int rb = (int)(j / n_chunks), tc = (int)(j % n_chunks);
+      const int m0 = rb * kRowBlock, m1 = std::min(ws[i].M, m0 + kRowBlock);
+      const int n0 = tc * kTokChunk, n1 = std::min(a.N, n0 + kTokChunk);
+      if (amx)
+        t.amx_ternary(ws[i], a, vb, m0, m1, n0, n1, out_i32);
+      else
+        t.ternary(ws[i], a, m0, m1, n0, n1, out_i32);
+    }
+    if (amx) t.amx_end();
   }
 }
 

@@ -64,11 +64,16 @@ void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& 
 // small ops) keeps one table per level and indexes it with active_isa_id():
 // the choice is made once (cpuid + BITDLM_ISA), never per call by name.
 enum class Isa : int { kScalar = 0, kAvx2, kAvx512, kAvx512Vnni, kAmx, kNumIsa };
+// With the amx level, ternary GEMMs of at least this many tokens run on AMX
+// tiles, fewer (decode) on the AVX-512 VNNI GEMV. BITDLM_AMX_MIN_TOKENS
+// overrides it (read once; for measurements).
+constexpr int kAmxMinTokens = 2;
+int amx_min_tokens();
 // The level the dispatcher picked (one atomic load after the first call).
 Isa active_isa_id();
 
-// Name of the ISA the dispatcher picked ("scalar", "avx2", "avx512", "avx512vnni").
-// The first call reads BITDLM_ISA (scalar|avx2|avx512|avx512vnni) and throws
+// Name of the ISA the dispatcher picked ("scalar", "avx2", "avx512", "avx512vnni", "amx").
+// The first call reads BITDLM_ISA (scalar|avx2|avx512|avx512vnni|amx) and throws
 // std::runtime_error if that ISA is unknown or this CPU cannot run it.
 const char* active_isa();
 // ISAs this CPU (and build) can run, best last.

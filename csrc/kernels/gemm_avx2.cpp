@@ -15,9 +15,11 @@
 // at N = 32), then 2 x 4, 2 x 3, 2 x 2 for the token tail and 1 x 1 for
 // decode. The tile loop runs tokens outer / rows inner, so the T activation
 // rows stay in L1 while the job's weight rows (<= 32 rows) stay in L1/L2;
-// rows too long for that are K-blocked (ternary_rows_kblocked).
+// rows too long for that are K-blocked (ternary_rows_kblocked, in the
+// driver shared with AVX-512: kernels/ternary_driver.h).
 #include <immintrin.h>
 
+#include "kernels/epilogue.h"
 #include "kernels/isa.h"
 
 namespace bitdlm {
@@ -90,75 +92,7 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
   }
 }
 
-// One R x T tile at (m, n): dots, offset removal and the shared epilogue.
-template <int R, int T>
-static inline void ternary_store(const TernaryW& w, const ActQ& a, int m, int n, int32_t* out) {
-  const int64_t wstride = a.Kp / 4;
-  int32_t dots[R][8];
-  ternary_tile<R, T>(w.data + (int64_t)m * wstride, wstride, a.q + (int64_t)n * a.Kp, a.Kp, a.Kp / kKBlock, dots);
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      const int32_t d = dots[r][t] - a.sum[n + t];
-      if (out)
-        out[(int64_t)(n + t) * w.M + m + r] = d;
-      else
-        w.y[(int64_t)(n + t) * w.ldy + m + r] = (float)d / (w.scale * a.scale[n + t]);
-    }
-}
-
-// K-blocked variant for long rows: when the T activation rows do not fit in
-// L1 (T * Kp > 24 KiB, e.g. 8 x 6912 B for down_proj), every row tile would
-// re-stream them from L2 at one 32-byte load per maddubs, which halves the
-// rate (L2 -> L1 delivers ~32 B/cycle). So a panel of kPanel rows runs over
-// K in slices of kc blocks (T * kc * 128 B = 16 KiB, L1-resident), with int32
-// partial sums in a stack array.
-template <int R, int T>
-static inline void ternary_rows_kblocked(const TernaryW& w, const ActQ& a, int m0, int m1, int n, int32_t* out) {
-  constexpr int kPanel = 32;
-  constexpr int kc = 16384 / (T * kKBlock);
-  const int64_t wstride = a.Kp / 4;
-  const int nb = a.Kp / kKBlock;
-  const int8_t* q = a.q + (int64_t)n * a.Kp;
-  int32_t acc[kPanel][8];
-  int32_t part[R][8];
-  for (int mb = m0; mb < m1; mb += kPanel) {
-    const int me = mb + kPanel < m1 ? mb + kPanel : m1;
-    for (int i = 0; i < me - mb; ++i)
-      for (int t = 0; t < T; ++t) acc[i][t] = 0;
-    for (int b0 = 0; b0 < nb; b0 += kc) {
-      const int len = kc < nb - b0 ? kc : nb - b0;
-      int m = mb;
-      for (; m + R <= me; m += R) {
-        ternary_tile<R, T>(w.data + (int64_t)m * wstride + b0 * 32, wstride, q + b0 * kKBlock, a.Kp, len, part);
-        for (int r = 0; r < R; ++r)
-          for (int t = 0; t < T; ++t) acc[m - mb + r][t] += part[r][t];
-      }
-      for (; m < me; ++m) {
-        ternary_tile<1, T>(w.data + (int64_t)m * wstride + b0 * 32, wstride, q + b0 * kKBlock, a.Kp, len, part);
-        for (int t = 0; t < T; ++t) acc[m - mb][t] += part[0][t];
-      }
-    }
-    for (int i = 0; i < me - mb; ++i)
-      for (int t = 0; t < T; ++t) {
-        const int32_t d = acc[i][t] - a.sum[n + t];
-        if (out)
-          out[(int64_t)(n + t) * w.M + mb + i] = d;
-        else
-          w.y[(int64_t)(n + t) * w.ldy + mb + i] = (float)d / (w.scale * a.scale[n + t]);
-      }
-  }
-}
-
-// All rows [m0, m1) for the T tokens at n; R rows at a time, then single rows.
-template <int R, int T>
-static inline void ternary_rows(const TernaryW& w, const ActQ& a, int m0, int m1, int n, int32_t* out) {
-  if constexpr (T > 1) {
-    if ((int64_t)T * a.Kp > 24576) return ternary_rows_kblocked<R, T>(w, a, m0, m1, n, out);
-  }
-  int m = m0;
-  for (; m + R <= m1; m += R) ternary_store<R, T>(w, a, m, n, out);
-  for (; m < m1; ++m) ternary_store<1, T>(w, a, m, n, out);
-}
+#include "kernels/ternary_driver.h"
 
 static void ternary(const TernaryW& w, const ActQ& a, int m0, int m1, int n0, int n1, int32_t* out) {
   int n = n0;
@@ -265,7 +199,7 @@ struct I8Kern {
   // k in [kv, K) (scalar tail), then dequantize.
   void finish(int m, int n, int kv, Acc d) const {
     for (int k = kv; k < K; ++k) d += (int32_t)W[(int64_t)m * K + k] * a.q[(int64_t)n * a.Kp + k];
-    y[(int64_t)n * ldy + m] = (float)d * wscale[m] / a.scale[n];
+    i8_out(wscale, a, y, ldy, m, n, d);
   }
 };
 
@@ -461,6 +395,6 @@ static void quantize(const float* x, int N, int K, int Kp, int8_t* q, float* sca
 
 }  // namespace avx2
 
-extern const KernelTable kAvx2Kernels = {"avx2", &avx2::ternary, &avx2::f16, &avx2::i8, &avx2::quantize};
+extern const KernelTable kAvx2Kernels = {"avx2", &avx2::ternary, &avx2::f16, &avx2::i8, &avx2::quantize, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace bitdlm

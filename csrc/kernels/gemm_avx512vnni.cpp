@@ -4,6 +4,7 @@
 // extract / insert intrinsics (GCC bug 105593); nothing of ours is uninitialized.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "kernels/epilogue.h"
 #include "kernels/isa.h"
 #include "kernels/simd512.h"
 
@@ -14,6 +15,6 @@ namespace avx512vnni {
 #undef BITDLM_VNNI
 }  // namespace avx512vnni
 
-extern const KernelTable kAvx512VnniKernels = {"avx512vnni", &avx512vnni::ternary, &avx512vnni::f16, &avx512vnni::i8, nullptr};
+extern const KernelTable kAvx512VnniKernels = {"avx512vnni", &avx512vnni::ternary, &avx512vnni::f16, &avx512vnni::i8, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace bitdlm

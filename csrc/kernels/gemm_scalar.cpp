@@ -1,6 +1,7 @@
 // Scalar reference kernels: the definition every SIMD kernel is tested against.
 #include <cmath>
 
+#include "kernels/epilogue.h"
 #include "kernels/isa.h"
 
 namespace bitdlm {
@@ -18,11 +19,7 @@ static void ternary(const TernaryW& w, const ActQ& a, int m0, int m1, int n0, in
           const uint8_t v = row[b * 32 + j];
           for (int i = 0; i < 4; ++i) acc += (int32_t)((v >> (2 * i)) & 3) * q[b * kKBlock + 32 * i + j];
         }
-      acc -= a.sum[n];
-      if (out)
-        out[(int64_t)n * w.M + m] = acc;
-      else
-        w.y[(int64_t)n * w.ldy + m] = (float)acc / (w.scale * a.scale[n]);
+      ternary_out(w, a, m, n, acc - a.sum[n], out);
     }
   }
 }
@@ -46,7 +43,7 @@ static void i8(const int8_t* W, const float* wscale, int K, const ActQ& a, float
       const int8_t* q = a.q + (int64_t)n * a.Kp;
       int32_t acc = 0;
       for (int k = 0; k < K; ++k) acc += (int32_t)wr[k] * q[k];
-      y[(int64_t)n * ldy + m] = (float)acc * wscale[m] / a.scale[n];
+      i8_out(wscale, a, y, ldy, m, n, acc);
     }
   }
 }
@@ -74,6 +71,6 @@ static void quantize(const float* x, int N, int K, int Kp, int8_t* q, float* sca
 
 }  // namespace scalar
 
-extern const KernelTable kScalarKernels = {"scalar", &scalar::ternary, &scalar::f16, &scalar::i8, &scalar::quantize};
+extern const KernelTable kScalarKernels = {"scalar", &scalar::ternary, &scalar::f16, &scalar::i8, &scalar::quantize, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace bitdlm

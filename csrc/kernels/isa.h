@@ -23,12 +23,25 @@ struct KernelTable {
   // quantize_act (gemm.h) for this ISA, bit-identical to the scalar one; may be
   // nullptr (the dispatcher then uses the best other implementation).
   void (*quantize)(const float* x, int N, int K, int Kp, int8_t* q, float* scale, int32_t* sum);
+
+  // AMX only (nullptr elsewhere): the ternary GEMM for N >= amx_min_tokens().
+  // amx_act re-lays the activations of token group g (16 tokens) x k step s
+  // (64 k) into a 1 KiB VNNI tile of buf (size ceil(N/16)*16 * Kp bytes);
+  // amx_ternary then computes rows [m0, m1) (<= 32) x tokens [n0, n1) (n0 a
+  // multiple of 16) from buf, between amx_begin() and amx_end() in the same
+  // thread (tile config / release).
+  void (*amx_act)(const ActQ& a, int g, int s, int8_t* buf);
+  void (*amx_ternary)(const TernaryW& w, const ActQ& a, const int8_t* buf, int m0, int m1, int n0, int n1,
+                      int32_t* out);
+  void (*amx_begin)();
+  void (*amx_end)();
 };
 
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;      // AVX-512 F/BW/VL, maddubs + madd
 extern const KernelTable kAvx512VnniKernels;  // same file, vpdpbusd inner loop
+extern const KernelTable kAmxKernels;         // AMX tiles for N >= 2; the rest from kAvx512VnniKernels
 
 // IEEE binary16 bits -> float, exact for normals, subnormals, inf and NaN.
 // Pure integer code: usable in baseline (no F16C) files. static: each ISA file

@@ -43,6 +43,13 @@ typedef __mmask64 mmask64;
 #define PIN(x) __asm__("" : "+v"(x))
 #endif
 
+// Software prefetch into L1 (SIMDe builds use the portable builtin).
+#ifdef BITDLM_SIMDE
+#define PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
+#else
+#define PREFETCH(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
+#endif
+
 namespace {
 
 // n (0..64) bytes from p, the rest zero; never reads past p + n.

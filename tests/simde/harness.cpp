@@ -1,10 +1,12 @@
 // Bit-exactness harness for the AVX-512 kernels on machines without AVX-512:
 // gemm_avx512.cpp and gemm_avx512vnni.cpp are compiled against SIMDe
 // (-DBITDLM_SIMDE, no -mavx512 flags) and compared with the scalar reference
-// on random and odd shapes. Prints one line per failure and "OK <cases>";
+// on random and odd shapes; gemm_amx.cpp too, with the AMX tiles emulated
+// (tests/simde/amx_emu.h). Prints one line per failure and "OK <cases>";
 // exit status 0 only if everything matched. Run by tests/test_kernels.py.
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -111,7 +113,73 @@ static void check_f16(const KernelTable& kt, int M, int K, int N) {
     }
 }
 
-int main() {
+// The AMX kernel (gemm_amx.cpp against SIMDe + the tile emulator) driven like
+// dispatch.cpp drives it: activations re-laid out, tiles configured, jobs of
+// <= 32 rows x <= 64 tokens (token chunks start at multiples of 16), released.
+static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode) {
+  const int Kp = (int)pad_k(K), kb = Kp / 4;
+  std::vector<uint8_t> w((size_t)M * kb);
+  for (int m = 0; m < M; ++m)
+    for (int k = 0; k < Kp; ++k) {
+      // code_mode 0: random; 1: all -1 rows; 2: all +1 rows; 3: alternate rows
+      int code = (int)(rnd() % 3);
+      if (code_mode == 1 || (code_mode == 3 && m % 2)) code = 0;
+      if (code_mode == 2 || (code_mode == 3 && !(m % 2))) code = 2;
+      if (k >= K) code = 1;
+      const int b = k / 128, i = (k % 128) / 32, j = k % 32;
+      w[(size_t)m * kb + b * 32 + j] |= (uint8_t)(code << (2 * i));
+    }
+  std::vector<int8_t> q((size_t)N * Kp, 0);
+  std::vector<float> s(N);
+  std::vector<int32_t> sum(N, 0);
+  for (int n = 0; n < N; ++n) {
+    for (int k = 0; k < K; ++k) {
+      const int v = act_lo + (int)(rnd() % (uint32_t)(act_hi - act_lo + 1));
+      q[(size_t)n * Kp + k] = (int8_t)v;
+      sum[n] += v;
+    }
+    s[n] = 0.5f + (float)(rnd() % 1000) / 37.0f;
+  }
+  ActQ a{q.data(), s.data(), sum.data(), N, Kp};
+  std::vector<int32_t> ref((size_t)N * M), got((size_t)N * M, -7);
+  std::vector<float> yref((size_t)N * M), ygot((size_t)N * M, -7.f);
+  TernaryW wr{w.data(), M, 0.37f, yref.data(), M}, wg{w.data(), M, 0.37f, ygot.data(), M};
+  kScalarKernels.ternary(wr, a, 0, M, 0, N, ref.data());
+  kScalarKernels.ternary(wr, a, 0, M, 0, N, nullptr);
+  const int groups = (N + 15) / 16, steps = Kp / 64;
+  std::vector<int8_t> vb((size_t)groups * 16 * Kp + 64);
+  int8_t* vba = (int8_t*)(((uintptr_t)vb.data() + 63) / 64 * 64);
+  for (int i = 0; i < groups * steps; ++i) kAmxKernels.amx_act(a, i / steps, i % steps, vba);
+  kAmxKernels.amx_begin();
+  for (int pass = 0; pass < 2; ++pass)
+    for (int m0 = 0; m0 < M; m0 += 32)
+      for (int n0 = 0; n0 < N; n0 += 64) {
+        const int m1 = m0 + 32 < M ? m0 + 32 : M, n1 = n0 + 64 < N ? n0 + 64 : N;
+        kAmxKernels.amx_ternary(wg, a, vba, m0, m1, n0, n1, pass ? nullptr : got.data());
+      }
+  kAmxKernels.amx_end();
+  ++g_cases;
+  if (std::memcmp(ref.data(), got.data(), ref.size() * 4) || std::memcmp(yref.data(), ygot.data(), yref.size() * 4)) {
+    ++g_fail;
+    std::printf("FAIL amx ternary M=%d K=%d N=%d act=[%d,%d] codes=%d\n", M, K, N, act_lo, act_hi, code_mode);
+  }
+}
+
+int main(int argc, char** argv) {
+  if (argc == 5 && !std::strcmp(argv[1], "amx")) {  // debug: one AMX case in isolation
+    check_amx(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), -128, 127, 0);
+    std::printf("%s %d cases, %d failed\n", g_fail ? "FAILED" : "OK", g_cases, g_fail);
+    return g_fail ? 1 : 0;
+  }
+  // AMX first (single case runnable alone: harness amx M K N)
+  for (int N : {2, 3, 15, 16, 17, 33, 40, 64, 65})
+    for (int M : {1, 16, 17, 45}) check_amx(M, 257, N, -128, 127, 0);
+  check_amx(33, 64, 5, -128, 127, 0);
+  check_amx(20, 6912, 17, -128, 127, 0);  // long K (down_proj)
+  check_amx(19, 2560, 32, -128, 127, 3);  // all -1 / all +1 rows
+  check_amx(16, 1000, 8, 127, 127, 2);
+  check_amx(16, 1000, 8, -128, -128, 1);
+  check_amx(7, 1, 2, -128, 127, 0);
   const KernelTable* tables[] = {&kAvx512Kernels, &kAvx512VnniKernels};
   const int Ns[] = {1, 2, 3, 4, 5, 8, 31, 32, 33};
   for (const KernelTable* t : tables) {

@@ -1,0 +1,43 @@
+// VNNI int8 peak for bench/kernels.py (AVX-512 VNNI flags; called only when the
+// dispatcher lists avx512vnni). 8 independent vpdpbusd zmm chains in inline
+// asm (the compiler can neither merge nor drop them); 64 MAC per instruction.
+#include <omp.h>
+
+#include <cstdint>
+
+namespace bitdlm {
+
+double bench_peak_vnni(int threads, int64_t iters) {
+  double t0 = 0, t1 = 0;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp barrier
+#pragma omp master
+    t0 = omp_get_wtime();
+    int64_t n = iters;
+    __asm__ volatile(
+        "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
+        "vmovdqa64 %%zmm0, %%zmm1\n\tvmovdqa64 %%zmm0, %%zmm2\n\tvmovdqa64 %%zmm0, %%zmm3\n\t"
+        "vmovdqa64 %%zmm0, %%zmm4\n\tvmovdqa64 %%zmm0, %%zmm5\n\tvmovdqa64 %%zmm0, %%zmm6\n\t"
+        "vmovdqa64 %%zmm0, %%zmm7\n\t"
+        "vpternlogd $0xff, %%zmm8, %%zmm8, %%zmm8\n\t"
+        "vpabsb %%zmm8, %%zmm9\n\t"
+        "1:\n\t"
+        "vpdpbusd %%zmm8, %%zmm9, %%zmm0\n\tvpdpbusd %%zmm8, %%zmm9, %%zmm1\n\t"
+        "vpdpbusd %%zmm8, %%zmm9, %%zmm2\n\tvpdpbusd %%zmm8, %%zmm9, %%zmm3\n\t"
+        "vpdpbusd %%zmm8, %%zmm9, %%zmm4\n\tvpdpbusd %%zmm8, %%zmm9, %%zmm5\n\t"
+        "vpdpbusd %%zmm8, %%zmm9, %%zmm6\n\tvpdpbusd %%zmm8, %%zmm9, %%zmm7\n\t"
+        "dec %0\n\t"
+        "jnz 1b\n\t"
+        "vzeroupper\n\t"
+        : "+r"(n)
+        :
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "cc");
+#pragma omp barrier
+#pragma omp master
+    t1 = omp_get_wtime();
+  }
+  return (double)threads * iters * 8 * 64 / (t1 - t0);
+}
+
+}  // namespace bitdlm
