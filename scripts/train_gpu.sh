@@ -29,8 +29,8 @@ SHAPE=(--hidden 512 --layers 8 --heads 8 --kv-heads 4 --ffn 1024 --seq-len 512 -
 if [ "$DEVICE" = cuda ]; then
   RUN=(--device cuda --amp bf16 --batch 64 --threads 4)
   SANITY_STEPS=30
-else  # stand-in: same code path and shape, one sequence per step
-  RUN=(--device cpu --amp bf16 --batch 1 --threads 2 --eval-batches 2)
+else  # stand-in: same code path and model shape, one short sequence per step
+  RUN=(--device cpu --amp bf16 --batch 1 --seq-len 64 --threads 2 --eval-batches 2)
   SANITY_STEPS=2
 fi
 RECIPE=(--lr 2e-3 --min-lr-frac 0.1 --warmup 200 --weight-decay 0.05 --steps 1000000
@@ -80,7 +80,7 @@ PYTHONPATH=python python3 -m bitdlm.cli convert "$CKPT" "$OUT/model.bin" --force
 
 if [ -f "$OUT/model.bin" ] && PYTHONPATH=python python3 -c 'import bitdlm._core' 2>/dev/null; then
   stamp "sample (bitdlm on the CPU)"
-  PYTHONPATH=python timeout 60 python3 -m bitdlm.cli generate 'def fibonacci(n):' --model "$OUT/model.bin" \
+  PYTHONPATH=python timeout 40 python3 -m bitdlm.cli generate 'def fibonacci(n):' --model "$OUT/model.bin" \
     --max-tokens 64 --stats || echo "(generate failed)"
 fi
 

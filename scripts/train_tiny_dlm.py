@@ -706,6 +706,8 @@ def main(argv=None):
         raise SystemExit("no finite training step")
     if args.no_save:
         _write_log(log, args, None)
+        if log["skipped_steps"]:
+            raise SystemExit(f"sanity run: non-finite loss at steps {log['skipped_steps']}")
         print(f"sanity run: {n_done} steps, last loss {log['loss'][-1]:.4f}", flush=True)
         return 0
     # save first: a failure in the evaluation must not lose the weights
