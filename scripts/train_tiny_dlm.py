@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Train the tiny ternary block-diffusion LM that bitdlm ships as its default model.
+"""Train the ternary block-diffusion LM that bitdlm ships as its default model.
 
-Everything is offline: the text is CPython's bundled documentation
-(`pydoc_data.topics`) plus the docstrings of a fixed list of stdlib modules,
-the tokenizer is a byte-level BPE trained here with `tokenizers`.
+Everything is offline. With `--data DIR` the corpus and tokenizer come from
+scripts/prepare_code_data.py (CPython's standard library source, held-out
+modules; the GPU run: scripts/train_gpu.sh, `--device cuda --amp bf16`).
+Without it the text is CPython's bundled documentation (`pydoc_data.topics`)
+plus the docstrings of a fixed list of stdlib modules and the byte-level BPE
+tokenizer is trained here with `tokenizers` (the first, CPU-trained model).
 
 Model: transformers' BitNetForCausalLM whose linears are replaced by
 `AutoBitLinear` (online quantization): ternary absmean weights and per-token
