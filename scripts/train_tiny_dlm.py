@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Train the tiny ternary block-diffusion LM that bitdlm ships as its default model.
+"""Train the ternary block-diffusion LM that bitdlm ships as its default model.
 
-Everything is offline: the text is CPython's bundled documentation
-(`pydoc_data.topics`) plus the docstrings of a fixed list of stdlib modules,
-the tokenizer is a byte-level BPE trained here with `tokenizers`.
+Everything is offline. With `--data DIR` the corpus and tokenizer come from
+scripts/prepare_code_data.py (CPython's standard library source, held-out
+modules; the GPU run: scripts/train_gpu.sh, `--device cuda --amp bf16`).
+Without it the text is CPython's bundled documentation (`pydoc_data.topics`)
+plus the docstrings of a fixed list of stdlib modules and the byte-level BPE
+tokenizer is trained here with `tokenizers` (the first, CPU-trained model).
 
 Model: transformers' BitNetForCausalLM whose linears are replaced by
 `AutoBitLinear` (online quantization): ternary absmean weights and per-token
@@ -191,28 +194,44 @@ def encode_stream(tok, texts: list[str]):
     return torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
 
 
+def load_prepared(data_dir: Path):
+    """The corpus written by scripts/prepare_code_data.py: tokenizer and
+    (stream, document starts) for the train and held-out splits."""
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    if tok.token_to_id(EOT) is None or tok.token_to_id(MASK) is None:
+        raise SystemExit(f"{data_dir}/tokenizer.json lacks {EOT} or {MASK}")
+    splits = []
+    for split in ("train", "heldout"):
+        stream = torch.from_numpy(np.load(data_dir / f"{split}_tokens.npy").astype(np.int64))
+        starts = torch.from_numpy(np.load(data_dir / f"{split}_docs.npy").astype(np.int64))
+        splits.append((stream, starts))
+    return tok, splits[0], splits[1]
+
+
 def sample_batch(stream, starts, batch: int, seq_len: int, gen):
-    """Random windows: half start at a document boundary, half anywhere."""
+    """Random windows: half start at a document boundary, half anywhere.
+    Offsets are drawn on the CPU (reproducible), the gather runs where `stream` lives."""
     import torch
 
     n = stream.numel() - seq_len - 1
-    out = torch.empty(batch, seq_len, dtype=torch.long)
-    for b in range(batch):
-        if torch.rand((), generator=gen).item() < 0.5:
-            s = starts[torch.randint(len(starts), (), generator=gen)].item()
-            s = min(s, n)
-        else:
-            s = torch.randint(n, (), generator=gen).item()
-        out[b] = stream[s : s + seq_len]
-    return out
+    at_doc = torch.rand(batch, generator=gen) < 0.5
+    doc = starts[torch.randint(len(starts), (batch,), generator=gen)].clamp(max=n)
+    anywhere = torch.randint(n, (batch,), generator=gen)
+    s = torch.where(at_doc, doc, anywhere).to(stream.device)
+    return stream[s[:, None] + torch.arange(seq_len, device=stream.device)]
 
 
 # ----------------------------------------------------------------------------- objective
 
-def block_diffusion_mask(seq_len: int, block: int, copies: int, dtype):
-    """4D additive mask [1, 1, (copies+1)L, (copies+1)L] over
+def block_diffusion_mask(seq_len: int, block: int, copies: int, device=None):
+    """4D boolean mask [1, 1, (copies+1)L, (copies+1)L] (True = may attend) over
     [noisy_1 | ... | noisy_copies | clean]: noisy block b sees its own block
-    (bidirectional) and clean blocks < b; clean block b sees clean blocks <= b."""
+    (bidirectional) and clean blocks < b; clean block b sees clean blocks <= b.
+    Boolean rather than additive so it needs no cast under bf16 autocast."""
     import torch
 
     blk = torch.arange(seq_len) // block
@@ -227,9 +246,7 @@ def block_diffusion_mask(seq_len: int, block: int, copies: int, dtype):
         allowed[r, r] = same
         allowed[r, c0:] = before
     allowed[c0:, c0:] = upto
-    mask = torch.zeros(n, n, dtype=dtype)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    return allowed[None, None].to(device)
 
 
 def make_masks(batch: int, seq_len: int, block: int, shift: bool, complementary: bool, gen):
@@ -258,7 +275,7 @@ def diffusion_loss(model, x, masks, block: int, shift: bool, mask_id: int, attn_
     copies, B, L = masks.shape
     noisy = [torch.where(masks[c], torch.full_like(x, mask_id), x) for c in range(copies)]
     inp = torch.cat(noisy + [x], dim=1)
-    pos = torch.arange(L).repeat(copies + 1)[None].expand(B, -1)
+    pos = torch.arange(L, device=x.device).repeat(copies + 1)[None].expand(B, -1)
     hidden = model.model(input_ids=inp, attention_mask=attn_mask.expand(B, -1, -1, -1),
                          position_ids=pos).last_hidden_state
     feats, targets = [], []
@@ -275,7 +292,7 @@ def diffusion_loss(model, x, masks, block: int, shift: bool, mask_id: int, attn_
     n_masked = sum(t.numel() for t in targets)
     if shift:  # block-start tokens from the previous clean block's last logits
         hc = hidden[:, copies * L :]
-        starts = torch.arange(block, L, block)
+        starts = torch.arange(block, L, block, device=x.device)
         feats.append(hc[:, starts - 1].reshape(-1, hc.shape[-1]))
         targets.append(x[:, starts].reshape(-1))
     feats = torch.cat(feats)
@@ -373,7 +390,7 @@ def save_checkpoint(model, tok, args, out: Path, log: dict):
         threshold=0.9,
     )
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()
+    state = {k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in model.state_dict().items()
              if k != "lm_head.weight"}  # tied
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save(str(out / "tokenizer.json"))
@@ -393,13 +410,13 @@ def save_checkpoint(model, tok, args, out: Path, log: dict):
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
 
-def evaluate(model, batches, block, shift, mask_id, attn_mask):
+def evaluate(model, batches, block, shift, mask_id, attn_mask, amp):
     """Held-out masked-token accuracy and loss on fixed batches (fixed masks)."""
     import torch
 
     model.eval()
     tot_loss, tot_n, tot_c, tot_m = 0.0, 0, 0, 0
-    with torch.no_grad():
+    with torch.no_grad(), amp():
         for x, masks in batches:
             loss, c, m = diffusion_loss(model, x, masks, block, shift, mask_id, attn_mask, reduction="sum")
             n_targets = m + (x.shape[0] * (x.shape[1] // block - 1) if shift else 0)
@@ -417,13 +434,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="build-train/tiny", help="HF checkpoint directory")
     p.add_argument("--bin", default=None, help="convert the checkpoint to this .bin with `bitdlm convert`")
+    p.add_argument("--data", default=None,
+                   help="corpus folder written by scripts/prepare_code_data.py (tokenizer + token "
+                        "streams); without it the documentation corpus is built and tokenized here")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", choices=["bf16", "none"], default="none",
+                   help="bf16 autocast (f32 master weights); the GPU run uses bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default=None,
                    help="continue from a checkpoint written by this script (same tokenizer/shapes); "
                         "its train_log.json is kept in the new log as 'init_log'")
     p.add_argument("--threads", type=int, default=1,
                    help="1 is fastest on a shared machine: OpenMP barriers stall when a core is taken")
-    p.add_argument("--vocab", type=int, default=3072)
+    p.add_argument("--vocab", type=int, default=3072, help="tokenizer size (ignored with --data)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -437,9 +460,18 @@ def parse_args(argv=None):
     p.add_argument("--complementary", action="store_true",
                    help="two noisy copies with complementary masks (1.5x the compute per step)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="split each batch into micro-batches (gradient accumulation); halved "
+                        "automatically if the first step runs out of GPU memory")
+    p.add_argument("--steps", type=int, default=500,
+                   help="schedule length; with --time-budget-min the cosine follows whichever "
+                        "of steps or time runs out first")
     p.add_argument("--time-budget-min", type=float, default=None,
-                   help="stop early (and still save) after this many minutes; breaks determinism if hit")
+                   help="stop (and save) after this many minutes of the whole run (data loading "
+                        "included); breaks determinism if hit")
+    p.add_argument("--save-every-min", type=float, default=None,
+                   help="also save the checkpoint every this many minutes (a fallback if the run dies)")
+    p.add_argument("--no-save", action="store_true", help="sanity run: train, report, save nothing")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-frac", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=40)
@@ -448,30 +480,63 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=6)
     p.add_argument("--heldout-every", type=int, default=20)
     p.add_argument("--chat-fraction", type=float, default=0.3)
+    p.add_argument("--log-json", default=None, help="also write the training log here")
     args = p.parse_args(argv)
     if args.seq_len % args.block_size or args.block_size % args.small_block_size:
         p.error("seq-len must be a multiple of block-size, block-size of small-block-size")
+    if args.micro_batch is not None and (args.micro_batch < 1 or args.batch % args.micro_batch):
+        p.error("--micro-batch must divide --batch")
     return args
+
+
+def _write_log(log: dict, args, out: Path | None):
+    text = json.dumps(log, indent=1) + "\n"
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_log.json").write_text(text)
+    if args.log_json:
+        Path(args.log_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.log_json).write_text(text)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    import contextlib
+
     import torch
     from tqdm import tqdm
 
+    t0 = time.time()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but torch sees no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     shift = not args.no_shift
-    t0 = time.time()
 
-    train_docs, heldout_docs = build_corpus(args.seed, args.heldout_every, args.chat_fraction)
-    tok = train_tokenizer(train_docs, args.vocab)
+    def amp():
+        if args.amp == "bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    if args.data:
+        tok, (train_stream, train_starts), (held_stream, held_starts) = load_prepared(Path(args.data))
+        n_train_docs, n_held_docs = len(train_starts), len(held_starts)
+    else:
+        train_docs, heldout_docs = build_corpus(args.seed, args.heldout_every, args.chat_fraction)
+        tok = train_tokenizer(train_docs, args.vocab)
+        train_stream, train_starts = encode_stream(tok, train_docs)
+        held_stream, held_starts = encode_stream(tok, heldout_docs)
+        n_train_docs, n_held_docs = len(train_docs), len(heldout_docs)
     eot, mask_id = tok.token_to_id(EOT), tok.token_to_id(MASK)
-    train_stream, train_starts = encode_stream(tok, train_docs)
-    held_stream, held_starts = encode_stream(tok, heldout_docs)
-    print(f"corpus: {len(train_docs)} train docs ({train_stream.numel()} tokens), "
-          f"{len(heldout_docs)} held-out docs ({held_stream.numel()} tokens), vocab {tok.get_vocab_size()}",
+    print(f"corpus: {n_train_docs} train docs ({train_stream.numel()} tokens), "
+          f"{n_held_docs} held-out docs ({held_stream.numel()} tokens), vocab {tok.get_vocab_size()}",
           flush=True)
+    if held_stream.numel() <= args.seq_len + 1 or train_stream.numel() <= args.seq_len + 1:
+        raise SystemExit(f"corpus too small for --seq-len {args.seq_len}")
 
     model = build_model(args, tok.get_vocab_size(), eot)
     check_ste(model)
@@ -482,7 +547,7 @@ def main(argv=None):
         src = Path(args.init_from)
         if (src / "tokenizer.json").read_text() != tok.to_str(pretty=True) and \
                 json.loads((src / "tokenizer.json").read_text()) != json.loads(tok.to_str()):
-            raise SystemExit(f"{src}: its tokenizer differs from the one this seed trains")
+            raise SystemExit(f"{src}: its tokenizer differs from the one this run uses")
         state = {k: v.float() for k, v in load_file(str(src / "model.safetensors")).items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
@@ -490,70 +555,170 @@ def main(argv=None):
         model.tie_weights()
         init_log = json.loads((src / "train_log.json").read_text())
         print(f"initialised from {src}", flush=True)
+    model.to(device)
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
+    n_ternary = sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "AutoBitLinear")
+    print(f"model: {n_params / 1e6:.2f}M parameters ({n_ternary / 1e6:.2f}M ternary) on {device}, "
+          f"amp {args.amp}", flush=True)
 
+    train_stream, held_stream = train_stream.to(device), held_stream.to(device)
     copies = 2 if args.complementary else 1
-    attn_mask = block_diffusion_mask(args.seq_len, args.block_size, copies, torch.float32)
-    eval_mask = block_diffusion_mask(args.seq_len, args.block_size, 1, torch.float32)
+    attn_mask = block_diffusion_mask(args.seq_len, args.block_size, copies, device)
+    eval_mask = block_diffusion_mask(args.seq_len, args.block_size, 1, device)
     egen = torch.Generator().manual_seed(args.seed + 1)
     eval_batches = []
+    eval_bs = args.micro_batch or args.batch
     for _ in range(args.eval_batches):
-        x = sample_batch(held_stream, held_starts, args.batch, args.seq_len, egen)
-        eval_batches.append((x, make_masks(args.batch, args.seq_len, args.block_size, shift, False, egen)))
+        x = sample_batch(held_stream, held_starts, eval_bs, args.seq_len, egen)
+        m = make_masks(eval_bs, args.seq_len, args.block_size, shift, False, egen)
+        eval_batches.append((x, m.to(device)))
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+    budget_s = 60 * args.time_budget_min if args.time_budget_min else None
+
+    def progress(step):
+        """Schedule position in [0, 1]: steps or time, whichever is further."""
+        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+        if budget_s:
+            frac = max(frac, (time.time() - t0) / budget_s)
+        return min(max(frac, 0.0), 1.0)
 
     def lr_at(step):
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+        frac = progress(step)
         return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
+    out = None if args.no_save else Path(args.out)
     gen = torch.Generator().manual_seed(args.seed)
-    log = {"args": vars(args), "steps": [], "loss": [], "eval": [], "init_log": init_log}
-    model.train()
-    bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True, mininterval=2.0)
-    ema = None
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        x = sample_batch(train_stream, train_starts, args.batch, args.seq_len, gen)
-        masks = make_masks(args.batch, args.seq_len, args.block_size, shift, copies == 2, gen)
-        loss, _, _ = diffusion_loss(model, x, masks, args.block_size, shift, mask_id, attn_mask)
+    log = {"args": vars(args), "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "params": n_params, "ternary_params": n_ternary,
+           "corpus_tokens": {"train": train_stream.numel(), "heldout": held_stream.numel()},
+           "steps": [], "loss": [], "lr": [], "time_s": [], "eval": [], "skipped_steps": [],
+           "init_log": init_log}
+
+    def save(tag):
+        if out is None:
+            return
+        ts = time.time()
+        save_checkpoint(model, tok, args, out, log)
+        _write_log(log, args, out)
+        print(f"saved checkpoint ({tag}) to {out} in {time.time() - ts:.1f}s", flush=True)
+
+    def run_eval(step):
+        el, acc = evaluate(model, eval_batches, args.block_size, shift, mask_id, eval_mask, amp)
+        log["eval"].append({"step": step, "loss": el, "masked_acc": acc, "time_s": time.time() - t0})
+        return el, acc
+
+    def train_step(x, masks, micro):
+        """One optimizer step over `x` in micro-batches of `micro`; returns (loss, grad norm)."""
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total = 0.0
+        n_micro = x.shape[0] // micro
+        for i in range(n_micro):
+            sl = slice(i * micro, (i + 1) * micro)
+            with amp():
+                loss, _, _ = diffusion_loss(model, x[sl], masks[:, sl], args.block_size, shift,
+                                            mask_id, attn_mask)
+            (loss / n_micro).backward()
+            total += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        return total / n_micro, norm
+
+    model.train()
+    micro = args.micro_batch or args.batch
+    tokens_per_step = args.batch * args.seq_len
+    bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True, mininterval=5.0,
+               disable=not sys.stderr.isatty())
+    ema, last_save, t_train, bad_run = None, time.time(), None, 0
+    step = -1
+    for step in bar:
+        lr = lr_at(step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = sample_batch(train_stream, train_starts, args.batch, args.seq_len, gen)
+        masks = make_masks(args.batch, args.seq_len, args.block_size, shift, copies == 2, gen).to(device)
+        while True:
+            try:
+                loss, norm = train_step(x, masks, micro)
+                break
+            except torch.OutOfMemoryError:
+                if step > 0 or micro == 1:
+                    raise
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                micro //= 2
+                while args.batch % micro:
+                    micro -= 1
+                print(f"out of memory at the first step: micro-batch -> {micro}", flush=True)
+        val, norm = loss.item(), norm.item()
+        if not (math.isfinite(val) and math.isfinite(norm)):
+            # never apply a non-finite update: skip it, give up after 20 in a row
+            opt.zero_grad(set_to_none=True)
+            log["skipped_steps"].append(step)
+            bad_run += 1
+            print(f"step {step + 1}: non-finite loss {val} / grad norm {norm}: update skipped", flush=True)
+            if bad_run >= 20:
+                log["stopped_early_at_step"] = step + 1
+                log["failure"] = "20 non-finite steps in a row"
+                break
+            continue
+        bad_run = 0
         opt.step()
-        val = loss.item()
+        if step == 0:
+            t_train = time.time()  # throughput excludes the first (warm-up) step
         ema = val if ema is None else 0.95 * ema + 0.05 * val
         log["steps"].append(step)
         log["loss"].append(val)
-        post = {"loss": f"{ema:.3f}", "lr": f"{lr_at(step):.1e}"}
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            el, acc = evaluate(model, eval_batches, args.block_size, shift, mask_id, eval_mask)
-            log["eval"].append({"step": step + 1, "loss": el, "masked_acc": acc, "time_s": time.time() - t0})
-            tqdm.write(f"step {step + 1}: train loss(ema) {ema:.3f}  held-out loss {el:.3f}  "
-                       f"masked-token acc {acc:.3f}  ({time.time() - t0:.0f}s)")
-            post["acc"] = f"{acc:.3f}"
-        bar.set_postfix(post)
-        if args.time_budget_min and time.time() - t0 > 60 * args.time_budget_min and step + 1 < args.steps:
-            el, acc = evaluate(model, eval_batches, args.block_size, shift, mask_id, eval_mask)
-            log["eval"].append({"step": step + 1, "loss": el, "masked_acc": acc, "time_s": time.time() - t0})
+        log["lr"].append(lr)
+        log["time_s"].append(time.time() - t0)
+        if (step + 1) % 50 == 0 or step < 3:
+            el_s = time.time() - t_train if t_train and step > 0 else None
+            tps = f"{tokens_per_step * step / el_s:,.0f} tokens/s" if el_s else "-"
+            print(f"step {step + 1}: loss {val:.4f} (ema {ema:.4f}) lr {lr:.2e} |g| {norm:.2f} "
+                  f"{tps} ({time.time() - t0:.0f}s)", flush=True)
+        if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            el, acc = run_eval(step + 1)
+            print(f"step {step + 1}: held-out loss {el:.4f}  masked-token acc {acc:.4f}  "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+        if args.save_every_min and time.time() - last_save > 60 * args.save_every_min:
+            save(f"step {step + 1}")
+            last_save = time.time()
+        if budget_s and time.time() - t0 > budget_s and step + 1 < args.steps:
             log["stopped_early_at_step"] = step + 1
-            tqdm.write(f"time budget hit at step {step + 1}: held-out loss {el:.3f}  masked-token acc {acc:.3f}")
+            print(f"time budget hit at step {step + 1}", flush=True)
             break
+    n_done = len(log["steps"])
+    if t_train and n_done > 1:
+        log["tokens_per_s"] = tokens_per_step * (n_done - 1) / (time.time() - t_train)
+        print(f"throughput: {log['tokens_per_s']:,.0f} training tokens/s "
+              f"({log['tokens_per_s'] * (copies + 1):,.0f} positions/s), micro-batch {micro}", flush=True)
+    log["micro_batch"] = micro
     log["train_time_s"] = time.time() - t0
-    log["params"] = n_params
-    log["corpus_tokens"] = {"train": train_stream.numel(), "heldout": held_stream.numel()}
-
-    out = Path(args.out)
-    save_checkpoint(model, tok, args, out, log)
-    print(f"saved checkpoint to {out}", flush=True)
+    log["trained_steps"] = n_done
+    log["trained_tokens"] = n_done * tokens_per_step
+    if not log["loss"]:
+        raise SystemExit("no finite training step")
+    if args.no_save:
+        _write_log(log, args, None)
+        if log["skipped_steps"]:
+            raise SystemExit(f"sanity run: non-finite loss at steps {log['skipped_steps']}")
+        print(f"sanity run: {n_done} steps, last loss {log['loss'][-1]:.4f}", flush=True)
+        return 0
+    # save first: a failure in the evaluation must not lose the weights
+    save("final")
+    el, acc = run_eval(n_done)
+    log["final_eval"] = log["eval"][-1]
+    print(f"final held-out loss {el:.4f}  masked-token acc {acc:.4f}  ({time.time() - t0:.0f}s)", flush=True)
+    _write_log(log, args, out)
     if args.bin:
         cmd = [sys.executable, "-m", "bitdlm.cli", "convert", str(out), args.bin, "--force", "--quiet"]
         print("+", " ".join(cmd), flush=True)
