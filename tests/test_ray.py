@@ -12,11 +12,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import concurrent.futures  # noqa: E402
 import contextlib  # noqa: E402
+import shutil  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
@@ -117,8 +119,11 @@ def cluster(tmp_path_factory):
            "--threads", "1", "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
            "--max-batch", "8", "--max-queue", "32", "--ray-object-store-mb", "100",
            "--log-level", "warning"]
-    # RAY_USAGE_STATS_ENABLED=0: no usage report (and no network attempt) from CI
-    env = child_env(OMP_NUM_THREADS=1, RAY_USAGE_STATS_ENABLED=0)
+    # RAY_USAGE_STATS_ENABLED=0: no usage report (and no network attempt) from CI;
+    # RAY_TMPDIR: Ray's session files (logs, sockets) in a directory removed at the end
+    # (short: Unix socket paths are limited to 107 bytes)
+    ray_tmp = tempfile.mkdtemp(prefix="bitdlm-ray-", dir="/tmp")
+    env = child_env(OMP_NUM_THREADS=1, RAY_USAGE_STATS_ENABLED=0, RAY_TMPDIR=ray_tmp)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -149,6 +154,7 @@ def cluster(tmp_path_factory):
         for p in descendants:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------- no Ray needed

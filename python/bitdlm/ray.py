@@ -86,7 +86,15 @@ def serve_with_ray(args) -> int | None:
         # after ray.init, so Ray's own handlers do not replace ours
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, lambda *_: stop.set())
-        serve.start(http_options={"host": args.host, "port": args.port})
+        if local:  # replicas that cannot be placed would leave serve.run waiting forever
+            cpus = ray.cluster_resources().get("CPU", 0)
+            n, t = _initial_replicas(args), _threads(args)
+            if n * t > cpus:
+                raise SystemExit(f"bitdlm serve: {n} replicas x {t} threads need {n * t} "
+                                 f"CPUs, this machine has {cpus:g}; lower --replicas or "
+                                 "--threads")
+        serve.start(http_options={"host": args.host, "port": args.port},
+                    logging_config=_serve_logging(args))
         serve.run(application, name=APP_NAME, route_prefix="/")
         log.warning("serving %s on http://%s:%d with Ray Serve (%s replicas x %d threads)",
                     _served_name(args), args.host, args.port, _replica_desc(args),
@@ -183,6 +191,12 @@ def _check(args) -> None:
         raise SystemExit(f"bitdlm serve: cannot load {args.model}: no such file")
 
 
+def _serve_logging(args) -> dict:
+    """--log-level for Serve's own logs too (its per-request access log is INFO)."""
+    level = args.log_level.upper()
+    return {"log_level": level, "enable_access_log": level in ("INFO", "DEBUG")}
+
+
 def _initial_replicas(args) -> int:
     if args.min_replicas is None:
         return args.replicas or 1
@@ -223,6 +237,7 @@ def _application(args):
         # Ray's default of 5 requests per replica
         max_ongoing_requests=args.max_batch + args.max_queue,
         health_check_period_s=2, health_check_timeout_s=30,
+        logging_config=_serve_logging(args),
         **scaling)
     return deployment.bind(replica_opts)
 
