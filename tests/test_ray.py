@@ -172,6 +172,19 @@ def test_plain_install_does_not_import_ray():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--replicas", "0"], "--replicas must be >= 1"),
+    (["--replicas", "2", "--model", "/nonexistent/m.bin"], "no such file"),
+    (["--min-replicas", "2"], "give both --min-replicas and --max-replicas"),
+    (["--ray-object-store-mb", "100"], "--ray-object-store-mb is for Ray Serve"),
+])
+def test_bad_ray_flags_are_clear_errors_before_ray_starts(argv, message):
+    out = subprocess.run([sys.executable, "-m", "bitdlm.cli", "serve", *argv], env=child_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_app_builder_for_serve_run(tmp_path):
     """`serve run bitdlm.ray:app k=v` passes one dict of strings; Python callers use keywords."""
     from ray.serve import Application

@@ -40,31 +40,35 @@ PID_HEADER = "x-bitdlm-pid"
 def add_ray_args(p: argparse.ArgumentParser) -> None:
     """The Ray flags of `bitdlm serve` (none of them given: the single-process server)."""
     g = p.add_argument_group("scale out with Ray Serve (needs `pip install \"bitdlm[ray]\"`)")
-    g.add_argument("--replicas", type=int, default=None,
+    g.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="serve N replicas behind Ray Serve's HTTP proxy on --host/--port, each "
                         "its own engine on --threads cores (default --threads: cores / N)")
-    g.add_argument("--ray-address", default=None,
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (e.g. `auto`, `ray://head:10001`); bitdlm must "
                         "be installed on every node (default: start a local Ray instance)")
-    g.add_argument("--min-replicas", type=int, default=None,
+    g.add_argument("--min-replicas", type=int, default=None, metavar="N",
                    help="autoscale between --min-replicas and --max-replicas")
-    g.add_argument("--max-replicas", type=int, default=None)
-    g.add_argument("--target-ongoing-requests", type=float, default=None,
+    g.add_argument("--max-replicas", type=int, default=None, metavar="N")
+    g.add_argument("--target-ongoing-requests", type=float, default=None, metavar="R",
                    help="autoscaling target of requests per replica (default: --max-batch)")
-    g.add_argument("--ray-object-store-mb", type=int, default=None,
+    g.add_argument("--ray-object-store-mb", type=int, default=None, metavar="MB",
                    help="object store of the local Ray instance (default: Ray's, 30%% of RAM; "
                         "requests and responses are small, 100 is plenty)")
 
 
 def wants_ray(args) -> bool:
     return any(getattr(args, k, None) is not None
-               for k in ("replicas", "min_replicas", "max_replicas"))
+               for k in ("replicas", "min_replicas", "max_replicas", "ray_address"))
 
 
 def serve_with_ray(args) -> int | None:
     """Run `bitdlm serve` on Ray Serve when a Ray flag asks for it, until
     SIGINT/SIGTERM; None when no Ray flag is given (the caller serves alone)."""
     if not wants_ray(args):
+        for k in ("target_ongoing_requests", "ray_object_store_mb"):
+            if getattr(args, k, None) is not None:
+                raise SystemExit(f"bitdlm serve: --{k.replace('_', '-')} is for Ray Serve; "
+                                 "give --replicas N (or --min/--max-replicas) too")
         return None
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     application = _application(args)  # checks the flags and that Ray is installed
@@ -80,12 +84,19 @@ def serve_with_ray(args) -> int | None:
         init["include_dashboard"] = False
         if args.ray_object_store_mb is not None:
             init["object_store_memory"] = args.ray_object_store_mb << 20
+    # A signal during start-up must not leave half a Ray instance behind: it only
+    # asks for the shutdown that follows the start. Set again after ray.init, whose
+    # core worker installs a crash handler that aborts the driver on SIGTERM.
     stop = threading.Event()
-    ray.init(**init)
+
+    def on_signals():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    on_signals()
     try:
-        # after ray.init, so Ray's own handlers do not replace ours
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda *_: stop.set())
+        ray.init(**init)
+        on_signals()
         if local:  # replicas that cannot be placed would leave serve.run waiting forever
             cpus = ray.cluster_resources().get("CPU", 0)
             n, t = _initial_replicas(args), _threads(args)
@@ -103,7 +114,9 @@ def serve_with_ray(args) -> int | None:
         log.warning("shutting down")
     finally:
         try:
-            if local:
+            if not ray.is_initialized():
+                pass
+            elif local:
                 serve.shutdown()
             else:  # leave the cluster's Serve instance to its other applications
                 serve.delete(APP_NAME)
