@@ -33,8 +33,11 @@ export PYTHONUNBUFFERED=1
 # 1. the server's Python deps, from the carried wheels when the machine lacks them
 deps="import fastapi, uvicorn, pydantic, prometheus_client, httpx"
 if ! python3 -c "$deps" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  # pure wheels, and of the compiled ones (pydantic_core per CPython version) this one's
+  cp=cp$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')
+  wheels=$(ls .whl/*-none-any.whl; ls .whl/*-"$cp"-"$cp"-*.whl 2>/dev/null || true)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
+    --target /tmp/site $wheels
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
