@@ -210,9 +210,9 @@ def test_app_builder_for_serve_run(tmp_path):
         br.app(bogus=1)
     with pytest.raises(ValueError, match="invalid int value"):
         br.app(threads="many")
-    with pytest.raises(SystemExit, match="--min-replicas must be <= --max-replicas"):
+    with pytest.raises(ValueError, match="--min-replicas must be <= --max-replicas"):
         br.app(min_replicas=3, max_replicas=2)
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(ValueError, match="no such file"):
         br.app(model=str(tmp_path / "missing.bin"))
 
 

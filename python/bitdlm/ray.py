@@ -228,7 +228,8 @@ def _application(args):
     try:
         from ray import serve
     except ImportError:
-        raise SystemExit('bitdlm serve --replicas: Ray is not installed (pip install "bitdlm[ray]")')
+        raise SystemExit("bitdlm serve --replicas: Ray is not installed "
+                         '(pip install "bitdlm[ray]")')
 
     autoscale = args.min_replicas is not None
     n = _initial_replicas(args)
@@ -265,7 +266,10 @@ def app(args: dict | None = None, /, **kwargs):
     (`serve run bitdlm.ray:app model=m.bin threads=4 replicas=2`)."""
     opts = dict(args or {})
     opts.update(kwargs)
-    return _application(_options(opts))
+    try:
+        return _application(_options(opts))
+    except SystemExit as e:  # the CLI's checks: an exception for a library call
+        raise ValueError(str(e)) from None
 
 
 # Ray's `serve run module:builder k=v` calls a builder with exactly one parameter
