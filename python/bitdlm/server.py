@@ -68,6 +68,8 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
                               description="Serve a model over the OpenAI HTTP API.")
     add_serve_args(p)
+    from .ray import add_ray_args  # --replicas etc.: scale out on Ray Serve (bitdlm/ray.py)
+    add_ray_args(p)
     p.set_defaults(func=_cmd_serve)
 
 
@@ -157,6 +159,9 @@ def build_from_args(args):
 
 def _cmd_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from .ray import serve_with_ray  # None: no Ray flag given, serve in this process
+    if (rc := serve_with_ray(args)) is not None:
+        return rc
     app, config = build_from_args(args)
     import uvicorn
 

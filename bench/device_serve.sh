@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# What Ray Serve replicas of bitdlm run, measured without Ray (Ray is not on the
+# 16-core Sapphire Rapids machine and too big to carry): R single-process
+# `bitdlm serve` servers of T threads, pinned to disjoint cores (taskset -c), for
+# R x T = 1x16, 2x8 and 4x4, under one fixed concurrent load from bench/serve.py
+# (round robin over the servers, standing in for Ray's proxy), on the 2B-shaped
+# synthetic model with the int8 lm_head. Throughput (tokens/s, requests/s) and
+# per-request latency (p50/p90) go to JSON under $OUT; docs/scaling.md turns
+# them into a fleet plan.
+#
+#   # the device run (one command; ~3-4 min): wheels of the server's deps in .whl/
+#   OUT=$OUT bench/device_serve.sh
+#   # smoke test on a small machine
+#   OUT=/tmp/out-ray CONFIGS=2x1 SHAPE=tiny N=16 C=4 MAX_TOKENS=16 bench/device_serve.sh
+#
+# Files under $OUT: machine.txt (lscpu -e: which CPUs are SMT siblings matters
+# for the pinning), serve_RxT.json per configuration, summary.json, summary.md,
+# build.log (only when the core had to be built).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out/device_serve}
+CONFIGS=${CONFIGS:-"1x16 2x8 4x4"}
+SHAPE=${SHAPE:-2b}
+N=${N:-32}                     # requests per configuration (the same for all)
+C=${C:-16}                     # concurrent clients (the fixed load)
+MAX_TOKENS=${MAX_TOKENS:-32}   # generated per request (ignore_eos: always all of them)
+PROMPT_IDS=${PROMPT_IDS:-64}   # prompt length in tokens
+TIME_LIMIT=${TIME_LIMIT:-45}   # seconds of load per configuration at most
+MODEL=${MODEL:-/tmp/bitdlm-synth-$SHAPE-i8.bin}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+# 1. the server's Python deps, from the carried wheels when the machine lacks them
+deps="import fastapi, uvicorn, pydantic, prometheus_client, httpx"
+if ! python3 -c "$deps" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  # pure wheels, and of the compiled ones (pydantic_core per CPython version) this one's
+  cp=cp$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')
+  wheels=$(ls .whl/*-none-any.whl; ls .whl/*-"$cp"-"$cp"-*.whl 2>/dev/null || true)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site $wheels
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "$deps" \
+  || { echo "missing server dependencies: carry their wheels in .whl/ (docs/scaling.md)"; exit 1; }
+
+# 2. the compiled core for this machine, unless one imports already
+if ! python3 -c "import bitdlm._core" 2>/dev/null; then
+  BUILD=build-device
+  echo "building the core in $BUILD"
+  { cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -Dpybind11_DIR="$(python3 -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
+      -DPython_EXECUTABLE="$(command -v python3)" \
+    && cmake --build "$BUILD" -j"$(nproc)"; } >"$OUT/build.log" 2>&1 \
+    || { tail -30 "$OUT/build.log"; exit 1; }
+  ln -sf "$(realpath "$(ls "$BUILD"/_core*.so | head -1)")" python/bitdlm/
+fi
+
+{ echo "nproc: $(nproc)"; lscpu 2>/dev/null || true; echo; lscpu -e 2>/dev/null || true
+  python3 -c "import bitdlm._core as c; print('isa:', getattr(c, 'active_isa', lambda: '?')())" \
+    2>/dev/null || true; } >"$OUT/machine.txt"
+
+# 3. the model (random ternary weights: every kernel does the real model's work)
+[ -f "$MODEL" ] || python3 bench/make_synthetic_model.py "$MODEL" --shape "$SHAPE" --lm-head i8
+
+# 4. one fixed load per configuration
+for cfg in $CONFIGS; do
+  r=${cfg%x*}; t=${cfg#*x}
+  echo "== $r replicas x $t threads"
+  # a configuration that runs out of time still reports what finished (rc 1)
+  python3 bench/serve.py --model "$MODEL" --replicas "$r" --threads "$t" --pin \
+    -n "$N" -c "$C" --max-tokens "$MAX_TOKENS" --prompt-ids "$PROMPT_IDS" --ignore-eos \
+    --time-limit "$TIME_LIMIT" --label "${r}x${t}" --out "$OUT/serve_${r}x${t}.json" \
+    >/dev/null || echo "   (some requests failed or ran out of time: see errors in the JSON)"
+done
+
+# 5. one table
+python3 - "$OUT" $CONFIGS <<'EOF'
+import json, os, sys
+
+out, configs = sys.argv[1], sys.argv[2:]
+rows = []
+for cfg in configs:
+    path = os.path.join(out, f"serve_{cfg}.json")
+    if not os.path.exists(path):
+        continue
+    with open(path) as f:
+        r = json.load(f)
+    lat, ttft = r["latency_s"] or {}, r["ttft_s"] or {}
+    tpf = [e["server_metrics"].get("bitdlm_tokens_per_forward") for e in r["per_endpoint"]]
+    rows.append({"config": cfg, "replicas": r["replicas"], "threads": r["threads_per_replica"],
+                 "concurrency": r["concurrency"], "completed": r["completed"],
+                 "errors": r["errors"], "wall_s": r["wall_s"],
+                 "tokens_per_s": r["tokens_per_s"], "requests_per_s": r["requests_per_s"],
+                 "latency_p50_s": lat.get("p50"), "latency_p90_s": lat.get("p90"),
+                 "ttft_p50_s": ttft.get("p50"), "ttft_p90_s": ttft.get("p90"),
+                 "tokens_per_forward": tpf})
+with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(rows, f, indent=2)
+fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
+lines = ["| replicas x threads | done/errors | tokens/s | requests/s | latency p50 s | "
+         "latency p90 s | TTFT p50 s | TTFT p90 s |", "|---|---|---|---|---|---|---|---|"]
+for w in rows:
+    lines.append(f"| {w['config']} | {w['completed']}/{w['errors']} | {fmt(w['tokens_per_s'], 1)} | "
+                 f"{fmt(w['requests_per_s'])} | {fmt(w['latency_p50_s'])} | "
+                 f"{fmt(w['latency_p90_s'])} | {fmt(w['ttft_p50_s'])} | {fmt(w['ttft_p90_s'])} |")
+text = "\n".join(lines) + "\n"
+with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write(text)
+print(text)
+EOF
