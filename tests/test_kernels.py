@@ -310,9 +310,11 @@ _NO_AMX = "this CPU has no AMX-INT8 (or Linux refused the tile state); the AMX k
 
 
 @pytest.mark.skipif("amx" not in ISAS, reason=_NO_AMX)
+@pytest.mark.parametrize("variant", range(8))  # csrc/kernels/isa.h: AMX kernel variant bit flags
 @pytest.mark.parametrize("n", [2, 3, 15, 16, 17, 32, 33, 64, 65, 130])
-def test_amx_multi_gemm_bit_exact_vs_scalar(n):
-    """Native AMX (several matrices in one call, 2 threads) == scalar, int32 and dequantized floats."""
+def test_amx_multi_gemm_bit_exact_vs_scalar(n, variant):
+    """Native AMX (several matrices in one call, 2 threads, every kernel variant) == scalar,
+    int32 and dequantized floats."""
     rng = np.random.default_rng(n)
     shapes = [(45, 2560), (17, 2560), (640, 2560)]
     k = 2560
@@ -320,9 +322,12 @@ def test_amx_multi_gemm_bit_exact_vs_scalar(n):
     x[:, ::97] *= 9.0
     q, s, sums = _ref_act(x)
     mats = [pack_i2(rng.integers(-1, 2, size=(m, k), dtype=np.int8)) for m, _ in shapes]
-    prev, prev_threads = _core.active_isa(), _core.get_max_threads()
+    prev, prev_threads, prev_var = _core.active_isa(), _core.get_max_threads(), _core.get_amx_variant()
+    prev_min = _core.amx_min_tokens()
     try:
         outs = {}
+        _core.set_amx_variant(variant)
+        _core.set_amx_min_tokens(2)  # AMX for every n here (the default sends small n to VNNI)
         for name in ("scalar", "amx"):
             _core.set_isa(name)
             _core.set_num_threads(2)
@@ -330,6 +335,8 @@ def test_amx_multi_gemm_bit_exact_vs_scalar(n):
     finally:
         _core.set_isa(prev)
         _core.set_num_threads(prev_threads)
+        _core.set_amx_variant(prev_var)
+        _core.set_amx_min_tokens(prev_min)
     for a, b in zip(outs["scalar"][0], outs["amx"][0]):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(outs["scalar"][1], outs["amx"][1]):

@@ -155,14 +155,51 @@ std::vector<std::string> supported_isas() {
   return out;
 }
 
+static std::atomic<int> g_amx_min{0};  // 0: not read yet
+
 int amx_min_tokens() {
-  // Tunable for measurements (bench/kernels.py); below it the VNNI GEMV runs.
-  static const int n = [] {
+  // Tunable for measurements (bench/kernels.py, bench/amx_sweep.py); below it the VNNI GEMV runs.
+  int n = g_amx_min.load(std::memory_order_relaxed);
+  if (n == 0) {
     const char* e = std::getenv("BITDLM_AMX_MIN_TOKENS");
     const int v = e && *e ? std::atoi(e) : 0;
-    return v > 0 ? v : kAmxMinTokens;
-  }();
+    n = v > 0 ? v : kAmxMinTokens;
+    int expected = 0;
+    if (!g_amx_min.compare_exchange_strong(expected, n)) n = expected;
+  }
   return n;
+}
+
+void set_amx_min_tokens(int n) {
+  if (n < 1) throw std::invalid_argument("AMX min tokens must be >= 1, got " + std::to_string(n));
+  g_amx_min.store(n, std::memory_order_relaxed);
+}
+
+void set_amx_variant(int v) {
+  if (v < 0 || v > kAmxVariantMask)
+    throw std::invalid_argument("AMX variant must be 0.." + std::to_string(kAmxVariantMask) + " (bit flags), got " +
+                                std::to_string(v));
+  g_amx_variant = v;
+}
+
+static void amx_variant_from_env() {
+  static const bool done = [] {
+    const char* e = std::getenv("BITDLM_AMX_VARIANT");
+    if (e && *e) {
+      try {
+        set_amx_variant(std::atoi(e));
+      } catch (const std::invalid_argument& ex) {
+        throw std::runtime_error(std::string("BITDLM_AMX_VARIANT: ") + ex.what());
+      }
+    }
+    return true;
+  }();
+  (void)done;
+}
+
+int get_amx_variant() {
+  amx_variant_from_env();
+  return g_amx_variant;
 }
 
 void set_isa(const std::string& name) {
@@ -189,14 +226,16 @@ static thread_local size_t t_vnni_cap = 0;
 static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* out_i32) {
   const KernelTable& t = table();
   constexpr int kRowBlock = 32;  // the AMX kernel's 2 x 16 weight rows
-  constexpr int kTokChunk = 64;  // a multiple of 16 (AMX token tiles)
+  const bool amx = t.amx_ternary && a.N >= amx_min_tokens();
+  const int variant = amx ? get_amx_variant() : 0;
+  // a multiple of 16 (AMX token tiles)
+  const int kTokChunk = (variant & kAmxTok32) ? 32 : 64;
   const int n_chunks = (a.N + kTokChunk - 1) / kTokChunk;
   int64_t total = 0, macs = 0;
   for (int i = 0; i < n_ws; ++i) {
     total += (int64_t)((ws[i].M + kRowBlock - 1) / kRowBlock) * n_chunks;
     macs += (int64_t)ws[i].M * a.N * a.Kp;
   }
-  const bool amx = t.amx_ternary && a.N >= amx_min_tokens();
   const int groups = (a.N + 15) / 16, steps = a.Kp / 64;
   if (amx) {
     const size_t need = (size_t)groups * 16 * a.Kp;
@@ -219,8 +258,7 @@ static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* ou
       for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
       t.amx_begin();
     }
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t job = 0; job < total; ++job) {
+    auto run_job = [&](int64_t job) {
       int64_t j = job;
       int i = 0;
       for (;;) {
@@ -236,6 +274,13 @@ static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* ou
         t.amx_ternary(ws[i], a, vb, m0, m1, n0, n1, out_i32);
       else
         t.ternary(ws[i], a, m0, m1, n0, n1, out_i32);
+    };
+    if (variant & kAmxStatic) {
+#pragma omp for schedule(static) nowait
+      for (int64_t job = 0; job < total; ++job) run_job(job);
+    } else {
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t job = 0; job < total; ++job) run_job(job);
     }
     if (amx) t.amx_end();
   }

@@ -142,10 +142,92 @@ static void store_tile(const TernaryW& w, const ActQ& a, const int32_t* c, int m
     for (int j = 0; j < ncols; ++j) ternary_out(w, a, m + r, n + j, c[r * kTileRows + j] - a.sum[n + j], out);
 }
 
+// Unpacks packed block b (k = 128b .. 128b + 127) of rows [m0, m0 + nrows)
+// (nrows <= 16) into 2 A tiles: dst (k step 2b) and dst + 1 KiB (step 2b + 1).
+static inline void unpack_block(const TernaryW& w, const ActQ& a, int m0, int nrows, int b, uint8_t* dst) {
+  const int64_t wstride = a.Kp / 4;
+  const m512i mask = V(_mm512_set1_epi8)(3);
+  const m512i cnt01 = V(_mm512_inserti64x4)(V(_mm512_set1_epi16)(0), V(_mm256_set1_epi16)(2), 1);
+  const m512i cnt23 = V(_mm512_inserti64x4)(V(_mm512_set1_epi16)(4), V(_mm256_set1_epi16)(6), 1);
+  const uint8_t* row = w.data + (int64_t)m0 * wstride + b * 32;
+  int r = 0;
+  for (; r < nrows; ++r, row += wstride) {
+    const m512i p = V(_mm512_broadcast_i64x4)(V(_mm256_loadu_si256)((const m256i*)row));
+    V(_mm512_store_si512)(dst + r * kTileK, V(_mm512_and_si512)(V(_mm512_srlv_epi16)(p, cnt01), mask));
+    V(_mm512_store_si512)(dst + kTileBytes + r * kTileK, V(_mm512_and_si512)(V(_mm512_srlv_epi16)(p, cnt23), mask));
+  }
+  for (; r < kTileRows; ++r) {
+    V(_mm512_store_si512)(dst + r * kTileK, V(_mm512_setzero_si512)());
+    V(_mm512_store_si512)(dst + kTileBytes + r * kTileK, V(_mm512_setzero_si512)());
+  }
+}
+
+// Variant bit 0 ("L1 unpack"): the weight rows are unpacked one 128-k block
+// (4 A tiles = 4 KiB) at a time, right before the TDPBUSDs that use them, so A
+// tiles load from L1 instead of from a 32 x Kp buffer (80 KiB at K = 2560)
+// that lives in L2; the unpack also overlaps the tile multiplies instead of
+// running as a separate phase. The block is reused by both token tiles of a
+// pair; a job of > 32 tokens unpacks once per token pair (dispatch's variant
+// bit 2 keeps jobs at 32 tokens for that reason).
+static void ternary_tiles_l1(const TernaryW& w, const ActQ& a, const int8_t* vb, int m0, int m1, int n0, int n1,
+                             int32_t* out) {
+  const int S = a.Kp / kTileK, nb = a.Kp / kKBlock;
+  const int rows = m1 - m0;
+  const int nh = rows > kTileRows ? 2 : 1;
+  const int r0 = rows < kTileRows ? rows : kTileRows, r1 = rows - kTileRows;
+  alignas(64) uint8_t ub[4 * kTileBytes];  // [half][step of the block]
+  alignas(64) int32_t c[kTileRows * kTileRows];
+  for (int n = n0; n < n1; n += 2 * kTileRows) {
+    const bool two = n + kTileRows < n1;
+    const int8_t* b0 = vb + (int64_t)(n / kTileRows) * S * kTileBytes;
+    const int8_t* b1 = b0 + (int64_t)S * kTileBytes;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int b = 0; b < nb; ++b) {
+      unpack_block(w, a, m0, r0, b, ub);
+      if (nh == 2) unpack_block(w, a, m0 + kTileRows, r1, b, ub + 2 * kTileBytes);
+      for (int h = 0; h < 2; ++h) {
+        const int s = 2 * b + h;
+        _tile_loadd(4, ub + h * kTileBytes, kTileK);
+        _tile_loadd(6, b0 + s * kTileBytes, kTileK);
+        _tile_dpbusd(0, 4, 6);
+        if (two) {
+          _tile_loadd(7, b1 + s * kTileBytes, kTileK);
+          _tile_dpbusd(1, 4, 7);
+        }
+        if (nh == 2) {
+          _tile_loadd(5, ub + (2 + h) * kTileBytes, kTileK);
+          _tile_dpbusd(2, 5, 6);
+          if (two) _tile_dpbusd(3, 5, 7);
+        }
+      }
+    }
+    const int nc0 = n1 - n < kTileRows ? n1 - n : kTileRows;
+    const int nc1 = n1 - n - kTileRows < kTileRows ? n1 - n - kTileRows : kTileRows;
+    _tile_stored(0, c, kTileK);
+    store_tile(w, a, c, m0, r0, n, nc0, out);
+    if (two) {
+      _tile_stored(1, c, kTileK);
+      store_tile(w, a, c, m0, r0, n + kTileRows, nc1, out);
+    }
+    if (nh == 2) {
+      _tile_stored(2, c, kTileK);
+      store_tile(w, a, c, m0 + kTileRows, r1, n, nc0, out);
+      if (two) {
+        _tile_stored(3, c, kTileK);
+        store_tile(w, a, c, m0 + kTileRows, r1, n + kTileRows, nc1, out);
+      }
+    }
+  }
+}
+
 // Rows [m0, m1) (<= 32) x tokens [n0, n1) (n0 a multiple of 16, <= 64 tokens).
 // vb: the call's act_vnni tiles. Requires tile_begin() in this thread.
 static void ternary_tiles(const TernaryW& w, const ActQ& a, const int8_t* vb, int m0, int m1, int n0, int n1,
                           int32_t* out) {
+  if (amx_variant() & kAmxL1Unpack) return ternary_tiles_l1(w, a, vb, m0, m1, n0, n1, out);
   const int S = a.Kp / kTileK;
   const int rows = m1 - m0;
   const int nh = rows > kTileRows ? 2 : 1;
@@ -198,6 +280,8 @@ static void ternary_tiles(const TernaryW& w, const ActQ& a, const int8_t* vb, in
 }
 
 }  // namespace amx
+
+int g_amx_variant;  // isa.h; set by dispatch.cpp (BITDLM_AMX_VARIANT / set_amx_variant)
 
 // Only the AMX entries; ternary / f16 / i8 / quantize are nullptr and filled
 // from the AVX-512 VNNI table when the dispatcher picks this ISA.

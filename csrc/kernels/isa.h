@@ -37,11 +37,23 @@ struct KernelTable {
   void (*amx_end)();
 };
 
+// AMX kernel variants (bit flags, for measurements: bench/amx_sweep.py; every
+// combination is bit-exact). BITDLM_AMX_VARIANT (read once by the dispatcher)
+// or _core.set_amx_variant() sets them; 0 = the original kernel.
+//   kAmxL1Unpack: unpack one 128-k block per step into L1 (gemm_amx.cpp)
+//   kAmxStatic:   static job schedule instead of dynamic (dispatch.cpp)
+//   kAmxTok32:    token chunks of 32 instead of 64 (more, smaller jobs)
+constexpr int kAmxL1Unpack = 1, kAmxStatic = 2, kAmxTok32 = 4, kAmxVariantMask = 7;
+// A plain int defined in gemm_amx.cpp (zero-initialized: no load-time code in
+// that AMX-flagged file), so the SIMDe harness sees it without dispatch.cpp.
+extern int g_amx_variant;
+inline int amx_variant() { return g_amx_variant; }
+
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;      // AVX-512 F/BW/VL, maddubs + madd
 extern const KernelTable kAvx512VnniKernels;  // same file, vpdpbusd inner loop
-extern const KernelTable kAmxKernels;         // AMX tiles for N >= 2; the rest from kAvx512VnniKernels
+extern const KernelTable kAmxKernels;         // AMX tiles for N >= amx_min_tokens(); the rest from VNNI
 
 // IEEE binary16 bits -> float, exact for normals, subnormals, inf and NaN.
 // Pure integer code: usable in baseline (no F16C) files. static: each ISA file

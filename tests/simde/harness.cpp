@@ -4,6 +4,7 @@
 // on random and odd shapes; gemm_amx.cpp too, with the AMX tiles emulated
 // (tests/simde/amx_emu.h). Prints one line per failure and "OK <cases>";
 // exit status 0 only if everything matched. Run by tests/test_kernels.py.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -150,19 +151,29 @@ static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode
   std::vector<int8_t> vb((size_t)groups * 16 * Kp + 64);
   int8_t* vba = (int8_t*)(((uintptr_t)vb.data() + 63) / 64 * 64);
   for (int i = 0; i < groups * steps; ++i) kAmxKernels.amx_act(a, i / steps, i % steps, vba);
-  kAmxKernels.amx_begin();
-  for (int pass = 0; pass < 2; ++pass)
-    for (int m0 = 0; m0 < M; m0 += 32)
-      for (int n0 = 0; n0 < N; n0 += 64) {
-        const int m1 = m0 + 32 < M ? m0 + 32 : M, n1 = n0 + 64 < N ? n0 + 64 : N;
-        kAmxKernels.amx_ternary(wg, a, vba, m0, m1, n0, n1, pass ? nullptr : got.data());
-      }
-  kAmxKernels.amx_end();
-  ++g_cases;
-  if (std::memcmp(ref.data(), got.data(), ref.size() * 4) || std::memcmp(yref.data(), ygot.data(), yref.size() * 4)) {
-    ++g_fail;
-    std::printf("FAIL amx ternary M=%d K=%d N=%d act=[%d,%d] codes=%d\n", M, K, N, act_lo, act_hi, code_mode);
+  // every kernel-relevant variant (isa.h): bit 0 picks the kernel, bit 2 the 32-token job chunks
+  for (int variant : {0, kAmxL1Unpack, kAmxTok32, kAmxL1Unpack | kAmxTok32}) {
+    g_amx_variant = variant;
+    const int chunk = (variant & kAmxTok32) ? 32 : 64;
+    std::fill(got.begin(), got.end(), -7);
+    std::fill(ygot.begin(), ygot.end(), -7.f);
+    kAmxKernels.amx_begin();
+    for (int pass = 0; pass < 2; ++pass)
+      for (int m0 = 0; m0 < M; m0 += 32)
+        for (int n0 = 0; n0 < N; n0 += chunk) {
+          const int m1 = m0 + 32 < M ? m0 + 32 : M, n1 = n0 + chunk < N ? n0 + chunk : N;
+          kAmxKernels.amx_ternary(wg, a, vba, m0, m1, n0, n1, pass ? nullptr : got.data());
+        }
+    kAmxKernels.amx_end();
+    ++g_cases;
+    if (std::memcmp(ref.data(), got.data(), ref.size() * 4) ||
+        std::memcmp(yref.data(), ygot.data(), yref.size() * 4)) {
+      ++g_fail;
+      std::printf("FAIL amx ternary variant=%d M=%d K=%d N=%d act=[%d,%d] codes=%d\n", variant, M, K, N, act_lo,
+                  act_hi, code_mode);
+    }
   }
+  g_amx_variant = 0;
 }
 
 int main(int argc, char** argv) {

@@ -1,0 +1,160 @@
+"""AMX variant sweep: which AMX kernel variant (and which ISA) runs the 2B GEMMs fastest.
+
+    PYTHONPATH=python python3 bench/amx_sweep.py [--json bench/out/amx_sweep.json]
+        [--variants 0,1,2,3,4,5,6,7] [--threads 1,16] [--quick]
+
+1. Single GEMMs: every AMX variant (bit flags, csrc/kernels/isa.h:
+   1 = unpack one 128-k block at a time into L1, 2 = static job schedule,
+   4 = 32-token jobs) x N in {2,4,8,16,32,64} x the four 2B shapes x threads
+   {1, all cores}; beside them the other ISAs >= avx2 this CPU runs (the row
+   "variant" is then the ISA name), so the N from which AMX beats VNNI
+   (kAmxMinTokens) can be read off. Median us and T MAC/s.
+2. The 30-layer pass, the number that matters: all ternary GEMMs of the 2B
+   model in forward order (per layer: q/k/v multi-GEMM, o, gate/up multi-GEMM,
+   down; 30 distinct layers, ~520 MB of weights, so nothing stays in the LLC)
+   for N = 8 and 32, back to back, per AMX variant and per ISA. Inputs are
+   quantized once beforehand (the pass times GEMMs only); each GEMM call pays
+   the Python binding (~10 us, 120 calls), which the forward (C++) does not.
+Warm-up passes first (caches, AMX power state, OpenMP team); AMX rows are
+skipped where the CPU lacks AMX. Takes ~60 s on 16 threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+from bitdlm import _core  # noqa: E402
+from bitdlm.packing import pad_k  # noqa: E402
+
+SHAPES = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]
+NS = [2, 4, 8, 16, 32, 64]
+PASS_NS = [8, 32]
+N_LAYERS = 30
+BASE_ISAS = ["avx512vnni", "avx512", "avx2"]
+
+
+# the 81 bytes whose four 2-bit fields all lie in {0, 1, 2} (valid i2_b128 codes)
+_VALID = np.array([b for b in range(256) if all((b >> s) & 3 != 3 for s in (0, 2, 4, 6))], np.uint8)
+
+
+def random_packed(rng, m: int, k: int) -> np.ndarray:
+    return _VALID[rng.integers(0, len(_VALID), size=(m, pad_k(k) // 4), dtype=np.uint8)]
+
+
+def timeit(fn, warm: int, min_reps: int, min_time: float) -> float:
+    for _ in range(warm):
+        fn()
+    ts = []
+    t0 = time.perf_counter()
+    while (len(ts) < min_reps or time.perf_counter() - t0 < min_time) and len(ts) < 500:
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def configs(variants: list[int]) -> list[tuple[str, str, int]]:
+    """(label, isa, amx variant) for every runnable configuration."""
+    sup = _core.supported_isas()
+    out = [(f"amx v{v}", "amx", v) for v in variants] if "amx" in sup else []
+    out += [(isa, isa, 0) for isa in BASE_ISAS if isa in sup]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "amx_sweep.json"))
+    ap.add_argument("--variants", default="0,1,2,3,4,5,6,7")
+    ap.add_argument("--threads", default=None, help="comma list (default: 1 and all cores)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, os.cpu_count() or 1})
+    variants = [int(v) for v in args.variants.split(",")]
+    warm, reps, min_time = (1, 3, 0.01) if args.quick else (3, 7, 0.05)
+    cfgs = configs(variants)
+    sup = _core.supported_isas()
+    if "amx" not in sup:
+        print(f"AMX rows skipped: this CPU runs {', '.join(sup)}")
+    prev_isa, prev_var, prev_thr = _core.active_isa(), _core.get_amx_variant(), _core.get_max_threads()
+    prev_min = _core.amx_min_tokens()
+    _core.set_amx_min_tokens(2)  # amx rows run the AMX kernel at every N (the VNNI rows show the alternative)
+    rng = np.random.default_rng(0)
+    res = {"supported_isas": sup, "cpus": os.cpu_count(), "amx_min_tokens": _core.amx_min_tokens(),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "gemm": [], "pass_30_layers": []}
+    t_start = time.perf_counter()
+    try:
+        # ---- 1. single GEMMs
+        mats = {(m, k): random_packed(rng, m, k) for (m, k) in SHAPES}
+        acts = {(n, k): _core.quantize_act(rng.standard_normal((n, k)).astype(np.float32))
+                for n in NS for k in {k for _, k in SHAPES}}
+        print(f"{'config':>12} {'thr':>3} {'M x K':>11} " + " ".join(f"{'N=' + str(n):>15}" for n in NS))
+        print(f"{'':>12} {'':>3} {'':>11} " + " ".join(f"{'us   TMAC/s':>15}" for _ in NS))
+        for t in threads:
+            _core.set_num_threads(t)
+            for label, isa, v in cfgs:
+                _core.set_isa(isa)
+                _core.set_amx_variant(v)
+                for (m, k) in SHAPES:
+                    w, cells = mats[(m, k)], []
+                    for n in NS:
+                        q, s, sm = acts[(n, k)]
+                        med = timeit(lambda: _core.gemm(w, 1.0, q, s, sm), warm, reps, min_time)
+                        macs = m * pad_k(k) * n
+                        res["gemm"].append({"config": label, "isa": isa, "variant": v, "threads": t, "M": m, "K": k,
+                                            "N": n, "median_us": med * 1e6, "TMACps": macs / med / 1e12})
+                        cells.append(f"{med * 1e6:>8.1f} {macs / med / 1e12:>6.2f}")
+                    print(f"{label:>12} {t:>3} {m:>5}x{k:<5} " + " ".join(cells), flush=True)
+
+        # ---- 2. the 30-layer pass (forward order), all cores
+        t = threads[-1]
+        _core.set_num_threads(t)
+        layers = [{"qkv": [random_packed(rng, m, 2560) for m in (2560, 640, 640)],
+                   "o": [random_packed(rng, 2560, 2560)],
+                   "gu": [random_packed(rng, 6912, 2560) for _ in range(2)],
+                   "down": [random_packed(rng, 2560, 6912)]} for _ in range(N_LAYERS)]
+        macs_layer = sum(m * k for m, k in [(2560, 2560), (640, 2560), (640, 2560), (2560, 2560), (6912, 2560),
+                                             (6912, 2560), (2560, 6912)])
+        print(f"\n30-layer pass ({t} threads; GEMMs only, forward order; ms and T MAC/s)")
+        print(f"{'config':>12} " + " ".join(f"{'N=' + str(n):>16}" for n in PASS_NS))
+        for label, isa, v in cfgs:
+            _core.set_isa(isa)
+            _core.set_amx_variant(v)
+            cells = []
+            for n in PASS_NS:
+                qa = _core.quantize_act(rng.standard_normal((n, 2560)).astype(np.float32))
+                qd = _core.quantize_act(rng.standard_normal((n, 6912)).astype(np.float32))
+
+                def one_pass():
+                    for L in layers:
+                        _core.gemm_multi(L["qkv"], [1.0] * 3, *qa)
+                        _core.gemm_multi(L["o"], [1.0], *qa)
+                        _core.gemm_multi(L["gu"], [1.0] * 2, *qa)
+                        _core.gemm_multi(L["down"], [1.0], *qd)
+
+                med = timeit(one_pass, 2 if not args.quick else 1, 5 if not args.quick else 2, 0.3 if not args.quick else 0)
+                macs = macs_layer * N_LAYERS * n
+                res["pass_30_layers"].append({"config": label, "isa": isa, "variant": v, "threads": t, "N": n,
+                                              "median_ms": med * 1e3, "TMACps": macs / med / 1e12})
+                cells.append(f"{med * 1e3:>9.2f} {macs / med / 1e12:>6.2f}")
+            print(f"{label:>12} " + " ".join(cells), flush=True)
+    finally:
+        _core.set_isa(prev_isa)
+        _core.set_amx_variant(prev_var)
+        _core.set_num_threads(prev_thr)
+        _core.set_amx_min_tokens(prev_min)
+    res["seconds"] = time.perf_counter() - t_start
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\n{res['seconds']:.0f} s; wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
