@@ -630,8 +630,8 @@ def test_phase_profile(small):
         phases, calls = core.profile()
         assert calls == 1
         assert all(v >= 0 for v in phases.values())
-        for p in ("embed", "norm", "quant", "gemm_qkv", "attention", "gemm_o", "gemm_gate_up", "gemm_down",
-                  "lm_head"):
+        for p in ("embed", "norm_quant", "gemm_qkv", "rope_kv", "attention", "gemm_o", "gemm_gate_up", "act_quant",
+                  "gemm_down", "final_norm", "lm_head"):
             assert phases[p] > 0, p
         assert sum(phases.values()) <= wall
         core.set_profile(False)
@@ -641,3 +641,151 @@ def test_phase_profile(small):
         assert calls == 0 and not any(phases.values())
     finally:
         core.set_profile(False)
+
+
+# ---- the small ops (csrc/model/smallops.*): every ISA table bit-identical to the scalar one ----
+
+SMALL_ISAS = ["scalar", "avx2", "avx512"]
+
+
+def _small_isa(isa):
+    if isa not in _core.supported_isas():
+        pytest.skip(f"{isa} not supported by this CPU")
+    return isa
+
+
+def _np_rmsnorm(x, w, eps):
+    """RMSNorm with the documented fixed reduction: 16 partial sums (lane = i mod 16), tree (l, l+8), +4, +2, +1."""
+    x = x.astype(np.float32)
+    N, K = x.shape
+    acc = np.zeros((N, 16), np.float32)
+    sq = x * x
+    for i0 in range(0, K, 16):
+        blk = sq[:, i0:i0 + 16]
+        acc[:, :blk.shape[1]] = acc[:, :blk.shape[1]] + blk
+    w_ = 8
+    while w_ >= 1:
+        acc[:, :w_] = acc[:, :w_] + acc[:, w_:2 * w_]
+        w_ //= 2
+    inv = np.float32(1.0) / np.sqrt(acc[:, 0] / np.float32(K) + np.float32(eps))
+    return (w.astype(np.float32) * (x * inv[:, None])).astype(np.float32)
+
+
+SMALL_SIZES = [(1, 2560), (7, 100), (33, 72), (7, 6912 - 3), (2, 5)]
+
+
+@pytest.mark.parametrize("isa", SMALL_ISAS)
+@pytest.mark.parametrize("N,K", SMALL_SIZES)
+def test_small_norm_quant_bit_identical(isa, N, K):
+    """Residual add + RMSNorm + quantize: the scalar table equals a numpy model of the documented
+    reduction bit for bit, its codes equal quantize_act of that norm, and every ISA equals scalar."""
+    _small_isa(isa)
+    rng = np.random.default_rng(N * 1000 + K)
+    x = (rng.standard_normal((N, K)) * 3).astype(np.float32)
+    d = rng.standard_normal((N, K)).astype(np.float32)
+    w = (0.5 + rng.random(K)).astype(np.float32)
+    eps = 1e-5
+    xs, qs, ss, sums = _core.smallop_add_norm_quant("scalar", x, d, w, eps)
+    np.testing.assert_array_equal(xs, x + d)
+    yref = _np_rmsnorm(x + d, w, eps)
+    np.testing.assert_array_equal(_core.smallop_rmsnorm("scalar", x + d, w, eps), yref)
+    q_ref, s_ref, sum_ref = _core.quantize_act(yref)
+    np.testing.assert_array_equal(qs, q_ref)
+    np.testing.assert_array_equal(ss, s_ref)
+    np.testing.assert_array_equal(sums, sum_ref)
+    # the same through the ISA's table
+    out = _core.smallop_add_norm_quant(isa, x, d, w, eps)
+    for a, b in zip(out, (xs, qs, ss, sums)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(_core.smallop_rmsnorm(isa, x, w, eps), _core.smallop_rmsnorm("scalar", x, w, eps))
+    # no residual: x untouched
+    xn, qn, sn, sumn = _core.smallop_add_norm_quant(isa, x, None, w, eps)
+    np.testing.assert_array_equal(xn, x)
+    q2, s2, sum2 = _core.quantize_act(_np_rmsnorm(x, w, eps))
+    np.testing.assert_array_equal(qn, q2)
+    np.testing.assert_array_equal(sn, s2)
+    np.testing.assert_array_equal(sumn, sum2)
+
+
+@pytest.mark.parametrize("isa", SMALL_ISAS)
+@pytest.mark.parametrize("N,K", SMALL_SIZES)
+def test_small_act_norm_quant_bit_identical(isa, N, K):
+    """relu(g)^2 * up + sub-norm + quantize against numpy + quantize_act, and every ISA against scalar."""
+    _small_isa(isa)
+    rng = np.random.default_rng(K * 7 + N)
+    g = rng.standard_normal((N, K)).astype(np.float32)
+    u = rng.standard_normal((N, K)).astype(np.float32)
+    w = (0.5 + rng.random(K)).astype(np.float32)
+    go, q, s, sums = _core.smallop_act_norm_quant(isa, g, u, w, 1e-5)
+    r = np.maximum(g, 0)
+    np.testing.assert_array_equal(go, (r * r) * u)
+    q_ref, s_ref, sum_ref = _core.quantize_act(_np_rmsnorm(go, w, 1e-5))
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(s, s_ref)
+    np.testing.assert_array_equal(sums, sum_ref)
+
+
+def test_small_quant_edge_rows():
+    """Rows of zeros (absmax clamp), exact .5 ties after scaling, and huge values: still quantize_act's codes."""
+    K = 37
+    x = np.zeros((3, K), np.float32)
+    x[1, :] = np.linspace(-1, 1, K, dtype=np.float32)
+    x[2, :] = 1e30
+    x[2, ::3] = -1e30
+    w = np.ones(K, np.float32)
+    for isa in [i for i in SMALL_ISAS if i in _core.supported_isas()]:
+        _, q, s, sums = _core.smallop_add_norm_quant(isa, x, None, w, 1e-5)
+        q_ref, s_ref, sum_ref = _core.quantize_act(_core.smallop_rmsnorm("scalar", x, w, 1e-5))
+        np.testing.assert_array_equal(q, q_ref)
+        np.testing.assert_array_equal(s, s_ref)
+        np.testing.assert_array_equal(sums, sum_ref)
+
+
+@pytest.mark.parametrize("isa", SMALL_ISAS)
+@pytest.mark.parametrize("N,heads,hd", [(1, 20, 128), (7, 3, 12), (33, 2, 6)])
+def test_small_rope_and_f16_bit_identical(isa, N, heads, hd):
+    """RoPE (rotate_half) equals numpy's x1 c - x2 s, x2 c + x1 s; fp16 rows decode like numpy."""
+    _small_isa(isa)
+    rng = np.random.default_rng(hd)
+    v = rng.standard_normal((N, heads * hd)).astype(np.float32)
+    ang = rng.random((N, hd // 2)).astype(np.float32) * 6
+    c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    out = _core.smallop_rope(isa, v, c, s, hd)
+    vv = v.reshape(N, heads, hd)
+    x1, x2 = vv[..., :hd // 2], vv[..., hd // 2:]
+    ref = np.concatenate([x1 * c[:, None] - x2 * s[:, None], x2 * c[:, None] + x1 * s[:, None]], -1)
+    np.testing.assert_array_equal(out, ref.reshape(N, -1))
+    bits = np.concatenate([np.arange(0, 65536, 7, dtype=np.uint16), np.array([0x7c00, 0xfc00, 0x0001, 0x8001],
+                                                                            np.uint16)])
+    got = _core.smallop_f16_row(isa, bits)
+    np.testing.assert_array_equal(got.view(np.uint32), bits.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+def test_small_bad_isa():
+    with pytest.raises(ValueError):
+        _core.smallop_rmsnorm("sse9", np.ones((1, 4), np.float32), np.ones(4, np.float32), 1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_forward_identical_across_isas(kv_dtype):
+    """The whole forward on every ISA the CPU supports: the small ops and GEMMs are bit-exact, so
+    only attention (exp polynomial) and the lm_head summation order may move the last bits."""
+    hf = make_hf(SHAPES["gqa3_hd12"], seed=5)
+    isas = [i for i in _core.supported_isas()]
+    if len(isas) < 2:
+        pytest.skip("only one ISA on this CPU")
+    core = to_core(hf, kv_dtype=kv_dtype)
+    toks = np.random.default_rng(12).integers(0, hf.config.vocab_size, 40)
+    old = _core.active_isa()
+    res = {}
+    try:
+        for isa in isas:
+            _core.set_isa(isa)
+            s = core.alloc_seq(48)
+            core_logits(core, toks[:33], B=8, seq=s)
+            res[isa] = core_logits(core, toks[33:], B=8, seq=s, start=33, ctx_len=33, write=False)
+            core.free_seq(s)
+    finally:
+        _core.set_isa(old)
+    for isa in isas[1:]:
+        np.testing.assert_allclose(res[isa], res[isas[0]], rtol=1e-5, atol=1e-4, err_msg=isa)
