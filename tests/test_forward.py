@@ -589,30 +589,57 @@ def test_runtime_load_does_not_import_torch(tmp_path):
 @pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
 @pytest.mark.parametrize("shape", ["gqa4_hd32", "gqa3_hd12"])
 def test_portable_and_simd_attention_agree(small, kv_dtype, shape):
-    """The portable (scalar ISA) and AVX2 attention loops give the same forward
-    (gqa3_hd12: the tile tails, 3 query rows per KV head and head_dim % 8 != 0)."""
+    """The portable (scalar ISA), AVX2 and (where the CPU has it) AVX-512 attention loops give the same
+    forward (gqa3_hd12: the tile tails, 3 query rows per KV head and head_dim % 8 != 0)."""
     hf = small[0] if shape == "gqa4_hd32" else make_hf(SHAPES[shape], seed=3)
-    isas = [i for i in ("scalar", "avx2") if i in _core.supported_isas()]
+    isas = [i for i in ("scalar", "avx2", "avx512") if i in _core.supported_isas()]
     if len(isas) < 2 or not hasattr(_core, "set_isa"):
         pytest.skip("this CPU/build has only the scalar kernels")
     core = to_core(hf, kv_dtype=kv_dtype)
     toks = np.random.default_rng(11).integers(0, hf.config.vocab_size, 40)
     old = _core.active_isa()
-    res = []
+    res = {}
     try:
         for isa in isas:
             _core.set_isa(isa)
             s = core.alloc_seq(48)
             core_logits(core, toks[:24], B=8, seq=s)
-            res.append(core_logits(core, toks[24:], B=8, seq=s, start=24, ctx_len=24, write=False))
-            # one query: the direct (untiled) scores / values path
-            res.append(core_logits(core, toks[24:25], B=1, seq=s, start=24, ctx_len=24, write=False))
+            res[isa] = (core_logits(core, toks[24:], B=8, seq=s, start=24, ctx_len=24, write=False),
+                        # one query: the direct (untiled) scores / values path
+                        core_logits(core, toks[24:25], B=1, seq=s, start=24, ctx_len=24, write=False))
             core.free_seq(s)
     finally:
         _core.set_isa(old)
     # (the lm_head kernels sum in different orders: last-bit differences on logits of O(100))
-    np.testing.assert_allclose(res[0], res[2], rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(res[1], res[3], rtol=1e-5, atol=1e-4)
+    for isa in isas[1:]:
+        for a, b in zip(res[isa], res["scalar"]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=isa)
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_avx512_attention_long_context(kv_dtype):
+    """AVX-512 attention (where the CPU has it) against the portable loops on 8 and 32 queries over
+    100 cached keys: several key tiles, masked tails of 16-wide vectors (head_dim 12 and 64)."""
+    if "avx512" not in _core.supported_isas():
+        pytest.skip("no AVX-512 on this CPU")
+    old = _core.active_isa()
+    try:
+        for shape in ("gqa3_hd12", "gqa2_hd64_untied"):
+            hf = make_hf(SHAPES[shape], seed=4)
+            core = to_core(hf, kv_dtype=kv_dtype)
+            toks = np.random.default_rng(13).integers(0, hf.config.vocab_size, 132)
+            res = {}
+            for isa in ("scalar", "avx512"):
+                _core.set_isa(isa)
+                s = core.alloc_seq(140)
+                core_logits(core, toks[:100], B=4, seq=s)
+                res[isa] = [core_logits(core, toks[100:100 + n], B=32, seq=s, start=100, ctx_len=100, write=False)
+                            for n in (8, 32)]
+                core.free_seq(s)
+            for a, b in zip(res["avx512"], res["scalar"]):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-4, err_msg=shape)
+    finally:
+        _core.set_isa(old)
 
 
 def test_phase_profile(small):

@@ -104,11 +104,29 @@ extern const AttnKernels kAttnPortable = {"portable",
                                           &portable::pv<uint16_t>,
                                           &portable::to_f16};
 
-const AttnKernels& attn_kernels() {
+// `own` with its null entries taken from `base`.
+static AttnKernels merged(const AttnKernels& own, const AttnKernels& base) {
+  AttnKernels t = own;
+  auto fill = [](auto& f, auto g) { if (!f) f = g; };
+  fill(t.k_tile_f32, base.k_tile_f32);
+  fill(t.k_tile_f16, base.k_tile_f16);
+  fill(t.v_tile_f16, base.v_tile_f16);
+  fill(t.qk, base.qk);
+  fill(t.qk_direct_f32, base.qk_direct_f32);
+  fill(t.qk_direct_f16, base.qk_direct_f16);
+  fill(t.softmax_tile, base.softmax_tile);
+  fill(t.pv_f32, base.pv_f32);
+  fill(t.pv_f16, base.pv_f16);
+  fill(t.to_f16, base.to_f16);
+  return t;
+}
+
+const AttnKernels& attn_kernels(Isa isa) {
   // Follow the kernels' single dispatch point (re-read: _core.set_isa may change it);
   // levels without their own table use the best lower one.
-  static const IsaTables<AttnKernels> tables{&kAttnPortable, &kAttnAvx2};
-  return tables[active_isa_id()];
+  static const AttnKernels avx512 = merged(kAttnAvx512Own, kAttnAvx2);
+  static const IsaTables<AttnKernels> tables{&kAttnPortable, &kAttnAvx2, &avx512};
+  return tables[isa];
 }
 
 namespace {
