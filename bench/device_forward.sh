@@ -6,13 +6,15 @@
 # the dispatcher's best. Everything lands in $OUT; no network needed.
 #
 #   OUT=/tmp/out bench/device_forward.sh            # THREADS=16 REPS=7 by default
-#   THREADS=2 REPS=2 OUT=/tmp/out-modelops bench/device_forward.sh   # smoke run on a small box
+#   THREADS=2 REPS=1 SHAPE=tiny OUT=/tmp/out-modelops bench/device_forward.sh   # smoke run on a small box
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to an output folder}"
 THREADS=${THREADS:-16}
 REPS=${REPS:-7}
 MODEL_DIR=${MODEL_DIR:-/tmp/bitdlm_fwd}
+SHAPE=${SHAPE:-2b}                 # tiny: smoke test of this script
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}  # seconds per ISA
 CASES=${CASES:-decode_ctx512,sub8_ctx512,block32_ctx512_out8,block32_ctx512_out32}
 mkdir -p "$OUT"
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
@@ -36,10 +38,10 @@ trc=$?
 tail -15 "$OUT/test_forward.log" | tee -a "$OUT/summary.txt"
 [ $trc -eq 0 ] || { log "test_forward.py FAILED (rc $trc)"; rc=1; }
 
-log "synthetic 2B model (int8 lm_head) in $MODEL_DIR"
+log "synthetic $SHAPE model (int8 lm_head) in $MODEL_DIR"
 mkdir -p "$MODEL_DIR"
-[ -f "$MODEL_DIR/synth_2b_i8.bin" ] || python3 bench/make_synthetic_model.py "$MODEL_DIR/synth_2b_i8.bin" --lm-head i8 \
-  > "$OUT/make_model.log" 2>&1 || { log "make_synthetic_model FAILED"; tail "$OUT/make_model.log"; exit 1; }
+[ -f "$MODEL_DIR/synth_${SHAPE}_i8.bin" ] || python3 bench/make_synthetic_model.py "$MODEL_DIR/synth_${SHAPE}_i8.bin" \
+  --lm-head i8 --shape "$SHAPE" > "$OUT/make_model.log" 2>&1 || { log "make_synthetic_model FAILED"; tail "$OUT/make_model.log"; exit 1; }
 
 best=$(PYTHONPATH=python python3 -c 'from bitdlm import _core; print(_core.supported_isas()[-1])')
 for isa in avx2 avx512vnni "$best"; do
@@ -48,7 +50,7 @@ for isa in avx2 avx512vnni "$best"; do
     log "skip $isa (not supported here)"; continue
   fi
   log "bench/forward.py --isa $isa --threads $THREADS"
-  if ! PYTHONPATH=python timeout 200 python3 bench/forward.py --isa "$isa" --threads "$THREADS" --lm-head i8 \
+  if ! PYTHONPATH=python timeout "$BENCH_TIMEOUT" python3 bench/forward.py --isa "$isa" --threads "$THREADS" --lm-head i8 --shape "$SHAPE" \
       --reps "$REPS" --cases "$CASES" --model-dir "$MODEL_DIR" --out "$OUT/forward_$isa.json" \
       > "$OUT/forward_$isa.log" 2>&1; then
     log "forward.py $isa FAILED"; tail -20 "$OUT/forward_$isa.log"; rc=1; continue
