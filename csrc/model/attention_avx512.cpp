@@ -7,7 +7,11 @@
 // Scores tiles cover a whole key tile: 4 query rows x 64 keys = 16 zmm
 // accumulators, per dim 4 key loads + 4 broadcasts for 16 FMAs (AVX2: 4 + 4
 // for 8 FMAs of half the width). Values: 4 rows x 64 dims per pass.
+#ifdef BITDLM_SIMDE
+#include "model/simde512_shim.h"  // tests/simde/attention_harness.cpp
+#else
 #include <immintrin.h>
+#endif
 
 #include <cmath>
 
@@ -29,8 +33,7 @@ static inline __m512 load16(const uint16_t* p, __mmask16 m) {
 static inline __m512 exp_neg(__m512 x) {
   const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-60.0f), _CMP_LT_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 fx = _mm512_floor_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)));
   x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
   x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
   __m512 y = _mm512_set1_ps(1.9875691500e-4f);
