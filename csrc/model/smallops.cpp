@@ -19,13 +19,14 @@ const SmallOps& small_ops(Isa isa) {
 }
 
 // One parallel region per fused op; each thread keeps one row of scratch.
-// Rows are split statically: they all cost the same.
+// Rows are handed out dynamically: on a shared machine a descheduled thread
+// then delays the region by one row, not its static share (see dispatch.cpp).
 void add_norm_quant_rows(const SmallOps& t, float* x, const float* d, const float* w, int N, int K, float eps,
                          int8_t* q, float* scale, int32_t* sum, int Kp) {
 #pragma omp parallel if (N > 1)
   {
     std::vector<float> tmp(K);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int r = 0; r < N; ++r)
       t.add_norm_quant(x + (int64_t)r * K, d ? d + (int64_t)r * K : nullptr, w, K, Kp, eps, tmp.data(),
                        q + (int64_t)r * Kp, scale + r, sum + r);
@@ -37,7 +38,7 @@ void act_norm_quant_rows(const SmallOps& t, float* g, const float* u, const floa
 #pragma omp parallel if (N > 1)
   {
     std::vector<float> tmp(K);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int r = 0; r < N; ++r)
       t.act_norm_quant(g + (int64_t)r * K, u + (int64_t)r * K, w, K, Kp, eps, tmp.data(), q + (int64_t)r * Kp,
                        scale + r, sum + r);
@@ -45,7 +46,7 @@ void act_norm_quant_rows(const SmallOps& t, float* g, const float* u, const floa
 }
 
 void rmsnorm_rows(const SmallOps& t, const float* x, const float* w, float* y, int N, int K, float eps) {
-#pragma omp parallel for schedule(static) if (N > 1)
+#pragma omp parallel for schedule(dynamic, 1) if (N > 1)
   for (int r = 0; r < N; ++r) t.rmsnorm(x + (int64_t)r * K, w, y + (int64_t)r * K, K, eps);
 }
 
