@@ -1,7 +1,8 @@
 """Forward latency of the C++ model on a BitNet-2B-4T-shaped synthetic model.
 
-    python bench/forward.py [--threads 1,2] [--lm-head f16,i8] [--kv-dtype f16]
-                            [--model-dir /tmp/bitdlm_fwd] [--reps 7] [--out bench/out/forward.json]
+    python bench/forward.py [--threads 1,2] [--lm-head f16,i8] [--kv-dtype f16] [--isa avx512vnni]
+                            [--cases decode_ctx512,block32_ctx512_out8] [--model-dir /tmp/bitdlm_fwd]
+                            [--reps 7] [--out bench/out/forward.json]
 
 Random weights from bench/make_synthetic_model.py (written to --model-dir on
 first use, never committed). Per lm_head type one worker process loads the
@@ -16,8 +17,11 @@ median over --reps of one `Model.forward` call in "select" mode:
 
 Each case is then run again with the model's phase profiler on
 (`Model.set_profile`, as BITDLM_PROFILE=1 does) and its mean ms per phase
-(norm, quant, gemm_*, attention, lm_head, select, ...) is stored as
-`phases_ms` and printed as a table.
+(norm_quant, act_quant, rope_kv, gemm_*, attention, lm_head, select, ...) is
+stored as `phases_ms` and printed as a table; `small_ops_pct` is the share of
+the small ops (embed, norm_quant, rope_kv, act_quant, final_norm) in it.
+--isa runs the workers under BITDLM_ISA=<isa> (default: the dispatcher's best);
+--cases keeps only the named cases.
 
 The cache is really written first (a chunked prefill of 2048 tokens, also
 timed), so attention reads real pages. Results go to --out as JSON. The machine
@@ -52,7 +56,10 @@ def ensure_model(model_dir: str, lm_head: str, shape: str = "2b") -> str:
     return path
 
 
-def worker(path: str, threads: list[int], reps: int, kv_dtype: str) -> dict:
+SMALL_OPS = ("embed", "norm_quant", "rope_kv", "act_quant", "final_norm")
+
+
+def worker(path: str, threads: list[int], reps: int, kv_dtype: str, only: list[str] | None = None) -> dict:
     import numpy as np
 
     import bitdlm
@@ -86,6 +93,11 @@ def worker(path: str, threads: list[int], reps: int, kv_dtype: str) -> dict:
         "block32_ctx512_out32": (32, 512, 32, 32),
         "block32_ctx2048_out8": (32, 2048, 32, 8),
     }
+    if only:
+        unknown = set(only) - set(cases)
+        if unknown:
+            raise SystemExit(f"unknown cases {sorted(unknown)} (known: {', '.join(cases)})")
+        cases = {k: v for k, v in cases.items() if k in only}
     res = {}
     for th in threads:
         _core.set_num_threads(th)
@@ -107,8 +119,12 @@ def worker(path: str, threads: list[int], reps: int, kv_dtype: str) -> dict:
             prof = m.profile(reset=True)
             m.set_profile(False)
             calls = prof.pop("calls")
-            row[name]["phases_ms"] = {k: round(1e3 * v / calls, 2) for k, v in prof.items() if v > 0}
-        row["decode_ctx512_tok_per_s"] = round(1e3 / row["decode_ctx512"]["ms_median"], 2)
+            row[name]["phases_ms"] = {k: round(1e3 * v / calls, 3) for k, v in prof.items() if v > 0}
+            small = sum(v for k, v in prof.items() if k in SMALL_OPS)
+            row[name]["small_ops_ms"] = round(1e3 * small / calls, 3)
+            row[name]["small_ops_pct"] = round(100 * small / max(sum(prof.values()), 1e-12), 2)
+        if "decode_ctx512" in row:
+            row["decode_ctx512_tok_per_s"] = round(1e3 / row["decode_ctx512"]["ms_median"], 2)
         # Python + argument checking share: the same call stopped right after validation
         item = (sid, toks(32), 512, 512, False, np.arange(24, 32, dtype=np.int32))
         ts = []
@@ -120,7 +136,9 @@ def worker(path: str, threads: list[int], reps: int, kv_dtype: str) -> dict:
                 pass
             ts.append(time.perf_counter() - t)
         row["python_side_ms"] = round(1e3 * statistics.median(ts), 4)
-        row["python_side_pct_of_block32"] = round(100 * row["python_side_ms"] / row["block32_ctx512_out8"]["ms_median"], 3)
+        if "block32_ctx512_out8" in row:
+            row["python_side_pct_of_block32"] = round(
+                100 * row["python_side_ms"] / row["block32_ctx512_out8"]["ms_median"], 3)
         res[str(th)] = row
         print(f"  threads={th}: " + ", ".join(f"{k} {v['ms_median']} ms" for k, v in row.items() if isinstance(v, dict)),
               file=sys.stderr, flush=True)
@@ -147,22 +165,29 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--shape", default="2b", choices=["2b", "tiny"], help="tiny: smoke test of this script")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "forward.json"))
+    ap.add_argument("--isa", default="", help="BITDLM_ISA for the workers (scalar|avx2|avx512|avx512vnni|amx)")
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
+    only = [c for c in args.cases.split(",") if c]
     if args.worker:
-        print(json.dumps(worker(args.worker, threads, args.reps, args.kv_dtype)))
+        print(json.dumps(worker(args.worker, threads, args.reps, args.kv_dtype, only)))
         return 0
+    env = dict(os.environ)
+    if args.isa:
+        env["BITDLM_ISA"] = args.isa
 
     from bitdlm.bench import machine_info
 
-    out = {"machine": machine_info(), "note": "", "shape": args.shape, "kv_dtype": args.kv_dtype, "results": {}}
+    out = {"machine": machine_info(), "note": "", "shape": args.shape, "kv_dtype": args.kv_dtype,
+           "isa_requested": args.isa or None, "results": {}}
     for head in args.lm_head.split(","):
         path = ensure_model(args.model_dir, head, args.shape)
         print(f"lm_head={head}: {path}", file=sys.stderr, flush=True)
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", path, "--threads", args.threads,
-                            "--reps", str(args.reps), "--kv-dtype", args.kv_dtype],
-                           check=True, stdout=subprocess.PIPE, text=True)
+                            "--reps", str(args.reps), "--kv-dtype", args.kv_dtype, "--cases", args.cases],
+                           check=True, stdout=subprocess.PIPE, text=True, env=env)
         out["results"][head] = json.loads(r.stdout.strip().splitlines()[-1])
     load_end = os.getloadavg()[0]
     out["machine"]["loadavg_at_end"] = load_end
@@ -191,6 +216,7 @@ def print_phases(out: dict) -> None:
                 print(f"{p:14s}" + "".join(f"{row[c]['phases_ms'].get(p, 0.0):21.2f}" for c in cases))
             print(f"{'sum':14s}" + "".join(f"{sum(row[c]['phases_ms'].values()):21.2f}" for c in cases))
             print(f"{'timed median':14s}" + "".join(f"{row[c]['ms_median']:21.2f}" for c in cases))
+            print(f"{'small ops %':14s}" + "".join(f"{row[c]['small_ops_pct']:21.2f}" for c in cases))
 
 
 if __name__ == "__main__":

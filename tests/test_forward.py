@@ -589,30 +589,57 @@ def test_runtime_load_does_not_import_torch(tmp_path):
 @pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
 @pytest.mark.parametrize("shape", ["gqa4_hd32", "gqa3_hd12"])
 def test_portable_and_simd_attention_agree(small, kv_dtype, shape):
-    """The portable (scalar ISA) and AVX2 attention loops give the same forward
-    (gqa3_hd12: the tile tails, 3 query rows per KV head and head_dim % 8 != 0)."""
+    """The portable (scalar ISA), AVX2 and (where the CPU has it) AVX-512 attention loops give the same
+    forward (gqa3_hd12: the tile tails, 3 query rows per KV head and head_dim % 8 != 0)."""
     hf = small[0] if shape == "gqa4_hd32" else make_hf(SHAPES[shape], seed=3)
-    isas = [i for i in ("scalar", "avx2") if i in _core.supported_isas()]
+    isas = [i for i in ("scalar", "avx2", "avx512") if i in _core.supported_isas()]
     if len(isas) < 2 or not hasattr(_core, "set_isa"):
         pytest.skip("this CPU/build has only the scalar kernels")
     core = to_core(hf, kv_dtype=kv_dtype)
     toks = np.random.default_rng(11).integers(0, hf.config.vocab_size, 40)
     old = _core.active_isa()
-    res = []
+    res = {}
     try:
         for isa in isas:
             _core.set_isa(isa)
             s = core.alloc_seq(48)
             core_logits(core, toks[:24], B=8, seq=s)
-            res.append(core_logits(core, toks[24:], B=8, seq=s, start=24, ctx_len=24, write=False))
-            # one query: the direct (untiled) scores / values path
-            res.append(core_logits(core, toks[24:25], B=1, seq=s, start=24, ctx_len=24, write=False))
+            res[isa] = (core_logits(core, toks[24:], B=8, seq=s, start=24, ctx_len=24, write=False),
+                        # one query: the direct (untiled) scores / values path
+                        core_logits(core, toks[24:25], B=1, seq=s, start=24, ctx_len=24, write=False))
             core.free_seq(s)
     finally:
         _core.set_isa(old)
     # (the lm_head kernels sum in different orders: last-bit differences on logits of O(100))
-    np.testing.assert_allclose(res[0], res[2], rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(res[1], res[3], rtol=1e-5, atol=1e-4)
+    for isa in isas[1:]:
+        for a, b in zip(res[isa], res["scalar"]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=isa)
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_avx512_attention_long_context(kv_dtype):
+    """AVX-512 attention (where the CPU has it) against the portable loops on 8 and 32 queries over
+    100 cached keys: several key tiles, masked tails of 16-wide vectors (head_dim 12 and 64)."""
+    if "avx512" not in _core.supported_isas():
+        pytest.skip("no AVX-512 on this CPU")
+    old = _core.active_isa()
+    try:
+        for shape in ("gqa3_hd12", "gqa2_hd64_untied"):
+            hf = make_hf(SHAPES[shape], seed=4)
+            core = to_core(hf, kv_dtype=kv_dtype)
+            toks = np.random.default_rng(13).integers(0, hf.config.vocab_size, 132)
+            res = {}
+            for isa in ("scalar", "avx512"):
+                _core.set_isa(isa)
+                s = core.alloc_seq(140)
+                core_logits(core, toks[:100], B=4, seq=s)
+                res[isa] = [core_logits(core, toks[100:100 + n], B=32, seq=s, start=100, ctx_len=100, write=False)
+                            for n in (8, 32)]
+                core.free_seq(s)
+            for a, b in zip(res["avx512"], res["scalar"]):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-4, err_msg=shape)
+    finally:
+        _core.set_isa(old)
 
 
 def test_phase_profile(small):
@@ -630,8 +657,8 @@ def test_phase_profile(small):
         phases, calls = core.profile()
         assert calls == 1
         assert all(v >= 0 for v in phases.values())
-        for p in ("embed", "norm", "quant", "gemm_qkv", "attention", "gemm_o", "gemm_gate_up", "gemm_down",
-                  "lm_head"):
+        for p in ("embed", "norm_quant", "gemm_qkv", "rope_kv", "attention", "gemm_o", "gemm_gate_up", "act_quant",
+                  "gemm_down", "final_norm", "lm_head"):
             assert phases[p] > 0, p
         assert sum(phases.values()) <= wall
         core.set_profile(False)
@@ -641,3 +668,185 @@ def test_phase_profile(small):
         assert calls == 0 and not any(phases.values())
     finally:
         core.set_profile(False)
+
+
+# ---- the small ops (csrc/model/smallops.*): every ISA table bit-identical to the scalar one ----
+
+SMALL_ISAS = ["scalar", "avx2", "avx512"]
+
+
+def _small_isa(isa):
+    if isa not in _core.supported_isas():
+        pytest.skip(f"{isa} not supported by this CPU")
+    return isa
+
+
+def _np_rmsnorm(x, w, eps):
+    """RMSNorm with the documented fixed reduction: 16 partial sums (lane = i mod 16), tree (l, l+8), +4, +2, +1."""
+    x = x.astype(np.float32)
+    N, K = x.shape
+    acc = np.zeros((N, 16), np.float32)
+    sq = x * x
+    for i0 in range(0, K, 16):
+        blk = sq[:, i0:i0 + 16]
+        acc[:, :blk.shape[1]] = acc[:, :blk.shape[1]] + blk
+    w_ = 8
+    while w_ >= 1:
+        acc[:, :w_] = acc[:, :w_] + acc[:, w_:2 * w_]
+        w_ //= 2
+    inv = np.float32(1.0) / np.sqrt(acc[:, 0] / np.float32(K) + np.float32(eps))
+    return (w.astype(np.float32) * (x * inv[:, None])).astype(np.float32)
+
+
+SMALL_SIZES = [(1, 2560), (7, 100), (33, 72), (7, 6912 - 3), (2, 5)]
+
+
+@pytest.mark.parametrize("isa", SMALL_ISAS)
+@pytest.mark.parametrize("N,K", SMALL_SIZES)
+def test_small_norm_quant_bit_identical(isa, N, K):
+    """Residual add + RMSNorm + quantize: the scalar table equals a numpy model of the documented
+    reduction bit for bit, its codes equal quantize_act of that norm, and every ISA equals scalar."""
+    _small_isa(isa)
+    rng = np.random.default_rng(N * 1000 + K)
+    x = (rng.standard_normal((N, K)) * 3).astype(np.float32)
+    d = rng.standard_normal((N, K)).astype(np.float32)
+    w = (0.5 + rng.random(K)).astype(np.float32)
+    eps = 1e-5
+    xs, qs, ss, sums = _core.smallop_add_norm_quant("scalar", x, d, w, eps)
+    np.testing.assert_array_equal(xs, x + d)
+    yref = _np_rmsnorm(x + d, w, eps)
+    np.testing.assert_array_equal(_core.smallop_rmsnorm("scalar", x + d, w, eps), yref)
+    q_ref, s_ref, sum_ref = _core.quantize_act(yref)
+    np.testing.assert_array_equal(qs, q_ref)
+    np.testing.assert_array_equal(ss, s_ref)
+    np.testing.assert_array_equal(sums, sum_ref)
+    # the same through the ISA's table
+    out = _core.smallop_add_norm_quant(isa, x, d, w, eps)
+    for a, b in zip(out, (xs, qs, ss, sums)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(_core.smallop_rmsnorm(isa, x, w, eps), _core.smallop_rmsnorm("scalar", x, w, eps))
+    # no residual: x untouched
+    xn, qn, sn, sumn = _core.smallop_add_norm_quant(isa, x, None, w, eps)
+    np.testing.assert_array_equal(xn, x)
+    q2, s2, sum2 = _core.quantize_act(_np_rmsnorm(x, w, eps))
+    np.testing.assert_array_equal(qn, q2)
+    np.testing.assert_array_equal(sn, s2)
+    np.testing.assert_array_equal(sumn, sum2)
+
+
+@pytest.mark.parametrize("isa", SMALL_ISAS)
+@pytest.mark.parametrize("N,K", SMALL_SIZES)
+def test_small_act_norm_quant_bit_identical(isa, N, K):
+    """relu(g)^2 * up + sub-norm + quantize against numpy + quantize_act, and every ISA against scalar."""
+    _small_isa(isa)
+    rng = np.random.default_rng(K * 7 + N)
+    g = rng.standard_normal((N, K)).astype(np.float32)
+    u = rng.standard_normal((N, K)).astype(np.float32)
+    w = (0.5 + rng.random(K)).astype(np.float32)
+    go, q, s, sums = _core.smallop_act_norm_quant(isa, g, u, w, 1e-5)
+    r = np.maximum(g, 0)
+    np.testing.assert_array_equal(go, (r * r) * u)
+    q_ref, s_ref, sum_ref = _core.quantize_act(_np_rmsnorm(go, w, 1e-5))
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(s, s_ref)
+    np.testing.assert_array_equal(sums, sum_ref)
+
+
+def test_small_quant_edge_rows():
+    """Rows of zeros (absmax clamp), exact .5 ties after scaling, and huge values: still quantize_act's codes."""
+    K = 37
+    x = np.zeros((3, K), np.float32)
+    x[1, :] = np.linspace(-1, 1, K, dtype=np.float32)
+    x[2, :] = 1e30
+    x[2, ::3] = -1e30
+    w = np.ones(K, np.float32)
+    for isa in [i for i in SMALL_ISAS if i in _core.supported_isas()]:
+        _, q, s, sums = _core.smallop_add_norm_quant(isa, x, None, w, 1e-5)
+        q_ref, s_ref, sum_ref = _core.quantize_act(_core.smallop_rmsnorm("scalar", x, w, 1e-5))
+        np.testing.assert_array_equal(q, q_ref)
+        np.testing.assert_array_equal(s, s_ref)
+        np.testing.assert_array_equal(sums, sum_ref)
+
+
+@pytest.mark.parametrize("isa", SMALL_ISAS)
+@pytest.mark.parametrize("N,heads,hd", [(1, 20, 128), (7, 3, 12), (33, 2, 6)])
+def test_small_rope_and_f16_bit_identical(isa, N, heads, hd):
+    """RoPE (rotate_half) equals numpy's x1 c - x2 s, x2 c + x1 s; fp16 rows decode like numpy."""
+    _small_isa(isa)
+    rng = np.random.default_rng(hd)
+    v = rng.standard_normal((N, heads * hd)).astype(np.float32)
+    ang = rng.random((N, hd // 2)).astype(np.float32) * 6
+    c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    out = _core.smallop_rope(isa, v, c, s, hd)
+    vv = v.reshape(N, heads, hd)
+    x1, x2 = vv[..., :hd // 2], vv[..., hd // 2:]
+    ref = np.concatenate([x1 * c[:, None] - x2 * s[:, None], x2 * c[:, None] + x1 * s[:, None]], -1)
+    np.testing.assert_array_equal(out, ref.reshape(N, -1))
+    bits = np.concatenate([np.arange(0, 65536, 7, dtype=np.uint16), np.array([0x7c00, 0xfc00, 0x0001, 0x8001],
+                                                                            np.uint16)])
+    got = _core.smallop_f16_row(isa, bits)
+    np.testing.assert_array_equal(got.view(np.uint32), bits.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+def test_small_bad_isa():
+    with pytest.raises(ValueError):
+        _core.smallop_rmsnorm("sse9", np.ones((1, 4), np.float32), np.ones(4, np.float32), 1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_forward_identical_across_isas(kv_dtype):
+    """The whole forward on every ISA the CPU supports: the small ops and GEMMs are bit-exact, so
+    only attention (exp polynomial) and the lm_head summation order may move the last bits."""
+    hf = make_hf(SHAPES["gqa3_hd12"], seed=5)
+    isas = [i for i in _core.supported_isas()]
+    if len(isas) < 2:
+        pytest.skip("only one ISA on this CPU")
+    core = to_core(hf, kv_dtype=kv_dtype)
+    toks = np.random.default_rng(12).integers(0, hf.config.vocab_size, 40)
+    old = _core.active_isa()
+    res = {}
+    try:
+        for isa in isas:
+            _core.set_isa(isa)
+            s = core.alloc_seq(48)
+            core_logits(core, toks[:33], B=8, seq=s)
+            res[isa] = core_logits(core, toks[33:], B=8, seq=s, start=33, ctx_len=33, write=False)
+            core.free_seq(s)
+    finally:
+        _core.set_isa(old)
+    for isa in isas[1:]:
+        np.testing.assert_allclose(res[isa], res[isas[0]], rtol=1e-5, atol=1e-4, err_msg=isa)
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ATTN_SIMDE = ["tests/simde/attention_harness.cpp", "csrc/model/attention_avx512.cpp"]
+_ATTN_SIMDE_HEADERS = ["csrc/model/simde512_shim.h", "csrc/model/attention.h", "csrc/model/half.h",
+                       "csrc/kernels/isa.h", "csrc/kernels/gemm.h"]
+
+
+def test_avx512_attention_kernels_via_simde(tmp_path_factory):
+    """The AVX-512 attention kernels (scores, online softmax, fp32/fp16 values), compiled against SIMDe
+    without any -mavx512 flag, match plain loops within 1e-5 relative on odd shapes."""
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    cxx = shutil.which("g++")
+    if cxx is None or not os.path.exists("/usr/include/simde/x86/avx512.h"):
+        pytest.skip("needs g++ and SIMDe headers (Debian libsimde-dev)")
+    h = hashlib.sha256()
+    for rel in _ATTN_SIMDE + _ATTN_SIMDE_HEADERS:
+        with open(os.path.join(_ROOT, rel), "rb") as f:
+            h.update(f.read())
+    exe = os.path.join(tempfile.gettempdir(), f"bitdlm_attn_simde_{h.hexdigest()[:16]}")
+    if not os.path.exists(exe):
+        tmp = str(tmp_path_factory.mktemp("attn_simde") / "harness")
+        cmd = [cxx, "-std=c++17", "-O0", "-Wno-psabi", "-DBITDLM_SIMDE", "-I", os.path.join(_ROOT, "csrc"), "-o", tmp]
+        cmd += [os.path.join(_ROOT, s) for s in _ATTN_SIMDE]
+        build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert build.returncode == 0, build.stderr[-4000:]
+        shutil.move(tmp, exe)
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert run.stdout.strip().splitlines()[-1].startswith("OK") and " 0 failed" in run.stdout

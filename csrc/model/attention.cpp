@@ -8,7 +8,9 @@
 #include <cstring>
 
 #include "kernels/gemm.h"
+#include "kernels/isa.h"
 #include "model/half.h"
+#include "model/isa_tables.h"
 
 namespace bitdlm {
 
@@ -19,7 +21,7 @@ static inline int round8(int n) { return (n + 7) & ~7; }
 template <class T>
 inline float ld(T x) {
   if constexpr (sizeof(T) == 2)
-    return f16_to_f32(x);
+    return half_to_float(x);
   else
     return x;
 }
@@ -34,7 +36,7 @@ static void k_tile(const T* K, int64_t ldk, int nk, int d, float* KT, int ldkt) 
 
 static void v_tile_f16(const uint16_t* V, int64_t ldv, int nk, int d, float* Vf) {
   for (int j = 0; j < nk; ++j)
-    for (int i = 0; i < d; ++i) Vf[(int64_t)j * d + i] = f16_to_f32(V[j * ldv + i]);
+    for (int i = 0; i < d; ++i) Vf[(int64_t)j * d + i] = half_to_float(V[j * ldv + i]);
 }
 
 static void qk(const float* Q, int R, const float* KT, int ldkt, int nk, int d, float scale, float* S, int64_t lds) {
@@ -102,10 +104,29 @@ extern const AttnKernels kAttnPortable = {"portable",
                                           &portable::pv<uint16_t>,
                                           &portable::to_f16};
 
-const AttnKernels& attn_kernels() {
+// `own` with its null entries taken from `base`.
+static AttnKernels merged(const AttnKernels& own, const AttnKernels& base) {
+  AttnKernels t = own;
+  auto fill = [](auto& f, auto g) { if (!f) f = g; };
+  fill(t.k_tile_f32, base.k_tile_f32);
+  fill(t.k_tile_f16, base.k_tile_f16);
+  fill(t.v_tile_f16, base.v_tile_f16);
+  fill(t.qk, base.qk);
+  fill(t.qk_direct_f32, base.qk_direct_f32);
+  fill(t.qk_direct_f16, base.qk_direct_f16);
+  fill(t.softmax_tile, base.softmax_tile);
+  fill(t.pv_f32, base.pv_f32);
+  fill(t.pv_f16, base.pv_f16);
+  fill(t.to_f16, base.to_f16);
+  return t;
+}
+
+const AttnKernels& attn_kernels(Isa isa) {
   // Follow the kernels' single dispatch point (re-read: _core.set_isa may change it);
-  // every ISA above scalar has AVX2.
-  return std::strcmp(active_isa(), "scalar") == 0 ? kAttnPortable : kAttnAvx2;
+  // levels without their own table use the best lower one.
+  static const AttnKernels avx512 = merged(kAttnAvx512Own, kAttnAvx2);
+  static const IsaTables<AttnKernels> tables{&kAttnPortable, &kAttnAvx2, &avx512};
+  return tables[isa];
 }
 
 namespace {

@@ -3,10 +3,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/gemm.h"
+
 namespace bitdlm {
 
 // Hot loops of attention, one table per ISA (attention.cpp: portable,
-// attention_avx2.cpp: AVX2 + FMA + F16C), picked from the kernels' active_isa().
+// attention_avx2.cpp: AVX2 + FMA + F16C, attention_avx512.cpp: AVX-512 for the
+// tiled path), indexed by the kernels' active_isa_id().
 //
 // attention() works on tiles: R query rows (a few queries x the query heads
 // sharing one KV head, copied into a contiguous [R, d] block) against key tiles
@@ -46,7 +49,11 @@ struct AttnKernels {
 
 extern const AttnKernels kAttnPortable;
 extern const AttnKernels kAttnAvx2;
-const AttnKernels& attn_kernels();
+// AVX-512 (attention_avx512.cpp): its own tiled-path kernels, nullptr where AVX2's serve.
+extern const AttnKernels kAttnAvx512Own;
+// The table of an ISA level (active_isa_id(); levels without their own use the best lower one).
+const AttnKernels& attn_kernels(Isa isa);
+inline const AttnKernels& attn_kernels() { return attn_kernels(active_isa_id()); }
 
 // One item of a forward call as attention sees it, for one layer.
 struct AttnItem {

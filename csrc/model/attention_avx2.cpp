@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "model/attention.h"
+#include "kernels/isa.h"
 #include "model/half.h"
 #include "model/simd_avx2.h"
 
@@ -17,7 +18,7 @@ static inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 static inline float load1(const float* p) { return *p; }
-static inline float load1(const uint16_t* p) { return f16_to_f32(*p); }
+static inline float load1(const uint16_t* p) { return half_to_float(*p); }
 
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -111,7 +112,7 @@ static void k_tile(const T* K, int64_t ld, int nk, int d, float* KT, int ldkt) {
         float x = 0.f;
         if (j < jn) {
           if constexpr (sizeof(T) == 2)
-            x = f16_to_f32(K[(j0 + j) * ld + i0]);
+            x = half_to_float(K[(j0 + j) * ld + i0]);
           else
             x = K[(j0 + j) * ld + i0];
         }
@@ -124,7 +125,7 @@ static void v_tile_f16(const uint16_t* V, int64_t ld, int nk, int d, float* Vf) 
   for (int j = 0; j < nk; ++j) {
     int i = 0;
     for (; i + 8 <= d; i += 8) _mm256_storeu_ps(Vf + (int64_t)j * d + i, load8(V + j * ld + i));
-    for (; i < d; ++i) Vf[(int64_t)j * d + i] = f16_to_f32(V[j * ld + i]);
+    for (; i < d; ++i) Vf[(int64_t)j * d + i] = half_to_float(V[j * ld + i]);
   }
 }
 

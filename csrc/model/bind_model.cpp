@@ -83,6 +83,8 @@ std::vector<Item> parse_items(const py::handle& items_obj) {
 
 }  // namespace
 
+void register_smallops(py::module_& m);
+
 void register_model(py::module_& m) {
   py::register_exception<KvBudgetError>(m, "KvBudgetError", PyExc_MemoryError);
 
@@ -232,6 +234,7 @@ void register_model(py::module_& m) {
           py::arg("items"), py::arg("block_size"), py::arg("mode") = "logits", py::arg("temperature") = py::none(),
           py::arg("top_p") = py::none(), py::arg("uniforms") = py::none(), py::arg("banned") = py::none(),
           "One forward for all items (seq_id, tokens, start, ctx_len, write, out_idx); see docs/architecture.md");
+  register_smallops(m);  // csrc/model/bind_smallops.cpp (tests of the per-ISA small ops)
 }
 
 }  // namespace bitdlm

@@ -1,38 +1,12 @@
-// IEEE fp16 <-> fp32 in portable code (no F16C), round to nearest even.
-// Used off the hot path (embedding rows, K/V writes, the baseline attention);
-// attention_avx2.cpp converts with F16C instead. `static` so that copies built
+// fp32 -> IEEE fp16 in portable code (no F16C), round to nearest even, for the
+// K/V writes of the baseline attention table (attention_avx2.cpp uses F16C).
+// The one fp16 -> fp32 decoder is kernels/isa.h's half_to_float. `static` so that copies built
 // with different ISA flags never merge at link time.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
 namespace bitdlm {
-
-static inline float f16_to_f32(uint16_t h) {
-  const uint32_t shifted_exp = 0x7c00u << 13;
-  uint32_t o = (uint32_t)(h & 0x7fff) << 13;
-  const uint32_t exp = shifted_exp & o;
-  o += (127u - 15u) << 23;
-  float f;
-  if (exp == shifted_exp) {
-    o += (128u - 16u) << 23;  // Inf / NaN
-    std::memcpy(&f, &o, 4);
-  } else if (exp == 0) {  // zero / subnormal: renormalize with a float subtraction
-    o += 1u << 23;
-    std::memcpy(&f, &o, 4);
-    const uint32_t magic_u = 113u << 23;
-    float magic;
-    std::memcpy(&magic, &magic_u, 4);
-    f -= magic;
-  } else {
-    std::memcpy(&f, &o, 4);
-  }
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u |= (uint32_t)(h & 0x8000) << 16;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 static inline uint16_t f32_to_f16(float x) {
   uint32_t u;

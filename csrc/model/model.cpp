@@ -11,14 +11,14 @@
 #include <unordered_set>
 
 #include "model/attention.h"
-#include "model/half.h"
+#include "model/smallops.h"
 #include "model/sampling.h"
 
 namespace bitdlm {
 
-const char* const kPhaseNames[kNumPhases] = {"embed", "norm", "quant", "gemm_qkv", "rope", "kv_write", "attention",
-                                             "gemm_o", "gemm_gate_up", "act", "gemm_down", "residual", "lm_head",
-                                             "select"};
+const char* const kPhaseNames[kNumPhases] = {"embed",  "norm_quant",   "gemm_qkv",  "rope_kv",    "attention",
+                                             "gemm_o", "gemm_gate_up", "act_quant", "gemm_down",  "final_norm",
+                                             "lm_head", "select"};
 
 namespace {
 // Adds the lifetime of a scope to one phase (when profiling).
@@ -55,23 +55,6 @@ const TensorRef& need(const std::map<std::string, TensorRef>& t, const std::stri
     throw std::invalid_argument(name + ": shape " + shape_str(r.shape) + ", expected " + shape_str(shape));
   if (!r.data) throw std::invalid_argument(name + ": no data");
   return r;
-}
-
-void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int dim, float eps) {
-#pragma omp parallel for schedule(static) if (rows >= 8)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * dim;
-    float* yr = y + r * dim;
-    // 8 partial sums: vectorizable, and no 4-cycle add latency chain over the row
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int i = 0;
-    for (; i + 8 <= dim; i += 8)
-      for (int l = 0; l < 8; ++l) acc[l] += xr[i + l] * xr[i + l];
-    float ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < dim; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.0f / std::sqrt(ss / (float)dim + eps);
-    for (int i = 0; i < dim; ++i) yr[i] = w[i] * (xr[i] * inv);
-  }
 }
 
 template <class T>
@@ -289,102 +272,82 @@ int Model::run(const std::vector<Item>& items, int B) {
   grow(as_, (size_t)N);
   grow(asum_, (size_t)N);
 
-  // Embedding rows and RoPE tables (same formulas and fp32 rounding as transformers).
-  std::vector<float> inv_freq(half);
-  for (int i = 0; i < half; ++i)
-    inv_freq[i] = 1.0f / std::pow((float)c.rope_theta, (float)(2 * i) / (float)hd);
+  // Rows in call order: the item and position of each fresh token.
+  row_item_.resize(N);
   std::vector<AttnItem> ai(items.size());
   {
-    auto t = timed(kEmbed);
     int row = 0;
     for (size_t t = 0; t < items.size(); ++t) {
       const Item& it = items[t];
       ai[t] = AttnItem{nullptr, nullptr, kv_.capacity(it.seq), it.start, (int)it.tokens.size(), it.ctx_len, row};
-      for (size_t j = 0; j < it.tokens.size(); ++j, ++row) {
-        const uint16_t* e = embed_ + (int64_t)it.tokens[j] * H;
-        float* xr = x_.data() + (int64_t)row * H;
-        for (int i = 0; i < H; ++i) xr[i] = f16_to_f32(e[i]);
-        const float pos = (float)(it.start + (int)j);
-        for (int i = 0; i < half; ++i) {
-          const float f = pos * inv_freq[i];
-          cos_[(int64_t)row * half + i] = std::cos(f);
-          sin_[(int64_t)row * half + i] = std::sin(f);
-        }
+      for (size_t j = 0; j < it.tokens.size(); ++j) row_item_[row++] = (int)t;
+    }
+  }
+  const SmallOps& so = small_ops();
+  const AttnKernels& akt = attn_kernels();
+  // Embedding rows and RoPE tables (same formulas and fp32 rounding as transformers).
+  std::vector<float> inv_freq(half);
+  for (int i = 0; i < half; ++i)
+    inv_freq[i] = 1.0f / std::pow((float)c.rope_theta, (float)(2 * i) / (float)hd);
+  {
+    auto t = timed(kEmbed);
+#pragma omp parallel for schedule(dynamic, 1) if (N > 1)
+    for (int r = 0; r < N; ++r) {
+      const AttnItem& a = ai[row_item_[r]];
+      const int j = r - a.row0;
+      so.f16_row(embed_ + (int64_t)items[row_item_[r]].tokens[j] * H, x_.data() + (int64_t)r * H, H);
+      const float pos = (float)(a.start + j);
+      for (int i = 0; i < half; ++i) {
+        const float f = pos * inv_freq[i];
+        cos_[(int64_t)r * half + i] = std::cos(f);
+        sin_[(int64_t)r * half + i] = std::sin(f);
       }
     }
   }
-  auto rope = [&](float* y, int heads) {
-    for (int r = 0; r < N; ++r) {
-      const float* cr = cos_.data() + (int64_t)r * half;
-      const float* sr = sin_.data() + (int64_t)r * half;
-      for (int h = 0; h < heads; ++h) {
-        float* v = y + ((int64_t)r * heads + h) * hd;
-        for (int i = 0; i < half; ++i) {
-          const float x1 = v[i], x2 = v[i + half];
-          v[i] = x1 * cr[i] - x2 * sr[i];
-          v[i + half] = x2 * cr[i] + x1 * sr[i];
-        }
-      }
-    }
-  };
-  auto quant = [&](const float* in, int K, int Kp) {
-    auto t = timed(kQuant);
-    quantize_act(in, N, K, Kp, aq_.data(), as_.data(), asum_.data());
-    return ActQ{aq_.data(), as_.data(), asum_.data(), N, Kp};
-  };
+  const ActQ aH{aq_.data(), as_.data(), asum_.data(), N, KpH};
   auto tw = [](const Ternary& w, float* y) { return TernaryW{w.data, w.M, w.scale, y, w.M}; };
-  const AttnKernels& akt = attn_kernels();
   const bool f16 = kv_.f16();
   const size_t esz = f16 ? 2 : 4;
-
-  // The end of both blocks: BitNet's sub-norm (in place), one activation
-  // quantization, the output projection to H, and the residual add.
-  auto sub_norm_project_add = [&](float* in, const float* sub_norm, int K, int Kp, const Ternary& proj, Phase ph) {
-    {
-      auto t = timed(kNorm);
-      rmsnorm(in, sub_norm, in, N, K, c.eps);
-    }
-    {
-      const ActQ a = quant(in, K, Kp);
-      const TernaryW w = tw(proj, tmp_.data());
-      auto t = timed(ph);
-      gemm_i2_i8(&w, 1, a);
-    }
-    auto t = timed(kResidual);
-    for (int64_t i = 0; i < (int64_t)N * H; ++i) x_[i] += tmp_[i];
-  };
+  // The residual not yet added to x_ (the last output projection, in tmp_):
+  // the add is fused into the next norm + quantize.
+  const float* pending = nullptr;
 
   for (int l = 0; l < c.layers; ++l) {
     const Layer& L = layers_[l];
     // Attention block: one activation quantization feeds q, k and v.
     {
-      auto t = timed(kNorm);
-      rmsnorm(x_.data(), L.in_norm, xn_.data(), N, H, c.eps);
+      auto t = timed(kNormQuant);
+      add_norm_quant_rows(so, x_.data(), pending, L.in_norm, N, H, c.eps, aq_.data(), as_.data(), asum_.data(), KpH);
+      pending = nullptr;
     }
     {
-      const ActQ a = quant(xn_.data(), H, KpH);
       const TernaryW w[3] = {tw(L.q, q_.data()), tw(L.k, k_.data()), tw(L.v, v_.data())};
       auto t = timed(kGemmQkv);
-      gemm_i2_i8(w, 3, a);
+      gemm_i2_i8(w, 3, aH);
     }
     {
-      auto t = timed(kRope);
-      rope(q_.data(), nh);
-      rope(k_.data(), nkv);
-    }
-    auto t_kv = timed(kKvWrite);
-    for (size_t t = 0; t < items.size(); ++t) {
-      const Item& it = items[t];
-      ai[t].kc = kv_.k(it.seq, l);
-      ai[t].vc = kv_.v(it.seq, l);
-      if (!it.write) continue;
-      // Cache layout [n_kv, cap, hd]: scatter each fresh row's heads.
-      for (int j = 0; j < ai[t].n; ++j)
+      // RoPE of q and k and the K/V cache write, one pass per row.
+      auto t = timed(kRopeKv);
+      for (size_t i = 0; i < items.size(); ++i) {
+        ai[i].kc = kv_.k(items[i].seq, l);
+        ai[i].vc = kv_.v(items[i].seq, l);
+      }
+#pragma omp parallel for schedule(dynamic, 1) if (N > 1)
+      for (int r = 0; r < N; ++r) {
+        const float* cr = cos_.data() + (int64_t)r * half;
+        const float* sr = sin_.data() + (int64_t)r * half;
+        so.rope(q_.data() + (int64_t)r * QD, cr, sr, nh, hd);
+        so.rope(k_.data() + (int64_t)r * KVD, cr, sr, nkv, hd);
+        const Item& it = items[row_item_[r]];
+        if (!it.write) continue;
+        const AttnItem& a = ai[row_item_[r]];
+        const int j = r - a.row0;
+        // Cache layout [n_kv, cap, hd]: scatter the row's heads.
         for (int h = 0; h < nkv; ++h) {
-          const int64_t src = (int64_t)(ai[t].row0 + j) * KVD + (int64_t)h * hd;
-          const int64_t dst = ((int64_t)h * ai[t].cap + it.start + j) * hd;
-          char* kd = static_cast<char*>(kv_.k(it.seq, l)) + dst * esz;
-          char* vd = static_cast<char*>(kv_.v(it.seq, l)) + dst * esz;
+          const int64_t src = (int64_t)r * KVD + (int64_t)h * hd;
+          const int64_t dst = ((int64_t)h * a.cap + it.start + j) * hd;
+          char* kd = static_cast<char*>(const_cast<void*>(a.kc)) + dst * esz;
+          char* vd = static_cast<char*>(const_cast<void*>(a.vc)) + dst * esz;
           if (f16) {
             akt.to_f16(k_.data() + src, reinterpret_cast<uint16_t*>(kd), hd);
             akt.to_f16(v_.data() + src, reinterpret_cast<uint16_t*>(vd), hd);
@@ -393,46 +356,62 @@ int Model::run(const std::vector<Item>& items, int B) {
             std::memcpy(vd, v_.data() + src, sizeof(float) * hd);
           }
         }
+      }
     }
-    t_kv.stop();
     {
       auto t = timed(kAttention);
       attention(f16, ai.data(), (int)ai.size(), B, q_.data(), k_.data(), v_.data(), nh, nkv, hd, att_.data(),
                 attn_scratch_);
     }
-    sub_norm_project_add(att_.data(), L.attn_sub, QD, KpQ, L.o, kGemmO);
-
-    // MLP block: relu(gate)^2 * up, with gate and up in one multi-GEMM.
+    // BitNet's sub-norm + quantize, o_proj, then residual + post-norm + quantize.
     {
-      auto t = timed(kNorm);
-      rmsnorm(x_.data(), L.post_norm, xn_.data(), N, H, c.eps);
+      auto t = timed(kNormQuant);
+      add_norm_quant_rows(so, att_.data(), nullptr, L.attn_sub, N, QD, c.eps, aq_.data(), as_.data(), asum_.data(),
+                          KpQ);
     }
     {
-      const ActQ a = quant(xn_.data(), H, KpH);
+      const TernaryW w = tw(L.o, tmp_.data());
+      auto t = timed(kGemmO);
+      gemm_i2_i8(&w, 1, ActQ{aq_.data(), as_.data(), asum_.data(), N, KpQ});
+    }
+    {
+      auto t = timed(kNormQuant);
+      add_norm_quant_rows(so, x_.data(), tmp_.data(), L.post_norm, N, H, c.eps, aq_.data(), as_.data(), asum_.data(),
+                          KpH);
+    }
+    // MLP block: gate and up in one multi-GEMM, then relu(gate)^2 * up + sub-norm + quantize.
+    {
       const TernaryW w[2] = {tw(L.gate, g_.data()), tw(L.up, u_.data())};
       auto t = timed(kGemmGateUp);
-      gemm_i2_i8(w, 2, a);
+      gemm_i2_i8(w, 2, aH);
     }
     {
-      auto t = timed(kAct);
-      float* g = g_.data();
-      const float* u = u_.data();
-      for (int64_t i = 0; i < (int64_t)N * I; ++i) {
-        // relu as (g + |g|) / 2: exact in fp32, and branch-free so the loop vectorizes
-        const float r = (g[i] + std::fabs(g[i])) * 0.5f;
-        g[i] = r * r * u[i];
-      }
+      auto t = timed(kActQuant);
+      act_norm_quant_rows(so, g_.data(), u_.data(), L.ffn_sub, N, I, c.eps, aq_.data(), as_.data(), asum_.data(), KpI);
     }
-    sub_norm_project_add(g_.data(), L.ffn_sub, I, KpI, L.down, kGemmDown);
+    {
+      const TernaryW w = tw(L.down, tmp_.data());
+      auto t = timed(kGemmDown);
+      gemm_i2_i8(&w, 1, ActQ{aq_.data(), as_.data(), asum_.data(), N, KpI});
+      pending = tmp_.data();
+    }
   }
 
+  auto t_final = timed(kFinalNorm);
+  // The last residual, then the final norm of the requested rows only.
+  float* x = x_.data();
+  if (pending) {
+#pragma omp parallel for schedule(dynamic, 1) if (N > 1)
+    for (int r = 0; r < N; ++r)
+      for (int i = 0; i < H; ++i) x[(int64_t)r * H + i] += pending[(int64_t)r * H + i];
+  }
   if (NO == 0) return 0;
-  // Final norm of the requested rows only.
   grow(xo_, (size_t)NO * H);
-  int o = 0;
+  out_row_.clear();
   for (size_t t = 0; t < items.size(); ++t)
-    for (int32_t idx : items[t].out_idx)
-      rmsnorm(x_.data() + (int64_t)(ai[t].row0 + idx) * H, final_norm_, xo_.data() + (int64_t)(o++) * H, 1, H, c.eps);
+    for (int32_t idx : items[t].out_idx) out_row_.push_back(ai[t].row0 + idx);
+#pragma omp parallel for schedule(dynamic, 1) if (NO > 1)
+  for (int o = 0; o < NO; ++o) so.rmsnorm(x + (int64_t)out_row_[o] * H, final_norm_, xo_.data() + (int64_t)o * H, H, c.eps);
   return NO;
 }
 

@@ -45,8 +45,12 @@ struct SelectArgs {
 // Wall time per phase of the forward, summed over calls while profiling is on
 // (BITDLM_PROFILE=1 at construction, or set_profile). Phases are timed on the
 // calling thread around whole (parallel) regions, so they add up to the call.
-enum Phase { kEmbed, kNorm, kQuant, kGemmQkv, kRope, kKvWrite, kAttention, kGemmO, kGemmGateUp, kAct, kGemmDown,
-             kResidual, kLmHead, kSelect, kNumPhases };
+// The small ops are fused (smallops.h): norm_quant = [residual add +] RMSNorm
+// (input, post-attention and attention sub-norm) + activation quantization;
+// act_quant = relu(gate)^2 * up + ffn sub-norm + quantization; rope_kv = RoPE
+// of q and k + the K/V cache write; final_norm = last residual + model.norm.
+enum Phase { kEmbed, kNormQuant, kGemmQkv, kRopeKv, kAttention, kGemmO, kGemmGateUp, kActQuant, kGemmDown,
+             kFinalNorm, kLmHead, kSelect, kNumPhases };
 extern const char* const kPhaseNames[kNumPhases];
 
 class Model {
@@ -115,6 +119,7 @@ class Model {
   std::vector<int8_t> aq_;
   std::vector<float> as_;
   std::vector<int32_t> asum_;
+  std::vector<int> row_item_, out_row_;  // item of each fresh row; row of each output
 };
 
 }  // namespace bitdlm

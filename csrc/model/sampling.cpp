@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/gemm.h"
+#include "model/isa_tables.h"
 
 namespace bitdlm {
 
@@ -78,12 +79,16 @@ static void sample(float* l, int V, float T, float top_p, float u, int32_t* tok,
 
 void select_rows(float* logits, int rows, int V, int64_t ld, const float* temperature, const float* top_p,
                  const float* uniform, int32_t* tok, float* conf) {
-  const bool simd = std::strcmp(active_isa(), "scalar") != 0;  // every ISA above scalar has AVX2
+  // Greedy row kernel per ISA level (AVX-512 levels use the AVX2 one); false = fall back to the portable row.
+  using GreedyFn = bool (*)(const float*, int, int32_t*, float*);
+  static const GreedyFn kNone = nullptr, kAvx2 = &greedy_avx2;
+  static const IsaTables<GreedyFn> tables{&kNone, &kAvx2};
+  const GreedyFn fast = tables[active_isa_id()];
 #pragma omp parallel for schedule(dynamic, 1) if (rows > 1)
   for (int r = 0; r < rows; ++r) {
     float* l = logits + r * ld;
     if (temperature[r] <= 0.f) {
-      if (!simd || !greedy_avx2(l, V, tok + r, conf + r)) greedy(l, V, tok + r, conf + r);
+      if (!fast || !fast(l, V, tok + r, conf + r)) greedy(l, V, tok + r, conf + r);
     } else {
       sample(l, V, temperature[r], top_p[r], uniform[r], tok + r, conf + r);
     }
