@@ -4,8 +4,8 @@ Heavy request work (parsing a big JSON body, tokenizing, rendering the chat
 template) runs in a small thread pool, never on the event loop; the engine
 thread (engine_loop.py) runs the forwards.
 """
-from __future__ import annotations
-
+# (no `from __future__ import annotations`: FastAPI resolves the route
+# annotations, and `Request` is imported inside create_app)
 import asyncio
 import contextlib
 import dataclasses
@@ -38,7 +38,7 @@ class ServerConfig:
     vocab_size: int
     max_batch: int = 16
     max_queue: int = 64
-    api_key: str | None = None
+    api_key: "str | None" = None
     default_params: dict = dataclasses.field(default_factory=dict)  # SamplingParams defaults
     max_body_bytes: int = MAX_BODY_BYTES
 

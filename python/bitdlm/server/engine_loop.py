@@ -236,10 +236,7 @@ class EngineLoop:
                 pass
             self._release()
             a.sink.put("error", err)
-            try:
-                self._count_finish(reason)
-            except Exception:
-                pass
+            self._count_finish(reason)
 
     def _step(self):
         t0 = time.perf_counter()
@@ -266,7 +263,20 @@ class EngineLoop:
         batch = _Batch()
         try:
             for out in outs:
-                self._deliver(batch, out, now)
+                try:
+                    self._deliver(batch, out, now)
+                except Exception:  # one malformed output: that request alone fails
+                    rid = getattr(out, "request_id", None)
+                    log.exception("delivering the output of %s failed", rid)
+                    a = self._active.pop(rid, None) if isinstance(rid, str) else None
+                    if a is not None:
+                        try:
+                            self.engine.abort(rid)
+                        except Exception:
+                            pass
+                        self._release()
+                        batch.put(a.sink, "error", APIError(500, "Internal engine error.",
+                                                            code="engine_error"))
         finally:
             batch.flush()
 
@@ -298,9 +308,12 @@ class EngineLoop:
         m = self.metrics
         if m is None:
             return
-        m.finished.labels(reason=reason).inc()
-        if out is not None:
-            m.finished_request(out, now - a.t_submit)
+        try:  # metrics never fail a request
+            m.finished.labels(reason=reason).inc()
+            if out is not None:
+                m.finished_request(out, now - a.t_submit)
+        except Exception:
+            log.exception("metrics of a finished request failed")
 
     def _shutdown(self):
         with self._cv:
