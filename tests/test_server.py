@@ -70,7 +70,7 @@ class FakeEngine:
     """Scripted engine: request r emits `tps` tokens per step (letters derived
     from its prompt), each step sleeps `delay`; prompt token 1 makes a step
     raise, token 2 makes add_request raise ValueError, token 3 gives a
-    malformed finished output (forwards=None)."""
+    malformed output (num_prompt_tokens=None)."""
 
     def __init__(self, delay=0.0, tps=2, max_batch=2):
         self.reqs, self.delay, self.tps, self.max_batch = {}, delay, tps, max_batch
@@ -106,8 +106,9 @@ class FakeEngine:
             fin = len(r["gen"]) >= r["max"]
             outs.append(SimpleNamespace(
                 request_id=rid, new_token_ids=new, text=bytes(new).decode(), finished=fin,
-                finish_reason="length" if fin else None, num_prompt_tokens=len(r["p"]),
-                num_generated_tokens=len(r["gen"]), forwards=None if 3 in r["p"] else r["fw"]))
+                finish_reason="length" if fin else None,
+                num_prompt_tokens=None if 3 in r["p"] else len(r["p"]),
+                num_generated_tokens=len(r["gen"]), forwards=r["fw"]))
             if fin:
                 del self.reqs[rid]
         return outs
@@ -615,7 +616,7 @@ def test_chunked_upload_over_the_limit_is_413(fake_server):
 
 
 def test_malformed_engine_output_fails_only_its_request(fake_server):
-    """An output the loop cannot process (forwards=None) ends that request at
+    """An output the loop cannot process (num_prompt_tokens=None) ends that request at
     most; the engine thread keeps serving the others."""
     srv = fake_server(delay=0.01, max_batch=4)
     c = client_for(srv.base)
