@@ -751,6 +751,56 @@ def test_threads_take_effect_on_the_forwarding_thread():
     assert p.returncode == 0, p.stderr
 
 
+def test_bindings_release_the_gil_before_the_model_lock(slow_model):
+    """kv_bytes_used / set_profile / reset_profile / the forward's item check
+    wait for a running forward's mutex; they must not hold the GIL meanwhile,
+    or every Python thread (the server's event loop) stalls for the forward."""
+    import bitdlm
+    import numpy as np
+
+    m = bitdlm.load(slow_model, threads=1)
+    n = 1200  # one forward of seconds on 2 busy cores (the old bindings stalled 4-14 s)
+    sid = m.alloc_seq(n)
+    toks = np.arange(n, dtype=np.int32) % 300 + 4
+    items = [(sid, toks, 0, 0, False, np.asarray([n - 1], np.int32))]
+    sid2 = m.alloc_seq(8)
+    small = [(sid2, toks[:4], 0, 0, False, np.asarray([3], np.int32))]
+    done = threading.Event()
+    t_fw = []
+
+    def forwards():
+        t0 = time.perf_counter()
+        m.forward(items, 1, "logits")
+        t_fw.append(time.perf_counter() - t0)
+        done.set()
+
+    gaps = []
+
+    def ticker():
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    threads = [threading.Thread(target=forwards), threading.Thread(target=ticker)]
+    for t in threads:
+        t.start()
+    calls = 0
+    while not done.is_set():  # each of these waits for the running forward
+        m.kv_bytes_used()
+        m.set_profile(False)
+        m.profile(reset=True)
+        m.forward(small, 1, "logits")
+        calls += 1
+    for t in threads:
+        t.join()
+    m.free_seq(sid)
+    m.free_seq(sid2)
+    assert calls >= 1 and max(gaps) < 0.3, (max(gaps), t_fw)
+
+
 def _packaged():
     from bitdlm.data import default_model_path
 
