@@ -3,6 +3,8 @@
 `bitdlm serve` with the same flags (see docs/server.md).
 
     python scripts/serve_dlm_native.py --model model.bin --port 8000
+    python scripts/serve_dlm_native.py --model models/dlm-bitnet-2b.bin \
+        --tokenizer models/dlm-bitnet-2b --block-size 32 --threshold 0.95
 """
 import os
 import sys

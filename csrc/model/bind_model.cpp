@@ -3,6 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <omp.h>
+
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -15,9 +18,20 @@ namespace bitdlm {
 namespace {
 
 // Owns the Python buffer view (keeps the mmap alive) next to the C++ model.
+// `threads` is applied on the thread that calls forward, at every call:
+// OpenMP's nthreads-var is per thread, so setting it where the model was
+// loaded would not reach an engine thread that runs the forwards.
 struct PyModel {
   std::unique_ptr<py::buffer_info> buf;
   std::unique_ptr<Model> model;
+  std::atomic<int> threads{0};          // 0 = leave the calling thread's setting alone
+  std::atomic<int> forward_threads{0};  // team size the last forward ran with
+
+  void apply_threads() {
+    const int n = threads.load();
+    if (n > 0 && omp_get_max_threads() != n) omp_set_num_threads(n);
+    forward_threads = omp_get_max_threads();
+  }
 };
 
 template <class T>
@@ -173,20 +187,43 @@ void register_model(py::module_& m) {
             s.model->free_seq(id);
           },
           py::arg("seq_id"))
-      .def("kv_bytes_used", [](PyModel& s) { return s.model->kv_bytes_used(); })
+      // Everything below that takes the model mutex releases the GIL first:
+      // a forward holds that mutex, and waiting for it with the GIL held would
+      // stall every Python thread (the server's event loop) for a whole forward.
+      .def("kv_bytes_used", [](PyModel& s) { return s.model->kv_bytes_used(); },
+           py::call_guard<py::gil_scoped_release>())
       .def("kv_bytes_per_token", [](PyModel& s) { return s.model->kv_bytes_per_token(); })
       .def_property_readonly("kv_dtype", [](PyModel& s) { return s.model->kv_f16() ? "f16" : "f32"; })
       .def("set_profile", [](PyModel& s, bool on) { s.model->set_profile(on); }, py::arg("on"),
+           py::call_guard<py::gil_scoped_release>(),
            "Per-phase timing of forwards on/off (also BITDLM_PROFILE=1 at load)")
       .def(
           "profile",
           [](PyModel& s) {
+            std::vector<std::pair<std::string, double>> phases;
+            int64_t calls;
+            {
+              py::gil_scoped_release nogil;
+              phases = s.model->profile();
+              calls = s.model->profiled_calls();
+            }
             py::dict d;
-            for (auto& [name, sec] : s.model->profile()) d[py::str(name)] = sec;
-            return py::make_tuple(d, s.model->profiled_calls());
+            for (auto& [name, sec] : phases) d[py::str(name)] = sec;
+            return py::make_tuple(d, calls);
           },
           "(seconds per phase, forward calls) since the last reset_profile()")
-      .def("reset_profile", [](PyModel& s) { s.model->reset_profile(); })
+      .def("reset_profile", [](PyModel& s) { s.model->reset_profile(); },
+           py::call_guard<py::gil_scoped_release>())
+      .def_property(
+          "threads", [](PyModel& s) { return s.threads.load(); },
+          [](PyModel& s, int n) {
+            if (n < 0) throw std::invalid_argument("threads must be >= 0 (0 = the calling thread's OpenMP setting)");
+            s.threads = n;
+          },
+          "OpenMP threads of every forward, set on the calling thread at the start of each call (0 = as set there)")
+      .def_property_readonly(
+          "forward_threads", [](PyModel& s) { return s.forward_threads.load(); },
+          "omp_get_max_threads() on the thread that ran the last forward, after `threads` was applied")
       .def_property_readonly("profiling", [](PyModel& s) { return s.model->profiling(); })
       .def(
           "forward",
@@ -194,12 +231,17 @@ void register_model(py::module_& m) {
              py::object top_p, py::object uniforms, py::object banned) -> py::object {
             std::vector<Item> items = parse_items(items_obj);
             const int64_t V = s.model->config().vocab;
-            const int64_t n_out = s.model->check(items, block_size);
+            int64_t n_out;
+            {
+              py::gil_scoped_release nogil;  // check() waits for a running forward's mutex
+              n_out = s.model->check(items, block_size);
+            }
             if (mode == "logits") {
               py::array_t<float> out({n_out, V});
               float* p = out.mutable_data();
               {
                 py::gil_scoped_release nogil;
+                s.apply_threads();
                 s.model->forward_logits(items, block_size, p);
               }
               return std::move(out);
@@ -227,6 +269,7 @@ void register_model(py::module_& m) {
             float* cp = conf.mutable_data();
             {
               py::gil_scoped_release nogil;
+              s.apply_threads();
               s.model->forward_select(items, block_size, sel, tp, cp);
             }
             return py::make_tuple(tok, conf);

@@ -10,22 +10,12 @@ import os
 import numpy as np
 
 from . import _core
+from ._cpu import default_threads  # noqa: F401  (re-exported: bitdlm.model.default_threads)
 from .format import ModelFile
 
 # KV caches hold f16 by default: they halve the bytes attention reads per token
 # (bench/forward.py measures both); "f32" is exact against an fp32 reference.
 DEFAULT_KV_DTYPE = "f16"
-
-
-def default_threads() -> int:
-    """OMP_NUM_THREADS if set, else the physical cores this process may run on
-    (one thread per core: SMT siblings only add barrier waits)."""
-    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    from .bench import physical_cores
-
-    return physical_cores()
 
 
 def default_kv_budget_bytes() -> int:
@@ -58,21 +48,22 @@ class Model:
         self.threads = int(threads) if threads is not None else default_threads()
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        _core.set_num_threads(self.threads)
         budget = default_kv_budget_bytes() if kv_budget_bytes is None else int(kv_budget_bytes)
         tensors = {t.name: (t.offset, t.dtype, list(t.shape), t.scale) for t in file.tensors.values()}
         self._core = _core.Model(file.buffer, self.meta, tensors, budget, kv_dtype or DEFAULT_KV_DTYPE)
+        # applied by the binding on whichever thread calls forward (OpenMP's
+        # thread count is per thread: an engine thread would not see a setting
+        # made here)
+        self._core.threads = self.threads
         self.vocab_size = int(self.meta["vocab_size"])
         self._tokenizer = None
 
     @property
     def tokenizer(self):
         """The tokenizer stored in the file (built on first use), or None."""
-        if self._tokenizer is None and self.meta.get("tokenizer_json"):
-            from .tokenizer import Tokenizer
+        from .tokenizer import model_tokenizer
 
-            self._tokenizer = Tokenizer.from_meta(self.meta)
-        return self._tokenizer
+        return model_tokenizer(self)
 
     @property
     def kv_dtype(self) -> str:
@@ -106,6 +97,11 @@ class Model:
             self._core.reset_profile()
         return {**phases, "calls": calls}
 
+    @property
+    def forward_threads(self) -> int:
+        """OpenMP threads the last forward ran with, as seen on its calling thread (0: none yet)."""
+        return int(self._core.forward_threads)
+
     def kv_bytes_used(self) -> int:
         return self._core.kv_bytes_used()
 
@@ -137,8 +133,8 @@ class Model:
 def load(path, threads: int | None = None, kv_budget_gb: float | None = None, kv_dtype: str | None = None) -> Model:
     """Open a .bin model (mmap, header only) -> Model.
 
-    threads: OpenMP threads for the forward (default: OMP_NUM_THREADS or the CPUs
-    available); kv_budget_gb: KV cache memory budget (default: a quarter of the RAM),
+    threads: OpenMP threads of every forward, on whichever thread runs it (default:
+    OMP_NUM_THREADS, else the physical cores available); kv_budget_gb: KV cache memory budget (default: a quarter of the RAM),
     past which alloc_seq raises MemoryError; kv_dtype: "f16" (default) or "f32"."""
     if kv_budget_gb is not None and not kv_budget_gb >= 0:
         raise ValueError(f"kv_budget_gb must be >= 0, got {kv_budget_gb}")

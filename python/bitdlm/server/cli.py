@@ -1,0 +1,267 @@
+"""`bitdlm serve` / scripts/serve_dlm_native.py: flags, loading, and the
+uvicorn server with the graceful shutdown of docs/server.md."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("bitdlm.server")
+
+SHUTDOWN_TIMEOUT_S = 10.0  # --shutdown-timeout default
+FLUSH_TIMEOUT_S = 5.0      # after that, time for the final 503s / [DONE]s to reach clients
+
+DESCRIPTION = ("Serve a bitdlm model over the OpenAI HTTP API (/v1/completions, "
+               "/v1/chat/completions, /v1/models, /health, /metrics). See docs/server.md.")
+
+
+# Other ways to run the same app (Ray Serve replicas) plug in here: each hook is
+# `(add_args(parser), run(args) -> int | None)`. add_args adds its flags to
+# `bitdlm serve`; run is called before the single-process server starts and
+# returns an exit code when its flags asked for it to run the server instead
+# (None: not its case). create_app(...) builds the same app inside a replica.
+from ..ray import add_ray_args, serve_with_ray  # noqa: E402  (imports ray only for --replicas)
+
+LAUNCH_HOOKS: list = [(add_ray_args, serve_with_ray)]
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `bitdlm serve` (shared with scripts/serve_dlm_native.py)."""
+    from .._cpu import default_threads
+    from .app import MAX_BODY_BYTES
+
+    p.add_argument("--model", default=None, metavar="M.bin",
+                   help="model .bin file (default: $BITDLM_MODEL, else the packaged default model)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="Hugging Face tokenizer folder (tokenizer.json, optionally "
+                        "tokenizer_config.json / special_tokens_map.json) used instead of the "
+                        "tokenizer stored in the model, after a check that it fits the model's "
+                        "vocabulary and special tokens (default: the model's own)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address; bind 0.0.0.0 only with --api-key (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OpenMP threads of every forward, applied on the engine thread that runs "
+                        f"them (default: $OMP_NUM_THREADS, else the physical cores: "
+                        f"{default_threads()} here)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="diffusion block size, 1 = autoregressive (default: the model's)")
+    p.add_argument("--small-block-size", type=int, default=None,
+                   help="default sub-block size of a request (default: the model's)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="default unmasking confidence threshold of a request, in (0, 1] "
+                        "(default: the model's)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests stepped together by the engine (default: 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests accepted beyond --max-batch; more get 429 (default: 64)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="limit on prompt + max_tokens (default: the model's "
+                        "max_position_embeddings)")
+    p.add_argument("--kv-budget-gb", type=float, default=None,
+                   help="KV cache memory budget in GiB (default: a quarter of the RAM)")
+    p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20),
+                   help="largest request body in MiB, counted as it arrives (chunked uploads "
+                        f"too); more gets 413 (default: {MAX_BODY_BYTES >> 20})")
+    p.add_argument("--api-key", default=os.environ.get("BITDLM_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on every route but /health "
+                        "(default: $BITDLM_API_KEY, else no key)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients pass (default: the file name without extension)")
+    p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S,
+                   help="on SIGTERM/SIGINT, seconds in-flight requests may still run before they "
+                        "are ended with a 503; new requests get 503 meanwhile "
+                        f"(default: {SHUTDOWN_TIMEOUT_S:g})")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="server and uvicorn logging (default: info)")
+    p.add_argument("--profile", action="store_true",
+                   help="time every forward phase and export it on /metrics as "
+                        "bitdlm_forward_phase_seconds_total{phase=...} (also BITDLM_PROFILE=1; "
+                        "default: off)")
+    for add_args, _run in LAUNCH_HOOKS:
+        add_args(p)
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
+                              description=DESCRIPTION)
+    add_serve_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def main(argv=None) -> int:
+    """Entry point of scripts/serve_dlm_native.py (the same flags as `bitdlm serve`)."""
+    p = argparse.ArgumentParser(prog="serve_dlm_native.py", description=DESCRIPTION)
+    add_serve_args(p)
+    args = p.parse_args(argv)
+    try:
+        return int(_cmd_serve(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def fail(msg: str):
+    """A setup error: one line on stderr, exit status 2, no traceback."""
+    print(f"bitdlm serve: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_args(args) -> None:
+    for name in ("max_batch", "port"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_queue < 0:
+        fail("--max-queue must be >= 0")
+    for name in ("threads", "block_size", "small_block_size", "max_model_len"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
+        fail("--threshold must be in (0, 1]")
+    if not args.shutdown_timeout >= 0:
+        fail("--shutdown-timeout must be >= 0")
+    if not args.max_body_mb > 0:
+        fail("--max-body-mb must be > 0")
+
+
+def _resolve_model_path(path):
+    if path:
+        return path
+    from ..model import default_model_path
+
+    path = default_model_path()  # $BITDLM_MODEL, else the packaged model, else None
+    if not path:
+        fail("no --model given and no packaged default model found")
+    return str(path)
+
+
+def load_tokenizer(model, tokenizer_dir=None):
+    """The tokenizer to serve with: `tokenizer_dir` checked against the model,
+    else the model's own. Raises ValueError (TokenizerMismatchError) / None."""
+    from ..tokenizer import Tokenizer, model_tokenizer
+
+    embedded = model_tokenizer(model)
+    if tokenizer_dir is None:
+        return embedded
+    return Tokenizer.from_dir(tokenizer_dir, model.meta, embedded=embedded)
+
+
+def build_from_args(args):
+    """Load the model and the engine described by the flags -> (app, config)."""
+    from .app import ServerConfig, create_app
+
+    _check_args(args)
+    path = _resolve_model_path(args.model)
+    from ..engine import Engine
+    from ..model import load
+
+    try:
+        model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb)
+    except (OSError, ValueError) as e:  # missing file, bad format (ModelFormatError)
+        fail(f"cannot load {path}: {e}")
+    if getattr(args, "profile", False):
+        model.set_profile(True)
+    meta = model.meta
+    max_pos = int(meta["max_position_embeddings"])
+    if args.max_model_len is not None and args.max_model_len > max_pos:
+        fail(f"--max-model-len {args.max_model_len} exceeds the model's "
+             f"max_position_embeddings {max_pos}")
+    try:
+        tok = load_tokenizer(model, getattr(args, "tokenizer", None))
+    except ValueError as e:
+        fail(f"--tokenizer {args.tokenizer}: {e}")
+    if tok is None:
+        fail("the model file has no tokenizer (pass --tokenizer DIR)")
+    try:
+        engine = Engine(model, max_batch=args.max_batch, block_size=args.block_size,
+                        tokenizer=tok)
+    except ValueError as e:
+        fail(str(e))
+    defaults = {}
+    if args.threshold is not None:
+        defaults["threshold"] = args.threshold
+    if args.small_block_size is not None:
+        defaults["small_block_size"] = args.small_block_size
+    name = args.served_model_name or os.path.splitext(os.path.basename(path))[0]
+    config = ServerConfig(
+        served_model_name=name,
+        max_model_len=args.max_model_len or max_pos,
+        vocab_size=int(meta["vocab_size"]),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        api_key=args.api_key,
+        default_params=defaults,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+    )
+    return create_app(engine, tok, config, model=model), config
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn with our shutdown: the first SIGTERM/SIGINT refuses new
+        requests (503) while in-flight ones run for up to `shutdown_timeout`
+        seconds; then what is left is ended with the documented 503 (JSON, or
+        an SSE error event + [DONE]) and the process exits 0. A second signal
+        exits at once."""
+
+        def __init__(self, config, engine_loop, shutdown_timeout):
+            super().__init__(config)
+            self.engine_loop = engine_loop
+            self.shutdown_timeout = shutdown_timeout
+            self._aloop = None
+            self._draining = False
+
+        async def startup(self, sockets=None):
+            self._aloop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig, frame):  # a signal handler: only flags and a callback
+            if self._draining or self._aloop is None:
+                self.should_exit = True
+                if self._draining:
+                    self.force_exit = True
+                return
+            self._draining = True
+            self.engine_loop.drain()
+            self._aloop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+        async def _drain(self):
+            n = self.engine_loop.inflight
+            log.info("shutting down: %d request(s) in flight, waiting up to %gs", n,
+                     self.shutdown_timeout)
+            deadline = time.monotonic() + self.shutdown_timeout
+            while self.engine_loop.inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.engine_loop.inflight:
+                log.warning("shutdown timeout: ending %d request(s) with 503",
+                            self.engine_loop.inflight)
+            await asyncio.to_thread(self.engine_loop.stop)
+            self.should_exit = True
+
+    return Server
+
+
+def _cmd_serve(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    for _add_args, run in LAUNCH_HOOKS:
+        rc = run(args)
+        if rc is not None:
+            return int(rc)
+    app, config = build_from_args(args)
+    import uvicorn
+
+    log.info("serving %s on http://%s:%d (max batch %d, max queue %d, max len %d, %s threads)",
+             config.served_model_name, args.host, args.port, config.max_batch,
+             config.max_queue, config.max_model_len, app.state.engine_loop.model.threads
+             if getattr(app.state.engine_loop.model, "threads", None) else "?")
+    ucfg = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                          timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
+    server = _server_class()(ucfg, app.state.engine_loop, args.shutdown_timeout)
+    server.run()
+    return 0 if server.started else 1

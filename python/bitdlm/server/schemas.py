@@ -1,0 +1,209 @@
+"""Request bodies: the pydantic schemas (strict: wrong JSON types are errors,
+not coerced), OpenAI parameters we refuse, and `to_sampling_params`, the ONE
+place a request becomes a SamplingParams (new request fields go there)."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from .errors import bad
+
+# Below this a temperature is greedy decoding (as vLLM): 1/t would overflow
+# float32 logits in the core's softmax.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 2.0  # OpenAI's range
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def schemas():
+    """(CompletionRequest, ChatRequest), built on first use (pydantic is imported lazily)."""
+    from typing import Literal, Optional, Union
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    strict = ConfigDict(strict=True, extra="forbid")
+
+    class StreamOptions(BaseModel):
+        model_config = ConfigDict(strict=True, extra="ignore")
+        include_usage: bool = False
+
+    class _Common(BaseModel):
+        model_config = strict
+        model: Optional[str] = None
+        max_tokens: Optional[int] = Field(default=None, ge=1)
+        temperature: Optional[float] = Field(default=None, ge=0.0, le=MAX_TEMPERATURE,
+                                             allow_inf_nan=False)
+        top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+        n: int = 1
+        stream: bool = False
+        stream_options: Optional[StreamOptions] = None
+        stop: Union[str, list[str], None] = None
+        seed: Optional[int] = Field(default=None, ge=0, lt=2 ** 63)
+        presence_penalty: float = 0.0
+        frequency_penalty: float = 0.0
+        logit_bias: Optional[dict[str, float]] = None
+        user: Optional[str] = None  # accepted and ignored
+        # bitdlm extras (Fast-dLLM v2 decoding)
+        threshold: Optional[float] = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+        small_block_size: Optional[int] = Field(default=None, ge=1, le=1 << 20)
+        use_block_cache: Optional[bool] = None
+        ignore_eos: Optional[bool] = None  # as vLLM: keep generating past EOS (benchmarks)
+
+    class CompletionRequest(_Common):
+        prompt: Union[str, list[int], list[str], list[list[int]]]
+        echo: bool = False
+        best_of: Optional[int] = None
+        logprobs: Optional[int] = None
+        suffix: Optional[str] = None
+
+    class ContentPart(BaseModel):
+        model_config = strict
+        type: Literal["text"]
+        text: str
+
+    class Message(BaseModel):
+        model_config = ConfigDict(strict=True, extra="ignore")
+        role: Literal["system", "developer", "user", "assistant", "tool"]
+        content: Union[str, list[ContentPart], None] = None
+        name: Optional[str] = None
+
+    class ChatRequest(_Common):
+        messages: list[Message]
+        max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+        logprobs: Optional[bool] = None
+        top_logprobs: Optional[int] = None
+        tools: Optional[list[Any]] = None
+        tool_choice: Optional[Any] = None
+        response_format: Optional[dict[str, Any]] = None
+        parallel_tool_calls: Optional[bool] = None  # accepted and ignored
+        metadata: Optional[dict[str, Any]] = None   # accepted and ignored
+        store: Optional[bool] = None                # accepted and ignored
+
+    return CompletionRequest, ChatRequest
+
+
+def validation_error(exc):
+    """A pydantic ValidationError -> the 400 APIError naming the first bad field."""
+    err = exc.errors()[0]
+    loc = [str(x) for x in err.get("loc", ())]
+    param = loc[0] if loc else None
+    if err.get("type") == "extra_forbidden":
+        return bad(f"Unrecognized request argument supplied: {'.'.join(loc)}", param=param)
+    where = ".".join(loc) if loc else "body"
+    return bad(f"Invalid value for '{where}': {err.get('msg')} (got {err.get('input')!r:.60}).",
+               param=param, code="invalid_type" if err.get("type", "").endswith("_type")
+               else "invalid_value")
+
+
+def reject_unsupported(req, chat: bool) -> None:
+    """400 for OpenAI parameters this server does not implement (never ignore them silently)."""
+    def no(param, why):
+        raise bad(f"Unsupported parameter '{param}': {why}.", param=param,
+                  code="unsupported_parameter")
+
+    if req.n != 1:
+        no("n", "only n=1 is supported")
+    if req.presence_penalty or req.frequency_penalty:
+        no("presence_penalty" if req.presence_penalty else "frequency_penalty",
+           "penalties are not supported")
+    if req.logit_bias:
+        no("logit_bias", "not supported")
+    if req.stream_options is not None and not req.stream:
+        raise bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                  param="stream_options")
+    if chat:
+        if req.logprobs or req.top_logprobs:
+            no("logprobs", "log probabilities are not supported")
+        if req.tools or req.tool_choice not in (None, "none"):
+            no("tools", "tool calling is not supported")
+        if req.response_format not in (None, {"type": "text"}):
+            no("response_format", "only text responses are supported")
+    else:
+        if req.logprobs:
+            no("logprobs", "log probabilities are not supported")
+        if req.echo:
+            no("echo", "not supported")
+        if req.best_of not in (None, 1):
+            no("best_of", "only best_of=1 is supported")
+        if req.suffix:
+            no("suffix", "not supported")
+
+
+def _f32(x: float) -> float:
+    """x as the core sees it (float32)."""
+    import numpy as np
+
+    return float(np.float32(x))
+
+
+def check_core_ranges(req) -> None:
+    """Values that pass the JSON schema but that the C++ core (float32) would
+    reject or turn into inf/NaN: 400 here, before they can reach a batch."""
+    if req.top_p is not None and not 0.0 < _f32(req.top_p) <= 1.0:
+        raise bad(f"Invalid value for 'top_p': {req.top_p!r} is 0 in float32; use a value "
+                  "in (1.2e-38, 1].", param="top_p", code="invalid_value")
+    if req.threshold is not None and not 0.0 < _f32(req.threshold) <= 1.0:
+        raise bad(f"Invalid value for 'threshold': {req.threshold!r} is 0 in float32; use a "
+                  "value in (1.2e-38, 1].", param="threshold", code="invalid_value")
+    if req.temperature is not None and not math.isfinite(_f32(req.temperature)):
+        raise bad("Invalid value for 'temperature': not finite in float32.", param="temperature",
+                  code="invalid_value")
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > MAX_STOPS:
+        raise bad(f"At most {MAX_STOPS} stop strings are supported.", param="stop",
+                  code="invalid_value")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad(f"Stop strings must be 1 to {MAX_STOP_CHARS} characters long.", param="stop",
+                  code="invalid_value")
+
+
+def context_exceeded(max_model_len: int, n_prompt: int, max_tokens: int):
+    return bad(f"This model's maximum context length is {max_model_len} tokens. However, you "
+               f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} "
+               "for the completion). Please reduce the prompt or the completion length.",
+               param="max_tokens", code="context_length_exceeded")
+
+
+def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, defaults: dict):
+    """The SamplingParams of a validated request: server defaults, then the
+    request's fields. The one function to extend with new request fields."""
+    from ..llm import SamplingParams
+
+    check_core_ranges(req)
+    if max_tokens is None:
+        max_tokens = max_model_len - n_prompt
+    if n_prompt + max_tokens > max_model_len:
+        raise context_exceeded(max_model_len, n_prompt, max_tokens)
+    kw = dict(defaults)
+    kw["max_tokens"] = max_tokens
+    for k in ("temperature", "top_p", "seed", "threshold", "small_block_size",
+              "use_block_cache", "ignore_eos"):
+        v = getattr(req, k)
+        if v is not None:
+            kw[k] = v
+    if kw.get("temperature") is not None and kw["temperature"] < MIN_TEMPERATURE:
+        kw["temperature"] = 0.0
+    if req.stop is not None:
+        kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    try:
+        sp = SamplingParams(**kw)
+        if hasattr(sp, "validate"):
+            sp.validate()
+        return sp
+    except (ValueError, TypeError) as e:
+        raise bad(f"Invalid sampling parameters: {e}")
+
+
+def check_prompt_ids(ids, what: str, *, max_model_len: int, vocab_size: int) -> None:
+    if not ids:
+        raise bad(f"The {what} is empty.", param="prompt")
+    if len(ids) >= max_model_len:
+        raise bad(f"This model's maximum context length is {max_model_len} tokens, "
+                  f"and the {what} alone has {len(ids)} tokens.", param="prompt",
+                  code="context_length_exceeded")
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            raise bad(f"Token id {t} is out of range [0, {vocab_size}).", param="prompt")
