@@ -601,6 +601,16 @@ def _schemas():
         small_block_size: Optional[int] = Field(default=None, ge=1)
         use_block_cache: Optional[bool] = None
         ignore_eos: Optional[bool] = None  # as vLLM: keep generating past EOS (benchmarks)
+        # decoding algorithm and cache per request, as the LLaDA-style servers took them
+        # (bitdlm.decoding; SamplingParams.validate range-checks them)
+        generation_algorithm: Optional[str] = None
+        factor: Optional[float] = None
+        credit_alpha: Optional[float] = None
+        boost_gamma: Optional[float] = None
+        decay_beta: Optional[float] = None
+        use_cache: Optional[bool] = None  # false: cache "none" (recompute every step)
+        use_dual_cache: Optional[bool] = None  # true: cache "dual" (the sub-block cache)
+        block_length: Optional[int] = Field(default=None, ge=1)
 
     class CompletionRequest(_Common):
         prompt: Union[str, list[int], list[str], list[list[int]]]
@@ -900,10 +910,19 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
         kw = dict(config.default_params)
         kw["max_tokens"] = max_tokens
         for k in ("temperature", "top_p", "seed", "threshold", "small_block_size",
-                  "use_block_cache", "ignore_eos"):
+                  "use_block_cache", "ignore_eos", "generation_algorithm", "factor", "credit_alpha",
+                  "boost_gamma", "decay_beta", "block_length"):
             v = getattr(req, k)
             if v is not None:
                 kw[k] = v
+        if req.use_cache is False and req.use_dual_cache:
+            raise _bad("use_dual_cache needs the cache: it contradicts use_cache=false.",
+                       param="use_dual_cache")
+        if req.use_cache is False:
+            kw["cache"], kw["use_block_cache"] = "none", False
+        elif req.use_dual_cache is not None:
+            kw["cache"] = "dual" if req.use_dual_cache else "prefix"
+            kw["use_block_cache"] = bool(req.use_dual_cache)
         if req.stop is not None:
             kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
         try:
@@ -912,7 +931,8 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
                 sp.validate()
             return sp
         except (ValueError, TypeError) as e:
-            raise _bad(f"Invalid sampling parameters: {e}")
+            param = "generation_algorithm" if "generation_algorithm" in str(e) else None
+            raise _bad(f"Invalid sampling parameters: {e}", param=param)
 
     def check_ids(ids, what):
         if not ids:
@@ -976,6 +996,12 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
         if not engine_loop.alive():
             raise APIError(503, "The engine is not running.", code="unavailable")
         return {"status": "ok"}
+
+    @app.get("/generation/algorithms")
+    async def generation_algorithms():
+        from . import decoding
+
+        return decoding.describe()
 
     @app.get("/metrics")
     async def get_metrics():
