@@ -133,10 +133,25 @@ def test_sampling_params_module():
     (dict(boost_gamma=True), "boost_gamma"),
     (dict(block_length=0), "block_length"),
     (dict(block_length=2.0), "block_length"),
+    (dict(seed=-1), "seed"),  # numpy's generator takes none
 ])
 def test_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw).validate()
+
+
+def test_tiny_temperature_is_greedy(models):
+    # 1e-40 is a float32 denormal: logits / T would overflow to NaN confidences in the core
+    m = models[True]
+    llm = LLM(_backend(m))
+    prompt = _prompt(5, seed=90)
+    greedy = llm.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    for algo in ("threshold", "credit"):
+        sp = SamplingParams(max_tokens=12, ignore_eos=True, temperature=1e-40, seed=1, generation_algorithm=algo)
+        assert llm.generate(prompt, sp)[0].token_ids == llm.generate(
+            prompt, SamplingParams(max_tokens=12, ignore_eos=True, generation_algorithm=algo))[0].token_ids
+    assert llm.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True, temperature=1e-40))[0].token_ids \
+        == greedy
 
 
 def test_engine_rejects_what_it_cannot_run(models):

@@ -13,8 +13,9 @@ call for the requests whose rule needs full logits (the credit decoder).
 Per request: the unmasking rule (bitdlm.decoding: threshold | factor | credit)
 and the cache strategy (none: every step recomputes the whole sequence from
 position 0 without touching the KV cache; prefix: committed blocks cached;
-dual: the sub-block cache). All three strategies make the same decisions from
-(up to rounding) the same numbers; they differ in what each forward computes.
+dual: the sub-block cache). none and prefix decide from the same numbers (up to
+rounding) and differ only in what each forward computes; dual attends to the
+block's stale K/V.
 
 An exception while planning, running or applying one request's step ends that
 request alone (finish_reason "error", `error` set). When a batched forward
@@ -237,7 +238,8 @@ class Engine:
                 item, plan = self._plan(seq)
                 k = len(item[5])
                 p = seq.params
-                u = seq.rng.random(k, dtype=np.float32) if (p.temperature > 0 and k) else np.zeros(k, np.float32)
+                sampled = p.effective_temperature() > 0 and k
+                u = seq.rng.random(k, dtype=np.float32) if sampled else np.zeros(k, np.float32)
             except Exception as e:
                 self._fail(seq, outputs, "planning its step", e)
                 continue
@@ -274,7 +276,8 @@ class Engine:
         if mode == "logits":
             res = np.asarray(self.model.forward(items, bs, "logits")).reshape(sum(ks), self.vocab)
         else:
-            temps = np.concatenate([np.full(k, m[0].params.temperature, np.float32) for k, m in zip(ks, members)])
+            temps = np.concatenate([np.full(k, m[0].params.effective_temperature(), np.float32)
+                                    for k, m in zip(ks, members)])
             tops = np.concatenate([np.full(k, m[0].params.top_p, np.float32) for k, m in zip(ks, members)])
             unis = np.concatenate([m[3] for m in members])
             tok, conf = self.model.forward(items, bs, "select", temperature=temps, top_p=tops, uniforms=unis,
@@ -291,7 +294,8 @@ class Engine:
     def _forward_group(self, bs: int, mode: str, members, outputs) -> list:
         """Results per member, None where that member's forward failed (it is then ended with an
         error). A failed batched call is retried item by item: a bad item fails alone, and a fault
-        that is nobody's (every item fails alone too) fails only this step's requests."""
+        that is nobody's (every item fails alone too) fails only this step's requests. Retrying is
+        safe: a writing item stores the same K/V again, the others change nothing."""
         try:
             return self._call(bs, mode, members)
         except Exception as e:
@@ -444,7 +448,7 @@ class Engine:
             lg = np.array(res, dtype=np.float32)
             lg[:, self.banned] = -np.inf
             p = seq.params
-            tok, conf = seq.algo.fuse(pos, lg, p.temperature, p.top_p, uniforms)
+            tok, conf = seq.algo.fuse(pos, lg, p.effective_temperature(), p.top_p, uniforms)
         else:
             tok, conf = res
         sel = np.asarray(seq.algo.select(conf), dtype=np.int64)

@@ -15,6 +15,11 @@ import numpy as np
 from . import decoding
 
 
+# Temperatures below this decode greedily (as vLLM's 1e-5): logits / T overflows float32 for
+# tiny T (1e-40 gives NaN confidences in the core), and such a T is greedy in all but name.
+GREEDY_BELOW = 1e-5
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -32,7 +37,7 @@ def _f32(x) -> float:
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] | str | None = None  # stop strings (not included in the text)
@@ -56,6 +61,10 @@ class SamplingParams:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def effective_temperature(self) -> float:
+        t = float(self.temperature)
+        return 0.0 if t < GREEDY_BELOW else t
+
     def cache_strategy(self) -> str:
         return self.cache if self.cache is not None else ("dual" if self.use_block_cache else "prefix")
 
@@ -71,8 +80,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not _is_num(self.top_p) or not (0 < _f32(self.top_p) <= 1) or not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] (as a float32: 1e-320 is 0), got {self.top_p!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
         if self.small_block_size is not None and (not _is_int(self.small_block_size)
                                                   or self.small_block_size < 1):
             raise ValueError(f"small_block_size must be a positive integer, got {self.small_block_size!r}")
