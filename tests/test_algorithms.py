@@ -296,6 +296,24 @@ def test_forward_fault_fails_only_its_request(models):
     assert be.kv == {}
 
 
+def test_value_the_core_rejects_fails_only_its_request(models):
+    # a top_p that is 0.0 in float32 slipped past validation (changed after add_request): the
+    # core rejects the batched forward; the retry item by item pins it on that request alone
+    m = models[True]
+    be = _backend(m)
+    eng = Engine(be, tokenizer=be.tokenizer)
+    good = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.7, seed=5)
+    bad = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.7, seed=6)
+    eng.add_request("good", _prompt(4, seed=95), good)
+    eng.add_request("bad", _prompt(5, seed=96), bad)
+    bad.top_p = 1e-320
+    outs = _run(eng)
+    assert outs["bad"][-1].finish_reason == "error" and "top_p" in outs["bad"][-1].error
+    assert outs["good"][-1].finish_reason == "length"
+    assert sum((o.new_token_ids for o in outs["good"]), []) == _alone(m, _prompt(4, seed=95), good)
+    assert be.kv == {}
+
+
 def test_nobodys_fault_fails_the_step_and_the_engine_goes_on(models):
     m = models[True]
     be = Faulty(m.path)

@@ -203,17 +203,11 @@ def select_rows(logits: np.ndarray, temperature=0.0, top_p=1.0, uniforms=None):
     temps = np.broadcast_to(np.asarray(temperature, np.float64), (k,))
     tops = np.broadcast_to(np.asarray(top_p, np.float64), (k,))
     us = np.zeros(k) if uniforms is None else np.broadcast_to(np.asarray(uniforms, np.float64), (k,))
-    tok = np.empty(k, np.int32)
-    conf = np.empty(k, np.float32)
-    for r in range(k):
+    tok = logits.argmax(axis=1).astype(np.int32)  # greedy rows: argmax and its softmax probability
+    conf = (1.0 / np.exp(logits - logits.max(axis=1, keepdims=True)).sum(axis=1)).astype(np.float32)
+    for r in np.nonzero(temps > 0)[0]:
         row = logits[r]
         T = temps[r]
-        if T <= 0:
-            p = np.exp(row - row.max())
-            p /= p.sum()
-            tok[r] = int(np.argmax(row))
-            conf[r] = p[tok[r]]
-            continue
         z = row / T
         p = np.exp(z - z.max())
         p /= p.sum()
