@@ -9,6 +9,21 @@ only agree if both follow the algorithm.
 
 Greedy decoding only (temperature 0): confidence = max softmax probability,
 with the mask token excluded before the softmax.
+
+Unmasking rules (`algorithm`), each written here from its paper / upstream
+description, not from bitdlm.decoding:
+- "threshold": Fast-dLLM v2 (confidence > threshold, plus the most confident);
+- "factor": Fast-dLLM v1 dynamic parallel decoding: walk the confidences in
+  decreasing order, keep the k-th while c_k >= 1 - factor / (k + 1) (the first
+  always), stop at the first that fails (upstream's "all when only the last
+  fails" off-by-one is not reproduced);
+- "credit": dInfer's credit decoder, with its dense [positions, vocab] credit
+  matrix: decay by decay_beta every step of the block but the first, add
+  top1_prob ** boost_gamma at each masked position's top-1 token, decode the
+  logits + credit_alpha * log(credit + 1) with the threshold rule.
+Cache strategies (`cache`): "prefix" (committed blocks cached), "dual" (the
+sub-block cache), "none" (every forward recomputes the whole sequence from
+position 0 with an empty cache).
 """
 from __future__ import annotations
 
@@ -93,8 +108,40 @@ class RefDecoder:
         # with token shift, the logits at i-1 predict token i (row 0 is unusable)
         return torch.cat([logits[:1], logits[:-1]]) if self.shift else logits
 
-    def generate(self, prompt, *, max_new_tokens: int, small_block_size: int, threshold: float,
-                 stop_ids=(), use_block_cache: bool = False) -> list[int]:
+    def _pick(self, algorithm: str, conf: torch.Tensor, masked: torch.Tensor, threshold: float, factor: float):
+        """Indices of the sub-block to unmask and the decision's closeness (for near-tie excuses)."""
+        cm = conf[masked]
+        if algorithm in ("threshold", "credit"):
+            c = torch.where(masked, conf, torch.tensor(-1.0))
+            sel = c > threshold
+            sel[int(c.argmax())] = True
+            sel &= masked
+            extra = float((cm - threshold).abs().min()) if threshold < 1.0 else float("inf")
+            if len(cm) > 1:
+                c2 = cm.topk(2).values
+                extra = min(extra, float(c2[0] - c2[1]))
+            return torch.nonzero(sel).flatten().tolist(), extra
+        assert algorithm == "factor", algorithm
+        idx = torch.nonzero(masked).flatten().tolist()
+        ranked = sorted(idx, key=lambda j: -float(conf[j]))
+        keep, extra = [], float("inf")
+        for k, j in enumerate(ranked, start=1):
+            bound = 1.0 - factor / (k + 1)
+            if k > 1:
+                extra = min(extra, abs(float(conf[j]) - bound), float(conf[ranked[k - 2]]) - float(conf[j]))
+            if k == 1 or float(conf[j]) >= bound:
+                keep.append(j)
+            else:
+                break
+        return sorted(keep), extra
+
+    def generate(self, prompt, *, max_new_tokens: int, small_block_size: int, threshold: float = 0.9,
+                 stop_ids=(), use_block_cache: bool = False, algorithm: str = "threshold",
+                 factor: float = 1.0, credit_alpha: float = 0.7, boost_gamma: float = 0.2,
+                 decay_beta: float = 0.8, cache: str | None = None) -> list[int]:
+        cache_mode = cache or ("dual" if use_block_cache else "prefix")
+        use_block_cache = cache_mode == "dual"
+        none = cache_mode == "none"
         bs, M = self.bs, self.mask_id
         x = list(prompt)
         P = len(x)
@@ -113,8 +160,8 @@ class RefDecoder:
             return len(gen) == limit - P
 
         nfull = P // bs * bs
-        if nfull:
-            logits = self._eval(x[:nfull], 0, cache, write=True)
+        if nfull and (not none or (self.shift and nfull == P)):
+            logits = self._eval(x[:nfull], 0, cache, write=not none)
             if self.shift and nfull == P:
                 x.append(int(logits[-1].argmax()))
                 self._decide(torch.softmax(logits[-1], -1), [len(x) - 1])
@@ -125,6 +172,9 @@ class RefDecoder:
             bend = min(bstart + bs, self.max_len)
             x = x + [M] * (bend - len(x))
             blk_kv = None
+            credit = torch.zeros(bend - bstart, self.model.config.vocab_size if self.model is not None
+                                 else 0) if algorithm == "credit" else None
+            credit_steps = 0
             for s0 in range(0, bend - bstart, small_block_size):
                 s1 = min(s0 + small_block_size, bend - bstart)
                 while any(t == M for t in x[bstart + s0:bstart + s1]) and not done(x):
@@ -148,30 +198,42 @@ class RefDecoder:
                         kv_pos = torch.cat([torch.arange(bstart + s0), torch.arange(bstart + s1, bend)])
                         logits = self._run(blk[s0:s1], bstart + s0, tmp, kv_pos)
                         lg = self._shifted(logits)
+                    elif none:
+                        logits = self._eval(x[:bend], 0, cache, write=False)
+                        lg = self._shifted(logits)[bstart + s0:bstart + s1]
                     else:
                         logits = self._eval(blk, bstart, cache, write=False)
                         lg = self._shifted(logits)[s0:s1]
+                    masked = torch.tensor([t == M for t in blk[s0:s1]])
+                    if credit is not None:
+                        if credit.shape[1] == 0:
+                            credit = torch.zeros(bend - bstart, lg.shape[1])
+                        if credit_steps:
+                            credit *= decay_beta
+                        credit_steps += 1
+                        p_raw = torch.softmax(lg, dim=-1)
+                        top_p, top_i = p_raw.max(dim=-1)
+                        for j in range(s1 - s0):
+                            if masked[j]:
+                                credit[s0 + j, top_i[j]] += top_p[j] ** boost_gamma
+                        lg = lg + credit_alpha * torch.log(credit[s0:s1] + 1)
                     probs = torch.softmax(lg, dim=-1)
                     conf, tok = probs.max(dim=-1)
-                    masked = torch.tensor([t == M for t in blk[s0:s1]])
-                    conf = torch.where(masked, conf, torch.tensor(-1.0))
-                    sel = conf > threshold
-                    sel[int(conf.argmax())] = True
-                    sel &= masked
-                    picked = torch.nonzero(sel).flatten().tolist()
-                    cm = conf[masked]
-                    extra = float((cm - threshold).abs().min()) if threshold < 1.0 else float("inf")
-                    if len(cm) > 1:
-                        c2 = cm.topk(2).values
-                        extra = min(extra, float(c2[0] - c2[1]))
+                    picked, extra = self._pick(algorithm, conf, masked, threshold, factor)
                     self._decide(probs[picked], [bstart + s0 + j for j in picked], extra)
                     for j in picked:
                         x[bstart + s0 + j] = int(tok[j])
             if done(x):
                 break
             # commit: block has no masks left; write its K/V
-            logits = self._eval(x[bstart:bend], bstart, cache, write=True)
             committed = bend
+            if none:
+                if self.shift:  # the last logits of the sequence give the next block's first token
+                    logits = self._eval(x[:bend], 0, cache, write=False)
+                    x.append(int(logits[-1].argmax()))
+                    self._decide(torch.softmax(logits[-1], -1), [len(x) - 1])
+                continue
+            logits = self._eval(x[bstart:bend], bstart, cache, write=True)
             if self.shift:
                 x.append(int(logits[-1].argmax()))
                 self._decide(torch.softmax(logits[-1], -1), [len(x) - 1])

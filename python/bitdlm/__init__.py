@@ -11,8 +11,12 @@ def __getattr__(name):  # lazy: `import bitdlm` stays cheap (the CLI starts fast
         from .model import load
 
         return load
-    if name in ("LLM", "SamplingParams"):
-        from . import llm
+    if name == "LLM":
+        from .llm import LLM
 
-        return getattr(llm, name)
+        return LLM
+    if name == "SamplingParams":
+        from .sampling_params import SamplingParams
+
+        return SamplingParams
     raise AttributeError(f"module 'bitdlm' has no attribute {name!r}")

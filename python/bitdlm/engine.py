@@ -5,19 +5,37 @@ whole blocks (KV written) -> blocks aligned to absolute positions, each decoded
 sub-block by sub-block (left to right) with mask tokens -> one committing
 forward per finished block (KV written; with token shift its last logits give
 the first token of the next block). One `model.forward` call per `step()`
-carries one item for every running request, whatever its phase.
+carries one item for every running request, whatever its phase -- one call per
+block size when requests ask for different ones (`SamplingParams.block_length`:
+the core's block-causal mask takes one block size per call), and a separate
+call for the requests whose rule needs full logits (the credit decoder).
+
+Per request: the unmasking rule (bitdlm.decoding: threshold | factor | credit)
+and the cache strategy (none: every step recomputes the whole sequence from
+position 0 without touching the KV cache; prefix: committed blocks cached;
+dual: the sub-block cache). none and prefix decide from the same numbers (up to
+rounding) and differ only in what each forward computes; dual attends to the
+block's stale K/V.
+
+An exception while planning, running or applying one request's step ends that
+request alone (finish_reason "error", `error` set). When a batched forward
+raises, its items are retried one by one so only the offending ones fail.
 
 Block size 1 with shift is plain autoregressive decoding.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .llm import SamplingParams
+from . import decoding
+from .sampling_params import SamplingParams
+
+log = logging.getLogger("bitdlm.engine")
 
 _PREFILL_CHUNK = 512  # prompt tokens per forward call, so long prompts do not stall other requests
 
@@ -28,11 +46,11 @@ class RequestOutput:
     new_token_ids: list[int]  # newly final, contiguous
     text: str  # newly final text
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished
     num_prompt_tokens: int
     num_generated_tokens: int
     forwards: int  # forward calls this request took part in
-    error: str | None = None  # set when the engine had to drop the request (e.g. out of KV memory)
+    error: str | None = None  # why the engine dropped the request (finish_reason "error")
 
 
 @dataclass
@@ -54,7 +72,9 @@ class _Seq:
     rid: str
     prompt: np.ndarray  # int32
     params: SamplingParams
-    threshold: float
+    algo: decoding.Algorithm  # this request's unmasking rule (its own instance: rules may keep state)
+    cache: str  # "none" | "prefix" | "dual"
+    bs: int  # block size
     sbs: int  # small block size
     stop_ids: frozenset
     limit: int  # absolute end of generation (prompt + max_tokens, capped by the context)
@@ -147,13 +167,23 @@ class Engine:
         P = int(prompt.size)
         if P >= self.max_len:
             raise ValueError(f"prompt of {P} tokens leaves no room in the context of {self.max_len} tokens")
-        thr = self.default_threshold if params.threshold is None else float(params.threshold)
-        sbs = int(params.small_block_size or self.default_sbs)
-        if self.block_size % sbs:
-            raise ValueError(f"small_block_size {sbs} must divide the block size {self.block_size}")
+        bs = self.block_size if params.block_length is None else int(params.block_length)
+        if bs > self.max_len:
+            raise ValueError(f"block_length {bs} exceeds the context of {self.max_len} tokens")
+        if bs > 1 and self.mask_id is None:
+            raise ValueError(f"block_length {bs} needs a mask token, and this model has none; use 1 (autoregressive)")
+        if bs == 1 and not self.shift:
+            raise ValueError("block_length 1 needs a shifted model (logits at i-1 predict token i)")
+        if params.small_block_size is not None:
+            sbs = int(params.small_block_size)
+        else:  # the engine's sub-block size where it fits this block size, else the whole block
+            sbs = self.default_sbs if bs % self.default_sbs == 0 else bs
+        if bs % sbs:
+            raise ValueError(f"small_block_size {sbs} must divide the block size {bs}")
         if params.stop_list() and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this engine has none")
-        bs = self.block_size
+        thr = self.default_threshold if params.threshold is None else float(params.threshold)
+        algo = decoding.make(params.generation_algorithm, **{**params.algorithm_values(), "threshold": thr})
         limit = min(P + params.max_tokens, self.max_len)
         # the block holding the last wanted position is decoded (and, with the sub-block
         # cache, written as scratch) in full
@@ -164,7 +194,8 @@ class Engine:
         detok = None
         if self.tokenizer is not None:
             detok = self.tokenizer.detokenizer(prompt.tolist(), skip_special_tokens=params.skip_special_tokens)
-        seq = _Seq(rid=rid, prompt=prompt.astype(np.int32), params=params, threshold=thr, sbs=sbs,
+        seq = _Seq(rid=rid, prompt=prompt.astype(np.int32), params=params, algo=algo,
+                   cache=params.cache_strategy(), bs=bs, sbs=sbs,
                    stop_ids=frozenset(stop_ids), limit=limit, capacity=capacity,
                    rng=np.random.default_rng(params.seed), detok=detok, nfull=P // bs * bs,
                    t0=time.perf_counter())
@@ -197,50 +228,104 @@ class Engine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
-        """One scheduler step: one forward call advancing every running request."""
+        """One scheduler step: one forward per (block size, output kind) advancing every running request."""
         t0 = time.perf_counter()
         outputs, self._pending = self._pending, []
         self._admit(outputs)
-        seqs = list(self._running.values())
-        if not seqs:
-            return outputs
-        items, plans = [], []
-        temps, top_ps, unis = [], [], []
-        for seq in seqs:
-            item, plan = self._plan(seq)
-            items.append(item)
-            plans.append(plan)
-            k = len(item[5])
-            p = seq.params
-            temps.append(np.full(k, p.temperature, np.float32))
-            top_ps.append(np.full(k, p.top_p, np.float32))
-            unis.append(seq.rng.random(k, dtype=np.float32) if (p.temperature > 0 and k) else np.zeros(k, np.float32))
-        tok, conf = self.model.forward(items, self.block_size, "select",
-                                       temperature=np.concatenate(temps), top_p=np.concatenate(top_ps),
-                                       uniforms=np.concatenate(unis), banned=self.banned)
-        tok = np.asarray(tok)
-        conf = np.asarray(conf)
-        self.stats.forwards += 1
-        self.stats.items += len(items)
-        off = 0
-        for seq, item, plan in zip(seqs, items, plans):
-            k = len(item[5])
-            seq.forwards += 1
-            self._apply(seq, plan, tok[off:off + k], conf[off:off + k])
-            off += k
-            out = self._collect(seq)
-            if out is not None:
-                outputs.append(out)
-            if seq.finished:
-                del self._running[seq.rid]
-                self._release(seq)
-        dt = time.perf_counter() - t0
-        self.stats.steps += 1
-        self.stats.step_seconds += dt
-        self.stats.last_step_seconds = dt
+        groups: dict[tuple, list] = {}
+        for seq in list(self._running.values()):
+            try:
+                item, plan = self._plan(seq)
+                k = len(item[5])
+                p = seq.params
+                sampled = p.effective_temperature() > 0 and k
+                u = seq.rng.random(k, dtype=np.float32) if sampled else np.zeros(k, np.float32)
+            except Exception as e:
+                self._fail(seq, outputs, "planning its step", e)
+                continue
+            mode = "logits" if (seq.algo.needs_logits and plan[0] in ("step", "full")) else "select"
+            groups.setdefault((seq.bs, mode), []).append((seq, item, plan, u))
+        for (bs, mode), members in groups.items():
+            for (seq, item, plan, u), res in zip(members, self._forward_group(bs, mode, members, outputs)):
+                if res is None:  # its forward failed; _forward_group has ended it
+                    continue
+                seq.forwards += 1
+                try:
+                    self._apply(seq, plan, res, u)
+                    out = self._collect(seq)
+                except Exception as e:
+                    self._fail(seq, outputs, "applying its step", e)
+                    continue
+                if out is not None:
+                    outputs.append(out)
+                if seq.finished:
+                    del self._running[seq.rid]
+                    self._release(seq)
+        if groups:
+            dt = time.perf_counter() - t0
+            self.stats.steps += 1
+            self.stats.step_seconds += dt
+            self.stats.last_step_seconds = dt
         return outputs
 
     # ------------------------------------------------------------- internals
+    def _call(self, bs: int, mode: str, members) -> list:
+        """One model.forward over `members` -> per member: (tokens, confidences) or logits rows."""
+        items = [m[1] for m in members]
+        ks = [len(it[5]) for it in items]
+        if mode == "logits":
+            res = np.asarray(self.model.forward(items, bs, "logits")).reshape(sum(ks), self.vocab)
+        else:
+            temps = np.concatenate([np.full(k, m[0].params.effective_temperature(), np.float32)
+                                    for k, m in zip(ks, members)])
+            tops = np.concatenate([np.full(k, m[0].params.top_p, np.float32) for k, m in zip(ks, members)])
+            unis = np.concatenate([m[3] for m in members])
+            tok, conf = self.model.forward(items, bs, "select", temperature=temps, top_p=tops, uniforms=unis,
+                                           banned=self.banned)
+            res = (np.asarray(tok), np.asarray(conf))
+        self.stats.forwards += 1
+        self.stats.items += len(items)
+        out, off = [], 0
+        for k in ks:
+            out.append(res[off:off + k] if mode == "logits" else (res[0][off:off + k], res[1][off:off + k]))
+            off += k
+        return out
+
+    def _forward_group(self, bs: int, mode: str, members, outputs) -> list:
+        """Results per member, None where that member's forward failed (it is then ended with an
+        error). A failed batched call is retried item by item: a bad item fails alone, and a fault
+        that is nobody's (every item fails alone too) fails only this step's requests. Retrying is
+        safe: a writing item stores the same K/V again, the others change nothing."""
+        try:
+            return self._call(bs, mode, members)
+        except Exception as e:
+            if len(members) == 1:
+                self._fail(members[0][0], outputs, "forward", e)
+                return [None]
+            log.warning("batched forward of %d requests failed (%s: %s); retrying them one by one",
+                        len(members), type(e).__name__, e)
+        results = []
+        for m in members:
+            try:
+                results.append(self._call(bs, mode, [m])[0])
+            except Exception as e:
+                self._fail(m[0], outputs, "forward", e)
+                results.append(None)
+        return results
+
+    def _fail(self, seq: _Seq, outputs: list, where: str, exc: BaseException) -> None:
+        """End one request with an error output; the others go on."""
+        log.warning("request %s failed while %s: %s: %s", seq.rid, where, type(exc).__name__, exc,
+                    exc_info=not isinstance(exc, (ValueError, MemoryError)))
+        self._running.pop(seq.rid, None)
+        try:
+            self._release(seq)
+        except Exception:
+            log.exception("freeing the cache of request %s failed", seq.rid)
+            seq.seq_id = -1
+        seq.finished, seq.reason = True, "error"
+        outputs.append(self._output(seq, [], "", error=f"{where} failed: {type(exc).__name__}: {exc}"))
+
     def _admit(self, outputs: list) -> None:
         while self._waiting and len(self._running) < self.max_batch:
             seq = self._waiting[0]
@@ -250,13 +335,20 @@ class Engine:
                 if self._running:
                     return  # wait until a running request frees its cache
                 self._waiting.popleft()
-                seq.finished, seq.reason = True, "abort"
+                seq.finished, seq.reason = True, "error"
                 outputs.append(self._output(seq, [], "", error=f"out of KV cache memory: {e}"))
+                continue
+            except Exception as e:
+                self._waiting.popleft()
+                self._fail(seq, outputs, "allocating its cache", e)
                 continue
             self._waiting.popleft()
             self._running[seq.rid] = seq
-            if seq.nfull == 0:
-                self._start_block(seq, 0, None)
+            # without a cache there is nothing to prefill, except the first token of a prompt
+            # that ends on a block boundary (the last prompt logits predict it, with shift)
+            skip = seq.cache == "none" and not (self.shift and seq.nfull == seq.P)
+            if seq.nfull == 0 or skip:
+                self._start_block(seq, seq.nfull, None)
 
     def _release(self, seq: _Seq) -> None:
         if seq.seq_id >= 0:
@@ -269,7 +361,7 @@ class Engine:
         if seq.blk is not None:  # the closing block's generated part becomes history
             g0 = max(seq.bstart, seq.P) - seq.bstart
             seq.hist.extend(int(t) for t in seq.blk[g0:])
-        bend = min(bstart + self.block_size, self.max_len)
+        bend = min(bstart + seq.bs, self.max_len)
         n = bend - bstart
         blk = np.full(n, -1 if self.mask_id is None else self.mask_id, np.int32)
         masked = np.ones(n, bool)
@@ -279,11 +371,25 @@ class Engine:
         blk[:len(known)] = known
         masked[:len(known)] = False
         seq.bstart, seq.blk, seq.masked, seq.scratch = bstart, blk, masked, False
+        seq.algo.reset()
+
+    def _tokens(self, seq: _Seq) -> np.ndarray:
+        """The whole sequence up to the end of the current block (cache "none" recomputes it)."""
+        toks = np.concatenate([seq.prompt[:min(seq.P, seq.bstart)], np.asarray(seq.hist, np.int32), seq.blk])
+        assert len(toks) == seq.bstart + len(seq.blk)
+        return toks.astype(np.int32)
 
     def _plan(self, seq: _Seq):
+        none = seq.cache == "none"
+        sh = 1 if self.shift else 0
         if seq.prefilling:
+            if none:  # nothing cached: one pass over the prompt for the first token's logits
+                item = (seq.seq_id, seq.prompt[:seq.nfull].copy(), 0, 0, False,
+                        np.asarray([seq.nfull - 1], np.int32))
+                return item, ("prefill", seq.nfull)
+            chunk = max(seq.bs, self.prefill_chunk // seq.bs * seq.bs)
             c0 = seq.committed
-            c1 = min(seq.nfull, c0 + self.prefill_chunk)
+            c1 = min(seq.nfull, c0 + chunk)
             last = c1 == seq.nfull
             # with shift, the last logits of a prompt that ends on a block boundary give the next token
             out = [c1 - c0 - 1] if (last and self.shift and seq.nfull == seq.P) else []
@@ -291,6 +397,13 @@ class Engine:
             return item, ("prefill", c1)
         n = len(seq.blk)
         if not seq.masked.any():
+            if none and not self.shift:  # nothing to commit and no token to carry: open the next block
+                self._start_block(seq, seq.bstart + n, None)
+                return self._plan(seq)
+            if none:  # the block's last logits give the next block's first token
+                toks = self._tokens(seq)
+                item = (seq.seq_id, toks, 0, 0, False, np.asarray([len(toks) - 1], np.int32))
+                return item, ("commit", None)
             out = [n - 1] if self.shift else []
             item = (seq.seq_id, seq.blk.copy(), seq.bstart, seq.bstart, True, np.asarray(out, np.int32))
             return item, ("commit", None)
@@ -298,28 +411,32 @@ class Engine:
         s0 = first // seq.sbs * seq.sbs  # the left-most sub-block that still has masks
         s1 = min(s0 + seq.sbs, n)
         pos = np.nonzero(seq.masked[s0:s1])[0] + s0  # block indices to decide
-        sh = 1 if self.shift else 0
-        if seq.params.use_block_cache and seq.scratch and not seq.masked[s0]:
+        if sh:
+            assert pos[0] >= 1, "block position 0 is never masked with token shift"
+        if none:  # the whole sequence from position 0, block-causal, no cache read or written
+            item = (seq.seq_id, self._tokens(seq), 0, 0, False, (seq.bstart + pos - sh).astype(np.int32))
+            return item, ("step", pos)
+        dual = seq.cache == "dual"
+        if dual and seq.scratch and not seq.masked[s0]:
             # sub-block only, against the block's (stale) scratch K/V written by a full pass;
             # with shift, row j-1 of the sub-block predicts j (s0 itself is never masked here)
             out = pos - sh - s0
             item = (seq.seq_id, seq.blk[s0:s1].copy(), seq.bstart + s0, seq.bstart + n, False,
                     out.astype(np.int32))
             return item, ("step", pos)
-        if sh:
-            assert pos[0] >= 1, "block position 0 is never masked with token shift"
-        write = bool(seq.params.use_block_cache)  # full pass; with the sub-block cache it leaves scratch K/V
-        item = (seq.seq_id, seq.blk.copy(), seq.bstart, seq.bstart, write, (pos - sh).astype(np.int32))
-        return item, ("full" if write else "step", pos)
+        # full pass over the block; with the sub-block cache it leaves scratch K/V
+        item = (seq.seq_id, seq.blk.copy(), seq.bstart, seq.bstart, dual, (pos - sh).astype(np.int32))
+        return item, ("full" if dual else "step", pos)
 
-    def _apply(self, seq: _Seq, plan, tok: np.ndarray, conf: np.ndarray) -> None:
+    def _apply(self, seq: _Seq, plan, res, uniforms: np.ndarray) -> None:
         kind, arg = plan
-        if kind == "prefill":
-            seq.committed = arg
-            if arg == seq.nfull:
-                self._start_block(seq, seq.nfull, int(tok[0]) if len(tok) else None)
-            return
-        if kind == "commit":
+        if kind in ("prefill", "commit"):
+            tok = res[0]
+            if kind == "prefill":
+                seq.committed = arg
+                if arg == seq.nfull:
+                    self._start_block(seq, seq.nfull, int(tok[0]) if len(tok) else None)
+                return
             end = seq.bstart + len(seq.blk)
             seq.committed = end
             self._start_block(seq, end, int(tok[0]) if len(tok) else None)
@@ -327,8 +444,16 @@ class Engine:
         if kind == "full":
             seq.scratch = True
         pos = arg
-        sel = conf > seq.threshold
-        sel[int(np.argmax(conf))] = True  # always the most confident one
+        if seq.algo.needs_logits:
+            lg = np.array(res, dtype=np.float32)
+            lg[:, self.banned] = -np.inf
+            p = seq.params
+            tok, conf = seq.algo.fuse(pos, lg, p.effective_temperature(), p.top_p, uniforms)
+        else:
+            tok, conf = res
+        sel = np.asarray(seq.algo.select(conf), dtype=np.int64)
+        if sel.size == 0:
+            raise RuntimeError(f"rule {seq.algo.name!r} unmasked nothing")
         seq.blk[pos[sel]] = tok[sel]
         seq.masked[pos[sel]] = False
 

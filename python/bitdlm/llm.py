@@ -1,56 +1,12 @@
 """Offline API: `LLM(model).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 
-import math
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
 
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] | str | None = None  # stop strings (not included in the text)
-    threshold: float | None = None  # unmask confidence threshold in (0, 1]; None = model default
-    small_block_size: int | None = None  # None = model default
-    use_block_cache: bool = False  # sub-block cache (Fast-dLLM v2 DualCache idea)
-    stop_token_ids: list[int] | None = None  # extra stop tokens besides the model's EOS
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    def validate(self) -> None:
-        def is_int(x):
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        if not is_int(self.max_tokens) or self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
-                or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if self.threshold is not None and (not isinstance(self.threshold, (int, float))
-                                           or not (0 < self.threshold <= 1)):
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
-        if self.small_block_size is not None and (not is_int(self.small_block_size)
-                                                  or self.small_block_size < 1):
-            raise ValueError(f"small_block_size must be a positive integer, got {self.small_block_size!r}")
-        stops = self.stop_list()
-        if not all(isinstance(s, str) and s for s in stops):
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        if self.stop_token_ids is not None and not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be a list of token ids")
+from .sampling_params import SamplingParams  # noqa: F401  (re-exported: bitdlm.llm.SamplingParams)
 
 
 @dataclass
@@ -58,7 +14,7 @@ class Generation:
     """The result of one prompt."""
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
     prompt_token_ids: list[int]
     stats: dict = field(default_factory=dict)  # forwards, tokens_per_forward, seconds
 
@@ -85,11 +41,9 @@ class LLM:
                                             "(LLM(model='model.bin') / --model)")
             model = _model_mod.load(str(path), threads=threads, kv_budget_gb=kv_budget_gb, kv_dtype=kv_dtype)
         self.model = model
-        tok = getattr(model, "tokenizer", None)
-        if tok is None and model.meta.get("tokenizer_json"):
-            from .tokenizer import Tokenizer
+        from .tokenizer import model_tokenizer
 
-            tok = Tokenizer.from_meta(model.meta)
+        tok = model_tokenizer(model)
         self.tokenizer = tok
         self.engine = Engine(model, max_batch=max_batch, block_size=block_size, tokenizer=tok)
 

@@ -255,6 +255,12 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
         return {"id": config.served_model_name, "object": "model", "created": created,
                 "owned_by": "bitdlm", "max_model_len": config.max_model_len}
 
+    @app.get("/generation/algorithms")
+    async def generation_algorithms():
+        from .. import decoding  # the unmasking rules and cache strategies a request may pick
+
+        return decoding.describe()
+
     @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [model_card()]}

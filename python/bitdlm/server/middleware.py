@@ -7,7 +7,8 @@ import hmac
 
 from .errors import APIError, shutting_down
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+          "/generation/algorithms")
 
 
 class Gate:

@@ -51,6 +51,16 @@ def schemas():
         small_block_size: Optional[int] = Field(default=None, ge=1, le=1 << 20)
         use_block_cache: Optional[bool] = None
         ignore_eos: Optional[bool] = None  # as vLLM: keep generating past EOS (benchmarks)
+        # decoding algorithm and cache per request, as the LLaDA-style servers took them
+        # (bitdlm.decoding; SamplingParams.validate range-checks them)
+        generation_algorithm: Optional[str] = None
+        factor: Optional[float] = Field(default=None, allow_inf_nan=False)
+        credit_alpha: Optional[float] = Field(default=None, allow_inf_nan=False)
+        boost_gamma: Optional[float] = Field(default=None, allow_inf_nan=False)
+        decay_beta: Optional[float] = Field(default=None, allow_inf_nan=False)
+        use_cache: Optional[bool] = None  # false: cache "none" (recompute every step)
+        use_dual_cache: Optional[bool] = None  # true: cache "dual" (the sub-block cache)
+        block_length: Optional[int] = Field(default=None, ge=1, le=1 << 20)
 
     class CompletionRequest(_Common):
         prompt: Union[str, list[int], list[str], list[list[int]]]
@@ -170,7 +180,7 @@ def context_exceeded(max_model_len: int, n_prompt: int, max_tokens: int):
 def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, defaults: dict):
     """The SamplingParams of a validated request: server defaults, then the
     request's fields. The one function to extend with new request fields."""
-    from ..llm import SamplingParams
+    from ..sampling_params import SamplingParams
 
     check_core_ranges(req)
     if max_tokens is None:
@@ -180,10 +190,19 @@ def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, de
     kw = dict(defaults)
     kw["max_tokens"] = max_tokens
     for k in ("temperature", "top_p", "seed", "threshold", "small_block_size",
-              "use_block_cache", "ignore_eos"):
+              "use_block_cache", "ignore_eos", "generation_algorithm", "factor", "credit_alpha",
+              "boost_gamma", "decay_beta", "block_length"):
         v = getattr(req, k)
         if v is not None:
             kw[k] = v
+    if req.use_cache is False and req.use_dual_cache:
+        raise bad("use_dual_cache needs the cache: it contradicts use_cache=false.",
+                  param="use_dual_cache")
+    if req.use_cache is False:
+        kw["cache"], kw["use_block_cache"] = "none", False
+    elif req.use_dual_cache is not None:
+        kw["cache"] = "dual" if req.use_dual_cache else "prefix"
+        kw["use_block_cache"] = bool(req.use_dual_cache)
     if kw.get("temperature") is not None and kw["temperature"] < MIN_TEMPERATURE:
         kw["temperature"] = 0.0
     if req.stop is not None:
@@ -194,7 +213,8 @@ def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, de
             sp.validate()
         return sp
     except (ValueError, TypeError) as e:
-        raise bad(f"Invalid sampling parameters: {e}")
+        param = "generation_algorithm" if "generation_algorithm" in str(e) else None
+        raise bad(f"Invalid sampling parameters: {e}", param=param)
 
 
 def check_prompt_ids(ids, what: str, *, max_model_len: int, vocab_size: int) -> None:

@@ -1,0 +1,257 @@
+"""Unmasking rules of block diffusion, one small class each, and the cache strategies.
+
+Every step the engine hands the rule the candidates of one request: the
+masked positions of its current sub-block, each with the token the forward
+proposes and its confidence. The rule returns which of them to unmask. A rule
+instance belongs to one request (the credit rule keeps state across steps);
+`reset()` is called when the request opens a new block.
+
+- `threshold` (Fast-dLLM v2, the default): every candidate with confidence >
+  threshold, plus always the most confident one.
+- `factor` (Fast-dLLM v1 dynamic parallel decoding, `get_transfer_index_dynamic`):
+  with the confidences sorted c_1 >= c_2 >= ..., unmask the n most confident
+  where n is the longest run with c_k >= 1 - factor / (k + 1) for every k <= n
+  (the first always). The bound grows with k and c_k falls, so the run is a
+  prefix. Upstream also unmasks ALL candidates when only the last one fails
+  (`if top_i == len(threshs) - 1: top_i += 1`); we do not: a failing candidate
+  stays masked whatever its rank.
+- `credit` (dInfer's `CreditThresholdParallelDecoder`): every step the credits
+  of the block decay by `decay_beta`, and each candidate's current top-1 token
+  gains top1_prob ** boost_gamma; the logits are fused as
+  logits + credit_alpha * log(1 + credit) and the threshold rule runs on the
+  fused distribution (token = fused argmax, or a sample of it with
+  temperature > 0; confidence = its fused probability). A token that stays the
+  top-1 over steps accumulates credit and passes the threshold sooner. Needs
+  the full logits of the candidates (the engine asks the forward for them).
+  dInfer decodes the whole block; here, like the other rules, the credit rule
+  decides the current sub-block, so only its positions gain credit.
+
+Cache strategies (per request): `none` recomputes the whole sequence every
+step (no KV cache read or written), `prefix` (default) caches committed
+blocks, `dual` also reuses the current block's K/V across sub-block steps
+(Fast-dLLM's DualCache idea at sub-block level).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+CACHES = {
+    "none": "no KV cache: every step recomputes the whole sequence from position 0",
+    "prefix": "committed blocks are cached; each step runs the current block against them (default)",
+    "dual": "prefix cache plus the current block's K/V, reused by later sub-block steps "
+            "(only the sub-block is recomputed)",
+}
+DEFAULT_CACHE = "prefix"
+DEFAULT_ALGORITHM = "threshold"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: float | None  # None: the model's value (meta diffusion.threshold)
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+    doc: str
+
+    def range_text(self) -> str:
+        hi = "inf" if math.isinf(self.hi) else f"{self.hi:g}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {hi}{')' if self.hi_open else ']'}"
+
+    def check(self, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{self.name} must be a number in {self.range_text()}, got {value!r}")
+        v = float(value)
+        ok = math.isfinite(v) and (v > self.lo if self.lo_open else v >= self.lo) \
+            and (v < self.hi if self.hi_open else v <= self.hi)
+        if not ok:
+            raise ValueError(f"{self.name} must be a finite number in {self.range_text()}, got {value!r}")
+        return v
+
+    def describe(self) -> dict:
+        return {"name": self.name, "default": self.default, "range": self.range_text(),
+                "min": self.lo, "max": None if math.isinf(self.hi) else self.hi, "description": self.doc}
+
+
+_THRESHOLD = Param("threshold", None, 0.0, 1.0, True, False,
+                   "unmask where the confidence exceeds it (1 = one token per step); default: the model's")
+
+
+class Algorithm:
+    """One unmasking rule. Subclasses set name, summary, params, and select()."""
+    name = ""
+    summary = ""
+    params: tuple[Param, ...] = ()
+    needs_logits = False  # True: the engine passes full logits to fuse() instead of (token, confidence)
+
+    def __init__(self, **values):
+        for p in self.params:
+            v = values.get(p.name)
+            setattr(self, p.name, p.default if v is None else p.check(v))
+
+    def reset(self) -> None:
+        """A new block starts (nothing to forget for stateless rules)."""
+
+    def select(self, conf: np.ndarray, masked: np.ndarray | None = None) -> np.ndarray:
+        """Indices (into conf) of the candidates to unmask; never empty when one is masked."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls) -> dict:
+        return {"name": cls.name, "description": cls.summary, "parameters": [p.describe() for p in cls.params]}
+
+
+def _candidates(conf, masked):
+    conf = np.asarray(conf, dtype=np.float64)
+    if masked is None:
+        return conf, np.arange(conf.size)
+    idx = np.nonzero(np.asarray(masked, bool))[0]
+    return conf[idx], idx
+
+
+class Threshold(Algorithm):
+    name = "threshold"
+    summary = ("Fast-dLLM v2: unmask every masked position of the sub-block whose confidence exceeds "
+               "`threshold`, plus always the most confident one")
+    params = (_THRESHOLD,)
+
+    def select(self, conf, masked=None):
+        c, idx = _candidates(conf, masked)
+        if c.size == 0:
+            return idx
+        sel = c > self.threshold
+        sel[int(np.argmax(c))] = True  # always the most confident one
+        return idx[sel]
+
+
+class Factor(Algorithm):
+    name = "factor"
+    summary = ("Fast-dLLM v1 dynamic parallel decoding: with confidences sorted c_1 >= c_2 >= ..., unmask the "
+               "n most confident while c_k >= 1 - factor / (k + 1) (always at least one)")
+    params = (Param("factor", 1.0, 0.0, math.inf, True, True,
+                    "larger unmasks more per step: the k-th most confident needs c_k >= 1 - factor/(k+1)"),)
+
+    def select(self, conf, masked=None):
+        c, idx = _candidates(conf, masked)
+        if c.size == 0:
+            return idx
+        order = np.argsort(-c, kind="stable")
+        k = np.arange(1, c.size + 1)
+        ok = c[order] >= 1.0 - self.factor / (k + 1)
+        ok[0] = True  # the first always
+        n = int(np.argmin(ok)) if not ok.all() else c.size  # length of the passing run
+        return idx[np.sort(order[:n])]
+
+
+class Credit(Algorithm):
+    name = "credit"
+    summary = ("dInfer's credit decoder: per position, the top-1 token's probability ** boost_gamma accumulates "
+               "as credit over the steps of a block (decayed by decay_beta each step); logits + "
+               "credit_alpha * log(1 + credit) then go through the threshold rule")
+    params = (_THRESHOLD,
+              Param("credit_alpha", 0.7, 0.0, math.inf, False, True, "weight of the credit in the fused logits"),
+              Param("boost_gamma", 0.2, 0.0, math.inf, False, True,
+                    "credit gained per step: top-1 probability ** boost_gamma"),
+              Param("decay_beta", 0.8, 0.0, 1.0, False, False, "credit kept from one step to the next"))
+    needs_logits = True
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        self.credit: dict[int, dict[int, float]] = {}  # block position -> {token id: credit}
+        self._steps = 0
+
+    def reset(self):
+        self.credit, self._steps = {}, 0
+
+    def fuse(self, positions, logits: np.ndarray, temperature=0.0, top_p=1.0, uniforms=None):
+        """One step's credit update from the candidates' logits [k, V] (banned ids at -inf) ->
+        (token int32[k], fused confidence float32[k])."""
+        logits = np.asarray(logits, dtype=np.float32)
+        if self._steps:
+            for cr in self.credit.values():
+                for t in cr:
+                    cr[t] *= self.decay_beta
+        self._steps += 1
+        m = logits.max(axis=1, keepdims=True)
+        p = np.exp(logits - m)
+        p /= p.sum(axis=1, keepdims=True)
+        top = p.argmax(axis=1)
+        fused = logits.copy()
+        for r, pos in enumerate(positions):
+            cr = self.credit.setdefault(int(pos), {})
+            t = int(top[r])
+            cr[t] = cr.get(t, 0.0) + float(p[r, t]) ** self.boost_gamma
+            for tok, c in cr.items():
+                fused[r, tok] += np.float32(self.credit_alpha * math.log1p(c))
+        return select_rows(fused, temperature, top_p, uniforms)
+
+    def select(self, conf, masked=None):
+        return Threshold.select(self, conf, masked)
+
+
+def select_rows(logits: np.ndarray, temperature=0.0, top_p=1.0, uniforms=None):
+    """The forward's select epilogue (docs/architecture.md) on logits rows [k, V]: greedy argmax and its
+    softmax probability at temperature 0; otherwise p = softmax(logits / T), the nucleus of the most
+    probable tokens whose mass before them is <= top_p, and the first id (increasing order) whose
+    cumulative nucleus mass exceeds u * nucleus mass; confidence = its nucleus-renormalised probability."""
+    logits = np.asarray(logits, dtype=np.float64)
+    k = logits.shape[0]
+    temps = np.broadcast_to(np.asarray(temperature, np.float64), (k,))
+    tops = np.broadcast_to(np.asarray(top_p, np.float64), (k,))
+    us = np.zeros(k) if uniforms is None else np.broadcast_to(np.asarray(uniforms, np.float64), (k,))
+    tok = logits.argmax(axis=1).astype(np.int32)  # greedy rows: argmax and its softmax probability
+    conf = (1.0 / np.exp(logits - logits.max(axis=1, keepdims=True)).sum(axis=1)).astype(np.float32)
+    for r in np.nonzero(temps > 0)[0]:
+        row = logits[r]
+        T = temps[r]
+        z = row / T
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        before = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
+        keep = order[before <= tops[r]]
+        keep = keep if keep.size else order[:1]
+        ids = np.sort(keep)
+        mass = p[ids].sum()
+        cum = np.cumsum(p[ids])
+        j = min(int(np.searchsorted(cum, us[r] * mass, side="right")), ids.size - 1)
+        tok[r] = ids[j]
+        conf[r] = p[ids[j]] / mass
+    return tok, conf
+
+
+REGISTRY: dict[str, type[Algorithm]] = {c.name: c for c in (Threshold, Factor, Credit)}
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def check_name(name) -> str:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown generation_algorithm {name!r}; valid: {', '.join(REGISTRY)}")
+    return name
+
+
+def check_cache(name) -> str:
+    if name not in CACHES:
+        raise ValueError(f"unknown cache {name!r}; valid: {', '.join(CACHES)}")
+    return name
+
+
+def make(name: str, **values) -> Algorithm:
+    """A fresh rule instance for one request; values: its parameters (None = default)."""
+    cls = REGISTRY[check_name(name)]
+    return cls(**{p.name: values.get(p.name) for p in cls.params})
+
+
+def describe() -> dict:
+    """What `GET /generation/algorithms` returns."""
+    return {"default": DEFAULT_ALGORITHM,
+            "algorithms": [c.describe() for c in REGISTRY.values()],
+            "default_cache": DEFAULT_CACHE,
+            "caches": [{"name": k, "description": v} for k, v in CACHES.items()]}

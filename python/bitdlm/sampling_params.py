@@ -1,0 +1,111 @@
+"""`SamplingParams`: what one request asks for (sampling, stopping, decoding algorithm, cache).
+
+Imported by both the engine and the offline API (`bitdlm.SamplingParams`,
+`bitdlm.llm.SamplingParams` re-export it). `validate()` rejects every value the
+C++ core or the engine would reject later, so a request that passes it cannot
+fail a batched step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import decoding
+
+
+# Temperatures below this decode greedily (as vLLM's 1e-5): logits / T overflows float32 for
+# tiny T (1e-40 gives NaN confidences in the core), and such a T is greedy in all but name.
+GREEDY_BELOW = 1e-5
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _f32(x) -> float:
+    """x as the core sees it (float32): 1e-320 becomes 0.0, 1e39 becomes inf."""
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.float32(x))
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | str | None = None  # stop strings (not included in the text)
+    threshold: float | None = None  # unmask confidence threshold in (0, 1]; None = model default
+    small_block_size: int | None = None  # None = model default
+    use_block_cache: bool = False  # legacy spelling of cache="dual"
+    stop_token_ids: list[int] | None = None  # extra stop tokens besides the model's EOS
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    # decoding algorithm (bitdlm.decoding): "threshold" | "factor" | "credit"
+    generation_algorithm: str = decoding.DEFAULT_ALGORITHM
+    factor: float | None = None  # factor rule; None = 1.0
+    credit_alpha: float | None = None  # credit rule; None = 0.7
+    boost_gamma: float | None = None  # credit rule; None = 0.2
+    decay_beta: float | None = None  # credit rule; None = 0.8
+    cache: str | None = None  # "none" | "prefix" | "dual"; None = "dual" if use_block_cache else "prefix"
+    block_length: int | None = None  # per-request block size; None = the engine's
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def effective_temperature(self) -> float:
+        t = float(self.temperature)
+        return 0.0 if t < GREEDY_BELOW else t
+
+    def cache_strategy(self) -> str:
+        return self.cache if self.cache is not None else ("dual" if self.use_block_cache else "prefix")
+
+    def algorithm_values(self) -> dict:
+        """The parameters of the chosen algorithm that were set (unset ones take their defaults)."""
+        cls = decoding.REGISTRY[decoding.check_name(self.generation_algorithm)]
+        return {p.name: getattr(self, p.name) for p in cls.params if getattr(self, p.name) is not None}
+
+    def validate(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not _is_num(self.temperature) or not math.isfinite(_f32(self.temperature)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_num(self.top_p) or not (0 < _f32(self.top_p) <= 1) or not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (as a float32: 1e-320 is 0), got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if self.small_block_size is not None and (not _is_int(self.small_block_size)
+                                                  or self.small_block_size < 1):
+            raise ValueError(f"small_block_size must be a positive integer, got {self.small_block_size!r}")
+        if self.block_length is not None and (not _is_int(self.block_length) or self.block_length < 1):
+            raise ValueError(f"block_length must be a positive integer, got {self.block_length!r}")
+        stops = self.stop_list()
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if self.stop_token_ids is not None and not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be a list of token ids")
+        if not isinstance(self.use_block_cache, bool):
+            raise ValueError(f"use_block_cache must be a bool, got {self.use_block_cache!r}")
+        if self.cache is not None:
+            decoding.check_cache(self.cache)
+            if self.use_block_cache and self.cache != "dual":
+                raise ValueError(f"use_block_cache=True means cache='dual', but cache={self.cache!r}")
+        if not isinstance(self.generation_algorithm, str):
+            raise ValueError(f"generation_algorithm must be a string; valid: {', '.join(decoding.names())}")
+        decoding.check_name(self.generation_algorithm)
+        # every algorithm parameter is range-checked, also those the chosen rule ignores
+        seen = set()
+        for cls in decoding.REGISTRY.values():
+            for p in cls.params:
+                v = getattr(self, p.name)
+                if p.name not in seen and v is not None:
+                    p.check(v)
+                seen.add(p.name)
