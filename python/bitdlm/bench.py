@@ -340,6 +340,11 @@ def format_load(load) -> str:
     return " ".join(f"{x:.2f}" for x in load) if load else "unknown"
 
 
+def threads_title(model: str, info: dict, cores: int, prompt: int) -> str:
+    return (f"bitdlm thread scaling, {os.path.basename(model)}, {info['cpu']} ({cores} cores), "
+            f"prompt {prompt}, load average at start {format_load(info['loadavg_at_start'])}")
+
+
 def plot_threads(rows: list[dict], cores: int, path: str, title: str) -> None:
     import matplotlib
 
@@ -400,10 +405,7 @@ def cmd_threads(args) -> int:
             json.dump(doc, f, indent=2)
         print(f"wrote {args.json}")
     if args.plot:
-        plot_threads(rows, cores, args.plot,
-                     f"bitdlm thread scaling, {os.path.basename(args.model)}, {info['cpu']} "
-                     f"({cores} cores), prompt {args.prompt}, load average at start "
-                     f"{format_load(info['loadavg_at_start'])}")
+        plot_threads(rows, cores, args.plot, threads_title(args.model, info, cores, args.prompt))
         print(f"wrote {args.plot}")
     return 0
 

@@ -53,6 +53,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+class _Commands(argparse._SubParsersAction):
+    """Sub-commands whose `--help` opens with their one-line help when they
+    have no longer description (argparse would print none)."""
+
+    def add_parser(self, name, **kwargs):
+        text = kwargs.get("help")
+        if kwargs.get("description") is None and text:
+            kwargs["description"] = text[0].upper() + text[1:] + "."
+        return super().add_parser(name, **kwargs)
+
+
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose help shows defaults; add_subparsers() hands the
     class down, so every command and sub-command gets it without opting in."""
@@ -61,11 +72,15 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("action", _Commands)
+        return super().add_subparsers(**kwargs)
+
 
 def version_report() -> tuple[str, int]:
     """(the --version text, exit status): package, native core build, ISAs, OpenMP.
-    Exit 1 when the native core cannot be loaded (a broken install), after
-    printing what is known."""
+    Exit 1 when the native core cannot be loaded (a broken install) or
+    BITDLM_ISA names an ISA it cannot run, after printing what is known."""
     import platform
 
     from . import __version__
@@ -79,9 +94,12 @@ def version_report() -> tuple[str, int]:
         lines.append(f"native core: cannot be loaded: {e}")
         return "\n".join(lines), 1
     forced = os.environ.get("BITDLM_ISA")
-    lines.append(f"kernel ISA: {_core.active_isa()}"
-                 + (f" (forced by BITDLM_ISA={forced})" if forced else " (picked by the dispatcher)")
-                 + f"; this CPU runs: {', '.join(_core.supported_isas())}")
+    rc = 0
+    try:
+        isa = _core.active_isa() + (f" (forced by BITDLM_ISA={forced})" if forced else " (picked by the dispatcher)")
+    except RuntimeError as e:  # a BITDLM_ISA this CPU cannot run: every forward would fail too
+        isa, rc = f"none: {e}", 1
+    lines.append(f"kernel ISA: {isa}; this CPU runs: {', '.join(_core.supported_isas())}")
     info = _core.build_info() if hasattr(_core, "build_info") else None
     if info is None:
         lines.append("build: unknown (a core built before build_info() existed)")
@@ -91,7 +109,7 @@ def version_report() -> tuple[str, int]:
                   f"build flags: {', '.join(info['flags'])}",
                   f"OpenMP: {omp['spec']} (_OPENMP {omp['_OPENMP']}), runtime {omp['library']}, "
                   f"{_core.get_max_threads()} threads by default here"]
-    return "\n".join(lines), 0
+    return "\n".join(lines), rc
 
 
 class _VersionAction(argparse.Action):
