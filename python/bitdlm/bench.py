@@ -9,6 +9,9 @@ OpenMP runtime starts) loads the model and times three phases through
 - step32:  one 32-token diffusion step against P cached positions, not written,
            a selection (top-1 + confidence) at every position.
 
+Those are the JSON keys; the table and the plot say "prefill (P tokens)",
+"decode" and "32-token step", the words README.md and bench/README.md use.
+
 The parent prints a table (threads, ms per step, tokens/s, speedup, parallel
 efficiency), writes JSON and a PNG. `BitdlmRunner` is shared with
 bench/compare.py. Never imports torch.
@@ -220,7 +223,12 @@ def summarize(ms: list[float]) -> dict:
 
 # ----------------------------------------------------------------------------- threads sweep
 
-PHASES = ("prefill", "decode", "step32")
+PHASES = ("prefill", "decode", "step32")  # JSON keys
+
+
+def phase_label(phase: str, prompt: int) -> str:
+    """The table's / plot's name of a phase (README.md's words)."""
+    return {"prefill": f"prefill ({prompt} tokens)", "decode": "decode", "step32": "32-token step"}[phase]
 
 
 def _phase_cases(prompt: int) -> dict[str, Case]:
@@ -307,6 +315,7 @@ def threads_rows(results: dict[int, dict], prompt: int) -> list[dict]:
             speedup = base_ms / ms
             rows.append({
                 "phase": phase,
+                "label": phase_label(phase, prompt),
                 "threads": t,
                 "ms_per_step": ms,
                 "tokens_per_s": _phase_tokens(phase, prompt) / ms * 1e3,
@@ -317,12 +326,23 @@ def threads_rows(results: dict[int, dict], prompt: int) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'phase':<9}{'threads':>8}{'ms/step':>11}{'tokens/s':>11}{'speedup':>9}{'efficiency':>12}"
+    w = max([len("phase")] + [len(r["label"]) for r in rows]) + 2
+    head = f"{'phase':<{w}}{'threads':>8}{'ms/step':>11}{'tokens/s':>11}{'speedup':>9}{'efficiency':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['phase']:<9}{r['threads']:>8}{r['ms_per_step']:>11.2f}{r['tokens_per_s']:>11.1f}"
-                     f"{r['speedup']:>8.2f}x{r['efficiency'] * 100:>11.0f}%")
+        lines.append(f"{r['label']:<{w}}{r['threads']:>8}{r['ms_per_step']:>11.2f}"
+                     f"{r['tokens_per_s']:>11.1f}{r['speedup']:>8.2f}x{r['efficiency'] * 100:>11.0f}%")
     return "\n".join(lines)
+
+
+def format_load(load) -> str:
+    """os.getloadavg() as "1.23 0.98 0.75" (it comes as 3.2392578125)."""
+    return " ".join(f"{x:.2f}" for x in load) if load else "unknown"
+
+
+def threads_title(model: str, info: dict, cores: int, prompt: int) -> str:
+    return (f"bitdlm thread scaling, {os.path.basename(model)}, {info['cpu']} ({cores} cores), "
+            f"prompt {prompt}, load average at start {format_load(info['loadavg_at_start'])}")
 
 
 def plot_threads(rows: list[dict], cores: int, path: str, title: str) -> None:
@@ -335,8 +355,8 @@ def plot_threads(rows: list[dict], cores: int, path: str, title: str) -> None:
     for phase in PHASES:
         rs = [r for r in rows if r["phase"] == phase]
         ts = [r["threads"] for r in rs]
-        a1.plot(ts, [r["tokens_per_s"] for r in rs], marker="o", label=phase)
-        a2.plot(ts, [r["speedup"] for r in rs], marker="o", label=phase)
+        a1.plot(ts, [r["tokens_per_s"] for r in rs], marker="o", label=rs[0]["label"])
+        a2.plot(ts, [r["speedup"] for r in rs], marker="o", label=rs[0]["label"])
     ts = sorted({r["threads"] for r in rows})
     a2.plot(ts, [t / ts[0] for t in ts], "k:", label="ideal")
     for a in (a1, a2):
@@ -368,9 +388,9 @@ def cmd_threads(args) -> int:
             results[t] = _run_threads_child(args, t, bar.update)
     rows = threads_rows(results, args.prompt)
     print(format_table(rows))
-    print(f"(prompt {args.prompt} tokens; step32 = one 32-token diffusion step; "
-          f"median of {args.reps} reps; machine: {info['cpu']}, {cores} physical cores, "
-          f"load avg at start {info['loadavg_at_start']})")
+    print(f"(32-token step = one diffusion step of a 32-token block against the {args.prompt} cached "
+          f"prompt tokens; median of {args.reps} reps; machine: {info['cpu']}, {cores} physical cores, "
+          f"load average at start {format_load(info['loadavg_at_start'])})")
     doc = {
         "benchmark": "bitdlm bench threads",
         "model": os.path.abspath(args.model),
@@ -385,36 +405,53 @@ def cmd_threads(args) -> int:
             json.dump(doc, f, indent=2)
         print(f"wrote {args.json}")
     if args.plot:
-        plot_threads(rows, cores, args.plot,
-                     f"bitdlm thread scaling, {os.path.basename(args.model)}, {info['cpu']} "
-                     f"({cores} cores), prompt {args.prompt}, load avg at start "
-                     f"{info['loadavg_at_start'][0] if info['loadavg_at_start'] else '?'}")
+        plot_threads(rows, cores, args.plot, threads_title(args.model, info, cores, args.prompt))
         print(f"wrote {args.plot}")
     return 0
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks (see bench/README.md)")
-    sub = p.add_subparsers(dest="bench_command", required=True)
-    t = sub.add_parser("threads", help="OpenMP thread-count sweep: prefill, decode, 32-token diffusion step")
+    p = subparsers.add_parser(
+        "bench", help="benchmarks (see bench/README.md)",
+        description="Benchmarks of the installed engine. `bitdlm bench threads` times prefill, decoding and "
+                    "a 32-token diffusion step at each OpenMP thread count. The comparison with llama.cpp "
+                    "and PyTorch (bench/compare.py), the forward's phase profile (bench/forward.py) and the "
+                    "kernel roofline (bench/kernels.py) are scripts in the source tree: see bench/README.md.")
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    t = sub.add_parser(
+        "threads", help="OpenMP thread-count sweep: prefill, decode, 32-token diffusion step",
+        description="Time prefill, one-token decoding and one 32-token diffusion step at each thread count, "
+                    "one fresh worker process per count (OMP_NUM_THREADS set before OpenMP starts). "
+                    "Prints a table (ms per step, tokens/s, speedup, parallel efficiency); "
+                    "--json and --plot also write the results.")
     t.add_argument("--model", required=True, help="a bitdlm .bin model")
     t.add_argument("--threads", type=parse_threads, default=None,
                    help="comma list, e.g. 1,2,4 (default: 1..physical cores, plus 2x cores)")
-    t.add_argument("--reps", type=int, default=5, help="timed repetitions per phase (default 5)")
-    t.add_argument("--warmup", type=int, default=1)
-    t.add_argument("--prompt", type=int, default=128, help="prompt / cached context length (default 128)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--reps", type=int, default=5, help="timed repetitions per phase")
+    t.add_argument("--warmup", type=int, default=1, help="untimed forwards per phase before the timed ones")
+    t.add_argument("--prompt", type=int, default=128, help="prompt / cached context length in tokens")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random token ids fed to the model")
     t.add_argument("--max-seconds", type=float, default=60.0,
-                   help="stop repeating a phase after this many seconds (default 60)")
-    t.add_argument("--timeout", type=float, default=600.0, help="kill a worker (one thread count) after this many seconds (default 600)")
+                   help="stop repeating a phase after this many seconds")
+    t.add_argument("--timeout", type=float, default=600.0,
+                   help="kill a worker (one thread count) after this many seconds")
     t.add_argument("--json", default=None, help="write results JSON here")
-    t.add_argument("--plot", default=None, help="write a PNG plot here")
+    t.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
     t.set_defaults(func=_check_and_run)
 
 
 def _check_and_run(args) -> int:
+    """Everything that can fail after the sweep is checked before it (minutes of work)."""
     if args.reps < 1 or args.warmup < 0 or args.prompt < 1:
         raise SystemExit("bitdlm bench threads: --reps >= 1, --warmup >= 0, --prompt >= 1")
+    for flag in ("json", "plot"):
+        path = getattr(args, flag)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise SystemExit(f"bitdlm bench threads: --{flag} {path}: directory does not exist")
+    if args.plot:
+        from .cli import require
+
+        require("matplotlib", "--plot")
     return cmd_threads(args)
 
 

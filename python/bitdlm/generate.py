@@ -12,19 +12,20 @@ def register_cli(subparsers) -> None:
     p.add_argument("--model", default=None, help="model .bin file (default: the packaged default model)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=256, help="generate at most this many tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens with this much probability")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=None, help="stop when the text contains this string (repeatable)")
     p.add_argument("--threshold", type=float, default=None,
                    help="unmask confidence threshold in (0, 1] (default: the model's)")
     p.add_argument("--small-block-size", type=int, default=None, help="sub-block size (default: the model's)")
     p.add_argument("--block-size", type=int, default=None,
-                   help="override the model's block size (1 = autoregressive)")
+                   help="diffusion block size, 1 = autoregressive (default: the model's)")
     p.add_argument("--use-block-cache", action="store_true", help="sub-block cache (faster, approximate)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past EOS (benchmarking)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="OpenMP threads for the forward (default: OMP_NUM_THREADS, else the physical cores)")
     p.add_argument("--stats", action="store_true", help="print forwards, tokens per forward and tok/s to stderr")
     p.add_argument("--stream", action="store_true", help="print text as soon as it is final")
     p.add_argument("--profile", action="store_true",
