@@ -39,24 +39,7 @@ SUB_BLOCK = 8   # sub-block size (Fast-dLLM v2 small_block_size)
 # ----------------------------------------------------------------------------- machine
 
 
-def physical_cores() -> int:
-    """Physical cores this process may run on (SMT siblings counted once)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-    cores = set()
-    for c in cpus:
-        base = f"/sys/devices/system/cpu/cpu{c}/topology/"
-        try:
-            with open(base + "physical_package_id") as f:
-                pkg = f.read().strip()
-            with open(base + "core_id") as f:
-                core = f.read().strip()
-            cores.add((pkg, core))
-        except OSError:
-            cores.add(("?", str(c)))
-    return max(1, len(cores))
+from ._cpu import physical_cores  # noqa: E402  (re-exported: bench callers use bitdlm.bench.physical_cores)
 
 
 def machine_info() -> dict:
