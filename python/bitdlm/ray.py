@@ -42,13 +42,15 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scale out with Ray Serve (needs `pip install \"bitdlm[ray]\"`)")
     g.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="serve N replicas behind Ray Serve's HTTP proxy on --host/--port, each "
-                        "its own engine on --threads cores (default --threads: cores / N)")
+                        "its own engine on --threads cores (default: none, the single-process server; --threads then defaults to cores / N)")
     g.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (e.g. `auto`, `ray://head:10001`); bitdlm must "
                         "be installed on every node (default: start a local Ray instance)")
     g.add_argument("--min-replicas", type=int, default=None, metavar="N",
-                   help="autoscale between --min-replicas and --max-replicas")
-    g.add_argument("--max-replicas", type=int, default=None, metavar="N")
+                   help="autoscale between --min-replicas and --max-replicas (default: no "
+                        "autoscaling, a fixed --replicas)")
+    g.add_argument("--max-replicas", type=int, default=None, metavar="N",
+                   help="upper bound of the autoscaled replicas (default: no autoscaling)")
     g.add_argument("--target-ongoing-requests", type=float, default=None, metavar="R",
                    help="autoscaling target of requests per replica (default: --max-batch)")
     g.add_argument("--ray-object-store-mb", type=int, default=None, metavar="MB",
