@@ -345,7 +345,7 @@ def test_missing_shard(tmp_path):
     sorted(hf.glob("model-*.safetensors"))[1].unlink()
     with pytest.raises(ConversionError, match="shard listed in the index is missing"):
         convert(hf, tmp_path / "m.bin", progress=False)
-    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob(".*bitdlm-tmp*"))
 
 
 def test_reference_model_helper_matches_bin(fp32_model):

@@ -21,10 +21,10 @@ import json
 import math
 import mmap
 import os
+import re
 import stat
 import struct
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -518,17 +518,59 @@ def _parse_tensors(header: dict, size: int, path) -> dict:
 
 # --------------------------------------------------------------------------- writer
 
-def _umask() -> int:
-    try:  # Linux: read it without the racy set-and-restore
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
+# Temporary files are named `.OUT.bitdlm-tmp-<pid>[-n]` next to OUT: recognisably
+# ours, and the pid tells a later run whether the writer that made one is dead.
+TMP_TAG = ".bitdlm-tmp-"
+_TMP_RE = re.compile(r"\..+" + re.escape(TMP_TAG) + r"(\d+)(?:-\d+)?")
+
+
+def temp_path(path, n: int = 0) -> Path:
+    path = Path(path)
+    return path.parent / f".{path.name}{TMP_TAG}{os.getpid()}{f'-{n}' if n else ''}"
+
+
+def _create_temp(path: Path):
+    for n in range(1000):  # a second writer to the same OUT in this process takes the next name
+        tmp = temp_path(path, n)
+        try:  # 0o666 minus the umask: the usual permissions of a new file
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: too many temporary files of this process")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's live process (or a pid we cannot ask about): keep its file
+    return True
+
+
+def remove_stale_temp_files(directory) -> list:
+    """Delete our temporary files in `directory` whose writer process is gone
+    (killed with SIGKILL, or the machine went down); returns their paths."""
+    removed = []
+    try:
+        names = os.listdir(directory)
     except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        return removed
+    for name in names:
+        m = _TMP_RE.fullmatch(name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        p = Path(directory) / name
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 class ModelWriter:
@@ -537,8 +579,10 @@ class ModelWriter:
     The tensor list (names, dtypes, logical shapes) is fixed up front so every
     offset is known; data may be written in any order, each tensor in one or
     more chunks. `commit()` writes the header, fsyncs and renames the temporary
-    file onto `path`; leaving the `with` block with an exception (or calling
-    `abort()`) deletes it, so a failed write leaves no output.
+    file (`.OUT.bitdlm-tmp-<pid>`, in OUT's directory) onto `path`; leaving the
+    `with` block with an exception (KeyboardInterrupt and SystemExit included) or
+    calling `abort()` deletes it, so a failed write leaves no output. Temporary
+    files of dead writers found in the directory are deleted on start.
 
         with ModelWriter(out, meta, expected_tensors(meta)) as w:
             w.write(name, array, scale=...)
@@ -575,11 +619,15 @@ class ModelWriter:
         last = max(self._entries.values(), key=lambda e: e["offset"], default=None)
         self._file_size = last["offset"] + last["nbytes"] if last else data_offset
         self._written = set()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp = Path(tmp)
+        remove_stale_temp_files(self.path.parent)
+        fd, self._tmp = _create_temp(self.path)
         self._f = os.fdopen(fd, "w+b")
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        self._f.truncate(self._file_size)
+        try:
+            self._f.truncate(self._file_size)
+        except BaseException:
+            self._f.close()
+            self._tmp.unlink(missing_ok=True)
+            raise
         self._done = False
 
     def _header_json(self, data_offset: int, file_size: int) -> bytes:
