@@ -17,6 +17,7 @@ This module must stay importable without torch (runtime path).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import mmap
@@ -524,6 +525,20 @@ TMP_TAG = ".bitdlm-tmp-"
 _TMP_RE = re.compile(r"\..+" + re.escape(TMP_TAG) + r"(\d+)(?:-\d+)?")
 
 
+# Temporary files of writers not finished: removed at interpreter exit too, for
+# an interrupt that lands between their creation and the writer's `with` block.
+_LIVE_TEMPS: set = set()
+
+
+@atexit.register
+def _remove_live_temps() -> None:
+    for p in list(_LIVE_TEMPS):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
 def temp_path(path, n: int = 0) -> Path:
     path = Path(path)
     return path.parent / f".{path.name}{TMP_TAG}{os.getpid()}{f'-{n}' if n else ''}"
@@ -620,15 +635,19 @@ class ModelWriter:
         self._file_size = last["offset"] + last["nbytes"] if last else data_offset
         self._written = set()
         remove_stale_temp_files(self.path.parent)
+        self._done = True  # until the temporary file exists: abort() has nothing to do
+        self._f = None
         fd, self._tmp = _create_temp(self.path)
-        self._f = os.fdopen(fd, "w+b")
-        try:
-            self._f.truncate(self._file_size)
-        except BaseException:
-            self._f.close()
-            self._tmp.unlink(missing_ok=True)
-            raise
+        _LIVE_TEMPS.add(self._tmp)
         self._done = False
+        try:
+            self._f = os.fdopen(fd, "w+b")
+            self._f.truncate(self._file_size)
+        except BaseException:  # KeyboardInterrupt included: the `with` block is not entered yet
+            if self._f is None:
+                os.close(fd)
+            self.abort()
+            raise
 
     def _header_json(self, data_offset: int, file_size: int) -> bytes:
         header = {"format": "bitdlm", "version": VERSION, "data_offset": data_offset,
@@ -683,6 +702,7 @@ class ModelWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self._tmp, self.path)
+        _LIVE_TEMPS.discard(self._tmp)
         try:  # make the rename itself durable
             dfd = os.open(self.path.parent, os.O_RDONLY)
             try:
@@ -698,9 +718,11 @@ class ModelWriter:
         if not self._done:
             self._done = True
             try:
-                self._f.close()
+                if self._f is not None:
+                    self._f.close()
             finally:
                 self._tmp.unlink(missing_ok=True)
+                _LIVE_TEMPS.discard(self._tmp)
 
     def __enter__(self):
         return self
