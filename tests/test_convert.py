@@ -574,33 +574,11 @@ def test_script_as_typed(good_hf, tmp_path):
 # ----------------------------------------------------------------------------- temporary files
 
 def _big_checkpoint(hf):
-    """A float16 BitNet checkpoint large enough (~60 MB) that converting it takes a while,
-    written with numpy (no torch model needed)."""
-    from hf_models import write_tokenizer_files
-    from safetensors.numpy import save_file
+    """~60 MB of float16 weights: converting it takes a while (numpy-written, no torch model)."""
+    from np_models import numpy_checkpoint
 
-    h, inter, layers, vocab = 512, 1536, 6, 16384
-    rng = np.random.default_rng(0)
-    sd = {"model.embed_tokens.weight": rng.standard_normal((vocab, h), np.float32).astype(np.float16),
-          "model.norm.weight": np.ones(h, np.float16)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for n, shp in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (h, h)), ("self_attn.v_proj", (h, h)),
-                       ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
-                       ("mlp.down_proj", (h, inter))):
-            sd[p + n + ".weight"] = (0.02 * rng.standard_normal(shp, np.float32)).astype(np.float16)
-        for n, d in (("input_layernorm", h), ("post_attention_layernorm", h), ("self_attn.attn_sub_norm", h),
-                     ("mlp.ffn_sub_norm", inter)):
-            sd[p + n + ".weight"] = np.ones(d, np.float16)
-    hf.mkdir(parents=True)
-    save_file(sd, str(hf / "model.safetensors"))
-    (hf / "config.json").write_text(json.dumps({
-        "architectures": ["BitNetForCausalLM"], "hidden_size": h, "intermediate_size": inter,
-        "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 8,
-        "vocab_size": vocab, "max_position_embeddings": 512, "tie_word_embeddings": True,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "relu2"}))
-    write_tokenizer_files(hf, TINY_CONFIG["vocab_size"])
-    return hf
+    return numpy_checkpoint(hf, hidden=512, inter=1536, layers=6, heads=8, kv_heads=8, vocab=16384,
+                            dtype=np.float16)
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])

@@ -426,6 +426,9 @@ def _parse_header(mm, size: int, path) -> dict:
         raise ModelFormatError(f"{path}: header is not valid UTF-8 JSON: {_short(str(e), 200)}") from None
     if not isinstance(header, dict) or header.get("format") != "bitdlm":
         raise ModelFormatError(f"{path}: header is not a bitdlm header")
+    if header.get("version") != VERSION or not _is_int(header.get("version")):
+        raise ModelFormatError(f"{path}: header version {_short(header.get('version'))} does not match "
+                               f"the file's format version {VERSION}")
     if not _json_depth_ok(header, MAX_JSON_DEPTH):
         raise ModelFormatError(f"{path}: header JSON nests deeper than {MAX_JSON_DEPTH} levels")
     fsize = header.get("file_size")
