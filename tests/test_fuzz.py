@@ -210,7 +210,7 @@ def _cfg_mutations(cfg: dict, rng: random.Random):
     return text.encode()
 
 
-def test_fuzz_converter_config(tmp_path):
+def test_fuzz_converter_configs(tmp_path):
     from np_models import numpy_checkpoint
     from bitdlm.convert import ConversionError, convert_report
 
@@ -218,9 +218,10 @@ def test_fuzz_converter_config(tmp_path):
     hf = numpy_checkpoint(tmp_path / "hf")
     cfg = json.loads((hf / "config.json").read_text())
     gen = (hf / "generation_config.json").read_text()
+    tok_cfg = (hf / "tokenizer_config.json").read_text()
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    n = max(40, ITERS // 25)
+    n = max(40, ITERS // 10)
     outcomes = {"ok": 0, "error": 0}
     for i in range(n):
         (hf / "config.json").write_bytes(_cfg_mutations(cfg, rng))
@@ -230,6 +231,13 @@ def test_fuzz_converter_config(tmp_path):
             (hf / "generation_config.json").write_text(json.dumps(g))
         else:
             (hf / "generation_config.json").write_text(gen)
+        if rng.random() < 0.2:  # and the tokenizer config's special tokens / chat template
+            t = json.loads(tok_cfg)
+            t[rng.choice(("bos_token", "eos_token", "pad_token", "mask_token", "chat_template"))] = rng.choice(
+                INTERESTING + [{"content": "<|mask|>"}, {"content": 5}, [{"name": "default", "template": 1}]])
+            (hf / "tokenizer_config.json").write_text(json.dumps(t))
+        else:
+            (hf / "tokenizer_config.json").write_text(tok_cfg)
         out = out_dir / "m.bin"
         try:
             convert_report(hf, out, progress=False, force=True)

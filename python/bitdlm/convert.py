@@ -214,9 +214,9 @@ def _read_json(path: Path, required: bool) -> dict:
         if required:
             raise ConversionError(f"{path.parent}: missing {path.name}")
         return {}
+    if path.stat().st_size > 64 << 20:
+        raise ConversionError(f"{path}: {path.stat().st_size} bytes is too large for a config file")
     try:
-        if path.stat().st_size > 64 << 20:
-            raise ConversionError(f"{path}: {path.stat().st_size} bytes is too large for a config file")
         d = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, huge ints, deep nesting
         raise ConversionError(f"{path}: invalid JSON ({_short(str(e), 200)})") from None
