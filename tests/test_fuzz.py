@@ -252,3 +252,51 @@ def test_fuzz_converter_configs(tmp_path):
         outcomes["ok"] += 1
         ModelFile.open(out, verify=True).close()  # whatever converts is a valid file
     assert outcomes["error"] > n // 4 and outcomes["ok"] > 0, outcomes
+
+
+def test_fuzz_converter_safetensors_header(tmp_path):
+    """Mutated safetensors headers (entries' dtype / shape / data_offsets, bytes): converted or
+    ConversionError, never another exception."""
+    from np_models import numpy_checkpoint
+    from bitdlm.convert import ConversionError, convert_report
+
+    rng = random.Random(SEED + 2)
+    hf = numpy_checkpoint(tmp_path / "hf")
+    st = hf / "model.safetensors"
+    data = st.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    names = [k for k in header if k != "__metadata__"]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cases = max(30, ITERS // 25)
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(cases):
+        h = json.loads(json.dumps(header))
+        for _ in range(rng.choice((1, 2))):
+            e = h[rng.choice(names)]
+            field = rng.choice(("dtype", "shape", "data_offsets", "entry"))
+            if field == "entry":
+                h[rng.choice(names)] = rng.choice(INTERESTING)
+            elif field == "data_offsets" and rng.random() < 0.5 and isinstance(e, dict):
+                e["data_offsets"] = [e["data_offsets"][0] + rng.choice((-8, 8, 2**40)), e["data_offsets"][1]]
+            elif isinstance(e, dict):
+                e[field] = rng.choice(INTERESTING + ["BF16", "U8", "F64", "I32", [1, 2, 3]])
+        raw = json.dumps(h).encode()
+        if rng.random() < 0.25:
+            b = bytearray(raw)
+            for _ in range(rng.choice((1, 4))):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            raw = bytes(b)
+        cut = len(body) if rng.random() < 0.85 else rng.randrange(len(body))
+        st.write_bytes(struct.pack("<Q", len(raw)) + raw + body[:cut])
+        try:
+            convert_report(hf, out_dir / "m.bin", progress=False, force=True)
+        except ConversionError:
+            outcomes["error"] += 1
+            assert [p.name for p in out_dir.iterdir() if p.name != "m.bin"] == []
+            continue
+        except Exception as e:  # noqa: BLE001 -- the point of the test
+            pytest.fail(f"case {i} (seed {SEED}): {type(e).__name__}: {e}\nheader: {raw[:1500]!r}")
+        outcomes["ok"] += 1
+    assert outcomes["error"] > cases // 2, outcomes

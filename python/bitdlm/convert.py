@@ -7,6 +7,13 @@ generation_config.json. Ternary weights come either as master weights
 (uint8 + weight_scale, `quantization_config.linear_class` autobitlinear or
 bitlinear). Tensors are streamed one at a time (pread) from the safetensors files;
 no torch needed.
+
+Every input is type- and range-checked (the format's LIMITS) and every needed
+tensor located before the output exists; errors are ConversionError, which the
+CLI prints as one line with exit status 2. `convert_report` returns the summary
+the CLI prints (tokens chosen and why, chat template, guesses, drops, measured
+precision loss). The output is written through format.ModelWriter's temporary
+file, which SIGTERM / SIGHUP / Ctrl-C do not leave behind (docs/format.md).
 """
 from __future__ import annotations
 
