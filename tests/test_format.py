@@ -297,10 +297,16 @@ def test_limits_at_write_time(tmp_path):
 
     for over, pattern in [({"chat_template": "x" * (MAX_CHAT_TEMPLATE_CHARS + 1)}, "chat_template"),
                           ({"tokenizer_json": " " * (MAX_TOKENIZER_CHARS + 1)}, "tokenizer_json"),
-                          ({"hidden_size": 2**31}, "hidden_size"), ({"head_dim": 7}, "even")]:
+                          ({"hidden_size": 2**31}, "hidden_size"), ({"head_dim": 7}, "even"),
+                          ({"source": json.loads("[" * 40 + "]" * 40)}, "nests deeper")]:
         with pytest.raises(ModelFormatError, match=pattern):
             validate_meta(small_meta(**over))
     validate_meta(small_meta())
+    # a tokenizer within its own limit whose UTF-8 still overflows the header limit
+    meta = small_meta(tokenizer_json="\u4e2d" * (23 << 20))
+    with pytest.raises(ModelFormatError, match="header would take"):
+        ModelWriter(tmp_path / "big.bin", meta, expected_tensors(meta))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_verify_checks_the_tokenizer(good, tmp_path):

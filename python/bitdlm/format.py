@@ -205,6 +205,8 @@ def validate_meta(meta) -> None:
     if meta["chat_template"] is not None and len(meta["chat_template"]) > MAX_CHAT_TEMPLATE_CHARS:
         raise ModelFormatError(f"chat_template has {len(meta['chat_template'])} characters "
                                f"(at most {MAX_CHAT_TEMPLATE_CHARS})")
+    if not _json_depth_ok(meta, MAX_JSON_DEPTH - 1):  # meta sits one level inside the header
+        raise ModelFormatError(f"metadata nests deeper than {MAX_JSON_DEPTH - 1} levels")
     tok = need("tokenizer_json", str, "a string (the whole tokenizer.json)")
     if len(tok) > MAX_TOKENIZER_CHARS:
         raise ModelFormatError(f"tokenizer_json has {len(tok)} characters (at most {MAX_TOKENIZER_CHARS})")
@@ -627,6 +629,9 @@ class ModelWriter:
         # are unknown yet; the JSON is right-padded with spaces to this length.
         draft = self._header_json(0, 0)
         self._hlen = len(draft) + 64 * len(self._entries) + 256
+        if self._hlen > MAX_HEADER_BYTES:  # readers would refuse the file
+            raise ModelFormatError(f"the header would take {self._hlen} bytes (at most {MAX_HEADER_BYTES}): "
+                                   f"tokenizer or chat template too large")
         data_offset = _align(PREAMBLE_SIZE + self._hlen)
         off = data_offset
         for e in self._entries.values():
