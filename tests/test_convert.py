@@ -590,8 +590,11 @@ def test_killed_conversion_leaves_no_file(tmp_path, sig):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "m.bin"
+    # preexec: a shell starts background jobs with SIGINT ignored, and Python keeps an
+    # inherited SIG_IGN; the child gets the default disposition an interactive user has
     proc = subprocess.Popen([sys.executable, "-m", "bitdlm.cli", "convert", str(hf), str(out), "--quiet"],
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         tmp = []
