@@ -459,6 +459,20 @@ def test_conversion_is_deterministic(fp32_model, tmp_path):
     assert again.read_bytes() == fp32_model.read_bytes()
 
 
+def test_odd_quantization_config_values_do_not_reach_the_header(good_hf, tmp_path):
+    """Found by the fuzzer: a -Infinity inside quantization_config made the header
+    unserialisable (ValueError). Provenance keeps plain values only."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(good_hf, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitnet", "x": float("-inf"), "y": [[[]]], "z": 10**400}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with ModelFile.open(convert(hf, tmp_path / "m.bin", progress=False)) as mf:
+        assert mf.meta["source"]["quantization_config"] == {"quant_method": "bitnet"}
+
+
 @pytest.mark.parametrize("linear_class", ["int2", None, 5])
 def test_packed_checkpoint_with_wrong_linear_class(tmp_path, linear_class, capsys):
     hf = make_hf_model(tmp_path / "hf", seed=8, packed="bitlinear")

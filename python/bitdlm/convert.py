@@ -252,6 +252,13 @@ def _first_key(d: dict, keys):
 _MISSING = object()
 
 
+def archs_of(cfg: dict) -> list:
+    """config.json's architectures as a list of names (a bare string counts as one)."""
+    archs = cfg.get("architectures") or []
+    return [a for a in ([archs] if isinstance(archs, str) else archs if isinstance(archs, list) else [])
+            if isinstance(a, str)]
+
+
 def hyperparameters(cfg: dict, guessed: list | None = None) -> dict:
     """The model's hyperparameters from config.json, type- and range-checked.
     Defaults that stand in for a missing key are described in `guessed`."""
@@ -736,9 +743,13 @@ def convert_report(hf_dir, out_path, *, mask_token=None, block_size=None, small_
         if unused:
             dropped.append(f"{len(unused)} checkpoint tensors not used by the model: {unused[:5]}"
                            f"{' ...' if len(unused) > 5 else ''}")
+        # provenance: only plain values of the config (no NaN, no nesting), the header stays strict JSON
+        plain = {k: v for k, v in qc.items() if isinstance(k, str) and len(k) <= 64 and (
+            v is None or isinstance(v, (str, bool)) and len(str(v)) <= 256
+            or _is_int(v) and abs(v) < 2**53 or isinstance(v, float) and math.isfinite(v))}
         meta["source"] = {"converter": "bitdlm convert", "hf_dir": str(hf_dir.resolve()),
-                          "architectures": cfg.get("architectures"),
-                          "quantization_config": qc or None, "weights": sorted(kinds)}
+                          "architectures": [a for a in archs_of(cfg) if len(a) <= 256],
+                          "quantization_config": plain or None, "weights": sorted(kinds)}
         h, v = hp["hidden_size"], hp["vocab_size"]
         precision = {}
         from tqdm import tqdm
