@@ -316,6 +316,8 @@ BAD_INPUTS = {
     "eos id string": (lambda d: _edit_json(d / "generation_config.json", eos_token_id="x"), {}, "eos_token_id"),
     "mask id float": (lambda d: _edit_json(d / "config.json", mask_token_id=1.5), {}, "mask_token_id"),
     "tokenizer_config list": (lambda d: (d / "tokenizer_config.json").write_text("[]"), {}, "expected a JSON object"),
+    "chat template lone surrogate": (lambda d: _edit_json(d / "tokenizer_config.json", chat_template="a\ud800"), {},
+                                     "surrogate"),
     "tokenizer not UTF-8": (lambda d: (d / "tokenizer.json").write_bytes(b"\xff\xfe"), {}, "UTF-8"),
     "head_dim odd": (lambda d: _edit_json(d / "config.json", head_dim=15), {}, "shape|even"),
     "hidden not a multiple of heads": (lambda d: _edit_json(d / "config.json", num_attention_heads=5,

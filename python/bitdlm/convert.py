@@ -453,6 +453,11 @@ def _chat_template(hf_dir: Path, tok_cfg: dict, dropped: list):
         t, src = _read_json(hf_dir / "chat_template.json", False).get("chat_template"), "chat_template.json"
         if not isinstance(t, str):
             t = None
+    if t is not None:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+            raise ConversionError(f"{src}: the chat template is not valid Unicode (lone surrogate)") from None
     if t is not None and len(t) > MAX_CHAT_TEMPLATE_CHARS:
         raise ConversionError(f"{src}: the chat template has {len(t)} characters (at most "
                               f"{MAX_CHAT_TEMPLATE_CHARS})")
@@ -747,7 +752,9 @@ def convert_report(hf_dir, out_path, *, mask_token=None, block_size=None, small_
         plain = {k: v for k, v in qc.items() if isinstance(k, str) and len(k) <= 64 and (
             v is None or isinstance(v, (str, bool)) and len(str(v)) <= 256
             or _is_int(v) and abs(v) < 2**53 or isinstance(v, float) and math.isfinite(v))}
-        meta["source"] = {"converter": "bitdlm convert", "hf_dir": str(hf_dir.resolve()),
+        # a non-UTF-8 directory name decodes with surrogate escapes: not storable as UTF-8
+        src_dir = os.fsencode(hf_dir.resolve()).decode("utf-8", "replace")
+        meta["source"] = {"converter": "bitdlm convert", "hf_dir": src_dir,
                           "architectures": [a for a in archs_of(cfg) if len(a) <= 256],
                           "quantization_config": plain or None, "weights": sorted(kinds)}
         h, v = hp["hidden_size"], hp["vocab_size"]
@@ -864,7 +871,7 @@ def run_cli(args) -> int:
                                 small_block_size=args.small_block_size, threshold=args.threshold,
                                 shift=args.shift, lm_head=args.lm_head, force=args.force,
                                 progress=not args.quiet)
-    except (ConversionError, FileExistsError) as e:
+    except (ConversionError, ModelFormatError, FileExistsError) as e:
         print(f"bitdlm convert: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions, a file vanishing under us

@@ -617,7 +617,10 @@ class ModelWriter:
             raise FileExistsError(f"{self.path} is a directory")
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} already exists")
-        self.meta = json.loads(json.dumps(meta))  # a frozen copy: the header size is reserved now
+        try:
+            self.meta = json.loads(json.dumps(meta))  # a frozen copy: the header size is reserved now
+        except (ValueError, TypeError) as e:
+            raise ModelFormatError(f"metadata is not JSON: {_short(str(e), 200)}") from None
         self._entries = {}
         for name, (dtype, shape) in specs.items():
             if dtype not in DTYPES:
@@ -627,7 +630,10 @@ class ModelWriter:
                                    **({"scale": 0.0} if dtype == "i2_b128" else {}), "crc32": 0}
         # Reserve room for the final header: digits of offsets, scales and crcs
         # are unknown yet; the JSON is right-padded with spaces to this length.
-        draft = self._header_json(0, 0)
+        try:
+            draft = self._header_json(0, 0)
+        except (ValueError, TypeError) as e:  # NaN, a lone surrogate, a non-JSON object
+            raise ModelFormatError(f"metadata is not strict JSON in UTF-8: {_short(str(e), 200)}") from None
         self._hlen = len(draft) + 64 * len(self._entries) + 256
         if self._hlen > MAX_HEADER_BYTES:  # readers would refuse the file
             raise ModelFormatError(f"the header would take {self._hlen} bytes (at most {MAX_HEADER_BYTES}): "
