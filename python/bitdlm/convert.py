@@ -350,6 +350,14 @@ def _ids(v, what: str) -> list:
     return vs
 
 
+def _token_id(tokenizer, content: str):
+    """tokenizer.token_to_id, None for a string `tokenizers` cannot take (a lone surrogate)."""
+    try:
+        return tokenizer.token_to_id(content)
+    except UnicodeEncodeError:
+        return None
+
+
 def _special_tokens(cfg, tok_cfg, gen_cfg, tokenizer, vocab_size, mask_arg, dropped: list):
     """meta's bos/mask/pad/eos ids and, for the summary, where each came from:
     {"bos_token_id": (id or None, source), ..., "eos_token_ids": [(id, source), ...]}."""
@@ -357,7 +365,7 @@ def _special_tokens(cfg, tok_cfg, gen_cfg, tokenizer, vocab_size, mask_arg, drop
         content = _token_content(d.get(key))
         if content is None:
             return None, None
-        i = tokenizer.token_to_id(content)
+        i = _token_id(tokenizer, content)
         if i is None:
             dropped.append(f"{file} {key} {content!r} is not in the tokenizer")
             return None, None
@@ -393,7 +401,7 @@ def _special_tokens(cfg, tok_cfg, gen_cfg, tokenizer, vocab_size, mask_arg, drop
         if s.isdigit():
             mask, src = int(s), "--mask-token"
         else:
-            mask = tokenizer.token_to_id(s)
+            mask = _token_id(tokenizer, s)
             if mask is None:
                 raise ConversionError(f"mask token {s!r} is not in the tokenizer")
             src = f"--mask-token {s!r}"
