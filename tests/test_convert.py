@@ -17,7 +17,8 @@ import torch
 from hf_models import (CHAT_TEMPLATE, EOS_ID, IM_END_ID, MASK_ID, TINY_CONFIG, child_env, convert_tiny,
                        make_hf_model, reference_quant, ternary_names)
 from bitdlm import packing
-from bitdlm.convert import ConversionError, convert, quantize_lm_head_i8, unpack_hf_packed
+from bitdlm.convert import (ConversionError, convert, convert_report, format_summary, quantize_lm_head_i8,
+                            run_cli, unpack_hf_packed)
 from bitdlm.format import ModelFile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,16 +295,76 @@ BAD_INPUTS = {
     "bias": (lambda d: _add_tensor(d, "model.layers.1.self_attn.q_proj.bias"), {}, "bias"),
     "NaN weight": (lambda d: _add_tensor(d, "model.layers.1.mlp.down_proj.weight", np.nan), {}, "NaN"),
     "bad DLM config key": (lambda d: _edit_json(d / "config.json", bd_size="big"), {}, "diffusion setting"),
+    # config.json with the wrong types or absurd values: a clear error, nothing sized from them
+    "config is a list": (lambda d: (d / "config.json").write_text("[1, 2]"), {}, "expected a JSON object"),
+    "config not UTF-8": (lambda d: (d / "config.json").write_bytes(b'{"a": "\xff"}'), {}, "invalid JSON"),
+    "config nested too deep": (lambda d: (d / "config.json").write_text("[" * 5000 + "]" * 5000), {}, "invalid JSON"),
+    "hidden_size string": (lambda d: _edit_json(d / "config.json", hidden_size="64"), {}, "hidden_size must be an integer"),
+    "hidden_size fraction": (lambda d: _edit_json(d / "config.json", hidden_size=64.5), {}, "hidden_size must be an integer"),
+    "hidden_size bool": (lambda d: _edit_json(d / "config.json", hidden_size=True), {}, "hidden_size must be an integer"),
+    "layers 2^31": (lambda d: _edit_json(d / "config.json", num_hidden_layers=2**31), {}, "num_hidden_layers"),
+    "vocab 2^31": (lambda d: _edit_json(d / "config.json", vocab_size=2**31), {}, "vocab_size"),
+    "missing hidden_size": (lambda d: _edit_json(d / "config.json", hidden_size=None), {}, "lacks 'hidden_size'"),
+    "rope_parameters string": (lambda d: _edit_json(d / "config.json", rope_parameters="x"), {}, "rope_parameters"),
+    "rope_theta inf": (lambda d: (d / "config.json").write_text(
+        (d / "config.json").read_text().replace('"rope_theta": 10000.0', '"rope_theta": Infinity')), {}, "rope_theta"),
+    "eps string": (lambda d: _edit_json(d / "config.json", rms_norm_eps="tiny"), {}, "rms_norm_eps"),
+    "tie string": (lambda d: _edit_json(d / "config.json", tie_word_embeddings="yes"), {}, "tie_word_embeddings"),
+    "architectures dict": (lambda d: _edit_json(d / "config.json", architectures={"a": 1}), {}, "architectures"),
+    "quantization_config list": (lambda d: _edit_json(d / "config.json", quantization_config=[1]), {},
+                                 "quantization_config"),
+    "eos id string": (lambda d: _edit_json(d / "generation_config.json", eos_token_id="x"), {}, "eos_token_id"),
+    "mask id float": (lambda d: _edit_json(d / "config.json", mask_token_id=1.5), {}, "mask_token_id"),
+    "tokenizer_config list": (lambda d: (d / "tokenizer_config.json").write_text("[]"), {}, "expected a JSON object"),
+    "chat template lone surrogate": (lambda d: _edit_json(d / "tokenizer_config.json", chat_template="a\ud800"), {},
+                                     "surrogate"),
+    "tokenizer not UTF-8": (lambda d: (d / "tokenizer.json").write_bytes(b"\xff\xfe"), {}, "UTF-8"),
+    "head_dim odd": (lambda d: _edit_json(d / "config.json", head_dim=15), {}, "shape|even"),
+    "hidden not a multiple of heads": (lambda d: _edit_json(d / "config.json", num_attention_heads=5,
+                                                            num_key_value_heads=5), {}, "multiple"),
+    # tensors missing, mis-shaped or of the wrong dtype: refused before the output exists
+    "missing tensor": (lambda d: _drop_tensor(d, "model.layers.1.post_attention_layernorm.weight"), {},
+                       "no tensor 'model.layers.1.post_attention_layernorm.weight'"),
+    "int norm": (lambda d: _add_tensor(d, "model.norm.weight", dtype=np.int32), {}, "expected a float tensor"),
+    "mis-shaped embedding": (lambda d: _add_tensor(d, "model.embed_tokens.weight", shape=(320, 32)), {}, "shape"),
+    "untied without lm_head": (lambda d: _edit_json(d / "config.json", tie_word_embeddings=False), {},
+                               "no lm_head.weight"),
+    "packed without scale": (lambda d: _add_tensor(d, "model.layers.0.mlp.up_proj.weight", shape=(40, 64),
+                                                   dtype=np.uint8), {}, "weight_scale is missing"),
+    "corrupt safetensors entry": (lambda d: _patch_st_header(d, '"shape":[64]', '"shape":["a"]'), {}, "corrupted"),
+    "safetensors dtype list": (lambda d: _patch_st_header(d, '"dtype":"F32"', '"dtype":["F"]'), {}, "dtype"),
 }
 
 
-def _add_tensor(hf, name, poison=None):
-    """Add a 1-element tensor `name`, or with `poison` put that value into it."""
+def _drop_tensor(hf, name):
+    from safetensors.numpy import load_file, save_file
+
+    sd = load_file(str(hf / "model.safetensors"))
+    del sd[name]
+    save_file(sd, str(hf / "model.safetensors"))
+
+
+def _patch_st_header(hf, old, new):
+    """Replace text in the safetensors JSON header (first occurrence), keeping its length field right."""
+    import struct as st
+
+    data = (hf / "model.safetensors").read_bytes()
+    (n,) = st.unpack("<Q", data[:8])
+    header = data[8:8 + n].decode()
+    assert old in header, header[:200]
+    header = header.replace(old, new, 1)
+    header = header + " " * max(0, n - len(header))
+    raw = header.encode()
+    (hf / "model.safetensors").write_bytes(st.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def _add_tensor(hf, name, poison=None, shape=(1,), dtype=np.float32):
+    """Add (or replace) tensor `name` of ones, or with `poison` put that value into the existing one."""
     from safetensors.numpy import load_file, save_file
 
     sd = load_file(str(hf / "model.safetensors"))
     if poison is None:
-        sd[name] = np.ones(1, np.float32)
+        sd[name] = np.ones(shape, dtype)
     else:
         sd[name] = sd[name].copy()
         sd[name].flat[7] = poison
@@ -311,7 +372,7 @@ def _add_tensor(hf, name, poison=None):
 
 
 @pytest.mark.parametrize("label", list(BAD_INPUTS))
-def test_bad_inputs_leave_no_output(good_hf, tmp_path, label):
+def test_bad_inputs_leave_no_output(good_hf, tmp_path, label, capsys):
     import shutil
 
     mutate, kwargs, pattern = BAD_INPUTS[label]
@@ -323,6 +384,25 @@ def test_bad_inputs_leave_no_output(good_hf, tmp_path, label):
     with pytest.raises(ConversionError, match=pattern):
         convert(hf, out_dir / "m.bin", progress=False, **kwargs)
     assert list(out_dir.iterdir()) == []  # neither the output nor a temporary file
+    # the CLI: exit 2 and the message in one line
+    args = _cli_args(hf, out_dir / "m.bin", **kwargs)
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bitdlm convert: error: ") and err.count("\n") == 1, err
+    assert list(out_dir.iterdir()) == []
+
+
+def _cli_args(hf, out, **kwargs):
+    import argparse
+
+    from bitdlm.convert import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    flags = []
+    for k, v in kwargs.items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    return p.parse_args([str(hf), str(out), "--quiet", *flags])
 
 
 def test_bad_paths(good_hf, tmp_path):
@@ -345,7 +425,7 @@ def test_missing_shard(tmp_path):
     sorted(hf.glob("model-*.safetensors"))[1].unlink()
     with pytest.raises(ConversionError, match="shard listed in the index is missing"):
         convert(hf, tmp_path / "m.bin", progress=False)
-    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob(".*bitdlm-tmp*"))
 
 
 def test_reference_model_helper_matches_bin(fp32_model):
@@ -379,3 +459,189 @@ def test_reference_model_helper_matches_bin(fp32_model):
 def test_conversion_is_deterministic(fp32_model, tmp_path):
     again = convert(fp32_model.parent / "hf", tmp_path / "again.bin", progress=False)
     assert again.read_bytes() == fp32_model.read_bytes()
+
+
+def test_odd_quantization_config_values_do_not_reach_the_header(good_hf, tmp_path):
+    """Found by the fuzzer: a -Infinity inside quantization_config made the header
+    unserialisable (ValueError). Provenance keeps plain values only."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(good_hf, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitnet", "x": float("-inf"), "y": [[[]]], "z": 10**400}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with ModelFile.open(convert(hf, tmp_path / "m.bin", progress=False)) as mf:
+        assert mf.meta["source"]["quantization_config"] == {"quant_method": "bitnet"}
+
+
+@pytest.mark.parametrize("linear_class", ["int2", None, 5])
+def test_packed_checkpoint_with_wrong_linear_class(tmp_path, linear_class, capsys):
+    hf = make_hf_model(tmp_path / "hf", seed=8, packed="bitlinear")
+    cfg = json.loads((hf / "config.json").read_text())
+    if linear_class is None:
+        del cfg["quantization_config"]
+    else:
+        cfg["quantization_config"]["linear_class"] = linear_class
+    (hf / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "out").mkdir()
+    assert run_cli(_cli_args(hf, tmp_path / "out" / "m.bin")) == 2
+    err = capsys.readouterr().err
+    assert "scale convention is unknown" in err and "autobitlinear" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- summary
+
+def test_summary_fp32_tokens_template_precision(fp32_model, tmp_path):
+    hf = fp32_model.parent / "hf"
+    r = convert_report(hf, tmp_path / "m.bin", progress=False)
+    assert Path(r["output"]).read_bytes() == fp32_model.read_bytes()  # the same conversion
+    t = r["tokens"]
+    assert t["mask"] == {"id": MASK_ID, "token": "<|mask|>", "source": "recognised name '<|mask|>' in tokenizer.json"}
+    assert t["bos"]["id"] is None and "none" in t["bos"]["source"]
+    assert [(e["id"], e["token"]) for e in t["eos"]] == [(EOS_ID, "<|endoftext|>"), (IM_END_ID, "<|im_end|>")]
+    assert t["eos"][0]["source"] == "generation_config.json eos_token_id"
+    assert r["chat_template"] == {"present": True, "source": "tokenizer_config.json chat_template",
+                                  "chars": len(CHAT_TEMPLATE)}
+    assert r["diffusion"]["block_size"] == {"value": 32, "source": "default"}
+    assert any(g.startswith("head_dim not in config.json") for g in r["guessed"])
+    # precision: the max |f16 - fp32| of the embedding, measured independently here
+    emb = _hf_state(hf)["model.embed_tokens.weight"].numpy()
+    err = float(np.abs(emb.astype(np.float16).astype(np.float32) - emb).max())
+    p = r["precision"]["model.embed_tokens.weight"]
+    assert p["source_dtype"] == "F32" and p["stored"] == "f16" and not p["exact"]
+    assert p["max_abs_error"] == err > 0 and p["max_abs_value"] == float(np.abs(emb).max())
+    text = format_summary(r)
+    assert f"mask token:    {MASK_ID} '<|mask|>' (recognised name '<|mask|>'" in text
+    assert f"max |delta| {err:.3g}" in text and "tied lm_head" in text and "logit" in text
+
+
+def test_summary_bf16_loses_only_f16_subnormals(tmp_path):
+    hf = make_hf_model(tmp_path / "hf", seed=9, dtype="bfloat16")
+    r = convert_report(hf, tmp_path / "m.bin", progress=False)
+    p = r["precision"]["model.embed_tokens.weight"]
+    # bf16 -> f16 keeps every value in f16's normal range (|w| >= 2^-14) exactly; smaller
+    # ones become f16 subnormals, off by at most half their spacing (2^-25)
+    assert p["source_dtype"] == "BF16" and 0 < p["max_abs_error"] <= 2.0**-25
+    from safetensors import safe_open
+
+    with safe_open(str(hf / "model.safetensors"), "pt") as f:
+        emb = f.get_tensor("model.embed_tokens.weight").float().numpy()
+    moved = emb.astype(np.float16).astype(np.float32) != emb
+    assert moved.any() and (np.abs(emb[moved]) < 2.0**-14).all()
+    assert float(np.abs(emb.astype(np.float16).astype(np.float32) - emb).max()) == p["max_abs_error"]
+    assert f"embedding BF16 -> f16: max |delta| {p['max_abs_error']:.3g}" in format_summary(r)
+
+
+def test_summary_no_template_config_mask_dropped_i8(tmp_path, capsys):
+    from hf_models import write_tokenizer_files
+
+    hf = make_hf_model(tmp_path / "hf", seed=9, extra_config={"mask_token_id": 5})
+    write_tokenizer_files(hf, TINY_CONFIG["vocab_size"], chat_template=False)
+    _edit_json(hf / "generation_config.json", eos_token_id=[EOS_ID, 999])
+    _add_tensor(hf, "model.rotary_emb.inv_freq", shape=(8,))
+    r = convert_report(hf, tmp_path / "m.bin", progress=False, lm_head="i8", block_size=16)
+    assert r["tokens"]["mask"]["id"] == 5 and r["tokens"]["mask"]["source"] == "config.json mask_token_id"
+    i8 = r["precision"]["lm_head.weight"]
+    assert i8["stored"] == "i8" and 0 < i8["max_abs_error"] <= i8["max_abs_value"] / 127 / 2 * (1 + 1e-5)
+    assert r["chat_template"]["present"] is False
+    assert r["diffusion"]["block_size"] == {"value": 16, "source": "flag"}
+    assert any("eos id 999" in d for d in r["dropped"])
+    assert any("model.rotary_emb.inv_freq" in d for d in r["dropped"])
+    text = format_summary(r)
+    assert "chat template: none" in text and "--chat" in text and "lm_head F32 -> i8: max |delta|" in text
+    assert "dropped:       eos id 999" in text
+
+
+def test_no_mask_token_is_said(tmp_path):
+    hf = make_hf_model(tmp_path / "hf", seed=10)
+    tok = json.loads((hf / "tokenizer.json").read_text())
+    for a in tok["added_tokens"]:
+        if a["content"] == "<|mask|>":
+            a["content"] = "<|not_a_mask|>"
+    vocab = tok["model"]["vocab"]
+    vocab["<|not_a_mask|>"] = vocab.pop("<|mask|>")
+    (hf / "tokenizer.json").write_text(json.dumps(tok))
+    r = convert_report(hf, tmp_path / "m.bin", progress=False)
+    assert r["tokens"]["mask"]["id"] is None and "known name" in r["tokens"]["mask"]["source"]
+    assert any("--mask-token" in g for g in r["guessed"])
+
+
+def test_script_as_typed(good_hf, tmp_path):
+    """`python scripts/convert_dlm_to_sglkernel.py HF_DIR OUT.bin`, from the repository root."""
+    out = tmp_path / "OUT.bin"
+    r = subprocess.run([sys.executable, "scripts/convert_dlm_to_sglkernel.py", str(good_hf), str(out)],
+                       cwd=ROOT, capture_output=True, text=True, env=child_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out}" in r.stdout and "mask token:    1 '<|mask|>'" in r.stdout
+    assert "precision:     embedding F32 -> f16: max |delta|" in r.stdout
+    with ModelFile.open(out, verify=True) as mf:
+        assert mf.meta["mask_token_id"] == MASK_ID
+    # a bad input through the script: exit 2, one line, no traceback
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"hidden_size": "big"}')
+    r = subprocess.run([sys.executable, "scripts/convert_dlm_to_sglkernel.py", str(tmp_path / "bad"),
+                        str(tmp_path / "x.bin")], cwd=ROOT, capture_output=True, text=True, env=child_env(),
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- temporary files
+
+def _big_checkpoint(hf):
+    """~60 MB of float16 weights: converting it takes a while (numpy-written, no torch model)."""
+    from np_models import numpy_checkpoint
+
+    return numpy_checkpoint(hf, hidden=512, inter=1536, layers=6, heads=8, kv_heads=8, vocab=16384,
+                            dtype=np.float16)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_killed_conversion_leaves_no_file(tmp_path, sig):
+    import signal
+    import time
+
+    hf = _big_checkpoint(tmp_path / "hf")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "m.bin"
+    # preexec: a shell starts background jobs with SIGINT ignored, and Python keeps an
+    # inherited SIG_IGN; the child gets the default disposition an interactive user has
+    proc = subprocess.Popen([sys.executable, "-m", "bitdlm.cli", "convert", str(hf), str(out), "--quiet"],
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        tmp = []
+        while not tmp and time.monotonic() < deadline and proc.poll() is None:
+            tmp = [p for p in out_dir.iterdir() if ".bitdlm-tmp-" in p.name]
+            time.sleep(0.002)
+        assert tmp, "the conversion never created its temporary file (or finished too fast)"
+        assert tmp[0].name == f".m.bin.bitdlm-tmp-{proc.pid}"
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == (143 if sig == "SIGTERM" else 130), err
+    assert "no output written" in err and "Traceback" not in err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_stale_temp_files_of_dead_pids_are_removed(good_hf, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".m.bin.bitdlm-tmp-{dead.pid}"
+        stale_other = tmp_path / f".other.bin.bitdlm-tmp-{dead.pid}-2"
+        live = tmp_path / f".m.bin.bitdlm-tmp-{alive.pid}"
+        foreign = tmp_path / ".m.bin.tmp-123"  # not ours: left alone
+        for p in (stale, stale_other, live, foreign):
+            p.write_bytes(b"partial")
+        convert(good_hf, tmp_path / "m.bin", progress=False)
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert names == sorted(["m.bin", live.name, foreign.name])
+    finally:
+        alive.kill()
+        alive.wait()

@@ -13,6 +13,19 @@ from bitdlm.format import (ALIGN, PREAMBLE_SIZE, VERSION, ModelFile, ModelFormat
                            ModelWriter, describe, expected_tensors, register_cli, storage_shape)
 
 
+def _word_tokenizer(n: int) -> str:
+    """A real (WordLevel) tokenizer.json with n tokens, one of them non-ASCII."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"a\u00e9": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, n)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok.to_str()
+
+
+_TOKENIZER_JSON = _word_tokenizer(100)
+
+
 def small_meta(**over):
     meta = {
         "architecture": "bitnet", "hidden_size": 64, "num_hidden_layers": 2,
@@ -23,7 +36,7 @@ def small_meta(**over):
         "bos_token_id": None, "eos_token_ids": [0, 3], "mask_token_id": 1, "pad_token_id": 0,
         "diffusion": {"block_size": 32, "small_block_size": 8, "threshold": 0.9, "shift_logits": True},
         "chat_template": "{{ messages }} \u00e9\u4e2d",  # non-ASCII survives
-        "tokenizer_json": json.dumps({"model": {"vocab": {"a\u00e9": 0}}}),
+        "tokenizer_json": _TOKENIZER_JSON,
         "source": {"test": True},
     }
     meta.update(over)
@@ -163,6 +176,7 @@ def _rewrite_header(data: bytes, edit) -> bytes:
 
 def _raw_header_with_crc(data: bytes, raw: bytes) -> bytes:
     magic, ver, _crc, hlen = _preamble(data)
+    assert len(raw) <= hlen
     raw = raw + b" " * (hlen - len(raw))
     return struct.pack("<8sIIQ", magic, ver, zlib.crc32(raw), hlen) + raw + data[PREAMBLE_SIZE + hlen:]
 
@@ -227,6 +241,40 @@ def _corruptions(data: bytes):
     cases["eos out of vocab"] = (R(data, lambda h: h["meta"].update(eos_token_ids=[100])), "token id")
     cases["foreign architecture"] = (R(data, lambda h: h["meta"].update(architecture="llama")), "architecture")
     cases["bad data_offset"] = (R(data, lambda h: h.update(data_offset=3)), "data_offset")
+    # every dimension is bounded before anything is sized from it (2^31 layers
+    # used to build a 2^31-entry tensor list)
+    M = lambda **kv: (lambda h: h["meta"].update(**kv))  # noqa: E731
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings"):
+        cases[f"{key} 2^31"] = (R(data, M(**{key: 2**31})), f"{key}.*integer in")
+        cases[f"{key} bool"] = (R(data, M(**{key: True})), f"{key}.*integer")
+    cases["layers past the file"] = (R(data, M(num_hidden_layers=1000)), "call for .* bytes")
+    cases["vocab past the file"] = (R(data, M(vocab_size=1 << 20)), "call for .* bytes")
+    cases["odd head_dim"] = (R(data, M(head_dim=15)), "even")
+    cases["int past the float range"] = (R(data, M(rope_theta=10**400)), "rope_theta")
+    cases["eps that is 0 in float32"] = (R(data, M(rms_norm_eps=1e-60)), "rms_norm_eps")
+    cases["NaN threshold"] = (R(data, lambda h: h["meta"]["diffusion"].update(threshold=float("nan"))), "threshold")
+    cases["huge block size"] = (R(data, lambda h: h["meta"]["diffusion"].update(block_size=2**31)), "block_size")
+    cases["eos list too long"] = (R(data, M(eos_token_ids=[0] * 300)), "eos_token_ids")
+    cases["eos float"] = (R(data, M(eos_token_ids=[0.0])), "token id")
+    cases["deep nesting"] = (R(data, M(source=json.loads("[" * 40 + "]" * 40))), "nests deeper")
+    cases["nesting past the parser's recursion limit"] = (
+        _raw_header_with_crc(data, b'{"format": "bitdlm", "x": ' + b"[" * 1500 + b"]" * 1500 + b"}"), "JSON")
+    cases["4300-digit integer"] = (_raw_header_with_crc(data, b'{"format": "bitdlm", "x": ' + b"9" * 4400 + b"}"),
+                                   "JSON")
+    cases["file_size float"] = (R(data, lambda h: h.update(file_size=float(size))), "does not match")
+    cases["huge shape"] = (R(data, lambda h: _tensor(h, NORM).update(shape=[2**40, 2**40], nbytes=2**82)),
+                           "bad shape")
+    cases["int64-wrapping shape"] = (R(data, lambda h: _tensor(h, NORM).update(shape=[2**32, 2**32, 2**2])),
+                                     "bad shape")
+    cases["scale past float32"] = (R(data, _set(Q0, "scale", 1e39)), "scale")
+    cases["scale that is 0 in float32"] = (R(data, _set(Q0, "scale", 1e-50)), "scale")
+    cases["scale huge int"] = (R(data, _set(Q0, "scale", 10**400)), "scale")
+    cases["negative crc"] = (R(data, _set(NORM, "crc32", -1)), "crc32")
+    cases["dtype list"] = (R(data, _set(NORM, "dtype", ["f32"])), "unknown dtype")
+    cases["too many tensors"] = (R(data, lambda h: h["tensors"].extend(
+        [dict(_tensor(h, NORM), name=f"x{i}") for i in range(5)])), "unexpected")
+    cases["long tensor name"] = (R(data, lambda h: _tensor(h, NORM).update(name="n" * 300)), "malformed")
     return cases
 
 
@@ -241,6 +289,56 @@ def test_bad_files_table(good, tmp_path):
             ModelFile.open(p).close()
         assert isinstance(ei.value, ValueError), label
         assert str(p) in str(ei.value), label
+
+
+def test_limits_at_write_time(tmp_path):
+    """The writer runs the same validation: no file is made from out-of-bounds metadata."""
+    from bitdlm.format import MAX_CHAT_TEMPLATE_CHARS, MAX_TOKENIZER_CHARS, validate_meta
+
+    for over, pattern in [({"chat_template": "x" * (MAX_CHAT_TEMPLATE_CHARS + 1)}, "chat_template"),
+                          ({"tokenizer_json": " " * (MAX_TOKENIZER_CHARS + 1)}, "tokenizer_json"),
+                          ({"hidden_size": 2**31}, "hidden_size"), ({"head_dim": 7}, "even"),
+                          ({"source": json.loads("[" * 40 + "]" * 40)}, "nests deeper")]:
+        with pytest.raises(ModelFormatError, match=pattern):
+            validate_meta(small_meta(**over))
+    validate_meta(small_meta())
+    # a tokenizer within its own limit whose UTF-8 still overflows the header limit
+    meta = small_meta(tokenizer_json="\u4e2d" * (23 << 20))
+    with pytest.raises(ModelFormatError, match="header would take"):
+        ModelWriter(tmp_path / "big.bin", meta, expected_tensors(meta))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_checks_the_tokenizer(good, tmp_path):
+    data = good[0].read_bytes()
+    for tok, pattern in [("{not json", "cannot be loaded"), (_word_tokenizer(101), "101 tokens")]:
+        p = tmp_path / "t.bin"
+        p.write_bytes(_rewrite_header(data, lambda h: h["meta"].update(tokenizer_json=tok)))
+        ModelFile.open(p).close()  # a plain open does not parse the tokenizer
+        with pytest.raises(ModelFormatError, match=pattern):
+            ModelFile.open(p, verify=True)
+
+
+def test_not_a_regular_file():
+    with pytest.raises(ModelFormatError, match="regular file"):
+        ModelFile.open("/dev/null")
+
+
+def test_info_cli_bad_file_one_line(good, tmp_path):
+    """`bitdlm info bad.bin`: exit 2, one line on stderr, no traceback."""
+    import subprocess
+    import sys
+
+    from hf_models import child_env
+
+    data = good[0].read_bytes()
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(_rewrite_header(data, lambda h: h["meta"].update(num_hidden_layers=2**31)))
+    r = subprocess.run([sys.executable, "-m", "bitdlm.cli", "info", str(bad)], capture_output=True,
+                       text=True, env=child_env(), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("bitdlm info: error: ") and "num_hidden_layers" in r.stderr
 
 
 def test_missing_file_and_directory(tmp_path):

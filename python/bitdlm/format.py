@@ -17,13 +17,15 @@ This module must stay importable without torch (runtime path).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import mmap
 import os
+import re
+import stat
 import struct
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,28 @@ ALIGN = 64
 _PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, header crc32, header length
 PREAMBLE_SIZE = _PREAMBLE.size  # 24
 # The header holds the whole tokenizer JSON (a few MB for 150k vocabularies).
-MAX_HEADER_BYTES = 256 << 20
+MAX_HEADER_BYTES = 64 << 20
+
+# Bounds on every header value, checked before anything is sized from it (and
+# before the C++ side, which takes these as int32, ever sees them). Generous:
+# 10x today's largest open models; docs/format.md lists them.
+LIMITS = {
+    "hidden_size": 1 << 16,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1024,
+    "intermediate_size": 1 << 18,
+    "vocab_size": 1 << 22,
+    "max_position_embeddings": 1 << 24,
+}
+MAX_PROJ_DIM = 1 << 17            # num_attention_heads * head_dim
+MAX_EOS_TOKENS = 256
+MAX_BLOCK_SIZE = 4096             # diffusion.block_size
+MAX_TOKENIZER_CHARS = 60 << 20    # tokenizer_json
+MAX_CHAT_TEMPLATE_CHARS = 1 << 20
+MAX_JSON_DEPTH = 32               # nesting of the header JSON (ours is 4 deep)
+MAX_NAME_CHARS = 256              # tensor names
 
 # dtype name -> numpy storage dtype
 DTYPES = {
@@ -84,7 +107,8 @@ def storage_shape(dtype: str, shape) -> tuple:
 
 
 def storage_nbytes(dtype: str, shape) -> int:
-    return int(np.prod(storage_shape(dtype, shape), dtype=np.int64)) * DTYPES[dtype].itemsize
+    # math.prod on Python ints: no int64 wrap-around for a hostile shape
+    return math.prod(storage_shape(dtype, shape)) * DTYPES[dtype].itemsize
 
 
 def _align(n: int) -> int:
@@ -93,8 +117,23 @@ def _align(n: int) -> int:
 
 # --------------------------------------------------------------------------- contract
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v):
+    """v as a finite float, or None (not a number, bool, inf/NaN, or an int past the float range)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
 def validate_meta(meta) -> None:
-    """Check the metadata keys of docs/architecture.md; raise ModelFormatError."""
+    """Check the metadata keys of docs/architecture.md and the LIMITS; raise ModelFormatError."""
     if not isinstance(meta, dict):
         raise ModelFormatError("metadata is not a JSON object")
 
@@ -103,33 +142,41 @@ def validate_meta(meta) -> None:
             raise ModelFormatError(f"metadata key {key!r} is missing")
         v = meta[key]
         if not isinstance(v, types) or (isinstance(v, bool) and types is not bool):
-            raise ModelFormatError(f"metadata key {key!r} must be {what}, got {v!r:.80}")
+            raise ModelFormatError(f"metadata key {key!r} must be {what}, got {_short(v)}")
         return v
 
     if need("architecture", str, "a string") != "bitnet":
-        raise ModelFormatError(f"unsupported architecture {meta['architecture']!r} (expected 'bitnet')")
+        raise ModelFormatError(f"unsupported architecture {_short(meta['architecture'])} (expected 'bitnet')")
     for k in _INT_KEYS:
-        if need(k, int, "a positive integer") <= 0:
-            raise ModelFormatError(f"metadata key {k!r} must be a positive integer, got {meta[k]}")
-    for k in ("rope_theta", "rms_norm_eps"):
-        v = need(k, (int, float), "a number")
-        if not (math.isfinite(v) and v > 0):
-            raise ModelFormatError(f"metadata key {k!r} must be a positive number, got {v}")
-    need("tie_word_embeddings", bool, "a boolean")
-    if need("hidden_act", str, "a string") != "relu2":
-        raise ModelFormatError(f"unsupported hidden_act {meta['hidden_act']!r} (expected 'relu2')")
+        v = need(k, int, "a positive integer")
+        if not 0 < v <= LIMITS[k]:
+            raise ModelFormatError(f"metadata key {k!r} must be an integer in [1, {LIMITS[k]}], got {_short(v)}")
     if meta["num_attention_heads"] % meta["num_key_value_heads"]:
         raise ModelFormatError("num_attention_heads must be a multiple of num_key_value_heads")
+    if meta["head_dim"] % 2:
+        raise ModelFormatError(f"head_dim must be even (RoPE rotates pairs), got {meta['head_dim']}")
+    if meta["num_attention_heads"] * meta["head_dim"] > MAX_PROJ_DIM:
+        raise ModelFormatError(f"num_attention_heads * head_dim must be <= {MAX_PROJ_DIM}")
+    # float32 on the C++ side: the values must survive the conversion
+    for k, lo, hi in (("rope_theta", 1e-6, 1e15), ("rms_norm_eps", 1e-30, 1.0)):
+        need(k, (int, float), "a number")
+        v = _num(meta[k])
+        if v is None or not lo <= v <= hi:
+            raise ModelFormatError(f"metadata key {k!r} must be a number in [{lo:g}, {hi:g}], "
+                                   f"got {_short(meta[k])}")
+    need("tie_word_embeddings", bool, "a boolean")
+    if need("hidden_act", str, "a string") != "relu2":
+        raise ModelFormatError(f"unsupported hidden_act {_short(meta['hidden_act'])} (expected 'relu2')")
     quant = need("quant", dict, "an object")
     if quant.get("weights") != "i2_b128":
-        raise ModelFormatError(f"unsupported weight quantization {quant.get('weights')!r}")
+        raise ModelFormatError(f"unsupported weight quantization {_short(quant.get('weights'))}")
     if quant.get("lm_head") not in ("f16", "i8"):
-        raise ModelFormatError(f"unsupported lm_head dtype {quant.get('lm_head')!r}")
+        raise ModelFormatError(f"unsupported lm_head dtype {_short(quant.get('lm_head'))}")
     vocab = meta["vocab_size"]
 
     def token_id(key, v):
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < vocab:
-            raise ModelFormatError(f"{key} {v!r} is not a token id in [0, {vocab})")
+        if not _is_int(v) or not 0 <= v < vocab:
+            raise ModelFormatError(f"{key} {_short(v)} is not a token id in [0, {vocab})")
 
     for k in ("bos_token_id", "mask_token_id", "pad_token_id"):
         if k not in meta:
@@ -137,23 +184,60 @@ def validate_meta(meta) -> None:
         if meta[k] is not None:
             token_id(k, meta[k])
     eos = need("eos_token_ids", list, "a list of token ids")
+    if len(eos) > MAX_EOS_TOKENS:
+        raise ModelFormatError(f"eos_token_ids has {len(eos)} entries (at most {MAX_EOS_TOKENS})")
     for v in eos:
         token_id("eos_token_ids entry", v)
     diff = need("diffusion", dict, "an object")
     for k in ("block_size", "small_block_size"):
         v = diff.get(k)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ModelFormatError(f"diffusion.{k} must be a positive integer, got {v!r}")
+        if not _is_int(v) or not 0 < v <= MAX_BLOCK_SIZE:
+            raise ModelFormatError(f"diffusion.{k} must be an integer in [1, {MAX_BLOCK_SIZE}], got {_short(v)}")
     if diff["block_size"] % diff["small_block_size"]:
         raise ModelFormatError("diffusion.block_size must be a multiple of diffusion.small_block_size")
     th = diff.get("threshold")
-    if not isinstance(th, (int, float)) or isinstance(th, bool) or not 0.0 <= th <= 1.0:
-        raise ModelFormatError(f"diffusion.threshold must be in [0, 1], got {th!r}")
+    if _num(th) is None or not 0.0 <= th <= 1.0:
+        raise ModelFormatError(f"diffusion.threshold must be in [0, 1], got {_short(th)}")
     if not isinstance(diff.get("shift_logits"), bool):
-        raise ModelFormatError(f"diffusion.shift_logits must be a boolean, got {diff.get('shift_logits')!r}")
+        raise ModelFormatError(f"diffusion.shift_logits must be a boolean, got {_short(diff.get('shift_logits'))}")
     if "chat_template" not in meta or not isinstance(meta["chat_template"], (str, type(None))):
         raise ModelFormatError("metadata key 'chat_template' must be a string or null")
-    need("tokenizer_json", str, "a string (the whole tokenizer.json)")
+    if meta["chat_template"] is not None and len(meta["chat_template"]) > MAX_CHAT_TEMPLATE_CHARS:
+        raise ModelFormatError(f"chat_template has {len(meta['chat_template'])} characters "
+                               f"(at most {MAX_CHAT_TEMPLATE_CHARS})")
+    if not _json_depth_ok(meta, MAX_JSON_DEPTH - 1):  # meta sits one level inside the header
+        raise ModelFormatError(f"metadata nests deeper than {MAX_JSON_DEPTH - 1} levels")
+    tok = need("tokenizer_json", str, "a string (the whole tokenizer.json)")
+    if len(tok) > MAX_TOKENIZER_CHARS:
+        raise ModelFormatError(f"tokenizer_json has {len(tok)} characters (at most {MAX_TOKENIZER_CHARS})")
+
+
+def _short(v, n: int = 80) -> str:
+    """repr of a header value for an error message, cut to n characters (never huge)."""
+    if isinstance(v, (dict, list)):
+        return f"<{type(v).__name__} of {len(v)}>"
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 200:
+        return f"<{v.bit_length()}-bit integer>"  # repr of a huge int is slow (and may be refused)
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def required_bytes(meta) -> int:
+    """Bytes the tensors of a file with (validated) `meta` take, computed without listing them."""
+    h, i, v, hd = meta["hidden_size"], meta["intermediate_size"], meta["vocab_size"], meta["head_dim"]
+    q, kv = meta["num_attention_heads"] * hd, meta["num_key_value_heads"] * hd
+
+    def i2(m, k):
+        return m * pad_k(k) // 4
+
+    per_layer = (3 * h + i) * 4 + i2(q, h) + 2 * i2(kv, h) + i2(h, q) + 2 * i2(i, h) + i2(h, i)
+    total = meta["num_hidden_layers"] * per_layer + v * h * 2 + h * 4
+    lm = meta["quant"]["lm_head"]
+    if lm == "i8":
+        total += v * h + v * 4
+    elif not meta["tie_word_embeddings"]:
+        total += v * h * 2
+    return total
 
 
 def expected_tensors(meta) -> dict:
@@ -180,6 +264,22 @@ def expected_tensors(meta) -> dict:
     elif not meta["tie_word_embeddings"]:
         out["lm_head.weight"] = ("f16", (v, h))
     return out
+
+
+def check_tokenizer(meta):
+    """The `tokenizers.Tokenizer` of meta["tokenizer_json"], checked to fit the model
+    (at most vocab_size tokens); ModelFormatError otherwise. Not run by a plain
+    open (it costs ~0.1 s per MB of tokenizer), only by verify()."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(meta["tokenizer_json"])
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise ModelFormatError(f"tokenizer_json cannot be loaded by `tokenizers`: {_short(str(e), 200)}") from None
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > meta["vocab_size"]:
+        raise ModelFormatError(f"the tokenizer has {n} tokens but vocab_size is {meta['vocab_size']}")
+    return tok
 
 
 # --------------------------------------------------------------------------- reader
@@ -210,7 +310,10 @@ class ModelFile:
             raise ModelFormatError(f"{path}: cannot open: {e.strerror or e}") from None
         mm = None
         try:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelFormatError(f"{path}: not a regular file")
+            size = st.st_size
             head = f.read(16)
             if head[:len(MAGIC)] != MAGIC[:len(head)]:
                 raise ModelFormatError(f"{path}: not a bitdlm model file "
@@ -249,11 +352,16 @@ class ModelFile:
         return {t.name: (t.offset, t.dtype, tuple(t.shape), t.scale) for t in self.tensors.values()}
 
     def verify(self) -> None:
-        """Check the crc32 of every tensor's data (reads the whole file)."""
+        """Check the crc32 of every tensor's data (reads the whole file) and that
+        the embedded tokenizer loads and fits the vocabulary."""
         for t in self.tensors.values():
             crc = zlib.crc32(memoryview(self.buffer)[t.offset:t.offset + t.nbytes])
             if t.crc32 is not None and crc != t.crc32:
                 raise ModelFormatError(f"{self.path}: tensor {t.name!r} is corrupted (crc32 mismatch)")
+        try:
+            check_tokenizer(self.meta)
+        except ModelFormatError as e:
+            raise ModelFormatError(f"{self.path}: {e}") from None
 
     @property
     def file_size(self) -> int:
@@ -290,6 +398,18 @@ def _foreign_hint(head: bytes) -> str:
     return ""
 
 
+def _json_depth_ok(obj, limit: int) -> bool:
+    """True when `obj` nests at most `limit` containers deep (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            if d > limit:
+                return False
+            stack.extend((c, d + 1) for c in (o.values() if isinstance(o, dict) else o))
+    return True
+
+
 def _parse_header(mm, size: int, path) -> dict:
     magic, version, crc, hlen = _PREAMBLE.unpack_from(mm, 0)
     if version != VERSION:
@@ -304,15 +424,21 @@ def _parse_header(mm, size: int, path) -> dict:
         raise ModelFormatError(f"{path}: header is corrupted (crc32 mismatch)")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{path}: header is not valid UTF-8 JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, integers past 4300 digits, deep nesting
+        raise ModelFormatError(f"{path}: header is not valid UTF-8 JSON: {_short(str(e), 200)}") from None
     if not isinstance(header, dict) or header.get("format") != "bitdlm":
         raise ModelFormatError(f"{path}: header is not a bitdlm header")
-    if header.get("file_size") != size:
-        if isinstance(header.get("file_size"), int) and header["file_size"] > size:
-            raise ModelFormatError(f"{path}: file is truncated ({size} of {header['file_size']} bytes)")
+    if header.get("version") != VERSION or not _is_int(header.get("version")):
+        raise ModelFormatError(f"{path}: header version {_short(header.get('version'))} does not match "
+                               f"the file's format version {VERSION}")
+    if not _json_depth_ok(header, MAX_JSON_DEPTH):
+        raise ModelFormatError(f"{path}: header JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    fsize = header.get("file_size")
+    if fsize != size or not _is_int(fsize):
+        if _is_int(fsize) and fsize > size:
+            raise ModelFormatError(f"{path}: file is truncated ({size} of {fsize} bytes)")
         raise ModelFormatError(f"{path}: file size {size} does not match the header "
-                               f"({header.get('file_size')!r}): trailing garbage or corruption")
+                               f"({_short(fsize)}): trailing garbage or corruption")
     try:
         validate_meta(header.get("meta"))
     except ModelFormatError as e:
@@ -325,43 +451,55 @@ def _parse_tensors(header: dict, size: int, path) -> dict:
     if not isinstance(table, list):
         raise ModelFormatError(f"{path}: header has no tensor table")
     data_offset = header.get("data_offset")
-    if not isinstance(data_offset, int) or data_offset < PREAMBLE_SIZE or data_offset % ALIGN:
-        raise ModelFormatError(f"{path}: bad data_offset {data_offset!r}")
+    if not _is_int(data_offset) or not PREAMBLE_SIZE <= data_offset <= size or data_offset % ALIGN:
+        raise ModelFormatError(f"{path}: bad data_offset {_short(data_offset)}")
+    meta = header["meta"]
+    # The hyperparameters fix the tensor count and the bytes they take: both are
+    # checked against the file before any per-tensor work is sized from them.
+    need = required_bytes(meta)
+    if need > size - data_offset:
+        raise ModelFormatError(f"{path}: the hyperparameters call for {need} bytes of tensors but the "
+                               f"file has {size - data_offset} after the header (truncated or corrupted)")
+    n_expected = meta["num_hidden_layers"] * 11 + 2 + {"i8": 2, "f16": 0 if meta["tie_word_embeddings"] else 1}[
+        meta["quant"]["lm_head"]]
+    if len(table) > n_expected:
+        raise ModelFormatError(f"{path}: unexpected tensors: the table has {len(table)} entries, the "
+                               f"hyperparameters call for {n_expected}")
     tensors: dict[str, TensorInfo] = {}
     for e in table:
-        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
-            raise ModelFormatError(f"{path}: malformed tensor table entry {e!r:.120}")
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or len(e["name"]) > MAX_NAME_CHARS:
+            raise ModelFormatError(f"{path}: malformed tensor table entry {_short(e)}")
         name = e["name"]
         if name in tensors:
             raise ModelFormatError(f"{path}: tensor {name!r} listed twice")
         dtype, shape, off, nb = e.get("dtype"), e.get("shape"), e.get("offset"), e.get("nbytes")
-        if dtype not in DTYPES:
-            raise ModelFormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if (not isinstance(shape, list) or not shape
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ModelFormatError(f"{path}: tensor {name!r} has unknown dtype {_short(dtype)}")
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
+                or not all(_is_int(s) and 0 < s <= 1 << 32 for s in shape)
                 or (dtype == "i2_b128" and len(shape) != 2)):
-            raise ModelFormatError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
-        if not isinstance(off, int) or not isinstance(nb, int):
+            raise ModelFormatError(f"{path}: tensor {name!r} has a bad shape {_short(shape)}")
+        if not _is_int(off) or not _is_int(nb):
             raise ModelFormatError(f"{path}: tensor {name!r} has a bad offset/nbytes")
         if off % ALIGN or off < data_offset:
-            raise ModelFormatError(f"{path}: tensor {name!r} offset {off} is not a 64-byte aligned "
+            raise ModelFormatError(f"{path}: tensor {name!r} offset {_short(off)} is not a 64-byte aligned "
                                    f"offset in the data section")
         if nb != storage_nbytes(dtype, shape):
-            raise ModelFormatError(f"{path}: tensor {name!r} nbytes {nb} does not match "
+            raise ModelFormatError(f"{path}: tensor {name!r} nbytes {_short(nb)} does not match "
                                    f"{dtype} {shape}")
         if off + nb > size:
             raise ModelFormatError(f"{path}: tensor {name!r} [{off}, {off + nb}) lies beyond "
                                    f"the end of the file ({size} bytes): truncated")
         scale = e.get("scale")
         if dtype == "i2_b128":
-            if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
-                    or not math.isfinite(scale) or scale <= 0):
-                raise ModelFormatError(f"{path}: ternary tensor {name!r} has a bad scale {scale!r}")
-            scale = float(np.float32(scale))
+            v = _num(scale)
+            if v is None or not 1e-30 <= v <= 1e30:  # finite and positive in float32
+                raise ModelFormatError(f"{path}: ternary tensor {name!r} has a bad scale {_short(scale)}")
+            scale = float(np.float32(v))
         else:
             scale = None
         crc = e.get("crc32")
-        if crc is not None and not isinstance(crc, int):
+        if crc is not None and (not _is_int(crc) or not 0 <= crc < 1 << 32):
             raise ModelFormatError(f"{path}: tensor {name!r} has a bad crc32")
         tensors[name] = TensorInfo(name, dtype, tuple(shape), off, nb, scale, crc)
     # no two tensors overlap
@@ -370,7 +508,7 @@ def _parse_tensors(header: dict, size: int, path) -> dict:
         if b0 < a1:
             raise ModelFormatError(f"{path}: tensors {an!r} and {bn!r} overlap")
     # exactly the tensors the hyperparameters call for
-    expected = expected_tensors(header["meta"])
+    expected = expected_tensors(meta)
     for name, (dtype, shape) in expected.items():
         t = tensors.get(name)
         if t is None:
@@ -386,17 +524,73 @@ def _parse_tensors(header: dict, size: int, path) -> dict:
 
 # --------------------------------------------------------------------------- writer
 
-def _umask() -> int:
-    try:  # Linux: read it without the racy set-and-restore
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
+# Temporary files are named `.OUT.bitdlm-tmp-<pid>[-n]` next to OUT: recognisably
+# ours, and the pid tells a later run whether the writer that made one is dead.
+TMP_TAG = ".bitdlm-tmp-"
+_TMP_RE = re.compile(r"\..+" + re.escape(TMP_TAG) + r"(\d+)(?:-\d+)?")
+
+
+# Temporary files of writers not finished: removed at interpreter exit too, for
+# an interrupt that lands between their creation and the writer's `with` block.
+_LIVE_TEMPS: set = set()
+
+
+@atexit.register
+def _remove_live_temps() -> None:
+    for p in list(_LIVE_TEMPS):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def temp_path(path, n: int = 0) -> Path:
+    path = Path(path)
+    return path.parent / f".{path.name}{TMP_TAG}{os.getpid()}{f'-{n}' if n else ''}"
+
+
+def _create_temp(path: Path):
+    for n in range(1000):  # a second writer to the same OUT in this process takes the next name
+        tmp = temp_path(path, n)
+        try:  # 0o666 minus the umask: the usual permissions of a new file
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: too many temporary files of this process")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's live process (or a pid we cannot ask about): keep its file
+    return True
+
+
+def remove_stale_temp_files(directory) -> list:
+    """Delete our temporary files in `directory` whose writer process is gone
+    (killed with SIGKILL, or the machine went down); returns their paths."""
+    removed = []
+    try:
+        names = os.listdir(directory)
     except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        return removed
+    for name in names:
+        m = _TMP_RE.fullmatch(name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        p = Path(directory) / name
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 class ModelWriter:
@@ -405,8 +599,10 @@ class ModelWriter:
     The tensor list (names, dtypes, logical shapes) is fixed up front so every
     offset is known; data may be written in any order, each tensor in one or
     more chunks. `commit()` writes the header, fsyncs and renames the temporary
-    file onto `path`; leaving the `with` block with an exception (or calling
-    `abort()`) deletes it, so a failed write leaves no output.
+    file (`.OUT.bitdlm-tmp-<pid>`, in OUT's directory) onto `path`; leaving the
+    `with` block with an exception (KeyboardInterrupt and SystemExit included) or
+    calling `abort()` deletes it, so a failed write leaves no output. Temporary
+    files of dead writers found in the directory are deleted on start.
 
         with ModelWriter(out, meta, expected_tensors(meta)) as w:
             w.write(name, array, scale=...)
@@ -421,7 +617,10 @@ class ModelWriter:
             raise FileExistsError(f"{self.path} is a directory")
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} already exists")
-        self.meta = json.loads(json.dumps(meta))  # a frozen copy: the header size is reserved now
+        try:
+            self.meta = json.loads(json.dumps(meta))  # a frozen copy: the header size is reserved now
+        except (ValueError, TypeError) as e:
+            raise ModelFormatError(f"metadata is not JSON: {_short(str(e), 200)}") from None
         self._entries = {}
         for name, (dtype, shape) in specs.items():
             if dtype not in DTYPES:
@@ -431,8 +630,14 @@ class ModelWriter:
                                    **({"scale": 0.0} if dtype == "i2_b128" else {}), "crc32": 0}
         # Reserve room for the final header: digits of offsets, scales and crcs
         # are unknown yet; the JSON is right-padded with spaces to this length.
-        draft = self._header_json(0, 0)
+        try:
+            draft = self._header_json(0, 0)
+        except (ValueError, TypeError) as e:  # NaN, a lone surrogate, a non-JSON object
+            raise ModelFormatError(f"metadata is not strict JSON in UTF-8: {_short(str(e), 200)}") from None
         self._hlen = len(draft) + 64 * len(self._entries) + 256
+        if self._hlen > MAX_HEADER_BYTES:  # readers would refuse the file
+            raise ModelFormatError(f"the header would take {self._hlen} bytes (at most {MAX_HEADER_BYTES}): "
+                                   f"tokenizer or chat template too large")
         data_offset = _align(PREAMBLE_SIZE + self._hlen)
         off = data_offset
         for e in self._entries.values():
@@ -443,12 +648,20 @@ class ModelWriter:
         last = max(self._entries.values(), key=lambda e: e["offset"], default=None)
         self._file_size = last["offset"] + last["nbytes"] if last else data_offset
         self._written = set()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp = Path(tmp)
-        self._f = os.fdopen(fd, "w+b")
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        self._f.truncate(self._file_size)
+        remove_stale_temp_files(self.path.parent)
+        self._done = True  # until the temporary file exists: abort() has nothing to do
+        self._f = None
+        fd, self._tmp = _create_temp(self.path)
+        _LIVE_TEMPS.add(self._tmp)
         self._done = False
+        try:
+            self._f = os.fdopen(fd, "w+b")
+            self._f.truncate(self._file_size)
+        except BaseException:  # KeyboardInterrupt included: the `with` block is not entered yet
+            if self._f is None:
+                os.close(fd)
+            self.abort()
+            raise
 
     def _header_json(self, data_offset: int, file_size: int) -> bytes:
         header = {"format": "bitdlm", "version": VERSION, "data_offset": data_offset,
@@ -503,6 +716,7 @@ class ModelWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self._tmp, self.path)
+        _LIVE_TEMPS.discard(self._tmp)
         try:  # make the rename itself durable
             dfd = os.open(self.path.parent, os.O_RDONLY)
             try:
@@ -518,9 +732,11 @@ class ModelWriter:
         if not self._done:
             self._done = True
             try:
-                self._f.close()
+                if self._f is not None:
+                    self._f.close()
             finally:
                 self._tmp.unlink(missing_ok=True)
+                _LIVE_TEMPS.discard(self._tmp)
 
     def __enter__(self):
         return self
