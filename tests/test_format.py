@@ -341,6 +341,23 @@ def test_info_cli_bad_file_one_line(good, tmp_path):
     assert r.stderr.startswith("bitdlm info: error: ") and "num_hidden_layers" in r.stderr
 
 
+def test_generate_cli_broken_tokenizer_one_line(good, tmp_path):
+    """A file whose tokenizer_json `tokenizers` cannot load: `bitdlm generate` exits 2 with one
+    line (the tokenizer is parsed lazily, after the plain open has succeeded)."""
+    import subprocess
+    import sys
+
+    from hf_models import child_env
+
+    bad = tmp_path / "badtok.bin"
+    bad.write_bytes(_rewrite_header(good[0].read_bytes(), lambda h: h["meta"].update(tokenizer_json="{not json")))
+    r = subprocess.run([sys.executable, "-m", "bitdlm.cli", "generate", "hello", "--model", str(bad),
+                        "--max-tokens", "2"], capture_output=True, text=True, env=child_env(), timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "tokenizer" in r.stderr
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(ModelFormatError, match="no such model file"):
         ModelFile.open(tmp_path / "nope.bin")

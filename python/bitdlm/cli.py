@@ -145,6 +145,13 @@ def main(argv=None) -> int:
     except MissingDependency as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        from .format import ModelFormatError
+
+        if not isinstance(e, ModelFormatError):
+            raise
+        print(f"{name}: error: {e}", file=sys.stderr)  # a damaged or foreign model file
+        return 2
     except ModuleNotFoundError as e:
         # a required dependency removed after install (or installed with --no-deps)
         if not e.name or e.name.split(".")[0] in ("bitdlm",):

@@ -56,7 +56,12 @@ class Tokenizer:
 
         if not tokenizer_json:
             raise ValueError("the model has no tokenizer (tokenizer_json is empty)")
-        self._tok = _HFTokenizer.from_str(tokenizer_json)
+        try:
+            self._tok = _HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed JSON
+            from .format import ModelFormatError
+
+            raise ModelFormatError(f"the model's tokenizer cannot be loaded: {str(e)[:200]}") from None
         self.chat_template = chat_template
         self.bos_token_id = bos_token_id
         self.eos_token_ids = list(eos_token_ids or [])
