@@ -154,8 +154,9 @@ def _option_parser() -> argparse.ArgumentParser:
     from bitdlm.server import add_serve_args
 
     p = _Parser(prog="bitdlm.ray.app", add_help=False)
-    add_serve_args(p)
-    add_ray_args(p)
+    add_serve_args(p)  # with the serve CLI's LAUNCH_HOOKS, which hold add_ray_args
+    if "--replicas" not in p._option_string_actions:  # noqa: SLF001
+        add_ray_args(p)
     return p
 
 
