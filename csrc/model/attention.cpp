@@ -289,11 +289,12 @@ void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const flo
     }
   }
   const int nthreads = omp_get_max_threads();
-  // Units: jobs cut along their keys into chunks of whole tiles, about 2 units
+  // Units: jobs cut along their keys into chunks of whole tiles, about 4 units
   // per thread in all (decoding: 1 query x n_kv heads is fewer jobs than
-  // threads), so the dynamic schedule has work for every thread.
-  // One thread: nothing to balance, no split.
-  const int64_t want = 2 * (int64_t)nthreads;
+  // threads; 32 queries x 5 KV heads are 20 jobs, 2 rounds on 16 threads of
+  // which the second is 1/4 full), so the dynamic schedule has work for every
+  // thread until the end. One thread: nothing to balance, no split.
+  const int64_t want = 4 * (int64_t)nthreads;
   const int64_t chunk =
       nthreads == 1 ? std::max<int64_t>(total_keys, 1)
                     : std::max<int64_t>(kAttnTile, ((total_keys + want - 1) / want + kAttnTile - 1) / kAttnTile *
