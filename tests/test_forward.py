@@ -642,6 +642,36 @@ def test_avx512_attention_long_context(kv_dtype):
         _core.set_isa(old)
 
 
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_attention_split_over_keys_matches_unsplit(kv_dtype):
+    """With several threads a job's keys are cut into chunks of whole tiles whose partial softmaxes
+    are merged (flash-decoding); one thread never cuts. Decoding (1 query, the direct kernels) and
+    8 / 32 queries over 100 cached keys (chunks cutting the cached keys and the fresh ones) give on
+    every ISA the forward of the unsplit one-thread run, as close as two ISAs are to each other."""
+    old_isa, old_threads = _core.active_isa(), _core.get_max_threads()
+    isas = [i for i in ("scalar", "avx2", "avx512") if i in _core.supported_isas()]
+    try:
+        for shape in ("gqa3_hd12", "gqa2_hd64_untied"):
+            hf = make_hf(SHAPES[shape], seed=4)
+            core = to_core(hf, kv_dtype=kv_dtype)
+            toks = np.random.default_rng(13).integers(0, hf.config.vocab_size, 132)
+            s = core.alloc_seq(140)
+            core_logits(core, toks[:100], B=4, seq=s)
+            for isa in isas:
+                _core.set_isa(isa)
+                res = {}
+                for th in (1, 7):
+                    _core.set_num_threads(th)
+                    res[th] = [core_logits(core, toks[100:100 + n], B=32, seq=s, start=100, ctx_len=100, write=False)
+                               for n in (1, 8, 32)]
+                for a, b in zip(res[7], res[1]):
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=f"{shape} {isa}")
+            core.free_seq(s)
+    finally:
+        _core.set_isa(old_isa)
+        _core.set_num_threads(old_threads)
+
+
 def test_phase_profile(small):
     """The profiler splits one forward's wall time into phases; off, it records nothing."""
     import time

@@ -4,6 +4,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <cmath>
 #include <cstring>
 
@@ -155,15 +157,26 @@ struct Job {
   int item, kvh, i0, i1;  // fresh queries [i0, i1) of item, KV head kvh
 };
 
+// A unit of parallel work: keys [k0, k1) of a job, counted over its visible
+// keys in score order (cached [0, a1), cached after the block, fresh). A job
+// cut into several units (flash-decoding) leaves each unit's running max, sum
+// and unnormalized output in `slot`; the unit that finishes last merges them.
+struct Unit {
+  int job, k0, k1;
+  int64_t slot;  // offset of this unit's partial in the partial area, -1: the job is not split
+};
+
 constexpr int kQueriesPerJob = 8;
 
 }  // namespace
 
-// One job: rows R = (i1 - i0) queries x `group` heads against their common keys.
+// Rows R = (i1 - i0) queries x `group` heads against keys [k0, k1) of their
+// common visible keys. With `part` null the output is normalized and written
+// to `out`; otherwise part = [R * hd unnormalized output | R running max | R sum].
 template <class T>
 static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis, int i0, int i1, int kvh,
-                   int group, const float* q, const float* k, const float* v, int nh, int nkv, int hd, float* out,
-                   float* Qs, float* Os, float* S, float* tile) {
+                   int group, int k0, int k1, const float* q, const float* k, const float* v, int nh, int nkv,
+                   int hd, float* out, float* part, float* Qs, float* Os, float* S, float* tile) {
   const int64_t ldq = (int64_t)nh * hd, ldkv = (int64_t)nkv * hd;
   const int R = (i1 - i0) * group;
   for (int i = i0; i < i1; ++i)
@@ -178,7 +191,8 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
   // score rows over all keys are never stored. Few rows (decoding) read the
   // K/V rows directly, more rows go through converted / transposed tiles.
   const bool direct = R <= kAttnDirectRows;
-  float* m = S + (int64_t)R * kAttnTile;
+  if (part) Os = part;
+  float* m = part ? part + (int64_t)R * hd : S + (int64_t)R * kAttnTile;
   float* l = m + R;
   for (int r = 0; r < R; ++r) m[r] = -INFINITY, l[r] = 0.f;
   std::memset(Os, 0, sizeof(float) * R * hd);
@@ -209,9 +223,15 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
       }
     }
   };
-  seg(Kc, Vc, hd, vis.a1);
-  seg(Kc + (int64_t)vis.a2 * hd, Vc + (int64_t)vis.a2 * hd, hd, vis.nb);
-  seg(Kf, Vf, ldkv, vis.nf);
+  // The part of [k0, k1) inside a segment that starts at key `off`.
+  auto clip = [&](const auto* K, const auto* V, int64_t ld, int nk, int off) {
+    const int lo = std::max(k0 - off, 0), hi = std::min(k1 - off, nk);
+    if (lo < hi) seg(K + lo * ld, V + lo * ld, ld, hi - lo);
+  };
+  clip(Kc, Vc, hd, vis.a1, 0);
+  clip(Kc + (int64_t)vis.a2 * hd, Vc + (int64_t)vis.a2 * hd, hd, vis.nb, vis.a1);
+  clip(Kf, Vf, ldkv, vis.nf, vis.a1 + vis.nb);
+  if (part) return;
   for (int r = 0; r < R; ++r) {
     const float inv = 1.0f / l[r];
     for (int i = 0; i < hd; ++i) Os[(int64_t)r * hd + i] *= inv;
@@ -221,6 +241,29 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
                 sizeof(float) * group * hd);
 }
 
+// The exact softmax merge of a job's n partials (rows R, layout as in attend):
+// out = sum_s e^(m_s - M) O_s / sum_s e^(m_s - M) l_s with M = max_s m_s.
+static void merge_parts(const float* parts, int64_t slot_size, int n, int R, int hd, float* Os, float* w) {
+  for (int r = 0; r < R; ++r) {
+    float M = -INFINITY;
+    for (int s = 0; s < n; ++s) M = std::max(M, parts[s * slot_size + (int64_t)R * hd + r]);
+    float L = 0.f;
+    for (int s = 0; s < n; ++s) {
+      const float* p = parts + s * slot_size + (int64_t)R * hd;
+      w[s] = p[r] == -INFINITY ? 0.f : std::exp(p[r] - M);
+      L += w[s] * p[R + r];
+    }
+    float* o = Os + (int64_t)r * hd;
+    for (int i = 0; i < hd; ++i) o[i] = 0.f;
+    for (int s = 0; s < n; ++s) {
+      const float* po = parts + s * slot_size + (int64_t)r * hd;
+      for (int i = 0; i < hd; ++i) o[i] += w[s] * po[i];
+    }
+    const float inv = 1.0f / L;
+    for (int i = 0; i < hd; ++i) o[i] *= inv;
+  }
+}
+
 void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const float* q, const float* k,
                const float* v, int nh, int nkv, int hd, float* out, std::vector<float>& scratch) {
   const AttnKernels& kt = attn_kernels();
@@ -228,6 +271,8 @@ void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const flo
   // Jobs: (item, KV head, up to kQueriesPerJob consecutive queries that see the same keys).
   std::vector<Job> jobs;
   std::vector<Visible> vis;
+  std::vector<int> nkeys;
+  int64_t total_keys = 0;
   for (int t = 0; t < n_items; ++t) {
     const AttnItem& it = items[t];
     for (int i0 = 0; i0 < it.n;) {
@@ -237,30 +282,79 @@ void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const flo
       for (int h = 0; h < nkv; ++h) {
         jobs.push_back(Job{t, h, i0, i1});
         vis.push_back(v0);
+        nkeys.push_back(v0.a1 + v0.nb + v0.nf);
+        total_keys += nkeys.back();
       }
       i0 = i1;
     }
   }
-  const int64_t rows = (int64_t)kQueriesPerJob * group;
-  const int64_t s_size = rows * (kAttnTile + 2);  // one tile's scores, then the running max and sum per row
-  const int64_t per_thread = rows * hd * 2 + s_size + (int64_t)kAttnTile * hd;
   const int nthreads = omp_get_max_threads();
-  if (scratch.size() < (size_t)(nthreads * per_thread)) scratch.resize((size_t)(nthreads * per_thread));
+  // Units: jobs cut along their keys into chunks of whole tiles, about 4 units
+  // per thread in all (decoding: 1 query x n_kv heads is fewer jobs than
+  // threads; 32 queries x 5 KV heads are 20 jobs, 2 rounds on 16 threads of
+  // which the second is 1/4 full), so the dynamic schedule has work for every
+  // thread until the end. One thread: nothing to balance, no split.
+  const int64_t want = 4 * (int64_t)nthreads;
+  const int64_t chunk =
+      nthreads == 1 ? std::max<int64_t>(total_keys, 1)
+                    : std::max<int64_t>(kAttnTile, ((total_keys + want - 1) / want + kAttnTile - 1) / kAttnTile *
+                                                       kAttnTile);
+  const int64_t rows = (int64_t)kQueriesPerJob * group;
+  const int64_t slot_size = rows * (hd + 2);
+  std::vector<Unit> units;
+  std::vector<int> first_unit(jobs.size() + 1);
+  int64_t n_slots = 0;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    first_unit[j] = (int)units.size();
+    const int nk = nkeys[j];
+    const int n = (int)((nk + chunk - 1) / chunk);
+    if (n <= 1) {
+      units.push_back(Unit{(int)j, 0, nk, -1});
+      continue;
+    }
+    // n chunks of about equal length, cut at tile multiples
+    const int len = ((nk + n - 1) / n + kAttnTile - 1) / kAttnTile * kAttnTile;
+    for (int k0 = 0; k0 < nk; k0 += len) units.push_back(Unit{(int)j, k0, std::min(nk, k0 + len), slot_size * n_slots++});
+  }
+  first_unit[jobs.size()] = (int)units.size();
+  const int max_parts = (int)((total_keys + chunk - 1) / chunk) + 1;
+  const int64_t s_size = rows * (kAttnTile + 2);  // one tile's scores, then the running max and sum per row
+  const int64_t per_thread = rows * hd * 2 + s_size + (int64_t)kAttnTile * hd + max_parts;
+  const size_t need = (size_t)(nthreads * per_thread + n_slots * slot_size);
+  if (scratch.size() < need) scratch.resize(need);
   float* sbase = scratch.data();
-  const int64_t njobs = (int64_t)jobs.size();
-#pragma omp parallel for schedule(dynamic, 1) if (njobs > 1)
-  for (int64_t j = 0; j < njobs; ++j) {
+  float* parts = sbase + nthreads * per_thread;
+  // Units of a split job still running; the one that brings it to 0 merges.
+  std::unique_ptr<std::atomic<int>[]> left(new std::atomic<int>[jobs.size()]);
+  for (size_t j = 0; j < jobs.size(); ++j) left[j].store(first_unit[j + 1] - first_unit[j], std::memory_order_relaxed);
+  const int64_t nunits = (int64_t)units.size();
+#pragma omp parallel for schedule(dynamic, 1) if (nunits > 1)
+  for (int64_t u = 0; u < nunits; ++u) {
     float* Qs = sbase + (int64_t)omp_get_thread_num() * per_thread;
     float* Os = Qs + rows * hd;
     float* S = Os + rows * hd;
     float* tile = S + s_size;
-    const Job& jb = jobs[j];
+    float* w = tile + (int64_t)kAttnTile * hd;
+    const Unit& un = units[u];
+    const Job& jb = jobs[un.job];
+    const AttnItem& it = items[jb.item];
+    float* part = un.slot < 0 ? nullptr : parts + un.slot;
     if (kv_f16)
-      attend<uint16_t>(kt, items[jb.item], vis[j], jb.i0, jb.i1, jb.kvh, group, q, k, v, nh, nkv, hd, out, Qs, Os,
-                       S, tile);
+      attend<uint16_t>(kt, it, vis[un.job], jb.i0, jb.i1, jb.kvh, group, un.k0, un.k1, q, k, v, nh, nkv, hd, out,
+                       part, Qs, Os, S, tile);
     else
-      attend<float>(kt, items[jb.item], vis[j], jb.i0, jb.i1, jb.kvh, group, q, k, v, nh, nkv, hd, out, Qs, Os, S,
-                    tile);
+      attend<float>(kt, it, vis[un.job], jb.i0, jb.i1, jb.kvh, group, un.k0, un.k1, q, k, v, nh, nkv, hd, out, part,
+                    Qs, Os, S, tile);
+    // acq_rel: this unit's partial is visible to the merger, the others' to us.
+    if (part && left[un.job].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      const int R = (jb.i1 - jb.i0) * group;
+      const int u0 = first_unit[un.job];
+      merge_parts(parts + units[u0].slot, slot_size, first_unit[un.job + 1] - u0, R, hd, Os, w);
+      const int64_t ldq = (int64_t)nh * hd;
+      for (int i = jb.i0; i < jb.i1; ++i)
+        std::memcpy(out + (int64_t)(it.row0 + i) * ldq + (int64_t)jb.kvh * group * hd,
+                    Os + (int64_t)(i - jb.i0) * group * hd, sizeof(float) * group * hd);
+    }
   }
 }
 

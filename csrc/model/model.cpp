@@ -291,7 +291,7 @@ int Model::run(const std::vector<Item>& items, int B) {
     inv_freq[i] = 1.0f / std::pow((float)c.rope_theta, (float)(2 * i) / (float)hd);
   {
     auto t = timed(kEmbed);
-#pragma omp parallel for schedule(dynamic, 1) if (N > 1)
+#pragma omp parallel for num_threads(small_ops_team(N)) schedule(static) if (N > 1)
     for (int r = 0; r < N; ++r) {
       const AttnItem& a = ai[row_item_[r]];
       const int j = r - a.row0;
@@ -332,7 +332,9 @@ int Model::run(const std::vector<Item>& items, int B) {
         ai[i].kc = kv_.k(items[i].seq, l);
         ai[i].vc = kv_.v(items[i].seq, l);
       }
-#pragma omp parallel for schedule(dynamic, 1) if (N > 1)
+      // (a team sized to the rows, static: see smallops.cpp)
+      const int nt = small_ops_team(N);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
       for (int r = 0; r < N; ++r) {
         const float* cr = cos_.data() + (int64_t)r * half;
         const float* sr = sin_.data() + (int64_t)r * half;
@@ -401,7 +403,7 @@ int Model::run(const std::vector<Item>& items, int B) {
   // The last residual, then the final norm of the requested rows only.
   float* x = x_.data();
   if (pending) {
-#pragma omp parallel for schedule(dynamic, 1) if (N > 1)
+#pragma omp parallel for num_threads(small_ops_team(N)) schedule(static) if (N > 1)
     for (int r = 0; r < N; ++r)
       for (int i = 0; i < H; ++i) x[(int64_t)r * H + i] += pending[(int64_t)r * H + i];
   }
@@ -410,7 +412,7 @@ int Model::run(const std::vector<Item>& items, int B) {
   out_row_.clear();
   for (size_t t = 0; t < items.size(); ++t)
     for (int32_t idx : items[t].out_idx) out_row_.push_back(ai[t].row0 + idx);
-#pragma omp parallel for schedule(dynamic, 1) if (NO > 1)
+#pragma omp parallel for num_threads(small_ops_team(NO)) schedule(static) if (NO > 1)
   for (int o = 0; o < NO; ++o) so.rmsnorm(x + (int64_t)out_row_[o] * H, final_norm_, xo_.data() + (int64_t)o * H, H, c.eps);
   return NO;
 }

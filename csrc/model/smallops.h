@@ -48,5 +48,8 @@ void add_norm_quant_rows(const SmallOps& t, float* x, const float* d, const floa
 void act_norm_quant_rows(const SmallOps& t, float* g, const float* u, const float* w, int N, int K, float eps,
                          int8_t* q, float* scale, int32_t* sum, int Kp);
 void rmsnorm_rows(const SmallOps& t, const float* x, const float* w, float* y, int N, int K, float eps);
+// Threads for a region over N small rows: the fewest that give every thread
+// the same ceil(N / max_threads) rows (used with schedule(static)).
+int small_ops_team(int N);
 
 }  // namespace bitdlm
