@@ -315,7 +315,7 @@ void gemm_f16_f32(const uint16_t* W, int M, int K, const float* x, int N, float*
 
 // int8 lm_head. With AMX and >= amx_min_tokens() tokens (the block step's
 // output rows): activations re-laid out into tiles (as for the ternary GEMM),
-// then 64-row jobs on TDPBSSD tiles; the last M % 16 rows (and any K that is not
+// then 256-row jobs on TDPBSSD tiles; the last M % 16 rows (and any K that is not
 // a multiple of 64) take the VNNI kernel, which gives the same int32 dots.
 void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& a, float* y, int ldy) {
   const KernelTable& t = table();
@@ -325,7 +325,9 @@ void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& 
     return;
   }
   get_amx_variant();  // BITDLM_AMX_VARIANT read before the parallel region
-  constexpr int kRowBlock = 64;
+  // 256-row jobs (8 groups of 32): the kernel prefetches each next group of its
+  // job while the current one multiplies (501 jobs for a 128256-row vocabulary)
+  constexpr int kRowBlock = 256;
   const int m16 = M / 16 * 16, nb = (M + kRowBlock - 1) / kRowBlock;
   const int groups = (a.N + 15) / 16, steps = a.Kp / 64;
   int8_t* const vb = vnni_buffer(a);

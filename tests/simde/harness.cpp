@@ -182,8 +182,8 @@ static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode
 }
 
 // The AMX int8 lm_head (TDPBSSD, weights as A tiles straight from the matrix)
-// driven like dispatch.cpp's gemm_i8_i8: 64-row jobs of a multiple of 16 rows.
-static void check_amx_i8(int M, int K, int N) {
+// driven like dispatch.cpp's gemm_i8_i8: jobs of a multiple of 16 rows.
+static void check_amx_i8(int M, int K, int N, int job = 64) {
   const int Kp = (int)pad_k(K);
   std::vector<int8_t> w((size_t)M * K), q((size_t)N * Kp, 0);
   std::vector<float> ws(M), s(N);
@@ -204,8 +204,8 @@ static void check_amx_i8(int M, int K, int N) {
     g_amx_variant = variant;
     std::fill(got.begin(), got.end(), -7.f);
     kAmxKernels.amx_begin();
-    for (int m0 = 0; m0 < M; m0 += 64)
-      kAmxKernels.amx_i8(w.data(), ws.data(), K, a, vba, got.data(), M, m0, m0 + 64 < M ? m0 + 64 : M);
+    for (int m0 = 0; m0 < M; m0 += job)  // (dispatch: 256-row jobs; 64 exercises more job ends)
+      kAmxKernels.amx_i8(w.data(), ws.data(), K, a, vba, got.data(), M, m0, m0 + job < M ? m0 + job : M);
     kAmxKernels.amx_end();
     ++g_cases;
     if (std::memcmp(ref.data(), got.data(), ref.size() * 4)) {
@@ -235,6 +235,7 @@ int main(int argc, char** argv) {
   for (int N : {1, 2, 8, 16, 17, 32, 33, 40})
     for (int M : {16, 48, 80}) check_amx_i8(M, 320, N);
   check_amx_i8(32, 2560, 8);
+  check_amx_i8(208, 640, 9, 256);  // one job of 7 groups (next-group prefetch), as dispatch runs it
   const KernelTable* tables[] = {&kAvx512Kernels, &kAvx512VnniKernels};
   const int Ns[] = {1, 2, 3, 4, 5, 8, 31, 32, 33};
   for (const KernelTable* t : tables) {
