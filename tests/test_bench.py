@@ -258,8 +258,9 @@ def test_kernels_ceilings_only_writes_the_ceilings_json(tmp_path):
     measures the ceilings only and writes them keyed by thread count."""
     out = tmp_path / "k.json"
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
-    r = subprocess.run([sys.executable, os.path.join(BENCH, "kernels.py"), "--ceilings-only", "--quick", "--threads", "1",
-                        "--json", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, os.path.join(BENCH, "kernels.py"), "--ceilings-only", "--quick", "--threads", "1",
+           "--json", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert set(res["ceilings"]) == {"1"} and res["gemm"] == [] and res["decode_30_layers"] == []

@@ -85,7 +85,8 @@ def test_logits_identical_across_isas(model):
         for L in toks:
             scale = float(np.abs(base[L]).max())
             err = float(np.abs(ref[L] - base[L]).max())
-            assert err <= CROSS_TOL * scale, f"{ref_isa} vs {base_isa}, {L} tokens: max diff {err} > {CROSS_TOL} x {scale}"
+            assert err <= CROSS_TOL * scale, \
+                f"{ref_isa} vs {base_isa}, {L} tokens: max diff {err} > {CROSS_TOL} x {scale}"
 
 
 def test_model_table_groups_cover_every_isa():
