@@ -18,8 +18,8 @@
    the Python binding (~10 us, 120 calls), which the forward (C++) does not.
 3. The int8 lm_head (128256 x 2560, 328 MB, streamed from DRAM) at N = 1, 8,
    32 on all cores: AMX (variant 1: next row group prefetched into L2, paced;
-   9: per-row prefetch instead) beside the VNNI / AVX2 kernels, ms and GB/s
-   of weights.
+   9: per-row prefetch instead; 129: the VNNI kernel inside the amx level)
+   beside the VNNI / AVX2 ISAs, ms and GB/s of weights.
 Warm-up passes first (caches, AMX power state, OpenMP team); AMX rows are
 skipped where the CPU lacks AMX. Takes ~60 s on 16 threads.
 """
@@ -159,7 +159,7 @@ def main() -> None:
         ws = np.full(V, 0.01, np.float32)
         print(f"\nint8 lm_head {V}x{K} ({t} threads; ms and GB/s of weights)")
         print(f"{'config':>12} " + " ".join(f"{'N=' + str(n):>16}" for n in LM_NS))
-        lm_cfgs = [(f"amx v{v}", "amx", v) for v in (1, 9) if "amx" in sup] + [(i, i, 0) for i in BASE_ISAS if i in sup]
+        lm_cfgs = [(f"amx v{v}", "amx", v) for v in (1, 9, 129) if "amx" in sup] + [(i, i, 0) for i in BASE_ISAS if i in sup]
         for label, isa, v in lm_cfgs:
             _core.set_isa(isa)
             _core.set_amx_variant(v)

@@ -27,7 +27,7 @@ MODEL_TABLES = {"avx2": "avx2", "avx512": "avx512", "avx512vnni": "avx512", "amx
 CROSS_TOL = 1e-4
 # AMX kernel variants (csrc/kernels/isa.h bit flags): each bit alone and the
 # combinations the kernel distinguishes.
-AMX_VARIANTS = [0, 1, 2, 4, 8, 16, 32, 64, 1 | 8 | 16, 1 | 4 | 8 | 16, 32 | 8 | 16, 64 | 8 | 16, 64 | 4, 127]
+AMX_VARIANTS = [0, 1, 2, 4, 8, 16, 32, 64, 128 | 1, 1 | 8 | 16, 1 | 4 | 8 | 16, 32 | 8 | 16, 64 | 8 | 16, 64 | 4, 255]
 
 
 def _runs():
@@ -108,12 +108,12 @@ def test_amx_min_tokens_setter():
 def test_amx_variant_setter_range():
     prev = _core.get_amx_variant()
     try:
-        for v in range(128):
+        for v in range(256):
             _core.set_amx_variant(v)
             assert _core.get_amx_variant() == v
-        for bad in (-1, 128):
+        for bad in (-1, 256):
             with pytest.raises(ValueError, match="AMX variant"):
                 _core.set_amx_variant(bad)
-        assert _core.get_amx_variant() == 127  # a refused value changes nothing
+        assert _core.get_amx_variant() == 255  # a refused value changes nothing
     finally:
         _core.set_amx_variant(prev)

@@ -346,10 +346,11 @@ def test_amx_multi_gemm_bit_exact_vs_scalar(n, variant):
 
 
 @pytest.mark.skipif("amx" not in ISAS, reason=_NO_AMX)
-@pytest.mark.parametrize("variant", [0, 8])  # bit 3 (kAmxPrefetch) changes the AMX lm_head's loop
+@pytest.mark.parametrize("variant", [1, 9, 129])  # bit 3: the AMX lm_head's prefetch; 128: lm_head on VNNI
 @pytest.mark.parametrize("m,k,n", [(16, 2560, 2), (100, 2560, 8), (300, 640, 33), (1000, 2560, 17), (77, 320, 64)])
 def test_amx_i8_lm_head_bit_exact_vs_scalar(m, k, n, variant):
-    """Native AMX int8 lm_head (TDPBSSD tiles, the M % 16 tail on VNNI) == scalar, 2 threads."""
+    """Native AMX int8 lm_head (TDPBSSD tiles, the M % 16 tail on VNNI) == scalar, 2 threads
+    (variant 129: all on VNNI)."""
     rng = np.random.default_rng(m + k + n)
     w = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
     wscale = rng.uniform(0.001, 0.1, size=m).astype(np.float32)

@@ -319,12 +319,12 @@ void gemm_f16_f32(const uint16_t* W, int M, int K, const float* x, int N, float*
 // a multiple of 64) take the VNNI kernel, which gives the same int32 dots.
 void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& a, float* y, int ldy) {
   const KernelTable& t = table();
-  const bool amx = t.amx_i8 && a.N >= amx_min_tokens() && K % 64 == 0 && M >= 16;
+  const bool amx =
+      t.amx_i8 && a.N >= amx_min_tokens() && K % 64 == 0 && M >= 16 && !(get_amx_variant() & kAmxVnniLmHead);
   if (!amx) {
     run_rows(M, (int64_t)M * K * a.N, [&](int m0, int m1) { t.i8(W, wscale, K, a, y, ldy, m0, m1); });
     return;
   }
-  get_amx_variant();  // BITDLM_AMX_VARIANT read before the parallel region
   // 256-row jobs (8 groups of 32): the kernel prefetches each next group of its
   // job while the current one multiplies (501 jobs for a 128256-row vocabulary)
   constexpr int kRowBlock = 256;

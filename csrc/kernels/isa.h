@@ -52,10 +52,12 @@ struct KernelTable {
 //   kAmxPipeline: double-buffered unpack, one block ahead of the TDPBUSDs
 //   kAmxRows64 / kAmxRows128: 64- / 128-row jobs with the B (activation)
 //                 panel K-sliced so it is reused from L1 by every 32-row group
+//   kAmxVnniLmHead: the int8 lm_head on the VNNI kernel instead of AMX tiles
+//                 (a switch for measurements: BITDLM_AMX_VARIANT=129)
 // Default kAmxL1Unpack: the fastest on the Sapphire Rapids sweep (call2: 30
 // GEMM layers at N = 32 in 30.4 ms vs 34.6 for bit-free 0).
 constexpr int kAmxL1Unpack = 1, kAmxStatic = 2, kAmxTok32 = 4, kAmxPrefetch = 8, kAmxPipeline = 16,
-              kAmxRows64 = 32, kAmxRows128 = 64, kAmxVariantMask = 127;
+              kAmxRows64 = 32, kAmxRows128 = 64, kAmxVnniLmHead = 128, kAmxVariantMask = 255;
 constexpr int kAmxDefaultVariant = kAmxL1Unpack;
 // Rows per AMX job (the dispatcher's row block; the kernel's row limit).
 inline int amx_row_block(int v) { return (v & kAmxRows128) ? 128 : (v & kAmxRows64) ? 64 : 32; }
