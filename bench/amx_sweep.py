@@ -1,11 +1,12 @@
 """AMX variant sweep: which AMX kernel variant (and which ISA) runs the 2B GEMMs fastest.
 
     PYTHONPATH=python python3 bench/amx_sweep.py [--json bench/out/amx_sweep.json]
-        [--variants 0,1,2,3,4,5,6,7] [--threads 1,16] [--quick]
+        [--variants 0,1,9,17,25,33,57,65,89,93] [--threads 1,16] [--quick]
 
 1. Single GEMMs: every AMX variant (bit flags, csrc/kernels/isa.h:
    1 = unpack one 128-k block at a time into L1, 2 = static job schedule,
-   4 = 32-token jobs) x N in {2,4,8,16,32,64} x the four 2B shapes x threads
+   4 = 32-token jobs, 8 = weight-row prefetch, 16 = double-buffered unpack,
+   32 / 64 = 64- / 128-row jobs with K-sliced B; docs/kernels.md) x N in {2,4,8,16,32,64} x the four 2B shapes x threads
    {1, all cores}; beside them the other ISAs >= avx2 this CPU runs (the row
    "variant" is then the ISA name), so the N from which AMX beats VNNI
    (kAmxMinTokens) can be read off. Median us and T MAC/s.
@@ -15,6 +16,10 @@
    for N = 8 and 32, back to back, per AMX variant and per ISA. Inputs are
    quantized once beforehand (the pass times GEMMs only); each GEMM call pays
    the Python binding (~10 us, 120 calls), which the forward (C++) does not.
+3. The int8 lm_head (128256 x 2560, 328 MB, streamed from DRAM) at N = 1, 8,
+   32 on all cores: AMX (variant 1: next row group prefetched into L2, paced;
+   9: per-row prefetch instead; 129: the VNNI kernel inside the amx level)
+   beside the VNNI / AVX2 ISAs, ms and GB/s of weights.
 Warm-up passes first (caches, AMX power state, OpenMP team); AMX rows are
 skipped where the CPU lacks AMX. Takes ~60 s on 16 threads.
 """
@@ -36,6 +41,7 @@ from bitdlm.packing import pad_k  # noqa: E402
 SHAPES = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]
 NS = [2, 4, 8, 16, 32, 64]
 PASS_NS = [8, 32]
+LM_NS = [1, 8, 32]
 N_LAYERS = 30
 BASE_ISAS = ["avx512vnni", "avx512", "avx2"]
 
@@ -71,7 +77,7 @@ def configs(variants: list[int]) -> list[tuple[str, str, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "amx_sweep.json"))
-    ap.add_argument("--variants", default="0,1,2,3,4,5,6,7")
+    ap.add_argument("--variants", default="0,1,9,17,25,33,57,65,89,93")
     ap.add_argument("--threads", default=None, help="comma list (default: 1 and all cores)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     args = ap.parse_args()
@@ -87,7 +93,8 @@ def main() -> None:
     _core.set_amx_min_tokens(2)  # amx rows run the AMX kernel at every N (the VNNI rows show the alternative)
     rng = np.random.default_rng(0)
     res = {"supported_isas": sup, "cpus": os.cpu_count(), "amx_min_tokens": _core.amx_min_tokens(),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "gemm": [], "pass_30_layers": []}
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "gemm": [], "pass_30_layers": [],
+           "lm_head_i8": []}
     t_start = time.perf_counter()
     try:
         # ---- 1. single GEMMs
@@ -143,6 +150,26 @@ def main() -> None:
                 res["pass_30_layers"].append({"config": label, "isa": isa, "variant": v, "threads": t, "N": n,
                                               "median_ms": med * 1e3, "TMACps": macs / med / 1e12})
                 cells.append(f"{med * 1e3:>9.2f} {macs / med / 1e12:>6.2f}")
+            print(f"{label:>12} " + " ".join(cells), flush=True)
+        del layers
+
+        # ---- 3. the int8 lm_head, all cores
+        V, K = 128256, 2560
+        w8 = rng.integers(-127, 128, size=(V, K), dtype=np.int8)
+        ws = np.full(V, 0.01, np.float32)
+        print(f"\nint8 lm_head {V}x{K} ({t} threads; ms and GB/s of weights)")
+        print(f"{'config':>12} " + " ".join(f"{'N=' + str(n):>16}" for n in LM_NS))
+        lm_cfgs = [(f"amx v{v}", "amx", v) for v in (1, 9, 129) if "amx" in sup] + [(i, i, 0) for i in BASE_ISAS if i in sup]
+        for label, isa, v in lm_cfgs:
+            _core.set_isa(isa)
+            _core.set_amx_variant(v)
+            cells = []
+            for n in LM_NS:
+                q, sc, _ = _core.quantize_act(rng.standard_normal((n, K)).astype(np.float32))
+                med = timeit(lambda: _core.gemm_i8(w8, ws, q, sc), 2, 2 if args.quick else 5, 0 if args.quick else 0.2)
+                res["lm_head_i8"].append({"config": label, "isa": isa, "variant": v, "threads": t, "N": n, "V": V,
+                                          "K": K, "median_ms": med * 1e3, "GBps": V * K / med / 1e9})
+                cells.append(f"{med * 1e3:>9.2f} {V * K / med / 1e9:>6.1f}")
             print(f"{label:>12} " + " ".join(cells), flush=True)
     finally:
         _core.set_isa(prev_isa)

@@ -32,6 +32,6 @@ for isa in $(python3 -c "from bitdlm import _core; print(' '.join(i for i in _co
 done
 
 step "AMX variant sweep"
-timeout 240 python3 bench/amx_sweep.py --json "$OUT/amx_sweep.json" || status=1
+timeout 300 python3 bench/amx_sweep.py --json "$OUT/amx_sweep.json" || status=1
 step "done (status $status)"
 exit $status

@@ -1,7 +1,7 @@
 """Kernel benchmark: machine ceilings, then the BitNet-2B GEMM shapes.
 
     PYTHONPATH=python python3 bench/kernels.py [--quick] [--passive] [--isa avx2 | --isas avx2,amx]
-        [--threads 1,16] [--json bench/out/kernels.json]
+        [--threads 1,16] [--json bench/out/kernels.json] [--ceilings-only]
 
 1. Ceilings per thread count: read bandwidth (streaming a buffer far larger
    than the LLC), the AVX2 int8 MAC peak (a vpmaddubsw -> vpaddw chain, 32 MAC
@@ -14,6 +14,11 @@
    max(MACs / int8 peak, weight bytes / bandwidth) for that thread count.
 3. N = 1 over all 30 layers of BitNet-2B (~520 MB of packed weights, >> LLC):
    achieved read bandwidth vs the measured one (the decode target).
+
+--ceilings-only measures part 1 only (read bandwidth, the VNNI and AMX int8
+peaks where the CPU has them; the AVX2 peak too) and writes the same JSON with
+its top-level "ceilings" dict keyed by thread count (bench/native_compare.py
+calls `bench/kernels.py --ceilings-only --threads 1,16 --json PATH`).
 
 Every timing is a median over repetitions; on a shared machine the numbers are
 noisy (the "best" column shows the fastest repetition).
@@ -83,6 +88,8 @@ def main() -> None:
     ap.add_argument("--isas", default=None,
                     help="comma list: run the GEMM table for each of these ISAs (default: --isa or the dispatcher's)")
     ap.add_argument("--threads", default=None, help="comma list of thread counts (default 1,2)")
+    ap.add_argument("--ceilings-only", action="store_true",
+                    help="only the machine ceilings (bandwidth, int8 / VNNI / AMX peaks), then write the JSON")
     ap.add_argument("--out", "--json", dest="out",
                     default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "kernels.json"))
     args = ap.parse_args()
@@ -127,6 +134,12 @@ def main() -> None:
             c[f"{key}_GMACps"], c[f"{key}_GMACps_best"] = statistics.median(pv) / 1e9, max(pv) / 1e9
             print(f"    {key} int8 peak {c[key + '_GMACps']:8.1f} GMAC/s (best {c[key + '_GMACps_best']:.1f})")
     del buf
+    if args.ceilings_only:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"\nwrote {args.out}")
+        return
 
     # ---- BitNet-2B shapes
     hdr = (f"{'M x K':>11} {'N':>4} {'thr':>3} {'median ms':>10} {'best ms':>9} {'GOPS':>7} {'GMAC/s':>7} {'GB/s':>6}"

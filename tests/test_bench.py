@@ -251,3 +251,18 @@ def test_pytorch_reference_runs_the_same_weights(tiny):
     assert got.shape == want.shape
     assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
     assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_kernels_ceilings_only_writes_the_ceilings_json(tmp_path):
+    """bench/native_compare.py's call: `bench/kernels.py --ceilings-only --threads 1,N --json PATH`
+    measures the ceilings only and writes them keyed by thread count."""
+    out = tmp_path / "k.json"
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    cmd = [sys.executable, os.path.join(BENCH, "kernels.py"), "--ceilings-only", "--quick", "--threads", "1",
+           "--json", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["ceilings"]) == {"1"} and res["gemm"] == [] and res["decode_30_layers"] == []
+    c = res["ceilings"]["1"]
+    assert c["read_GBps"] > 0 and c["int8_GMACps"] > 0

@@ -310,7 +310,9 @@ _NO_AMX = "this CPU has no AMX-INT8 (or Linux refused the tile state); the AMX k
 
 
 @pytest.mark.skipif("amx" not in ISAS, reason=_NO_AMX)
-@pytest.mark.parametrize("variant", range(8))  # csrc/kernels/isa.h: AMX kernel variant bit flags
+# csrc/kernels/isa.h: AMX kernel variant bit flags (each alone and the combinations the kernel distinguishes)
+@pytest.mark.parametrize("variant", [0, 1, 2, 4, 8, 16, 32, 64, 1 | 8 | 16, 1 | 4 | 8 | 16, 32 | 8 | 16, 64 | 8 | 16,
+                                     64 | 4, 127])
 @pytest.mark.parametrize("n", [2, 3, 15, 16, 17, 32, 33, 64, 65, 130])
 def test_amx_multi_gemm_bit_exact_vs_scalar(n, variant):
     """Native AMX (several matrices in one call, 2 threads, every kernel variant) == scalar,
@@ -343,6 +345,34 @@ def test_amx_multi_gemm_bit_exact_vs_scalar(n, variant):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.skipif("amx" not in ISAS, reason=_NO_AMX)
+@pytest.mark.parametrize("variant", [1, 9, 129])  # bit 3: the AMX lm_head's prefetch; 128: lm_head on VNNI
+@pytest.mark.parametrize("m,k,n", [(16, 2560, 2), (100, 2560, 8), (300, 640, 33), (1000, 2560, 17), (77, 320, 64)])
+def test_amx_i8_lm_head_bit_exact_vs_scalar(m, k, n, variant):
+    """Native AMX int8 lm_head (TDPBSSD tiles, the M % 16 tail on VNNI) == scalar, 2 threads
+    (variant 129: all on VNNI)."""
+    rng = np.random.default_rng(m + k + n)
+    w = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+    wscale = rng.uniform(0.001, 0.1, size=m).astype(np.float32)
+    q, s, _ = _ref_act(rng.standard_normal((n, k)).astype(np.float32))
+    prev, prev_threads, prev_var = _core.active_isa(), _core.get_max_threads(), _core.get_amx_variant()
+    prev_min = _core.amx_min_tokens()
+    try:
+        _core.set_amx_variant(variant)
+        _core.set_amx_min_tokens(2)
+        _core.set_num_threads(2)
+        outs = {}
+        for name in ("scalar", "amx"):
+            _core.set_isa(name)
+            outs[name] = _core.gemm_i8(w, wscale, q, s)
+    finally:
+        _core.set_isa(prev)
+        _core.set_num_threads(prev_threads)
+        _core.set_amx_variant(prev_var)
+        _core.set_amx_min_tokens(prev_min)
+    np.testing.assert_array_equal(outs["scalar"], outs["amx"])
+
+
 def test_bitdlm_isa_amx_clear_error_without_amx():
     import subprocess
     import sys
@@ -367,7 +397,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SIMDE_SOURCES = ["tests/simde/harness.cpp", "csrc/kernels/gemm_avx512.cpp", "csrc/kernels/gemm_avx512vnni.cpp",
                   "csrc/kernels/gemm_amx.cpp", "csrc/kernels/gemm_scalar.cpp"]
 _SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csrc/kernels/isa.h",
-                  "csrc/kernels/ternary_driver.h", "csrc/kernels/epilogue.h", "tests/simde/amx_emu.h",
+                  "csrc/kernels/ternary_driver.h", "csrc/kernels/lm_driver.h", "csrc/kernels/epilogue.h",
+                  "tests/simde/amx_emu.h",
                   "csrc/kernels/gemm.h"]
 
 

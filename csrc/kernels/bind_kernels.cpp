@@ -85,7 +85,9 @@ void register_kernels(py::module_& m) {
       "set_isa", [](const std::string& name) { set_isa(name); }, py::arg("name"),
       "Force a kernel ISA in-process (tests/benchmarks); ValueError if unknown or unsupported");
   m.def("set_amx_variant", &set_amx_variant, py::arg("variant"),
-        "AMX kernel variant bit flags (1 L1 unpack, 2 static schedule, 4 32-token jobs); ValueError if out of range");
+        "AMX kernel variant bit flags (1 L1 unpack, 2 static schedule, 4 32-token jobs, 8 prefetch,"
+        " 16 pipelined unpack, 32 / 64: 64- / 128-row K-sliced jobs, 128 int8 lm_head on VNNI);"
+        " ValueError if out of range");
   m.def("get_amx_variant", &get_amx_variant);
   m.def("amx_min_tokens", &amx_min_tokens);
   m.def("set_amx_min_tokens", &set_amx_min_tokens, py::arg("n"),

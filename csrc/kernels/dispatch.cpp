@@ -223,11 +223,27 @@ void quantize_act(const float* x, int N, int K, int Kp, int8_t* q, float* scale,
 static thread_local int8_t* t_vnni = nullptr;
 static thread_local size_t t_vnni_cap = 0;
 
+// The calling thread's buffer for amx_act's tiles of a (ceil(N/16)*16 x Kp bytes).
+static int8_t* vnni_buffer(const ActQ& a) {
+  const size_t need = (size_t)((a.N + 15) / 16) * 16 * a.Kp;
+  if (need > t_vnni_cap) {
+    std::free(t_vnni);
+    t_vnni = (int8_t*)std::aligned_alloc(64, (need + 63) / 64 * 64);
+    if (!t_vnni) {
+      t_vnni_cap = 0;
+      throw std::bad_alloc();
+    }
+    t_vnni_cap = need;
+  }
+  return t_vnni;
+}
+
 static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* out_i32) {
   const KernelTable& t = table();
-  constexpr int kRowBlock = 32;  // the AMX kernel's 2 x 16 weight rows
   const bool amx = t.amx_ternary && a.N >= amx_min_tokens();
   const int variant = amx ? get_amx_variant() : 0;
+  // the AMX kernel's 2 x 16 weight rows (64 / 128 with the K-sliced variants)
+  const int kRowBlock = amx ? amx_row_block(variant) : 32;
   // a multiple of 16 (AMX token tiles)
   const int kTokChunk = (variant & kAmxTok32) ? 32 : 64;
   const int n_chunks = (a.N + kTokChunk - 1) / kTokChunk;
@@ -237,19 +253,7 @@ static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* ou
     macs += (int64_t)ws[i].M * a.N * a.Kp;
   }
   const int groups = (a.N + 15) / 16, steps = a.Kp / 64;
-  if (amx) {
-    const size_t need = (size_t)groups * 16 * a.Kp;
-    if (need > t_vnni_cap) {
-      std::free(t_vnni);
-      t_vnni = (int8_t*)std::aligned_alloc(64, (need + 63) / 64 * 64);
-      if (!t_vnni) {
-        t_vnni_cap = 0;
-        throw std::bad_alloc();
-      }
-      t_vnni_cap = need;
-    }
-  }
-  int8_t* const vb = t_vnni;
+  int8_t* const vb = amx ? vnni_buffer(a) : nullptr;
   const bool par = macs >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
 #pragma omp parallel if (par)
   {
@@ -309,9 +313,38 @@ void gemm_f16_f32(const uint16_t* W, int M, int K, const float* x, int N, float*
   run_rows(M, (int64_t)M * K * N, [&](int m0, int m1) { t.f16(W, K, x, N, y, ldy, m0, m1); });
 }
 
+// int8 lm_head. With AMX and >= amx_min_tokens() tokens (the block step's
+// output rows): activations re-laid out into tiles (as for the ternary GEMM),
+// then 256-row jobs on TDPBSSD tiles; the last M % 16 rows (and any K that is not
+// a multiple of 64) take the VNNI kernel, which gives the same int32 dots.
 void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& a, float* y, int ldy) {
   const KernelTable& t = table();
-  run_rows(M, (int64_t)M * K * a.N, [&](int m0, int m1) { t.i8(W, wscale, K, a, y, ldy, m0, m1); });
+  const bool amx =
+      t.amx_i8 && a.N >= amx_min_tokens() && K % 64 == 0 && M >= 16 && !(get_amx_variant() & kAmxVnniLmHead);
+  if (!amx) {
+    run_rows(M, (int64_t)M * K * a.N, [&](int m0, int m1) { t.i8(W, wscale, K, a, y, ldy, m0, m1); });
+    return;
+  }
+  // 256-row jobs (8 groups of 32): the kernel prefetches each next group of its
+  // job while the current one multiplies (501 jobs for a 128256-row vocabulary)
+  constexpr int kRowBlock = 256;
+  const int m16 = M / 16 * 16, nb = (M + kRowBlock - 1) / kRowBlock;
+  const int groups = (a.N + 15) / 16, steps = a.Kp / 64;
+  int8_t* const vb = vnni_buffer(a);
+  const bool par = (int64_t)M * K * a.N >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
+#pragma omp parallel if (par)
+  {
+#pragma omp for schedule(static)
+    for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
+    t.amx_begin();
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int b = 0; b < nb; ++b) {
+      const int m0 = b * kRowBlock, m1 = std::min(M, m0 + kRowBlock), me = std::min(m1, m16);
+      if (me > m0) t.amx_i8(W, wscale, K, a, vb, y, ldy, m0, me);
+      if (m1 > me) t.i8(W, wscale, K, a, y, ldy, std::max(m0, me), m1);
+    }
+    t.amx_end();
+  }
 }
 
 }  // namespace bitdlm

@@ -162,6 +162,80 @@ static inline void unpack_block(const TernaryW& w, const ActQ& a, int m0, int nr
   }
 }
 
+// How far ahead (in 128-k blocks) kAmxPrefetch fetches the job's weight rows:
+// 8 blocks = 4 cache lines per row, ~1000 TDPBUSD cycles at N = 32, more than
+// a DRAM miss. The job walks 32-128 rows in parallel (32 B of each per block),
+// more concurrent streams than the L2 streamer follows well.
+constexpr int kPfBlocks = 8;
+
+// One 32-row group's 64-k steps of blocks [b0, b1) against the token tile pair
+// (bt0, bt1 = B tiles of step 0; bt1 used only if two), accumulated into
+// tmm0-3 (already zeroed or loaded). ub: 2 x 4 KiB of A tiles (the second half
+// only with kAmxPipeline). r0 / r1: rows in the first / second 16-row tile
+// (nh = 2 if the second exists).
+//   kAmxPrefetch: prefetch each row kPfBlocks blocks ahead (every other block,
+//     one cache line per row).
+//   kAmxPipeline: double-buffered unpack, block b + 1 unpacked into the other
+//     buffer after block b's TDPBUSDs are issued, so a tile load never reads
+//     a store of the same iteration (the stores commit while the previous
+//     block multiplies) and no store overwrites a buffer a pending tile load
+//     still reads.
+static inline void group_blocks(const TernaryW& w, const ActQ& a, int m, int r0, int r1, int nh, bool two,
+                                const int8_t* bt0, const int8_t* bt1, int b0, int b1, uint8_t* ub, int var) {
+  const int nb = a.Kp / kKBlock;
+  const int64_t wstride = a.Kp / 4;
+  const bool pipe = var & kAmxPipeline, pf = var & kAmxPrefetch;
+  const int rows = nh == 2 ? kTileRows + r1 : r0;
+  auto unpack = [&](int b, uint8_t* dst) {
+    if (pf && !(b & 1) && b + kPfBlocks < nb) {
+      const uint8_t* p = w.data + (int64_t)m * wstride + (b + kPfBlocks) * 32;
+      for (int r = 0; r < rows; ++r) PREFETCH(p + r * wstride);
+    }
+    unpack_block(w, a, m, r0, b, dst);
+    if (nh == 2) unpack_block(w, a, m + kTileRows, r1, b, dst + 2 * kTileBytes);
+  };
+  if (pipe) unpack(b0, ub);
+  for (int b = b0; b < b1; ++b) {
+    uint8_t* cur = pipe ? ub + ((b - b0) & 1) * 4 * kTileBytes : ub;
+    if (!pipe) unpack(b, cur);
+    for (int h = 0; h < 2; ++h) {
+      const int s = 2 * b + h;
+      _tile_loadd(4, cur + h * kTileBytes, kTileK);
+      _tile_loadd(6, bt0 + s * kTileBytes, kTileK);
+      _tile_dpbusd(0, 4, 6);
+      if (two) {
+        _tile_loadd(7, bt1 + s * kTileBytes, kTileK);
+        _tile_dpbusd(1, 4, 7);
+      }
+      if (nh == 2) {
+        _tile_loadd(5, cur + (2 + h) * kTileBytes, kTileK);
+        _tile_dpbusd(2, 5, 6);
+        if (two) _tile_dpbusd(3, 5, 7);
+      }
+    }
+    if (pipe && b + 1 < b1) unpack(b + 1, ub + ((b + 1 - b0) & 1) * 4 * kTileBytes);
+  }
+}
+
+// tmm0-3 (group rows m.., r0 / r1 rows, tokens n.., nc0 / nc1 columns) -> outputs.
+static inline void store_group(const TernaryW& w, const ActQ& a, int m, int r0, int r1, int nh, bool two, int n,
+                               int nc0, int nc1, int32_t* c, int32_t* out) {
+  _tile_stored(0, c, kTileK);
+  store_tile(w, a, c, m, r0, n, nc0, out);
+  if (two) {
+    _tile_stored(1, c, kTileK);
+    store_tile(w, a, c, m, r0, n + kTileRows, nc1, out);
+  }
+  if (nh == 2) {
+    _tile_stored(2, c, kTileK);
+    store_tile(w, a, c, m + kTileRows, r1, n, nc0, out);
+    if (two) {
+      _tile_stored(3, c, kTileK);
+      store_tile(w, a, c, m + kTileRows, r1, n + kTileRows, nc1, out);
+    }
+  }
+}
+
 // Variant bit 0 ("L1 unpack"): the weight rows are unpacked one 128-k block
 // (4 A tiles = 4 KiB) at a time, right before the TDPBUSDs that use them, so A
 // tiles load from L1 instead of from a 32 x Kp buffer (80 KiB at K = 2560)
@@ -175,59 +249,88 @@ static void ternary_tiles_l1(const TernaryW& w, const ActQ& a, const int8_t* vb,
   const int rows = m1 - m0;
   const int nh = rows > kTileRows ? 2 : 1;
   const int r0 = rows < kTileRows ? rows : kTileRows, r1 = rows - kTileRows;
-  alignas(64) uint8_t ub[4 * kTileBytes];  // [half][step of the block]
+  const int var = amx_variant();
+  alignas(64) uint8_t ub[8 * kTileBytes];  // [buffer][half][step of the block]
   alignas(64) int32_t c[kTileRows * kTileRows];
   for (int n = n0; n < n1; n += 2 * kTileRows) {
     const bool two = n + kTileRows < n1;
-    const int8_t* b0 = vb + (int64_t)(n / kTileRows) * S * kTileBytes;
-    const int8_t* b1 = b0 + (int64_t)S * kTileBytes;
+    const int8_t* bt0 = vb + (int64_t)(n / kTileRows) * S * kTileBytes;
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int b = 0; b < nb; ++b) {
-      unpack_block(w, a, m0, r0, b, ub);
-      if (nh == 2) unpack_block(w, a, m0 + kTileRows, r1, b, ub + 2 * kTileBytes);
-      for (int h = 0; h < 2; ++h) {
-        const int s = 2 * b + h;
-        _tile_loadd(4, ub + h * kTileBytes, kTileK);
-        _tile_loadd(6, b0 + s * kTileBytes, kTileK);
-        _tile_dpbusd(0, 4, 6);
-        if (two) {
-          _tile_loadd(7, b1 + s * kTileBytes, kTileK);
-          _tile_dpbusd(1, 4, 7);
-        }
-        if (nh == 2) {
-          _tile_loadd(5, ub + (2 + h) * kTileBytes, kTileK);
-          _tile_dpbusd(2, 5, 6);
-          if (two) _tile_dpbusd(3, 5, 7);
-        }
-      }
-    }
+    group_blocks(w, a, m0, r0, r1, nh, two, bt0, bt0 + (int64_t)S * kTileBytes, 0, nb, ub, var);
     const int nc0 = n1 - n < kTileRows ? n1 - n : kTileRows;
     const int nc1 = n1 - n - kTileRows < kTileRows ? n1 - n - kTileRows : kTileRows;
-    _tile_stored(0, c, kTileK);
-    store_tile(w, a, c, m0, r0, n, nc0, out);
-    if (two) {
-      _tile_stored(1, c, kTileK);
-      store_tile(w, a, c, m0, r0, n + kTileRows, nc1, out);
-    }
-    if (nh == 2) {
-      _tile_stored(2, c, kTileK);
-      store_tile(w, a, c, m0 + kTileRows, r1, n, nc0, out);
-      if (two) {
-        _tile_stored(3, c, kTileK);
-        store_tile(w, a, c, m0 + kTileRows, r1, n + kTileRows, nc1, out);
+    store_group(w, a, m0, r0, r1, nh, two, n, nc0, nc1, c, out);
+  }
+}
+
+// Variant bits 5 / 6 (kAmxRows64 / kAmxRows128: jobs of 64 / 128 rows),
+// "K-sliced B": the job's 2-4 groups of 32 rows run over K in slices of
+// kSliceBlocks blocks; within a slice every group reuses the same B tiles
+// (32 tokens x 512 k = 16 KiB, in L1 after the first group read them from
+// L2), so B traffic from L2 drops by the number of groups. The C tiles of
+// each group are parked in a 16 KiB stack buffer between slices (4 KiB
+// stored + 4 KiB loaded per 32 TDPBUSDs, from L1). The A unpack is as in
+// bit 0 (one block at a time; kAmxPipeline / kAmxPrefetch apply).
+constexpr int kSliceBlocks = 4;
+constexpr int kMaxGroups = 4;  // 128 rows
+static void ternary_tiles_ks(const TernaryW& w, const ActQ& a, const int8_t* vb, int m0, int m1, int n0, int n1,
+                             int32_t* out) {
+  const int S = a.Kp / kTileK, nb = a.Kp / kKBlock;
+  const int ng = (m1 - m0 + 2 * kTileRows - 1) / (2 * kTileRows);
+  const int var = amx_variant();
+  alignas(64) uint8_t ub[8 * kTileBytes];
+  alignas(64) int32_t cp[kMaxGroups][4][kTileRows * kTileRows];  // parked C tiles
+  alignas(64) int32_t c[kTileRows * kTileRows];
+  for (int n = n0; n < n1; n += 2 * kTileRows) {
+    const bool two = n + kTileRows < n1;
+    const int8_t* bt0 = vb + (int64_t)(n / kTileRows) * S * kTileBytes;
+    const int8_t* bt1 = bt0 + (int64_t)S * kTileBytes;
+    const int nc0 = n1 - n < kTileRows ? n1 - n : kTileRows;
+    const int nc1 = n1 - n - kTileRows < kTileRows ? n1 - n - kTileRows : kTileRows;
+    for (int b0 = 0; b0 < nb; b0 += kSliceBlocks) {
+      const int b1 = b0 + kSliceBlocks < nb ? b0 + kSliceBlocks : nb;
+      const bool first = b0 == 0, last = b1 == nb;
+      for (int g = 0; g < ng; ++g) {
+        const int m = m0 + g * 2 * kTileRows;
+        const int rows = m1 - m < 2 * kTileRows ? m1 - m : 2 * kTileRows;
+        const int nh = rows > kTileRows ? 2 : 1;
+        const int r0 = rows < kTileRows ? rows : kTileRows, r1 = rows - kTileRows;
+        if (first) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        } else {
+          _tile_loadd(0, cp[g][0], kTileK);
+          _tile_loadd(1, cp[g][1], kTileK);
+          _tile_loadd(2, cp[g][2], kTileK);
+          _tile_loadd(3, cp[g][3], kTileK);
+        }
+        group_blocks(w, a, m, r0, r1, nh, two, bt0, bt1, b0, b1, ub, var);
+        if (last) {
+          store_group(w, a, m, r0, r1, nh, two, n, nc0, nc1, c, out);
+        } else {
+          _tile_stored(0, cp[g][0], kTileK);
+          _tile_stored(1, cp[g][1], kTileK);
+          _tile_stored(2, cp[g][2], kTileK);
+          _tile_stored(3, cp[g][3], kTileK);
+        }
       }
     }
   }
 }
 
-// Rows [m0, m1) (<= 32) x tokens [n0, n1) (n0 a multiple of 16, <= 64 tokens).
-// vb: the call's act_vnni tiles. Requires tile_begin() in this thread.
+// Rows [m0, m1) (<= amx_row_block(variant): 32, 64 or 128) x tokens [n0, n1)
+// (n0 a multiple of 16, <= 64 tokens). vb: the call's act_vnni tiles.
+// Requires tile_begin() in this thread.
 static void ternary_tiles(const TernaryW& w, const ActQ& a, const int8_t* vb, int m0, int m1, int n0, int n1,
                           int32_t* out) {
-  if (amx_variant() & kAmxL1Unpack) return ternary_tiles_l1(w, a, vb, m0, m1, n0, n1, out);
+  const int var = amx_variant();
+  if (var & (kAmxRows64 | kAmxRows128)) return ternary_tiles_ks(w, a, vb, m0, m1, n0, n1, out);
+  if (var & kAmxL1Unpack) return ternary_tiles_l1(w, a, vb, m0, m1, n0, n1, out);
   const int S = a.Kp / kTileK;
   const int rows = m1 - m0;
   const int nh = rows > kTileRows ? 2 : 1;
@@ -279,15 +382,103 @@ static void ternary_tiles(const TernaryW& w, const ActQ& a, const int8_t* vb, in
   }
 }
 
+// int8 lm_head (TDPBSSD, s8 x s8): the weights [V, K] are A tiles loaded
+// straight from the matrix (16 rows x 64 k, row stride K: no unpack, no copy),
+// the activations B tiles from act_vnni (as the ternary GEMM's). Per 64-k
+// step 2 A + 2 B tile loads feed 4 TDPBSSDs (32 rows x 32 tokens). The matrix
+// is streamed once for N <= 32 (for more tokens the job's 32 rows, 80 KiB at
+// K = 2560, come back from L2). Codes in [-127, 127] (either sign is fine for
+// s8 x s8); the int32 dot and i8_out are those of every other ISA, so the
+// logits are bit-identical.
+// Prefetch: a group walks 32 rows in parallel, more streams than the L2
+// streamer follows, and a core's own demand misses are capped by its L1 fill
+// buffers (~16 x 64 B per ~300 ns = ~3.4 GB/s, about what the VNNI lm_head
+// reached: 49 GB/s on 12 cores). So by default, while a group multiplies, the
+// next group of the job (32 x K contiguous bytes) is prefetched into L2
+// (prefetcht1), paced over the group's steps (the AVX2 lm_head driver's
+// scheme); the job's first group is left to the hardware. kAmxPrefetch
+// instead prefetches each row of the current group 4 steps (256 B) ahead.
+
+static void i8_tiles(const int8_t* W, const float* wscale, int K, const ActQ& a, const int8_t* vb, float* y,
+                     int ldy, int m0, int m1) {
+  const int S = a.Kp / kTileK, Sk = K / kTileK;
+  const int G = (a.N + kTileRows - 1) / kTileRows;
+  const bool pf = amx_variant() & kAmxPrefetch;
+  constexpr int kPfSteps = 4;
+  const int64_t gbytes = (int64_t)2 * kTileRows * K;
+  alignas(64) int32_t c[kTileRows * kTileRows];
+  auto out = [&](int m, int n, int nc) {
+    for (int r = 0; r < kTileRows; ++r)
+      for (int j = 0; j < nc; ++j) i8_out(wscale, a, y, ldy, m + r, n + j, c[r * kTileRows + j]);
+  };
+  for (int m = m0; m < m1; m += 2 * kTileRows) {
+    const bool rows2 = m + kTileRows < m1;
+    const int8_t* a0 = W + (int64_t)m * K;
+    const int8_t* a1 = a0 + (int64_t)kTileRows * K;
+    // the job's next group: [m + 32, min(m + 64, m1)) rows, contiguous
+    const int next_rows = m1 - m - 2 * kTileRows < 2 * kTileRows ? m1 - m - 2 * kTileRows : 2 * kTileRows;
+    const char* pnext = (const char*)(a0 + gbytes);
+    const int64_t nbytes = !pf && next_rows > 0 ? (int64_t)next_rows * K : 0;
+    int64_t done = 0;
+    for (int g = 0; g < G; g += 2) {
+      const bool two = g + 1 < G;
+      const int8_t* bt0 = vb + (int64_t)g * S * kTileBytes;
+      const int8_t* bt1 = bt0 + (int64_t)S * kTileBytes;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int s = 0; s < Sk; ++s) {
+        if (pf && g == 0 && s + kPfSteps < Sk)
+          for (int r = 0; r < (rows2 ? 2 : 1) * kTileRows; ++r) PREFETCH(a0 + (int64_t)r * K + (s + kPfSteps) * kTileK);
+        if (g == 0)
+          for (const int64_t target = nbytes * (s + 1) / Sk; done < target; done += 64)
+            __builtin_prefetch(pnext + done, 0, 2);  // prefetcht1
+        _tile_loadd(4, a0 + s * kTileK, K);
+        _tile_loadd(6, bt0 + s * kTileBytes, kTileK);
+        _tile_dpbssd(0, 4, 6);
+        if (two) {
+          _tile_loadd(7, bt1 + s * kTileBytes, kTileK);
+          _tile_dpbssd(1, 4, 7);
+        }
+        if (rows2) {
+          _tile_loadd(5, a1 + s * kTileK, K);
+          _tile_dpbssd(2, 5, 6);
+          if (two) _tile_dpbssd(3, 5, 7);
+        }
+      }
+      const int n = g * kTileRows;
+      const int nc0 = a.N - n < kTileRows ? a.N - n : kTileRows;
+      const int nc1 = a.N - n - kTileRows < kTileRows ? a.N - n - kTileRows : kTileRows;
+      _tile_stored(0, c, kTileK);
+      out(m, n, nc0);
+      if (two) {
+        _tile_stored(1, c, kTileK);
+        out(m, n + kTileRows, nc1);
+      }
+      if (rows2) {
+        _tile_stored(2, c, kTileK);
+        out(m + kTileRows, n, nc0);
+        if (two) {
+          _tile_stored(3, c, kTileK);
+          out(m + kTileRows, n + kTileRows, nc1);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace amx
 
-int g_amx_variant;  // isa.h; set by dispatch.cpp (BITDLM_AMX_VARIANT / set_amx_variant)
+// isa.h; set by dispatch.cpp (BITDLM_AMX_VARIANT / set_amx_variant). Constant
+// initialized: no load-time code in this AMX-flagged file.
+int g_amx_variant = kAmxDefaultVariant;
 
 // Only the AMX entries; ternary / f16 / i8 / quantize are nullptr and filled
 // from the AVX-512 VNNI table when the dispatcher picks this ISA.
 // (Constant-initialized: no load-time code runs from this AMX-flagged file.)
-extern const KernelTable kAmxKernels = {"amx",          nullptr,          nullptr,          nullptr,
-                                        nullptr,        &amx::act_vnni,   &amx::ternary_tiles, &amx::tile_begin,
-                                        &amx::tile_end};
+extern const KernelTable kAmxKernels = {"amx",         nullptr,        nullptr,             nullptr,
+                                        nullptr,       &amx::act_vnni, &amx::ternary_tiles, &amx::tile_begin,
+                                        &amx::tile_end, &amx::i8_tiles};
 
 }  // namespace bitdlm

@@ -35,15 +35,32 @@ struct KernelTable {
                       int32_t* out);
   void (*amx_begin)();
   void (*amx_end)();
+  // AMX int8 lm_head: rows [m0, m1) (m1 - m0 a multiple of 16; K a multiple of
+  // 64) x all a.N tokens from buf (amx_act's tiles of a), between amx_begin()
+  // and amx_end(); y as the i8 entry.
+  void (*amx_i8)(const int8_t* W, const float* wscale, int K, const ActQ& a, const int8_t* buf, float* y, int ldy,
+                 int m0, int m1);
 };
 
 // AMX kernel variants (bit flags, for measurements: bench/amx_sweep.py; every
 // combination is bit-exact). BITDLM_AMX_VARIANT (read once by the dispatcher)
-// or _core.set_amx_variant() sets them; 0 = the original kernel.
+// or _core.set_amx_variant() sets them; docs/kernels.md has the predictions.
 //   kAmxL1Unpack: unpack one 128-k block per step into L1 (gemm_amx.cpp)
 //   kAmxStatic:   static job schedule instead of dynamic (dispatch.cpp)
 //   kAmxTok32:    token chunks of 32 instead of 64 (more, smaller jobs)
-constexpr int kAmxL1Unpack = 1, kAmxStatic = 2, kAmxTok32 = 4, kAmxVariantMask = 7;
+//   kAmxPrefetch: software prefetch of the job's weight rows 8 blocks ahead
+//   kAmxPipeline: double-buffered unpack, one block ahead of the TDPBUSDs
+//   kAmxRows64 / kAmxRows128: 64- / 128-row jobs with the B (activation)
+//                 panel K-sliced so it is reused from L1 by every 32-row group
+//   kAmxVnniLmHead: the int8 lm_head on the VNNI kernel instead of AMX tiles
+//                 (a switch for measurements: BITDLM_AMX_VARIANT=129)
+// Default kAmxL1Unpack: the fastest on the Sapphire Rapids sweep (call2: 30
+// GEMM layers at N = 32 in 30.4 ms vs 34.6 for bit-free 0).
+constexpr int kAmxL1Unpack = 1, kAmxStatic = 2, kAmxTok32 = 4, kAmxPrefetch = 8, kAmxPipeline = 16,
+              kAmxRows64 = 32, kAmxRows128 = 64, kAmxVnniLmHead = 128, kAmxVariantMask = 255;
+constexpr int kAmxDefaultVariant = kAmxL1Unpack;
+// Rows per AMX job (the dispatcher's row block; the kernel's row limit).
+inline int amx_row_block(int v) { return (v & kAmxRows128) ? 128 : (v & kAmxRows64) ? 64 : 32; }
 // A plain int defined in gemm_amx.cpp (zero-initialized: no load-time code in
 // that AMX-flagged file), so the SIMDe harness sees it without dispatch.cpp.
 extern int g_amx_variant;

@@ -1,7 +1,8 @@
 // Scalar emulation of the AMX tile intrinsics gemm_amx.cpp uses, for the SIMDe
 // harness (-DBITDLM_SIMDE) on CPUs without AMX. It follows the Intel
 // pseudocode (LDTILECFG layout, TILELOADD/TILESTORED rows x colsb, TDPBUSD:
-// C.row[m].dword[n] += sum_k u8(A.row[m].byte[4k+i]) * s8(B.row[k].byte[4n+i]))
+// C.row[m].dword[n] += sum_k u8(A.row[m].byte[4k+i]) * s8(B.row[k].byte[4n+i]),
+// TDPBSSD the same with s8(A...))
 // and checks what the hardware would fault on: an unconfigured tile, shapes
 // that do not chain (A.colsb == 4 * B.rows, B.colsb == C.colsb, A.rows ==
 // C.rows), more than 16 rows or 64 bytes per row, palette != 1.
@@ -52,16 +53,20 @@ static inline void stored(int i, void* base, long stride) {
   Tile& t = tile(i);
   for (int r = 0; r < t.rows; ++r) std::memcpy((uint8_t*)base + r * stride, t.d[r], t.colsb);
 }
-static inline void dpbusd(int c, int a, int b) {
+// TDPBUSD (A unsigned) and TDPBSSD (A signed); B is signed in both.
+template <bool kSignedA>
+static inline void dpb(int c, int a, int b) {
   Tile &C = tile(c), &A = tile(a), &B = tile(b);
   if (A.colsb != 4 * B.rows || B.colsb != C.colsb || A.rows != C.rows || c == a || c == b || a == b)
-    fail("TDPBUSD shapes do not chain");
+    fail("TDPBUSD / TDPBSSD shapes do not chain");
   for (int m = 0; m < C.rows; ++m)
     for (int n = 0; n < C.colsb / 4; ++n) {
       int32_t acc;
       std::memcpy(&acc, &C.d[m][4 * n], 4);
       for (int k = 0; k < A.colsb / 4; ++k)
-        for (int i = 0; i < 4; ++i) acc += (int32_t)A.d[m][4 * k + i] * (int32_t)(int8_t)B.d[k][4 * n + i];
+        for (int i = 0; i < 4; ++i)
+          acc += (kSignedA ? (int32_t)(int8_t)A.d[m][4 * k + i] : (int32_t)A.d[m][4 * k + i]) *
+                 (int32_t)(int8_t)B.d[k][4 * n + i];
       std::memcpy(&C.d[m][4 * n], &acc, 4);
     }
 }
@@ -72,4 +77,5 @@ static inline void dpbusd(int c, int a, int b) {
 #define _tile_zero(t) amx_emu::zero(t)
 #define _tile_loadd(t, base, stride) amx_emu::loadd(t, base, stride)
 #define _tile_stored(t, base, stride) amx_emu::stored(t, base, stride)
-#define _tile_dpbusd(c, a, b) amx_emu::dpbusd(c, a, b)
+#define _tile_dpbusd(c, a, b) amx_emu::dpb<false>(c, a, b)
+#define _tile_dpbssd(c, a, b) amx_emu::dpb<true>(c, a, b)

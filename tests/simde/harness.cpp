@@ -116,7 +116,8 @@ static void check_f16(const KernelTable& kt, int M, int K, int N) {
 
 // The AMX kernel (gemm_amx.cpp against SIMDe + the tile emulator) driven like
 // dispatch.cpp drives it: activations re-laid out, tiles configured, jobs of
-// <= 32 rows x <= 64 tokens (token chunks start at multiples of 16), released.
+// amx_row_block(variant) rows x <= 64 tokens (token chunks start at multiples
+// of 16), released.
 static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode) {
   const int Kp = (int)pad_k(K), kb = Kp / 4;
   std::vector<uint8_t> w((size_t)M * kb);
@@ -151,17 +152,21 @@ static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode
   std::vector<int8_t> vb((size_t)groups * 16 * Kp + 64);
   int8_t* vba = (int8_t*)(((uintptr_t)vb.data() + 63) / 64 * 64);
   for (int i = 0; i < groups * steps; ++i) kAmxKernels.amx_act(a, i / steps, i % steps, vba);
-  // every kernel-relevant variant (isa.h): bit 0 picks the kernel, bit 2 the 32-token job chunks
-  for (int variant : {0, kAmxL1Unpack, kAmxTok32, kAmxL1Unpack | kAmxTok32}) {
+  // the kernel-relevant variants (isa.h): bits 0, 5, 6 pick the kernel, 3 and 4
+  // change its inner loop, 2 the 32-token job chunks (bit 1 is dispatch-only)
+  for (int variant : {0, kAmxL1Unpack, kAmxTok32, kAmxL1Unpack | kAmxTok32, kAmxL1Unpack | kAmxPrefetch,
+                      kAmxL1Unpack | kAmxPipeline, kAmxL1Unpack | kAmxPrefetch | kAmxPipeline, kAmxRows64,
+                      kAmxRows64 | kAmxPipeline | kAmxPrefetch, kAmxRows128 | kAmxTok32,
+                      kAmxRows128 | kAmxPipeline}) {
     g_amx_variant = variant;
-    const int chunk = (variant & kAmxTok32) ? 32 : 64;
+    const int chunk = (variant & kAmxTok32) ? 32 : 64, rb = amx_row_block(variant);
     std::fill(got.begin(), got.end(), -7);
     std::fill(ygot.begin(), ygot.end(), -7.f);
     kAmxKernels.amx_begin();
     for (int pass = 0; pass < 2; ++pass)
-      for (int m0 = 0; m0 < M; m0 += 32)
+      for (int m0 = 0; m0 < M; m0 += rb)
         for (int n0 = 0; n0 < N; n0 += chunk) {
-          const int m1 = m0 + 32 < M ? m0 + 32 : M, n1 = n0 + chunk < N ? n0 + chunk : N;
+          const int m1 = m0 + rb < M ? m0 + rb : M, n1 = n0 + chunk < N ? n0 + chunk : N;
           kAmxKernels.amx_ternary(wg, a, vba, m0, m1, n0, n1, pass ? nullptr : got.data());
         }
     kAmxKernels.amx_end();
@@ -173,7 +178,42 @@ static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode
                   act_hi, code_mode);
     }
   }
-  g_amx_variant = 0;
+  g_amx_variant = kAmxDefaultVariant;
+}
+
+// The AMX int8 lm_head (TDPBSSD, weights as A tiles straight from the matrix)
+// driven like dispatch.cpp's gemm_i8_i8: jobs of a multiple of 16 rows.
+static void check_amx_i8(int M, int K, int N, int job = 64) {
+  const int Kp = (int)pad_k(K);
+  std::vector<int8_t> w((size_t)M * K), q((size_t)N * Kp, 0);
+  std::vector<float> ws(M), s(N);
+  for (auto& v : w) v = (int8_t)(rnd() % 256);
+  for (int m = 0; m < M; ++m) ws[m] = 0.001f + (float)(rnd() % 1000) * 1e-4f;
+  for (int n = 0; n < N; ++n) {
+    for (int k = 0; k < K; ++k) q[(size_t)n * Kp + k] = (int8_t)((int)(rnd() % 255) - 127);
+    s[n] = 1.f + (float)(rnd() % 100);
+  }
+  ActQ a{q.data(), s.data(), nullptr, N, Kp};
+  std::vector<float> ref((size_t)N * M), got((size_t)N * M, -7.f);
+  kScalarKernels.i8(w.data(), ws.data(), K, a, ref.data(), M, 0, M);
+  const int groups = (N + 15) / 16, steps = Kp / 64;
+  std::vector<int8_t> vb((size_t)groups * 16 * Kp + 64);
+  int8_t* vba = (int8_t*)(((uintptr_t)vb.data() + 63) / 64 * 64);
+  for (int i = 0; i < groups * steps; ++i) kAmxKernels.amx_act(a, i / steps, i % steps, vba);
+  for (int variant : {0, kAmxPrefetch}) {
+    g_amx_variant = variant;
+    std::fill(got.begin(), got.end(), -7.f);
+    kAmxKernels.amx_begin();
+    for (int m0 = 0; m0 < M; m0 += job)  // (dispatch: 256-row jobs; 64 exercises more job ends)
+      kAmxKernels.amx_i8(w.data(), ws.data(), K, a, vba, got.data(), M, m0, m0 + job < M ? m0 + job : M);
+    kAmxKernels.amx_end();
+    ++g_cases;
+    if (std::memcmp(ref.data(), got.data(), ref.size() * 4)) {
+      ++g_fail;
+      std::printf("FAIL amx i8 variant=%d M=%d K=%d N=%d\n", variant, M, K, N);
+    }
+  }
+  g_amx_variant = kAmxDefaultVariant;
 }
 
 int main(int argc, char** argv) {
@@ -184,13 +224,18 @@ int main(int argc, char** argv) {
   }
   // AMX first (single case runnable alone: harness amx M K N)
   for (int N : {2, 3, 15, 16, 17, 33, 40, 64, 65})
-    for (int M : {1, 16, 17, 45}) check_amx(M, 257, N, -128, 127, 0);
+    for (int M : {1, 16, 17, 45, 100, 161}) check_amx(M, 257, N, -128, 127, 0);
   check_amx(33, 64, 5, -128, 127, 0);
   check_amx(20, 6912, 17, -128, 127, 0);  // long K (down_proj)
+  check_amx(130, 1280, 33, -128, 127, 0);  // several K slices x groups (kAmxRows64 / 128)
   check_amx(19, 2560, 32, -128, 127, 3);  // all -1 / all +1 rows
   check_amx(16, 1000, 8, 127, 127, 2);
   check_amx(16, 1000, 8, -128, -128, 1);
   check_amx(7, 1, 2, -128, 127, 0);
+  for (int N : {1, 2, 8, 16, 17, 32, 33, 40})
+    for (int M : {16, 48, 80}) check_amx_i8(M, 320, N);
+  check_amx_i8(32, 2560, 8);
+  check_amx_i8(208, 640, 9, 256);  // one job of 7 groups (next-group prefetch), as dispatch runs it
   const KernelTable* tables[] = {&kAvx512Kernels, &kAvx512VnniKernels};
   const int Ns[] = {1, 2, 3, 4, 5, 8, 31, 32, 33};
   for (const KernelTable* t : tables) {
@@ -210,6 +255,9 @@ int main(int argc, char** argv) {
       check_f16(*t, 5, 256, N);
     }
     check_i8(*t, 4, 2560, 2);
+    check_i8(*t, 70, 3000, 5);   // several row panels and K slices (lm_driver.h)
+    check_i8(*t, 9, 700, 35);    // two token chunks
+    check_i8(*t, 6, 3000, 1);    // decode tile
     check_f16(*t, 3, 1, 1);
   }
   std::printf("%s %d cases, %d failed\n", g_fail ? "FAILED" : "OK", g_cases, g_fail);
