@@ -59,7 +59,8 @@ def test_version_reports_package_isa_compiler_openmp():
     assert f"kernel ISA: {_core.active_isa()} (picked by the dispatcher)" in out
     assert f"this CPU runs: {', '.join(_core.supported_isas())}" in out
     info = _core.build_info()
-    assert info["compiler"] in out and f"runtime {info['openmp']['library']}" in out
+    # (the OpenMP runtime is the child's own: in this process torch may have loaded its libgomp first)
+    assert info["compiler"] in out and "OpenMP: " in out and "runtime /" in out and "libgomp" in out
     assert "Traceback" not in r.stderr
 
 
