@@ -54,11 +54,13 @@ struct KernelTable {
 //                 panel K-sliced so it is reused from L1 by every 32-row group
 //   kAmxVnniLmHead: the int8 lm_head on the VNNI kernel instead of AMX tiles
 //                 (a switch for measurements: BITDLM_AMX_VARIANT=129)
-// Default kAmxL1Unpack: the fastest on the Sapphire Rapids sweep (call2: 30
-// GEMM layers at N = 32 in 30.4 ms vs 34.6 for bit-free 0).
+// Default kAmxL1Unpack | kAmxRows64: the fastest at N = 32 on the Sapphire Rapids
+// sweep (bench/amx_sweep.py, 16 threads, the 30 GEMM layers of the 2B shape in
+// forward order: 15.6 ms at N = 32 and 10.3 at N = 8, vs 16.9 / 10.7 for
+// kAmxL1Unpack alone, 20.4 / 13.0 for bit-free 0 and 40.7 / 14.8 on VNNI).
 constexpr int kAmxL1Unpack = 1, kAmxStatic = 2, kAmxTok32 = 4, kAmxPrefetch = 8, kAmxPipeline = 16,
               kAmxRows64 = 32, kAmxRows128 = 64, kAmxVnniLmHead = 128, kAmxVariantMask = 255;
-constexpr int kAmxDefaultVariant = kAmxL1Unpack;
+constexpr int kAmxDefaultVariant = kAmxL1Unpack | kAmxRows64;
 // Rows per AMX job (the dispatcher's row block; the kernel's row limit).
 inline int amx_row_block(int v) { return (v & kAmxRows128) ? 128 : (v & kAmxRows64) ? 64 : 32; }
 // A plain int defined in gemm_amx.cpp (zero-initialized: no load-time code in
