@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-from bitdlm.format import ModelFile, ModelWriter, expected_tensors  # noqa: E402
+from bitdlm.format import ModelFile, ModelFormatError, ModelWriter, expected_tensors  # noqa: E402
 
 
 def set_defaults(path, out=None, **changes) -> Path:
@@ -53,8 +53,12 @@ def main(argv=None):
     p.add_argument("--block-size", type=int)
     p.add_argument("--small-block-size", type=int)
     a = p.parse_args(argv)
-    out = set_defaults(a.model, a.out, threshold=a.threshold, block_size=a.block_size,
-                       small_block_size=a.small_block_size)
+    try:
+        out = set_defaults(a.model, a.out, threshold=a.threshold, block_size=a.block_size,
+                           small_block_size=a.small_block_size)
+    except (ModelFormatError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     with ModelFile.open(out) as mf:
         print(f"{out}: diffusion {mf.meta['diffusion']}")
     return 0
