@@ -283,15 +283,14 @@ def test_cli_generate_profile():
 
 
 # ------------------------------------------------------------------ parallel decoding
-# Issue 13 asks > 1.5 tokens per forward on a few fixed prompts at the file's
-# default threshold. The shipped model does NOT meet it: trained 7 minutes
-# (47M tokens, held-out masked-token accuracy 0.33), it is rarely confident
-# enough to unmask several tokens of a block at once, and the default threshold
-# is the lowest one whose held-out parse rate stays within 10 points of
-# threshold 1.0's (docs/tiny_model.md, "The code model: results"), not one that
-# trades quality for speed. So this asserts the floor the file does meet; raise
-# it to 1.5 with a stronger model.
-TPF_FLOOR = 1.1
+# Issue 13's test: > 1.5 tokens per forward on a few fixed prompts at the file's
+# default threshold (0.5: the lowest whose held-out parse rate stays within 10
+# points of threshold 1.0's). Met, narrowly, on these prompts: 256 tokens in
+# 167 forwards (1.53) on avx2, 161 (1.59) with BITDLM_ISA=scalar. The issue's
+# real target, >= 2.0 over the held-out prompts, is NOT met: 1.41 there
+# (docs/tiny_model.md) -- a 7-minute model is rarely confident enough to
+# unmask several tokens at once.
+TPF_FLOOR = 1.5
 
 
 def test_tokens_per_forward_at_default_threshold(llm):
