@@ -1,7 +1,11 @@
-"""The default model shipped in the package (python/bitdlm/data/tiny-bitdlm.bin,
-trained by scripts/train_tiny_dlm.py): it loads, greedy decoding is
-deterministic, and bitdlm decodes exactly like the independent torch reference
-decoder (tests/ref_decoder.py) running transformers' BitNet on the same weights.
+"""The default model shipped in the package (python/bitdlm/data/tiny-bitdlm.bin:
+the ternary code DLM of issue 13, trained by scripts/train_gpu.sh): it loads,
+greedy decoding is deterministic, bitdlm decodes exactly like the independent
+torch reference decoder (tests/ref_decoder.py) running transformers' BitNet on
+the same weights, it decodes more than one token per forward at the file's
+default threshold, and its greedy outputs on fixed prompts match
+tests/data/default_model_golden.json (regenerate deliberately with
+`PYTHONPATH=python python3 tests/test_default_model.py --update`).
 
 The bf16 training checkpoint is not in the repository: the transformers model
 is rebuilt from the .bin itself, as an "offline" autobitlinear BitNet whose
@@ -14,6 +18,8 @@ import os
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
+import hashlib  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -25,8 +31,20 @@ import bitdlm  # noqa: E402
 from bitdlm.data import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
 
 MODEL = default_model_path()
-TEXT = ('The "for" statement is used to iterate over the elements of a sequence (such as a string, '
-        'tuple or list) or other iterable object. Each item in turn is assigned to the target list.')
+TEXT = ('def count_words(path, encoding="utf-8"):\n'
+        '    """Return a dict mapping each word of the file to its number of occurrences."""\n'
+        '    counts = {}\n'
+        '    with open(path, encoding=encoding) as f:\n'
+        '        for line in f:\n'
+        '            for word in line.split():\n'
+        '                counts[word] = counts.get(word, 0) + 1\n'
+        '    return counts\n')
+# code prompts (the model is trained on CPython's standard library)
+CODE_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\ndef main():",
+                'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):',
+                "    def test_split(self):\n        self.assertEqual("]
+GOLDEN = Path(__file__).resolve().parent / "data" / "default_model_golden.json"
+GOLDEN_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +113,7 @@ def test_shipped_in_package_and_small():
     assert MODEL is not None
     p = Path(MODEL)
     assert p.parent == Path(bitdlm.__file__).resolve().parent / "data"
-    assert p.stat().st_size <= 10 * 2**20
+    assert p.stat().st_size <= 16 * 2**20  # issue 13's size limit
 
 
 def test_loads_with_diffusion_metadata(model):
@@ -111,6 +129,7 @@ def test_loads_with_diffusion_metadata(model):
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT
     assert len(ids) < len(TEXT) / 2.5  # a real BPE, not bytes
+    assert tok.encode("\n        ") == tok.encode("\n        ")[:1]  # newline + indentation: one token
     logits = model.logits(ids[:16])
     assert logits.shape == (16, m["vocab_size"]) and np.isfinite(logits).all()
 
@@ -135,7 +154,7 @@ def test_forward_matches_transformers(model, hf):
 # ------------------------------------------------------------------ decoding
 def test_greedy_is_deterministic(llm):
     params = bitdlm.SamplingParams(max_tokens=48, temperature=0.0)
-    prompts = ['The "while" statement', "User: What is a list?\nAssistant:", "Return a new list"]
+    prompts = CODE_PROMPTS[:3]
     a = llm.generate(prompts, params)
     b = llm.generate(prompts, params)
     c = [llm.generate(p, params)[0] for p in prompts]  # alone == batched
@@ -159,7 +178,7 @@ def llm_f32kv():
 
 
 def _all_prompts(tok):
-    return _prompts(tok) + [tok.encode(t) for t in ("Return a new list", "User: What is a class?\nAssistant:")]
+    return _prompts(tok) + [tok.encode(t) for t in CODE_PROMPTS[:2]]
 
 
 class BitdlmForward:
@@ -179,7 +198,7 @@ class BitdlmForward:
         self.model.free_seq(self.sid)
 
 
-@pytest.mark.parametrize("threshold", [1.0, 0.9, 0.6])
+@pytest.mark.parametrize("threshold", [1.0, 0.5])  # one token per step; the file's default
 def test_engine_follows_reference_algorithm(model, llm, threshold):
     """The scheduler alone: the independent reference decoder driven by
     bitdlm's forward must make exactly the engine's decisions (same numerics,
@@ -187,13 +206,13 @@ def test_engine_follows_reference_algorithm(model, llm, threshold):
     from ref_decoder import RefDecoder
 
     m, d = model.meta, model.meta["diffusion"]
-    params = bitdlm.SamplingParams(max_tokens=40, temperature=0.0, threshold=threshold)
+    params = bitdlm.SamplingParams(max_tokens=32, temperature=0.0, threshold=threshold)
     for prompt in _all_prompts(model.tokenizer):
-        fwd = BitdlmForward(model, (len(prompt) + 40 + 31) // 32 * 32)
+        fwd = BitdlmForward(model, (len(prompt) + 32 + 31) // 32 * 32)
         try:
             ref = RefDecoder(None, block_size=d["block_size"], mask_id=m["mask_token_id"], shift=d["shift_logits"],
                              max_len=m["max_position_embeddings"], forward=fwd)
-            want = ref.generate(prompt, max_new_tokens=40, small_block_size=d["small_block_size"],
+            want = ref.generate(prompt, max_new_tokens=32, small_block_size=d["small_block_size"],
                                 threshold=threshold, stop_ids=m["eos_token_ids"])
         finally:
             fwd.close()
@@ -213,7 +232,13 @@ def test_engine_follows_reference_algorithm(model, llm, threshold):
 NEAR_TIE = 0.01
 
 
-@pytest.mark.parametrize("threshold", [1.0, 0.9, 0.6])
+def _torch_prompts(tok):
+    # fewer and shorter than the scheduler test's: the fp32 torch model is the slow side
+    p = _prompts(tok)
+    return [p[0], p[2], p[4], tok.encode(CODE_PROMPTS[0])]
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.5])  # one token per step; the file's default
 def test_matches_torch_reference_decoder(model, llm_f32kv, hf, threshold):
     from ref_decoder import RefDecoder
 
@@ -221,10 +246,10 @@ def test_matches_torch_reference_decoder(model, llm_f32kv, hf, threshold):
     d = m["diffusion"]
     assert d["block_size"] == 32 and len(_prompts(model.tokenizer)[3]) == 32
     ref = RefDecoder(hf, block_size=d["block_size"], mask_id=m["mask_token_id"], shift=d["shift_logits"])
-    params = bitdlm.SamplingParams(max_tokens=40, temperature=0.0, threshold=threshold)
+    params = bitdlm.SamplingParams(max_tokens=32, temperature=0.0, threshold=threshold)
     agreed = 0
-    for prompt in _all_prompts(model.tokenizer):
-        want = ref.generate(prompt, max_new_tokens=40, small_block_size=d["small_block_size"],
+    for prompt in _torch_prompts(model.tokenizer):
+        want = ref.generate(prompt, max_new_tokens=32, small_block_size=d["small_block_size"],
                             threshold=threshold, stop_ids=m["eos_token_ids"])
         got = llm_f32kv.generate(prompt, params)[0].token_ids
         i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)
@@ -236,7 +261,7 @@ def test_matches_torch_reference_decoder(model, llm_f32kv, hf, threshold):
         close = ref.closest_call_before(len(prompt) + i)
         assert close < NEAR_TIE, (len(prompt), i, close, got, want)
         agreed += i
-    assert agreed >= 40, agreed
+    assert agreed >= 32, agreed
 
 
 def test_cli_generate_uses_the_default_model():
@@ -244,7 +269,7 @@ def test_cli_generate_uses_the_default_model():
 
     env = child_env(OMP_NUM_THREADS=1)
     env.pop("BITDLM_MODEL", None)
-    r = subprocess.run([sys.executable, "-m", "bitdlm.cli", "generate", "The \"if\" statement",
+    r = subprocess.run([sys.executable, "-m", "bitdlm.cli", "generate", "def fibonacci(n):",
                         "--max-tokens", "16"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 0
@@ -254,10 +279,137 @@ def test_cli_generate_profile():
     from hf_models import child_env
 
     env = child_env(OMP_NUM_THREADS=1)
-    r = subprocess.run([sys.executable, "-m", "bitdlm.cli", "generate", "The \"if\" statement", "--max-tokens", "8",
+    r = subprocess.run([sys.executable, "-m", "bitdlm.cli", "generate", "def fibonacci(n):", "--max-tokens", "8",
                         "--profile"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line.split() for line in r.stderr.splitlines() if line.strip()}
     for phase in ("gemm_qkv", "gemm_gate_up", "attention", "lm_head"):
         assert phase in rows and float(rows[phase][1]) > 0, r.stderr
     assert "forwards)" in r.stderr
+
+
+# ------------------------------------------------------------------ parallel decoding
+# Issue 13's test: > 1.5 tokens per forward on a few fixed prompts at the file's
+# default threshold (0.5: the lowest whose held-out parse rate stays within 10
+# points of threshold 1.0's). Met, narrowly, on these prompts: 256 tokens in
+# 167 forwards (1.53) on avx2, 161 (1.59) with BITDLM_ISA=scalar. The issue's
+# real target, >= 2.0 over the held-out prompts, is NOT met: 1.41 there
+# (docs/tiny_model.md) -- a 7-minute model is rarely confident enough to
+# unmask several tokens at once.
+TPF_FLOOR = 1.5
+
+
+def test_tokens_per_forward_at_default_threshold(llm):
+    params = bitdlm.SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)  # file default threshold
+    outs = llm.generate(CODE_PROMPTS, params)
+    toks = sum(len(o.token_ids) for o in outs)
+    fwd = sum(o.stats["forwards"] for o in outs)
+    assert toks == 64 * len(CODE_PROMPTS)
+    assert toks / fwd > TPF_FLOOR, (toks, fwd)
+    # and threshold 1.0 (one token per step) is the slower schedule on the same prompts
+    one = llm.generate(CODE_PROMPTS, bitdlm.SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True,
+                                                           threshold=1.0))
+    assert sum(o.stats["forwards"] for o in one) > fwd
+
+
+# ------------------------------------------------------------------ golden outputs
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_golden(path=MODEL) -> dict:
+    """Greedy outputs (f32 KV cache) of CODE_PROMPTS at the file's default
+    threshold and at 1.0, each with `stable`: how many leading tokens were
+    decided without a near-tie (every decision margin >= NEAR_TIE, measured by
+    the reference decoder driven by bitdlm's own forward). Past a near-tie
+    another ISA's float rounding may flip a decision: measured, BITDLM_ISA=scalar
+    leaves the avx2 golden at token 16 and 32 of two prompts (stable: 1 and 6)."""
+    from ref_decoder import RefDecoder
+
+    model = bitdlm.load(path, threads=1, kv_dtype="f32")
+    m, d = model.meta, model.meta["diffusion"]
+    llm = bitdlm.LLM(model)
+    rows = []
+    for threshold in (d["threshold"], 1.0):
+        params = bitdlm.SamplingParams(max_tokens=GOLDEN_TOKENS, temperature=0.0, threshold=threshold)
+        for text in CODE_PROMPTS:
+            prompt = model.tokenizer.encode(text)
+            got = llm.generate(text, params)[0].token_ids
+            fwd = BitdlmForward(model, (len(prompt) + GOLDEN_TOKENS + 31) // 32 * 32)
+            try:
+                ref = RefDecoder(None, block_size=d["block_size"], mask_id=m["mask_token_id"],
+                                 shift=d["shift_logits"], max_len=m["max_position_embeddings"], forward=fwd)
+                want = ref.generate(prompt, max_new_tokens=GOLDEN_TOKENS, small_block_size=d["small_block_size"],
+                                    threshold=threshold, stop_ids=m["eos_token_ids"])
+            finally:
+                fwd.close()
+            assert got == want, (text, got, want)  # the scheduler test's property, here too
+            stable = next((i for i in range(len(want)) if ref.closest_call_before(len(prompt) + i) < NEAR_TIE),
+                          len(want))
+            rows.append({"prompt": text, "threshold": threshold, "token_ids": got, "stable": stable,
+                         "text": model.tokenizer.decode(got)})
+    return {"model_sha256": _sha256(path), "default_threshold": d["threshold"], "max_tokens": GOLDEN_TOKENS,
+            "kv_dtype": "f32", "near_tie": NEAR_TIE, "outputs": rows}
+
+
+def test_golden_outputs(llm_f32kv):
+    """The shipped file's greedy outputs must not change without a deliberate
+    update of tests/data/default_model_golden.json (`--update`): the same on
+    1 and 2 threads, and equal to the golden tokens up to the first near-tie
+    (beyond it another ISA may round a decision the other way)."""
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["model_sha256"] == _sha256(MODEL), "the model changed: rerun with --update (deliberately)"
+    assert golden["default_threshold"] == llm_f32kv.model.meta["diffusion"]["threshold"]
+    two = bitdlm.LLM(bitdlm.load(MODEL, threads=2, kv_dtype="f32"))
+    stable = 0
+    for row in golden["outputs"]:
+        params = bitdlm.SamplingParams(max_tokens=golden["max_tokens"], temperature=0.0, threshold=row["threshold"])
+        a = llm_f32kv.generate(row["prompt"], params)[0].token_ids
+        b = two.generate(row["prompt"], params)[0].token_ids
+        assert a == b, (row["prompt"], a, b)  # the thread count changes nothing
+        k = row["stable"]
+        assert a[:k] == row["token_ids"][:k], (row["prompt"], row["threshold"], k, a, row["token_ids"])
+        stable += k
+    # not vacuous: at least an eighth of the golden tokens are compared (75 of
+    # 320 when written; this weak model has many near-ties, at 0.5 also
+    # confidences close to the threshold)
+    assert stable >= len(golden["outputs"]) * golden["max_tokens"] // 8, stable
+
+
+def test_set_diffusion_defaults_script(tmp_path):
+    """scripts/set_diffusion_defaults.py (how the shipped file got its default
+    threshold without its checkpoint): only meta.diffusion changes."""
+    from bitdlm.format import ModelFile
+
+    out = tmp_path / "m.bin"
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" /
+                                             "set_diffusion_defaults.py"), MODEL, "--out", str(out),
+                        "--threshold", "0.55"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with ModelFile.open(MODEL) as a, ModelFile.open(out, verify=True) as b:
+        assert b.meta["diffusion"] == {**a.meta["diffusion"], "threshold": 0.55}
+        strip = lambda m: {k: v for k, v in m.items() if k not in ("diffusion", "source")}  # noqa: E731
+        assert strip(a.meta) == strip(b.meta)
+        for name, t in a.tensors.items():
+            assert b.tensors[name].scale == t.scale
+            assert np.array_equal(a.array(name), b.array(name)), name
+    bad = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" /
+                                              "set_diffusion_defaults.py"), str(out), "--threshold", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "threshold" in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]  # no temp file left
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--update"]:
+        sys.exit(f"usage: PYTHONPATH=python python3 {sys.argv[0]} --update  (rewrites {GOLDEN})")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    g = make_golden()
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(g, indent=1) + "\n")
+    for r in g["outputs"]:
+        print(f"{r['prompt']!r} @ {r['threshold']}: {len(r['token_ids'])} tokens, stable {r['stable']}: {r['text']!r}")

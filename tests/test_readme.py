@@ -169,13 +169,13 @@ def run_command(cmd: str, cwd: Path) -> str:
 def test_readme_has_the_snippets_this_test_is_about():
     blocks = _blocks()
     cmds = [c for lang, _, body in blocks if lang in ("bash", "sh") for c in shell_commands(body)]
-    for wanted in ('bitdlm generate "The list type" --stats', "bitdlm --version", "bitdlm info model.bin",
+    for wanted in ('bitdlm generate "def fibonacci(n):" --stats', "bitdlm --version", "bitdlm info model.bin",
                    "bitdlm convert ./my-bitnet-dlm model.bin"):
         assert any(c.startswith(wanted) for c in cmds), wanted
     assert any(lang == "python" for lang, _, _ in blocks)
     # the first two commands of the README, exactly (CI and newcomers type them)
     first = next(body for lang, _, body in blocks if lang == "bash")
-    assert 'pip install . && bitdlm generate "The list type" --stats' in first
+    assert 'pip install . && bitdlm generate "def fibonacci(n):" --stats' in first
     assert 'pip install ".[test]" && python3 -m pytest -q tests' in first
 
 

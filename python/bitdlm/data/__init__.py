@@ -1,7 +1,8 @@
 """Data shipped inside the bitdlm package: the default model.
 
-`tiny-bitdlm.bin` is a small ternary block-diffusion LM trained by
-scripts/train_tiny_dlm.py on CPython's bundled documentation (docs/tiny_model.md).
+`tiny-bitdlm.bin` is a small ternary block-diffusion code model trained by
+scripts/train_gpu.sh (scripts/train_tiny_dlm.py on one H200) on CPython's
+standard library (docs/tiny_model.md).
 It lets `bitdlm generate` / `bitdlm serve` work offline without --model.
 """
 from __future__ import annotations
@@ -14,7 +15,6 @@ DEFAULT_MODEL_NAME = "tiny-bitdlm.bin"
 def default_model_path() -> str | None:
     """Path (str) of the default model shipped in the package, or None when it
     is missing (a source checkout where it was never built, or a wheel built
-    without it). Rebuild it with
-    `scripts/train_tiny_dlm.py --bin python/bitdlm/data/tiny-bitdlm.bin`."""
+    without it). Rebuild it with scripts/train_gpu.sh (docs/tiny_model.md)."""
     path = Path(__file__).resolve().parent / DEFAULT_MODEL_NAME
     return str(path) if path.is_file() else None
