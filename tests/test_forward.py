@@ -857,26 +857,7 @@ _ATTN_SIMDE_HEADERS = ["csrc/model/simde512_shim.h", "csrc/model/attention.h", "
 def test_avx512_attention_kernels_via_simde(tmp_path_factory):
     """The AVX-512 attention kernels (scores, online softmax, fp32/fp16 values), compiled against SIMDe
     without any -mavx512 flag, match plain loops within 1e-5 relative on odd shapes."""
-    import hashlib
-    import shutil
-    import subprocess
-    import tempfile
+    from helpers import run_simde_harness
 
-    cxx = shutil.which("g++")
-    if cxx is None or not os.path.exists("/usr/include/simde/x86/avx512.h"):
-        pytest.skip("needs g++ and SIMDe headers (Debian libsimde-dev)")
-    h = hashlib.sha256()
-    for rel in _ATTN_SIMDE + _ATTN_SIMDE_HEADERS:
-        with open(os.path.join(_ROOT, rel), "rb") as f:
-            h.update(f.read())
-    exe = os.path.join(tempfile.gettempdir(), f"bitdlm_attn_simde_{h.hexdigest()[:16]}")
-    if not os.path.exists(exe):
-        tmp = str(tmp_path_factory.mktemp("attn_simde") / "harness")
-        cmd = [cxx, "-std=c++17", "-O0", "-Wno-psabi", "-DBITDLM_SIMDE", "-I", os.path.join(_ROOT, "csrc"), "-o", tmp]
-        cmd += [os.path.join(_ROOT, s) for s in _ATTN_SIMDE]
-        build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert build.returncode == 0, build.stderr[-4000:]
-        shutil.move(tmp, exe)
-    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-4000:]
-    assert run.stdout.strip().splitlines()[-1].startswith("OK") and " 0 failed" in run.stdout
+    out = run_simde_harness("attn_simde", _ATTN_SIMDE, _ATTN_SIMDE_HEADERS, tmp_path_factory)
+    assert out.strip().splitlines()[-1].startswith("OK") and " 0 failed" in out

@@ -405,27 +405,8 @@ _SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csr
 def test_avx512_kernels_bit_exact_via_simde(tmp_path_factory):
     """The AVX-512 (BW and VNNI) kernels, compiled against SIMDe without any
     -mavx512 flag, agree bit for bit with the scalar reference."""
-    import hashlib
-    import shutil
-    import subprocess
-    import tempfile
+    from helpers import run_simde_harness
 
-    cxx = shutil.which("g++")
-    if cxx is None or not os.path.exists("/usr/include/simde/x86/avx512.h"):
-        pytest.skip("needs g++ and SIMDe headers (Debian libsimde-dev)")
-    h = hashlib.sha256()
-    for rel in _SIMDE_SOURCES + _SIMDE_HEADERS:
-        with open(os.path.join(_ROOT, rel), "rb") as f:
-            h.update(f.read())
-    # cache the binary by source hash; -O0: the SIMDe build is the slow part (~5 s CPU), the run is instant
-    exe = os.path.join(tempfile.gettempdir(), f"bitdlm_simde_{h.hexdigest()[:16]}")
-    if not os.path.exists(exe):
-        tmp = str(tmp_path_factory.mktemp("simde") / "harness")
-        cmd = [cxx, "-std=c++17", "-O0", "-Wno-psabi", "-DBITDLM_SIMDE", "-I", os.path.join(_ROOT, "csrc"), "-o", tmp]
-        cmd += [os.path.join(_ROOT, s) for s in _SIMDE_SOURCES]
-        build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert build.returncode == 0, build.stderr[-4000:]
-        shutil.move(tmp, exe)
-    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().splitlines()[-1].startswith("OK"), run.stdout[-4000:]
-    assert "0 failed" in run.stdout
+    out = run_simde_harness("simde", _SIMDE_SOURCES, _SIMDE_HEADERS, tmp_path_factory)
+    assert out.strip().splitlines()[-1].startswith("OK"), out[-4000:]
+    assert " 0 failed" in out

@@ -26,6 +26,7 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 import psutil  # noqa: E402
 import pytest  # noqa: E402
+from helpers import wait_until  # noqa: E402
 from hf_models import child_env  # noqa: E402
 
 KEY = "sk-test-ray"
@@ -51,16 +52,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(pred, timeout, interval=0.2):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    return pred()
 
 
 def http(base, key=KEY):

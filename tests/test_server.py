@@ -23,6 +23,7 @@ from pathlib import Path  # noqa: E402
 import httpx  # noqa: E402
 import openai  # noqa: E402
 import pytest  # noqa: E402
+from helpers import wait_until  # noqa: E402
 from hf_models import child_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,16 +34,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(pred, timeout=15.0, interval=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    return pred()
 
 
 def client_for(base, key=KEY, **kw):
