@@ -38,30 +38,33 @@ static float* row_scratch(int K) {
   return tmp.data();
 }
 
-void add_norm_quant_rows(const SmallOps& t, float* x, const float* d, const float* w, int N, int K, float eps,
-                         int8_t* q, float* scale, int32_t* sum, int Kp) {
+// One parallel region over the rows of a fused op that needs a row of scratch;
+// row(r, tmp) does row r.
+template <class Row>
+static void rows_with_scratch(int N, int K, Row&& row) {
   const int nt = team(N);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     float* tmp = row_scratch(K);
 #pragma omp for schedule(static)
-    for (int r = 0; r < N; ++r)
-      t.add_norm_quant(x + (int64_t)r * K, d ? d + (int64_t)r * K : nullptr, w, K, Kp, eps, tmp,
-                       q + (int64_t)r * Kp, scale + r, sum + r);
+    for (int r = 0; r < N; ++r) row(r, tmp);
   }
+}
+
+void add_norm_quant_rows(const SmallOps& t, float* x, const float* d, const float* w, int N, int K, float eps,
+                         int8_t* q, float* scale, int32_t* sum, int Kp) {
+  rows_with_scratch(N, K, [&](int r, float* tmp) {
+    t.add_norm_quant(x + (int64_t)r * K, d ? d + (int64_t)r * K : nullptr, w, K, Kp, eps, tmp,
+                     q + (int64_t)r * Kp, scale + r, sum + r);
+  });
 }
 
 void act_norm_quant_rows(const SmallOps& t, float* g, const float* u, const float* w, int N, int K, float eps,
                          int8_t* q, float* scale, int32_t* sum, int Kp) {
-  const int nt = team(N);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    float* tmp = row_scratch(K);
-#pragma omp for schedule(static)
-    for (int r = 0; r < N; ++r)
-      t.act_norm_quant(g + (int64_t)r * K, u + (int64_t)r * K, w, K, Kp, eps, tmp, q + (int64_t)r * Kp,
-                       scale + r, sum + r);
-  }
+  rows_with_scratch(N, K, [&](int r, float* tmp) {
+    t.act_norm_quant(g + (int64_t)r * K, u + (int64_t)r * K, w, K, Kp, eps, tmp, q + (int64_t)r * Kp,
+                     scale + r, sum + r);
+  });
 }
 
 void rmsnorm_rows(const SmallOps& t, const float* x, const float* w, float* y, int N, int K, float eps) {
