@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))  # unless PYTHONPATH / an install has bitdlm
 from bitdlm import _core  # noqa: E402
 from bitdlm.packing import pad_k  # noqa: E402
 

@@ -40,7 +40,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "python"))
+sys.path.append(os.path.join(HERE, "..", "python"))  # unless PYTHONPATH / an install has bitdlm
 
 CTX_MAX = 2048
 

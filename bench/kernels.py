@@ -40,7 +40,7 @@ if __name__ == "__main__" and "--passive" in sys.argv:
     # machine shared with other busy processes, spinning OpenMP workers lose
     # their CPU share and 2-thread calls stall for whole scheduler slices
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))  # unless PYTHONPATH / an install has bitdlm
 from bitdlm import _core  # noqa: E402
 from bitdlm.packing import pad_k  # noqa: E402
 

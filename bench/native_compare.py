@@ -44,7 +44,10 @@ BLOCK, SUB = 32, 8
 def env_for(threads: int, isa: str | None = None) -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
-    env["PYTHONPATH"] = PY + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    import glob
+
+    if glob.glob(os.path.join(PY, "bitdlm", "_core*.so")):  # an in-tree build (dev_build.sh) goes first
+        env["PYTHONPATH"] = PY + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("BITDLM_ISA", None)
     if isa:
         env["BITDLM_ISA"] = isa

@@ -257,7 +257,9 @@ def test_kernels_ceilings_only_writes_the_ceilings_json(tmp_path):
     """bench/native_compare.py's call: `bench/kernels.py --ceilings-only --threads 1,N --json PATH`
     measures the ceilings only and writes them keyed by thread count."""
     out = tmp_path / "k.json"
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    from hf_models import child_env
+
+    env = child_env()  # the same bitdlm as the tests (the installed wheel in CI)
     cmd = [sys.executable, os.path.join(BENCH, "kernels.py"), "--ceilings-only", "--quick", "--threads", "1",
            "--json", str(out)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
