@@ -586,6 +586,26 @@ def test_runtime_load_does_not_import_torch(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def step_logits_per_isa(core, isas, toks, P, one_query=False):
+    """{isa: logits} of a block-8 step over toks[P:] against the cached toks[:P] (not written),
+    run under each ISA in turn; with one_query, (step logits, logits of toks[P] alone: the
+    direct, untiled attention path)."""
+    old = _core.active_isa()
+    res = {}
+    try:
+        for isa in isas:
+            _core.set_isa(isa)
+            s = core.alloc_seq(48)
+            core_logits(core, toks[:P], B=8, seq=s)
+            step = core_logits(core, toks[P:], B=8, seq=s, start=P, ctx_len=P, write=False)
+            res[isa] = (step, core_logits(core, toks[P:P + 1], B=1, seq=s, start=P, ctx_len=P,
+                                          write=False)) if one_query else step
+            core.free_seq(s)
+    finally:
+        _core.set_isa(old)
+    return res
+
+
 @pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
 @pytest.mark.parametrize("shape", ["gqa4_hd32", "gqa3_hd12"])
 def test_portable_and_simd_attention_agree(small, kv_dtype, shape):
@@ -597,19 +617,7 @@ def test_portable_and_simd_attention_agree(small, kv_dtype, shape):
         pytest.skip("this CPU/build has only the scalar kernels")
     core = to_core(hf, kv_dtype=kv_dtype)
     toks = np.random.default_rng(11).integers(0, hf.config.vocab_size, 40)
-    old = _core.active_isa()
-    res = {}
-    try:
-        for isa in isas:
-            _core.set_isa(isa)
-            s = core.alloc_seq(48)
-            core_logits(core, toks[:24], B=8, seq=s)
-            res[isa] = (core_logits(core, toks[24:], B=8, seq=s, start=24, ctx_len=24, write=False),
-                        # one query: the direct (untiled) scores / values path
-                        core_logits(core, toks[24:25], B=1, seq=s, start=24, ctx_len=24, write=False))
-            core.free_seq(s)
-    finally:
-        _core.set_isa(old)
+    res = step_logits_per_isa(core, isas, toks, 24, one_query=True)
     # (the lm_head kernels sum in different orders: last-bit differences on logits of O(100))
     for isa in isas[1:]:
         for a, b in zip(res[isa], res["scalar"]):
@@ -833,17 +841,7 @@ def test_forward_identical_across_isas(kv_dtype):
         pytest.skip("only one ISA on this CPU")
     core = to_core(hf, kv_dtype=kv_dtype)
     toks = np.random.default_rng(12).integers(0, hf.config.vocab_size, 40)
-    old = _core.active_isa()
-    res = {}
-    try:
-        for isa in isas:
-            _core.set_isa(isa)
-            s = core.alloc_seq(48)
-            core_logits(core, toks[:33], B=8, seq=s)
-            res[isa] = core_logits(core, toks[33:], B=8, seq=s, start=33, ctx_len=33, write=False)
-            core.free_seq(s)
-    finally:
-        _core.set_isa(old)
+    res = step_logits_per_isa(core, isas, toks, 33)
     for isa in isas[1:]:
         np.testing.assert_allclose(res[isa], res[isas[0]], rtol=1e-5, atol=1e-4, err_msg=isa)
 
