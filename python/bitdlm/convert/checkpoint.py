@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -95,8 +96,70 @@ def to_f32(a: np.ndarray, st_dtype: str) -> np.ndarray:
     return a.astype(np.float32)
 
 
-class Checkpoint:
-    """All tensors of a (possibly sharded) safetensors checkpoint, by name."""
+# Tensor names other training code saves -> the Hugging Face BitNet names
+# (the users' `BitNetLlama`: `transformer.layers.N`, `subln`; their SubLN insertion
+# wraps o_proj / down_proj as nn.Sequential(sub-norm, linear): `.0` / `.1`).
+_RENAMES = [
+    (re.compile(r"^transformer\.layers\.(\d+)\."), r"model.layers.\1."),
+    (re.compile(r"^transformer\.norm\."), "model.norm."),
+    (re.compile(r"^embed_tokens\."), "model.embed_tokens."),
+    (re.compile(r"\.self_attn\.(?:subln|o_proj\.0)\.weight$"), ".self_attn.attn_sub_norm.weight"),
+    (re.compile(r"\.mlp\.(?:subln|down_proj\.0)\.weight$"), ".mlp.ffn_sub_norm.weight"),
+    (re.compile(r"\.(o_proj|down_proj)\.1\.(weight|weight_scale)$"), r".\1.\2"),
+]
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face BitNet name of a tensor saved under another training code's name."""
+    for pat, rep in _RENAMES:
+        name = pat.sub(rep, name)
+    return name
+
+
+class TensorSource:
+    """Tensors by Hugging Face BitNet name, what the converter reads: subclasses
+    give names(), info(name) -> (safetensors dtype name, shape), raw(name, rows)
+    and close()."""
+
+    renamed = 0  # tensors found under another training code's names
+
+    def bind(self, specs: dict) -> None:
+        """Learn the output's tensor list (name -> (dtype, logical shape)) before
+        any read: a source whose stored shapes are padded needs it."""
+
+    def names(self):
+        raise NotImplementedError
+
+    def info(self, name):
+        raise NotImplementedError
+
+    def raw(self, name, rows=None) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def __contains__(self, name):
+        return name in self.names()
+
+    def f32_check(self, name, shape=None):
+        dtype, sh = self.info(name)
+        if dtype not in ("F32", "F16", "BF16", "F64"):
+            raise ConversionError(f"tensor {name!r} is {dtype}, expected a float tensor")
+        if shape is not None and tuple(sh) != tuple(shape):
+            raise ConversionError(f"tensor {name!r} has shape {list(sh)}, expected {list(shape)} "
+                                  f"from config.json")
+        return dtype
+
+    def f32(self, name, shape=None, rows=None) -> np.ndarray:
+        a = to_f32(self.raw(name, rows), self.f32_check(name, shape))
+        if not np.isfinite(a).all():
+            raise ConversionError(f"tensor {name!r} holds NaN or infinite values")
+        return a
+
+
+class Checkpoint(TensorSource):
+    """All tensors of a (possibly sharded) safetensors checkpoint, by (Hugging Face) name."""
 
     def __init__(self, hf_dir: Path):
         index = hf_dir / "model.safetensors.index.json"
@@ -118,7 +181,7 @@ class Checkpoint:
                 hint = f" (found {other[:3]}: only safetensors checkpoints are supported)" if other else ""
                 raise ConversionError(f"{hf_dir}: no model.safetensors or safetensors shards{hint}")
         self.files = {}
-        self.where = {}
+        self.where = {}  # HF name -> (file, name in the file)
         try:
             for fn in files:
                 p = hf_dir / fn
@@ -127,17 +190,20 @@ class Checkpoint:
                 sf = SafetensorsFile(p)
                 self.files[fn] = sf
                 for name in sf.entries:
-                    self.where[name] = sf
+                    canon = hf_name(name)
+                    if canon in self.where:
+                        raise ConversionError(f"checkpoint holds {self.where[canon][1]!r} and {name!r}: "
+                                              f"both are {canon!r}")
+                    self.where[canon] = (sf, name)
+                    self.renamed += canon != name
         except BaseException:
             self.close()
             raise
         if weight_map is not None:
-            missing = [n for n, fn in weight_map.items() if n not in self.where]
+            present = {orig for _, orig in self.where.values()}
+            missing = [n for n, fn in weight_map.items() if n not in present]
             if missing:
                 raise ConversionError(f"tensors listed in the index but absent from their shard: {missing[:5]}")
-
-    def __contains__(self, name):
-        return name in self.where
 
     def names(self):
         return self.where.keys()
@@ -145,28 +211,15 @@ class Checkpoint:
     def info(self, name):
         if name not in self.where:
             raise ConversionError(f"checkpoint has no tensor {name!r}")
-        dtype, shape, _, _ = self.where[name].entries[name]
+        sf, orig = self.where[name]
+        dtype, shape, _, _ = sf.entries[orig]
         return dtype, shape
 
     def raw(self, name, rows=None):
         if name not in self.where:
             raise ConversionError(f"checkpoint has no tensor {name!r}")
-        return self.where[name].raw(name, rows)
-
-    def f32_check(self, name, shape=None):
-        dtype, sh = self.info(name)
-        if dtype not in ("F32", "F16", "BF16", "F64"):
-            raise ConversionError(f"tensor {name!r} is {dtype}, expected a float tensor")
-        if shape is not None and tuple(sh) != tuple(shape):
-            raise ConversionError(f"tensor {name!r} has shape {list(sh)}, expected {list(shape)} "
-                                  f"from config.json")
-        return dtype
-
-    def f32(self, name, shape=None, rows=None) -> np.ndarray:
-        a = to_f32(self.raw(name, rows), self.f32_check(name, shape))
-        if not np.isfinite(a).all():
-            raise ConversionError(f"tensor {name!r} holds NaN or infinite values")
-        return a
+        sf, orig = self.where[name]
+        return sf.raw(orig, rows)
 
     def close(self):
         for sf in self.files.values():

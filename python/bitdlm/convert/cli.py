@@ -2,9 +2,11 @@
 it prints."""
 from __future__ import annotations
 
+import os
 import sys
 
 from ..format import ModelFormatError
+from . import gguf_file, sglbitnt
 from .common import ConversionError, Terminated
 from .config import DEFAULT_BLOCK_SIZE, DEFAULT_SMALL_BLOCK_SIZE, DEFAULT_THRESHOLD
 from .hf import convert_report
@@ -51,12 +53,30 @@ def format_summary(r: dict) -> str:
     return "\n".join(lines)
 
 
+def report_for(source, out, **kwargs) -> dict:
+    """Convert `source` by its kind: a Hugging Face folder, an SGLBITNT v1 file of the
+    old sgl-kernel engine, or a GGUF file. kwargs: convert_report's, plus
+    `tokenizer` (a folder with tokenizer.json, for the files that hold none)."""
+    tokenizer = kwargs.pop("tokenizer", None)
+    head = b""
+    if os.path.isfile(source):
+        with open(source, "rb") as f:
+            head = f.read(8)
+    if head == sglbitnt.MAGIC:
+        return sglbitnt.convert_report(source, out, tokenizer=tokenizer, **kwargs)
+    if head[:4] == b"GGUF":
+        return gguf_file.convert_report(source, out, tokenizer=tokenizer, **kwargs)
+    if tokenizer is not None:
+        raise ConversionError("--tokenizer is for SGLBITNT and GGUF files: a Hugging Face folder has its own")
+    return convert_report(source, out, **kwargs)
+
+
 def run_cli(args) -> int:
     try:
-        report = convert_report(args.hf_dir, args.out, mask_token=args.mask_token, block_size=args.block_size,
-                                small_block_size=args.small_block_size, threshold=args.threshold,
-                                shift=args.shift, lm_head=args.lm_head, force=args.force,
-                                progress=not args.quiet)
+        report = report_for(args.hf_dir, args.out, mask_token=args.mask_token, block_size=args.block_size,
+                            small_block_size=args.small_block_size, threshold=args.threshold,
+                            shift=args.shift, lm_head=args.lm_head, force=args.force,
+                            progress=not args.quiet, tokenizer=args.tokenizer)
     except (ConversionError, ModelFormatError, FileExistsError) as e:
         print(f"bitdlm convert: error: {e}", file=sys.stderr)
         return 2
@@ -75,11 +95,17 @@ def run_cli(args) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("hf_dir", metavar="SOURCE",
+                   help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json), "
+                        "or an SGLBITNT .bin of the old sgl-kernel engine, or a GGUF file (TQ1_0 / TQ2_0)")
     p.add_argument("out", help="output .bin file")
-    p.add_argument("--mask-token", default=None, metavar="TOKEN_OR_ID",
-                   help="diffusion mask token (string or id); default: config mask_token_id, "
+    p.add_argument("--mask-token", "--mask-token-id", default=None, metavar="TOKEN_OR_ID",
+                   help="diffusion mask token (string or id); default: dlm_config.json / config mask_token_id, "
                         "tokenizer_config mask_token, or a known mask token in the tokenizer")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="folder with tokenizer.json (+ tokenizer_config.json) for an SGLBITNT file; default: "
+                        "the folder beside it named by its stem, as the old server looked (a GGUF file "
+                        "carries its own)")
     p.add_argument("--block-size", type=int, default=None, help=f"diffusion block size (default: config or {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--small-block-size", type=int, default=None,
                    help=f"diffusion sub-block size (default: config or {DEFAULT_SMALL_BLOCK_SIZE})")
@@ -94,6 +120,7 @@ def add_arguments(p) -> None:
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="convert a Hugging Face BitNet checkpoint to a .bin")
+    p = subparsers.add_parser("convert", help="convert a Hugging Face BitNet checkpoint (or an SGLBITNT / GGUF "
+                                              "file) to a .bin")
     add_arguments(p)
     p.set_defaults(func=run_cli)

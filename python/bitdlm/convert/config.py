@@ -55,10 +55,12 @@ def hyperparameters(cfg: dict, guessed: list | None = None) -> dict:
     if not isinstance(archs, list):
         raise ConversionError(f"config.json: architectures must be a list of names, got {short_repr(archs)}")
     if archs:
-        if not any(isinstance(a, str) and a.startswith("BitNet") for a in archs):
+        # case-blind: some saved configs spell it `BitnetForCausalLM`
+        if not any(isinstance(a, str) and a.lower().startswith("bitnet") for a in archs):
             raise ConversionError(f"unsupported architecture {short_repr(archs)}: bitdlm converts BitNet* "
                                   f"(ternary BitNet b1.58) checkpoints only")
-    elif cfg.get("model_type") != "bitnet":
+    elif cfg.get("model_type") != "bitnet" and not (cfg.get("model_type") is None and "num_kv_heads" in cfg):
+        # (a config with num_kv_heads and no model_type is the users' BitNetLlama training code's)
         raise ConversionError(f"unsupported model_type {short_repr(cfg.get('model_type'))}: bitdlm converts "
                               f"BitNet checkpoints only")
     act = cfg.get("hidden_act", "relu2")
@@ -89,6 +91,8 @@ def hyperparameters(cfg: dict, guessed: list | None = None) -> dict:
             raise ConversionError(f"config.json: {key} must be a number in [{lo:g}, {hi:g}], got {short_repr(v)}")
         return f
 
+    if cfg.get("num_key_value_heads") is None and cfg.get("num_kv_heads") is not None:
+        cfg = {**cfg, "num_key_value_heads": cfg["num_kv_heads"]}  # BitNetLlama's spelling
     h = integer("hidden_size")
     heads = integer("num_attention_heads")
     hp = {"architecture": "bitnet", "hidden_size": h, "num_hidden_layers": integer("num_hidden_layers"),
@@ -144,7 +148,7 @@ def _token_id(tokenizer, content: str):
         return None
 
 
-def special_tokens(cfg, tok_cfg, gen_cfg, tokenizer, vocab_size, mask_arg, dropped: list):
+def special_tokens(cfg, tok_cfg, gen_cfg, tokenizer, vocab_size, mask_arg, dropped: list, dlm=None):
     """meta's bos/mask/pad/eos ids and, for the summary, where each came from:
     {"bos_token_id": (id or None, source), ..., "eos_token_ids": [(id, source), ...]}."""
     def named(file, key, d):
@@ -192,10 +196,11 @@ def special_tokens(cfg, tok_cfg, gen_cfg, tokenizer, vocab_size, mask_arg, dropp
                 raise ConversionError(f"mask token {s!r} is not in the tokenizer")
             src = f"--mask-token {s!r}"
     else:
-        key, mask = first_key(cfg, _CFG_MASK)
-        src = f"config.json {key}" if key else None
+        src, mask = setting(dlm_sources(cfg, dlm), _CFG_MASK)
         if mask is not None and not is_int(mask):
-            raise ConversionError(f"config.json {key} must be a token id, got {short_repr(mask)}")
+            raise ConversionError(f"{src} must be a token id, got {short_repr(mask)}")
+        if mask is None:
+            mask, src = named("dlm_config.json", "mask_token", dlm)
         if mask is None:
             mask, src = named("tokenizer_config.json", "mask_token", tok_cfg)
         if mask is None:
@@ -205,7 +210,7 @@ def special_tokens(cfg, tok_cfg, gen_cfg, tokenizer, vocab_size, mask_arg, dropp
                     src = f"recognised name {t!r} in tokenizer.json"
                     break
         if mask is None:
-            src = ("none: not in config.json (" + ", ".join(_CFG_MASK) + "), tokenizer_config.json "
+            src = ("none: not in dlm_config.json / config.json (" + ", ".join(_CFG_MASK) + "), tokenizer_config.json "
                    "mask_token, nor a known name (" + " ".join(KNOWN_MASK_TOKENS) + ")")
     chosen["mask_token_id"] = (mask, src)
 
@@ -291,9 +296,26 @@ def linear_class_of(cfg: dict):
     return qc.get("linear_class", "bitlinear") if qc else None
 
 
-def diffusion_settings(cfg: dict, block_size=None, small_block_size=None, threshold=None, shift=None):
+def dlm_sources(cfg: dict, dlm: dict | None) -> list:
+    """Where the diffusion settings are looked up, first found wins: the users'
+    training writes them to dlm_config.json beside config.json."""
+    return [("dlm_config.json", dlm or {}), ("config.json", cfg)]
+
+
+def setting(sources: list, keys):
+    """("<file> <key>", value) of the first of `keys` set in the first source that
+    has one, else (None, None)."""
+    for file, d in sources:
+        k, v = first_key(d, keys)
+        if k is not None:
+            return f"{file} {k}", v
+    return None, None
+
+
+def diffusion_settings(cfg: dict, block_size=None, small_block_size=None, threshold=None, shift=None,
+                       dlm: dict | None = None):
     """meta's `diffusion` and, per key, where its value came from: a flag, else a
-    config key, else our default."""
+    dlm_config.json or config.json key, else our default."""
     diffusion, diff_src = {}, {}
     for key, arg, keys, default, conv in (
             ("block_size", block_size, _CFG_BLOCK, DEFAULT_BLOCK_SIZE, int),
@@ -303,14 +325,13 @@ def diffusion_settings(cfg: dict, block_size=None, small_block_size=None, thresh
         if arg is not None:
             v, src = arg, "flag"
         else:
-            ck, v = first_key(cfg, keys)
-            src = f"config.json {ck}" if ck else "default"
-            if ck is None:
-                v = default
+            src, v = setting(dlm_sources(cfg, dlm), keys)
+            if src is None:
+                src, v = "default", default
         ok = (isinstance(v, bool) if conv is bool else
               is_int(v) or (isinstance(v, float) and v.is_integer()) if conv is int else finite_float(v) is not None)
         if not ok:
-            raise ConversionError(f"bad diffusion setting in config.json: {key} = {short_repr(v)} ({src})")
+            raise ConversionError(f"bad diffusion setting: {key} = {short_repr(v)} ({src})")
         diffusion[key], diff_src[key] = conv(v), src
     if diffusion["small_block_size"] > diffusion["block_size"] and small_block_size is None:
         diffusion["small_block_size"] = diffusion["block_size"]  # e.g. --block-size 1 (AR)

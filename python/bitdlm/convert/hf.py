@@ -28,6 +28,8 @@ from .config import (archs_of, chat_template, diffusion_settings, hyperparameter
                      load_tokenizer, special_tokens)
 from .tensors import precheck, scale_name, write_tensors
 
+_FROM_CONFIG = object()
+
 
 def convert(hf_dir, out_path, **kwargs) -> Path:
     """Convert a Hugging Face BitNet checkpoint directory into `out_path`; returns
@@ -35,40 +37,61 @@ def convert(hf_dir, out_path, **kwargs) -> Path:
     return Path(convert_report(hf_dir, out_path, **kwargs)["output"])
 
 
-def convert_report(hf_dir, out_path, *, mask_token=None, block_size=None, small_block_size=None,
-                   threshold=None, shift=None, lm_head="f16", force=False, progress=True) -> dict:
+def convert_report(hf_dir, out_path, *, lm_head="f16", force=False, **settings) -> dict:
     """Convert a Hugging Face BitNet checkpoint directory into `out_path`.
 
     Returns the summary `bitdlm convert` prints: the tokens chosen and where from,
     the chat template, the diffusion settings, what was guessed or dropped, and
     the precision the f16 / i8 storage lost (measured). Raises ConversionError
     (a ValueError) with a user-facing message; on any failure (SIGTERM / SIGINT
-    included) no output file and no temporary file is left behind."""
+    included) no output file and no temporary file is left behind.
+    settings: mask_token, block_size, small_block_size, threshold, shift, progress."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if not hf_dir.exists():
         raise ConversionError(f"{hf_dir}: no such directory")
     if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir} is not a directory (expected a Hugging Face checkpoint folder)")
+    check_options(out_path, force, lm_head)
+    cfg = read_json(hf_dir / "config.json", True)
+    # a non-UTF-8 directory name decodes with surrogate escapes: not storable as UTF-8
+    origin = {"converter": "bitdlm convert", "hf_dir": os.fsencode(hf_dir.resolve()).decode("utf-8", "replace")}
+    return build(cfg, hf_dir, lambda: Checkpoint(hf_dir), out_path, origin=origin, lm_head=lm_head,
+                 force=force, **settings)
+
+
+def check_options(out_path: Path, force: bool, lm_head: str) -> None:
+    """What every converter checks before reading its input."""
     check_output(out_path, force)
     if lm_head not in ("f16", "i8"):
         raise ConversionError(f"--lm-head must be f16 or i8, got {lm_head!r}")
 
+
+def build(cfg: dict, files_dir: Path, open_tensors, out_path: Path, *, origin: dict, linear_class=_FROM_CONFIG,
+          mask_token=None, block_size=None, small_block_size=None, threshold=None, shift=None,
+          lm_head="f16", force=False, progress=True) -> dict:
+    """Write `out_path` from a model's config.json contents `cfg`, the tokenizer and
+    settings files of folder `files_dir` (tokenizer.json, tokenizer_config.json,
+    generation_config.json, dlm_config.json, chat template) and the TensorSource
+    `open_tensors()` returns; the summary of convert_report. `linear_class`: the
+    weight_scale convention of the source (default: config.json's)."""
     # 1. settings: everything but the tensors, checked as the file's metadata
     guessed, dropped = [], []
-    cfg = read_json(hf_dir / "config.json", True)
     hp = hyperparameters(cfg, guessed)
-    tok_cfg = read_json(hf_dir / "tokenizer_config.json", False)
-    gen_cfg = read_json(hf_dir / "generation_config.json", False)
-    tok_json, tokenizer = load_tokenizer(hf_dir, hp["vocab_size"])
-    linear_class = linear_class_of(cfg)
-    diffusion, diff_src = diffusion_settings(cfg, block_size, small_block_size, threshold, shift)
+    tok_cfg = read_json(files_dir / "tokenizer_config.json", False)
+    gen_cfg = read_json(files_dir / "generation_config.json", False)
+    dlm = read_json(files_dir / "dlm_config.json", False)  # the users' training writes the DLM settings here
+    tok_json, tokenizer = load_tokenizer(files_dir, hp["vocab_size"])
+    config_class = linear_class_of(cfg)
+    linear_class = config_class if linear_class is _FROM_CONFIG else linear_class
+    diffusion, diff_src = diffusion_settings(cfg, block_size, small_block_size, threshold, shift, dlm)
 
     meta = dict(hp)
     meta["quant"] = {"weights": "i2_b128", "lm_head": lm_head}
-    ids, chosen = special_tokens(cfg, tok_cfg, gen_cfg, tokenizer, hp["vocab_size"], mask_token, dropped)
+    ids, chosen = special_tokens(cfg, tok_cfg, gen_cfg, tokenizer, hp["vocab_size"], mask_token, dropped,
+                                  dlm)
     meta.update(ids)
     meta["diffusion"] = diffusion
-    meta["chat_template"], template_src = chat_template(hf_dir, tok_cfg, dropped)
+    meta["chat_template"], template_src = chat_template(files_dir, tok_cfg, dropped)
     meta["tokenizer_json"] = tok_json
     try:
         validate_meta(meta)
@@ -77,19 +100,24 @@ def convert_report(hf_dir, out_path, *, mask_token=None, block_size=None, small_
 
     # 2. tensors: all located and checked from the headers, then streamed out
     specs = expected_tensors(meta)
-    ckpt = Checkpoint(hf_dir)
+    src = open_tensors()
     try:
-        for name in ckpt.names():
+        src.bind(specs)
+        for name in src.names():
             if name.endswith(".bias"):
                 raise ConversionError(f"checkpoint has a bias {name}: not supported")
-        kinds = precheck(ckpt, specs, hp, linear_class)
-        dropped.extend(_unused(ckpt, specs, hp))
-        meta["source"] = _provenance(hf_dir, cfg, kinds)
+        if src.renamed:
+            guessed.append(f"{src.renamed} tensor names of other training code (transformer.layers.N, "
+                           f"subln, o_proj.0/.1) read as their Hugging Face BitNet names")
+        kinds = precheck(src, specs, hp, linear_class)
+        dropped.extend(_unused(src, specs, hp))
+        meta["source"] = {**origin, "architectures": [a for a in archs_of(cfg) if len(a) <= 256],
+                          "quantization_config": _plain(cfg), "weights": kinds}
         with signals_unwind(), ModelWriter(out_path, meta, specs, overwrite=force) as w:
-            precision = write_tensors(w, ckpt, specs, hp, linear_class, progress)
+            precision = write_tensors(w, src, specs, hp, linear_class, progress)
             w.commit()
     finally:
-        ckpt.close()
+        src.close()
 
     # 3. the summary
     tokens = token_report(chosen, tokenizer, hp["vocab_size"], guessed)
@@ -105,7 +133,7 @@ def convert_report(hf_dir, out_path, *, mask_token=None, block_size=None, small_
     }
 
 
-def _unused(ckpt: Checkpoint, specs: dict, hp: dict) -> list:
+def _unused(ckpt, specs: dict, hp: dict) -> list:
     """The summary's `dropped` lines for checkpoint tensors the model does not read."""
     dropped = []
     used = set(specs) | {scale_name(n) for n in specs}
@@ -119,15 +147,11 @@ def _unused(ckpt: Checkpoint, specs: dict, hp: dict) -> list:
     return dropped
 
 
-def _provenance(hf_dir: Path, cfg: dict, kinds: list) -> dict:
-    """meta["source"]: only plain values of the config (no NaN, no nesting), so the
-    header stays strict JSON."""
+def _plain(cfg: dict):
+    """quantization_config's plain values (no NaN, no nesting) for meta["source"], so
+    the header stays strict JSON; None without one."""
     qc = cfg.get("quantization_config") or {}
     plain = {k: v for k, v in qc.items() if isinstance(k, str) and len(k) <= 64 and (
         v is None or isinstance(v, (str, bool)) and len(str(v)) <= 256
         or is_int(v) and abs(v) < 2**53 or isinstance(v, float) and math.isfinite(v))}
-    # a non-UTF-8 directory name decodes with surrogate escapes: not storable as UTF-8
-    src_dir = os.fsencode(hf_dir.resolve()).decode("utf-8", "replace")
-    return {"converter": "bitdlm convert", "hf_dir": src_dir,
-            "architectures": [a for a in archs_of(cfg) if len(a) <= 256],
-            "quantization_config": plain or None, "weights": kinds}
+    return plain or None

@@ -123,7 +123,10 @@ class ModelFile:
 
 def _foreign_hint(head: bytes) -> str:
     if head[:4] == b"GGUF":
-        return " (this is a GGUF file)"
+        return " (this is a GGUF file: convert it with `bitdlm convert FILE.gguf OUT.bin`)"
+    if head[:8] == b"SGLBITNT":
+        return (" (this is an SGLBITNT file of the old sgl-kernel engine: convert it with "
+                "`bitdlm convert OLD.bin NEW.bin [--tokenizer DIR]`)")
     if head[8:9] == b"{":
         return " (this looks like a safetensors file: use `bitdlm convert` on its directory)"
     if head[:2] == b"PK" or head[:1] == b"\x80":
