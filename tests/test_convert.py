@@ -230,11 +230,13 @@ def test_dlm_config_keys_and_cli_overrides(tmp_path):
         assert mf.meta["diffusion"] == {"block_size": 8, "small_block_size": 2, "threshold": 1.0,
                                         "shift_logits": False}
         assert mf.meta["quant"]["lm_head"] == "i8"
-    # existing output without --force: refused, file untouched
+    # existing output: `bitdlm convert` without --force refuses, file untouched ...
     before = out.read_bytes()
-    r = subprocess.run(cmd[:-1] + ["--mask-token", "7"], capture_output=True, text=True, env=env, timeout=120)
+    cli = [sys.executable, "-m", "bitdlm.cli", "convert", *cmd[2:]]
+    r = subprocess.run(cli[:-1] + ["--mask-token", "7"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "already exists" in r.stderr and out.read_bytes() == before
-    r = subprocess.run(cmd + ["--force", "--mask-token", "7"], capture_output=True, text=True, env=env, timeout=120)
+    # ... the script replaces it, as the users' old script did (atomically: tests/test_migrate.py)
+    r = subprocess.run(cmd + ["--mask-token", "7"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     with ModelFile.open(out) as mf:
         assert mf.meta["mask_token_id"] == 7
