@@ -17,6 +17,10 @@ description, not from bitdlm.decoding:
   decreasing order, keep the k-th while c_k >= 1 - factor / (k + 1) (the first
   always), stop at the first that fails (upstream's "all when only the last
   fails" off-by-one is not reproduced);
+- "hierarchy": dInfer's hierarchy decoder: split the sub-block's masked positions
+  into runs of neighbours; a run's most confident position is taken when above
+  low_threshold, any position above threshold is taken, and so is the most
+  confident of all;
 - "credit": dInfer's credit decoder, with its dense [positions, vocab] credit
   matrix: decay by decay_beta every step of the block but the first, add
   top1_prob ** boost_gamma at each masked position's top-1 token, decode the
@@ -108,7 +112,8 @@ class RefDecoder:
         # with token shift, the logits at i-1 predict token i (row 0 is unusable)
         return torch.cat([logits[:1], logits[:-1]]) if self.shift else logits
 
-    def _pick(self, algorithm: str, conf: torch.Tensor, masked: torch.Tensor, threshold: float, factor: float):
+    def _pick(self, algorithm: str, conf: torch.Tensor, masked: torch.Tensor, threshold: float, factor: float,
+              low_threshold: float = 0.4):
         """Indices of the sub-block to unmask and the decision's closeness (for near-tie excuses)."""
         cm = conf[masked]
         if algorithm in ("threshold", "credit"):
@@ -121,6 +126,29 @@ class RefDecoder:
                 c2 = cm.topk(2).values
                 extra = min(extra, float(c2[0] - c2[1]))
             return torch.nonzero(sel).flatten().tolist(), extra
+        if algorithm == "hierarchy":
+            idx = torch.nonzero(masked).flatten().tolist()
+            runs, extra = [], float("inf")
+            for j in idx:
+                if runs and runs[-1][-1] == j - 1:
+                    runs[-1].append(j)
+                else:
+                    runs.append([j])
+            keep = set()
+            for run in runs:
+                vals = sorted((float(conf[j]) for j in run), reverse=True)
+                best = vals[0]
+                extra = min(extra, abs(best - low_threshold))
+                if len(vals) > 1:
+                    extra = min(extra, vals[0] - vals[1])
+                if best > low_threshold:
+                    keep |= {j for j in run if float(conf[j]) == best}
+            for j in idx:
+                extra = min(extra, abs(float(conf[j]) - threshold))
+                if float(conf[j]) > threshold:
+                    keep.add(j)
+            keep.add(max(idx, key=lambda j: (float(conf[j]), -j)))
+            return sorted(keep), extra
         assert algorithm == "factor", algorithm
         idx = torch.nonzero(masked).flatten().tolist()
         ranked = sorted(idx, key=lambda j: -float(conf[j]))
@@ -138,7 +166,7 @@ class RefDecoder:
     def generate(self, prompt, *, max_new_tokens: int, small_block_size: int, threshold: float = 0.9,
                  stop_ids=(), use_block_cache: bool = False, algorithm: str = "threshold",
                  factor: float = 1.0, credit_alpha: float = 0.7, boost_gamma: float = 0.2,
-                 decay_beta: float = 0.8, cache: str | None = None) -> list[int]:
+                 decay_beta: float = 0.8, low_threshold: float = 0.4, cache: str | None = None) -> list[int]:
         cache_mode = cache or ("dual" if use_block_cache else "prefix")
         use_block_cache = cache_mode == "dual"
         none = cache_mode == "none"
@@ -219,7 +247,7 @@ class RefDecoder:
                         lg = lg + credit_alpha * torch.log(credit[s0:s1] + 1)
                     probs = torch.softmax(lg, dim=-1)
                     conf, tok = probs.max(dim=-1)
-                    picked, extra = self._pick(algorithm, conf, masked, threshold, factor)
+                    picked, extra = self._pick(algorithm, conf, masked, threshold, factor, low_threshold)
                     self._decide(probs[picked], [bstart + s0 + j for j in picked], extra)
                     for j in picked:
                         x[bstart + s0 + j] = int(tok[j])

@@ -27,7 +27,8 @@ from ref_decoder import RefDecoder  # noqa: E402
 from test_engine import BS, SBS, Counting, _backend, _prompt, models  # noqa: E402,F401  (fixture)
 
 ALGOS = {"threshold": dict(threshold=0.7), "factor": dict(factor=1.0),
-         "credit": dict(threshold=0.95, credit_alpha=1.5, decay_beta=0.5)}
+         "credit": dict(threshold=0.95, credit_alpha=1.5, decay_beta=0.5),
+         "hierarchy": dict(threshold=0.95, low_threshold=0.2)}
 
 
 # As in tests/test_default_model.py: online int8 activation quantization lets a 1e-6
@@ -76,6 +77,32 @@ def test_factor_rule_and_its_off_by_one():
     assert a.select(np.array([0.99, 0.2, 0.98]), np.array([True, True, False])).tolist() == [0]
 
 
+def test_hierarchy_rule():
+    a = decoding.make("hierarchy", threshold=0.9, low_threshold=0.4)
+    # runs of neighbours [10, 11, 12] and [14, 15]: each run's best above 0.4, plus > 0.9
+    conf = np.array([0.5, 0.7, 0.3, 0.45, 0.2])
+    assert a.select(conf, positions=[10, 11, 12, 14, 15]).tolist() == [1, 3]
+    # the same confidences as one run: only its best (and nothing above 0.9)
+    assert a.select(conf, positions=[10, 11, 12, 13, 14]).tolist() == [1]
+    # a run whose best is below low_threshold gives nothing; the most confident always
+    assert a.select(np.array([0.3, 0.35, 0.95]), positions=[0, 1, 5]).tolist() == [2]
+    assert a.select(np.array([0.1, 0.2]), positions=[0, 2]).tolist() == [1]
+    # masked picks the candidates; runs are over their positions
+    assert a.select(np.array([0.6, 0.99, 0.5]), np.array([True, False, True]), positions=[0, 1, 2]).tolist() \
+        == [0, 2]
+
+
+def test_aliases_pick_rule_and_cache():
+    sp = SamplingParams(generation_algorithm="dinfer_hierarchy")
+    sp.validate()
+    assert sp.cache_strategy() == "dual" and sp.algorithm_values() == {}
+    assert decoding.make("dinfer_hierarchy").name == "hierarchy"
+    assert SamplingParams(generation_algorithm="basic").cache_strategy() == "none"
+    assert SamplingParams(generation_algorithm="basic", cache="prefix").cache_strategy() == "prefix"
+    assert SamplingParams(generation_algorithm="prefix_cache", use_block_cache=True).cache_strategy() == "dual"
+    assert decoding.make("dinfer_credit", threshold=0.5).name == "credit"
+
+
 def test_credit_accumulates_for_a_stable_top1():
     V = 6
     lg = np.log(np.array([[0.5, 0.3, 0.1, 0.05, 0.03, 0.02]], np.float32))
@@ -98,7 +125,12 @@ def test_describe_lists_every_rule_with_defaults():
     d = decoding.describe()
     got = {a["name"]: {p["name"]: p["default"] for p in a["parameters"]} for a in d["algorithms"]}
     assert got == {"threshold": {"threshold": None}, "factor": {"factor": 1.0},
-                   "credit": {"threshold": None, "credit_alpha": 0.7, "boost_gamma": 0.2, "decay_beta": 0.8}}
+                   "credit": {"threshold": None, "credit_alpha": 0.7, "boost_gamma": 0.2, "decay_beta": 0.8},
+                   "hierarchy": {"threshold": None, "low_threshold": 0.4}}
+    assert {a["name"]: (a["algorithm"], a["cache"]) for a in d["aliases"]} == {
+        "basic": ("threshold", "none"), "prefix_cache": ("threshold", "prefix"), "dual_cache": ("threshold", "dual"),
+        "dinfer_blockwise": ("threshold", "dual"), "dinfer_hierarchy": ("hierarchy", "dual"),
+        "dinfer_credit": ("credit", "dual")}
     assert d["default"] == "threshold" and d["default_cache"] == "prefix"
     assert [c["name"] for c in d["caches"]] == ["none", "prefix", "dual"]
 
@@ -183,11 +215,11 @@ def test_matches_reference(models, shift, cache, algorithm):
         got = llm.generate(prompt, SamplingParams(max_tokens=18, generation_algorithm=algorithm, cache=cache,
                                                   **kw))[0]
         agreed += _agreed(got.token_ids, want, ref, plen)
-        if algorithm == "credit":  # the credit must change decisions, not be the threshold rule in disguise
+        if algorithm in ("credit", "hierarchy"):  # must change decisions, not be the threshold rule in disguise
             plain = llm.generate(prompt, SamplingParams(max_tokens=18, threshold=kw["threshold"], cache=cache))[0]
             differs += plain.token_ids != got.token_ids
     assert agreed >= 30, agreed
-    assert algorithm != "credit" or differs, "credit decoded exactly like the threshold rule"
+    assert algorithm not in ("credit", "hierarchy") or differs, f"{algorithm} decoded exactly like the threshold rule"
 
 
 @pytest.mark.parametrize("algorithm", list(ALGOS))

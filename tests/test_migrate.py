@@ -350,3 +350,57 @@ def test_convert_script_replaces_output_atomically(hf_bf16, tmp_path):
     r = subprocess.run([sys.executable, "-m", "bitdlm.cli", "convert", str(hf), str(out), "--quiet"],
                        capture_output=True, text=True, env=child_env(), timeout=120)
     assert r.returncode == 2 and "--force" in r.stderr
+
+
+# ----------------------------------------------------------------------------- their serve command
+
+def test_old_serve_flags_parse_with_the_old_meaning():
+    from bitdlm import serve_cli
+
+    p = serve_cli.old_parser()
+    a = p.parse_args(["--model-path", "m.bin", "--mask-token-id", "128256", "--tokenizer", "tok"])
+    assert (a.model, a.mask_token_id, a.tokenizer, a.port, a.host) == ("m.bin", 128256, "tok", 30000, "127.0.0.1")
+    assert a.default_max_tokens == 128 and a.health_status == "healthy"
+    # the Rust dlm_server's spellings: -m, -p, -h (host), --max-sequences
+    a = p.parse_args(["-m", "x.bin", "-p", "9000", "-h", "0.0.0.0", "--max-sequences", "4"])
+    assert (a.model, a.port, a.host, a.max_batch) == ("x.bin", 9000, "0.0.0.0", 4)
+    assert "--model-path" in p.format_help()
+
+
+def test_old_serve_command_line_answers_generate_and_chat(tmp_path):
+    """`serve_dlm_native.py --model-path M --mask-token-id ID --block-size 32 --threshold 0.95`
+    as typed: /generate and /v1/chat/completions (official openai client) under the old model
+    id, /health's "healthy", 128 tokens when a chat request sets no max_tokens."""
+    import httpx
+
+    from hf_models import convert_tiny
+    from test_server import client_for, running_server
+
+    model = convert_tiny(tmp_path)
+    cmd = [sys.executable, str(ROOT / "scripts" / "serve_dlm_native.py"), "--model-path", str(model),
+           "--mask-token-id", str(MASK_ID), "--block-size", "32", "--threshold", "0.95", "--threads", "1"]
+    with running_server(model, tmp_path / "server.log", cmd=cmd) as srv:
+        h = httpx.get(srv.base + "/health", trust_env=False).json()
+        assert h["status"] == "healthy" and h["mode"] == "dlm_block_diffusion" and "threads" in h
+        c = client_for(srv.base, key="unused")
+        assert [m.id for m in c.models.list().data] == ["model", "dlm-bitnet-native", "dlm"]
+        r = c.chat.completions.create(model="dlm-bitnet-native", messages=[{"role": "user", "content": "hi"}],
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 128 and r.model == "model"
+        r = c.chat.completions.create(model="dlm", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        assert r.usage.completion_tokens <= 5
+        g = httpx.post(srv.base + "/generate", json={"text": "The quick brown", "max_new_tokens": 6,
+                                                      "ignore_eos": True}, trust_env=False, timeout=60)
+        assert g.status_code == 200, g.text
+        body = g.json()
+        assert isinstance(body["text"], str) and body["meta_info"]["completion_tokens"] == 6
+        assert body["meta_info"]["latency"] > 0 and body["meta_info"]["tok_per_sec"] > 0
+        # SGLang's spelling: prompt + sampling_params.max_new_tokens
+        g = httpx.post(srv.base + "/generate", json={"prompt": "Hello", "ignore_eos": True,
+                                                      "sampling_params": {"max_new_tokens": 3, "temperature": 0}},
+                       trust_env=False, timeout=60).json()
+        assert g["meta_info"]["completion_tokens"] == 3
+        bad = httpx.post(srv.base + "/generate", json={"max_new_tokens": 3}, trust_env=False, timeout=60)
+        assert bad.status_code == 400 and "text" in bad.json()["error"]["message"]
+    log = (tmp_path / "server.log").read_text()
+    assert "to accept remote clients pass --host 0.0.0.0" in log

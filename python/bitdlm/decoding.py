@@ -26,6 +26,18 @@ instance belongs to one request (the credit rule keeps state across steps);
   dInfer decodes the whole block; here, like the other rules, the credit rule
   decides the current sub-block, so only its positions gain credit.
 
+- `hierarchy` (dInfer's `HierarchyDecoder`): the masked positions of the
+  sub-block form runs of consecutive positions; in each run the most confident
+  one is unmasked if its confidence exceeds `low_threshold`, plus every
+  candidate above `threshold`, plus always the most confident one. Decoding
+  one token per run (not several neighbours at once) keeps adjacent tokens from
+  being guessed independently of each other.
+
+The users' old LLaDA server names (`basic`, `prefix_cache`, `dual_cache`,
+`dinfer_blockwise`, `dinfer_hierarchy`, `dinfer_credit`) are aliases: a rule
+plus the cache strategy that server ran it with (used when the request names
+no cache); see ALIASES and docs/migrating.md.
+
 Cache strategies (per request): `none` recomputes the whole sequence every
 step (no KV cache read or written), `prefix` (default) caches committed
 blocks, `dual` also reuses the current block's K/V across sub-block steps
@@ -96,8 +108,9 @@ class Algorithm:
     def reset(self) -> None:
         """A new block starts (nothing to forget for stateless rules)."""
 
-    def select(self, conf: np.ndarray, masked: np.ndarray | None = None) -> np.ndarray:
-        """Indices (into conf) of the candidates to unmask; never empty when one is masked."""
+    def select(self, conf: np.ndarray, masked: np.ndarray | None = None, positions=None) -> np.ndarray:
+        """Indices (into conf) of the candidates to unmask; never empty when one is masked.
+        `positions`: the candidates' block positions (rules that look at neighbours use them)."""
         raise NotImplementedError
 
     @classmethod
@@ -119,7 +132,7 @@ class Threshold(Algorithm):
                "`threshold`, plus always the most confident one")
     params = (_THRESHOLD,)
 
-    def select(self, conf, masked=None):
+    def select(self, conf, masked=None, positions=None):
         c, idx = _candidates(conf, masked)
         if c.size == 0:
             return idx
@@ -135,7 +148,7 @@ class Factor(Algorithm):
     params = (Param("factor", 1.0, 0.0, math.inf, True, True,
                     "larger unmasks more per step: the k-th most confident needs c_k >= 1 - factor/(k+1)"),)
 
-    def select(self, conf, masked=None):
+    def select(self, conf, masked=None, positions=None):
         c, idx = _candidates(conf, masked)
         if c.size == 0:
             return idx
@@ -189,8 +202,31 @@ class Credit(Algorithm):
                 fused[r, tok] += np.float32(self.credit_alpha * math.log1p(c))
         return select_rows(fused, temperature, top_p, uniforms)
 
-    def select(self, conf, masked=None):
+    def select(self, conf, masked=None, positions=None):
         return Threshold.select(self, conf, masked)
+
+
+class Hierarchy(Algorithm):
+    name = "hierarchy"
+    summary = ("dInfer's hierarchy decoder: in each run of consecutive masked positions of the sub-block, the "
+               "most confident one if above `low_threshold`; plus every position above `threshold`; plus always "
+               "the most confident one")
+    params = (_THRESHOLD,
+              Param("low_threshold", 0.4, 0.0, 1.0, False, True,
+                    "a run's best candidate is unmasked only above it (dInfer's default 0.4)"))
+
+    def select(self, conf, masked=None, positions=None):
+        c, idx = _candidates(conf, masked)
+        if c.size == 0:
+            return idx
+        pos = idx if positions is None else np.asarray(positions)[idx]
+        run = np.concatenate([[0], np.cumsum(np.diff(pos) != 1)])  # run id of every candidate
+        best = np.full(run[-1] + 1, -np.inf)
+        np.maximum.at(best, run, c)
+        sel = (c == best[run]) & (c > self.low_threshold)  # each run's best (all of a tie)
+        sel |= c > self.threshold
+        sel[int(np.argmax(c))] = True  # always the most confident one
+        return idx[sel]
 
 
 def select_rows(logits: np.ndarray, temperature=0.0, top_p=1.0, uniforms=None):
@@ -224,17 +260,38 @@ def select_rows(logits: np.ndarray, temperature=0.0, top_p=1.0, uniforms=None):
     return tok, conf
 
 
-REGISTRY: dict[str, type[Algorithm]] = {c.name: c for c in (Threshold, Factor, Credit)}
+REGISTRY: dict[str, type[Algorithm]] = {c.name: c for c in (Threshold, Factor, Credit, Hierarchy)}
+
+# The users' old LLaDA server's algorithm names -> (rule, the cache strategy it ran with).
+# Fast-dLLM's `basic` had no cache; their dInfer decoders all ran with the dual cache.
+ALIASES: dict[str, tuple[str, str]] = {
+    "basic": ("threshold", "none"),
+    "prefix_cache": ("threshold", "prefix"),
+    "dual_cache": ("threshold", "dual"),
+    "dinfer_blockwise": ("threshold", "dual"),
+    "dinfer_hierarchy": ("hierarchy", "dual"),
+    "dinfer_credit": ("credit", "dual"),
+}
 
 
 def names() -> list[str]:
-    return list(REGISTRY)
+    return list(REGISTRY) + list(ALIASES)
 
 
 def check_name(name) -> str:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown generation_algorithm {name!r}; valid: {', '.join(REGISTRY)}")
+    if name not in REGISTRY and name not in ALIASES:
+        raise ValueError(f"unknown generation_algorithm {name!r}; valid: {', '.join(names())}")
     return name
+
+
+def rule_of(name: str) -> str:
+    """The rule an algorithm name (or an old alias) stands for."""
+    return ALIASES[name][0] if name in ALIASES else check_name(name)
+
+
+def alias_cache(name: str) -> str | None:
+    """The cache strategy an old alias implies (None for a rule's own name)."""
+    return ALIASES[name][1] if name in ALIASES else None
 
 
 def check_cache(name) -> str:
@@ -245,7 +302,7 @@ def check_cache(name) -> str:
 
 def make(name: str, **values) -> Algorithm:
     """A fresh rule instance for one request; values: its parameters (None = default)."""
-    cls = REGISTRY[check_name(name)]
+    cls = REGISTRY[rule_of(name)]
     return cls(**{p.name: values.get(p.name) for p in cls.params})
 
 
@@ -253,5 +310,8 @@ def describe() -> dict:
     """What `GET /generation/algorithms` returns."""
     return {"default": DEFAULT_ALGORITHM,
             "algorithms": [c.describe() for c in REGISTRY.values()],
+            "aliases": [{"name": k, "algorithm": a, "cache": c,
+                         "description": f"the old LLaDA server's {k!r}: {a} with the {c!r} cache "
+                                        f"(when the request names no cache)"} for k, (a, c) in ALIASES.items()],
             "default_cache": DEFAULT_CACHE,
             "caches": [{"name": k, "description": v} for k, v in CACHES.items()]}

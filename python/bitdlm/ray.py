@@ -130,7 +130,7 @@ def serve_with_ray(args) -> int | None:
 
 
 def _served_name(args):
-    return args.served_model_name or (
+    return (args.served_model_name or [None])[0] or (
         os.path.splitext(os.path.basename(args.model))[0] if args.model else "default model")
 
 

@@ -66,12 +66,14 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # extra stop tokens besides the model's EOS
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    # decoding algorithm (bitdlm.decoding): "threshold" | "factor" | "credit"
+    # decoding algorithm (bitdlm.decoding): "threshold" | "factor" | "credit" | "hierarchy",
+    # or an old LLaDA-server alias ("basic", "dual_cache", "dinfer_hierarchy", ...: decoding.ALIASES)
     generation_algorithm: str = decoding.DEFAULT_ALGORITHM
     factor: float | None = None  # factor rule; None = 1.0
     credit_alpha: float | None = None  # credit rule; None = 0.7
     boost_gamma: float | None = None  # credit rule; None = 0.2
     decay_beta: float | None = None  # credit rule; None = 0.8
+    low_threshold: float | None = None  # hierarchy rule; None = 0.4
     cache: str | None = None  # "none" | "prefix" | "dual"; None = "dual" if use_block_cache else "prefix"
     block_length: int | None = None  # per-request block size; None = the engine's
 
@@ -85,11 +87,15 @@ class SamplingParams:
         return 0.0 if t < GREEDY_BELOW else t
 
     def cache_strategy(self) -> str:
-        return self.cache if self.cache is not None else ("dual" if self.use_block_cache else "prefix")
+        if self.cache is not None:
+            return self.cache
+        if self.use_block_cache:
+            return "dual"
+        return decoding.alias_cache(self.generation_algorithm) or "prefix"
 
     def algorithm_values(self) -> dict:
         """The parameters of the chosen algorithm that were set (unset ones take their defaults)."""
-        cls = decoding.REGISTRY[decoding.check_name(self.generation_algorithm)]
+        cls = decoding.REGISTRY[decoding.rule_of(self.generation_algorithm)]
         return {p.name: getattr(self, p.name) for p in cls.params if getattr(self, p.name) is not None}
 
     def validate(self) -> None:

@@ -14,9 +14,17 @@ DESCRIPTION = ("Serve a bitdlm model over the OpenAI HTTP API (/v1/completions, 
                "/v1/chat/completions, /v1/models, /health, /metrics). See docs/server.md.")
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
+# scripts/serve_dlm_native.py keeps the users' old serve command line working as typed:
+# their servers' flag spellings, port 30000, /generate's 128-token default for every route,
+# /health's "healthy", and their model ids ("dlm-bitnet-native": the Python server, "dlm": the
+# Rust one) accepted besides ours. The host stays 127.0.0.1 (theirs bound 0.0.0.0).
+OLD_MODEL_IDS = ("dlm-bitnet-native", "dlm")
+OLD_DEFAULTS = dict(port=30000, default_max_tokens=128, health_status="healthy", model_aliases=OLD_MODEL_IDS)
+
+
+def add_args(p: argparse.ArgumentParser, old_spellings: bool = False) -> None:
     """Every flag of `bitdlm serve`: the server's, then the Ray launcher's."""
-    server_cli.add_serve_args(p)
+    server_cli.add_serve_args(p, old_spellings)
     ray_launcher.add_ray_args(p)
 
 
@@ -34,11 +42,20 @@ def cmd_serve(args) -> int:
     return server_cli.serve(args)
 
 
+def old_parser() -> argparse.ArgumentParser:
+    """The parser of scripts/serve_dlm_native.py (see OLD_DEFAULTS)."""
+    p = argparse.ArgumentParser(prog="serve_dlm_native.py", description=DESCRIPTION, add_help=False)
+    p.add_argument("--help", action="help", help="show this help and exit")
+    add_args(p, old_spellings=True)
+    p.set_defaults(**OLD_DEFAULTS)
+    return p
+
+
 def main(argv=None) -> int:
-    """Entry point of scripts/serve_dlm_native.py (the same flags as `bitdlm serve`)."""
-    p = argparse.ArgumentParser(prog="serve_dlm_native.py", description=DESCRIPTION)
-    add_args(p)
-    args = p.parse_args(argv)
+    """Entry point of scripts/serve_dlm_native.py: the flags of `bitdlm serve` plus the
+    old servers' spellings, with the old defaults (OLD_DEFAULTS); -h is the host, --help
+    the help."""
+    args = old_parser().parse_args(argv)
     try:
         return int(cmd_serve(args) or 0)
     except KeyboardInterrupt:

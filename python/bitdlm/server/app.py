@@ -83,12 +83,12 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [serving.model_card()]}
+        return {"object": "list", "data": serving.model_cards()}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         serving.check_model(model_id)
-        return serving.model_card()
+        return serving.model_card(model_id)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -97,5 +97,9 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await serving.chat_completions(request)
+
+    @app.post("/generate")
+    async def generate(request: Request):  # the users' old (SGLang-style) route
+        return await serving.generate(request)
 
     return app

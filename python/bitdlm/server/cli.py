@@ -22,21 +22,27 @@ class UsageError(ValueError):
     """A bad `bitdlm serve` flag value (the message names the flag)."""
 
 
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """The flags of `bitdlm serve` (shared with scripts/serve_dlm_native.py)."""
+def add_serve_args(p: argparse.ArgumentParser, old_spellings: bool = False) -> None:
+    """The flags of `bitdlm serve` (shared with scripts/serve_dlm_native.py, which
+    passes old_spellings: the users' old servers' `--model-path`, `-m`, `-p`, `-h`
+    (host), `--max-sequences` as aliases; its parser then has no -h for help)."""
     from .._cpu import default_threads
     from .config import MAX_BODY_BYTES
 
-    p.add_argument("--model", default=None, metavar="M.bin",
+    def old(*names):
+        return names if old_spellings else ()
+
+    p.add_argument("--model", *old("--model-path", "-m"), default=None, metavar="M.bin",
                    help="model .bin file (default: $BITDLM_MODEL, else the packaged default model)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="Hugging Face tokenizer folder (tokenizer.json, optionally "
                         "tokenizer_config.json / special_tokens_map.json) used instead of the "
                         "tokenizer stored in the model, after a check that it fits the model's "
                         "vocabulary and special tokens (default: the model's own)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="bind address; bind 0.0.0.0 only with --api-key (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--host", *old("-h"), default="127.0.0.1",
+                   help="bind address: 127.0.0.1 accepts clients of this machine only; 0.0.0.0 accepts "
+                        "remote ones (then set --api-key) (default: 127.0.0.1)")
+    p.add_argument("--port", *old("-p"), type=int, default=8000, help="TCP port (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="OpenMP threads of every forward, applied on the engine thread that runs "
                         f"them (default: $OMP_NUM_THREADS, else the physical cores: "
@@ -48,7 +54,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="default unmasking confidence threshold of a request, in (0, 1] "
                         "(default: the model's)")
-    p.add_argument("--max-batch", type=int, default=16,
+    p.add_argument("--max-batch", *old("--max-sequences"), type=int, default=16,
                    help="requests stepped together by the engine (default: 16)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests accepted beyond --max-batch; more get 429 (default: 64)")
@@ -63,8 +69,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("BITDLM_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every route but /health "
                         "(default: $BITDLM_API_KEY, else no key)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model id clients pass (default: the file name without extension)")
+    p.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                   help="a model id clients may pass; repeat it for more ids (the first one is the id "
+                        "answers carry) (default: the file name without extension)")
+    p.add_argument("--default-max-tokens", type=int, default=None, metavar="N",
+                   help="max_tokens of a request that sets none (default: OpenAI's: 16 for "
+                        "/v1/completions, the rest of the context for /v1/chat/completions; 128 for "
+                        "/generate, as the users' old server)")
+    p.add_argument("--mask-token-id", type=int, default=None, metavar="ID",
+                   help="the diffusion mask token, instead of the one stored in the model "
+                        "(default: the model's)")
+    p.add_argument("--health-status", choices=["ok", "healthy"], default="ok",
+                   help="the \"status\" /health answers (\"healthy\": what the users' old server "
+                        "answered) (default: %(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S,
                    help="on SIGTERM/SIGINT, seconds in-flight requests may still run before they "
                         "are ended with a 503; new requests get 503 meanwhile "
@@ -102,6 +119,10 @@ def check_args(args) -> None:
         raise UsageError("--shutdown-timeout must be >= 0")
     if not args.max_body_mb > 0:
         raise UsageError("--max-body-mb must be > 0")
+    if args.default_max_tokens is not None and args.default_max_tokens < 1:
+        raise UsageError("--default-max-tokens must be >= 1")
+    if args.mask_token_id is not None and args.mask_token_id < 0:
+        raise UsageError("--mask-token-id must be >= 0")
 
 
 def _resolve_model_path(path):
@@ -156,6 +177,12 @@ def build_from_args(args):
         fail(f"--tokenizer {args.tokenizer}: {e}")
     if tok is None:
         fail("the model file has no tokenizer (pass --tokenizer DIR)")
+    if args.mask_token_id is not None and args.mask_token_id != meta.get("mask_token_id"):
+        if args.mask_token_id >= int(meta["vocab_size"]):
+            fail(f"--mask-token-id {args.mask_token_id} is outside the vocabulary [0, {meta['vocab_size']})")
+        log.warning("--mask-token-id %d replaces the model's mask token %s", args.mask_token_id,
+                    meta.get("mask_token_id"))
+        meta["mask_token_id"] = args.mask_token_id  # this process only: the engine reads it from meta
     try:
         engine = Engine(model, max_batch=args.max_batch, block_size=args.block_size,
                         tokenizer=tok)
@@ -166,9 +193,13 @@ def build_from_args(args):
         defaults["threshold"] = args.threshold
     if args.small_block_size is not None:
         defaults["small_block_size"] = args.small_block_size
-    name = args.served_model_name or os.path.splitext(os.path.basename(path))[0]
+    names = list(args.served_model_name or [os.path.splitext(os.path.basename(path))[0]])
+    names += [n for n in getattr(args, "model_aliases", ()) if n not in names]
     config = ServerConfig(
-        served_model_name=name,
+        served_model_name=names[0],
+        aliases=tuple(names[1:]),
+        default_max_tokens=args.default_max_tokens,
+        health_status=args.health_status,
         max_model_len=args.max_model_len or max_pos,
         vocab_size=int(meta["vocab_size"]),
         max_batch=args.max_batch,
@@ -236,6 +267,9 @@ def serve(args) -> int:
              config.served_model_name, args.host, args.port, config.max_batch,
              config.max_queue, config.max_model_len, app.state.engine_loop.model.threads
              if getattr(app.state.engine_loop.model, "threads", None) else "?")
+    if args.host in ("127.0.0.1", "localhost", "::1"):
+        log.info("only clients on this machine can connect; to accept remote clients pass "
+                 "--host 0.0.0.0 (and --api-key KEY)")
     ucfg = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                           timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
     server = _server_class()(ucfg, app.state.engine_loop, args.shutdown_timeout)

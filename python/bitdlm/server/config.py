@@ -17,3 +17,9 @@ class ServerConfig:
     api_key: str | None = None
     default_params: dict = dataclasses.field(default_factory=dict)  # SamplingParams defaults
     max_body_bytes: int = MAX_BODY_BYTES
+    aliases: tuple = ()  # other model ids requests may name (the old servers' ids, more --served-model-name)
+    default_max_tokens: int | None = None  # for requests that set none (None: each route's own default)
+    health_status: str = "ok"  # /health's "status" ("healthy": what the users' old server answered)
+
+    def model_names(self) -> list:
+        return [self.served_model_name, *self.aliases]

@@ -50,6 +50,7 @@ class _Common(BaseModel):
     credit_alpha: Optional[float] = Field(default=None, allow_inf_nan=False)
     boost_gamma: Optional[float] = Field(default=None, allow_inf_nan=False)
     decay_beta: Optional[float] = Field(default=None, allow_inf_nan=False)
+    low_threshold: Optional[float] = Field(default=None, allow_inf_nan=False)
     use_cache: Optional[bool] = None  # false: cache "none" (recompute every step)
     use_dual_cache: Optional[bool] = None  # true: cache "dual" (the sub-block cache)
     block_length: Optional[int] = Field(default=None, ge=1, le=1 << 20)
@@ -87,6 +88,31 @@ class ChatRequest(_Common):
     parallel_tool_calls: Optional[bool] = None  # accepted and ignored
     metadata: Optional[dict[str, Any]] = None   # accepted and ignored
     store: Optional[bool] = None                # accepted and ignored
+
+
+class GenerateParams(BaseModel):
+    """`sampling_params` of an SGLang-style /generate body."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+    max_new_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: Union[str, list[str], None] = None
+
+
+class GenerateRequest(_Common):
+    """The users' old server's /generate: `text` or `prompt`, `max_new_tokens` or
+    `max_tokens` (also inside SGLang's `sampling_params`)."""
+    model_config = ConfigDict(strict=True, extra="ignore")  # their clients send SGLang's other fields
+    text: Optional[str] = None
+    prompt: Optional[str] = None
+    max_new_tokens: Optional[int] = Field(default=None, ge=1)
+    sampling_params: Optional[GenerateParams] = None
+
+    def merged(self, sp: GenerateParams) -> "GenerateRequest":
+        """This request with the sampling values of `sampling_params` where the top level has none."""
+        upd = {k: getattr(sp, k) for k in ("temperature", "top_p", "stop")
+               if getattr(self, k) is None and getattr(sp, k) is not None}
+        return self.model_copy(update=upd)
 
 
 def validation_error(exc):
@@ -169,7 +195,7 @@ def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, de
     kw["max_tokens"] = max_tokens
     for k in ("temperature", "top_p", "seed", "threshold", "small_block_size",
               "use_block_cache", "ignore_eos", "generation_algorithm", "factor", "credit_alpha",
-              "boost_gamma", "decay_beta", "block_length"):
+              "boost_gamma", "decay_beta", "low_threshold", "block_length"):
         v = getattr(req, k)
         if v is not None:
             kw[k] = v

@@ -20,11 +20,12 @@ from .errors import APIError, bad
 from .jobs import SSE_DONE, ClientGone, Job, usage
 from .metrics import Metrics
 from .responses import Chunks, completion_body, stream_response
-from .schemas import (ChatRequest, CompletionRequest, check_prompt_ids, reject_unsupported,
-                      to_sampling_params, validation_error)
+from .schemas import (ChatRequest, CompletionRequest, GenerateParams, GenerateRequest, check_prompt_ids,
+                      reject_unsupported, to_sampling_params, validation_error)
 
 OFF_LOOP_BYTES = 64 << 10  # bodies / texts past this are parsed / tokenized in the pool
 WORKERS = 2                # threads of that pool: a bound on concurrent heavy parsing
+OLD_GENERATE_MAX_TOKENS = 128  # /generate's default in the users' old server
 
 
 def render_chat(tokenizer, messages) -> list[int]:
@@ -122,7 +123,7 @@ class OpenAIServing:
 
     def check_model(self, name):
         served = self.config.served_model_name
-        if name is not None and name != served:
+        if name is not None and name not in self.config.model_names():
             raise APIError(404, f"The model `{name}` does not exist (this server serves `{served}`).",
                            param="model", code="model_not_found")
 
@@ -139,16 +140,21 @@ class OpenAIServing:
     def health(self) -> dict:
         if not self.engine_loop.alive():
             raise APIError(503, "The engine is not running.", code="unavailable")
-        out = {"status": "ok"}
+        out = {"status": self.config.health_status}
         model = self.model
         if model is not None and getattr(model, "threads", None):
             out["threads"] = int(model.threads)
             out["forward_threads"] = int(getattr(model, "forward_threads", 0))
+        # the users' old server's fields: its clients read them
+        out.update(native_kernel=model is not None, mode="dlm_block_diffusion")
         return out
 
-    def model_card(self) -> dict:
-        return {"id": self.config.served_model_name, "object": "model", "created": self.created,
+    def model_card(self, name=None) -> dict:
+        return {"id": name or self.config.served_model_name, "object": "model", "created": self.created,
                 "owned_by": "bitdlm", "max_model_len": self.config.max_model_len}
+
+    def model_cards(self) -> list:
+        return [self.model_card(n) for n in self.config.model_names()]
 
     async def completions(self, request):
         req = await self.read_body(request, CompletionRequest)
@@ -167,7 +173,7 @@ class OpenAIServing:
             prompts = [list(x) for x in p]
         for ids in prompts:
             self.check_ids(ids, "prompt")
-        max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
+        max_tokens = req.max_tokens or self.config.default_max_tokens or 16  # 16: OpenAI's default
         params = self.sampling_params(req, max_tokens, max(len(ids) for ids in prompts))
         return await self.run(request, req, "cmpl", prompts, params, chat=False)
 
@@ -194,9 +200,38 @@ class OpenAIServing:
         except (ValueError, TemplateError) as e:  # no template; raise_exception() in it
             raise bad(f"Could not apply the chat template: {e}", param="messages")
         self.check_ids(ids, "conversation")
-        max_tokens = req.max_completion_tokens or req.max_tokens
+        # none set: --default-max-tokens, else the rest of the context (as OpenAI / vLLM)
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.config.default_max_tokens
         params = self.sampling_params(req, max_tokens, len(ids))
         return await self.run(request, req, "chatcmpl", [ids], params, chat=True)
+
+    async def generate(self, request):
+        """SGLang-style /generate of the users' old server: `text` (or `prompt`), max
+        tokens as `max_new_tokens` / `max_tokens` at the top level or in
+        `sampling_params` -> {"text", "meta_info": {latency, completion_tokens,
+        tok_per_sec, prompt_tokens, finish_reason}}."""
+        t0 = time.perf_counter()
+        req = await self.read_body(request, GenerateRequest)
+        self.check_model(req.model)
+        text = req.text if req.text is not None else req.prompt
+        if not isinstance(text, str):
+            raise bad("'text' (or 'prompt') must be a string.", param="text")
+        ids = await self.encode(text)
+        self.check_ids(ids, "prompt")
+        sp = req.sampling_params or GenerateParams()
+        max_tokens = (req.max_new_tokens or req.max_tokens or sp.max_new_tokens
+                      or self.config.default_max_tokens or OLD_GENERATE_MAX_TOKENS)
+        params = self.sampling_params(req.merged(sp), max_tokens, len(ids))
+        try:
+            job = await self.start_job(request, "gen", [ids], params)
+            texts, reasons, use = await self.collect(job, 1)
+        except ClientGone:
+            return Response(status_code=499)
+        latency = time.perf_counter() - t0
+        n = use["completion_tokens"]
+        return {"text": texts[0], "meta_info": {
+            "id": job.rid, "prompt_tokens": use["prompt_tokens"], "completion_tokens": n,
+            "finish_reason": reasons[0], "latency": latency, "tok_per_sec": n / latency if latency > 0 else 0.0}}
 
     # ------------------------------------------------------------ running
     async def start_job(self, request, prefix, prompts, params) -> Job:
