@@ -261,6 +261,13 @@ def test_gguf_refuses_other_layouts(hf_bf16, tmp_path):
         gguf_file.convert_report(tmp_path / "l.gguf", tmp_path / "o.bin", progress=False)
     with pytest.raises(ModelFormatError, match="GGUF file: convert it with `bitdlm convert"):
         ModelFile.open(tmp_path / "l.gguf")
+    # a bitnet.cpp I2_S tensor (ggml type 36 in its fork): one line naming the missing piece
+    data = bytearray((tmp_path / "l.gguf").read_bytes())
+    at = data.find(b"token_embd.weight") + len("token_embd.weight") + 4 + 2 * 8  # after n_dims, dims
+    data[at:at + 4] = (36).to_bytes(4, "little")
+    (tmp_path / "i2s.gguf").write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match="I2_S / TL1 / TL2 types are not supported"):
+        gguf_file.convert_report(tmp_path / "i2s.gguf", tmp_path / "o.bin", progress=False)
 
 
 # ----------------------------------------------------------------------------- their checkpoints
@@ -334,17 +341,16 @@ def test_their_llama_export_names_the_missing_piece(hf_bf16, tmp_path):
 
 
 def test_convert_script_replaces_output_atomically(hf_bf16, tmp_path):
-    """Their convert command run twice onto the same output: the second run replaces it
-    (as their script did), through a temporary file renamed over it."""
+    """Their convert command run onto an existing output replaces it (as their script did),
+    through a temporary file renamed over it."""
     hf, _ = hf_bf16
     out = tmp_path / "OUT.bin"
     out.write_bytes(b"old")
-    for _ in range(2):
-        r = subprocess.run([sys.executable, "scripts/convert_dlm_to_sglkernel.py", str(hf), str(out), "--quiet"],
-                           cwd=ROOT, capture_output=True, text=True, env=child_env(), timeout=120)
-        assert r.returncode == 0, r.stderr
-        with ModelFile.open(out, verify=True):
-            pass
+    r = subprocess.run([sys.executable, "scripts/convert_dlm_to_sglkernel.py", str(hf), str(out), "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True, env=child_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    with ModelFile.open(out, verify=True):
+        pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT.bin"]
     # `bitdlm convert` still wants --force
     r = subprocess.run([sys.executable, "-m", "bitdlm.cli", "convert", str(hf), str(out), "--quiet"],

@@ -205,7 +205,9 @@ def convert_report(path, out_path, *, tokenizer=None, lm_head="f16", force=False
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, KeyError, IndexError) as e:
-        raise ConversionError(f"{path}: not a readable GGUF file: {short_repr(str(e), 200)}") from None
+        raise ConversionError(f"{path}: not a readable GGUF file ({short_repr(str(e), 200)}); bitnet.cpp's "
+                              f"I2_S / TL1 / TL2 types are not supported (undocumented layouts): convert the "
+                              f"Hugging Face checkpoint") from None
     cfg = _config(reader, path)
     origin = {"converter": "bitdlm convert (GGUF)", "hf_dir": os.fsencode(path.resolve()).decode("utf-8", "replace")}
     with tempfile.TemporaryDirectory(prefix="bitdlm-gguf-") as tmp:
