@@ -194,14 +194,12 @@ def _config(reader, path: Path) -> dict:
 def convert_report(path, out_path, *, tokenizer=None, lm_head="f16", force=False, **settings) -> dict:
     """Convert the GGUF file `path` into the bitdlm `.bin` `out_path`; the summary of
     hf.convert_report (settings: the same keyword arguments)."""
-    from ..cli import MissingDependency, require
-
     path, out_path = Path(path), Path(out_path)
     check_options(out_path, force, lm_head)
     try:
-        gguf = require("gguf", "converting a GGUF file")
-    except MissingDependency as e:
-        raise ConversionError(str(e)) from None
+        import gguf
+    except ImportError:
+        raise ConversionError("converting a GGUF file needs gguf: pip install gguf") from None
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, KeyError, IndexError) as e:
