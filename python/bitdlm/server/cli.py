@@ -73,9 +73,9 @@ def add_serve_args(p: argparse.ArgumentParser, old_spellings: bool = False) -> N
                    help="a model id clients may pass; repeat it for more ids (the first one is the id "
                         "answers carry) (default: the file name without extension)")
     p.add_argument("--default-max-tokens", type=int, default=None, metavar="N",
-                   help="max_tokens of a request that sets none (default: OpenAI's: 16 for "
-                        "/v1/completions, the rest of the context for /v1/chat/completions; 128 for "
-                        "/generate, as the users' old server)")
+                   help="max_tokens of a request that sets none; unset: OpenAI's defaults, 16 for "
+                        "/v1/completions and the rest of the context for /v1/chat/completions, and 128 "
+                        "for /generate, as the users' old server (default: %(default)s)")
     p.add_argument("--mask-token-id", type=int, default=None, metavar="ID",
                    help="the diffusion mask token, instead of the one stored in the model "
                         "(default: the model's)")
