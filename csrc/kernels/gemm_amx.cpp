@@ -365,20 +365,7 @@ static void ternary_tiles(const TernaryW& w, const ActQ& a, const int8_t* vb, in
     const int nc0 = n1 - n < kTileRows ? n1 - n : kTileRows;
     const int nc1 = n1 - n - kTileRows < kTileRows ? n1 - n - kTileRows : kTileRows;
     const int r0 = rows < kTileRows ? rows : kTileRows, r1 = rows - kTileRows;
-    _tile_stored(0, c, kTileK);
-    store_tile(w, a, c, m0, r0, n, nc0, out);
-    if (two) {
-      _tile_stored(1, c, kTileK);
-      store_tile(w, a, c, m0, r0, n + kTileRows, nc1, out);
-    }
-    if (nh == 2) {
-      _tile_stored(2, c, kTileK);
-      store_tile(w, a, c, m0 + kTileRows, r1, n, nc0, out);
-      if (two) {
-        _tile_stored(3, c, kTileK);
-        store_tile(w, a, c, m0 + kTileRows, r1, n + kTileRows, nc1, out);
-      }
-    }
+    store_group(w, a, m0, r0, r1, nh, two, n, nc0, nc1, c, out);
   }
 }
 
