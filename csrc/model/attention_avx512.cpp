@@ -7,11 +7,11 @@
 // Scores tiles cover a whole key tile: 4 query rows x 64 keys = 16 zmm
 // accumulators, per dim 4 key loads + 4 broadcasts for 16 FMAs (AVX2: 4 + 4
 // for 8 FMAs of half the width). Values: 4 rows x 64 dims per pass.
-#ifdef BITDLM_SIMDE
-#include "model/simde512_shim.h"  // tests/simde/attention_harness.cpp
-#else
-#include <immintrin.h>
-#endif
+// GCC 12 warns "__Y is used uninitialized" inside its own AVX-512 intrinsics
+// (GCC bug 105593); nothing of ours is uninitialized.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "kernels/simd512.h"  // intrinsics, or SIMDe in tests/simde/attention_harness.cpp
 
 #include <cmath>
 
