@@ -55,18 +55,19 @@ static void act_vnni(const ActQ& a, int g, int s, int8_t* buf) {
   }
 }
 
-// The i2_b128 shift trick: a 32-byte block broadcast to a zmm and shifted per
-// 16-bit lane by 0 | 2 (lo) resp. 4 | 6 (hi) bits, masked with 3, gives the 64
-// codes u of k = 0..63 resp. 64..127 of the block in order (one A-tile row).
+// The i2_b128 shift trick: a 32-byte block broadcast to a zmm and shifted by
+// 0 | 2 (lo) resp. 4 | 6 (hi) bits, masked with 3, gives the 64 codes u of
+// k = 0..63 resp. 64..127 of the block in order (one A-tile row). The shift
+// is per 64-bit lane (vpsrlvq, 1 uop; gemm_avx512.inc says why that is exact).
 struct Unpacker {
   m512i mask = _mm512_set1_epi8(3);
-  m512i cnt01 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-  m512i cnt23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+  m512i cnt01 = _mm512_inserti64x4(_mm512_set1_epi64(0), _mm256_set1_epi64x(2), 1);
+  m512i cnt23 = _mm512_inserti64x4(_mm512_set1_epi64(4), _mm256_set1_epi64x(6), 1);
   // the 128 codes of the 32-byte block at p -> dst (k 0..63), dst + hi (64..127)
   void block(const uint8_t* p, uint8_t* dst, int64_t hi) const {
     const m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const m256i*)p));
-    _mm512_store_si512(dst, _mm512_and_si512(_mm512_srlv_epi16(v, cnt01), mask));
-    _mm512_store_si512(dst + hi, _mm512_and_si512(_mm512_srlv_epi16(v, cnt23), mask));
+    _mm512_store_si512(dst, _mm512_and_si512(_mm512_srlv_epi64(v, cnt01), mask));
+    _mm512_store_si512(dst + hi, _mm512_and_si512(_mm512_srlv_epi64(v, cnt23), mask));
   }
 };
 
