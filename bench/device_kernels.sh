@@ -8,16 +8,22 @@
 # bench/amx_sweep.py --quick (AMX variants, 30-layer pass at N = 8 / 32, int8
 # lm_head per ISA) and bench/forward.py on the 2B-shaped synthetic model
 # (int8 lm_head; amx at FWD_THREADS, avx512vnni = the Zen 4 path at 8 and 16).
-# Everything lands in $OUT (6 files): kernels.log (all output), tests.log,
-# kernels.json, amx_sweep.json, forward_amx.json, forward_avx512vnni.json.
-#   OUT=/tmp/out-kernels bench/device_kernels.sh
+# With LLAMA_ARCHIVE (bench/llama_trim.py's llama-cpu.tar.gz) it then runs
+# bench/native_compare.py: bitdlm beside llama-bench at 1, 8 and 16 threads
+# and per ISA at 16 (issue 19's llama.cpp ratios, break-even tokens per
+# forward, 8-thread targets, 1 -> 16 thread efficiency), ~4 more minutes.
+# Everything lands in $OUT (at most 8 files): kernels.log (all output),
+# tests.log, kernels.json, amx_sweep.json, forward_amx.json,
+# forward_avx512vnni.json, native_compare.json / .png.
+#   OUT=/tmp/out-kernels [WHEELS=.whl] [LLAMA_ARCHIVE=bench/out/llama-cpu.tar.gz] bench/device_kernels.sh
 # Needs: python3 with numpy, pybind11, cmake, ninja, pytest, torch and
 # transformers (the forward tests compare with them). No network. Wheels in
-# .whl/ (pybind11, pytest, ...) are installed first when present.
+# $WHEELS (default .whl/: pybind11, pytest, ...) are installed first when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out-kernels}
-FWD_THREADS=${FWD_THREADS:-1,8,16}
+FWD_THREADS=${FWD_THREADS:-8,16}
+WHEELS=${WHEELS:-.whl}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/kernels.log") 2>&1
 export PYTHONPATH=python PYTHONUNBUFFERED=1
@@ -27,8 +33,8 @@ step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 step "machine"
 lscpu | grep -E "Model name|^CPU\(s\)|Thread\(s\) per core|L3" || true
 grep -o -w -E "avx512f|avx512_vnni|amx_tile|amx_int8" /proc/cpuinfo | sort | uniq -c || true
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     && export PYTHONPATH=python:/tmp/site
 fi
 
@@ -54,13 +60,20 @@ step "bench/forward.py (2B synthetic, int8 lm_head, 512 / 2048 cached)"
 for isa in amx avx512vnni; do
   python3 -c "import sys; from bitdlm import _core; sys.exit('$isa' not in _core.supported_isas())" || continue
   thr=$FWD_THREADS; cases=decode_ctx512,sub8_ctx512,block32_ctx512_out8,block32_ctx2048_out8
-  [ "$isa" = avx512vnni ] && thr=8,16 && cases=decode_ctx512,sub8_ctx512,block32_ctx512_out8
+  [ "$isa" = avx512vnni ] && thr=16 && cases=decode_ctx512,sub8_ctx512,block32_ctx512_out8
   tmo=130; [ "$isa" = avx512vnni ] && tmo=80
   timeout $tmo python3 bench/forward.py --isa "$isa" --threads "$thr" --lm-head i8 --reps 5 --cases "$cases" \
     --model-dir /tmp/bitdlm_fwd --out "$OUT/forward_$isa.json" > /tmp/forward_$isa.log 2>&1 || status=1
   grep "threads=" /tmp/forward_$isa.log
   sed -n '/ms per phase/,$p' /tmp/forward_$isa.log
 done
+
+if [ -n "${LLAMA_ARCHIVE:-}" ]; then
+  step "bench/native_compare.py (bitdlm beside llama-bench, 512 cached)"
+  timeout 330 python3 bench/native_compare.py --llama-archive "$LLAMA_ARCHIVE" --threads 1,8,"$(nproc)" \
+    --isas "$isas" --reps 3 --ctx 512 --kernels-json "$OUT/kernels.json" \
+    --json "$OUT/native_compare.json" --plot "$OUT/native_compare.png" || status=1
+fi
 
 step "done (status $status)"
 exit $status
