@@ -1,12 +1,15 @@
 """AMX variant sweep: which AMX kernel variant (and which ISA) runs the 2B GEMMs fastest.
 
     PYTHONPATH=python python3 bench/amx_sweep.py [--json bench/out/amx_sweep.json]
-        [--variants 0,1,9,17,25,33,57,65,89,93] [--threads 1,16] [--quick]
+        [--variants 0,1,9,17,33,41,49,57,65] [--threads 1,16] [--quick]
 
-1. Single GEMMs: every AMX variant (bit flags, csrc/kernels/isa.h:
-   1 = unpack one 128-k block at a time into L1, 2 = static job schedule,
-   4 = 32-token jobs, 8 = weight-row prefetch, 16 = double-buffered unpack,
-   32 / 64 = 64- / 128-row jobs with K-sliced B; docs/kernels.md) x N in {2,4,8,16,32,64} x the four 2B shapes x threads
+Needs the bench-only kernels: BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh
+(the shipped module has only the shipped AMX kernel, variant 33).
+
+1. Single GEMMs: every AMX variant (bit flags, csrc/bench/amx_variants_amx.cpp:
+   1 = unpack one 128-k block at a time into L1, 8 = weight-row prefetch,
+   16 = double-buffered unpack, 32 / 64 = 64- / 128-row jobs with K-sliced B;
+   33 = the shipped kernel; docs/kernels.md) x N in {2,4,8,16,32,64} x the four 2B shapes x threads
    {1, all cores}; beside them the other ISAs >= avx2 this CPU runs (the row
    "variant" is then the ISA name), so the N from which AMX beats VNNI
    (kAmxMinTokens) can be read off. Median us and T MAC/s.
@@ -17,9 +20,10 @@
    quantized once beforehand (the pass times GEMMs only); each GEMM call pays
    the Python binding (~10 us, 120 calls), which the forward (C++) does not.
 3. The int8 lm_head (128256 x 2560, 328 MB, streamed from DRAM) at N = 1, 8,
-   32 on all cores: AMX (variant 1: next row group prefetched into L2, paced;
-   9: per-row prefetch instead; 129: the VNNI kernel inside the amx level)
-   beside the VNNI / AVX2 ISAs, ms and GB/s of weights.
+   32 on all cores: AMX (N <= 16: per-row prefetch; above: next row group
+   prefetched into L2, paced; N = 1 runs the VNNI GEMV unless
+   amx_min_tokens is 1, as here) beside the VNNI / AVX-512 / AVX2 ISAs, ms and
+   GB/s of weights.
 Warm-up passes first (caches, AMX power state, OpenMP team); AMX rows are
 skipped where the CPU lacks AMX. Takes ~60 s on 16 threads.
 """
@@ -77,10 +81,13 @@ def configs(variants: list[int]) -> list[tuple[str, str, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "amx_sweep.json"))
-    ap.add_argument("--variants", default="0,1,9,17,25,33,57,65,89,93")
+    ap.add_argument("--variants", default="0,1,9,17,33,41,49,57,65")
     ap.add_argument("--threads", default=None, help="comma list (default: 1 and all cores)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     args = ap.parse_args()
+    if not hasattr(_core, "set_amx_variant"):
+        sys.exit("bench/amx_sweep.py needs the bench-only kernels: rebuild with BITDLM_BENCH_KERNELS=1 "
+                 "scripts/dev_build.sh (cmake -DBITDLM_BENCH_KERNELS=ON)")
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, os.cpu_count() or 1})
     variants = [int(v) for v in args.variants.split(",")]
     warm, reps, min_time = (1, 3, 0.01) if args.quick else (3, 7, 0.05)
@@ -88,9 +95,9 @@ def main() -> None:
     sup = _core.supported_isas()
     if "amx" not in sup:
         print(f"AMX rows skipped: this CPU runs {', '.join(sup)}")
-    prev_isa, prev_var, prev_thr = _core.active_isa(), _core.get_amx_variant(), _core.get_max_threads()
+    prev_isa, prev_thr = _core.active_isa(), _core.get_max_threads()
     prev_min = _core.amx_min_tokens()
-    _core.set_amx_min_tokens(2)  # amx rows run the AMX kernel at every N (the VNNI rows show the alternative)
+    _core.set_amx_min_tokens(1)  # amx rows run the AMX kernel at every N (the VNNI rows show the alternative)
     rng = np.random.default_rng(0)
     res = {"supported_isas": sup, "cpus": os.cpu_count(), "amx_min_tokens": _core.amx_min_tokens(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "gemm": [], "pass_30_layers": [],
@@ -159,7 +166,7 @@ def main() -> None:
         ws = np.full(V, 0.01, np.float32)
         print(f"\nint8 lm_head {V}x{K} ({t} threads; ms and GB/s of weights)")
         print(f"{'config':>12} " + " ".join(f"{'N=' + str(n):>16}" for n in LM_NS))
-        lm_cfgs = [(f"amx v{v}", "amx", v) for v in (1, 9, 129) if "amx" in sup] + [(i, i, 0) for i in BASE_ISAS if i in sup]
+        lm_cfgs = [("amx", "amx", 33)] * ("amx" in sup) + [(i, i, 0) for i in BASE_ISAS if i in sup]
         for label, isa, v in lm_cfgs:
             _core.set_isa(isa)
             _core.set_amx_variant(v)
@@ -173,7 +180,7 @@ def main() -> None:
             print(f"{label:>12} " + " ".join(cells), flush=True)
     finally:
         _core.set_isa(prev_isa)
-        _core.set_amx_variant(prev_var)
+        _core.set_amx_variant(33)
         _core.set_num_threads(prev_thr)
         _core.set_amx_min_tokens(prev_min)
     res["seconds"] = time.perf_counter() - t_start

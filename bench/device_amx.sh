@@ -15,11 +15,11 @@ status=0
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 
 step "build"
-BUILD_DIR=build-dev scripts/dev_build.sh || { echo "BUILD FAILED"; exit 1; }
+BITDLM_BENCH_KERNELS=1 BUILD_DIR=build-dev scripts/dev_build.sh || { echo "BUILD FAILED"; exit 1; }
 python3 -c "from bitdlm import _core; print('supported ISAs:', _core.supported_isas(), 'picked:', _core.active_isa(), 'amx_min_tokens:', _core.amx_min_tokens())"
 python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)" || true
 
-step "AMX variants bit-exact + logits identical across ISAs"
+step "AMX kernel and its bench-only variants bit-exact + logits identical across ISAs"
 timeout 240 python3 -m pytest -q -rs tests/test_isa_forward.py tests/test_kernels.py -k "amx or isa" \
   2>&1 | tee "$OUT/tests_amx.log" | tail -30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -1,51 +1,79 @@
 #!/usr/bin/env bash
-# One command for the Sapphire Rapids machine (or any x86-64 Linux box): build
-# the core, run the kernel and forward tests natively on every ISA this CPU
-# has (AMX included when present, skipping what it lacks), then the kernel
-# benchmark with its measured ceilings. Everything lands in $OUT (default
-# /tmp/out-kernels): kernels.log (all output), kernels.json, tests_*.log.
-#   OUT=/tmp/out-kernels bench/device_kernels.sh
-# Needs: python3 with numpy, pybind11, cmake, ninja, pytest (torch and
-# transformers only for the tests that compare with them). No network.
+# One command for the Sapphire Rapids machine (or any x86-64 Linux box), ~7
+# minutes on 16 cores: build the core with the bench-only kernels
+# (BITDLM_BENCH_KERNELS=1: machine ceilings, AMX variants), the kernel and
+# cross-ISA forward tests natively on every ISA this CPU has (AMX included
+# when present), then the benchmarks: bench/kernels.py (ceilings, per-ISA
+# GEMMs, the 30-layer decode pass vs the read bandwidth, lm_head),
+# bench/amx_sweep.py --quick (AMX variants, 30-layer pass at N = 8 / 32, int8
+# lm_head per ISA) and bench/forward.py on the 2B-shaped synthetic model
+# (int8 lm_head; amx at FWD_THREADS, avx512vnni = the Zen 4 path at 8 and 16).
+# With LLAMA_ARCHIVE (bench/llama_trim.py's llama-cpu.tar.gz) it then runs
+# bench/native_compare.py: bitdlm beside llama-bench at 1, 8 and 16 threads
+# and per ISA at 16 (issue 19's llama.cpp ratios, break-even tokens per
+# forward, 8-thread targets, 1 -> 16 thread efficiency), ~4 more minutes.
+# Everything lands in $OUT (at most 8 files): kernels.log (all output),
+# tests.log, kernels.json, amx_sweep.json, forward_amx.json,
+# forward_avx512vnni.json, native_compare.json / .png.
+#   OUT=/tmp/out-kernels [WHEELS=.whl] [LLAMA_ARCHIVE=bench/out/llama-cpu.tar.gz] bench/device_kernels.sh
+# Needs: python3 with numpy, pybind11, cmake, ninja, pytest, torch and
+# transformers (the forward tests compare with them). No network. Wheels in
+# $WHEELS (default .whl/: pybind11, pytest, ...) are installed first when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out-kernels}
+FWD_THREADS=${FWD_THREADS:-8,16}
+WHEELS=${WHEELS:-.whl}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/kernels.log") 2>&1
-export PYTHONPATH=python
+export PYTHONPATH=python PYTHONUNBUFFERED=1
 status=0
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 
 step "machine"
-lscpu | grep -E "Model name|^CPU\(s\)" || true
-grep -o -w -E "avx2|avx512f|avx512_vnni|avx512vnni|amx_tile|amx_int8|amx_bf16" /proc/cpuinfo | sort | uniq -c || true
+lscpu | grep -E "Model name|^CPU\(s\)|Thread\(s\) per core|L3" || true
+grep -o -w -E "avx512f|avx512_vnni|amx_tile|amx_int8" /proc/cpuinfo | sort | uniq -c || true
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    && export PYTHONPATH=python:/tmp/site
+fi
 
-step "build"
-BUILD_DIR=build-dev scripts/dev_build.sh || { echo "BUILD FAILED"; exit 1; }
-python3 -c "from bitdlm import _core; print('supported ISAs:', _core.supported_isas(), 'picked:', _core.active_isa())"
-isas=$(python3 -c "from bitdlm import _core; print(' '.join(_core.supported_isas()))")
+step "build (BITDLM_BENCH_KERNELS=1)"
+BITDLM_BENCH_KERNELS=1 BUILD_DIR=build-dev scripts/dev_build.sh > /tmp/bitdlm_build.log 2>&1 \
+  || { tail -40 /tmp/bitdlm_build.log; echo "BUILD FAILED"; exit 1; }
+python3 -c "from bitdlm import _core; print('supported ISAs:', _core.supported_isas(), 'picked:', _core.active_isa(),
+      'bench kernels:', _core.build_info()['bench_kernels'])"
 
-step "tests: kernels + forward (default ISA; every supported ISA through the isa fixtures)"
-timeout 240 python3 -m pytest -q -rs tests/test_kernels.py tests/test_forward.py 2>&1 | tee "$OUT/tests_default.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step "tests: kernels (every ISA through the isa fixture, AMX + its bench variants) + logits across ISAs"
+timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_isa_forward.py \
+  > "$OUT/tests.log" 2>&1 || status=1
+tail -8 "$OUT/tests.log"
 
-for isa in $isas; do
-  # (the isa-fixture tests above already ran every ISA; these are the tests
-  # that use the process's default ISA: multi-GEMM, threads, dispatch, AMX)
-  step "tests with BITDLM_ISA=$isa"
-  BITDLM_ISA=$isa timeout 60 python3 -m pytest -q -rs -x tests/test_kernels.py \
-    -k "agree or multi or set_isa or env_override or amx or every_token" \
-    2>&1 | tee "$OUT/tests_$isa.log" | tail -5
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step "bench/kernels.py: ceilings, GEMMs per ISA, 30-layer decode pass, lm_head (16 threads)"
+isas=$(python3 -c "from bitdlm import _core; print(','.join(i for i in ('amx', 'avx512vnni', 'avx2') if i in _core.supported_isas()))")
+timeout 150 python3 bench/kernels.py --isas "$isas" --threads "$(nproc)" --json "$OUT/kernels.json" || status=1
+
+step "bench/amx_sweep.py --quick (AMX variants, 30-layer pass, int8 lm_head per ISA)"
+timeout 90 python3 bench/amx_sweep.py --quick --threads "$(nproc)" --json "$OUT/amx_sweep.json" || status=1
+
+step "bench/forward.py (2B synthetic, int8 lm_head, 512 / 2048 cached)"
+for isa in amx avx512vnni; do
+  python3 -c "import sys; from bitdlm import _core; sys.exit('$isa' not in _core.supported_isas())" || continue
+  thr=$FWD_THREADS; cases=decode_ctx512,sub8_ctx512,block32_ctx512_out8,block32_ctx2048_out8
+  [ "$isa" = avx512vnni ] && thr=16 && cases=decode_ctx512,sub8_ctx512,block32_ctx512_out8
+  tmo=130; [ "$isa" = avx512vnni ] && tmo=80
+  timeout $tmo python3 bench/forward.py --isa "$isa" --threads "$thr" --lm-head i8 --reps 5 --cases "$cases" \
+    --model-dir /tmp/bitdlm_fwd --out "$OUT/forward_$isa.json" > /tmp/forward_$isa.log 2>&1 || status=1
+  grep "threads=" /tmp/forward_$isa.log
+  sed -n '/ms per phase/,$p' /tmp/forward_$isa.log
 done
-# the clear error on CPUs without AMX (the test itself asserts the message)
-echo "BITDLM_ISA=amx on this CPU:"; BITDLM_ISA=amx python3 -c "from bitdlm import _core; print(_core.active_isa())" 2>&1 | tail -1
 
-step "benchmark: ceilings, per-ISA GEMMs at N = 1, 2, 4, 8, 32, 30-layer decode per ISA, lm_head"
-bench_isas=$(echo "$isas" | tr ' ' '\n' | grep -v scalar | paste -sd, -)
-threads="1,$(nproc)"
-[ "$(nproc)" -ge 16 ] && threads="1,16"
-timeout 300 python3 bench/kernels.py --isas "$bench_isas" --threads "$threads" --json "$OUT/kernels.json" || status=1
+if [ -n "${LLAMA_ARCHIVE:-}" ]; then
+  step "bench/native_compare.py (bitdlm beside llama-bench, 512 cached)"
+  timeout 330 python3 bench/native_compare.py --llama-archive "$LLAMA_ARCHIVE" --threads 1,8,"$(nproc)" \
+    --isas "$isas" --reps 3 --ctx 512 --kernels-json "$OUT/kernels.json" \
+    --json "$OUT/native_compare.json" --plot "$OUT/native_compare.png" || status=1
+fi
 
 step "done (status $status)"
 exit $status

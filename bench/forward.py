@@ -100,7 +100,10 @@ def worker(path: str, threads: list[int], reps: int, kv_dtype: str, only: list[s
         cases = {k: v for k, v in cases.items() if k in only}
     res = {}
     for th in threads:
+        # the model applies its own thread count at every forward (bind_model.cpp), so
+        # _core.set_num_threads alone would leave every row at max(threads)
         _core.set_num_threads(th)
+        m.threads = m._core.threads = th
         row = {}
         for name, (n, ctx, B, n_out) in cases.items():
             item = (sid, toks(n), ctx, ctx, False, np.arange(n - n_out, n, dtype=np.int32))
@@ -123,6 +126,7 @@ def worker(path: str, threads: list[int], reps: int, kv_dtype: str, only: list[s
             small = sum(v for k, v in prof.items() if k in SMALL_OPS)
             row[name]["small_ops_ms"] = round(1e3 * small / calls, 3)
             row[name]["small_ops_pct"] = round(100 * small / max(sum(prof.values()), 1e-12), 2)
+        row["forward_threads"] = m.forward_threads  # what the timed forwards really ran with
         if "decode_ctx512" in row:
             row["decode_ctx512_tok_per_s"] = round(1e3 / row["decode_ctx512"]["ms_median"], 2)
         # Python + argument checking share: the same call stopped right after validation

@@ -15,6 +15,10 @@
 3. N = 1 over all 30 layers of BitNet-2B (~520 MB of packed weights, >> LLC):
    achieved read bandwidth vs the measured one (the decode target).
 
+Part 1 needs the bench-only kernels (csrc/bench/): build with
+BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh; without them the script stops
+with a one-line error.
+
 --ceilings-only measures part 1 only (read bandwidth, the VNNI and AMX int8
 peaks where the CPU has them; the AVX2 peak too) and writes the same JSON with
 its top-level "ceilings" dict keyed by thread count (bench/native_compare.py
@@ -93,6 +97,9 @@ def main() -> None:
     ap.add_argument("--out", "--json", dest="out",
                     default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "kernels.json"))
     args = ap.parse_args()
+    if not hasattr(_core, "bench_bandwidth"):
+        sys.exit("bench/kernels.py needs the bench-only kernels (machine ceilings): rebuild with "
+                 "BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh (cmake -DBITDLM_BENCH_KERNELS=ON)")
     global THREADS
     if args.threads:
         THREADS = [int(t) for t in args.threads.split(",")]

@@ -13,6 +13,9 @@ namespace py = pybind11;
 namespace bitdlm {
 void register_kernels(py::module_& m);  // csrc/kernels/bind_kernels.cpp
 void register_model(py::module_& m);    // csrc/model/bind_model.cpp
+#ifdef BITDLM_BENCH_KERNELS
+void register_bench(py::module_& m);  // csrc/bench/bind_bench.cpp (bench builds only)
+#endif
 
 #define BITDLM_STR2(x) #x
 #define BITDLM_STR(x) BITDLM_STR2(x)
@@ -89,6 +92,11 @@ static py::dict build_info() {
   d["cplusplus"] = (long)__cplusplus;
   d["flags"] = build_flags();
   d["openmp"] = openmp_info();
+#ifdef BITDLM_BENCH_KERNELS
+  d["bench_kernels"] = true;  // csrc/bench/ compiled in (bench/ builds only)
+#else
+  d["bench_kernels"] = false;
+#endif
   d["pybind11"] = std::string(BITDLM_STR(PYBIND11_VERSION_MAJOR) "." BITDLM_STR(PYBIND11_VERSION_MINOR) "."
                                   BITDLM_STR(PYBIND11_VERSION_PATCH));
   return d;
@@ -99,6 +107,9 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "bitdlm native core: ternary kernels and the BitNet forward";
   bitdlm::register_kernels(m);
   bitdlm::register_model(m);
+#ifdef BITDLM_BENCH_KERNELS
+  bitdlm::register_bench(m);
+#endif
   m.def("build_info", &bitdlm::build_info,
         "How this core was built: compiler, flags the compiler saw, C++ standard, OpenMP spec and runtime library");
 }

@@ -255,14 +255,21 @@ def test_pytorch_reference_runs_the_same_weights(tiny):
 
 def test_kernels_ceilings_only_writes_the_ceilings_json(tmp_path):
     """bench/native_compare.py's call: `bench/kernels.py --ceilings-only --threads 1,N --json PATH`
-    measures the ceilings only and writes them keyed by thread count."""
+    measures the ceilings only and writes them keyed by thread count; a module built without the
+    bench-only kernels (the shipped one) gets a one-line error naming the build switch."""
     out = tmp_path / "k.json"
     from hf_models import child_env
+
+    from bitdlm import _core
 
     env = child_env()  # the same bitdlm as the tests (the installed wheel in CI)
     cmd = [sys.executable, os.path.join(BENCH, "kernels.py"), "--ceilings-only", "--quick", "--threads", "1",
            "--json", str(out)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    if not _core.build_info()["bench_kernels"]:
+        assert r.returncode != 0 and "Traceback" not in r.stderr and not out.exists()
+        assert r.stderr.strip().splitlines()[-1].endswith("(cmake -DBITDLM_BENCH_KERNELS=ON)")
+        return
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert set(res["ceilings"]) == {"1"} and res["gemm"] == [] and res["decode_30_layers"] == []

@@ -1,4 +1,4 @@
-"""The same small forward under every ISA >= avx2 (and the AMX kernel variants):
+"""The same small forward under every ISA >= avx2 (and, in bench builds, the AMX kernel variants):
 logits must agree across ISAs. The ternary/int8 GEMMs of every ISA are
 bit-exact against the scalar reference, so ISAs that also share the model's
 attention / small-op / sampling tables must give bit-identical logits; ISAs
@@ -25,16 +25,16 @@ MODEL_TABLES = {"avx2": "avx2", "avx512": "avx512", "avx512vnni": "avx512", "amx
 # Rapids machine: 1.5e-5 absolute on logits of magnitude ~1-10). A GEMM bug
 # (a wrong tile, a lost block) moves logits by far more.
 CROSS_TOL = 1e-4
-# AMX kernel variants (csrc/kernels/isa.h bit flags): each bit alone and the
-# combinations the kernel distinguishes.
-AMX_VARIANTS = [0, 1, 2, 4, 8, 16, 32, 64, 128 | 1, 1 | 8 | 16, 1 | 4 | 8 | 16, 32 | 8 | 16, 64 | 8 | 16, 64 | 4, 255]
 
 
 def _runs():
-    default = _core.get_amx_variant()
-    out = [(isa, default) for isa in ISAS]
+    """(isa, AMX variant): every ISA with its shipped kernels (variant None), then in bench
+    builds (csrc/bench/ compiled in) the bench-only AMX variants."""
+    from test_kernels import AMX_VARIANTS
+
+    out = [(isa, None) for isa in ISAS]
     if "amx" in ISAS:
-        out += [("amx", v) for v in AMX_VARIANTS if v != default]
+        out += [("amx", v) for v in AMX_VARIANTS if v is not None]
     return out
 
 
@@ -50,7 +50,9 @@ def test_logits_identical_across_isas(model):
     if len(ISAS) < 2:
         pytest.skip(f"only {ISAS} here: nothing to compare (AVX-512/AMX run on the device)")
     rng = np.random.default_rng(1)
-    prev_isa, prev_var, prev_thr = _core.active_isa(), _core.get_amx_variant(), _core.get_max_threads()
+    from test_kernels import amx_variant
+
+    prev_isa, prev_thr = _core.active_isa(), _core.get_max_threads()
     prev_min = _core.amx_min_tokens()
     logits = {}
     try:
@@ -59,11 +61,10 @@ def test_logits_identical_across_isas(model):
         toks = {L: rng.integers(0, V, L) for L in (1, 7, 33, 64)}
         for isa, v in _runs():
             _core.set_isa(isa)
-            _core.set_amx_variant(v)
-            logits[(isa, v)] = {L: core_logits(core, t) for L, t in toks.items()}
+            with amx_variant(v):
+                logits[(isa, v)] = {L: core_logits(core, t) for L, t in toks.items()}
     finally:
         _core.set_isa(prev_isa)
-        _core.set_amx_variant(prev_var)
         _core.set_num_threads(prev_thr)
         _core.set_amx_min_tokens(prev_min)
     # one reference per model-table group (its first ISA, default variant); within a
@@ -105,15 +106,17 @@ def test_amx_min_tokens_setter():
         _core.set_amx_min_tokens(prev)
 
 
+@pytest.mark.skipif(not _core.build_info().get("bench_kernels"),
+                    reason="bench-only kernels not built (BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh)")
 def test_amx_variant_setter_range():
-    prev = _core.get_amx_variant()
+    ok = [v for v in range(128) if not v & ~(1 | 8 | 16 | 32 | 64)]
     try:
-        for v in range(256):
+        for v in ok:
             _core.set_amx_variant(v)
             assert _core.get_amx_variant() == v
-        for bad in (-1, 256):
+        for bad in (-1, 2, 4, 128, 256):  # static schedule / 32-token jobs / VNNI lm_head bits are gone
             with pytest.raises(ValueError, match="AMX variant"):
                 _core.set_amx_variant(bad)
-        assert _core.get_amx_variant() == 255  # a refused value changes nothing
+        assert _core.get_amx_variant() == ok[-1]  # a refused value changes nothing
     finally:
-        _core.set_amx_variant(prev)
+        _core.set_amx_variant(1 | 32)

@@ -16,6 +16,35 @@ from bitdlm import _core
 from bitdlm.packing import act_quant, pack_i2, pad_k
 
 ISAS = list(_core.supported_isas())
+# csrc/bench/ compiled in (BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh; never in the shipped module)
+BENCH = bool(_core.build_info().get("bench_kernels"))
+# The shipped AMX kernel (None), plus in bench builds the variants bench/amx_sweep.py
+# measures (csrc/bench/amx_variants_amx.cpp bit flags: each alone and the combinations
+# the kernel distinguishes)
+AMX_VARIANTS = [None] + ([0, 1, 1 | 8, 1 | 16, 1 | 8 | 16, 32, 32 | 8 | 16, 64, 64 | 8 | 16] if BENCH else [])
+_BENCH_NAMES = ("bench_peak_int8", "bench_peak_vnni", "bench_peak_amx", "bench_bandwidth", "set_amx_variant",
+                "get_amx_variant")
+
+
+def test_bench_kernels_only_in_bench_builds():
+    """The shipped module has one kernel per ISA and shape class: the machine-ceiling kernels and
+    the AMX tuning variants exist only when csrc/bench/ was compiled in."""
+    assert {n: hasattr(_core, n) for n in _BENCH_NAMES} == {n: BENCH for n in _BENCH_NAMES}
+
+
+class amx_variant:
+    """Run the AMX GEMMs through bench variant v (None: the shipped kernel) inside the block."""
+
+    def __init__(self, v):
+        self.v = v
+
+    def __enter__(self):
+        if self.v is not None:
+            _core.set_amx_variant(self.v)
+
+    def __exit__(self, *exc):
+        if self.v is not None:
+            _core.set_amx_variant(1 | 32)  # the shipped kernel again
 
 
 @pytest.fixture(params=ISAS)
@@ -310,13 +339,11 @@ _NO_AMX = "this CPU has no AMX-INT8 (or Linux refused the tile state); the AMX k
 
 
 @pytest.mark.skipif("amx" not in ISAS, reason=_NO_AMX)
-# csrc/kernels/isa.h: AMX kernel variant bit flags (each alone and the combinations the kernel distinguishes)
-@pytest.mark.parametrize("variant", [0, 1, 2, 4, 8, 16, 32, 64, 1 | 8 | 16, 1 | 4 | 8 | 16, 32 | 8 | 16, 64 | 8 | 16,
-                                     64 | 4, 127])
+@pytest.mark.parametrize("variant", AMX_VARIANTS)
 @pytest.mark.parametrize("n", [2, 3, 15, 16, 17, 32, 33, 64, 65, 130])
 def test_amx_multi_gemm_bit_exact_vs_scalar(n, variant):
-    """Native AMX (several matrices in one call, 2 threads, every kernel variant) == scalar,
-    int32 and dequantized floats."""
+    """Native AMX (several matrices in one call, 2 threads; in bench builds every kernel variant)
+    == scalar, int32 and dequantized floats."""
     rng = np.random.default_rng(n)
     shapes = [(45, 2560), (17, 2560), (640, 2560)]
     k = 2560
@@ -324,20 +351,20 @@ def test_amx_multi_gemm_bit_exact_vs_scalar(n, variant):
     x[:, ::97] *= 9.0
     q, s, sums = _ref_act(x)
     mats = [pack_i2(rng.integers(-1, 2, size=(m, k), dtype=np.int8)) for m, _ in shapes]
-    prev, prev_threads, prev_var = _core.active_isa(), _core.get_max_threads(), _core.get_amx_variant()
+    prev, prev_threads = _core.active_isa(), _core.get_max_threads()
     prev_min = _core.amx_min_tokens()
     try:
         outs = {}
-        _core.set_amx_variant(variant)
         _core.set_amx_min_tokens(2)  # AMX for every n here (the default sends small n to VNNI)
         for name in ("scalar", "amx"):
             _core.set_isa(name)
             _core.set_num_threads(2)
-            outs[name] = ([_core.gemm_i32(w, q, sums) for w in mats], _core.gemm_multi(mats, [1.3] * 3, q, s, sums))
+            with amx_variant(variant):
+                outs[name] = ([_core.gemm_i32(w, q, sums) for w in mats],
+                              _core.gemm_multi(mats, [1.3] * 3, q, s, sums))
     finally:
         _core.set_isa(prev)
         _core.set_num_threads(prev_threads)
-        _core.set_amx_variant(prev_var)
         _core.set_amx_min_tokens(prev_min)
     for a, b in zip(outs["scalar"][0], outs["amx"][0]):
         np.testing.assert_array_equal(a, b)
@@ -346,19 +373,17 @@ def test_amx_multi_gemm_bit_exact_vs_scalar(n, variant):
 
 
 @pytest.mark.skipif("amx" not in ISAS, reason=_NO_AMX)
-@pytest.mark.parametrize("variant", [1, 9, 129])  # bit 3: the AMX lm_head's prefetch; 128: lm_head on VNNI
-@pytest.mark.parametrize("m,k,n", [(16, 2560, 2), (100, 2560, 8), (300, 640, 33), (1000, 2560, 17), (77, 320, 64)])
-def test_amx_i8_lm_head_bit_exact_vs_scalar(m, k, n, variant):
+@pytest.mark.parametrize("m,k,n", [(300, 2560, 1), (16, 2560, 2), (100, 2560, 8), (300, 640, 33), (1000, 2560, 17), (77, 320, 64)])
+def test_amx_i8_lm_head_bit_exact_vs_scalar(m, k, n):
     """Native AMX int8 lm_head (TDPBSSD tiles, the M % 16 tail on VNNI) == scalar, 2 threads
-    (variant 129: all on VNNI)."""
+    (N <= 16 and N > 16 take the kernel's two prefetch schemes)."""
     rng = np.random.default_rng(m + k + n)
     w = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
     wscale = rng.uniform(0.001, 0.1, size=m).astype(np.float32)
     q, s, _ = _ref_act(rng.standard_normal((n, k)).astype(np.float32))
-    prev, prev_threads, prev_var = _core.active_isa(), _core.get_max_threads(), _core.get_amx_variant()
+    prev, prev_threads = _core.active_isa(), _core.get_max_threads()
     prev_min = _core.amx_min_tokens()
     try:
-        _core.set_amx_variant(variant)
         _core.set_amx_min_tokens(2)
         _core.set_num_threads(2)
         outs = {}
@@ -368,7 +393,6 @@ def test_amx_i8_lm_head_bit_exact_vs_scalar(m, k, n, variant):
     finally:
         _core.set_isa(prev)
         _core.set_num_threads(prev_threads)
-        _core.set_amx_variant(prev_var)
         _core.set_amx_min_tokens(prev_min)
     np.testing.assert_array_equal(outs["scalar"], outs["amx"])
 
@@ -395,10 +419,10 @@ def test_bitdlm_isa_amx_clear_error_without_amx():
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SIMDE_SOURCES = ["tests/simde/harness.cpp", "csrc/kernels/gemm_avx512.cpp", "csrc/kernels/gemm_avx512vnni.cpp",
-                  "csrc/kernels/gemm_amx.cpp", "csrc/kernels/gemm_scalar.cpp"]
+                  "csrc/kernels/gemm_amx.cpp", "csrc/bench/amx_variants_amx.cpp", "csrc/kernels/gemm_scalar.cpp"]
 _SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csrc/kernels/isa.h",
                   "csrc/kernels/ternary_driver.h", "csrc/kernels/lm_driver.h", "csrc/kernels/epilogue.h",
-                  "tests/simde/amx_emu.h",
+                  "csrc/kernels/amx_tiles.h",
                   "csrc/kernels/gemm.h"]
 
 
@@ -407,6 +431,7 @@ def test_avx512_kernels_bit_exact_via_simde(tmp_path_factory):
     -mavx512 flag, agree bit for bit with the scalar reference."""
     from helpers import run_simde_harness
 
-    out = run_simde_harness("simde", _SIMDE_SOURCES, _SIMDE_HEADERS, tmp_path_factory)
+    out = run_simde_harness("simde", _SIMDE_SOURCES, _SIMDE_HEADERS, tmp_path_factory,
+                            includes=("tests/simde/amx_emu.h",))
     assert out.strip().splitlines()[-1].startswith("OK"), out[-4000:]
     assert " 0 failed" in out

@@ -20,75 +20,12 @@ using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using U16 = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
 using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
-// bench_avx2.cpp (AVX2 flags): only called when the CPU has AVX2.
-double bench_peak_int8_avx2(int threads, int64_t iters);
-double bench_read_bw_avx2(const uint8_t* buf, size_t bytes, int threads, int reps);
-
-// bench_avx512vnni.cpp / bench_amx.cpp: only called when that ISA is supported.
-double bench_peak_vnni(int threads, int64_t iters);
-double bench_peak_amx(int threads, int64_t iters);
-
-static void require_isa(const char* isa) {
-  for (const auto& n : supported_isas())
-    if (n == isa) return;
-  throw std::runtime_error(std::string("this benchmark needs the '") + isa + "' ISA, which this CPU cannot run");
-}
-
-static void require_avx2() {
-  for (const auto& n : supported_isas())
-    if (n == "avx2") return;
-  throw std::runtime_error("the machine benchmarks need an AVX2 CPU");
-}
-
 void register_kernels(py::module_& m) {
-  m.def(
-      "bench_peak_int8",
-      [](int threads, int64_t iters) {
-        require_avx2();
-        if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
-        py::gil_scoped_release nogil;
-        return bench_peak_int8_avx2(threads, iters);
-      },
-      py::arg("threads"), py::arg("iters") = 20000000, "int8 MAC/s of a maddubs+add chain on `threads` threads");
-  m.def(
-      "bench_peak_vnni",
-      [](int threads, int64_t iters) {
-        require_isa("avx512vnni");
-        if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
-        py::gil_scoped_release nogil;
-        return bench_peak_vnni(threads, iters);
-      },
-      py::arg("threads"), py::arg("iters") = 10000000, "int8 MAC/s of 8 vpdpbusd zmm chains on `threads` threads");
-  m.def(
-      "bench_peak_amx",
-      [](int threads, int64_t iters) {
-        require_isa("amx");
-        if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
-        py::gil_scoped_release nogil;
-        return bench_peak_amx(threads, iters);
-      },
-      py::arg("threads"), py::arg("iters") = 200000, "int8 MAC/s of TDPBSSD on 4 accumulator tiles per thread");
-  m.def(
-      "bench_bandwidth",
-      [](U8 buf, int threads, int reps) {
-        require_avx2();
-        if (threads < 1 || reps < 1) throw std::invalid_argument("threads and reps must be >= 1");
-        if (reinterpret_cast<uintptr_t>(buf.data()) % 32) throw std::invalid_argument("buffer must be 32-byte aligned");
-        py::gil_scoped_release nogil;
-        return bench_read_bw_avx2(buf.data(), (size_t)buf.size(), threads, reps);
-      },
-      py::arg("buf"), py::arg("threads"), py::arg("reps") = 1, "read bytes/s streaming `buf` on `threads` threads");
-
   m.def("active_isa", &active_isa, "Kernel ISA picked by the dispatcher");
   m.def("supported_isas", &supported_isas, "ISAs this CPU can run, best last");
   m.def(
       "set_isa", [](const std::string& name) { set_isa(name); }, py::arg("name"),
       "Force a kernel ISA in-process (tests/benchmarks); ValueError if unknown or unsupported");
-  m.def("set_amx_variant", &set_amx_variant, py::arg("variant"),
-        "AMX kernel variant bit flags (1 L1 unpack, 2 static schedule, 4 32-token jobs, 8 prefetch,"
-        " 16 pipelined unpack, 32 / 64: 64- / 128-row K-sliced jobs, 128 int8 lm_head on VNNI);"
-        " ValueError if out of range");
-  m.def("get_amx_variant", &get_amx_variant);
   m.def("amx_min_tokens", &amx_min_tokens);
   m.def("set_amx_min_tokens", &set_amx_min_tokens, py::arg("n"),
         "Ternary GEMMs of >= n tokens run on AMX (with the amx ISA); ValueError if n < 1");

@@ -175,31 +175,17 @@ void set_amx_min_tokens(int n) {
   g_amx_min.store(n, std::memory_order_relaxed);
 }
 
-void set_amx_variant(int v) {
-  if (v < 0 || v > kAmxVariantMask)
-    throw std::invalid_argument("AMX variant must be 0.." + std::to_string(kAmxVariantMask) + " (bit flags), got " +
-                                std::to_string(v));
-  g_amx_variant = v;
-}
+// The AMX ternary tile kernel and its job height: the shipped kernel, or a
+// bench build's variant (set_amx_ternary_kernel, isa.h). Plain data read once
+// per call; the product never changes them.
+static AmxTernaryFn g_amx_bench_fn = nullptr;
+static int g_amx_rows = kAmxRowBlock;
 
-static void amx_variant_from_env() {
-  static const bool done = [] {
-    const char* e = std::getenv("BITDLM_AMX_VARIANT");
-    if (e && *e) {
-      try {
-        set_amx_variant(std::atoi(e));
-      } catch (const std::invalid_argument& ex) {
-        throw std::runtime_error(std::string("BITDLM_AMX_VARIANT: ") + ex.what());
-      }
-    }
-    return true;
-  }();
-  (void)done;
-}
-
-int get_amx_variant() {
-  amx_variant_from_env();
-  return g_amx_variant;
+void set_amx_ternary_kernel(AmxTernaryFn fn, int rows) {
+  if (fn && (rows < 16 || rows > 128 || rows % 16))
+    throw std::invalid_argument("AMX job rows must be a multiple of 16 in 16..128");
+  g_amx_bench_fn = fn;
+  g_amx_rows = fn ? rows : kAmxRowBlock;
 }
 
 void set_isa(const std::string& name) {
@@ -241,11 +227,9 @@ static int8_t* vnni_buffer(const ActQ& a) {
 static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* out_i32) {
   const KernelTable& t = table();
   const bool amx = t.amx_ternary && a.N >= amx_min_tokens();
-  const int variant = amx ? get_amx_variant() : 0;
-  // the AMX kernel's 2 x 16 weight rows (64 / 128 with the K-sliced variants)
-  const int kRowBlock = amx ? amx_row_block(variant) : 32;
-  // a multiple of 16 (AMX token tiles)
-  const int kTokChunk = (variant & kAmxTok32) ? 32 : 64;
+  const AmxTernaryFn amx_fn = g_amx_bench_fn ? g_amx_bench_fn : t.amx_ternary;
+  const int kRowBlock = amx ? g_amx_rows : 32;
+  constexpr int kTokChunk = 64;  // a multiple of 16 (AMX token tiles)
   const int n_chunks = (a.N + kTokChunk - 1) / kTokChunk;
   int64_t total = 0, macs = 0;
   for (int i = 0; i < n_ws; ++i) {
@@ -275,17 +259,12 @@ static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* ou
       const int m0 = rb * kRowBlock, m1 = std::min(ws[i].M, m0 + kRowBlock);
       const int n0 = tc * kTokChunk, n1 = std::min(a.N, n0 + kTokChunk);
       if (amx)
-        t.amx_ternary(ws[i], a, vb, m0, m1, n0, n1, out_i32);
+        amx_fn(ws[i], a, vb, m0, m1, n0, n1, out_i32);
       else
         t.ternary(ws[i], a, m0, m1, n0, n1, out_i32);
     };
-    if (variant & kAmxStatic) {
-#pragma omp for schedule(static) nowait
-      for (int64_t job = 0; job < total; ++job) run_job(job);
-    } else {
 #pragma omp for schedule(dynamic, 1) nowait
-      for (int64_t job = 0; job < total; ++job) run_job(job);
-    }
+    for (int64_t job = 0; job < total; ++job) run_job(job);
     if (amx) t.amx_end();
   }
 }
@@ -313,14 +292,16 @@ void gemm_f16_f32(const uint16_t* W, int M, int K, const float* x, int N, float*
   run_rows(M, (int64_t)M * K * N, [&](int m0, int m1) { t.f16(W, K, x, N, y, ldy, m0, m1); });
 }
 
-// int8 lm_head. With AMX and >= amx_min_tokens() tokens (the block step's
-// output rows): activations re-laid out into tiles (as for the ternary GEMM),
-// then 256-row jobs on TDPBSSD tiles; the last M % 16 rows (and any K that is not
-// a multiple of 64) take the VNNI kernel, which gives the same int32 dots.
+// int8 lm_head. With AMX, at any N (decode too: the matrix is streamed once
+// either way, and the AMX kernel's per-row prefetch streamed it at 1.33 ms vs
+// 1.85-8.0 for the other kernels in the last Sapphire Rapids sweep, 128256 x
+// 2560, 16 threads): activations re-laid out into tiles (as for the ternary
+// GEMM), then 256-row jobs on TDPBSSD tiles; the last M % 16 rows (and any K
+// that is not a multiple of 64) take the VNNI kernel, which gives the same
+// int32 dots.
 void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& a, float* y, int ldy) {
   const KernelTable& t = table();
-  const bool amx =
-      t.amx_i8 && a.N >= amx_min_tokens() && K % 64 == 0 && M >= 16 && !(get_amx_variant() & kAmxVnniLmHead);
+  const bool amx = t.amx_i8 && K % 64 == 0 && M >= 16;
   if (!amx) {
     run_rows(M, (int64_t)M * K * a.N, [&](int m0, int m1) { t.i8(W, wscale, K, a, y, ldy, m0, m1); });
     return;

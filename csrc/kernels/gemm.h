@@ -66,18 +66,13 @@ void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& 
 enum class Isa : int { kScalar = 0, kAvx2, kAvx512, kAvx512Vnni, kAmx, kNumIsa };
 // With the amx level, ternary GEMMs of at least this many tokens run on AMX
 // tiles, fewer on the AVX-512 VNNI GEMV. 8: on the Sapphire Rapids machine
-// (call2, 30 GEMM layers in forward order, 12 threads) AMX variant 1 took
-// 21.1 ms at N = 8 vs 28.6 for VNNI (the first kernel had lost at N = 2..8);
-// bench/amx_sweep.py measures the crossover per variant.
+// (call2, 30 GEMM layers in forward order, 12 threads) AMX took 21.1 ms at
+// N = 8 vs 28.6 for VNNI (the first kernel had lost at N = 2..8);
+// bench/amx_sweep.py measures the crossover.
 // BITDLM_AMX_MIN_TOKENS overrides it (read once; for measurements).
 constexpr int kAmxMinTokens = 8;
 int amx_min_tokens();
 void set_amx_min_tokens(int n);  // tests/benchmarks; std::invalid_argument if n < 1
-// AMX kernel variant bit flags (isa.h: kAmxL1Unpack ... kAmxRows128; default kAmxDefaultVariant);
-// BITDLM_AMX_VARIANT sets the start value (read once). For measurements and
-// tests; not thread-safe against concurrent GEMM calls.
-void set_amx_variant(int v);
-int get_amx_variant();
 // The level the dispatcher picked (one atomic load after the first call).
 Isa active_isa_id();
 

@@ -134,20 +134,9 @@ static inline void hsum_store(const V (&acc)[T], S* out) {
 // each weight vector is loaded and prepared (abs / fp16 -> fp32) once and used
 // for the T tokens, whose activations are memory operands.
 //
-// Tuning knobs (overridable with -D for A/B builds). Main tiles: i8 1 x 8 and
-// f16 4 x 2 measured best (f16 1 x 8, 2 x 4, 2 x 6, 3 x 4, 4 x 3 were slower).
-#ifndef LMSLICE
-#define LMSLICE 24576  // activation bytes of a K slice (L1 is 32 KiB)
-#endif
-#ifndef I8R
-#define I8R 1
-#define I8T 8
-#endif
-#ifndef F16R
-#define F16R 4
-#define F16T 2
-#endif
-constexpr int kLmSlice = LMSLICE;
+// Main tiles: i8 1 x 8 and f16 4 x 2 measured best in A/B builds (f16 1 x 8,
+// 2 x 4, 2 x 6, 3 x 4, 4 x 3 were slower; docs/kernels.md).
+constexpr int kLmSlice = 24576;  // activation bytes of a K slice (L1 is 32 KiB)
 
 // int8: |w| (u8) x sign(a, w) (s8) with maddubs, widened to int32 at once with
 // madd (a pair sum reaches 2*128*127 = 32512, so two of them could overflow
@@ -157,7 +146,7 @@ struct I8Kern {
   using Act = int8_t;
   static constexpr int kWBytes = 1;
   static constexpr int kStep = 32;  // k per vector
-  static constexpr int kMainR = I8R, kMainT = I8T;
+  static constexpr int kMainR = 1, kMainT = 8;
   const int8_t* W;
   const float* wscale;
   int K;
@@ -209,7 +198,7 @@ struct F16Kern {
   static constexpr int kWBytes = 2;
   using Act = float;
   static constexpr int kStep = 8;
-  static constexpr int kMainR = F16R, kMainT = F16T;
+  static constexpr int kMainR = 4, kMainT = 2;
   const uint16_t* W;
   int K;
   const float* x;

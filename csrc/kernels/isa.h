@@ -42,37 +42,22 @@ struct KernelTable {
                  int m0, int m1);
 };
 
-// AMX kernel variants (bit flags, for measurements: bench/amx_sweep.py; every
-// combination is bit-exact). BITDLM_AMX_VARIANT (read once by the dispatcher)
-// or _core.set_amx_variant() sets them; docs/kernels.md has the predictions.
-//   kAmxL1Unpack: unpack one 128-k block per step into L1 (gemm_amx.cpp)
-//   kAmxStatic:   static job schedule instead of dynamic (dispatch.cpp)
-//   kAmxTok32:    token chunks of 32 instead of 64 (more, smaller jobs)
-//   kAmxPrefetch: software prefetch of the job's weight rows 8 blocks ahead
-//   kAmxPipeline: double-buffered unpack, one block ahead of the TDPBUSDs
-//   kAmxRows64 / kAmxRows128: 64- / 128-row jobs with the B (activation)
-//                 panel K-sliced so it is reused from L1 by every 32-row group
-//   kAmxVnniLmHead: the int8 lm_head on the VNNI kernel instead of AMX tiles
-//                 (a switch for measurements: BITDLM_AMX_VARIANT=129)
-// Default kAmxL1Unpack | kAmxRows64: the fastest at N = 32 on the Sapphire Rapids
-// sweep (bench/amx_sweep.py, 16 threads, the 30 GEMM layers of the 2B shape in
-// forward order: 15.6 ms at N = 32 and 10.3 at N = 8, vs 16.9 / 10.7 for
-// kAmxL1Unpack alone, 20.4 / 13.0 for bit-free 0 and 40.7 / 14.8 on VNNI).
-constexpr int kAmxL1Unpack = 1, kAmxStatic = 2, kAmxTok32 = 4, kAmxPrefetch = 8, kAmxPipeline = 16,
-              kAmxRows64 = 32, kAmxRows128 = 64, kAmxVnniLmHead = 128, kAmxVariantMask = 255;
-constexpr int kAmxDefaultVariant = kAmxL1Unpack | kAmxRows64;
-// Rows per AMX job (the dispatcher's row block; the kernel's row limit).
-inline int amx_row_block(int v) { return (v & kAmxRows128) ? 128 : (v & kAmxRows64) ? 64 : 32; }
-// A plain int defined in gemm_amx.cpp (zero-initialized: no load-time code in
-// that AMX-flagged file), so the SIMDe harness sees it without dispatch.cpp.
-extern int g_amx_variant;
-inline int amx_variant() { return g_amx_variant; }
+// Rows per AMX ternary job: 2 groups of 32 rows sharing K-sliced activation
+// panels (gemm_amx.cpp). The fastest job shape of the Sapphire Rapids sweep
+// (16 threads, the 30 GEMM layers of the 2B shape in forward order: 15.6 ms at
+// N = 32 vs 16.9 for 32-row jobs, 18.8 for 128-row ones; docs/kernels.md).
+constexpr int kAmxRowBlock = 64;
+// Bench builds only (csrc/bench/, BITDLM_BENCH_KERNELS): run the AMX ternary
+// GEMMs through another tile kernel with jobs of `rows` (<= 128) rows;
+// fn == nullptr restores the shipped kernel and kAmxRowBlock (dispatch.cpp).
+using AmxTernaryFn = void (*)(const TernaryW&, const ActQ&, const int8_t*, int, int, int, int, int32_t*);
+void set_amx_ternary_kernel(AmxTernaryFn fn, int rows);
 
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;      // AVX-512 F/BW/VL, maddubs + madd
 extern const KernelTable kAvx512VnniKernels;  // same file, vpdpbusd inner loop
-extern const KernelTable kAmxKernels;         // AMX tiles for N >= amx_min_tokens(); the rest from VNNI
+extern const KernelTable kAmxKernels;         // AMX tiles (ternary for N >= amx_min_tokens()); the rest from VNNI
 
 // IEEE binary16 bits -> float, exact for normals, subnormals, inf and NaN.
 // Pure integer code: usable in baseline (no F16C) files. static: each ISA file

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "model/attention.h"
+#include "model/row_blocks.h"
 #include "kernels/isa.h"
 #include "model/half.h"
 #include "model/simd_avx2.h"
@@ -187,14 +188,9 @@ static inline void qk_rows(const float* Q, const float* KT, int ldkt, int nk8, i
 
 static void qk(const float* Q, int R, const float* KT, int ldkt, int nk, int d, float scale, float* S, int64_t lds) {
   const int nk8 = round8(nk);
-  int r = 0;
-  for (; r + 4 <= R; r += 4) qk_rows<4>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds);
-  switch (R - r) {
-    case 3: qk_rows<3>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds); break;
-    case 2: qk_rows<2>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds); break;
-    case 1: qk_rows<1>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds); break;
-    default: break;
-  }
+  for_row_blocks4(R, [&](auto rt, int r) {
+    qk_rows<decltype(rt)::value>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds);
+  });
 }
 
 
@@ -290,14 +286,9 @@ static inline void pv_rows(const float* P, int64_t ldp, const T* V, int64_t ldv,
 // converting a tile first would cost as much as the products).
 template <class T>
 static void pv(const float* P, int64_t ldp, int R, const T* V, int64_t ldv, int nk, int d, float* O) {
-  int r = 0;
-  for (; r + 4 <= R; r += 4) pv_rows<4, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d);
-  switch (R - r) {
-    case 3: pv_rows<3, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
-    case 2: pv_rows<2, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
-    case 1: pv_rows<1, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
-    default: break;
-  }
+  for_row_blocks4(R, [&](auto rt, int r) {
+    pv_rows<decltype(rt)::value, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d);
+  });
 }
 
 static void to_f16(const float* x, uint16_t* y, int n) {

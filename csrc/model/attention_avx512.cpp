@@ -7,15 +7,16 @@
 // Scores tiles cover a whole key tile: 4 query rows x 64 keys = 16 zmm
 // accumulators, per dim 4 key loads + 4 broadcasts for 16 FMAs (AVX2: 4 + 4
 // for 8 FMAs of half the width). Values: 4 rows x 64 dims per pass.
-#ifdef BITDLM_SIMDE
-#include "model/simde512_shim.h"  // tests/simde/attention_harness.cpp
-#else
-#include <immintrin.h>
-#endif
+// GCC 12 warns "__Y is used uninitialized" inside its own AVX-512 intrinsics
+// (GCC bug 105593); nothing of ours is uninitialized.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "kernels/simd512.h"  // intrinsics, or SIMDe in tests/simde/attention_harness.cpp
 
 #include <cmath>
 
 #include "model/attention.h"
+#include "model/row_blocks.h"
 
 namespace bitdlm {
 namespace avx512 {
@@ -93,14 +94,9 @@ static inline void qk_rows(const float* Q, const float* KT, int ldkt, int nk8, i
 static void qk(const float* Q, int R, const float* KT, int ldkt, int nk, int d, float scale, float* S, int64_t lds) {
   static_assert(kAttnTile <= 64, "qk_tile covers at most 4 vectors of 16 keys");
   const int nk8 = round8(nk);
-  int r = 0;
-  for (; r + 4 <= R; r += 4) qk_rows<4>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds);
-  switch (R - r) {
-    case 3: qk_rows<3>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds); break;
-    case 2: qk_rows<2>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds); break;
-    case 1: qk_rows<1>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds); break;
-    default: break;
-  }
+  for_row_blocks4(R, [&](auto rt, int r) {
+    qk_rows<decltype(rt)::value>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds);
+  });
 }
 
 static void softmax_tile(float* S, int64_t lds, int R, int n, float* m, float* l, float* O, int d) {
@@ -170,14 +166,9 @@ static inline void pv_rows(const float* P, int64_t ldp, const T* V, int64_t ldv,
 
 template <class T>
 static void pv(const float* P, int64_t ldp, int R, const T* V, int64_t ldv, int nk, int d, float* O) {
-  int r = 0;
-  for (; r + 4 <= R; r += 4) pv_rows<4, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d);
-  switch (R - r) {
-    case 3: pv_rows<3, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
-    case 2: pv_rows<2, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
-    case 1: pv_rows<1, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d); break;
-    default: break;
-  }
+  for_row_blocks4(R, [&](auto rt, int r) {
+    pv_rows<decltype(rt)::value, T>(P + r * ldp, ldp, V, ldv, nk, d, O + (int64_t)r * d);
+  });
 }
 
 }  // namespace avx512

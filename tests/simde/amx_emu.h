@@ -17,8 +17,10 @@ struct Tile {
   int rows = 0, colsb = 0;
   uint8_t d[16][64];
 };
-static thread_local Tile g_t[8];
-static thread_local bool g_cfg = false;
+// inline (C++17): one tile state per thread shared by every translation unit
+// the harness injects this header into (-include), as the hardware has one
+inline thread_local Tile g_t[8];
+inline thread_local bool g_cfg = false;
 static inline void fail(const char* what) {
   std::printf("AMX-EMU FAULT: %s\n", what);
   std::fflush(stdout);

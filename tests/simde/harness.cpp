@@ -1,8 +1,9 @@
 // Bit-exactness harness for the AVX-512 kernels on machines without AVX-512:
 // gemm_avx512.cpp and gemm_avx512vnni.cpp are compiled against SIMDe
 // (-DBITDLM_SIMDE, no -mavx512 flags) and compared with the scalar reference
-// on random and odd shapes; gemm_amx.cpp too, with the AMX tiles emulated
-// (tests/simde/amx_emu.h). Prints one line per failure and "OK <cases>";
+// on random and odd shapes; gemm_amx.cpp and the bench-only AMX variants
+// (csrc/bench/amx_variants_amx.cpp) too, with the AMX tiles emulated
+// (tests/simde/amx_emu.h, injected with -include by tests/test_kernels.py). Prints one line per failure and "OK <cases>";
 // exit status 0 only if everything matched. Run by tests/test_kernels.py.
 #include <algorithm>
 #include <cmath>
@@ -14,6 +15,12 @@
 #include "kernels/isa.h"
 
 using namespace bitdlm;
+
+namespace bitdlm {
+// csrc/bench/amx_variants_amx.cpp (bench-only AMX variants, compiled in here too)
+extern int g_amx_bench_variant;
+extern const AmxTernaryFn kAmxVariantTiles;
+}  // namespace bitdlm
 
 static uint64_t g_state = 0x9E3779B97F4A7C15ull;
 static uint32_t rnd() {  // xorshift64*
@@ -152,33 +159,40 @@ static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode
   std::vector<int8_t> vb((size_t)groups * 16 * Kp + 64);
   int8_t* vba = (int8_t*)(((uintptr_t)vb.data() + 63) / 64 * 64);
   for (int i = 0; i < groups * steps; ++i) kAmxKernels.amx_act(a, i / steps, i % steps, vba);
-  // the kernel-relevant variants (isa.h): bits 0, 5, 6 pick the kernel, 3 and 4
-  // change its inner loop, 2 the 32-token job chunks (bit 1 is dispatch-only)
-  for (int variant : {0, kAmxL1Unpack, kAmxTok32, kAmxL1Unpack | kAmxTok32, kAmxL1Unpack | kAmxPrefetch,
-                      kAmxL1Unpack | kAmxPipeline, kAmxL1Unpack | kAmxPrefetch | kAmxPipeline, kAmxRows64,
-                      kAmxRows64 | kAmxPipeline | kAmxPrefetch, kAmxRows128 | kAmxTok32,
-                      kAmxRows128 | kAmxPipeline}) {
-    g_amx_variant = variant;
-    const int chunk = (variant & kAmxTok32) ? 32 : 64, rb = amx_row_block(variant);
+  // the shipped kernel (kAmxRowBlock-row jobs), then the bench-only variants
+  // (csrc/bench/amx_variants_amx.cpp: bits 1 L1 unpack, 8 prefetch, 16
+  // pipelined unpack, 32 / 64 64- / 128-row jobs) with the job heights
+  // bench/amx_sweep.py gives them; one run also with 32-token jobs
+  struct Case {
+    int variant, chunk;
+  };
+  for (const Case c : {Case{-1, 64}, Case{-1, 32}, Case{0, 64}, Case{1, 64}, Case{1 | 8, 64}, Case{1 | 16, 64},
+                       Case{1 | 8 | 16, 32}, Case{32 | 8 | 16, 64}, Case{64, 32}, Case{64 | 16, 64}}) {
+    AmxTernaryFn fn = kAmxKernels.amx_ternary;
+    int rb = kAmxRowBlock;
+    if (c.variant >= 0) {
+      g_amx_bench_variant = c.variant;
+      fn = kAmxVariantTiles;
+      rb = (c.variant & 64) ? 128 : (c.variant & 32) ? 64 : 32;
+    }
     std::fill(got.begin(), got.end(), -7);
     std::fill(ygot.begin(), ygot.end(), -7.f);
     kAmxKernels.amx_begin();
     for (int pass = 0; pass < 2; ++pass)
       for (int m0 = 0; m0 < M; m0 += rb)
-        for (int n0 = 0; n0 < N; n0 += chunk) {
-          const int m1 = m0 + rb < M ? m0 + rb : M, n1 = n0 + chunk < N ? n0 + chunk : N;
-          kAmxKernels.amx_ternary(wg, a, vba, m0, m1, n0, n1, pass ? nullptr : got.data());
+        for (int n0 = 0; n0 < N; n0 += c.chunk) {
+          const int m1 = m0 + rb < M ? m0 + rb : M, n1 = n0 + c.chunk < N ? n0 + c.chunk : N;
+          fn(wg, a, vba, m0, m1, n0, n1, pass ? nullptr : got.data());
         }
     kAmxKernels.amx_end();
     ++g_cases;
     if (std::memcmp(ref.data(), got.data(), ref.size() * 4) ||
         std::memcmp(yref.data(), ygot.data(), yref.size() * 4)) {
       ++g_fail;
-      std::printf("FAIL amx ternary variant=%d M=%d K=%d N=%d act=[%d,%d] codes=%d\n", variant, M, K, N, act_lo,
-                  act_hi, code_mode);
+      std::printf("FAIL amx ternary variant=%d (-1: shipped) chunk=%d M=%d K=%d N=%d act=[%d,%d] codes=%d\n",
+                  c.variant, c.chunk, M, K, N, act_lo, act_hi, code_mode);
     }
   }
-  g_amx_variant = kAmxDefaultVariant;
 }
 
 // The AMX int8 lm_head (TDPBSSD, weights as A tiles straight from the matrix)
@@ -200,20 +214,16 @@ static void check_amx_i8(int M, int K, int N, int job = 64) {
   std::vector<int8_t> vb((size_t)groups * 16 * Kp + 64);
   int8_t* vba = (int8_t*)(((uintptr_t)vb.data() + 63) / 64 * 64);
   for (int i = 0; i < groups * steps; ++i) kAmxKernels.amx_act(a, i / steps, i % steps, vba);
-  for (int variant : {0, kAmxPrefetch}) {
-    g_amx_variant = variant;
-    std::fill(got.begin(), got.end(), -7.f);
-    kAmxKernels.amx_begin();
-    for (int m0 = 0; m0 < M; m0 += job)  // (dispatch: 256-row jobs; 64 exercises more job ends)
-      kAmxKernels.amx_i8(w.data(), ws.data(), K, a, vba, got.data(), M, m0, m0 + job < M ? m0 + job : M);
-    kAmxKernels.amx_end();
-    ++g_cases;
-    if (std::memcmp(ref.data(), got.data(), ref.size() * 4)) {
-      ++g_fail;
-      std::printf("FAIL amx i8 variant=%d M=%d K=%d N=%d\n", variant, M, K, N);
-    }
+  // (the kernel picks its prefetch by N: per row for N <= 16, next group above)
+  kAmxKernels.amx_begin();
+  for (int m0 = 0; m0 < M; m0 += job)  // (dispatch: 256-row jobs; 64 exercises more job ends)
+    kAmxKernels.amx_i8(w.data(), ws.data(), K, a, vba, got.data(), M, m0, m0 + job < M ? m0 + job : M);
+  kAmxKernels.amx_end();
+  ++g_cases;
+  if (std::memcmp(ref.data(), got.data(), ref.size() * 4)) {
+    ++g_fail;
+    std::printf("FAIL amx i8 M=%d K=%d N=%d\n", M, K, N);
   }
-  g_amx_variant = kAmxDefaultVariant;
 }
 
 int main(int argc, char** argv) {
@@ -227,7 +237,7 @@ int main(int argc, char** argv) {
     for (int M : {1, 16, 17, 45, 100, 161}) check_amx(M, 257, N, -128, 127, 0);
   check_amx(33, 64, 5, -128, 127, 0);
   check_amx(20, 6912, 17, -128, 127, 0);  // long K (down_proj)
-  check_amx(130, 1280, 33, -128, 127, 0);  // several K slices x groups (kAmxRows64 / 128)
+  check_amx(130, 1280, 33, -128, 127, 0);  // several K slices x groups (64- / 128-row jobs)
   check_amx(19, 2560, 32, -128, 127, 3);  // all -1 / all +1 rows
   check_amx(16, 1000, 8, 127, 127, 2);
   check_amx(16, 1000, 8, -128, -128, 1);

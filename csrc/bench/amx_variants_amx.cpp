@@ -1,0 +1,154 @@
+// Bench-only AMX ternary kernel variants (BITDLM_BENCH_KERNELS builds; never
+// shipped): the alternatives the Sapphire Rapids sweeps measured against the
+// shipped kernel (gemm_amx.cpp = variant 33), kept so bench/amx_sweep.py can
+// re-measure them. Bit flags (docs/kernels.md has the predictions and results):
+//   1  kL1Unpack: unpack one 128-k block at a time into L1 (else the job's
+//                 rows once into a per-thread buffer of 32 x Kp bytes)
+//   8  kPrefetch: software prefetch of the job's weight rows 8 blocks ahead
+//   16 kPipeline: double-buffered unpack, one block ahead of the TDPBUSDs
+//   32 kRows64 / 64 kRows128: 64- / 128-row jobs with K-sliced B panels
+// _core.set_amx_variant (bind_bench.cpp) installs variant_tiles in the
+// dispatcher (set_amx_ternary_kernel); every variant is bit-exact
+// (tests/simde/harness.cpp, tests/test_kernels.py natively).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "kernels/epilogue.h"
+#include "kernels/isa.h"
+#include "kernels/simd512.h"
+
+namespace bitdlm {
+// bind_bench.cpp sets it (validated there); constant-initialized
+int g_amx_bench_variant = 33;
+
+namespace amx_bench {
+
+#include "kernels/amx_tiles.h"
+
+constexpr int kL1Unpack = 1, kPrefetch = 8, kPipeline = 16, kRows64 = 32, kRows128 = 64;
+
+// Per-thread unpack buffer of variant 0. Plain pointer + C allocation: no std::
+// container instantiated with AMX/AVX-512 flags.
+static thread_local uint8_t* t_buf = nullptr;
+static thread_local size_t t_cap = 0;
+
+static uint8_t* scratch(size_t bytes) {
+  if (bytes > t_cap) {
+    std::free(t_buf);
+    t_buf = (uint8_t*)std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    t_cap = t_buf ? bytes : 0;
+  }
+  return t_buf;
+}
+
+// Unpacks rows [m0, m0 + nrows) (nrows <= 16) into A tiles: ub + s * 1 KiB,
+// tile row r = the 64 codes u of k = 64s .. 64s + 63 of row m0 + r. Missing
+// rows are zero.
+static void unpack_rows(const TernaryW& w, const ActQ& a, int m0, int nrows, uint8_t* ub) {
+  const int nb = a.Kp / kKBlock;
+  const int64_t wstride = a.Kp / 4;
+  const Unpacker u;
+  for (int r = 0; r < kTileRows; ++r) {
+    uint8_t* dst = ub + r * kTileK;
+    if (r >= nrows) {
+      for (int s = 0; s < 2 * nb; ++s) _mm512_store_si512(dst + s * kTileBytes, _mm512_setzero_si512());
+      continue;
+    }
+    const uint8_t* row = w.data + (int64_t)(m0 + r) * wstride;
+    for (int b = 0; b < nb; ++b) u.block(row + b * 32, dst + (2 * b) * kTileBytes, kTileBytes);
+  }
+}
+
+// How far ahead (in 128-k blocks) kPrefetch fetches the job's weight rows:
+// 8 blocks = 4 cache lines per row, ~1000 TDPBUSD cycles at N = 32.
+constexpr int kPfBlocks = 8;
+
+// One 32-row group's blocks [b0, b1) into tmm0-3 with the kPrefetch /
+// kPipeline options. ub: 2 x 4 KiB of A tiles (the second half only with
+// kPipeline: block b + 1 is unpacked into the other buffer after block b's
+// TDPBUSDs are issued, so a tile load never reads a store of the same
+// iteration).
+static inline void group_blocks(const TernaryW& w, const ActQ& a, int m, int r0, int r1, int nh, bool two,
+                                const int8_t* bt0, const int8_t* bt1, int b0, int b1, uint8_t* ub, int var) {
+  const int nb = a.Kp / kKBlock;
+  const int64_t wstride = a.Kp / 4;
+  const bool pipe = var & kPipeline, pf = var & kPrefetch;
+  const int rows = nh == 2 ? kTileRows + r1 : r0;
+  auto unpack = [&](int b, uint8_t* dst) {
+    if (pf && !(b & 1) && b + kPfBlocks < nb) {
+      const uint8_t* p = w.data + (int64_t)m * wstride + (b + kPfBlocks) * 32;
+      for (int r = 0; r < rows; ++r) PREFETCH(p + r * wstride);
+    }
+    unpack_block(w, a, m, r0, b, dst);
+    if (nh == 2) unpack_block(w, a, m + kTileRows, r1, b, dst + 2 * kTileBytes);
+  };
+  if (pipe) unpack(b0, ub);
+  for (int b = b0; b < b1; ++b) {
+    uint8_t* cur = pipe ? ub + ((b - b0) & 1) * 4 * kTileBytes : ub;
+    if (!pipe) unpack(b, cur);
+    block_dpbusd(cur, bt0, bt1, b, nh, two);
+    if (pipe && b + 1 < b1) unpack(b + 1, ub + ((b + 1 - b0) & 1) * 4 * kTileBytes);
+  }
+}
+
+// Row split of a <= 32-row job: r0 / r1 rows in its two 16-row tiles.
+struct Rows {
+  int nh, r0, r1;
+  explicit Rows(int rows)
+      : nh(rows > kTileRows ? 2 : 1), r0(rows < kTileRows ? rows : kTileRows), r1(rows - kTileRows) {}
+};
+
+// The variant's kernel for rows [m0, m1) (32, 64 or 128 rows) x tokens [n0, n1).
+static void variant_tiles(const TernaryW& w, const ActQ& a, const int8_t* vb, int m0, int m1, int n0, int n1,
+                          int32_t* out) {
+  const int var = g_amx_bench_variant;
+  const int S = a.Kp / kTileK, nb = a.Kp / kKBlock;
+  alignas(64) uint8_t ub[8 * kTileBytes];
+  alignas(64) int32_t c[kTileRows * kTileRows];
+  if (var & (kRows64 | kRows128)) {
+    ternary_ks(w, a, vb, m0, m1, n0, n1, out,
+               [&](int m, int r0, int r1, int nh, bool two, const int8_t* bt0, const int8_t* bt1, int b0, int b1) {
+                 group_blocks(w, a, m, r0, r1, nh, two, bt0, bt1, b0, b1, ub, var);
+               });
+    return;
+  }
+  const Rows rw(m1 - m0);
+  // variant 0: the job's rows unpacked once into a 32 x Kp buffer (L2)
+  uint8_t* rb = nullptr;
+  if (!(var & kL1Unpack)) {
+    rb = scratch((size_t)2 * S * kTileBytes);
+    if (!rb) throw std::bad_alloc();
+    unpack_rows(w, a, m0, rw.r0, rb);
+    if (rw.nh == 2) unpack_rows(w, a, m0 + kTileRows, rw.r1, rb + (size_t)S * kTileBytes);
+  }
+  for (int n = n0; n < n1; n += 2 * kTileRows) {
+    const bool two = n + kTileRows < n1;
+    const int8_t* bt0 = vb + (int64_t)(n / kTileRows) * S * kTileBytes;
+    const int8_t* bt1 = bt0 + (int64_t)S * kTileBytes;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    if (var & kL1Unpack) {
+      group_blocks(w, a, m0, rw.r0, rw.r1, rw.nh, two, bt0, bt1, 0, nb, ub, var);
+    } else {
+      // A tiles of step s: rb + s KiB (rows 0-15), rb + (S + s) KiB (16-31)
+      for (int s = 0; s < S; ++s)
+        step_dpbusd(rb + s * kTileBytes, rb + (S + s) * kTileBytes, bt0 + s * kTileBytes, bt1 + s * kTileBytes,
+                    rw.nh, two);
+    }
+    const int nc0 = n1 - n < kTileRows ? n1 - n : kTileRows;
+    const int nc1 = n1 - n - kTileRows < kTileRows ? n1 - n - kTileRows : kTileRows;
+    store_group(w, a, m0, rw.r0, rw.r1, rw.nh, two, n, nc0, nc1, c, out);
+  }
+}
+
+}  // namespace amx_bench
+
+// bind_bench.cpp (baseline) installs it with set_amx_ternary_kernel.
+extern const AmxTernaryFn kAmxVariantTiles = &amx_bench::variant_tiles;
+
+}  // namespace bitdlm
