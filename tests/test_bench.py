@@ -236,6 +236,7 @@ def test_compare_tiny_end_to_end(tmp_path):
 
 
 @needs_core
+@pytest.mark.torch
 def test_pytorch_reference_runs_the_same_weights(tiny):
     """compare.py's PyTorch reference, loaded from the .bin, agrees with bitdlm's logits."""
     import torch

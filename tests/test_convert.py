@@ -21,6 +21,8 @@ from bitdlm.convert import (ConversionError, convert, convert_report, format_sum
                             run_cli, unpack_hf_packed)
 from bitdlm.format import ModelFile
 
+pytestmark = pytest.mark.torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -309,6 +309,7 @@ def test_bitdlm_isa_env_override():
 _NO_AMX = "this CPU has no AMX-INT8 (or Linux refused the tile state); the AMX kernel is checked under SIMDe + emulation"
 
 
+@pytest.mark.native
 @pytest.mark.skipif("amx" not in ISAS, reason=_NO_AMX)
 # csrc/kernels/isa.h: AMX kernel variant bit flags (each alone and the combinations the kernel distinguishes)
 @pytest.mark.parametrize("variant", [0, 1, 2, 4, 8, 16, 32, 64, 1 | 8 | 16, 1 | 4 | 8 | 16, 32 | 8 | 16, 64 | 8 | 16,
@@ -345,6 +346,7 @@ def test_amx_multi_gemm_bit_exact_vs_scalar(n, variant):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.native
 @pytest.mark.skipif("amx" not in ISAS, reason=_NO_AMX)
 @pytest.mark.parametrize("variant", [1, 9, 129])  # bit 3: the AMX lm_head's prefetch; 128: lm_head on VNNI
 @pytest.mark.parametrize("m,k,n", [(16, 2560, 2), (100, 2560, 8), (300, 640, 33), (1000, 2560, 17), (77, 320, 64)])

@@ -26,6 +26,8 @@ import pytest  # noqa: E402
 from helpers import wait_until  # noqa: E402
 from hf_models import child_env  # noqa: E402
 
+pytestmark = pytest.mark.server
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-bitdlm"
 
@@ -891,9 +893,14 @@ def test_serve_help_shows_every_default_and_the_real_metric_name():
         assert want in text, want
 
 
-# last: it shuts the module's `server` down
-def test_zz_graceful_shutdown_finishes_in_flight_requests(server):
-    """SIGTERM: the running stream still completes, then the process exits."""
+def test_graceful_shutdown_finishes_in_flight_requests(tiny_model, tmp_path):
+    """SIGTERM: the running stream still completes, then the process exits. Its own
+    server (it shuts it down): the module's `server` stays up, in any test order."""
+    with running_server(tiny_model, tmp_path / "server.log") as server:
+        _graceful_shutdown(server)
+
+
+def _graceful_shutdown(server):
     c = client_for(server.base)
     stream = c.completions.create(model="tiny", prompt=prompt_ids(7), max_tokens=40,
                                   temperature=0, stream=True, extra_body={"threshold": 1.0})
