@@ -46,6 +46,8 @@ CODE_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\ndef main():",
 GOLDEN = Path(__file__).resolve().parent / "data" / "default_model_golden.json"
 GOLDEN_TOKENS = 40
 
+pytestmark = pytest.mark.slow  # the 2-layer default model, decoded in full (minutes on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def model():

@@ -364,6 +364,7 @@ def _cli(*args):
                           env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_generate(models):
     import bitdlm
 

@@ -141,6 +141,7 @@ print("DONE", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_fuzz_model_headers(tmp_path):
     rng = random.Random(SEED)
     base = tmp_path / "base.bin"

@@ -404,6 +404,7 @@ _SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csr
                   "csrc/kernels/gemm.h"]
 
 
+@pytest.mark.slow
 def test_avx512_kernels_bit_exact_via_simde(tmp_path_factory):
     """The AVX-512 (BW and VNNI) kernels, compiled against SIMDe without any
     -mavx512 flag, agree bit for bit with the scalar reference."""
