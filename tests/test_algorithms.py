@@ -24,7 +24,9 @@ from bitdlm.llm import LLM  # noqa: E402
 from bitdlm.sampling_params import SamplingParams  # noqa: E402
 
 from ref_decoder import RefDecoder  # noqa: E402
-from test_engine import BS, SBS, Counting, _backend, _prompt, models  # noqa: E402,F401  (fixture)
+from engine_models import BS, SBS, Counting, backend, prompt_ids  # noqa: E402
+
+pytestmark = pytest.mark.torch  # the reference decoder runs transformers
 
 ALGOS = {"threshold": dict(threshold=0.7), "factor": dict(factor=1.0),
          "credit": dict(threshold=0.95, credit_alpha=1.5, decay_beta=0.5),
@@ -175,8 +177,8 @@ def test_validation(kw, match):
 def test_tiny_temperature_is_greedy(models):
     # 1e-40 is a float32 denormal: logits / T would overflow to NaN confidences in the core
     m = models[True]
-    llm = LLM(_backend(m))
-    prompt = _prompt(5, seed=90)
+    llm = LLM(backend(m))
+    prompt = prompt_ids(5, seed=90)
     greedy = llm.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
     for algo in ("threshold", "credit"):
         sp = SamplingParams(max_tokens=12, ignore_eos=True, temperature=1e-40, seed=1, generation_algorithm=algo)
@@ -188,14 +190,14 @@ def test_tiny_temperature_is_greedy(models):
 
 def test_engine_rejects_what_it_cannot_run(models):
     m = models[True]
-    eng = Engine(_backend(m))
+    eng = Engine(backend(m))
     for kw, match in [(dict(top_p=1e-320), "top_p"), (dict(block_length=6, small_block_size=4), "small_block_size"),
                       (dict(block_length=4, small_block_size=8), "small_block_size"),
                       (dict(block_length=10 ** 6), "context")]:
         with pytest.raises(ValueError, match=match):
             eng.add_request("r", [5, 6], SamplingParams(**kw))
         assert not eng.has_unfinished()
-    eng_ns = Engine(_backend(models[False]))
+    eng_ns = Engine(backend(models[False]))
     with pytest.raises(ValueError, match="shifted"):
         eng_ns.add_request("r", [5, 6], SamplingParams(block_length=1))
 
@@ -207,10 +209,10 @@ def test_engine_rejects_what_it_cannot_run(models):
 def test_matches_reference(models, shift, cache, algorithm):
     m = models[shift]
     kw = ALGOS[algorithm]
-    llm = LLM(_backend(m))
+    llm = LLM(backend(m))
     agreed = differs = 0
     for plen in (1, BS, BS + 3):
-        prompt = _prompt(plen, seed=200 + plen)
+        prompt = prompt_ids(plen, seed=200 + plen)
         want, ref = _ref(m, prompt, max_tokens=18, algorithm=algorithm, cache=cache, **kw)
         got = llm.generate(prompt, SamplingParams(max_tokens=18, generation_algorithm=algorithm, cache=cache,
                                                   **kw))[0]
@@ -226,10 +228,10 @@ def test_matches_reference(models, shift, cache, algorithm):
 def test_block_length_per_request_matches_reference(models, algorithm):
     m = models[True]
     kw = ALGOS[algorithm]
-    llm = LLM(_backend(m))
+    llm = LLM(backend(m))
     agreed = 0
     for bl, sbs in ((4, 2), (16, 8), (1, 1)):
-        prompt = _prompt(6, seed=300 + bl)
+        prompt = prompt_ids(6, seed=300 + bl)
         want, ref = _ref(m, prompt, max_tokens=14, algorithm=algorithm, cache="prefix", block_size=bl, sbs=sbs,
                          **kw)
         got = llm.generate(prompt, SamplingParams(max_tokens=14, generation_algorithm=algorithm, block_length=bl,
@@ -240,20 +242,20 @@ def test_block_length_per_request_matches_reference(models, algorithm):
 
 def test_none_cache_recomputes_from_zero(models):
     m = models[True]
-    be = _backend(m)
-    prompt = _prompt(BS + 3, seed=7)
+    be = backend(m)
+    prompt = prompt_ids(BS + 3, seed=7)
     LLM(be).generate(prompt, SamplingParams(max_tokens=12, cache="none", ignore_eos=True))
     # every step ran the whole sequence so far from position 0, and nothing was prefilled
     assert be.token_counts[0] == BS * 2 and max(be.token_counts) == len(prompt) - 3 + 2 * BS
-    be2 = _backend(m)
+    be2 = backend(m)
     LLM(be2).generate(prompt, SamplingParams(max_tokens=12, cache="prefix", ignore_eos=True))
     assert max(be2.token_counts) == BS
 
 
 def test_factor_and_credit_decode_in_parallel(models):
     m = models[True]
-    llm = LLM(_backend(m))
-    prompt = _prompt(5, seed=16)
+    llm = LLM(backend(m))
+    prompt = prompt_ids(5, seed=16)
     tpf = {}
     for name, kw in [("threshold", dict(threshold=1.0)), ("factor", dict(factor=2.0)),
                      ("credit", dict(threshold=0.9))]:
@@ -264,7 +266,7 @@ def test_factor_and_credit_decode_in_parallel(models):
 
 def test_mixed_batch_equals_alone(models):
     m = models[True]
-    prompts = [_prompt(n, seed=40 + n) for n in (1, BS - 1, BS, BS + 3, 5, 9)]
+    prompts = [prompt_ids(n, seed=40 + n) for n in (1, BS - 1, BS, BS + 3, 5, 9)]
     params = [SamplingParams(max_tokens=12, generation_algorithm="factor", cache="none"),
               SamplingParams(max_tokens=9, generation_algorithm="credit", cache="dual"),
               SamplingParams(max_tokens=14, threshold=0.5, block_length=4, small_block_size=2),
@@ -272,8 +274,8 @@ def test_mixed_batch_equals_alone(models):
               SamplingParams(max_tokens=8, temperature=0.8, seed=3, generation_algorithm="credit", cache="none"),
               SamplingParams(max_tokens=11, temperature=0.7, seed=4, top_p=0.9, generation_algorithm="factor",
                              block_length=4)]
-    alone = [LLM(_backend(m)).generate(p, sp)[0] for p, sp in zip(prompts, params)]
-    be = _backend(m)
+    alone = [LLM(backend(m)).generate(p, sp)[0] for p, sp in zip(prompts, params)]
+    be = backend(m)
     together = LLM(be).generate(prompts, params)
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
     # one forward per (block size, select / logits) group and step: never one per request
@@ -306,7 +308,7 @@ def _run(eng):
 
 
 def _alone(m, prompt, sp):
-    return LLM(_backend(m)).generate(prompt, sp)[0].token_ids
+    return LLM(backend(m)).generate(prompt, sp)[0].token_ids
 
 
 def test_forward_fault_fails_only_its_request(models):
@@ -314,7 +316,7 @@ def test_forward_fault_fails_only_its_request(models):
     be = Faulty(m.path)
     eng = Engine(be, tokenizer=be.tokenizer)
     sp = SamplingParams(max_tokens=10, ignore_eos=True)
-    prompts = {r: _prompt(4 + i, seed=60 + i) for i, r in enumerate("abc")}
+    prompts = {r: prompt_ids(4 + i, seed=60 + i) for i, r in enumerate("abc")}
     for r, p in prompts.items():
         eng.add_request(r, p, sp)
     eng.scheduler.admit([])
@@ -332,17 +334,17 @@ def test_value_the_core_rejects_fails_only_its_request(models):
     # a top_p that is 0.0 in float32 slipped past validation (changed after add_request): the
     # core rejects the batched forward; the retry item by item pins it on that request alone
     m = models[True]
-    be = _backend(m)
+    be = backend(m)
     eng = Engine(be, tokenizer=be.tokenizer)
     good = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.7, seed=5)
     bad = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.7, seed=6)
-    eng.add_request("good", _prompt(4, seed=95), good)
-    eng.add_request("bad", _prompt(5, seed=96), bad)
+    eng.add_request("good", prompt_ids(4, seed=95), good)
+    eng.add_request("bad", prompt_ids(5, seed=96), bad)
     bad.top_p = 1e-320
     outs = _run(eng)
     assert outs["bad"][-1].finish_reason == "error" and "top_p" in outs["bad"][-1].error
     assert outs["good"][-1].finish_reason == "length"
-    assert sum((o.new_token_ids for o in outs["good"]), []) == _alone(m, _prompt(4, seed=95), good)
+    assert sum((o.new_token_ids for o in outs["good"]), []) == _alone(m, prompt_ids(4, seed=95), good)
     assert be.kv == {}
 
 
@@ -351,8 +353,8 @@ def test_nobodys_fault_fails_the_step_and_the_engine_goes_on(models):
     be = Faulty(m.path)
     eng = Engine(be, tokenizer=be.tokenizer)
     sp = SamplingParams(max_tokens=6, ignore_eos=True)
-    eng.add_request("a", _prompt(3, seed=1), sp)
-    eng.add_request("b", _prompt(4, seed=2), sp)
+    eng.add_request("a", prompt_ids(3, seed=1), sp)
+    eng.add_request("b", prompt_ids(4, seed=2), sp)
     eng.step()
     be.broken = True
     outs = eng.step()
@@ -360,16 +362,16 @@ def test_nobodys_fault_fails_the_step_and_the_engine_goes_on(models):
     assert all(o.finished and o.finish_reason == "error" and o.error for o in outs)
     assert not eng.has_unfinished() and be.kv == {}
     be.broken = False
-    eng.add_request("c", _prompt(5, seed=3), sp)
+    eng.add_request("c", prompt_ids(5, seed=3), sp)
     outs = _run(eng)
-    assert sum((o.new_token_ids for o in outs["c"]), []) == _alone(m, _prompt(5, seed=3), sp)
+    assert sum((o.new_token_ids for o in outs["c"]), []) == _alone(m, prompt_ids(5, seed=3), sp)
 
 
 @pytest.mark.parametrize("cls, where", [(RequestState, "plan"), (RequestState, "apply"),
                                         (OutputProcessor, "collect")])
 def test_exception_in_one_requests_step_ends_it_alone(models, monkeypatch, cls, where):
     m = models[True]
-    be = _backend(m)
+    be = backend(m)
     eng = Engine(be, tokenizer=be.tokenizer)
     orig = getattr(cls, where)
     calls = {"n": 0}
@@ -384,9 +386,9 @@ def test_exception_in_one_requests_step_ends_it_alone(models, monkeypatch, cls, 
 
     monkeypatch.setattr(cls, where, boom)
     sp = SamplingParams(max_tokens=9, ignore_eos=True, generation_algorithm="factor")
-    good = {"g1": _prompt(3, seed=70), "g2": _prompt(BS + 2, seed=71)}
+    good = {"g1": prompt_ids(3, seed=70), "g2": prompt_ids(BS + 2, seed=71)}
     eng.add_request("g1", good["g1"], sp)
-    eng.add_request("bad", _prompt(5, seed=72), sp)
+    eng.add_request("bad", prompt_ids(5, seed=72), sp)
     eng.add_request("g2", good["g2"], sp)
     outs = _run(eng)
     assert outs["bad"][-1].finish_reason == "error" and "injected" in outs["bad"][-1].error
@@ -398,20 +400,21 @@ def test_exception_in_one_requests_step_ends_it_alone(models, monkeypatch, cls, 
 
 
 # ------------------------------------------------------------- HTTP
+@pytest.mark.server
 def test_http_algorithm_fields(models):
     from fastapi.testclient import TestClient
 
     from bitdlm.server import ServerConfig, create_app
 
     m = models[True]
-    be = _backend(m)
+    be = backend(m)
     eng = Engine(be, tokenizer=be.tokenizer)
     cfg = ServerConfig(served_model_name="tiny", max_model_len=m.meta["max_position_embeddings"],
                        vocab_size=m.meta["vocab_size"], max_batch=4)
     with TestClient(create_app(eng, be.tokenizer, cfg)) as c:
         r = c.get("/generation/algorithms")
         assert r.status_code == 200 and r.json() == decoding.describe()
-        prompt = _prompt(6, seed=80)
+        prompt = prompt_ids(6, seed=80)
         body = dict(prompt=prompt, max_tokens=10, temperature=0, ignore_eos=True)
         r = c.post("/v1/completions", json={**body, "generation_algorithm": "beam"})
         assert r.status_code == 400, r.text
@@ -428,6 +431,6 @@ def test_http_algorithm_fields(models):
             r = c.post("/v1/completions", json={**body, **extra})
             assert r.status_code == 200, r.text
             sp.max_tokens, sp.ignore_eos = 10, True
-            want = LLM(_backend(m)).generate(prompt, sp)[0]
+            want = LLM(backend(m)).generate(prompt, sp)[0]
             assert r.json()["choices"][0]["text"] == want.text
             assert r.json()["usage"]["completion_tokens"] == len(want.token_ids)

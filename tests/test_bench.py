@@ -187,6 +187,7 @@ def test_economics_break_even():
 needs_core = pytest.mark.skipif(not _core_ready(), reason="bitdlm._core.Model not built (./scripts/dev_build.sh)")
 
 
+@pytest.mark.slow
 @needs_core
 def test_bench_threads_cli_writes_json_and_png(tiny, tmp_path):
     js, png = tmp_path / "t.json", tmp_path / "t.png"
@@ -209,6 +210,7 @@ def test_bench_threads_missing_model_is_a_clear_error(tmp_path):
         _bench_cli(["bench", "threads", "--model", str(tmp_path / "nope.bin")])
 
 
+@pytest.mark.slow
 @needs_core
 def test_compare_tiny_end_to_end(tmp_path):
     """compare.py on the tiny shape: bitdlm, and llama.cpp when llama-cpp-python is installed."""
@@ -236,6 +238,7 @@ def test_compare_tiny_end_to_end(tmp_path):
 
 
 @needs_core
+@pytest.mark.torch
 def test_pytorch_reference_runs_the_same_weights(tiny):
     """compare.py's PyTorch reference, loaded from the .bin, agrees with bitdlm's logits."""
     import torch

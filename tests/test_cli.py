@@ -51,6 +51,7 @@ def test_build_info_describes_this_build():
     assert any("__OPTIMIZE__" in f for f in info["flags"]), "the core must be an optimised build"
 
 
+@pytest.mark.slow
 def test_version_reports_package_isa_compiler_openmp():
     r = run_cli("--version")
     assert r.returncode == 0, r.stderr

@@ -21,6 +21,8 @@ from bitdlm.convert import (ConversionError, convert, convert_report, format_sum
                             run_cli, unpack_hf_packed)
 from bitdlm.format import ModelFile
 
+pytestmark = pytest.mark.torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -74,6 +76,7 @@ def fp32_model(tmp_path_factory):
     return convert_tiny(tmp_path_factory.mktemp("fp32"))
 
 
+@pytest.mark.slow
 def test_fp32_codes_scales_and_metadata(fp32_model):
     hf = fp32_model.parent / "hf"
     meta = _check_master(fp32_model, hf, TINY_CONFIG["num_hidden_layers"])

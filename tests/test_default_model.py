@@ -46,6 +46,8 @@ CODE_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\ndef main():",
 GOLDEN = Path(__file__).resolve().parent / "data" / "default_model_golden.json"
 GOLDEN_TOKENS = 40
 
+pytestmark = pytest.mark.slow  # the 2-layer default model, decoded in full (minutes on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -134,6 +136,7 @@ def test_loads_with_diffusion_metadata(model):
     assert logits.shape == (16, m["vocab_size"]) and np.isfinite(logits).all()
 
 
+@pytest.mark.torch
 def test_forward_matches_transformers(model, hf):
     """Teacher-forced logits: bitdlm's C++ forward vs transformers on the same codes."""
     import torch
@@ -238,6 +241,7 @@ def _torch_prompts(tok):
     return [p[0], p[2], p[4], tok.encode(CODE_PROMPTS[0])]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("threshold", [1.0, 0.5])  # one token per step; the file's default
 def test_matches_torch_reference_decoder(model, llm_f32kv, hf, threshold):
     from ref_decoder import RefDecoder

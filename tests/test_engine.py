@@ -7,9 +7,6 @@ import os
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
-from dataclasses import dataclass  # noqa: E402
-
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -17,90 +14,15 @@ from bitdlm.engine import Engine  # noqa: E402
 from bitdlm.llm import LLM, SamplingParams  # noqa: E402
 from bitdlm.tokenizer import Tokenizer  # noqa: E402
 
-from hf_models import MASK_ID, load_reference_model, make_hf_model  # noqa: E402
+from engine_models import BS, SBS, Tiny, backend, prompt_ids  # noqa: E402
 from ref_decoder import RefDecoder  # noqa: E402
 
-BS, SBS = 8, 4
-
-
-# ----------------------------------------------------------------- fixtures
-class Counting:
-    """bitdlm.load's Model (f32 KV: exact against the fp32 oracle) that counts
-    forward calls, tokens per item and live caches; meta overrides for tests."""
-
-    def __init__(self, path, **meta_over):
-        import bitdlm
-
-        self.model = bitdlm.load(str(path), threads=1, kv_dtype="f32")
-        self.meta = dict(self.model.meta, **meta_over)
-        self.tokenizer = self.model.tokenizer
-        self.calls, self.token_counts, self.kv = [], [], {}
-
-    def alloc_seq(self, capacity):
-        sid = self.model.alloc_seq(capacity)
-        self.kv[sid] = capacity
-        return sid
-
-    def free_seq(self, sid):
-        self.model.free_seq(sid)
-        del self.kv[sid]
-
-    def forward(self, items, *args, **kw):
-        self.calls.append(len(items))
-        self.token_counts += [len(it[1]) for it in items]
-        return self.model.forward(items, *args, **kw)
-
-
-@dataclass
-class Tiny:
-    hf: object  # transformers' quantized BitNet (the oracle)
-    meta: dict
-    path: object  # the converted .bin
-
-
-def _sharpened_checkpoint(tmp, shift, seed):
-    """A tiny random checkpoint (tests/hf_models.py) made confident enough that
-    thresholds < 1 unmask several tokens per step: large embeddings and a larger
-    final norm (random weights otherwise give near-uniform confidences)."""
-    from safetensors.numpy import load_file, save_file
-
-    hf_dir = make_hf_model(tmp / "hf", seed=seed, initializer_range=0.3, max_position_embeddings=96,
-                           extra_config=dict(mask_token_id=MASK_ID, bd_size=BS, small_block_size=SBS,
-                                             shift_logits=shift))
-    st = hf_dir / "model.safetensors"
-    sd = load_file(str(st))
-    sd["model.norm.weight"] = sd["model.norm.weight"] * np.float32(5.0)
-    # the .bin stores the (tied) embedding in f16: give the oracle the very same values
-    sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"].astype(np.float16).astype(np.float32)
-    save_file(sd, str(st), metadata={"format": "pt"})
-    return hf_dir
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from bitdlm.convert import convert
-    from bitdlm.format import ModelFile
-
-    out = {}
-    for shift in (True, False):
-        tmp = tmp_path_factory.mktemp(f"shift{int(shift)}")
-        hf_dir = _sharpened_checkpoint(tmp, shift, seed=1 if shift else 2)
-        path = convert(hf_dir, tmp / "model.bin", force=True, progress=False)
-        meta = ModelFile.open(path).meta
-        d = meta["diffusion"]
-        assert (d["block_size"], d["small_block_size"], d["shift_logits"]) == (BS, SBS, shift)
-        assert meta["mask_token_id"] == MASK_ID
-        out[shift] = Tiny(load_reference_model(hf_dir), meta, path)
-    return out
+pytestmark = pytest.mark.torch
 
 
 @pytest.fixture(scope="module")
 def tok_json(models):
     return models[True].meta["tokenizer_json"]
-
-
-def _backend(m: Tiny, **meta_over):
-    return Counting(m.path, **meta_over)
 
 
 def _ref(m: Tiny, prompt, *, max_tokens, threshold, use_block_cache=False, block_size=BS, sbs=SBS,
@@ -114,10 +36,6 @@ def _ref(m: Tiny, prompt, *, max_tokens, threshold, use_block_cache=False, block
                       use_block_cache=use_block_cache)
 
 
-def _prompt(n, seed=0):
-    return np.random.default_rng(seed).integers(4, 320, n).tolist()  # no special tokens
-
-
 # ----------------------------------------------------------------- tests
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("threshold", [1.0, 0.9, 0.5])
@@ -125,9 +43,9 @@ def _prompt(n, seed=0):
 def test_matches_reference(models, shift, threshold, plen):
     m = models[shift]
     meta = m.meta
-    prompt = _prompt(plen, seed=plen)
+    prompt = prompt_ids(plen, seed=plen)
     want = _ref(m, prompt, max_tokens=20, threshold=threshold)
-    llm = LLM(_backend(m))
+    llm = LLM(backend(m))
     got = llm.generate(prompt, SamplingParams(max_tokens=20, threshold=threshold, ignore_eos=False))[0]
     assert got.token_ids == want
     assert got.stats["forwards"] > 0
@@ -139,9 +57,9 @@ def test_matches_reference(models, shift, threshold, plen):
 def test_block_cache_matches_reference(models, shift, threshold, plen):
     m = models[shift]
     meta = m.meta
-    prompt = _prompt(plen, seed=100 + plen)
+    prompt = prompt_ids(plen, seed=100 + plen)
     want = _ref(m, prompt, max_tokens=16, threshold=threshold, use_block_cache=True)
-    got = LLM(_backend(m)).generate(
+    got = LLM(backend(m)).generate(
         prompt, SamplingParams(max_tokens=16, threshold=threshold, use_block_cache=True))[0]
     assert got.token_ids == want
 
@@ -149,8 +67,8 @@ def test_block_cache_matches_reference(models, shift, threshold, plen):
 def test_parallel_decoding_happens(models):
     # the fixture is sharp enough that a lower threshold unmasks several tokens per step
     m = models[True]
-    prompt = _prompt(5, seed=16)
-    llm = LLM(_backend(m))
+    prompt = prompt_ids(5, seed=16)
+    llm = LLM(backend(m))
     f = {thr: llm.generate(prompt, SamplingParams(max_tokens=24, threshold=thr, ignore_eos=True))[0]
          for thr in (1.0, 0.5)}
     assert f[1.0].stats["forwards"] >= 24  # one token per step, plus commits
@@ -161,8 +79,8 @@ def test_block_cache_changes_the_computation(models):
     # the sub-block cache attends to stale K/V: it must not silently fall back to full passes
     m = models[True]
     meta = m.meta
-    prompt = _prompt(BS + 1, seed=5)
-    be = _backend(m)
+    prompt = prompt_ids(BS + 1, seed=5)
+    be = backend(m)
     LLM(be).generate(prompt, SamplingParams(max_tokens=16, threshold=0.9, use_block_cache=True))
     assert any(n < BS for n in be.token_counts)
 
@@ -170,12 +88,12 @@ def test_block_cache_changes_the_computation(models):
 def test_batch_equals_alone(models):
     m = models[True]
     meta = m.meta
-    prompts = [_prompt(n, seed=10 + n) for n in (1, BS - 1, BS, 2 * BS + 3)]
+    prompts = [prompt_ids(n, seed=10 + n) for n in (1, BS - 1, BS, 2 * BS + 3)]
     params = [SamplingParams(max_tokens=12, threshold=0.9), SamplingParams(max_tokens=7, threshold=0.5),
               SamplingParams(max_tokens=16, threshold=1.0, use_block_cache=True),
               SamplingParams(max_tokens=10, threshold=0.7, small_block_size=2)]
-    alone = [LLM(_backend(m)).generate(p, sp)[0] for p, sp in zip(prompts, params)]
-    be = _backend(m)
+    alone = [LLM(backend(m)).generate(p, sp)[0] for p, sp in zip(prompts, params)]
+    be = backend(m)
     llm = LLM(be)
     together = llm.generate(prompts, params)
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
@@ -188,13 +106,13 @@ def test_batch_equals_alone(models):
 def test_stop_token_truncates(models, shift):
     m = models[shift]
     meta = m.meta
-    prompt = _prompt(BS - 2, seed=3)
+    prompt = prompt_ids(BS - 2, seed=3)
     full = _ref(m, prompt, max_tokens=20, threshold=0.9, stop_ids=[])
     stop = full[9]
     first = full.index(stop)
     want = _ref(m, prompt, max_tokens=20, threshold=0.9, stop_ids=[stop])
     assert want == full[:first + 1]
-    got = LLM(_backend(m)).generate(
+    got = LLM(backend(m)).generate(
         prompt, SamplingParams(max_tokens=20, threshold=0.9, stop_token_ids=[stop], ignore_eos=True))[0]
     assert got.token_ids == want
     assert got.finish_reason == "stop"
@@ -203,8 +121,8 @@ def test_stop_token_truncates(models, shift):
 def test_max_tokens_exact_and_prefix(models):
     m = models[True]
     meta = m.meta
-    prompt = _prompt(5, seed=4)
-    llm = LLM(_backend(m))
+    prompt = prompt_ids(5, seed=4)
+    llm = LLM(backend(m))
     long = llm.generate(prompt, SamplingParams(max_tokens=20, threshold=0.9, ignore_eos=True))[0]
     for n in (1, 3, 8, 11):
         g = llm.generate(prompt, SamplingParams(max_tokens=n, threshold=0.9, ignore_eos=True))[0]
@@ -216,16 +134,16 @@ def test_context_limit(models):
     m = models[True]
     meta = m.meta
     L = meta["max_position_embeddings"]
-    prompt = _prompt(L - 5, seed=6)
-    g = LLM(_backend(m)).generate(prompt, SamplingParams(max_tokens=50, ignore_eos=True))[0]
+    prompt = prompt_ids(L - 5, seed=6)
+    g = LLM(backend(m)).generate(prompt, SamplingParams(max_tokens=50, ignore_eos=True))[0]
     assert len(g.token_ids) == 5 and g.finish_reason == "length"
 
 
 def test_chunked_prefill(models):
     m = models[True]
-    prompt = _prompt(4 * BS + 3, seed=14)
+    prompt = prompt_ids(4 * BS + 3, seed=14)
     want = _ref(m, prompt, max_tokens=10, threshold=0.9)
-    be = _backend(m)
+    be = backend(m)
     llm = LLM(be)
     llm.engine.prefill_chunk = 2 * BS  # the prompt's 4 whole blocks take two forward calls
     got = llm.generate(prompt, SamplingParams(max_tokens=10, threshold=0.9))[0]
@@ -238,10 +156,10 @@ def test_partial_last_block(models, use_block_cache):
     # a context that is not a multiple of the block size: the last block is cut short
     m = models[True]
     L = m.meta["max_position_embeddings"] - 5
-    prompt = _prompt(L - 12, seed=15)
+    prompt = prompt_ids(L - 12, seed=15)
     want = _ref(m, prompt, max_tokens=50, threshold=0.9, stop_ids=[], max_len=L, use_block_cache=use_block_cache)
     assert len(want) == 12
-    got = LLM(_backend(m, max_position_embeddings=L)).generate(
+    got = LLM(backend(m, max_position_embeddings=L)).generate(
         prompt, SamplingParams(max_tokens=50, threshold=0.9, ignore_eos=True, use_block_cache=use_block_cache))[0]
     assert got.token_ids == want and got.finish_reason == "length"
 
@@ -249,8 +167,8 @@ def test_partial_last_block(models, use_block_cache):
 def test_stop_strings(models):
     m = models[True]
     meta = m.meta
-    prompt = _prompt(6, seed=8)
-    llm = LLM(_backend(m))
+    prompt = prompt_ids(6, seed=8)
+    llm = LLM(backend(m))
     full = llm.generate(prompt, SamplingParams(max_tokens=24, ignore_eos=True))[0]
     text = full.text
     # a stop string of real characters (random byte tokens also decode to U+FFFD)
@@ -273,8 +191,8 @@ def test_stop_strings(models):
 def test_streaming_matches_generate(models):
     m = models[True]
     meta = m.meta
-    prompt = _prompt(3, seed=9)
-    llm = LLM(_backend(m))
+    prompt = prompt_ids(3, seed=9)
+    llm = LLM(backend(m))
     sp = SamplingParams(max_tokens=24, threshold=0.9, ignore_eos=True)
     g = llm.generate(prompt, sp)[0]
     deltas = list(llm.generate_stream(prompt, sp))
@@ -286,10 +204,10 @@ def test_streaming_matches_generate(models):
 def test_seeded_sampling(models):
     m = models[True]
     meta = m.meta
-    prompts = [_prompt(4, seed=11), _prompt(9, seed=12)]
+    prompts = [prompt_ids(4, seed=11), prompt_ids(9, seed=12)]
     sp = lambda seed: SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=seed,  # noqa: E731
                                      threshold=0.9, ignore_eos=True)
-    llm = LLM(_backend(m))
+    llm = LLM(backend(m))
     a = llm.generate(prompts, [sp(7), sp(8)])
     b = llm.generate(prompts, [sp(7), sp(8)])
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
@@ -303,9 +221,9 @@ def test_seeded_sampling(models):
 def test_block_size_one_is_autoregressive(models):
     m = models[True]
     meta = m.meta
-    prompt = _prompt(6, seed=13)
+    prompt = prompt_ids(6, seed=13)
     n = 12
-    eng_llm = LLM(_backend(m), block_size=1)
+    eng_llm = LLM(backend(m), block_size=1)
     got = eng_llm.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True))[0]
     with torch.no_grad():
         want = m.hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -319,10 +237,10 @@ def test_block_size_one_is_autoregressive(models):
 def test_caches_freed_and_abort(models):
     m = models[True]
     meta = m.meta
-    be = _backend(m)
+    be = backend(m)
     eng = Engine(be, tokenizer=be.tokenizer)
-    eng.add_request("a", _prompt(5, seed=1), SamplingParams(max_tokens=30, ignore_eos=True))
-    eng.add_request("b", _prompt(6, seed=2), SamplingParams(max_tokens=3, ignore_eos=True))
+    eng.add_request("a", prompt_ids(5, seed=1), SamplingParams(max_tokens=30, ignore_eos=True))
+    eng.add_request("b", prompt_ids(6, seed=2), SamplingParams(max_tokens=3, ignore_eos=True))
     eng.step()
     assert len(be.kv) == 2 and eng.num_running() == 2
     eng.abort("a")
@@ -340,27 +258,27 @@ def test_caches_freed_and_abort(models):
 def test_max_batch_queues(models):
     m = models[True]
     meta = m.meta
-    be = _backend(m)
+    be = backend(m)
     llm = LLM(be, max_batch=2)
-    prompts = [_prompt(3 + i, seed=20 + i) for i in range(4)]
+    prompts = [prompt_ids(3 + i, seed=20 + i) for i in range(4)]
     sp = SamplingParams(max_tokens=6, ignore_eos=True)
     got = llm.generate(prompts, sp)
     assert max(be.calls) == 2
-    assert [g.token_ids for g in got] == [LLM(_backend(m)).generate(p, sp)[0].token_ids for p in prompts]
+    assert [g.token_ids for g in got] == [LLM(backend(m)).generate(p, sp)[0].token_ids for p in prompts]
 
 
 def test_bad_input(models, tok_json):
     m = models[True]
     meta = m.meta
-    be = _backend(m)
+    be = backend(m)
     llm = LLM(be)
     eng = llm.engine
     L = meta["max_position_embeddings"]
     bad = [
         ([[]], SamplingParams()),
         ("", SamplingParams()),
-        (_prompt(L, seed=0), SamplingParams()),
-        (_prompt(L + 3, seed=0), SamplingParams()),
+        (prompt_ids(L, seed=0), SamplingParams()),
+        (prompt_ids(L + 3, seed=0), SamplingParams()),
         ([5, 6], SamplingParams(max_tokens=0)),
         ([5, 6], SamplingParams(max_tokens=-3)),
         ([5, 6], SamplingParams(threshold=0.0)),
@@ -390,8 +308,8 @@ def test_bad_input(models, tok_json):
     eng.step()
     # diffusion on a model without a mask token
     with pytest.raises(ValueError, match="mask"):
-        LLM(_backend(m, mask_token_id=None))
-    LLM(_backend(m, mask_token_id=None), block_size=1)  # autoregressive is fine
+        LLM(backend(m, mask_token_id=None))
+    LLM(backend(m, mask_token_id=None), block_size=1)  # autoregressive is fine
     with pytest.raises(FileNotFoundError):
         LLM("/nonexistent/model.bin")
 
@@ -446,6 +364,7 @@ def _cli(*args):
                           env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_generate(models):
     import bitdlm
 

@@ -25,7 +25,7 @@ import pytest
 
 from bitdlm.format import PREAMBLE_SIZE, ModelFile, ModelFormatError, describe
 from hf_models import child_env
-from test_format import write_model
+from format_models import write_model
 
 ITERS = int(os.environ.get("BITDLM_FUZZ_ITERS", "1500"))
 SEED = int(os.environ.get("BITDLM_FUZZ_SEED", "0"))
@@ -141,6 +141,7 @@ print("DONE", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_fuzz_model_headers(tmp_path):
     rng = random.Random(SEED)
     base = tmp_path / "base.bin"

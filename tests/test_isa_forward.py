@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from bitdlm import _core
-from test_forward import SHAPES, core_logits, make_hf, to_core
+from forward_models import SHAPES, core_logits, make_hf, to_core
+
+pytestmark = pytest.mark.torch
 
 ISAS = [i for i in _core.supported_isas() if i != "scalar"]  # avx2 and up
 # Which model-op tables (csrc/model/attention.cpp, smallops.cpp, sampling.cpp:
@@ -41,10 +43,13 @@ def _runs():
 @pytest.fixture(scope="module", params=[("gqa4_hd32", "f16"), ("gqa2_hd64_untied", "f16"), ("gqa4_hd32", "i8")],
                 ids=lambda p: "-".join(p))
 def model(request):
+    pytest.importorskip("torch")  # the oracle weights come from transformers' BitNet
+    pytest.importorskip("transformers")
     shape, lm_head = request.param
     return to_core(make_hf(SHAPES[shape], seed=len(shape)), lm_head=lm_head), SHAPES[shape][5]
 
 
+@pytest.mark.native
 def test_logits_identical_across_isas(model):
     core, V = model
     if len(ISAS) < 2:

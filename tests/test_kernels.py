@@ -338,6 +338,7 @@ def test_bitdlm_isa_env_override():
 _NO_AMX = "this CPU has no AMX-INT8 (or Linux refused the tile state); the AMX kernel is checked under SIMDe + emulation"
 
 
+@pytest.mark.native
 @pytest.mark.skipif("amx" not in ISAS, reason=_NO_AMX)
 @pytest.mark.parametrize("variant", AMX_VARIANTS)
 @pytest.mark.parametrize("n", [2, 3, 15, 16, 17, 32, 33, 64, 65, 130])
@@ -372,6 +373,7 @@ def test_amx_multi_gemm_bit_exact_vs_scalar(n, variant):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.native
 @pytest.mark.skipif("amx" not in ISAS, reason=_NO_AMX)
 @pytest.mark.parametrize("m,k,n", [(300, 2560, 1), (16, 2560, 2), (100, 2560, 8), (300, 640, 33), (1000, 2560, 17), (77, 320, 64)])
 def test_amx_i8_lm_head_bit_exact_vs_scalar(m, k, n):
@@ -426,6 +428,7 @@ _SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csr
                   "csrc/kernels/gemm.h"]
 
 
+@pytest.mark.slow
 def test_avx512_kernels_bit_exact_via_simde(tmp_path_factory):
     """The AVX-512 (BW and VNNI) kernels, compiled against SIMDe without any
     -mavx512 flag, agree bit for bit with the scalar reference."""

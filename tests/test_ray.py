@@ -29,6 +29,8 @@ import pytest  # noqa: E402
 from helpers import wait_until  # noqa: E402
 from hf_models import child_env  # noqa: E402
 
+pytestmark = [pytest.mark.ray, pytest.mark.server, pytest.mark.slow]  # a Ray cluster per module
+
 KEY = "sk-test-ray"
 REPLICAS = 2
 RAY_PROCESSES = ("raylet", "gcs_server")

@@ -185,6 +185,7 @@ def test_every_not_run_entry_is_still_needed():
         assert any(re.search(pattern, c) for c in cmds), f"NOT_RUN entry {pattern!r} ({reason}) matches nothing"
 
 
+@pytest.mark.slow
 def test_readme_shell_commands_run(tmp_path):
     make_hf_model(tmp_path / "my-bitnet-dlm")  # what `bitdlm convert ./my-bitnet-dlm model.bin` reads
     failures, ran = [], 0

@@ -26,6 +26,8 @@ import pytest  # noqa: E402
 from helpers import wait_until  # noqa: E402
 from hf_models import child_env  # noqa: E402
 
+pytestmark = pytest.mark.server
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-bitdlm"
 
@@ -651,6 +653,7 @@ def _poll_latency(base, paths, stop):
     return worst
 
 
+@pytest.mark.slow
 def test_event_loop_never_waits_for_a_forward_or_a_big_prompt(slow_server):
     """/health and /metrics answer fast while forwards of seconds run (the
     metrics read cached values, the bindings release the GIL before the model
@@ -684,6 +687,7 @@ def test_event_loop_never_waits_for_a_forward_or_a_big_prompt(slow_server):
         assert worst["/health"] < 0.5, (len(text), worst)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_ends_the_rest_with_503(slow_model, tmp_path):
     """SIGTERM: new requests get 503 JSON at once; in-flight ones run for
     --shutdown-timeout, then end with the 503 JSON (non-stream) or an SSE error
@@ -818,6 +822,7 @@ def _write_tokenizer_dir(d, meta, extra_tokens=0, **cfg):
     return d
 
 
+@pytest.mark.slow
 def test_serve_script_as_typed_with_a_tokenizer_folder(tmp_path):
     """The user's command line, as typed, on the packaged model and a tokenizer
     folder written from it (with a chat template of its own, which must win);
@@ -850,6 +855,7 @@ def test_serve_script_as_typed_with_a_tokenizer_folder(tmp_path):
         assert srv.proc.wait(20) == 0
 
 
+@pytest.mark.slow
 def test_a_tokenizer_folder_that_does_not_fit_is_refused(tmp_path):
     """Exit 2 with one clear line, no traceback, before anything is served."""
     from bitdlm.format import ModelFile
@@ -891,9 +897,15 @@ def test_serve_help_shows_every_default_and_the_real_metric_name():
         assert want in text, want
 
 
-# last: it shuts the module's `server` down
-def test_zz_graceful_shutdown_finishes_in_flight_requests(server):
-    """SIGTERM: the running stream still completes, then the process exits."""
+@pytest.mark.slow
+def test_graceful_shutdown_finishes_in_flight_requests(tiny_model, tmp_path):
+    """SIGTERM: the running stream still completes, then the process exits. Its own
+    server (it shuts it down): the module's `server` stays up, in any test order."""
+    with running_server(tiny_model, tmp_path / "server.log") as server:
+        _graceful_shutdown(server)
+
+
+def _graceful_shutdown(server):
     c = client_for(server.base)
     stream = c.completions.create(model="tiny", prompt=prompt_ids(7), max_tokens=40,
                                   temperature=0, stream=True, extra_body={"threshold": 1.0})

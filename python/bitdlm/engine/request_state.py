@@ -2,7 +2,8 @@
 (prompt, current block, masks, generated history), what its next forward is
 (`plan` -> StepPlan), and what that forward's result does to it (`apply`).
 
-The cache strategies, in this one place:
+The cache strategies, in this one place (their one-line descriptions for users
+are decoding.CACHES):
 - "none": every forward recomputes the whole sequence from position 0 and never
   reads or writes the KV cache (no prefill; a finished block needs a pass only
   to carry its last logits into the next block's first token, with shift);
