@@ -27,7 +27,8 @@ from ref_decoder import RefDecoder  # noqa: E402
 from test_engine import BS, SBS, Counting, _backend, _prompt, models  # noqa: E402,F401  (fixture)
 
 ALGOS = {"threshold": dict(threshold=0.7), "factor": dict(factor=1.0),
-         "credit": dict(threshold=0.95, credit_alpha=1.5, decay_beta=0.5)}
+         "credit": dict(threshold=0.95, credit_alpha=1.5, decay_beta=0.5),
+         "steps": dict(steps=3)}  # block 8 / sub-block 4: 2 + 1 steps, so 2+1 / 4 tokens; other sizes alike
 
 
 # As in tests/test_default_model.py: online int8 activation quantization lets a 1e-6
@@ -94,11 +95,59 @@ def test_credit_accumulates_for_a_stable_top1():
     assert abs(float(b.fuse([3], lg)[1][0]) - confs[0]) < 1e-7  # a new block forgets
 
 
+def _steps_rule(steps, bs=32, sbs=8):
+    a = decoding.make("steps", steps=steps)
+    a.configure(bs, sbs)
+    return a
+
+
+def _counts(a, masks, sub, sbs=8):
+    """Tokens the rule unmasks per step while it decodes sub-block `sub` starting with `masks` masks."""
+    counts, left = [], list(range(sub * sbs + sbs - masks, sub * sbs + sbs))
+    conf = np.random.default_rng(masks).random(sbs)
+    while left:
+        pos = np.array(left)
+        sel = a.select(conf[pos - sub * sbs], positions=pos)
+        counts.append(len(sel))
+        left = [p for i, p in enumerate(left) if i not in set(sel.tolist())]
+    return counts
+
+
+def test_steps_rule_schedule():
+    # LLaDA: 11 steps over 4 sub-blocks -> 3, 3, 3, 2; 8 masks in 3 steps -> 3, 3, 2; 7 in 3 -> 3, 2, 2
+    a = _steps_rule(11)
+    assert [a.sub_block_steps(j) for j in range(4)] == [3, 3, 3, 2]
+    assert _counts(a, 8, 0) == [3, 3, 2] and _counts(a, 7, 1) == [3, 2, 2] and _counts(a, 8, 3) == [4, 4]
+    a.reset()  # a new block: sub-block 0 gets its steps again
+    assert _counts(a, 3, 0) == [1, 1, 1] and _counts(a, 2, 2) == [1, 1]
+    assert _counts(_steps_rule(4), 8, 1) == [8]  # 8 tokens per forward
+    assert _counts(_steps_rule(None), 8, 0) == [1] * 8  # default: one per step
+    assert _counts(_steps_rule(64), 8, 0) == [1] * 8  # more steps than masks: one per step, no empty step
+    assert _counts(_steps_rule(1, bs=1, sbs=1), 1, 0, sbs=1) == [1]  # autoregressive
+
+
+def test_steps_rule_takes_the_most_confident_and_the_leftmost_of_ties():
+    # 8 steps per block of 32: 2 per sub-block of 8, so 4 masks go 2 at a time
+    assert _steps_rule(8).select(np.array([0.2, 0.9, 0.5, 0.8]), positions=np.arange(4, 8)).tolist() == [1, 3]
+    assert _steps_rule(8).select(np.array([0.3, 0.7, 0.7, 0.7]), positions=np.arange(8, 12)).tolist() == [1, 2]
+    assert _steps_rule(8).select(np.array([0.9, 0.5, 0.5]), np.array([False, True, True]),
+                                 positions=np.array([9, 10, 11])).tolist() == [1]
+
+
+def test_steps_rule_needs_a_step_per_sub_block():
+    with pytest.raises(ValueError, match="fewer than the 4 sub-blocks"):
+        _steps_rule(3)
+    _steps_rule(4)
+    with pytest.raises(ValueError, match="positions"):
+        decoding.make("steps", steps=4).select(np.array([0.5]))
+
+
 def test_describe_lists_every_rule_with_defaults():
     d = decoding.describe()
     got = {a["name"]: {p["name"]: p["default"] for p in a["parameters"]} for a in d["algorithms"]}
     assert got == {"threshold": {"threshold": None}, "factor": {"factor": 1.0},
-                   "credit": {"threshold": None, "credit_alpha": 0.7, "boost_gamma": 0.2, "decay_beta": 0.8}}
+                   "credit": {"threshold": None, "credit_alpha": 0.7, "boost_gamma": 0.2, "decay_beta": 0.8},
+                   "steps": {"steps": None}}
     assert d["default"] == "threshold" and d["default_cache"] == "prefix"
     assert [c["name"] for c in d["caches"]] == ["none", "prefix", "dual"]
 
@@ -121,8 +170,8 @@ def test_sampling_params_module():
     (dict(temperature=float("inf")), "temperature"),
     (dict(threshold=float("nan")), "threshold"),
     (dict(threshold=0.0), "threshold"),
-    (dict(generation_algorithm="beam"), "threshold, factor, credit"),
-    (dict(generation_algorithm=None), "threshold, factor, credit"),
+    (dict(generation_algorithm="beam"), "threshold, factor, credit, steps"),
+    (dict(generation_algorithm=None), "threshold, factor, credit, steps"),
     (dict(cache="full"), "none, prefix, dual"),
     (dict(cache="prefix", use_block_cache=True), "use_block_cache"),
     (dict(factor=0.0), "factor"),
@@ -131,6 +180,10 @@ def test_sampling_params_module():
     (dict(decay_beta=1.5), "decay_beta"),
     (dict(credit_alpha=-0.1), "credit_alpha"),
     (dict(boost_gamma=True), "boost_gamma"),
+    (dict(steps=0), "steps"),
+    (dict(steps=2.0), "steps"),
+    (dict(steps=True), "steps"),
+    (dict(generation_algorithm="steps", steps=-3), "steps"),
     (dict(block_length=0), "block_length"),
     (dict(block_length=2.0), "block_length"),
     (dict(seed=-1), "seed"),  # numpy's generator takes none
@@ -158,6 +211,7 @@ def test_engine_rejects_what_it_cannot_run(models):
     m = models[True]
     eng = Engine(_backend(m))
     for kw, match in [(dict(top_p=1e-320), "top_p"), (dict(block_length=6, small_block_size=4), "small_block_size"),
+                      (dict(generation_algorithm="steps", steps=1), "fewer than the 2 sub-blocks"),
                       (dict(block_length=4, small_block_size=8), "small_block_size"),
                       (dict(block_length=10 ** 6), "context")]:
         with pytest.raises(ValueError, match=match):
@@ -218,6 +272,19 @@ def test_none_cache_recomputes_from_zero(models):
     assert max(be2.token_counts) == BS
 
 
+def test_steps_fixes_the_forwards(models):
+    # a prompt of one block (its last logits give the first token), 3 blocks of 8 in sub-blocks of 4:
+    # per block, steps S and one commit; S = 2: the carried token leaves 3 masks + 4 masks, one step each
+    m = models[True]
+    llm = LLM(_backend(m))
+    prompt = _prompt(BS, seed=17)
+    for steps, per_block in ((2, 3), (3, 4), (8, 8)):  # steps 8 >= masks per sub-block: 3 + 4 steps, + commit
+        g = llm.generate(prompt, SamplingParams(max_tokens=3 * BS, ignore_eos=True, generation_algorithm="steps",
+                                                steps=steps))[0]
+        assert len(g.token_ids) == 3 * BS
+        assert g.stats["forwards"] == 1 + 2 * per_block + (per_block - 1), (steps, g.stats)
+
+
 def test_factor_and_credit_decode_in_parallel(models):
     m = models[True]
     llm = LLM(_backend(m))
@@ -232,14 +299,15 @@ def test_factor_and_credit_decode_in_parallel(models):
 
 def test_mixed_batch_equals_alone(models):
     m = models[True]
-    prompts = [_prompt(n, seed=40 + n) for n in (1, BS - 1, BS, BS + 3, 5, 9)]
+    prompts = [_prompt(n, seed=40 + n) for n in (1, BS - 1, BS, BS + 3, 5, 9, 2)]
     params = [SamplingParams(max_tokens=12, generation_algorithm="factor", cache="none"),
               SamplingParams(max_tokens=9, generation_algorithm="credit", cache="dual"),
               SamplingParams(max_tokens=14, threshold=0.5, block_length=4, small_block_size=2),
               SamplingParams(max_tokens=10, generation_algorithm="credit", block_length=16),
               SamplingParams(max_tokens=8, temperature=0.8, seed=3, generation_algorithm="credit", cache="none"),
               SamplingParams(max_tokens=11, temperature=0.7, seed=4, top_p=0.9, generation_algorithm="factor",
-                             block_length=4)]
+                             block_length=4),
+              SamplingParams(max_tokens=13, generation_algorithm="steps", steps=2, cache="dual")]
     alone = [LLM(_backend(m)).generate(p, sp)[0] for p, sp in zip(prompts, params)]
     be = _backend(m)
     together = LLM(be).generate(prompts, params)
@@ -382,7 +450,7 @@ def test_http_algorithm_fields(models):
         r = c.post("/v1/completions", json={**body, "generation_algorithm": "beam"})
         assert r.status_code == 400, r.text
         err = r.json()["error"]
-        assert "threshold, factor, credit" in err["message"] and err["param"] == "generation_algorithm"
+        assert "threshold, factor, credit, steps" in err["message"] and err["param"] == "generation_algorithm"
         r = c.post("/v1/completions", json={**body, "use_cache": False, "use_dual_cache": True})
         assert r.status_code == 400
         for extra, sp in [

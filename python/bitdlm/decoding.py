@@ -25,6 +25,15 @@ instance belongs to one request (the credit rule keeps state across steps);
   the full logits of the candidates (the engine asks the forward for them).
   dInfer decodes the whole block; here, like the other rules, the credit rule
   decides the current sub-block, so only its positions gain credit.
+- `steps` (LLaDA's fixed rate, `generate(steps=...)`): a block of B tokens in
+  `steps` steps, so B / steps tokens per step, the most confident first (ties:
+  the left-most). As LLaDA splits its steps evenly over its semi-autoregressive
+  blocks, the block's steps are split over its sub-blocks (sub-block j of n gets
+  steps // n, plus one for the first steps % n); inside a sub-block that starts
+  with m masked positions, step i of its s steps unmasks m // s tokens, plus one
+  for the first m % s steps (LLaDA's `get_num_transfer_tokens`). Needs
+  steps >= the sub-blocks of a block. Fixing the tokens per forward makes the
+  speed of block diffusion measurable on any model, random weights included.
 
 Cache strategies (per request): `none` recomputes the whole sequence every
 step (no KV cache read or written), `prefix` (default) caches committed
@@ -57,12 +66,17 @@ class Param:
     lo_open: bool
     hi_open: bool
     doc: str
+    integer: bool = False  # only whole numbers (`steps`)
 
     def range_text(self) -> str:
         hi = "inf" if math.isinf(self.hi) else f"{self.hi:g}"
         return f"{'(' if self.lo_open else '['}{self.lo:g}, {hi}{')' if self.hi_open else ']'}"
 
     def check(self, value) -> float:
+        if self.integer:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not self.lo <= value <= self.hi:
+                raise ValueError(f"{self.name} must be an integer in {self.range_text()}, got {value!r}")
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{self.name} must be a number in {self.range_text()}, got {value!r}")
         v = float(value)
@@ -93,11 +107,16 @@ class Algorithm:
             v = values.get(p.name)
             setattr(self, p.name, p.default if v is None else p.check(v))
 
+    def configure(self, block_size: int, small_block_size: int) -> None:
+        """The request's block and sub-block sizes (the engine calls it once, before any step);
+        raises ValueError if the rule cannot decode them."""
+
     def reset(self) -> None:
         """A new block starts (nothing to forget for stateless rules)."""
 
-    def select(self, conf: np.ndarray, masked: np.ndarray | None = None) -> np.ndarray:
-        """Indices (into conf) of the candidates to unmask; never empty when one is masked."""
+    def select(self, conf: np.ndarray, masked: np.ndarray | None = None, positions=None) -> np.ndarray:
+        """Indices (into conf) of the candidates to unmask; never empty when one is masked.
+        positions: the candidates' indices in the block (needed by `steps`)."""
         raise NotImplementedError
 
     @classmethod
@@ -119,7 +138,7 @@ class Threshold(Algorithm):
                "`threshold`, plus always the most confident one")
     params = (_THRESHOLD,)
 
-    def select(self, conf, masked=None):
+    def select(self, conf, masked=None, positions=None):
         c, idx = _candidates(conf, masked)
         if c.size == 0:
             return idx
@@ -135,7 +154,7 @@ class Factor(Algorithm):
     params = (Param("factor", 1.0, 0.0, math.inf, True, True,
                     "larger unmasks more per step: the k-th most confident needs c_k >= 1 - factor/(k+1)"),)
 
-    def select(self, conf, masked=None):
+    def select(self, conf, masked=None, positions=None):
         c, idx = _candidates(conf, masked)
         if c.size == 0:
             return idx
@@ -189,8 +208,54 @@ class Credit(Algorithm):
                 fused[r, tok] += np.float32(self.credit_alpha * math.log1p(c))
         return select_rows(fused, temperature, top_p, uniforms)
 
-    def select(self, conf, masked=None):
+    def select(self, conf, masked=None, positions=None):
         return Threshold.select(self, conf, masked)
+
+
+class Steps(Algorithm):
+    name = "steps"
+    summary = ("LLaDA's fixed rate: a block of B tokens in `steps` steps (B / steps per step, the most "
+               "confident first), the steps split evenly over the sub-blocks")
+    params = (Param("steps", None, 1, math.inf, False, True,
+                    "steps per block: block_length / steps tokens per step; default: block_length (one per step)",
+                    integer=True),)
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        self.block_size = self.sbs = 0
+        self.reset()
+
+    def configure(self, block_size, small_block_size):
+        self.block_size, self.sbs = int(block_size), int(small_block_size)
+        n = -(-self.block_size // self.sbs)
+        if self.steps is not None and self.steps < n:
+            raise ValueError(f"steps {self.steps} is fewer than the {n} sub-blocks of a block "
+                             f"(block_length {self.block_size} / small_block_size {self.sbs}): at least one each")
+
+    def reset(self):
+        self._sub, self._used = -1, 0  # sub-block being decoded, steps it has taken
+
+    def sub_block_steps(self, j: int) -> int:
+        """Steps of sub-block j: the block's steps split evenly, the remainder to the first ones."""
+        n = -(-self.block_size // self.sbs)
+        s = self.block_size if self.steps is None else self.steps
+        return s // n + (j < s % n)
+
+    def select(self, conf, masked=None, positions=None):
+        c, idx = _candidates(conf, masked)
+        if c.size == 0:
+            return idx
+        if positions is None or not self.sbs:
+            raise ValueError("the steps rule needs configure() and the candidates' block positions")
+        j = int(np.asarray(positions)[idx[0]]) // self.sbs
+        if j != self._sub:
+            self._sub, self._used = j, 0
+        left = self.sub_block_steps(j) - self._used
+        self._used += 1
+        # ceil(masked left / steps left) is LLaDA's schedule (m // s, one more for the first m % s steps)
+        k = c.size if left <= 0 else -(-c.size // left)
+        order = np.argsort(-c, kind="stable")  # the most confident first, ties to the left
+        return idx[np.sort(order[:k])]
 
 
 def select_rows(logits: np.ndarray, temperature=0.0, top_p=1.0, uniforms=None):
@@ -224,7 +289,7 @@ def select_rows(logits: np.ndarray, temperature=0.0, top_p=1.0, uniforms=None):
     return tok, conf
 
 
-REGISTRY: dict[str, type[Algorithm]] = {c.name: c for c in (Threshold, Factor, Credit)}
+REGISTRY: dict[str, type[Algorithm]] = {c.name: c for c in (Threshold, Factor, Credit, Steps)}
 
 
 def names() -> list[str]:

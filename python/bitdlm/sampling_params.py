@@ -47,12 +47,13 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # extra stop tokens besides the model's EOS
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    # decoding algorithm (bitdlm.decoding): "threshold" | "factor" | "credit"
+    # decoding algorithm (bitdlm.decoding): "threshold" | "factor" | "credit" | "steps"
     generation_algorithm: str = decoding.DEFAULT_ALGORITHM
     factor: float | None = None  # factor rule; None = 1.0
     credit_alpha: float | None = None  # credit rule; None = 0.7
     boost_gamma: float | None = None  # credit rule; None = 0.2
     decay_beta: float | None = None  # credit rule; None = 0.8
+    steps: int | None = None  # steps rule (LLaDA's fixed rate): steps per block; None = block_length
     cache: str | None = None  # "none" | "prefix" | "dual"; None = "dual" if use_block_cache else "prefix"
     block_length: int | None = None  # per-request block size; None = the engine's
 
