@@ -244,7 +244,7 @@ class RequestState:
             tok, conf = self.algo.fuse(pos, lg, p.effective_temperature(), p.top_p, uniforms)
         else:
             tok, conf = res
-        sel = np.asarray(self.algo.select(conf), dtype=np.int64)
+        sel = np.asarray(self.algo.select(conf, positions=pos), dtype=np.int64)
         if sel.size == 0:
             raise RuntimeError(f"rule {self.algo.name!r} unmasked nothing")
         self.blk[pos[sel]] = tok[sel]
