@@ -455,11 +455,14 @@ def test_http_algorithm_fields(models):
         assert "threshold, factor, credit, steps" in err["message"] and err["param"] == "generation_algorithm"
         r = c.post("/v1/completions", json={**body, "use_cache": False, "use_dual_cache": True})
         assert r.status_code == 400
+        r = c.post("/v1/completions", json={**body, "generation_algorithm": "steps", "steps": 1})
+        assert r.status_code == 400 and "sub-blocks" in r.json()["error"]["message"], r.text
         for extra, sp in [
             (dict(generation_algorithm="factor", factor=1.5, use_cache=False),
              SamplingParams(generation_algorithm="factor", factor=1.5, cache="none")),
             (dict(generation_algorithm="credit", threshold=0.8, use_dual_cache=True, block_length=4),
              SamplingParams(generation_algorithm="credit", threshold=0.8, cache="dual", block_length=4)),
+            (dict(generation_algorithm="steps", steps=2), SamplingParams(generation_algorithm="steps", steps=2)),
         ]:
             r = c.post("/v1/completions", json={**body, **extra})
             assert r.status_code == 200, r.text

@@ -50,6 +50,7 @@ class _Common(BaseModel):
     credit_alpha: Optional[float] = Field(default=None, allow_inf_nan=False)
     boost_gamma: Optional[float] = Field(default=None, allow_inf_nan=False)
     decay_beta: Optional[float] = Field(default=None, allow_inf_nan=False)
+    steps: Optional[int] = Field(default=None, ge=1, le=1 << 20)  # the fixed-rate rule: steps per block
     use_cache: Optional[bool] = None  # false: cache "none" (recompute every step)
     use_dual_cache: Optional[bool] = None  # true: cache "dual" (the sub-block cache)
     block_length: Optional[int] = Field(default=None, ge=1, le=1 << 20)
@@ -169,7 +170,7 @@ def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, de
     kw["max_tokens"] = max_tokens
     for k in ("temperature", "top_p", "seed", "threshold", "small_block_size",
               "use_block_cache", "ignore_eos", "generation_algorithm", "factor", "credit_alpha",
-              "boost_gamma", "decay_beta", "block_length"):
+              "boost_gamma", "decay_beta", "steps", "block_length"):
         v = getattr(req, k)
         if v is not None:
             kw[k] = v
