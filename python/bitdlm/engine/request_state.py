@@ -107,8 +107,10 @@ class RequestState:
     def P(self) -> int:
         return len(self.prompt)
 
-    def token_at(self, pos: int) -> int:
-        return self.hist[pos - self.P] if pos < self.bstart else int(self.blk[pos - self.bstart])
+    def tokens_between(self, a: int, b: int) -> list[int]:
+        """Generated tokens at absolute positions [a, b) (P <= a <= b): history, then the block."""
+        h = self.hist[a - self.P:min(b, self.bstart) - self.P] if a < self.bstart else []
+        return h + (self.blk[max(a, self.bstart) - self.bstart:b - self.bstart].tolist() if b > self.bstart else [])
 
     def finish(self, reason: str) -> None:
         self.finished, self.reason = True, reason
