@@ -369,7 +369,7 @@ def main(argv=None) -> int:
     os.makedirs(a.workdir, exist_ok=True)
     t_start = time.time()
     builder = None
-    if a.llama_archive and "llama" not in skip:  # llama.cpp builds while the models are made
+    if a.llama_archive and "llama" not in skip:  # llama.cpp builds while the model is made
         builder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import e2e; "
                                     f"e2e.build_llama({a.llama_archive!r}, {os.path.join(a.workdir, 'llama')!r})"],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -384,19 +384,7 @@ def main(argv=None) -> int:
             with open(a.json, "w") as f:
                 json.dump(doc, f, indent=1)
 
-    if "offline" not in skip:
-        doc["offline"] = offline(model, threads, tpfs, max_tokens, a.prompt_len, a.reps)
-        doc["break_even"] = break_even(doc["offline"])
-        save()
-    if "server" not in skip:
-        try:
-            doc["server"] = server(model, threads, conc, [float(x) for x in a.server_tpf.split(",") if x],
-                                   server_tokens, a.prompt_len, a.server_time_limit)
-        except (ImportError, SystemExit, RuntimeError) as e:
-            doc["notes"].append(f"server skipped: {e}")
-            print(doc["notes"][-1], file=sys.stderr)
-        save()
-    if builder is not None:
+    if builder is not None:  # waited for before anything is timed (the build takes every core)
         log, _ = builder.communicate()
         if builder.returncode:
             doc["notes"].append("llama.cpp build failed: " + log[-1500:])
@@ -411,6 +399,18 @@ def main(argv=None) -> int:
                                      [c for c in conc if c > 1], server_tokens, a.prompt_len)
             except (RuntimeError, subprocess.SubprocessError, OSError) as e:
                 doc["notes"].append(f"llama.cpp failed: {e}")
+        save()
+    if "offline" not in skip:
+        doc["offline"] = offline(model, threads, tpfs, max_tokens, a.prompt_len, a.reps)
+        doc["break_even"] = break_even(doc["offline"])
+        save()
+    if "server" not in skip:
+        try:
+            doc["server"] = server(model, threads, conc, [float(x) for x in a.server_tpf.split(",") if x],
+                                   server_tokens, a.prompt_len, a.server_time_limit)
+        except (ImportError, SystemExit, RuntimeError) as e:
+            doc["notes"].append(f"server skipped: {e}")
+            print(doc["notes"][-1], file=sys.stderr)
         save()
     if "spin" not in skip:
         doc["spin"] = spin(model, max(threads), max_tokens, a.prompt_len)
