@@ -231,19 +231,34 @@ def llama(bindir: str, gguf: str, threads: list[int], parallel: list[int], max_t
         ctx = max(parallel) * (prompt_len + max_tokens) + 256
         cmd = [os.path.join(bindir, "llama-batched-bench"), "-m", gguf, "-c", str(ctx), "-b", "2048", "-ub", "512",
                "-npp", str(prompt_len), "-ntg", str(max_tokens), "-npl", ",".join(map(str, parallel)),
-               "-t", str(t), "-tb", str(t), "-ngl", "0", "--output-format", "jsonl"]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+               "-t", str(t), "-tb", str(t), "-ngl", "0"]
+        p = subprocess.run(cmd + ["--output-format", "jsonl"], capture_output=True, text=True, timeout=600)
+        if p.returncode:  # a build without --output-format: its Markdown table
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if p.returncode:
             raise RuntimeError(f"llama-batched-bench failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
-        for line in p.stdout.splitlines():
-            if line.startswith("{"):
-                rec = json.loads(line)
-                # speed_tg: generated tokens/s of the pl streams (what the server's tokens/s counts);
-                # speed: prompt + generation together
-                rows.append(dict(threads=t, parallel=rec["pl"], tool="llama-batched-bench", tok_s=rec["speed_tg"],
-                                 tok_s_with_prompt=rec["speed"]))
+        for rec in batched_rows(p.stdout):
+            # speed_tg: generated tokens/s of the pl streams (what the server's tokens/s counts);
+            # speed: prompt + generation together
+            rows.append(dict(threads=t, parallel=int(rec["pl"]), tool="llama-batched-bench", tok_s=rec["speed_tg"],
+                             tok_s_with_prompt=rec["speed"]))
         for r in rows[-len(parallel) - 1:]:
             print(f"llama   {t:>3} thr p={r['parallel']:>3} {r['tool']:>19}: {r['tok_s']:8.1f} tok/s", flush=True)
+    return rows
+
+
+BATCHED_KEYS = ("pp", "tg", "pl", "n_kv", "t_pp", "speed_pp", "t_tg", "speed_tg", "t", "speed")
+
+
+def batched_rows(text: str) -> list[dict]:
+    """llama-batched-bench's results: its JSONL lines, else the rows of its Markdown table."""
+    rows = [json.loads(ln) for ln in text.splitlines() if ln.startswith("{")]
+    if rows:
+        return rows
+    for ln in text.splitlines():
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if len(cells) >= len(BATCHED_KEYS) and cells[0].isdigit():
+            rows.append({k: float(v) for k, v in zip(BATCHED_KEYS, cells)})
     return rows
 
 

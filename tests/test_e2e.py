@@ -69,3 +69,17 @@ def test_e2e_tiny(tmp_path):
     assert all(r["errors"] == 0 and r["requests"] == 2 and r["tok_s"] > 0 for r in srv.values()), srv
     assert [r["spin"] for r in doc["spin"]] == ["bounded (bitdlm default)", "libgomp default"]
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_llama_batched_bench_output_is_read_in_both_formats():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import e2e
+
+    md = ("|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |\n"
+          "|-------|--------|------|--------|----------|----------|----------|----------|----------|----------|\n"
+          "|    32 |     32 |    4 |    256 |    0.108 |  1186.64 |    3.079 |    41.57 |    3.187 |    80.32 |\n")
+    jl = 'main: n_kv_max = 512\n{"pp": 32, "tg": 32, "pl": 4, "n_kv": 256, "speed_tg": 41.57, "speed": 80.32}\n'
+    for text in (md, jl):
+        (row,) = e2e.batched_rows(text)
+        assert (int(row["pl"]), row["speed_tg"], row["speed"]) == (4, 41.57, 80.32)
+    assert e2e.steps_for(3) == 11 and e2e.steps_for(8) == 4 and e2e.steps_for(64) == 4  # >= one per sub-block
