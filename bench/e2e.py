@@ -16,6 +16,7 @@ random ternary weights, int8 lm_head) it measures, at every thread count of --th
   llama.cpp the same weights as GGUF (TQ2_0, Q8_0 output layer): `llama-bench` tg for one
             stream and `llama-batched-bench` for the parallel streams, both built from the
             trimmed source of bench/llama_trim.py (skipped without --llama-archive);
+  (--json X.json also writes X.md: the same figures as Markdown tables for the README)
   spin      AR tokens/s at the largest thread count with bitdlm's bounded OpenMP spin
             (the default) and with libgomp's own (GOMP_SPINCOUNT=300000): what bounding the
             spin costs on an idle machine.
@@ -301,7 +302,7 @@ def machine() -> dict:
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-        info["loadavg"] = list(os.getloadavg())
+        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     except (OSError, StopIteration):
         pass
     return info
@@ -349,6 +350,39 @@ def plot(doc: dict, path: str) -> None:
     fig.suptitle(f"{doc['machine'].get('cpu', '')}  {doc['machine']['date_utc']} UTC", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def markdown(doc: dict) -> str:
+    """The tables for README's results: one stream (offline), break-even, server beside llama.cpp."""
+    m = doc["machine"]
+    out = [f"{m.get('cpu', '')}, {m.get('cpus')} CPUs, {m['date_utc']} UTC, load {m.get('loadavg')}; "
+           f"`{doc['command']}`", "",
+           "| threads | decoding | cache | tokens/forward | tokens/s | ms/forward | ms outside the core |",
+           "|---:|---|---|---:|---:|---:|---:|"]
+    for r in doc["offline"]:
+        name = "AR (block 1)" if r["mode"] == "ar" else f"steps {r['steps']} ({r['tpf_target']}/step)"
+        out.append(f"| {r['threads']} | {name} | {r['cache'] if r['mode'] != 'ar' else '-'} | {r['tpf']:.2f} | "
+                   f"{r['tok_s']:.1f} | {r['ms_per_forward']:.2f} | {r['outside_ms_per_forward']:.3f} |")
+    out += ["", "| threads | cache | break-even tokens/forward | ms per diffusion forward | ms per AR token |",
+            "|---:|---|---:|---:|---:|"]
+    out += [f"| {r['threads']} | {r['cache']} | {r['break_even_tpf']:.2f} | {r['ms_per_diffusion_forward']:.2f} | "
+            f"{r['ms_per_ar_token']:.2f} |" for r in doc["break_even"]]
+    conc = sorted({r["concurrency"] for r in doc["server"]} | {r["parallel"] for r in doc["llama"]})
+    if conc:
+        out += ["", "generated tokens/s by concurrent requests", "",
+                "| threads | engine | " + " | ".join(map(str, conc)) + " |", "|---:|---|" + "---:|" * len(conc)]
+        series = {}
+        for r in doc["server"]:
+            series.setdefault((r["threads"], f"bitdlm serve {r['mode']}"), {})[r["concurrency"]] = r["tok_s"]
+        for r in doc["llama"]:
+            series.setdefault((r["threads"], "llama.cpp"), {})[r["parallel"]] = r["tok_s"]
+        for (t, name), v in sorted(series.items()):
+            out.append(f"| {t} | {name} | " + " | ".join("-" if v.get(c) is None else f"{v[c]:.1f}" for c in conc)
+                       + " |")
+    if doc["spin"]:
+        out += ["", "AR tokens/s, OpenMP spin: " + ", ".join(f"{r['spin']} {r['ar_tok_s']:.1f}" for r in doc["spin"])
+                + f" ({doc['spin'][0]['threads']} threads)"]
+    return "\n".join(out) + "\n"
 
 
 def ints(s: str) -> list[int]:
@@ -437,6 +471,9 @@ def main(argv=None) -> int:
         for r in doc["break_even"]:
             print(f"  {r['threads']:>3} threads, {r['cache']:>6} cache: {r['break_even_tpf']:5.2f} "
                   f"({r['ms_per_diffusion_forward']:.2f} ms per forward / {r['ms_per_ar_token']:.2f} ms per AR token)")
+    if a.json:  # the same tables as Markdown, beside the JSON
+        with open(os.path.splitext(a.json)[0] + ".md", "w") as f:
+            f.write(markdown(doc))
     if a.plot:
         plot(doc, a.plot)
     return 0

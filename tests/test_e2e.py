@@ -69,6 +69,8 @@ def test_e2e_tiny(tmp_path):
     assert all(r["errors"] == 0 and r["requests"] == 2 and r["tok_s"] > 0 for r in srv.values()), srv
     assert [r["spin"] for r in doc["spin"]] == ["bounded (bitdlm default)", "libgomp default"]
     assert png.read_bytes()[:8] == PNG_MAGIC
+    md = (tmp_path / "e2e.md").read_text()
+    assert "| 1 | AR (block 1) |" in md and "bitdlm serve steps8" in md
 
 
 def test_llama_batched_bench_output_is_read_in_both_formats():
