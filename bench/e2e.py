@@ -229,10 +229,10 @@ def llama(bindir: str, gguf: str, threads: list[int], parallel: list[int], max_t
         for rec in json.loads(p.stdout):
             if rec.get("n_gen"):
                 rows.append(dict(threads=t, parallel=1, tool="llama-bench", tok_s=rec["avg_ts"]))
-        ctx = max(parallel) * (prompt_len + max_tokens) + 256
+        ctx = prompt_len + max(parallel) * max_tokens + 256
         cmd = [os.path.join(bindir, "llama-batched-bench"), "-m", gguf, "-c", str(ctx), "-b", "2048", "-ub", "512",
                "-npp", str(prompt_len), "-ntg", str(max_tokens), "-npl", ",".join(map(str, parallel)),
-               "-t", str(t), "-tb", str(t), "-ngl", "0"]
+               "-t", str(t), "-tb", str(t), "-ngl", "0", "-pps"]  # one shared prompt: minutes saved
         p = subprocess.run(cmd + ["--output-format", "jsonl"], capture_output=True, text=True, timeout=600)
         if p.returncode:  # a build without --output-format: its Markdown table
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -433,17 +433,18 @@ def main(argv=None) -> int:
             with open(a.json, "w") as f:
                 json.dump(doc, f, indent=1)
 
+    gguf = os.path.splitext(model)[0] + "-tq2_0-q8_0.gguf"
+    if builder is not None and not os.path.exists(gguf):  # while llama.cpp builds
+        p = subprocess.run([sys.executable, os.path.join(HERE, "gguf_export.py"), model, gguf, "--weights", "tq2_0",
+                            "--output", "q8_0"], env=child_env(), capture_output=True, text=True)
+        if p.returncode:
+            doc["notes"].append("GGUF export failed: " + p.stderr[-1500:])
     if builder is not None:  # waited for before anything is timed (the build takes every core)
         log, _ = builder.communicate()
         if builder.returncode:
             doc["notes"].append("llama.cpp build failed: " + log[-1500:])
-        else:
-            gguf = os.path.splitext(model)[0] + "-tq2_0-q8_0.gguf"
+        elif os.path.exists(gguf):
             try:
-                if not os.path.exists(gguf):
-                    subprocess.run([sys.executable, os.path.join(HERE, "gguf_export.py"), model, gguf, "--weights",
-                                    "tq2_0", "--output", "q8_0"], check=True, env=child_env(),
-                                   stdout=subprocess.DEVNULL)
                 doc["llama"] = llama(os.path.join(a.workdir, "llama", "build", "bin"), gguf, threads,
                                      [c for c in conc if c > 1], server_tokens, a.prompt_len)
             except (RuntimeError, subprocess.SubprocessError, OSError) as e:

@@ -85,3 +85,19 @@ def test_llama_batched_bench_output_is_read_in_both_formats():
         (row,) = e2e.batched_rows(text)
         assert (int(row["pl"]), row["speed_tg"], row["speed"]) == (4, 41.57, 80.32)
     assert e2e.steps_for(3) == 11 and e2e.steps_for(8) == 4 and e2e.steps_for(64) == 4  # >= one per sub-block
+
+
+def test_llama_rows_from_both_tools(tmp_path):
+    """bench/e2e.py's llama.cpp section on stand-in binaries that print what the real ones print."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import e2e
+
+    fake = {"llama-bench": '[{"n_prompt": 0, "n_gen": 8, "avg_ts": 50.5}]',
+            "llama-batched-bench": '{"pp": 16, "tg": 8, "pl": 4, "speed_tg": 120.0, "speed": 150.0}'}
+    for name, out in fake.items():
+        exe = tmp_path / name
+        exe.write_text(f"#!/bin/sh\ncat <<'X'\n{out}\nX\n")
+        exe.chmod(0o755)
+    rows = e2e.llama(str(tmp_path), "m.gguf", [2], [4], 8, 16)
+    assert rows == [dict(threads=2, parallel=1, tool="llama-bench", tok_s=50.5),
+                    dict(threads=2, parallel=4, tool="llama-batched-bench", tok_s=120.0, tok_s_with_prompt=150.0)]
