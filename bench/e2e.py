@@ -229,7 +229,7 @@ def llama(bindir: str, gguf: str, threads: list[int], parallel: list[int], max_t
         for rec in json.loads(p.stdout):
             if rec.get("n_gen"):
                 rows.append(dict(threads=t, parallel=1, tool="llama-bench", tok_s=rec["avg_ts"]))
-        ctx = prompt_len + max(parallel) * max_tokens + 256
+        ctx = max(parallel) * (prompt_len + max_tokens) + 256  # enough also without a unified KV cache
         cmd = [os.path.join(bindir, "llama-batched-bench"), "-m", gguf, "-c", str(ctx), "-b", "2048", "-ub", "512",
                "-npp", str(prompt_len), "-ntg", str(max_tokens), "-npl", ",".join(map(str, parallel)),
                "-t", str(t), "-tb", str(t), "-ngl", "0", "-pps"]  # one shared prompt: minutes saved
