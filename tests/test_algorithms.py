@@ -470,3 +470,21 @@ def test_http_algorithm_fields(models):
             want = LLM(_backend(m)).generate(prompt, sp)[0]
             assert r.json()["choices"][0]["text"] == want.text
             assert r.json()["usage"]["completion_tokens"] == len(want.token_ids)
+
+
+def test_generate_cli_steps():
+    from hf_models import child_env
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "bitdlm.cli", "generate", "def f(x):", "--max-tokens", "32",
+                               "--ignore-eos", "--stats", *args], env=child_env(), capture_output=True, text=True)
+
+    # the packaged model: blocks of 32 in sub-blocks of 8, a 5-token prompt; 8 steps per block = 2 per
+    # sub-block (sub-block 0 holds 3 masks: 2 steps too), a commit, then 2 steps reach the 32nd token
+    p = run("--steps", "8")
+    assert p.returncode == 0, p.stderr
+    assert "generated: 32" in p.stderr and "forwards: 11 " in p.stderr, p.stderr
+    for args, msg in ((("--steps", "2"), "fewer than the 4 sub-blocks"), (("--steps", "8", "--threshold", "0.5"),
+                                                                          "two decoding rules")):
+        p = run(*args)
+        assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
