@@ -5,7 +5,7 @@
 # synthetic model is made, before anything is timed), then the end-to-end figures at
 # 8 and 16 threads. Results under $OUT: e2e.json, e2e.png, e2e.log, machine.txt, build.log.
 #
-#   OUT=$OUT bench/device_e2e.sh      # carry bench/out/llama-cpu.tar.gz and .whl/ (docs/scaling.md)
+#   OUT=$OUT bench/device_e2e.sh      # carry bench/out/llama-cpu.tar.gz and .whl/ (bench/device_setup.sh)
 #   OUT=/tmp/o THREADS=1 ARGS=--tiny bench/device_e2e.sh   # smoke run on a small box
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ LLAMA=${LLAMA:-bench/out/llama-cpu.tar.gz}
 LIMIT=${LIMIT:-420}   # seconds for bench/e2e.py; what finished by then is in e2e.json
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-source bench/device_setup.sh
+DEPS="import fastapi, uvicorn, pydantic, prometheus_client, httpx, gguf" source bench/device_setup.sh
 { nproc; lscpu 2>/dev/null || true; cat /proc/loadavg; } >"$OUT/machine.txt"
 [ -f "$LLAMA" ] || { echo "no $LLAMA: llama.cpp is skipped"; LLAMA=""; }
 timeout "$LIMIT" python3 bench/e2e.py --threads "$THREADS" --llama-archive "$LLAMA" \

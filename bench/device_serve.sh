@@ -8,7 +8,7 @@
 # per-request latency (p50/p90) go to JSON under $OUT; docs/scaling.md turns
 # them into a fleet plan.
 #
-#   # the device run (one command; ~3-4 min): wheels of the server's deps in .whl/
+#   # the device run (one command; ~3-4 min): wheels of the server's deps in .whl/ (bench/device_setup.sh)
 #   OUT=$OUT bench/device_serve.sh
 #   # smoke test on a small machine
 #   OUT=/tmp/out-ray CONFIGS=2x1 SHAPE=tiny N=16 C=4 MAX_TOKENS=16 bench/device_serve.sh

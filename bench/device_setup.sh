@@ -1,9 +1,12 @@
 # Sourced by the device scripts (bench/device_serve.sh, bench/device_e2e.sh), from the
 # repository root with $OUT set: puts the server's Python deps on PYTHONPATH (from the
 # wheels carried in .whl/ when the machine lacks them) and builds bitdlm._core for this
-# CPU unless one imports already (log: $OUT/build.log).
+# CPU unless one imports already (log: $OUT/build.log). $DEPS: the import line to satisfy.
+# The wheels, fetched where there is network (Python 3.12 on the device):
+#   pip download -d .whl --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     fastapi uvicorn pydantic prometheus-client httpx && pip download -d .whl --no-deps gguf
 # 1. the server's Python deps, from the carried wheels when the machine lacks them
-deps="import fastapi, uvicorn, pydantic, prometheus_client, httpx"
+deps=${DEPS:-"import fastapi, uvicorn, pydantic, prometheus_client, httpx"}
 if ! python3 -c "$deps" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
   # pure wheels, and of the compiled ones (pydantic_core per CPython version) this one's
   cp=cp$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')
