@@ -4,7 +4,7 @@
 # CPU unless one imports already (log: $OUT/build.log). $DEPS: the import line to satisfy.
 # The wheels, fetched where there is network (Python 3.12 on the device):
 #   pip download -d .whl --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#     fastapi uvicorn pydantic prometheus-client httpx && pip download -d .whl --no-deps gguf
+#     fastapi uvicorn pydantic prometheus-client httpx pyyaml tqdm && pip download -d .whl --no-deps gguf
 # 1. the server's Python deps, from the carried wheels when the machine lacks them
 deps=${DEPS:-"import fastapi, uvicorn, pydantic, prometheus_client, httpx"}
 if ! python3 -c "$deps" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
