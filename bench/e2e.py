@@ -116,7 +116,7 @@ def offline(model: str, threads: list[int], tpfs: list[float], max_tokens: int, 
     from bitdlm import SamplingParams
 
     rows = []
-    for t in threads:
+    for t in sorted(threads, reverse=True):  # the most threads first: a run cut short keeps them
         m = bitdlm.load(model, threads=t)
         core = m._core = TimedCore(m._core)
         llm = bitdlm.LLM(m)
@@ -183,7 +183,7 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
     modes = [("ar", {"block_length": 1})] + [
         (f"steps{steps_for(k)}", {"generation_algorithm": "steps", "steps": steps_for(k)}) for k in tpfs]
     rows = []
-    for t in threads:
+    for t in sorted(threads, reverse=True):  # the most threads first: a run cut short keeps them
         args = SimpleNamespace(model=model, replicas=1, threads=t, pin=False, max_batch=max(concurrency),
                                start_timeout=300.0, server_arg=["--max-queue", str(4 * max(concurrency))],
                                chat=False, api_key=None, served_model_name=None, max_tokens=max_tokens,
@@ -220,7 +220,7 @@ def build_llama(archive: str, build_dir: str) -> str:
 def llama(bindir: str, gguf: str, threads: list[int], parallel: list[int], max_tokens: int,
           prompt_len: int) -> list[dict]:
     rows = []
-    for t in threads:
+    for t in sorted(threads, reverse=True):  # the most threads first: a run cut short keeps them
         cmd = [os.path.join(bindir, "llama-bench"), "-m", gguf, "-p", "0", "-n", str(max_tokens), "-t", str(t),
                "-r", "3", "-o", "json", "-ngl", "0"]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
