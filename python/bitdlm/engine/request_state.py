@@ -130,7 +130,7 @@ class RequestState:
         self.prefilling = False
         if self.blk is not None:  # the closing block's generated part becomes history
             g0 = max(self.bstart, self.P) - self.bstart
-            self.hist.extend(int(t) for t in self.blk[g0:])
+            self.hist.extend(self.blk[g0:].tolist())
         bend = min(bstart + self.bs, self.cfg.max_len)
         n = bend - bstart
         mask_id = self.cfg.mask_id
