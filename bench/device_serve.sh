@@ -8,7 +8,7 @@
 # per-request latency (p50/p90) go to JSON under $OUT; docs/scaling.md turns
 # them into a fleet plan.
 #
-#   # the device run (one command; ~3-4 min): wheels of the server's deps in .whl/
+#   # the device run (one command; ~3-4 min): wheels of the server's deps in .whl/ (bench/device_setup.sh)
 #   OUT=$OUT bench/device_serve.sh
 #   # smoke test on a small machine
 #   OUT=/tmp/out-ray CONFIGS=2x1 SHAPE=tiny N=16 C=4 MAX_TOKENS=16 bench/device_serve.sh
@@ -30,31 +30,8 @@ MODEL=${MODEL:-/tmp/bitdlm-synth-$SHAPE-i8.bin}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
-# 1. the server's Python deps, from the carried wheels when the machine lacks them
-deps="import fastapi, uvicorn, pydantic, prometheus_client, httpx"
-if ! python3 -c "$deps" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-  # pure wheels, and of the compiled ones (pydantic_core per CPython version) this one's
-  cp=cp$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')
-  wheels=$(ls .whl/*-none-any.whl; ls .whl/*-"$cp"-"$cp"-*.whl 2>/dev/null || true)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site $wheels
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
-python3 -c "$deps" \
-  || { echo "missing server dependencies: carry their wheels in .whl/ (docs/scaling.md)"; exit 1; }
-
-# 2. the compiled core for this machine, unless one imports already
-if ! python3 -c "import bitdlm._core" 2>/dev/null; then
-  BUILD=build-device
-  echo "building the core in $BUILD"
-  { cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-      -Dpybind11_DIR="$(python3 -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
-      -DPython_EXECUTABLE="$(command -v python3)" \
-    && cmake --build "$BUILD" -j"$(nproc)"; } >"$OUT/build.log" 2>&1 \
-    || { tail -30 "$OUT/build.log"; exit 1; }
-  ln -sf "$(realpath "$(ls "$BUILD"/_core*.so | head -1)")" python/bitdlm/
-fi
+# 1-2. the server's Python deps and the compiled core (bench/device_setup.sh)
+source bench/device_setup.sh
 
 { echo "nproc: $(nproc)"; lscpu 2>/dev/null || true; echo; lscpu -e 2>/dev/null || true
   python3 -c "import bitdlm._core as c; print('isa:', getattr(c, 'active_isa', lambda: '?')())" \

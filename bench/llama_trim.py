@@ -1,5 +1,6 @@
-"""Trim the llama.cpp source inside a llama-cpp-python sdist to what `llama-bench`
-needs on a CPU (ggml core + CPU backend, libllama, common, tools/llama-bench), so the
+"""Trim the llama.cpp source inside a llama-cpp-python sdist to what `llama-bench` and
+`llama-batched-bench` need on a CPU (ggml core + CPU backend, libllama, common,
+tools/llama-bench, tools/batched-bench), so the
 reference engine can travel to a machine without network (a few MB instead of the
 76 MB sdist) and be built there with `bench/build_llama_bench.sh`.
 
@@ -21,11 +22,16 @@ KEEP_TOP = {"CMakeLists.txt", "cmake", "common", "src", "include", "ggml", "vend
 KEEP_BACKENDS = {"ggml-cpu"}
 DROP_VENDOR: set = set()  # vendor/CMakeLists.txt adds every folder
 
-TOOLS_CMAKE = b"""# trimmed by bitdlm's bench/llama_trim.py: llama-bench only
+TOOLS = ("llama-bench", "batched-bench")  # tg / pp of one stream; AR throughput of N parallel streams
+TOOLS_CMAKE = b"""# trimmed by bitdlm's bench/llama_trim.py: llama-bench and llama-batched-bench only
 find_package(Threads REQUIRED)
 llama_add_compile_flags()
-add_subdirectory(llama-bench)
 """
+
+
+def tools_cmake(found) -> bytes:
+    """tools/CMakeLists.txt for the tools the sdist has (older ones lack batched-bench)."""
+    return TOOLS_CMAKE + b"".join(b"add_subdirectory(%s)\n" % t.encode() for t in TOOLS if t in found)
 
 
 def keep(rel: str) -> bool:
@@ -33,7 +39,7 @@ def keep(rel: str) -> bool:
     if not parts or parts[0] not in KEEP_TOP | {"tools"}:
         return False
     if parts[0] == "tools":
-        return len(parts) >= 2 and parts[1] == "llama-bench"
+        return len(parts) >= 2 and parts[1] in TOOLS
     if parts[0] == "ggml" and len(parts) >= 3 and parts[1] == "src" and parts[2].startswith("ggml-") \
             and "." not in parts[2] and parts[2] not in KEEP_BACKENDS:
         return False
@@ -48,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("out", help="output .tar.gz (llama.cpp/ inside)")
     a = p.parse_args(argv)
     n = size = 0
+    found = set()
     with tarfile.open(a.sdist) as src, tarfile.open(a.out, "w:gz") as dst:
         marker = "/vendor/llama.cpp/"
         for m in src:
@@ -57,14 +64,17 @@ def main(argv=None) -> int:
             rel = m.name[i + len(marker):]
             if not keep(rel):
                 continue
+            if rel.startswith("tools/") and rel.count("/") >= 2:
+                found.add(rel.split("/")[1])
             data = src.extractfile(m).read() if m.isfile() else None
             m.name = "llama.cpp/" + rel
             dst.addfile(m, io.BytesIO(data) if data is not None else None)
             n += 1
             size += m.size if m.isfile() else 0
         info = tarfile.TarInfo("llama.cpp/tools/CMakeLists.txt")
-        info.size = len(TOOLS_CMAKE)
-        dst.addfile(info, io.BytesIO(TOOLS_CMAKE))
+        text = tools_cmake(found)
+        info.size = len(text)
+        dst.addfile(info, io.BytesIO(text))
     if n == 0:
         print(f"error: {a.sdist} holds no vendor/llama.cpp", file=sys.stderr)
         return 2

@@ -112,6 +112,7 @@ def request_body(args):
             body[k] = getattr(args, k)
     if args.ignore_eos:
         body["ignore_eos"] = True
+    body.update(getattr(args, "extra_body", None) or {})  # e.g. the decoding rule (bench/e2e.py)
     return body
 
 
@@ -288,6 +289,8 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--small-block-size", type=int, default=None)
+    p.add_argument("--extra-body", type=json.loads, default=None,
+                   help='JSON object merged into every request body, e.g. \'{"block_length": 1}\'')
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--api-key", default=os.environ.get("BITDLM_API_KEY"))
     p.add_argument("--time-limit", type=float, default=600.0, help="stop after this many s")

@@ -24,7 +24,12 @@ description, not from bitdlm.decoding:
 - "credit": dInfer's credit decoder, with its dense [positions, vocab] credit
   matrix: decay by decay_beta every step of the block but the first, add
   top1_prob ** boost_gamma at each masked position's top-1 token, decode the
-  logits + credit_alpha * log(credit + 1) with the threshold rule.
+  logits + credit_alpha * log(credit + 1) with the threshold rule;
+- "steps": LLaDA's fixed rate (`generate(steps=...)`): the block's steps are
+  dealt out evenly to its sub-blocks, the remainder to the first ones (as LLaDA
+  deals its steps to its blocks); a sub-block that starts with m masks gets the
+  per-step counts of LLaDA's get_num_transfer_tokens (m // s each, plus one for
+  the first m % s steps), filled with the most confident masks (ties: left-most).
 Cache strategies (`cache`): "prefix" (committed blocks cached), "dual" (the
 sub-block cache), "none" (every forward recomputes the whole sequence from
 position 0 with an empty cache).
@@ -113,9 +118,13 @@ class RefDecoder:
         return torch.cat([logits[:1], logits[:-1]]) if self.shift else logits
 
     def _pick(self, algorithm: str, conf: torch.Tensor, masked: torch.Tensor, threshold: float, factor: float,
-              low_threshold: float = 0.4):
+              low_threshold: float = 0.4, count: int = 0):
         """Indices of the sub-block to unmask and the decision's closeness (for near-tie excuses)."""
         cm = conf[masked]
+        if algorithm == "steps":
+            ranked = sorted(torch.nonzero(masked).flatten().tolist(), key=lambda j: (-float(conf[j]), j))
+            extra = float(conf[ranked[count - 1]] - conf[ranked[count]]) if count < len(ranked) else float("inf")
+            return sorted(ranked[:count]), extra
         if algorithm in ("threshold", "credit"):
             c = torch.where(masked, conf, torch.tensor(-1.0))
             sel = c > threshold
@@ -166,7 +175,8 @@ class RefDecoder:
     def generate(self, prompt, *, max_new_tokens: int, small_block_size: int, threshold: float = 0.9,
                  stop_ids=(), use_block_cache: bool = False, algorithm: str = "threshold",
                  factor: float = 1.0, credit_alpha: float = 0.7, boost_gamma: float = 0.2,
-                 decay_beta: float = 0.8, low_threshold: float = 0.4, cache: str | None = None) -> list[int]:
+                 decay_beta: float = 0.8, low_threshold: float = 0.4, cache: str | None = None,
+                 steps: int | None = None) -> list[int]:
         cache_mode = cache or ("dual" if use_block_cache else "prefix")
         use_block_cache = cache_mode == "dual"
         none = cache_mode == "none"
@@ -205,6 +215,11 @@ class RefDecoder:
             credit_steps = 0
             for s0 in range(0, bend - bstart, small_block_size):
                 s1 = min(s0 + small_block_size, bend - bstart)
+                if algorithm == "steps":  # this sub-block's share of the steps, then LLaDA's counts per step
+                    n_sub, total = bs // small_block_size, steps or bs
+                    s_j = total // n_sub + (1 if s0 // small_block_size < total % n_sub else 0)
+                    m = sum(t == M for t in x[bstart + s0:bstart + s1])
+                    counts = [m // s_j + (1 if i < m % s_j else 0) for i in range(s_j)]
                 while any(t == M for t in x[bstart + s0:bstart + s1]) and not done(x):
                     blk = x[bstart:bend]
                     if use_block_cache and self.forward is not None:
@@ -247,7 +262,8 @@ class RefDecoder:
                         lg = lg + credit_alpha * torch.log(credit[s0:s1] + 1)
                     probs = torch.softmax(lg, dim=-1)
                     conf, tok = probs.max(dim=-1)
-                    picked, extra = self._pick(algorithm, conf, masked, threshold, factor, low_threshold)
+                    picked, extra = self._pick(algorithm, conf, masked, threshold, factor, low_threshold,
+                                               counts.pop(0) if algorithm == "steps" else 0)
                     self._decide(probs[picked], [bstart + s0 + j for j in picked], extra)
                     for j in picked:
                         x[bstart + s0 + j] = int(tok[j])

@@ -30,7 +30,8 @@ pytestmark = pytest.mark.torch  # the reference decoder runs transformers
 
 ALGOS = {"threshold": dict(threshold=0.7), "factor": dict(factor=1.0),
          "credit": dict(threshold=0.95, credit_alpha=1.5, decay_beta=0.5),
-         "hierarchy": dict(threshold=0.95, low_threshold=0.2)}
+         "hierarchy": dict(threshold=0.95, low_threshold=0.2),
+         "steps": dict(steps=3)}  # block 8 / sub-block 4: 2 + 1 steps, so 2+1 / 4 tokens; other sizes alike
 
 
 # As in tests/test_default_model.py: online int8 activation quantization lets a 1e-6
@@ -123,12 +124,60 @@ def test_credit_accumulates_for_a_stable_top1():
     assert abs(float(b.fuse([3], lg)[1][0]) - confs[0]) < 1e-7  # a new block forgets
 
 
+def _steps_rule(steps, bs=32, sbs=8):
+    a = decoding.make("steps", steps=steps)
+    a.configure(bs, sbs)
+    return a
+
+
+def _counts(a, masks, sub, sbs=8):
+    """Tokens the rule unmasks per step while it decodes sub-block `sub` starting with `masks` masks."""
+    counts, left = [], list(range(sub * sbs + sbs - masks, sub * sbs + sbs))
+    conf = np.random.default_rng(masks).random(sbs)
+    while left:
+        pos = np.array(left)
+        sel = a.select(conf[pos - sub * sbs], positions=pos)
+        counts.append(len(sel))
+        left = [p for i, p in enumerate(left) if i not in set(sel.tolist())]
+    return counts
+
+
+def test_steps_rule_schedule():
+    # LLaDA: 11 steps over 4 sub-blocks -> 3, 3, 3, 2; 8 masks in 3 steps -> 3, 3, 2; 7 in 3 -> 3, 2, 2
+    a = _steps_rule(11)
+    assert [a.sub_block_steps(j) for j in range(4)] == [3, 3, 3, 2]
+    assert _counts(a, 8, 0) == [3, 3, 2] and _counts(a, 7, 1) == [3, 2, 2] and _counts(a, 8, 3) == [4, 4]
+    a.reset()  # a new block: sub-block 0 gets its steps again
+    assert _counts(a, 3, 0) == [1, 1, 1] and _counts(a, 2, 2) == [1, 1]
+    assert _counts(_steps_rule(4), 8, 1) == [8]  # 8 tokens per forward
+    assert _counts(_steps_rule(None), 8, 0) == [1] * 8  # default: one per step
+    assert _counts(_steps_rule(64), 8, 0) == [1] * 8  # more steps than masks: one per step, no empty step
+    assert _counts(_steps_rule(1, bs=1, sbs=1), 1, 0, sbs=1) == [1]  # autoregressive
+
+
+def test_steps_rule_takes_the_most_confident_and_the_leftmost_of_ties():
+    # 8 steps per block of 32: 2 per sub-block of 8, so 4 masks go 2 at a time
+    assert _steps_rule(8).select(np.array([0.2, 0.9, 0.5, 0.8]), positions=np.arange(4, 8)).tolist() == [1, 3]
+    assert _steps_rule(8).select(np.array([0.3, 0.7, 0.7, 0.7]), positions=np.arange(8, 12)).tolist() == [1, 2]
+    assert _steps_rule(8).select(np.array([0.9, 0.5, 0.5]), np.array([False, True, True]),
+                                 positions=np.array([9, 10, 11])).tolist() == [1]
+
+
+def test_steps_rule_needs_a_step_per_sub_block():
+    with pytest.raises(ValueError, match="fewer than the 4 sub-blocks"):
+        _steps_rule(3)
+    _steps_rule(4)
+    with pytest.raises(ValueError, match="positions"):
+        decoding.make("steps", steps=4).select(np.array([0.5]))
+
+
 def test_describe_lists_every_rule_with_defaults():
     d = decoding.describe()
     got = {a["name"]: {p["name"]: p["default"] for p in a["parameters"]} for a in d["algorithms"]}
     assert got == {"threshold": {"threshold": None}, "factor": {"factor": 1.0},
                    "credit": {"threshold": None, "credit_alpha": 0.7, "boost_gamma": 0.2, "decay_beta": 0.8},
-                   "hierarchy": {"threshold": None, "low_threshold": 0.4}}
+                   "hierarchy": {"threshold": None, "low_threshold": 0.4},
+                   "steps": {"steps": None}}
     assert {a["name"]: (a["algorithm"], a["cache"]) for a in d["aliases"]} == {
         "basic": ("threshold", "none"), "prefix_cache": ("threshold", "prefix"), "dual_cache": ("threshold", "dual"),
         "dinfer_blockwise": ("threshold", "dual"), "dinfer_hierarchy": ("hierarchy", "dual"),
@@ -155,8 +204,8 @@ def test_sampling_params_module():
     (dict(temperature=float("inf")), "temperature"),
     (dict(threshold=float("nan")), "threshold"),
     (dict(threshold=0.0), "threshold"),
-    (dict(generation_algorithm="beam"), "threshold, factor, credit"),
-    (dict(generation_algorithm=None), "threshold, factor, credit"),
+    (dict(generation_algorithm="beam"), "threshold, factor, credit, hierarchy, steps"),
+    (dict(generation_algorithm=None), "threshold, factor, credit, hierarchy, steps"),
     (dict(cache="full"), "none, prefix, dual"),
     (dict(cache="prefix", use_block_cache=True), "use_block_cache"),
     (dict(factor=0.0), "factor"),
@@ -165,6 +214,10 @@ def test_sampling_params_module():
     (dict(decay_beta=1.5), "decay_beta"),
     (dict(credit_alpha=-0.1), "credit_alpha"),
     (dict(boost_gamma=True), "boost_gamma"),
+    (dict(steps=0), "steps"),
+    (dict(steps=2.0), "steps"),
+    (dict(steps=True), "steps"),
+    (dict(generation_algorithm="steps", steps=-3), "steps"),
     (dict(block_length=0), "block_length"),
     (dict(block_length=2.0), "block_length"),
     (dict(seed=-1), "seed"),  # numpy's generator takes none
@@ -192,6 +245,7 @@ def test_engine_rejects_what_it_cannot_run(models):
     m = models[True]
     eng = Engine(backend(m))
     for kw, match in [(dict(top_p=1e-320), "top_p"), (dict(block_length=6, small_block_size=4), "small_block_size"),
+                      (dict(generation_algorithm="steps", steps=1), "fewer than the 2 sub-blocks"),
                       (dict(block_length=4, small_block_size=8), "small_block_size"),
                       (dict(block_length=10 ** 6), "context")]:
         with pytest.raises(ValueError, match=match):
@@ -250,6 +304,19 @@ def test_none_cache_recomputes_from_zero(models):
     be2 = backend(m)
     LLM(be2).generate(prompt, SamplingParams(max_tokens=12, cache="prefix", ignore_eos=True))
     assert max(be2.token_counts) == BS
+
+
+def test_steps_fixes_the_forwards(models):
+    # a prompt of one block (its last logits give the first token), 3 blocks of 8 in sub-blocks of 4:
+    # per block, steps S and one commit; S = 2: the carried token leaves 3 masks + 4 masks, one step each
+    m = models[True]
+    llm = LLM(backend(m))
+    prompt = prompt_ids(BS, seed=17)
+    for steps, per_block in ((2, 3), (3, 4), (8, 8)):  # steps 8 >= masks per sub-block: 3 + 4 steps, + commit
+        g = llm.generate(prompt, SamplingParams(max_tokens=3 * BS, ignore_eos=True, generation_algorithm="steps",
+                                                steps=steps))[0]
+        assert len(g.token_ids) == 3 * BS
+        assert g.stats["forwards"] == 1 + 2 * per_block + (per_block - 1), (steps, g.stats)
 
 
 def test_factor_and_credit_decode_in_parallel(models):
@@ -419,14 +486,17 @@ def test_http_algorithm_fields(models):
         r = c.post("/v1/completions", json={**body, "generation_algorithm": "beam"})
         assert r.status_code == 400, r.text
         err = r.json()["error"]
-        assert "threshold, factor, credit" in err["message"] and err["param"] == "generation_algorithm"
+        assert "threshold, factor, credit, hierarchy, steps" in err["message"] and err["param"] == "generation_algorithm"
         r = c.post("/v1/completions", json={**body, "use_cache": False, "use_dual_cache": True})
         assert r.status_code == 400
+        r = c.post("/v1/completions", json={**body, "generation_algorithm": "steps", "steps": 1})
+        assert r.status_code == 400 and "sub-blocks" in r.json()["error"]["message"], r.text
         for extra, sp in [
             (dict(generation_algorithm="factor", factor=1.5, use_cache=False),
              SamplingParams(generation_algorithm="factor", factor=1.5, cache="none")),
             (dict(generation_algorithm="credit", threshold=0.8, use_dual_cache=True, block_length=4),
              SamplingParams(generation_algorithm="credit", threshold=0.8, cache="dual", block_length=4)),
+            (dict(generation_algorithm="steps", steps=2), SamplingParams(generation_algorithm="steps", steps=2)),
         ]:
             r = c.post("/v1/completions", json={**body, **extra})
             assert r.status_code == 200, r.text
@@ -434,3 +504,21 @@ def test_http_algorithm_fields(models):
             want = LLM(backend(m)).generate(prompt, sp)[0]
             assert r.json()["choices"][0]["text"] == want.text
             assert r.json()["usage"]["completion_tokens"] == len(want.token_ids)
+
+
+def test_generate_cli_steps():
+    from hf_models import child_env
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "bitdlm.cli", "generate", "def f(x):", "--max-tokens", "32",
+                               "--ignore-eos", "--stats", *args], env=child_env(), capture_output=True, text=True)
+
+    # the packaged model: blocks of 32 in sub-blocks of 8, a 5-token prompt; 8 steps per block = 2 per
+    # sub-block (sub-block 0 holds 3 masks: 2 steps too), a commit, then 2 steps reach the 32nd token
+    p = run("--steps", "8")
+    assert p.returncode == 0, p.stderr
+    assert "generated: 32" in p.stderr and "forwards: 11 " in p.stderr, p.stderr
+    for args, msg in ((("--steps", "2"), "fewer than the 4 sub-blocks"), (("--steps", "8", "--threshold", "0.5"),
+                                                                          "two decoding rules")):
+        p = run(*args)
+        assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -737,10 +737,10 @@ def test_threads_take_effect_on_the_forwarding_thread():
     t.start()
     t.join()
     assert seen == [3]
-    # the default (physical cores) comes from the runtime, not the benchmark module
+    # the default (physical cores less busy ones) comes from the runtime, not the benchmark module
     env = {k: v for k, v in child_env().items() if k != "OMP_NUM_THREADS"}
     code = ("import sys, bitdlm.model as m; from bitdlm._cpu import physical_cores; "
-            "assert m.default_threads() == physical_cores() >= 1; "
+            "assert 1 <= m.default_threads() <= physical_cores(); "
             "assert 'bitdlm.bench' not in sys.modules, 'model imported bench'")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

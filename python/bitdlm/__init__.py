@@ -1,7 +1,11 @@
 """bitdlm: CPU inference for ternary (BitNet b1.58) block-diffusion LMs."""
 from __future__ import annotations
 
+from ._cpu import bound_openmp_spin
+
 __version__ = "0.1.0"
+
+bound_openmp_spin()  # before anything loads the OpenMP runtime (bitdlm._core)
 
 __all__ = ["load", "LLM", "SamplingParams", "__version__"]
 

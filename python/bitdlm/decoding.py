@@ -25,6 +25,15 @@ instance belongs to one request (the credit rule keeps state across steps);
   the full logits of the candidates (the engine asks the forward for them).
   dInfer decodes the whole block; here, like the other rules, the credit rule
   decides the current sub-block, so only its positions gain credit.
+- `steps` (LLaDA's fixed rate, `generate(steps=...)`): a block of B tokens in
+  `steps` steps, so B / steps tokens per step, the most confident first (ties:
+  the left-most). As LLaDA splits its steps evenly over its semi-autoregressive
+  blocks, the block's steps are split over its sub-blocks (sub-block j of n gets
+  steps // n, plus one for the first steps % n); inside a sub-block that starts
+  with m masked positions, step i of its s steps unmasks m // s tokens, plus one
+  for the first m % s steps (LLaDA's `get_num_transfer_tokens`). Needs
+  steps >= the sub-blocks of a block. Fixing the tokens per forward makes the
+  speed of block diffusion measurable on any model, random weights included.
 
 - `hierarchy` (dInfer's `HierarchyDecoder`): the masked positions of the
   sub-block form runs of consecutive positions; in each run the most confident
@@ -69,12 +78,17 @@ class Param:
     lo_open: bool
     hi_open: bool
     doc: str
+    integer: bool = False  # only whole numbers (`steps`)
 
     def range_text(self) -> str:
         hi = "inf" if math.isinf(self.hi) else f"{self.hi:g}"
         return f"{'(' if self.lo_open else '['}{self.lo:g}, {hi}{')' if self.hi_open else ']'}"
 
     def check(self, value) -> float:
+        if self.integer:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not self.lo <= value <= self.hi:
+                raise ValueError(f"{self.name} must be an integer in {self.range_text()}, got {value!r}")
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{self.name} must be a number in {self.range_text()}, got {value!r}")
         v = float(value)
@@ -105,12 +119,16 @@ class Algorithm:
             v = values.get(p.name)
             setattr(self, p.name, p.default if v is None else p.check(v))
 
+    def configure(self, block_size: int, small_block_size: int) -> None:
+        """The request's block and sub-block sizes (the engine calls it once, before any step);
+        raises ValueError if the rule cannot decode them."""
+
     def reset(self) -> None:
         """A new block starts (nothing to forget for stateless rules)."""
 
     def select(self, conf: np.ndarray, masked: np.ndarray | None = None, positions=None) -> np.ndarray:
         """Indices (into conf) of the candidates to unmask; never empty when one is masked.
-        `positions`: the candidates' block positions (rules that look at neighbours use them)."""
+        `positions`: the candidates' block positions (rules that look at neighbours, and `steps`, use them)."""
         raise NotImplementedError
 
     @classmethod
@@ -229,6 +247,52 @@ class Hierarchy(Algorithm):
         return idx[sel]
 
 
+class Steps(Algorithm):
+    name = "steps"
+    summary = ("LLaDA's fixed rate: a block of B tokens in `steps` steps (B / steps per step, the most "
+               "confident first), the steps split evenly over the sub-blocks")
+    params = (Param("steps", None, 1, math.inf, False, True,
+                    "steps per block: block_length / steps tokens per step; default: block_length (one per step)",
+                    integer=True),)
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        self.block_size = self.sbs = 0
+        self.reset()
+
+    def configure(self, block_size, small_block_size):
+        self.block_size, self.sbs = int(block_size), int(small_block_size)
+        n = -(-self.block_size // self.sbs)
+        if self.steps is not None and self.steps < n:
+            raise ValueError(f"steps {self.steps} is fewer than the {n} sub-blocks of a block "
+                             f"(block_length {self.block_size} / small_block_size {self.sbs}): at least one each")
+
+    def reset(self):
+        self._sub, self._used = -1, 0  # sub-block being decoded, steps it has taken
+
+    def sub_block_steps(self, j: int) -> int:
+        """Steps of sub-block j: the block's steps split evenly, the remainder to the first ones."""
+        n = -(-self.block_size // self.sbs)
+        s = self.block_size if self.steps is None else self.steps
+        return s // n + (j < s % n)
+
+    def select(self, conf, masked=None, positions=None):
+        c, idx = _candidates(conf, masked)
+        if c.size == 0:
+            return idx
+        if positions is None or not self.sbs:
+            raise ValueError("the steps rule needs configure() and the candidates' block positions")
+        j = int(np.asarray(positions)[idx[0]]) // self.sbs
+        if j != self._sub:
+            self._sub, self._used = j, 0
+        left = self.sub_block_steps(j) - self._used
+        self._used += 1
+        # ceil(masked left / steps left) is LLaDA's schedule (m // s, one more for the first m % s steps)
+        k = c.size if left <= 0 else -(-c.size // left)
+        order = np.argsort(-c, kind="stable")  # the most confident first, ties to the left
+        return idx[np.sort(order[:k])]
+
+
 def select_rows(logits: np.ndarray, temperature=0.0, top_p=1.0, uniforms=None):
     """The forward's select epilogue (docs/architecture.md) on logits rows [k, V]: greedy argmax and its
     softmax probability at temperature 0; otherwise p = softmax(logits / T), the nucleus of the most
@@ -260,7 +324,7 @@ def select_rows(logits: np.ndarray, temperature=0.0, top_p=1.0, uniforms=None):
     return tok, conf
 
 
-REGISTRY: dict[str, type[Algorithm]] = {c.name: c for c in (Threshold, Factor, Credit, Hierarchy)}
+REGISTRY: dict[str, type[Algorithm]] = {c.name: c for c in (Threshold, Factor, Credit, Hierarchy, Steps)}
 
 # The users' old LLaDA server's algorithm names -> (rule, the cache strategy it ran with).
 # Fast-dLLM's `basic` had no cache; their dInfer decoders all ran with the dual cache.

@@ -19,6 +19,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop when the text contains this string (repeatable)")
     p.add_argument("--threshold", type=float, default=None,
                    help="unmask confidence threshold in (0, 1] (default: the model's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="LLaDA's fixed-rate rule instead of the threshold: decode each block in this many steps "
+                        "(block size / steps tokens per forward, the most confident first)")
     p.add_argument("--small-block-size", type=int, default=None, help="sub-block size (default: the model's)")
     p.add_argument("--block-size", type=int, default=None,
                    help="diffusion block size, 1 = autoregressive (default: the model's)")
@@ -49,10 +52,13 @@ def run_cli(args) -> int:
             prompt = llm.tokenizer.encode(args.prompt)
         if args.profile:
             llm.model.set_profile(True)
+        if args.steps is not None and args.threshold is not None:
+            raise ValueError("--steps and --threshold are two decoding rules: give one")
+        rule = dict(generation_algorithm="steps", steps=args.steps) if args.steps is not None else {}
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed, stop=args.stop, threshold=args.threshold,
                                 small_block_size=args.small_block_size, use_block_cache=args.use_block_cache,
-                                ignore_eos=args.ignore_eos)
+                                ignore_eos=args.ignore_eos, **rule)
         if args.stream:
             stream = llm.generate_stream(prompt, params)
             for delta in stream:

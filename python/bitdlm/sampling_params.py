@@ -66,7 +66,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # extra stop tokens besides the model's EOS
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    # decoding algorithm (bitdlm.decoding): "threshold" | "factor" | "credit" | "hierarchy",
+    # decoding algorithm (bitdlm.decoding): "threshold" | "factor" | "credit" | "hierarchy" | "steps",
     # or an old LLaDA-server alias ("basic", "dual_cache", "dinfer_hierarchy", ...: decoding.ALIASES)
     generation_algorithm: str = decoding.DEFAULT_ALGORITHM
     factor: float | None = None  # factor rule; None = 1.0
@@ -74,6 +74,7 @@ class SamplingParams:
     boost_gamma: float | None = None  # credit rule; None = 0.2
     decay_beta: float | None = None  # credit rule; None = 0.8
     low_threshold: float | None = None  # hierarchy rule; None = 0.4
+    steps: int | None = None  # steps rule (LLaDA's fixed rate): steps per block; None = block_length
     cache: str | None = None  # "none" | "prefix" | "dual"; None = "dual" if use_block_cache else "prefix"
     block_length: int | None = None  # per-request block size; None = the engine's
 

@@ -250,7 +250,11 @@ class IncrementalDetokenizer:
         return self.tok.decode(self.ids[a:b], skip_special_tokens=self.skip)
 
     def add(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
+        return self.add_many((token_id,))
+
+    def add_many(self, token_ids) -> str:
+        """The text delta of several new tokens at once: two decodes for the lot, not per token."""
+        self.ids.extend(int(t) for t in token_ids)
         before = self._decode(self.prefix, self.read)
         now = self._decode(self.prefix)
         if len(now) > len(before) and not now.endswith("\ufffd"):

@@ -118,6 +118,7 @@ class Engine:
             raise ValueError("stop strings need a tokenizer, and this engine has none")
         thr = self.default_threshold if params.threshold is None else float(params.threshold)
         algo = decoding.make(params.generation_algorithm, **{**params.algorithm_values(), "threshold": thr})
+        algo.configure(bs, sbs)
         limit = min(P + params.max_tokens, self.max_len)
         # the block holding the last wanted position is decoded (and, with the sub-block
         # cache, written as scratch) in full

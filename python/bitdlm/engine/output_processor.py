@@ -43,22 +43,25 @@ class TextState:
         """Text of newly final tokens -> (text to emit, token cut or None): a stop string
         found ends the text before it and drops the tokens after the one completing it."""
         stops, hold = self.stops, self.hold
-        for i, t in enumerate(new_ids):
+        if not stops:  # nothing to cut: the whole delta from one detokenizer call
+            delta = self.detok.add_many(new_ids)
+            self.seen += delta
+            self.held += delta
+        for i, t in enumerate(new_ids if stops else ()):
             delta = self.detok.add(t)
             if not delta:
                 continue
             seen0 = len(self.seen)
             self.seen += delta
             self.held += delta
-            if stops:
-                lo = max(0, seen0 - hold)
-                hits = [j for j in (self.seen.find(s, lo) for s in stops) if j >= 0]
-                if hits:
-                    # drop the stop string and everything after it
-                    drop = len(self.seen) - min(hits)
-                    self.held = self.held[:max(0, len(self.held) - drop)]
-                    out, self.held = self.held, ""
-                    return out, i + 1
+            lo = max(0, seen0 - hold)
+            hits = [j for j in (self.seen.find(s, lo) for s in stops) if j >= 0]
+            if hits:
+                # drop the stop string and everything after it
+                drop = len(self.seen) - min(hits)
+                self.held = self.held[:max(0, len(self.held) - drop)]
+                out, self.held = self.held, ""
+                return out, i + 1
         if finished:
             return self.flush(), None
         if hold and len(self.held) > hold:
@@ -97,15 +100,13 @@ class OutputProcessor:
         if seq.prefilling:
             return None
         front = min(seq.frontier(), seq.limit)
-        new_ids = []
         pos = seq.P + seq.emitted
-        while pos < front:
-            t = seq.token_at(pos)
-            new_ids.append(t)
-            pos += 1
-            if t in seq.stop_ids:  # stop token, nothing masked before it: keep it, drop the rest
-                seq.finish("stop")
-                break
+        new_ids = seq.tokens_between(pos, front) if pos < front else []
+        stop = next((i for i, t in enumerate(new_ids) if t in seq.stop_ids), None) if seq.stop_ids else None
+        if stop is not None:  # stop token, nothing masked before it: keep it, drop the rest
+            new_ids = new_ids[:stop + 1]
+            seq.finish("stop")
+        pos += len(new_ids)
         if not seq.finished and pos >= seq.limit:
             seq.finish("length")
         text = ""

@@ -108,8 +108,10 @@ class RequestState:
     def P(self) -> int:
         return len(self.prompt)
 
-    def token_at(self, pos: int) -> int:
-        return self.hist[pos - self.P] if pos < self.bstart else int(self.blk[pos - self.bstart])
+    def tokens_between(self, a: int, b: int) -> list[int]:
+        """Generated tokens at absolute positions [a, b) (P <= a <= b): history, then the block."""
+        h = self.hist[a - self.P:min(b, self.bstart) - self.P] if a < self.bstart else []
+        return h + (self.blk[max(a, self.bstart) - self.bstart:b - self.bstart].tolist() if b > self.bstart else [])
 
     def finish(self, reason: str) -> None:
         self.finished, self.reason = True, reason
@@ -129,7 +131,7 @@ class RequestState:
         self.prefilling = False
         if self.blk is not None:  # the closing block's generated part becomes history
             g0 = max(self.bstart, self.P) - self.bstart
-            self.hist.extend(int(t) for t in self.blk[g0:])
+            self.hist.extend(self.blk[g0:].tolist())
         bend = min(bstart + self.bs, self.cfg.max_len)
         n = bend - bstart
         mask_id = self.cfg.mask_id

@@ -131,9 +131,9 @@ class Scheduler:
         if key.mode == "logits":
             res = np.asarray(self.model.forward(core_items, key.block_size, "logits")).reshape(sum(ks), self.vocab)
         else:
-            temps = np.concatenate([np.full(k, m.seq.params.effective_temperature(), np.float32)
-                                    for k, m in zip(ks, members)])
-            tops = np.concatenate([np.full(k, m.seq.params.top_p, np.float32) for k, m in zip(ks, members)])
+            # per output row: its request's temperature and top_p (one repeat, not one array per request)
+            temps = np.repeat(np.array([m.seq.params.effective_temperature() for m in members], np.float32), ks)
+            tops = np.repeat(np.array([m.seq.params.top_p for m in members], np.float32), ks)
             unis = np.concatenate([m.uniforms for m in members])
             tok, conf = self.model.forward(core_items, key.block_size, "select", temperature=temps,
                                            top_p=tops, uniforms=unis, banned=self.banned)

@@ -51,6 +51,7 @@ class _Common(BaseModel):
     boost_gamma: Optional[float] = Field(default=None, allow_inf_nan=False)
     decay_beta: Optional[float] = Field(default=None, allow_inf_nan=False)
     low_threshold: Optional[float] = Field(default=None, allow_inf_nan=False)
+    steps: Optional[int] = Field(default=None, ge=1, le=1 << 20)  # the fixed-rate rule: steps per block
     use_cache: Optional[bool] = None  # false: cache "none" (recompute every step)
     use_dual_cache: Optional[bool] = None  # true: cache "dual" (the sub-block cache)
     block_length: Optional[int] = Field(default=None, ge=1, le=1 << 20)
@@ -195,7 +196,7 @@ def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, de
     kw["max_tokens"] = max_tokens
     for k in ("temperature", "top_p", "seed", "threshold", "small_block_size",
               "use_block_cache", "ignore_eos", "generation_algorithm", "factor", "credit_alpha",
-              "boost_gamma", "decay_beta", "low_threshold", "block_length"):
+              "boost_gamma", "decay_beta", "low_threshold", "steps", "block_length"):
         v = getattr(req, k)
         if v is not None:
             kw[k] = v

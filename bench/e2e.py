@@ -1,0 +1,484 @@
+"""End to end: when does block diffusion beat token-by-token decoding, as a user sees it?
+
+One command, JSON + PNG. On the 2B-shaped synthetic model (bench/make_synthetic_model.py,
+random ternary weights, int8 lm_head) it measures, at every thread count of --threads:
+
+  offline   the real `LLM.generate` path, one request: generated tokens/s with LLaDA's
+            fixed-rate rule (`steps`: block 32 / steps = the tokens per forward of a
+            decoding step) at each of --tpf, with the prefix cache and the sub-block cache,
+            beside autoregressive decoding (`block_length` 1); per run the forwards, the
+            achieved tokens per forward (commit and prefill forwards included), and the
+            time per forward spent outside `_core.forward` (the Python side: scheduler,
+            numpy, detokenizer); the end-to-end break-even tokens per forward (diffusion
+            beats AR above it: seconds per diffusion forward / seconds per AR token);
+  server    `bitdlm serve` under --concurrency parallel streaming requests (bench/serve.py),
+            AR against the fixed-rate rule at each of --server-tpf, generated tokens/s;
+  llama.cpp the same weights as GGUF (TQ2_0, Q8_0 output layer): `llama-bench` tg for one
+            stream and `llama-batched-bench` for the parallel streams, both built from the
+            trimmed source of bench/llama_trim.py (skipped without --llama-archive);
+  (--json X.json also writes X.md: the same figures as Markdown tables for the README)
+  spin      AR tokens/s at the largest thread count with bitdlm's bounded OpenMP spin
+            (the default) and with libgomp's own (GOMP_SPINCOUNT=300000): what bounding the
+            spin costs on an idle machine.
+
+    # the full run (Sapphire Rapids, ~7 min with the builds): bench/device_e2e.sh
+    python bench/e2e.py --threads 8,16 --llama-archive bench/out/llama-cpu.tar.gz \\
+        --json e2e.json --plot e2e.png
+    # seconds, on any machine (a test runs it): tiny model, 1 thread, no llama.cpp
+    python bench/e2e.py --tiny --json /tmp/e2e.json --plot /tmp/e2e.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+if os.path.isdir(os.path.join(ROOT, "python", "bitdlm")):  # the checkout, unless bitdlm is installed
+    sys.path.insert(1, os.path.join(ROOT, "python"))
+
+BLOCK, SUB = 32, 8
+LIBGOMP_SPIN = "300000"  # libgomp's own default spin count (OMP_WAIT_POLICY unset)
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def steps_for(tpf: float, block: int = BLOCK, sub: int = SUB) -> int:
+    """Steps per block for `tpf` tokens per decoding step (at least one per sub-block)."""
+    return max(-(-block // sub), min(block, round(block / tpf)))
+
+
+def child_env(threads: int | None = None, **extra) -> dict:
+    env = dict(os.environ)
+    src = os.path.join(ROOT, "python")
+    if os.path.isdir(os.path.join(src, "bitdlm")):
+        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.update(extra)
+    return env
+
+
+# ----------------------------------------------------------------------------- model
+def make_model(workdir: str, tiny: bool) -> str:
+    path = os.path.join(workdir, "synth-tiny-i8.bin" if tiny else "synth2b-i8.bin")
+    if not os.path.exists(path):
+        cmd = [sys.executable, os.path.join(HERE, "make_synthetic_model.py"), path, "--lm-head", "i8"]
+        subprocess.run(cmd + (["--shape", "tiny"] if tiny else []), check=True, env=child_env(),
+                       stdout=subprocess.DEVNULL)
+    return path
+
+
+# ----------------------------------------------------------------------------- offline
+class TimedCore:
+    """Stands in for `Model._core`: times every forward, delegates everything else."""
+
+    def __init__(self, core):
+        self._c, self.seconds, self.calls = core, 0.0, 0
+
+    def forward(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return self._c.forward(*a, **kw)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def __setattr__(self, name, value):
+        if name in ("_c", "seconds", "calls"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._c, name, value)
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(4, vocab - 8, n).tolist()  # no specials, no mask
+
+
+def offline(model: str, threads: list[int], tpfs: list[float], max_tokens: int, prompt_len: int,
+            reps: int) -> list[dict]:
+    import bitdlm
+    from bitdlm import SamplingParams
+
+    rows = []
+    for t in sorted(threads, reverse=True):  # the most threads first: a run cut short keeps them
+        m = bitdlm.load(model, threads=t)
+        core = m._core = TimedCore(m._core)
+        llm = bitdlm.LLM(m)
+        prompt = prompt_ids(prompt_len, m.vocab_size)
+        base = dict(max_tokens=max_tokens, ignore_eos=True)
+        configs = [("ar", "prefix", None, SamplingParams(block_length=1, **base))]
+        for cache in ("prefix", "dual"):
+            for k in tpfs:
+                s = steps_for(k)
+                configs.append((f"steps{s}", cache, k, SamplingParams(generation_algorithm="steps", steps=s,
+                                                                      cache=cache, **base)))
+        llm.generate(prompt, SamplingParams(max_tokens=BLOCK, ignore_eos=True))  # page in the weights
+        for mode, cache, k, sp in configs:
+            runs = []
+            for _ in range(reps):
+                core.seconds, core.calls = 0.0, 0
+                t0 = time.perf_counter()
+                g = llm.generate(prompt, sp)[0]
+                wall = time.perf_counter() - t0
+                runs.append(dict(wall=wall, core=core.seconds, calls=core.calls, tokens=len(g.token_ids),
+                                 forwards=g.stats["forwards"]))
+            r = min(runs, key=lambda x: x["wall"])  # the least disturbed repetition
+            row = dict(threads=t, mode=mode, cache=cache, tpf_target=k, steps=sp.steps,
+                       tokens=r["tokens"], forwards=r["forwards"], tpf=r["tokens"] / r["forwards"],
+                       seconds=r["wall"], tok_s=r["tokens"] / r["wall"],
+                       ms_per_forward=1e3 * r["wall"] / r["calls"],
+                       outside_ms_per_forward=1e3 * (r["wall"] - r["core"]) / r["calls"],
+                       outside_share=(r["wall"] - r["core"]) / r["wall"],
+                       tok_s_reps=[x["tokens"] / x["wall"] for x in runs])
+            rows.append(row)
+            print(f"offline {t:>3} thr {mode:>8} {cache:>6}: {row['tok_s']:8.1f} tok/s  tpf {row['tpf']:5.2f}  "
+                  f"{row['ms_per_forward']:7.2f} ms/forward, {row['outside_ms_per_forward']:6.3f} ms outside "
+                  f"the core", flush=True)
+        m.close()
+    return rows
+
+
+def break_even(rows: list[dict]) -> list[dict]:
+    """Per thread count and cache: seconds per diffusion forward / seconds per AR token."""
+    out = []
+    for t in sorted({r["threads"] for r in rows}):
+        ar = [r for r in rows if r["threads"] == t and r["mode"] == "ar"]
+        if not ar:
+            continue
+        s_tok = ar[0]["seconds"] / ar[0]["tokens"]
+        for cache in ("prefix", "dual"):
+            d = [r for r in rows if r["threads"] == t and r["cache"] == cache and r["mode"] != "ar"]
+            if d:
+                s_fwd = med([r["seconds"] / r["forwards"] for r in d])
+                best = max(d, key=lambda r: r["tok_s"])
+                out.append(dict(threads=t, cache=cache, ar_tok_s=ar[0]["tok_s"], ms_per_diffusion_forward=1e3 * s_fwd,
+                                ms_per_ar_token=1e3 * s_tok, break_even_tpf=s_fwd / s_tok,
+                                best_tok_s=best["tok_s"], best_tpf=best["tpf"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- server
+def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[float], max_tokens: int,
+           prompt_len: int, time_limit: float) -> list[dict]:
+    import asyncio
+
+    import serve as load  # bench/serve.py
+
+    modes = [("ar", {"block_length": 1})] + [
+        (f"steps{steps_for(k)}", {"generation_algorithm": "steps", "steps": steps_for(k)}) for k in tpfs]
+    rows = []
+    for t in sorted(threads, reverse=True):  # the most threads first: a run cut short keeps them
+        args = SimpleNamespace(model=model, replicas=1, threads=t, pin=False, max_batch=max(concurrency),
+                               start_timeout=300.0, server_arg=["--max-queue", str(4 * max(concurrency))],
+                               chat=False, api_key=None, served_model_name=None, max_tokens=max_tokens,
+                               temperature=0.0, prompt=None, prompt_ids=prompt_len, threshold=None,
+                               small_block_size=None, ignore_eos=True, time_limit=time_limit, label="")
+        procs, bases, _ = load.start_servers(args)
+        try:
+            for c in concurrency:
+                for mode, extra in modes:
+                    args.concurrency, args.num_requests, args.extra_body = c, c, extra
+                    asyncio.run(load.run_load(bases, SimpleNamespace(**{**vars(args), "num_requests": 1,
+                                                                         "concurrency": 1})))  # warm
+                    res = asyncio.run(load.run_load(bases, args))
+                    row = dict(threads=t, concurrency=c, mode=mode, requests=res.get("completed"),
+                               errors=res.get("errors"), first_errors=res.get("first_errors"),
+                               tok_s=res.get("tokens_per_s"), wall_s=res.get("wall_s"),
+                               latency_p50=(res.get("latency_s") or {}).get("p50"))
+                    rows.append(row)
+                    print(f"server  {t:>3} thr c={c:>3} {mode:>8}: {row['tok_s'] or 0:8.1f} tok/s "
+                          f"({row['errors']} errors)", flush=True)
+        finally:
+            load.stop_servers(procs)
+    return rows
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+def build_llama(archive: str, build_dir: str) -> str:
+    bindir = os.path.join(build_dir, "build", "bin")
+    if not all(os.path.exists(os.path.join(bindir, x)) for x in ("llama-bench", "llama-batched-bench")):
+        subprocess.run(["bash", os.path.join(HERE, "build_llama_bench.sh"), archive, build_dir], check=True)
+    return bindir
+
+
+def llama(bindir: str, gguf: str, threads: list[int], parallel: list[int], max_tokens: int,
+          prompt_len: int) -> list[dict]:
+    rows = []
+    for t in sorted(threads, reverse=True):  # the most threads first: a run cut short keeps them
+        cmd = [os.path.join(bindir, "llama-bench"), "-m", gguf, "-p", "0", "-n", str(max_tokens), "-t", str(t),
+               "-r", "3", "-o", "json", "-ngl", "0"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if p.returncode:
+            raise RuntimeError(f"llama-bench failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
+        for rec in json.loads(p.stdout):
+            if rec.get("n_gen"):
+                rows.append(dict(threads=t, parallel=1, tool="llama-bench", tok_s=rec["avg_ts"]))
+        ctx = max(parallel) * (prompt_len + max_tokens) + 256  # enough also without a unified KV cache
+        cmd = [os.path.join(bindir, "llama-batched-bench"), "-m", gguf, "-c", str(ctx), "-b", "2048", "-ub", "512",
+               "-npp", str(prompt_len), "-ntg", str(max_tokens), "-npl", ",".join(map(str, parallel)),
+               "-t", str(t), "-tb", str(t), "-ngl", "0", "-pps"]  # one shared prompt: minutes saved
+        p = subprocess.run(cmd + ["--output-format", "jsonl"], capture_output=True, text=True, timeout=600)
+        if p.returncode:  # a build without --output-format: its Markdown table
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if p.returncode:
+            raise RuntimeError(f"llama-batched-bench failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
+        for rec in batched_rows(p.stdout):
+            # speed_tg: generated tokens/s of the pl streams (what the server's tokens/s counts);
+            # speed: prompt + generation together
+            rows.append(dict(threads=t, parallel=int(rec["pl"]), tool="llama-batched-bench", tok_s=rec["speed_tg"],
+                             tok_s_with_prompt=rec["speed"]))
+        for r in rows[-len(parallel) - 1:]:
+            print(f"llama   {t:>3} thr p={r['parallel']:>3} {r['tool']:>19}: {r['tok_s']:8.1f} tok/s", flush=True)
+    return rows
+
+
+BATCHED_KEYS = ("pp", "tg", "pl", "n_kv", "t_pp", "speed_pp", "t_tg", "speed_tg", "t", "speed")
+
+
+def batched_rows(text: str) -> list[dict]:
+    """llama-batched-bench's results: its JSONL lines, else the rows of its Markdown table."""
+    rows = [json.loads(ln) for ln in text.splitlines() if ln.startswith("{")]
+    if rows:
+        return rows
+    for ln in text.splitlines():
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if len(cells) >= len(BATCHED_KEYS) and cells[0].isdigit():
+            rows.append({k: float(v) for k, v in zip(BATCHED_KEYS, cells)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- OpenMP spin
+SPIN_WORKER = r"""
+import json, sys, time
+import bitdlm
+from bitdlm import SamplingParams
+llm = bitdlm.LLM(sys.argv[1], threads=int(sys.argv[2]))
+p = list(range(4, 4 + int(sys.argv[4])))
+sp = SamplingParams(block_length=1, max_tokens=int(sys.argv[3]), ignore_eos=True)
+llm.generate(p, sp)
+best = 0.0
+for _ in range(3):
+    t0 = time.perf_counter(); n = len(llm.generate(p, sp)[0].token_ids); best = max(best, n / (time.perf_counter() - t0))
+print("RESULT " + json.dumps(best))
+"""
+
+
+def spin(model: str, threads: int, max_tokens: int, prompt_len: int) -> list[dict]:
+    rows = []
+    for label, extra in (("bounded (bitdlm default)", {}), ("libgomp default", {"GOMP_SPINCOUNT": LIBGOMP_SPIN})):
+        env = child_env(threads, **extra)
+        if not extra:
+            for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "KMP_BLOCKTIME"):
+                env.pop(k, None)
+        p = subprocess.run([sys.executable, "-c", SPIN_WORKER, model, str(threads), str(max_tokens), str(prompt_len)],
+                           env=env, capture_output=True, text=True, timeout=600)
+        res = [json.loads(x[7:]) for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if not res:
+            raise RuntimeError(f"spin worker failed:\n{p.stderr[-2000:]}")
+        rows.append(dict(threads=threads, spin=label, ar_tok_s=res[0]))
+        print(f"spin    {threads:>3} thr {label:>24}: AR {res[0]:8.1f} tok/s", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+def machine() -> dict:
+    info = {"cpu": "", "cpus": os.cpu_count(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def plot(doc: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for t in doc["threads"]:
+        for cache, style in (("prefix", "o-"), ("dual", "s-")):
+            rs = sorted((r for r in doc["offline"] if r["threads"] == t and r["cache"] == cache and r["mode"] != "ar"),
+                        key=lambda r: r["tpf"])
+            if rs:
+                ax[0].plot([r["tpf"] for r in rs], [r["tok_s"] for r in rs], style,
+                           label=f"diffusion, {cache} cache, {t} thr")
+        for r in doc["offline"]:
+            if r["threads"] == t and r["mode"] == "ar":
+                ax[0].axhline(r["tok_s"], ls="--", lw=1, color="k" if t == max(doc["threads"]) else "gray")
+                ax[0].annotate(f"AR {t} thr", (0.1, r["tok_s"]), xycoords=("axes fraction", "data"), fontsize=7)
+        for r in doc["llama"]:
+            if r["threads"] == t and r["parallel"] == 1:
+                ax[0].axhline(r["tok_s"], ls=":", lw=1, color="r")
+                ax[0].annotate(f"llama.cpp tg {t} thr", (0.55, r["tok_s"]), xycoords=("axes fraction", "data"),
+                               fontsize=7, color="r")
+    ax[0].set_xlabel("tokens per forward (achieved, commit forwards included)")
+    ax[0].set_ylabel("generated tokens/s (LLM.generate, one request)")
+    ax[0].legend(fontsize=7)
+    ax[0].set_title("one stream")
+    t = max(doc["threads"])
+    for mode in sorted({r["mode"] for r in doc["server"]}):
+        rs = sorted((r for r in doc["server"] if r["threads"] == t and r["mode"] == mode), key=lambda r: r["concurrency"])
+        ax[1].plot([r["concurrency"] for r in rs], [r["tok_s"] or 0 for r in rs], "o-", label=f"bitdlm serve {mode}")
+    ll = sorted((r for r in doc["llama"] if r["threads"] == t), key=lambda r: r["parallel"])
+    if ll:
+        ax[1].plot([r["parallel"] for r in ll], [r["tok_s"] for r in ll], "x--", color="r", label="llama.cpp")
+    ax[1].set_xscale("log", base=2)
+    ax[1].set_xlabel("concurrent requests")
+    ax[1].set_ylabel("generated tokens/s")
+    ax[1].set_title(f"server, {t} threads")
+    ax[1].legend(fontsize=7)
+    fig.suptitle(f"{doc['machine'].get('cpu', '')}  {doc['machine']['date_utc']} UTC", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(doc: dict) -> str:
+    """The tables for README's results: one stream (offline), break-even, server beside llama.cpp."""
+    m = doc["machine"]
+    out = [f"{m.get('cpu', '')}, {m.get('cpus')} CPUs, {m['date_utc']} UTC, load {m.get('loadavg')}; "
+           f"`{doc['command']}`", "",
+           "| threads | decoding | cache | tokens/forward | tokens/s | ms/forward | ms outside the core |",
+           "|---:|---|---|---:|---:|---:|---:|"]
+    for r in doc["offline"]:
+        name = "AR (block 1)" if r["mode"] == "ar" else f"steps {r['steps']} ({r['tpf_target']}/step)"
+        out.append(f"| {r['threads']} | {name} | {r['cache'] if r['mode'] != 'ar' else '-'} | {r['tpf']:.2f} | "
+                   f"{r['tok_s']:.1f} | {r['ms_per_forward']:.2f} | {r['outside_ms_per_forward']:.3f} |")
+    out += ["", "| threads | cache | break-even tokens/forward | ms per diffusion forward | ms per AR token |",
+            "|---:|---|---:|---:|---:|"]
+    out += [f"| {r['threads']} | {r['cache']} | {r['break_even_tpf']:.2f} | {r['ms_per_diffusion_forward']:.2f} | "
+            f"{r['ms_per_ar_token']:.2f} |" for r in doc["break_even"]]
+    conc = sorted({r["concurrency"] for r in doc["server"]} | {r["parallel"] for r in doc["llama"]})
+    if conc:
+        out += ["", "generated tokens/s by concurrent requests", "",
+                "| threads | engine | " + " | ".join(map(str, conc)) + " |", "|---:|---|" + "---:|" * len(conc)]
+        series = {}
+        for r in doc["server"]:
+            series.setdefault((r["threads"], f"bitdlm serve {r['mode']}"), {})[r["concurrency"]] = r["tok_s"]
+        for r in doc["llama"]:
+            series.setdefault((r["threads"], "llama.cpp"), {})[r["parallel"]] = r["tok_s"]
+        for (t, name), v in sorted(series.items()):
+            out.append(f"| {t} | {name} | " + " | ".join("-" if v.get(c) is None else f"{v[c]:.1f}" for c in conc)
+                       + " |")
+    if doc["spin"]:
+        out += ["", "AR tokens/s, OpenMP spin: " + ", ".join(f"{r['spin']} {r['ar_tok_s']:.1f}" for r in doc["spin"])
+                + f" ({doc['spin'][0]['threads']} threads)"]
+    return "\n".join(out) + "\n"
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny synthetic model and small settings (CI, seconds)")
+    ap.add_argument("--model", default=None, help="bitdlm .bin (default: make the synthetic one in --workdir)")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bitdlm-e2e"))
+    ap.add_argument("--threads", default=None, help="thread counts (default 8,16; --tiny: 1)")
+    ap.add_argument("--tpf", default="1,2,3,4,8", help="tokens per decoding step of the fixed-rate rule")
+    ap.add_argument("--max-tokens", type=int, default=None, help="generated per request (default 64; --tiny 16)")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=2, help="offline repetitions (the fastest is kept)")
+    ap.add_argument("--concurrency", default=None, help="server concurrency (default 1,4,16,64; --tiny 1,2)")
+    ap.add_argument("--server-tpf", default="2,4", help="fixed-rate tokens per step timed through the server")
+    ap.add_argument("--server-max-tokens", type=int, default=None, help="per server request (default 32; --tiny 8)")
+    ap.add_argument("--server-time-limit", type=float, default=90.0, help="seconds per server load at most")
+    ap.add_argument("--llama-archive", default="", help="trimmed llama.cpp source (bench/llama_trim.py); '' skips")
+    ap.add_argument("--skip", default="", help="sections to skip: offline,server,llama,spin")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    a = ap.parse_args(argv)
+    threads = ints(a.threads or ("1" if a.tiny else "8,16"))
+    tpfs = [float(x) for x in a.tpf.split(",") if x]
+    tpfs = [int(x) if x == int(x) else x for x in tpfs]
+    max_tokens = a.max_tokens or (16 if a.tiny else 64)
+    conc = ints(a.concurrency or ("1,2" if a.tiny else "1,4,16,64"))
+    server_tokens = a.server_max_tokens or (8 if a.tiny else 32)
+    skip = set(a.skip.split(",")) - {""}
+    os.makedirs(a.workdir, exist_ok=True)
+    t_start = time.time()
+    builder = None
+    if a.llama_archive and "llama" not in skip:  # llama.cpp builds while the model is made
+        builder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import e2e; "
+                                    f"e2e.build_llama({a.llama_archive!r}, {os.path.join(a.workdir, 'llama')!r})"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    model = a.model or make_model(a.workdir, a.tiny)
+    doc = dict(machine=machine(), model=model, threads=threads, block=BLOCK, sub_block=SUB, max_tokens=max_tokens,
+               prompt_len=a.prompt_len, offline=[], break_even=[], server=[], llama=[], spin=[], notes=[],
+               command=" ".join(["bench/e2e.py"] + (argv if argv is not None else sys.argv[1:])))
+
+    def save():
+        doc["seconds"] = time.time() - t_start
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(doc, f, indent=1)
+
+    gguf = os.path.splitext(model)[0] + "-tq2_0-q8_0.gguf"
+    if builder is not None and not os.path.exists(gguf):  # while llama.cpp builds
+        p = subprocess.run([sys.executable, os.path.join(HERE, "gguf_export.py"), model, gguf, "--weights", "tq2_0",
+                            "--output", "q8_0"], env=child_env(), capture_output=True, text=True)
+        if p.returncode:
+            doc["notes"].append("GGUF export failed: " + p.stderr[-1500:])
+    if builder is not None:  # waited for before anything is timed (the build takes every core)
+        log, _ = builder.communicate()
+        if builder.returncode:
+            doc["notes"].append("llama.cpp build failed: " + log[-1500:])
+        elif os.path.exists(gguf):
+            try:
+                doc["llama"] = llama(os.path.join(a.workdir, "llama", "build", "bin"), gguf, threads,
+                                     [c for c in conc if c > 1], server_tokens, a.prompt_len)
+            except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+                doc["notes"].append(f"llama.cpp failed: {e}")
+        save()
+    if "offline" not in skip:
+        doc["offline"] = offline(model, threads, tpfs, max_tokens, a.prompt_len, a.reps)
+        doc["break_even"] = break_even(doc["offline"])
+        save()
+    if "server" not in skip:
+        try:
+            doc["server"] = server(model, threads, conc, [float(x) for x in a.server_tpf.split(",") if x],
+                                   server_tokens, a.prompt_len, a.server_time_limit)
+        except (ImportError, SystemExit, RuntimeError) as e:
+            doc["notes"].append(f"server skipped: {e}")
+            print(doc["notes"][-1], file=sys.stderr)
+        save()
+    if "spin" not in skip:
+        doc["spin"] = spin(model, max(threads), max_tokens, a.prompt_len)
+    save()
+    for n in doc["notes"]:
+        print("note:", n[:300], file=sys.stderr)
+    if doc["break_even"]:
+        print("\nbreak-even tokens per forward, end to end (diffusion beats AR above it):")
+        for r in doc["break_even"]:
+            print(f"  {r['threads']:>3} threads, {r['cache']:>6} cache: {r['break_even_tpf']:5.2f} "
+                  f"({r['ms_per_diffusion_forward']:.2f} ms per forward / {r['ms_per_ar_token']:.2f} ms per AR token)")
+    if a.json:  # the same tables as Markdown, beside the JSON
+        with open(os.path.splitext(a.json)[0] + ".md", "w") as f:
+            f.write(markdown(doc))
+    if a.plot:
+        plot(doc, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
