@@ -39,7 +39,7 @@ SUB_BLOCK = 8   # sub-block size (Fast-dLLM v2 small_block_size)
 # ----------------------------------------------------------------------------- machine
 
 
-from ._cpu import physical_cores  # noqa: E402  (re-exported: bench callers use bitdlm.bench.physical_cores)
+from ._cpu import MAX_THREADS, physical_cores  # noqa: E402  (physical_cores re-exported: bench callers use bitdlm.bench.physical_cores)
 
 
 def machine_info() -> dict:
@@ -88,8 +88,8 @@ def parse_threads(text: str) -> list[int]:
         out = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
         raise argparse.ArgumentTypeError(f"--threads wants a comma list of integers, got {text!r}") from None
-    if not out or out[0] < 1:
-        raise argparse.ArgumentTypeError("--threads values must be >= 1")
+    if not out or out[0] < 1 or out[-1] > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"--threads values must be in [1, {MAX_THREADS}]")
     return out
 
 

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from . import _core
-from ._cpu import default_threads  # noqa: F401  (re-exported: bitdlm.model.default_threads)
+from ._cpu import check_threads, default_threads  # default_threads re-exported: bitdlm.model
 from .format import ModelFile
 
 # KV caches hold f16 by default: they halve the bytes attention reads per token
@@ -45,9 +45,7 @@ class Model:
         self.file = file
         self.meta = file.meta
         self.path = str(file.path)
-        self.threads = int(threads) if threads is not None else default_threads()
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = check_threads(threads) if threads is not None else default_threads()
         budget = default_kv_budget_bytes() if kv_budget_bytes is None else int(kv_budget_bytes)
         tensors = {t.name: (t.offset, t.dtype, list(t.shape), t.scale) for t in file.tensors.values()}
         self._core = _core.Model(file.buffer, self.meta, tensors, budget, kv_dtype or DEFAULT_KV_DTYPE)
