@@ -125,3 +125,117 @@ def test_absurd_thread_counts_are_a_usage_error_in_the_cli(cmd):
     out = run_cli(*cmd, "100000", timeout=30)
     assert out.returncode == 2
     assert "512" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------- items 10-15: the server
+
+@pytest.fixture(scope="module")
+def packaged_server(tmp_path_factory):
+    """`bitdlm serve` on the packaged model, no API key (the case DNS rebinding
+    and cross-site POSTs are about), a 1 s header timeout."""
+    from test_server import running_server
+
+    with running_server(None, tmp_path_factory.mktemp("harden_log") / "server.log", cmd=[
+            sys.executable, "-m", "bitdlm.cli", "serve", "--host", "127.0.0.1", "--threads", "1",
+            "--header-timeout", "1", "--shutdown-timeout", "0.5", "--log-level", "warning"]) as srv:
+        yield srv
+
+
+def _health_ms(base):
+    import httpx
+
+    t0 = time.monotonic()
+    r = httpx.get(base + "/health", timeout=10, trust_env=False)
+    assert r.status_code == 200
+    return (time.monotonic() - t0) * 1000
+
+
+def test_slowloris_connections_are_closed_and_health_stays_up(packaged_server):
+    import socket
+
+    port = int(packaged_server.base.rsplit(":", 1)[1])
+    socks = []
+    for _ in range(200):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-a: ")
+        socks.append(s)
+    quiet = socket.create_connection(("127.0.0.1", port), timeout=5)  # sends nothing at all
+    t_end = time.monotonic() + 3.0
+    while time.monotonic() < t_end:  # trickle one header byte per socket every 0.2 s
+        for s in socks:
+            try:
+                s.sendall(b"a")
+            except OSError:
+                pass
+        assert _health_ms(packaged_server.base) < 2000
+        time.sleep(0.2)
+    closed = 0
+    for s in socks + [quiet]:
+        s.settimeout(2)
+        try:
+            closed += s.recv(100) == b""
+        except OSError:
+            closed += 1
+        s.close()
+    assert closed == len(socks) + 1  # every one timed out after 1 s, though it kept sending
+
+
+def test_browser_simple_posts_and_rebound_hosts_are_refused(packaged_server):
+    import httpx
+
+    base = packaged_server.base
+    body = '{"prompt": "def f(", "max_tokens": 2}'
+    with httpx.Client(base_url=base, timeout=60, trust_env=False) as c:
+        for ctype in (None, "text/plain", "text/plain;charset=UTF-8",
+                      "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            headers = {"Content-Type": ctype} if ctype else {}
+            r = c.post("/v1/completions", content=body, headers=headers)
+            assert r.status_code == 415, (ctype, r.text)
+            assert r.json()["error"]["code"] == "unsupported_media_type"
+        ok = c.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert ok.status_code == 200, ok.text
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.nip.io"):
+            r = c.get("/v1/models", headers={"Host": host})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_host", host
+        for host in ("localhost", "localhost:1234", "127.0.0.1", "[::1]:80", "api.localhost"):
+            assert c.get("/v1/models", headers={"Host": host}).status_code == 200, host
+
+
+@pytest.mark.parametrize("port,match", [("89536", "--port must be in"), ("0", "--port must be in"),
+                                        ("-1", "--port must be in"), ("INUSE", "cannot listen on")])
+def test_bad_or_busy_port_is_a_one_line_setup_error(port, match):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        if port == "INUSE":
+            port = str(busy.getsockname()[1])
+        out = run_cli("serve", "--host", "127.0.0.1", "--port", port, "--threads", "1", timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert match in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sighup_drains_like_sigterm(tmp_path):
+    """SIGHUP used to kill the server at once: streams cut with no error event."""
+    import json
+    import signal
+
+    import httpx
+    from test_server import running_server
+
+    with running_server(None, tmp_path / "server.log", cmd=[
+            sys.executable, "-m", "bitdlm.cli", "serve", "--host", "127.0.0.1", "--threads", "1",
+            "--shutdown-timeout", "0.3", "--log-level", "warning"]) as srv:
+        body = {"prompt": "def f(", "max_tokens": 1900, "ignore_eos": True, "stream": True,
+                "block_length": 1}
+        with httpx.stream("POST", srv.base + "/v1/completions", json=body, timeout=60,
+                          trust_env=False) as r:
+            lines = r.iter_lines()
+            first = next(x for x in lines if x.startswith("data: "))
+            assert "choices" in first
+            srv.proc.send_signal(signal.SIGHUP)
+            rest = [x for x in lines if x.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["error"]["code"] == "unavailable"
+        assert srv.proc.wait(30) == 0

@@ -6,8 +6,12 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+
+from .http import HEADER_TIMEOUT_S
 
 log = logging.getLogger("bitdlm.server")
 
@@ -30,7 +34,7 @@ LAUNCH_HOOKS: list = [(add_ray_args, serve_with_ray)]
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The flags of `bitdlm serve` (shared with scripts/serve_dlm_native.py)."""
-    from .._cpu import default_threads
+    from .._cpu import MAX_THREADS, default_threads, threads_arg
     from .app import MAX_BODY_BYTES
 
     p.add_argument("--model", default=None, metavar="M.bin",
@@ -42,10 +46,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "vocabulary and special tokens (default: the model's own)")
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address; bind 0.0.0.0 only with --api-key (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OpenMP threads of every forward, applied on the engine thread that runs "
-                        f"them (default: $OMP_NUM_THREADS, else the physical cores: "
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535 (default: 8000)")
+    p.add_argument("--threads", type=threads_arg, default=None,
+                   help=f"OpenMP threads of every forward, at most {MAX_THREADS}, applied on the "
+                        "engine thread that runs them (default: $OMP_NUM_THREADS, else the physical cores: "
                         f"{default_threads()} here)")
     p.add_argument("--block-size", type=int, default=None,
                    help="diffusion block size, 1 = autoregressive (default: the model's)")
@@ -75,6 +79,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM/SIGINT, seconds in-flight requests may still run before they "
                         "are ended with a 503; new requests get 503 meanwhile "
                         f"(default: {SHUTDOWN_TIMEOUT_S:g})")
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                   help="seconds a client may take to send a request's head, and a request body "
+                        "between two reads; then the connection is closed (slowloris; "
+                        f"default: {HEADER_TIMEOUT_S:g})")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="server and uvicorn logging (default: info)")
@@ -111,9 +119,10 @@ def fail(msg: str):
 
 
 def _check_args(args) -> None:
-    for name in ("max_batch", "port"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_batch < 1:
+        fail("--max-batch must be >= 1")
+    if not 1 <= args.port <= 65535:
+        fail(f"--port must be in [1, 65535], got {args.port}")
     if args.max_queue < 0:
         fail("--max-queue must be >= 0")
     for name in ("threads", "block_size", "small_block_size", "max_model_len"):
@@ -126,6 +135,32 @@ def _check_args(args) -> None:
         fail("--shutdown-timeout must be >= 0")
     if not args.max_body_mb > 0:
         fail("--max-body-mb must be > 0")
+    if not 0 < getattr(args, "header_timeout", HEADER_TIMEOUT_S) < float("inf"):
+        fail("--header-timeout must be > 0")
+
+
+def listen(host: str, port: int):
+    """The listening socket, bound before the model loads: a port in use is a
+    setup error (one line, exit 2, as docs/server.md says) found at once."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    sock.set_inheritable(True)
+    return sock
 
 
 def _resolve_model_path(path):
@@ -204,7 +239,7 @@ def _server_class():
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn with our shutdown: the first SIGTERM/SIGINT refuses new
+        """uvicorn with our shutdown: the first SIGTERM/SIGINT/SIGHUP refuses new
         requests (503) while in-flight ones run for up to `shutdown_timeout`
         seconds; then what is left is ended with the documented 503 (JSON, or
         an SSE error event + [DONE]) and the process exits 0. A second signal
@@ -219,6 +254,10 @@ def _server_class():
 
         async def startup(self, sockets=None):
             self._aloop = asyncio.get_running_loop()
+            # SIGHUP (the terminal closed, or `kill -HUP` meant as "reload") drains like
+            # SIGTERM: its default action killed the process with streams cut mid-way
+            if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGHUP, self.handle_exit)
             await super().startup(sockets)
 
         def handle_exit(self, sig, frame):  # a signal handler: only flags and a callback
@@ -253,15 +292,21 @@ def _cmd_serve(args) -> int:
         rc = run(args)
         if rc is not None:
             return int(rc)
+    _check_args(args)
+    sock = listen(args.host, args.port)
     app, config = build_from_args(args)
     import uvicorn
+
+    from .http import protocol_class, raise_open_files_limit
 
     log.info("serving %s on http://%s:%d (max batch %d, max queue %d, max len %d, %s threads)",
              config.served_model_name, args.host, args.port, config.max_batch,
              config.max_queue, config.max_model_len, app.state.engine_loop.model.threads
              if getattr(app.state.engine_loop.model, "threads", None) else "?")
     ucfg = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                          timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
+                          timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
+                          http=protocol_class(args.header_timeout))
+    raise_open_files_limit()
     server = _server_class()(ucfg, app.state.engine_loop, args.shutdown_timeout)
-    server.run()
+    server.run(sockets=[sock])
     return 0 if server.started else 1
