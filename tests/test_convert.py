@@ -182,9 +182,9 @@ def test_unpack_hf_packed_matches_transformers():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_lm_head_int8_and_untied_f16(tmp_path, tied, monkeypatch):
-    import bitdlm.convert as conv
+    from bitdlm.convert import tensors
 
-    monkeypatch.setattr(conv._row_blocks, "__defaults__", (96,))  # several row blocks (320 rows)
+    monkeypatch.setattr(tensors.row_blocks, "__defaults__", (96,))  # several row blocks (320 rows)
     hf = make_hf_model(tmp_path / "hf", seed=3, tie_word_embeddings=tied)
     sd = _hf_state(hf)
     w = sd["model.embed_tokens.weight" if tied else "lm_head.weight"].float().numpy()
