@@ -239,3 +239,169 @@ def test_sighup_drains_like_sigterm(tmp_path):
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["error"]["code"] == "unavailable"
         assert srv.proc.wait(30) == 0
+
+
+# ---------------------------------------------------------------- items 1-3: model files
+
+def _copy_packaged(dst):
+    import shutil
+
+    from bitdlm.data import default_model_path
+
+    shutil.copyfile(default_model_path(), dst)
+    return dst
+
+
+def _rewrite(src, dst, change=None):
+    """dst: src's tensors written anew by ModelWriter (valid header and crcs),
+    `change(name, array)` -> array applied first."""
+    from bitdlm.format import ModelFile, ModelWriter
+
+    with ModelFile.open(src) as mf:
+        specs = {t.name: (t.dtype, list(t.shape)) for t in mf.tensors.values()}
+        with ModelWriter(dst, mf.meta, specs, overwrite=True) as w:
+            for t in mf.tensors.values():
+                a = mf.array(t.name).copy()
+                w.write(t.name, change(t.name, a) if change else a, scale=t.scale)
+            w.commit()
+    return dst
+
+
+def test_corrupt_or_non_finite_tensor_data_is_refused_at_load(tmp_path):
+    import numpy as np
+
+    import bitdlm
+    from bitdlm.format import ModelFile, ModelFormatError
+
+    path = _copy_packaged(tmp_path / "flip.bin")
+    with ModelFile.open(path) as mf:
+        t = mf.tensors["model.norm.weight"]
+    with open(path, "r+b") as f:  # one flipped bit in a norm: only the crc tells
+        f.seek(t.offset + 5)
+        b = f.read(1)
+        f.seek(t.offset + 5)
+        f.write(bytes([b[0] ^ 0x10]))
+    with pytest.raises(ModelFormatError, match="corrupted"):
+        bitdlm.load(path, verify=True)
+
+    def poison(name, a):
+        if name == "model.norm.weight":
+            a[3] = np.nan
+        if name == "model.embed_tokens.weight":
+            a[7, 1] = np.inf
+        return a
+
+    nan = _rewrite(_copy_packaged(tmp_path / "src.bin"), tmp_path / "nan.bin", poison)
+    with pytest.raises(ModelFormatError, match="NaN or Inf"):
+        bitdlm.load(nan, verify=True)
+    from test_server import free_port
+
+    for bad, what in ((path, "corrupted"), (nan, "NaN or Inf")):
+        out = run_cli("serve", "--model", str(bad), "--port", str(free_port()), "--threads", "1")
+        assert out.returncode == 2 and what in out.stderr, out.stderr[-2000:]
+
+
+def test_a_fifo_as_model_is_refused_at_once(tmp_path):
+    import bitdlm
+    from bitdlm.format import ModelFormatError
+
+    fifo = tmp_path / "model.bin"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelFormatError, match="not a regular file"):
+        bitdlm.load(fifo)
+    for args in (["info", str(fifo)], ["generate", "x", "--model", str(fifo)],
+                 ["serve", "--model", str(fifo), "--threads", "1"]):
+        out = run_cli(*args, timeout=30)  # used to hang for ever on open(2)
+        assert out.returncode == 2 and "not a regular file" in out.stderr, (args, out.stderr)
+
+
+def test_model_file_rewritten_under_the_server_stops_it_cleanly(tmp_path):
+    """cp over the served file: it used to keep answering with the new weights
+    (same size) or die of SIGBUS (truncated), streams cut without an error."""
+    import json
+
+    import httpx
+    from test_server import running_server
+
+    model = _copy_packaged(tmp_path / "served.bin")
+    other = _rewrite(model, tmp_path / "other.bin", lambda n, a: a[::-1].copy()
+                     if n == "model.norm.weight" else a)
+    with running_server(None, tmp_path / "server.log", cmd=[
+            sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(model), "--host",
+            "127.0.0.1", "--threads", "1", "--log-level", "warning"]) as srv:
+        body = {"prompt": "def f(", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.base + "/v1/completions", json=body, timeout=60,
+                          trust_env=False) as r:
+            lines = r.iter_lines()
+            assert "choices" in next(x for x in lines if x.startswith("data: "))
+            with open(model, "r+b") as f:  # what cp does to an existing file of the same size
+                f.write(other.read_bytes())
+            rest = [x for x in lines if x.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["error"]["code"] == "unavailable"
+        assert srv.proc.wait(30) == 3
+        assert "modified in place" in srv.log.read_text()
+
+
+# ---------------------------------------------------------------- items 7-9: the converter
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    from hf_models import make_hf_model
+
+    return make_hf_model(tmp_path_factory.mktemp("harden_hf") / "hf")
+
+
+def test_convert_never_overwrites_its_input_or_a_special_file(hf_checkpoint, tmp_path):
+    import stat
+
+    st = hf_checkpoint / "model.safetensors"
+    before = st.read_bytes()
+    out = run_cli("convert", str(hf_checkpoint), str(st), "--force", "--quiet")
+    assert out.returncode == 2 and "refusing to overwrite the input" in out.stderr, out.stderr
+    assert st.read_bytes() == before
+    fifo = tmp_path / "out.bin"  # stands for /dev/full: any node that is not a regular file
+    os.mkfifo(fifo)
+    out = run_cli("convert", str(hf_checkpoint), str(fifo), "--force", "--quiet")
+    assert out.returncode == 2 and "not a regular file" in out.stderr, out.stderr
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert os.listdir(tmp_path) == ["out.bin"]  # no temporary file left
+
+
+def test_a_second_writer_to_the_same_new_output_fails_instead_of_winning(tmp_path):
+    """Two converts to one new output without --force: both exited 0 and the
+    later silently replaced the earlier."""
+    from bitdlm.data import default_model_path
+    from bitdlm.format import ModelFile, ModelWriter
+
+    out = tmp_path / "m.bin"
+    with ModelFile.open(default_model_path()) as mf:
+        specs = {t.name: (t.dtype, list(t.shape)) for t in mf.tensors.values()}
+        with pytest.raises(FileExistsError, match="created by someone else"):
+            with ModelWriter(out, mf.meta, specs) as w:
+                for t in mf.tensors.values():
+                    w.write(t.name, mf.array(t.name), scale=t.scale)
+                out.write_bytes(b"the other convert's output")  # it finished first
+                w.commit()
+    assert out.read_bytes() == b"the other convert's output"
+    assert os.listdir(tmp_path) == ["m.bin"]
+
+
+def test_safetensors_with_overlapping_tensors_are_refused(tmp_path):
+    import json
+    import struct
+
+    from bitdlm.convert.checkpoint import SafetensorsFile
+    from bitdlm.convert.common import ConversionError
+
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+              "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}
+    raw = json.dumps(header).encode()
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(24))
+    with pytest.raises(ConversionError, match="overlap"):
+        SafetensorsFile(p)
+    header["b"]["data_offsets"] = [16, 32]  # adjacent is fine
+    raw = json.dumps(header).encode()
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(32))
+    SafetensorsFile(p).close()

@@ -128,15 +128,18 @@ class Model:
                 f"vocab={m['vocab_size']}, lm_head={m['quant']['lm_head']}, threads={self.threads})")
 
 
-def load(path, threads: int | None = None, kv_budget_gb: float | None = None, kv_dtype: str | None = None) -> Model:
+def load(path, threads: int | None = None, kv_budget_gb: float | None = None, kv_dtype: str | None = None,
+         verify: bool = False) -> Model:
     """Open a .bin model (mmap, header only) -> Model.
 
     threads: OpenMP threads of every forward, on whichever thread runs it (default:
     OMP_NUM_THREADS, else the physical cores available); kv_budget_gb: KV cache memory budget (default: a quarter of the RAM),
-    past which alloc_seq raises MemoryError; kv_dtype: "f16" (default) or "f32"."""
+    past which alloc_seq raises MemoryError; kv_dtype: "f16" (default) or "f32";
+    verify: check every tensor's crc32 and that float tensors are finite (reads
+    the whole file: ~1 s per GB here; `LLM()` and `serve` do it by default)."""
     if kv_budget_gb is not None and not kv_budget_gb >= 0:
         raise ValueError(f"kv_budget_gb must be >= 0, got {kv_budget_gb}")
-    f = ModelFile.open(path)
+    f = ModelFile.open(path, verify=verify)
     try:
         budget = None if kv_budget_gb is None else int(kv_budget_gb * (1 << 30))
         return Model(f, threads=threads, kv_budget_bytes=budget, kv_dtype=kv_dtype)

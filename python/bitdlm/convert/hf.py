@@ -49,7 +49,7 @@ def convert_report(hf_dir, out_path, *, mask_token=None, block_size=None, small_
         raise ConversionError(f"{hf_dir}: no such directory")
     if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir} is not a directory (expected a Hugging Face checkpoint folder)")
-    check_output(out_path, force)
+    check_output(out_path, force, hf_dir)
     if lm_head not in ("f16", "i8"):
         raise ConversionError(f"--lm-head must be f16 or i8, got {lm_head!r}")
 

@@ -16,6 +16,8 @@ from .http import HEADER_TIMEOUT_S
 log = logging.getLogger("bitdlm.server")
 
 SHUTDOWN_TIMEOUT_S = 10.0  # --shutdown-timeout default
+MODEL_WATCH_S = 0.5        # how often the served model file is checked for in-place changes
+MODEL_CHANGED_EXIT = 3     # exit status when it was
 FLUSH_TIMEOUT_S = 5.0      # after that, time for the final 503s / [DONE]s to reach clients
 
 DESCRIPTION = ("Serve a bitdlm model over the OpenAI HTTP API (/v1/completions, "
@@ -79,6 +81,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM/SIGINT, seconds in-flight requests may still run before they "
                         "are ended with a 503; new requests get 503 meanwhile "
                         f"(default: {SHUTDOWN_TIMEOUT_S:g})")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking every tensor's crc32 and that float tensors are finite "
+                        "at start (the check reads the whole file: ~1 s per GB here)")
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
                    help="seconds a client may take to send a request's head, and a request body "
                         "between two reads; then the connection is closed (slowloris; "
@@ -195,7 +200,8 @@ def build_from_args(args):
     from ..model import load
 
     try:
-        model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb)
+        model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb,
+                     verify=getattr(args, "verify", True))
     except (OSError, ValueError) as e:  # missing file, bad format (ModelFormatError)
         fail(f"cannot load {path}: {e}")
     if getattr(args, "profile", False):
@@ -245,10 +251,12 @@ def _server_class():
         an SSE error event + [DONE]) and the process exits 0. A second signal
         exits at once."""
 
-        def __init__(self, config, engine_loop, shutdown_timeout):
+        def __init__(self, config, engine_loop, shutdown_timeout, model_file=None):
             super().__init__(config)
             self.engine_loop = engine_loop
             self.shutdown_timeout = shutdown_timeout
+            self.model_file = model_file
+            self.exit_code = 0
             self._aloop = None
             self._draining = False
 
@@ -259,6 +267,29 @@ def _server_class():
             if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGHUP, self.handle_exit)
             await super().startup(sockets)
+            if self.model_file is not None and getattr(self.model_file, "_file", None) is not None:
+                asyncio.ensure_future(self._watch_model(self.model_file))
+
+        async def _watch_model(self, mf):
+            """The mapped model file rewritten in place (cp over it, truncate):
+            the weights in memory are no longer the ones checked at start, and
+            a read past a truncated end is SIGBUS. Stop: in-flight requests end
+            with the 503 error, exit status 3. (A file replaced by rename, `mv`,
+            is another inode: the old one stays mapped and served.)"""
+            fd = mf._file.fileno()
+            first = os.fstat(fd)
+            while not self._draining:
+                await asyncio.sleep(MODEL_WATCH_S)
+                st = os.fstat(fd)
+                if (st.st_size, st.st_mtime_ns) != (first.st_size, first.st_mtime_ns):
+                    log.error("the model file %s was modified in place while being served (%d -> "
+                              "%d bytes): stopping; restart to load the new weights, and replace "
+                              "model files with mv, never by writing over them", mf.path,
+                              first.st_size, st.st_size)
+                    self.exit_code = MODEL_CHANGED_EXIT
+                    self.shutdown_timeout = 0.0
+                    self.handle_exit(None, None)
+                    return
 
         def handle_exit(self, sig, frame):  # a signal handler: only flags and a callback
             if self._draining or self._aloop is None:
@@ -307,6 +338,8 @@ def _cmd_serve(args) -> int:
                           timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
                           http=protocol_class(args.header_timeout))
     raise_open_files_limit()
-    server = _server_class()(ucfg, app.state.engine_loop, args.shutdown_timeout)
+    model = app.state.engine_loop.model
+    server = _server_class()(ucfg, app.state.engine_loop, args.shutdown_timeout,
+                             getattr(model, "file", None))
     server.run(sockets=[sock])
-    return 0 if server.started else 1
+    return server.exit_code if server.started else 1
