@@ -405,3 +405,44 @@ def test_safetensors_with_overlapping_tensors_are_refused(tmp_path):
     raw = json.dumps(header).encode()
     p.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(32))
     SafetensorsFile(p).close()
+
+
+# ---------------------------------------------------------------- items 20-22: a new user
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(rel):
+    with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_docs_say_what_works_from_a_checkout(packaged_server):
+    import re
+
+    from bitdlm.data import default_model_path
+    from bitdlm.format import ModelFile
+
+    for rel in ("README.md", "docs/scaling.md", "docs/server.md"):
+        assert 'install "bitdlm[' not in _read(rel), rel  # bitdlm is not on PyPI: ".[ray]"
+    readme = _read("README.md")
+    apt = next(x for x in readme.splitlines() if "apt-get install" in x)
+    assert "libsimde-dev" in apt  # else the AVX-512 checks under SIMDe skip quietly
+    meta = ModelFile.open(default_model_path()).meta
+    m = re.search(r"the packaged model's are block (\d+), sub-block (\d+), threshold ([\d.]+)", readme)
+    d = meta["diffusion"]
+    assert m and (int(m[1]), int(m[2]), float(m[3])) == (d["block_size"], d["small_block_size"],
+                                                         d["threshold"])
+    # docs/server.md's Python example, as written, against `bitdlm serve` of the packaged model
+    code = re.search(r"```python\n(from openai import OpenAI.*?)```", _read("docs/server.md"), re.S)[1]
+    code = code.replace("http://127.0.0.1:8000", packaged_server.base)
+    exec(compile(code, "docs/server.md", "exec"), {"print": lambda *a, **k: None})
+
+
+def test_info_and_bench_threads_default_to_the_packaged_model(tmp_path):
+    out = run_cli("info", "--summary")
+    assert out.returncode == 0 and "tiny-bitdlm" in out.stdout, out.stderr
+    out = run_cli("bench", "threads", "--threads", "1", "--reps", "1", "--warmup", "0",
+                  "--prompt", "8", "--json", str(tmp_path / "t.json"), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tiny-bitdlm" in (tmp_path / "t.json").read_text()

@@ -359,6 +359,12 @@ def plot_threads(rows: list[dict], cores: int, path: str, title: str) -> None:
 def cmd_threads(args) -> int:
     from tqdm import tqdm
 
+    if args.model is None:
+        from .model import default_model_path
+
+        args.model = default_model_path()
+        if args.model is None:
+            raise SystemExit("bitdlm bench threads: no --model given and no packaged default model found")
     if not os.path.isfile(args.model):
         raise SystemExit(f"bitdlm bench threads: no such model file: {args.model}")
     cores = physical_cores()
@@ -407,7 +413,8 @@ def register_cli(subparsers) -> None:
                     "one fresh worker process per count (OMP_NUM_THREADS set before OpenMP starts). "
                     "Prints a table (ms per step, tokens/s, speedup, parallel efficiency); "
                     "--json and --plot also write the results.")
-    t.add_argument("--model", required=True, help="a bitdlm .bin model")
+    t.add_argument("--model", default=None,
+                   help="a bitdlm .bin model (default: $BITDLM_MODEL, else the packaged default model)")
     t.add_argument("--threads", type=parse_threads, default=None,
                    help="comma list, e.g. 1,2,4 (default: 1..physical cores, plus 2x cores)")
     t.add_argument("--reps", type=int, default=5, help="timed repetitions per phase")
