@@ -14,7 +14,7 @@ try:
 except ImportError:  # run from a source checkout
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
-from bitdlm.server import main
+from bitdlm.serve_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 import bitdlm  # noqa: E402
 from bitdlm import decoding  # noqa: E402
-from bitdlm.engine import Engine  # noqa: E402
+from bitdlm.engine import Engine, OutputProcessor, RequestState  # noqa: E402
 from bitdlm.llm import LLM  # noqa: E402
 from bitdlm.sampling_params import SamplingParams  # noqa: E402
 
@@ -285,8 +285,8 @@ def test_forward_fault_fails_only_its_request(models):
     prompts = {r: _prompt(4 + i, seed=60 + i) for i, r in enumerate("abc")}
     for r, p in prompts.items():
         eng.add_request(r, p, sp)
-    eng._admit([])
-    be.poisoned.add(eng._running["b"].seq_id)
+    eng.scheduler.admit([])
+    be.poisoned.add(eng.scheduler.running["b"].seq_id)
     outs = _run(eng)
     last = {r: o[-1] for r, o in outs.items()}
     assert last["b"].finish_reason == "error" and "simulated core fault" in last["b"].error
@@ -333,22 +333,24 @@ def test_nobodys_fault_fails_the_step_and_the_engine_goes_on(models):
     assert sum((o.new_token_ids for o in outs["c"]), []) == _alone(m, _prompt(5, seed=3), sp)
 
 
-@pytest.mark.parametrize("where", ["_plan", "_apply", "_collect"])
-def test_exception_in_one_requests_step_ends_it_alone(models, monkeypatch, where):
+@pytest.mark.parametrize("cls, where", [(RequestState, "plan"), (RequestState, "apply"),
+                                        (OutputProcessor, "collect")])
+def test_exception_in_one_requests_step_ends_it_alone(models, monkeypatch, cls, where):
     m = models[True]
     be = _backend(m)
     eng = Engine(be, tokenizer=be.tokenizer)
-    orig = getattr(Engine, where)
+    orig = getattr(cls, where)
     calls = {"n": 0}
 
-    def boom(self, seq, *a):
+    def boom(*a):
+        seq = next(x for x in a if isinstance(x, RequestState))
         if seq.rid == "bad":
             calls["n"] += 1
             if calls["n"] == 2:  # not at once: the request has already taken part in a step
                 raise KeyError("injected")
-        return orig(self, seq, *a)
+        return orig(*a)
 
-    monkeypatch.setattr(Engine, where, boom)
+    monkeypatch.setattr(cls, where, boom)
     sp = SamplingParams(max_tokens=9, ignore_eos=True, generation_algorithm="factor")
     good = {"g1": _prompt(3, seed=70), "g2": _prompt(BS + 2, seed=71)}
     eng.add_request("g1", good["g1"], sp)
@@ -356,7 +358,7 @@ def test_exception_in_one_requests_step_ends_it_alone(models, monkeypatch, where
     eng.add_request("g2", good["g2"], sp)
     outs = _run(eng)
     assert outs["bad"][-1].finish_reason == "error" and "injected" in outs["bad"][-1].error
-    monkeypatch.setattr(Engine, where, orig)
+    monkeypatch.setattr(cls, where, orig)
     for r, p in good.items():
         assert outs[r][-1].finish_reason == "length"
         assert sum((o.new_token_ids for o in outs[r]), []) == _alone(m, p, sp)

@@ -168,6 +168,9 @@ def test_plain_install_does_not_import_ray():
     (["--replicas", "2", "--model", "/nonexistent/m.bin"], "no such file"),
     (["--min-replicas", "2"], "give both --min-replicas and --max-replicas"),
     (["--ray-object-store-mb", "100"], "--ray-object-store-mb is for Ray Serve"),
+    # the server's own flags are checked on the driver too, before Ray starts
+    (["--replicas", "2", "--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--replicas", "2", "--threshold", "1.5"], "--threshold must be in (0, 1]"),
 ])
 def test_bad_ray_flags_are_clear_errors_before_ray_starts(argv, message):
     out = subprocess.run([sys.executable, "-m", "bitdlm.cli", "serve", *argv], env=child_env(),
@@ -205,6 +208,8 @@ def test_app_builder_for_serve_run(tmp_path):
         br.app(min_replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="no such file"):
         br.app(model=str(tmp_path / "missing.bin"))
+    with pytest.raises(ValueError, match="--max-queue must be >= 0"):
+        br.app(max_queue=-1)
 
 
 # ------------------------------------------------------- 2 replicas on Ray

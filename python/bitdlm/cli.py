@@ -14,7 +14,7 @@ _COMMANDS = [
     ("convert", "bitdlm.convert"),
     ("info", "bitdlm.format"),
     ("generate", "bitdlm.generate"),
-    ("serve", "bitdlm.server"),
+    ("serve", "bitdlm.serve_cli"),
     ("bench", "bitdlm.bench"),
 ]
 

@@ -168,5 +168,4 @@ class LLM:
 
     def _drain(self, rids: set) -> None:
         """Consume the abort outputs of `rids` so the engine is clean again."""
-        eng = self.engine
-        eng._pending = [o for o in eng._pending if o.request_id not in rids]
+        self.engine.drop_outputs(rids)

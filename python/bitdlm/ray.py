@@ -1,7 +1,7 @@
 """bitdlm replicas on Ray Serve: `bitdlm serve --replicas N` and `bitdlm.ray:app`.
 
 Each replica is a Ray actor that builds the single-process server's app
-(`bitdlm.server.build_from_args` -> `create_app`: the same routes, SSE, API key
+(`bitdlm.server.cli.build_from_args` -> `create_app`: the same routes, SSE, API key
 and errors) around its own engine on `threads` cores, and hands it to Ray Serve
 through `@serve.ingress()` with a late-bound app (`__serve_build_asgi_app__`),
 so the app is built inside the replica and never pickled. Ray's HTTP proxy
@@ -9,9 +9,9 @@ spreads requests over the replicas and the controller restarts dead ones. See
 docs/scaling.md.
 
 Ray is an optional extra (`pip install "bitdlm[ray]"`): this module is imported
-by the CLI for every `bitdlm serve`, so `ray` is imported only inside the
-functions that deploy (and, being absolute, `import ray` here is the package,
-not this module).
+by the CLI for every `bitdlm serve` (bitdlm/serve_cli.py composes it with the
+server), so `ray` is imported only inside the functions that deploy (and, being
+absolute, `import ray` here is the package, not this module).
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import logging
 import os
 import signal
 import threading
+
+from .server.cli import UsageError, add_serve_args, build_from_args, check_args
 
 log = logging.getLogger("bitdlm.ray")
 
@@ -151,12 +153,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _option_parser() -> argparse.ArgumentParser:
-    from bitdlm.server import add_serve_args
-
     p = _Parser(prog="bitdlm.ray.app", add_help=False)
-    add_serve_args(p)  # with the serve CLI's LAUNCH_HOOKS, which hold add_ray_args
-    if "--replicas" not in p._option_string_actions:  # noqa: SLF001
-        add_ray_args(p)
+    add_serve_args(p)
+    add_ray_args(p)
     return p
 
 
@@ -187,11 +186,10 @@ def _options(opts: dict) -> argparse.Namespace:
 def _check(args) -> None:
     """What the driver can check before Ray starts (a bad flag must not become a
     replica failing to start, retried by the controller)."""
-    from bitdlm import server
-
-    check = getattr(server, "_check_args", None)
-    if check is not None:
-        check(args)
+    try:
+        check_args(args)  # the server's own flags, as its single-process run checks them
+    except UsageError as e:
+        raise SystemExit(f"bitdlm serve: {e}") from None
     for name in ("replicas", "min_replicas", "max_replicas"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -312,8 +310,6 @@ def _replica_class():
     @serve.ingress()  # late bound: the app comes from __serve_build_asgi_app__
     class BitdlmReplica:
         def __init__(self, opts: dict):
-            from bitdlm.server import build_from_args
-
             try:
                 replica = serve.get_replica_context().replica_id.unique_id
             except Exception:  # outside a replica (never in Serve)

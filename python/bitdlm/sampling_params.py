@@ -17,7 +17,26 @@ from . import decoding
 
 # Temperatures below this decode greedily (as vLLM's 1e-5): logits / T overflows float32 for
 # tiny T (1e-40 gives NaN confidences in the core), and such a T is greedy in all but name.
+# The one greedy constant: the engine reads temperatures through effective_temperature().
 GREEDY_BELOW = 1e-5
+
+
+class SamplingParamError(ValueError):
+    """A bad sampling value; `param` names the field (the HTTP error's `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _named(param: str, check, value):
+    """Run a bitdlm.decoding check, its ValueError naming `param`."""
+    try:
+        return check(value)
+    except SamplingParamError:
+        raise
+    except ValueError as e:
+        raise SamplingParamError(param, str(e)) from None
 
 
 def _is_int(x) -> bool:
@@ -74,38 +93,48 @@ class SamplingParams:
         return {p.name: getattr(self, p.name) for p in cls.params if getattr(self, p.name) is not None}
 
     def validate(self) -> None:
+        """The one check of sampling values (the Python API, the engine and the server all
+        call it): raises SamplingParamError (a ValueError naming the field) for every value
+        the C++ core or the engine would reject later."""
+        def bad(param, msg):
+            raise SamplingParamError(param, msg)
+
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+            bad("max_tokens", f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not _is_num(self.temperature) or not math.isfinite(_f32(self.temperature)) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            bad("temperature", f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not _is_num(self.top_p) or not (0 < _f32(self.top_p) <= 1) or not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (as a float32: 1e-320 is 0), got {self.top_p!r}")
+            bad("top_p", f"top_p must be in (0, 1] (as a float32: 1e-320 is 0), got {self.top_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+            bad("seed", f"seed must be a non-negative integer or None, got {self.seed!r}")
         if self.small_block_size is not None and (not _is_int(self.small_block_size)
                                                   or self.small_block_size < 1):
-            raise ValueError(f"small_block_size must be a positive integer, got {self.small_block_size!r}")
+            bad("small_block_size",
+                f"small_block_size must be a positive integer, got {self.small_block_size!r}")
         if self.block_length is not None and (not _is_int(self.block_length) or self.block_length < 1):
-            raise ValueError(f"block_length must be a positive integer, got {self.block_length!r}")
+            bad("block_length", f"block_length must be a positive integer, got {self.block_length!r}")
         stops = self.stop_list()
         if not all(isinstance(s, str) and s for s in stops):
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+            bad("stop", "stop must be a non-empty string or a list of non-empty strings")
         if self.stop_token_ids is not None and not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be a list of token ids")
+            bad("stop_token_ids", "stop_token_ids must be a list of token ids")
         if not isinstance(self.use_block_cache, bool):
-            raise ValueError(f"use_block_cache must be a bool, got {self.use_block_cache!r}")
+            bad("use_block_cache", f"use_block_cache must be a bool, got {self.use_block_cache!r}")
         if self.cache is not None:
-            decoding.check_cache(self.cache)
+            _named("cache", decoding.check_cache, self.cache)
             if self.use_block_cache and self.cache != "dual":
-                raise ValueError(f"use_block_cache=True means cache='dual', but cache={self.cache!r}")
+                bad("use_block_cache", f"use_block_cache=True means cache='dual', but cache={self.cache!r}")
         if not isinstance(self.generation_algorithm, str):
-            raise ValueError(f"generation_algorithm must be a string; valid: {', '.join(decoding.names())}")
-        decoding.check_name(self.generation_algorithm)
+            bad("generation_algorithm",
+                f"generation_algorithm must be a string; valid: {', '.join(decoding.names())}")
+        _named("generation_algorithm", decoding.check_name, self.generation_algorithm)
         # every algorithm parameter is range-checked, also those the chosen rule ignores
         seen = set()
         for cls in decoding.REGISTRY.values():
             for p in cls.params:
                 v = getattr(self, p.name)
                 if p.name not in seen and v is not None:
-                    p.check(v)
+                    _named(p.name, p.check, v)
                 seen.add(p.name)
+        if self.threshold is not None and not _f32(self.threshold) > 0:
+            bad("threshold", f"threshold must be in (0, 1] (as a float32: 1e-320 is 0), got {self.threshold!r}")

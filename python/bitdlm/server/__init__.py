@@ -1,26 +1,35 @@
 """OpenAI-compatible HTTP server (`bitdlm serve`), one module per job:
 
+- config.py       ServerConfig (what one app serves, its limits)
 - schemas.py      request bodies, validation, request -> SamplingParams
-- app.py          create_app(): the FastAPI routes and SSE responses
+- app.py          create_app(): the FastAPI app, routes wired to serving.py, error mapping
+- serving.py      OpenAIServing: what each route does (read, validate, submit, answer)
+- responses.py    response builders: completion JSON, SSE chunks, streaming, error JSON
 - jobs.py         one HTTP request's engine sub-requests and events
 - engine_loop.py  the engine thread (the only one touching the Engine)
 - metrics.py      Prometheus metrics
 - middleware.py   auth, shutdown refusal, status counting
-- errors.py       APIError (OpenAI's error JSON)
+- errors.py       APIError (OpenAI's error JSON), the engine loop's errors and their mapping
 - cli.py          flags, loading, uvicorn and the graceful shutdown
 
-This package is imported by the CLI for every command: FastAPI, pydantic,
-uvicorn and the model are imported only when a server is actually built.
+The `bitdlm serve` command itself (bitdlm/serve_cli.py) composes this package
+with the Ray Serve launcher (bitdlm/ray.py); this package never imports Ray.
+FastAPI, pydantic, uvicorn and the model are imported only when a server is
+actually built.
 See docs/server.md.
 """
 from __future__ import annotations
 
-from .cli import LAUNCH_HOOKS, add_serve_args, build_from_args, main, register_cli
+from .cli import UsageError, add_serve_args, build_from_args, check_args, serve
 from .errors import APIError
 
 
-def __getattr__(name):  # lazy: app.py imports asyncio/concurrent at module level
-    if name in ("create_app", "ServerConfig", "render_chat", "MAX_BODY_BYTES"):
+def __getattr__(name):  # lazy: the app imports the web stack (pydantic, starlette)
+    if name in ("ServerConfig", "MAX_BODY_BYTES"):
+        from . import config
+
+        return getattr(config, name)
+    if name in ("create_app", "render_chat"):
         from . import app
 
         return getattr(app, name)
@@ -31,5 +40,5 @@ def __getattr__(name):  # lazy: app.py imports asyncio/concurrent at module leve
     raise AttributeError(f"module 'bitdlm.server' has no attribute {name!r}")
 
 
-__all__ = ["create_app", "ServerConfig", "main", "register_cli", "add_serve_args",
-           "build_from_args", "APIError", "EngineLoop", "render_chat", "LAUNCH_HOOKS"]
+__all__ = ["create_app", "ServerConfig", "serve", "add_serve_args", "check_args", "UsageError",
+           "build_from_args", "APIError", "EngineLoop", "render_chat"]

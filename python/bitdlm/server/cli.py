@@ -1,5 +1,7 @@
-"""`bitdlm serve` / scripts/serve_dlm_native.py: flags, loading, and the
-uvicorn server with the graceful shutdown of docs/server.md."""
+"""The single-process server: its flags, loading the model and the engine
+(`build_from_args`), and uvicorn with the graceful shutdown of docs/server.md
+(`serve`). The `bitdlm serve` command (bitdlm/serve_cli.py) composes this with
+the Ray Serve launcher (bitdlm/ray.py), which builds the same app per replica."""
 from __future__ import annotations
 
 import argparse
@@ -20,24 +22,16 @@ MODEL_WATCH_S = 0.5        # how often the served model file is checked for in-p
 MODEL_CHANGED_EXIT = 3     # exit status when it was
 FLUSH_TIMEOUT_S = 5.0      # after that, time for the final 503s / [DONE]s to reach clients
 
-DESCRIPTION = ("Serve a bitdlm model over the OpenAI HTTP API (/v1/completions, "
-               "/v1/chat/completions, /v1/models, /health, /metrics). See docs/server.md.")
 
 
-# Other ways to run the same app (Ray Serve replicas) plug in here: each hook is
-# `(add_args(parser), run(args) -> int | None)`. add_args adds its flags to
-# `bitdlm serve`; run is called before the single-process server starts and
-# returns an exit code when its flags asked for it to run the server instead
-# (None: not its case). create_app(...) builds the same app inside a replica.
-from ..ray import add_ray_args, serve_with_ray  # noqa: E402  (imports ray only for --replicas)
-
-LAUNCH_HOOKS: list = [(add_ray_args, serve_with_ray)]
+class UsageError(ValueError):
+    """A bad `bitdlm serve` flag value (the message names the flag)."""
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The flags of `bitdlm serve` (shared with scripts/serve_dlm_native.py)."""
     from .._cpu import MAX_THREADS, default_threads, threads_arg
-    from .app import MAX_BODY_BYTES
+    from .config import MAX_BODY_BYTES
 
     p.add_argument("--model", default=None, metavar="M.bin",
                    help="model .bin file (default: $BITDLM_MODEL, else the packaged default model)")
@@ -95,26 +89,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="time every forward phase and export it on /metrics as "
                         "bitdlm_forward_phase_seconds_total{phase=...} (also BITDLM_PROFILE=1; "
                         "default: off)")
-    for add_args, _run in LAUNCH_HOOKS:
-        add_args(p)
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
-                              description=DESCRIPTION)
-    add_serve_args(p)
-    p.set_defaults(func=_cmd_serve)
-
-
-def main(argv=None) -> int:
-    """Entry point of scripts/serve_dlm_native.py (the same flags as `bitdlm serve`)."""
-    p = argparse.ArgumentParser(prog="serve_dlm_native.py", description=DESCRIPTION)
-    add_serve_args(p)
-    args = p.parse_args(argv)
-    try:
-        return int(_cmd_serve(args) or 0)
-    except KeyboardInterrupt:
-        return 130
 
 
 def fail(msg: str):
@@ -123,25 +97,27 @@ def fail(msg: str):
     raise SystemExit(2)
 
 
-def _check_args(args) -> None:
+def check_args(args) -> None:
+    """The checks of the server flags that need no model; raises UsageError. Called by
+    build_from_args, and by the Ray driver before Ray starts."""
     if args.max_batch < 1:
-        fail("--max-batch must be >= 1")
+        raise UsageError("--max-batch must be >= 1")
     if not 1 <= args.port <= 65535:
-        fail(f"--port must be in [1, 65535], got {args.port}")
+        raise UsageError(f"--port must be in [1, 65535], got {args.port}")
     if args.max_queue < 0:
-        fail("--max-queue must be >= 0")
+        raise UsageError("--max-queue must be >= 0")
     for name in ("threads", "block_size", "small_block_size", "max_model_len"):
         v = getattr(args, name)
         if v is not None and v < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
-        fail("--threshold must be in (0, 1]")
+        raise UsageError("--threshold must be in (0, 1]")
     if not args.shutdown_timeout >= 0:
-        fail("--shutdown-timeout must be >= 0")
+        raise UsageError("--shutdown-timeout must be >= 0")
     if not args.max_body_mb > 0:
-        fail("--max-body-mb must be > 0")
+        raise UsageError("--max-body-mb must be > 0")
     if not 0 < getattr(args, "header_timeout", HEADER_TIMEOUT_S) < float("inf"):
-        fail("--header-timeout must be > 0")
+        raise UsageError("--header-timeout must be > 0")
 
 
 def listen(host: str, port: int):
@@ -192,9 +168,13 @@ def load_tokenizer(model, tokenizer_dir=None):
 
 def build_from_args(args):
     """Load the model and the engine described by the flags -> (app, config)."""
-    from .app import ServerConfig, create_app
+    from .app import create_app
+    from .config import ServerConfig
 
-    _check_args(args)
+    try:
+        check_args(args)
+    except UsageError as e:
+        fail(str(e))
     path = _resolve_model_path(args.model)
     from ..engine import Engine
     from ..model import load
@@ -317,13 +297,13 @@ def _server_class():
     return Server
 
 
-def _cmd_serve(args) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    for _add_args, run in LAUNCH_HOOKS:
-        rc = run(args)
-        if rc is not None:
-            return int(rc)
-    _check_args(args)
+def serve(args) -> int:
+    """Run the single-process server until SIGTERM/SIGINT/SIGHUP (then the graceful
+    shutdown); the exit status."""
+    try:
+        check_args(args)
+    except UsageError as e:
+        fail(str(e))
     sock = listen(args.host, args.port)
     app, config = build_from_args(args)
     import uvicorn
@@ -338,8 +318,7 @@ def _cmd_serve(args) -> int:
                           timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
                           http=protocol_class(args.header_timeout))
     raise_open_files_limit()
-    model = app.state.engine_loop.model
     server = _server_class()(ucfg, app.state.engine_loop, args.shutdown_timeout,
-                             getattr(model, "file", None))
+                             getattr(app.state.engine_loop.model, "file", None))
     server.run(sockets=[sock])
     return server.exit_code if server.started else 1

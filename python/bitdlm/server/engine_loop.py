@@ -3,7 +3,9 @@
 HTTP handlers talk to it through a locked command queue (`submit`, `abort`);
 it drains the queue between two steps, calls `engine.step()` once for every
 active request and hands the outputs back to asyncio with one
-`loop.call_soon_threadsafe` per step. Nothing here runs on the event loop.
+`loop.call_soon_threadsafe` per step. Nothing here runs on the event loop, and
+nothing here speaks HTTP: refusals and failures are errors.py's domain errors
+(QueueFull, ShuttingDown, ...), which the app maps to status codes.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import logging
 import threading
 import time
 
-from .errors import APIError, bad, shutting_down
+from .errors import (EngineFailure, EngineStopped, QueueFull, RequestRejected,
+                     ShuttingDown)
 
 log = logging.getLogger("bitdlm.server")
 
@@ -114,12 +117,11 @@ class EngineLoop:
     def submit(self, rid: str, prompt_ids: list[int], params, sink: Sink) -> None:
         with self._cv:
             if self._draining or self._stopping:
-                raise shutting_down()
+                raise ShuttingDown()
             if self.dead is not None or not self._thread.is_alive():
-                raise APIError(503, "The server's engine stopped.", code="unavailable")
+                raise EngineStopped()
             if self._inflight >= self.capacity:
-                raise APIError(429, f"The server is at capacity ({self.capacity} requests "
-                               "running or queued); retry later.", code="queue_full")
+                raise QueueFull(self.capacity)
             self._inflight += 1
             self._cmds.append(("add", rid, prompt_ids, params, sink))
             self._cv.notify()
@@ -165,8 +167,7 @@ class EngineLoop:
                     # keep serving.
                     log.exception("engine loop iteration failed; failing %d request(s)",
                                   len(self._active))
-                    self._fail_active(APIError(500, "Internal engine error.",
-                                               code="engine_error"))
+                    self._fail_active(EngineFailure("Internal engine error."))
         except BaseException as e:  # cannot go on (e.g. MemoryError in the loop itself)
             log.exception("engine thread died")
             self.dead = e
@@ -203,13 +204,13 @@ class EngineLoop:
             self.engine.add_request(rid, prompt_ids, params)
         except ValueError as e:
             self._release()
-            sink.put("error", bad(str(e)))
+            sink.put("error", RequestRejected(str(e)))
             self._count_finish("rejected")
             return
         except Exception as e:
             log.exception("add_request(%s) failed", rid)
             self._release()
-            sink.put("error", APIError(500, f"engine error: {e}", code="engine_error"))
+            sink.put("error", EngineFailure(f"engine error: {e}"))
             self._count_finish("error")
             return
         self._active[rid] = _Active(sink, time.monotonic(), len(prompt_ids))
@@ -227,7 +228,7 @@ class EngineLoop:
         self._count_finish("abort")
         return True
 
-    def _fail_active(self, err: APIError, reason="error"):
+    def _fail_active(self, err: Exception, reason="error"):
         for rid in list(self._active):
             a = self._active.pop(rid)
             try:
@@ -248,8 +249,7 @@ class EngineLoop:
             # requests of this step (their state is unknown), keep serving.
             self.step_faults += 1
             log.exception("engine step failed; failing %d request(s)", len(self._active))
-            self._fail_active(APIError(500, f"engine error: {type(e).__name__}: {e}",
-                                       code="engine_error"))
+            self._fail_active(EngineFailure(f"engine error: {type(e).__name__}: {e}"))
             return
         now = time.monotonic()
         m = self.metrics
@@ -275,8 +275,7 @@ class EngineLoop:
                         except Exception:
                             pass
                         self._release()
-                        batch.put(a.sink, "error", APIError(500, "Internal engine error.",
-                                                            code="engine_error"))
+                        batch.put(a.sink, "error", EngineFailure("Internal engine error."))
         finally:
             batch.flush()
 
@@ -293,7 +292,7 @@ class EngineLoop:
             m.generation_tokens.inc(len(out.new_token_ids))
         err = getattr(out, "error", None)
         if err:  # the engine dropped this request alone (e.g. out of KV cache memory)
-            batch.put(a.sink, "error", APIError(500, f"engine error: {err}", code="engine_error"))
+            batch.put(a.sink, "error", EngineFailure(f"engine error: {err}"))
         else:
             batch.put(a.sink, "out", out)
         if out.finished or err:
@@ -320,7 +319,7 @@ class EngineLoop:
             self._stopping = True
             cmds = list(self._cmds)
             self._cmds.clear()
-        err = shutting_down()
+        err = ShuttingDown()
         for cmd in cmds:
             if cmd[0] == "add":
                 self._release()

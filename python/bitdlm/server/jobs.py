@@ -8,7 +8,7 @@ import json
 import logging
 
 from .engine_loop import EngineLoop, Sink
-from .errors import APIError
+from .errors import APIError, EngineLoopError, api_error
 
 log = logging.getLogger("bitdlm.server")
 
@@ -39,9 +39,9 @@ class Job:
                 self.engine_loop.submit(self.sub_ids[i], ids, params,
                                         Sink(self.aloop, self.queue, i))
                 self.open.add(i)
-        except APIError:
+        except EngineLoopError as e:
             self.close()
-            raise
+            raise api_error(e) from None
 
     def watch(self, request):
         """Abort when the client disconnects (the body has been read, so the
@@ -65,7 +65,7 @@ class Job:
             raise ClientGone()
         if kind == "error":
             self.open.discard(idx)
-            raise payload
+            raise api_error(payload)
 
     async def events(self):
         """Yield (index, RequestOutput) until every sub-request has finished;

@@ -1,98 +1,92 @@
 """Request bodies: the pydantic schemas (strict: wrong JSON types are errors,
 not coerced), OpenAI parameters we refuse, and `to_sampling_params`, the ONE
-place a request becomes a SamplingParams (new request fields go there)."""
+place a request becomes a SamplingParams (new request fields go there).
+Imported only when an app is built (pydantic is not imported by the CLI)."""
 from __future__ import annotations
 
-import functools
-import math
-from typing import Any
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import bad
 
-# Below this a temperature is greedy decoding (as vLLM): 1/t would overflow
-# float32 logits in the core's softmax.
-MIN_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 2.0  # OpenAI's range
 MAX_STOPS = 16
 MAX_STOP_CHARS = 1024
 
+_STRICT = ConfigDict(strict=True, extra="forbid")  # wrong JSON types are errors, unknown fields too
 
-@functools.lru_cache(maxsize=None)
-def schemas():
-    """(CompletionRequest, ChatRequest), built on first use (pydantic is imported lazily)."""
-    from typing import Literal, Optional, Union
 
-    from pydantic import BaseModel, ConfigDict, Field
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
 
-    strict = ConfigDict(strict=True, extra="forbid")
 
-    class StreamOptions(BaseModel):
-        model_config = ConfigDict(strict=True, extra="ignore")
-        include_usage: bool = False
+class _Common(BaseModel):
+    model_config = _STRICT
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=MAX_TEMPERATURE,
+                                         allow_inf_nan=False)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(default=None, ge=0, lt=2 ** 63)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None  # accepted and ignored
+    # bitdlm extras (Fast-dLLM v2 decoding)
+    threshold: Optional[float] = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    small_block_size: Optional[int] = Field(default=None, ge=1, le=1 << 20)
+    use_block_cache: Optional[bool] = None
+    ignore_eos: Optional[bool] = None  # as vLLM: keep generating past EOS (benchmarks)
+    # decoding algorithm and cache per request, as the LLaDA-style servers took them
+    # (bitdlm.decoding; SamplingParams.validate range-checks them)
+    generation_algorithm: Optional[str] = None
+    factor: Optional[float] = Field(default=None, allow_inf_nan=False)
+    credit_alpha: Optional[float] = Field(default=None, allow_inf_nan=False)
+    boost_gamma: Optional[float] = Field(default=None, allow_inf_nan=False)
+    decay_beta: Optional[float] = Field(default=None, allow_inf_nan=False)
+    use_cache: Optional[bool] = None  # false: cache "none" (recompute every step)
+    use_dual_cache: Optional[bool] = None  # true: cache "dual" (the sub-block cache)
+    block_length: Optional[int] = Field(default=None, ge=1, le=1 << 20)
 
-    class _Common(BaseModel):
-        model_config = strict
-        model: Optional[str] = None
-        max_tokens: Optional[int] = Field(default=None, ge=1)
-        temperature: Optional[float] = Field(default=None, ge=0.0, le=MAX_TEMPERATURE,
-                                             allow_inf_nan=False)
-        top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-        n: int = 1
-        stream: bool = False
-        stream_options: Optional[StreamOptions] = None
-        stop: Union[str, list[str], None] = None
-        seed: Optional[int] = Field(default=None, ge=0, lt=2 ** 63)
-        presence_penalty: float = 0.0
-        frequency_penalty: float = 0.0
-        logit_bias: Optional[dict[str, float]] = None
-        user: Optional[str] = None  # accepted and ignored
-        # bitdlm extras (Fast-dLLM v2 decoding)
-        threshold: Optional[float] = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-        small_block_size: Optional[int] = Field(default=None, ge=1, le=1 << 20)
-        use_block_cache: Optional[bool] = None
-        ignore_eos: Optional[bool] = None  # as vLLM: keep generating past EOS (benchmarks)
-        # decoding algorithm and cache per request, as the LLaDA-style servers took them
-        # (bitdlm.decoding; SamplingParams.validate range-checks them)
-        generation_algorithm: Optional[str] = None
-        factor: Optional[float] = Field(default=None, allow_inf_nan=False)
-        credit_alpha: Optional[float] = Field(default=None, allow_inf_nan=False)
-        boost_gamma: Optional[float] = Field(default=None, allow_inf_nan=False)
-        decay_beta: Optional[float] = Field(default=None, allow_inf_nan=False)
-        use_cache: Optional[bool] = None  # false: cache "none" (recompute every step)
-        use_dual_cache: Optional[bool] = None  # true: cache "dual" (the sub-block cache)
-        block_length: Optional[int] = Field(default=None, ge=1, le=1 << 20)
 
-    class CompletionRequest(_Common):
-        prompt: Union[str, list[int], list[str], list[list[int]]]
-        echo: bool = False
-        best_of: Optional[int] = None
-        logprobs: Optional[int] = None
-        suffix: Optional[str] = None
+class CompletionRequest(_Common):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    echo: bool = False
+    best_of: Optional[int] = None
+    logprobs: Optional[int] = None
+    suffix: Optional[str] = None
 
-    class ContentPart(BaseModel):
-        model_config = strict
-        type: Literal["text"]
-        text: str
 
-    class Message(BaseModel):
-        model_config = ConfigDict(strict=True, extra="ignore")
-        role: Literal["system", "developer", "user", "assistant", "tool"]
-        content: Union[str, list[ContentPart], None] = None
-        name: Optional[str] = None
+class ContentPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
 
-    class ChatRequest(_Common):
-        messages: list[Message]
-        max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-        logprobs: Optional[bool] = None
-        top_logprobs: Optional[int] = None
-        tools: Optional[list[Any]] = None
-        tool_choice: Optional[Any] = None
-        response_format: Optional[dict[str, Any]] = None
-        parallel_tool_calls: Optional[bool] = None  # accepted and ignored
-        metadata: Optional[dict[str, Any]] = None   # accepted and ignored
-        store: Optional[bool] = None                # accepted and ignored
 
-    return CompletionRequest, ChatRequest
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+
+
+class ChatRequest(_Common):
+    messages: list[Message]
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    response_format: Optional[dict[str, Any]] = None
+    parallel_tool_calls: Optional[bool] = None  # accepted and ignored
+    metadata: Optional[dict[str, Any]] = None   # accepted and ignored
+    store: Optional[bool] = None                # accepted and ignored
 
 
 def validation_error(exc):
@@ -142,25 +136,9 @@ def reject_unsupported(req, chat: bool) -> None:
             no("suffix", "not supported")
 
 
-def _f32(x: float) -> float:
-    """x as the core sees it (float32)."""
-    import numpy as np
-
-    return float(np.float32(x))
-
-
-def check_core_ranges(req) -> None:
-    """Values that pass the JSON schema but that the C++ core (float32) would
-    reject or turn into inf/NaN: 400 here, before they can reach a batch."""
-    if req.top_p is not None and not 0.0 < _f32(req.top_p) <= 1.0:
-        raise bad(f"Invalid value for 'top_p': {req.top_p!r} is 0 in float32; use a value "
-                  "in (1.2e-38, 1].", param="top_p", code="invalid_value")
-    if req.threshold is not None and not 0.0 < _f32(req.threshold) <= 1.0:
-        raise bad(f"Invalid value for 'threshold': {req.threshold!r} is 0 in float32; use a "
-                  "value in (1.2e-38, 1].", param="threshold", code="invalid_value")
-    if req.temperature is not None and not math.isfinite(_f32(req.temperature)):
-        raise bad("Invalid value for 'temperature': not finite in float32.", param="temperature",
-                  code="invalid_value")
+def check_stop_limits(req) -> None:
+    """The server's own bounds on stop strings (the values themselves are checked by
+    SamplingParams.validate)."""
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stops) > MAX_STOPS:
         raise bad(f"At most {MAX_STOPS} stop strings are supported.", param="stop",
@@ -180,9 +158,9 @@ def context_exceeded(max_model_len: int, n_prompt: int, max_tokens: int):
 def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, defaults: dict):
     """The SamplingParams of a validated request: server defaults, then the
     request's fields. The one function to extend with new request fields."""
-    from ..sampling_params import SamplingParams
+    from ..sampling_params import SamplingParamError, SamplingParams
 
-    check_core_ranges(req)
+    check_stop_limits(req)
     if max_tokens is None:
         max_tokens = max_model_len - n_prompt
     if n_prompt + max_tokens > max_model_len:
@@ -203,18 +181,14 @@ def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, de
     elif req.use_dual_cache is not None:
         kw["cache"] = "dual" if req.use_dual_cache else "prefix"
         kw["use_block_cache"] = bool(req.use_dual_cache)
-    if kw.get("temperature") is not None and kw["temperature"] < MIN_TEMPERATURE:
-        kw["temperature"] = 0.0
     if req.stop is not None:
         kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    sp = SamplingParams(**kw)
     try:
-        sp = SamplingParams(**kw)
-        if hasattr(sp, "validate"):
-            sp.validate()
-        return sp
-    except (ValueError, TypeError) as e:
-        param = "generation_algorithm" if "generation_algorithm" in str(e) else None
-        raise bad(f"Invalid sampling parameters: {e}", param=param)
+        sp.validate()
+    except SamplingParamError as e:
+        raise bad(f"Invalid sampling parameters: {e}", param=e.param, code="invalid_value")
+    return sp
 
 
 def check_prompt_ids(ids, what: str, *, max_model_len: int, vocab_size: int) -> None:

@@ -1,0 +1,189 @@
+"""The Engine: the front of the engine package. It checks and admits requests
+into the scheduler, runs one step (plan every running request, one forward per
+group, apply, collect outputs), and keeps the statistics."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import decoding
+from ..sampling_params import SamplingParams
+from .output_processor import OutputProcessor, RequestOutput, make_output, text_state
+from .request_state import BlockConfig, RequestState
+from .scheduler import Scheduler
+
+_PREFILL_CHUNK = 512  # prompt tokens per forward call, so long prompts do not stall other requests
+
+
+@dataclass
+class EngineStats:
+    forwards: int = 0  # model.forward calls
+    items: int = 0  # sequences summed over calls
+    tokens: int = 0  # generated tokens returned
+    steps: int = 0
+    step_seconds: float = 0.0
+    last_step_seconds: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / self.forwards if self.forwards else 0.0
+
+
+class Engine:
+    """Continuous-batching block-diffusion engine over a `bitdlm.model.Model`."""
+
+    def __init__(self, model, max_batch: int = 16, block_size: int | None = None, tokenizer=None,
+                 prefill_chunk: int = _PREFILL_CHUNK):
+        meta = model.meta
+        diff = meta.get("diffusion") or {}
+        self.model = model
+        self.max_batch = int(max_batch)
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.block_size = int(block_size or diff.get("block_size") or 1)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        self.shift = bool(diff.get("shift_logits", True))
+        self.mask_id = meta.get("mask_token_id")
+        if self.block_size > 1 and self.mask_id is None:
+            raise ValueError(f"block diffusion (block_size {self.block_size}) needs a mask token, "
+                             "but this model has no mask_token_id; use block_size=1 (autoregressive)")
+        if self.block_size == 1 and not self.shift:
+            raise ValueError("block_size 1 needs a shifted model (logits at i-1 predict token i)")
+        self.default_threshold = float(diff.get("threshold", 0.9))
+        sbs = int(diff.get("small_block_size") or self.block_size)
+        self.default_sbs = sbs if self.block_size % sbs == 0 else self.block_size
+        self.eos_ids = frozenset(int(t) for t in (meta.get("eos_token_ids") or []))
+        self.vocab = int(meta["vocab_size"])
+        self.max_len = int(meta["max_position_embeddings"])
+        self.banned = np.array([] if self.mask_id is None else [self.mask_id], dtype=np.int32)
+        if tokenizer is None:
+            tokenizer = getattr(model, "tokenizer", None)
+        self.tokenizer = tokenizer
+        self.stats = EngineStats()
+        self.block_config = BlockConfig(shift=self.shift, mask_id=self.mask_id, max_len=self.max_len,
+                                        prefill_chunk=max(self.block_size, prefill_chunk // self.block_size
+                                                          * self.block_size), banned=self.banned)
+        self.scheduler = Scheduler(model, self.max_batch, self.stats, self.vocab, self.banned)
+        self.output_processor = OutputProcessor()
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (abort)
+
+    @property
+    def prefill_chunk(self) -> int:
+        return self.block_config.prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, n: int) -> None:  # every request's plans read it at their next step
+        self.block_config.prefill_chunk = int(n)
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt_ids, params: SamplingParams | None = None) -> None:
+        """Queue a request. Raises ValueError on bad input; nothing is queued then."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        params.validate()
+        rid = str(request_id)
+        if self.scheduler.has(rid):
+            raise ValueError(f"request id {rid!r} is already in use")
+        try:
+            prompt = np.asarray(list(prompt_ids), dtype=np.int64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"prompt_ids must be a list of token ids: {e}") from None
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise ValueError("empty prompt")
+        if prompt.min() < 0 or prompt.max() >= self.vocab:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
+        if self.mask_id is not None and (prompt == self.mask_id).any():
+            raise ValueError("the prompt contains the mask token")
+        P = int(prompt.size)
+        if P >= self.max_len:
+            raise ValueError(f"prompt of {P} tokens leaves no room in the context of {self.max_len} tokens")
+        bs = self.block_size if params.block_length is None else int(params.block_length)
+        if bs > self.max_len:
+            raise ValueError(f"block_length {bs} exceeds the context of {self.max_len} tokens")
+        if bs > 1 and self.mask_id is None:
+            raise ValueError(f"block_length {bs} needs a mask token, and this model has none; use 1 (autoregressive)")
+        if bs == 1 and not self.shift:
+            raise ValueError("block_length 1 needs a shifted model (logits at i-1 predict token i)")
+        if params.small_block_size is not None:
+            sbs = int(params.small_block_size)
+        else:  # the engine's sub-block size where it fits this block size, else the whole block
+            sbs = self.default_sbs if bs % self.default_sbs == 0 else bs
+        if bs % sbs:
+            raise ValueError(f"small_block_size {sbs} must divide the block size {bs}")
+        if params.stop_list() and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this engine has none")
+        thr = self.default_threshold if params.threshold is None else float(params.threshold)
+        algo = decoding.make(params.generation_algorithm, **{**params.algorithm_values(), "threshold": thr})
+        limit = min(P + params.max_tokens, self.max_len)
+        # the block holding the last wanted position is decoded (and, with the sub-block
+        # cache, written as scratch) in full
+        capacity = min((limit + bs - 1) // bs * bs, self.max_len)
+        stop_ids = set(int(t) for t in (params.stop_token_ids or []))
+        if not params.ignore_eos:
+            stop_ids |= self.eos_ids
+        seq = RequestState(rid=rid, prompt=prompt.astype(np.int32), params=params, algo=algo,
+                           cache=params.cache_strategy(), bs=bs, sbs=sbs,
+                           stop_ids=frozenset(stop_ids), limit=limit, capacity=capacity,
+                           rng=np.random.default_rng(params.seed), cfg=self.block_config,
+                           text=text_state(self.tokenizer, prompt.tolist(), params),
+                           nfull=P // bs * bs, t0=time.perf_counter())
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request and free its cache at once; the next step() reports it."""
+        seq = self.scheduler.remove(str(request_id))
+        if seq is None:
+            return
+        seq.finish("abort")
+        self._pending.append(make_output(seq))
+
+    def drop_outputs(self, request_ids) -> None:
+        """Forget the not yet reported outputs of `request_ids` (e.g. the abort outputs of
+        requests whose caller has gone), so the engine is clean without a step."""
+        rids = set(request_ids)
+        self._pending = [o for o in self._pending if o.request_id not in rids]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step: one forward per (block size, output kind) advancing every running request."""
+        t0 = time.perf_counter()
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler
+        sched.admit(outputs)
+        groups = sched.schedule(outputs)
+        for key, members in groups.items():
+            for m, res in zip(members, sched.forward(key, members, outputs)):
+                if res is None:  # its forward failed; the scheduler has ended it
+                    continue
+                seq = m.seq
+                seq.forwards += 1
+                try:
+                    seq.apply(m.plan, res, m.uniforms)
+                    out = self.output_processor.collect(seq)
+                except Exception as e:
+                    sched.fail(seq, outputs, "applying its step", e)
+                    continue
+                if out is not None:
+                    self.stats.tokens += len(out.new_token_ids)
+                    outputs.append(out)
+                if seq.finished:
+                    sched.finish(seq)
+        if groups:
+            dt = time.perf_counter() - t0
+            self.stats.steps += 1
+            self.stats.step_seconds += dt
+            self.stats.last_step_seconds = dt
+        return outputs

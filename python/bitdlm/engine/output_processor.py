@@ -1,0 +1,122 @@
+"""Outputs: which tokens of a request are final (its contiguous prefix), when it
+ends (stop token, length, stop string), and its text, detokenized incrementally
+(`tokenizer.IncrementalDetokenizer`) with stop strings cut out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .request_state import RequestState
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]  # newly final, contiguous
+    text: str  # newly final text
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    forwards: int  # forward calls this request took part in
+    error: str | None = None  # why the engine dropped the request (finish_reason "error")
+
+
+def make_output(seq: RequestState, new_ids=(), text: str = "", error: str | None = None) -> RequestOutput:
+    return RequestOutput(request_id=seq.rid, new_token_ids=list(new_ids), text=text,
+                         finished=seq.finished, finish_reason=seq.reason if seq.finished else None,
+                         num_prompt_tokens=seq.P, num_generated_tokens=seq.emitted,
+                         forwards=seq.forwards, error=error)
+
+
+class TextState:
+    """One request's text: its incremental detokenizer and the stop strings it watches.
+    Text that could still be the start of a stop string is held back."""
+
+    def __init__(self, detok, stops: list[str]):
+        self.detok = detok
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.held = ""  # text held back while a stop string may still complete
+        self.seen = ""  # all detokenized text so far
+
+    def add(self, new_ids: list[int], finished: bool):
+        """Text of newly final tokens -> (text to emit, token cut or None): a stop string
+        found ends the text before it and drops the tokens after the one completing it."""
+        stops, hold = self.stops, self.hold
+        for i, t in enumerate(new_ids):
+            delta = self.detok.add(t)
+            if not delta:
+                continue
+            seen0 = len(self.seen)
+            self.seen += delta
+            self.held += delta
+            if stops:
+                lo = max(0, seen0 - hold)
+                hits = [j for j in (self.seen.find(s, lo) for s in stops) if j >= 0]
+                if hits:
+                    # drop the stop string and everything after it
+                    drop = len(self.seen) - min(hits)
+                    self.held = self.held[:max(0, len(self.held) - drop)]
+                    out, self.held = self.held, ""
+                    return out, i + 1
+        if finished:
+            return self.flush(), None
+        if hold and len(self.held) > hold:
+            out = self.held[:-hold]
+            self.held = self.held[-hold:]
+            return out, None
+        if hold:
+            return "", None
+        out, self.held = self.held, ""
+        return out, None
+
+    def flush(self) -> str:
+        """The text held back and the detokenizer's tail, at the end of the request."""
+        tail = self.detok.flush()
+        self.seen += tail
+        out = self.held + tail
+        self.held = ""
+        if tail and self.stops:  # a stop string could still complete inside the flushed tail
+            hits = [j for j in (out.find(s) for s in self.stops) if j >= 0]
+            if hits:
+                out = out[:min(hits)]
+        return out
+
+
+def text_state(tokenizer, prompt_ids: list[int], params) -> TextState | None:
+    if tokenizer is None:
+        return None
+    detok = tokenizer.detokenizer(prompt_ids, skip_special_tokens=params.skip_special_tokens)
+    return TextState(detok, params.stop_list())
+
+
+class OutputProcessor:
+    """Turns a request's state after a step into its RequestOutput (None: nothing new)."""
+
+    def collect(self, seq: RequestState) -> RequestOutput | None:
+        if seq.prefilling:
+            return None
+        front = min(seq.frontier(), seq.limit)
+        new_ids = []
+        pos = seq.P + seq.emitted
+        while pos < front:
+            t = seq.token_at(pos)
+            new_ids.append(t)
+            pos += 1
+            if t in seq.stop_ids:  # stop token, nothing masked before it: keep it, drop the rest
+                seq.finish("stop")
+                break
+        if not seq.finished and pos >= seq.limit:
+            seq.finish("length")
+        text = ""
+        if seq.text is not None and new_ids:
+            text, cut = seq.text.add(new_ids, seq.finished)
+            if cut is not None:
+                new_ids = new_ids[:cut]
+                seq.finish("stop")
+        elif seq.text is not None and seq.finished:
+            text = seq.text.flush()
+        seq.emitted += len(new_ids)
+        if not new_ids and not text and not seq.finished:
+            return None
+        return make_output(seq, new_ids, text)

@@ -1,0 +1,251 @@
+"""One request's walk through its blocks (reference.md section 3): what it holds
+(prompt, current block, masks, generated history), what its next forward is
+(`plan` -> StepPlan), and what that forward's result does to it (`apply`).
+
+The cache strategies, in this one place:
+- "none": every forward recomputes the whole sequence from position 0 and never
+  reads or writes the KV cache (no prefill; a finished block needs a pass only
+  to carry its last logits into the next block's first token, with shift);
+- "prefix": committed blocks are cached; a step runs the current block against
+  them; a finished block is committed by one writing forward;
+- "dual": as prefix, plus the sub-block cache: a full pass over the block writes
+  scratch K/V, then steps run only the current sub-block against that (stale)
+  scratch until the sub-block's first position changes.
+none and prefix decide from the same numbers (up to rounding) and differ only
+in what each forward computes; dual attends to the block's stale K/V.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import decoding
+from ..sampling_params import SamplingParams
+
+# StepPlan kinds
+PREFILL = "prefill"  # a chunk of the prompt's whole blocks, K/V written
+COMMIT = "commit"    # the finished block, K/V written (its last logits carry the next token)
+STEP = "step"        # decide some masked positions of the current sub-block
+FULL = "full"        # as STEP, over the whole block, leaving the sub-block cache's scratch K/V
+
+
+@dataclass
+class BlockConfig:
+    """What every request's block walk needs to know of the model and the engine."""
+    shift: bool  # logits at i-1 predict token i
+    mask_id: int | None
+    max_len: int  # the model's context
+    prefill_chunk: int  # prompt tokens per prefill forward (rounded to blocks per request)
+    banned: np.ndarray  # token ids never produced (the mask token)
+
+
+@dataclass
+class ForwardItem:
+    """One sequence's part of a `model.forward` call (docs/architecture.md, `_core.Model`)."""
+    seq_id: int
+    tokens: np.ndarray  # int32[n] at absolute positions start .. start+n-1
+    start: int
+    ctx_len: int  # attends to cached positions [0, ctx_len)
+    write: bool  # store the fresh K/V at [start, start+n)
+    out_idx: np.ndarray  # int32[k]: the rows whose outputs are wanted
+
+    @property
+    def num_out(self) -> int:
+        return len(self.out_idx)
+
+    def as_core(self) -> tuple:
+        """The tuple `_core.Model.forward` takes."""
+        return (self.seq_id, self.tokens, self.start, self.ctx_len, self.write, self.out_idx)
+
+
+@dataclass
+class StepPlan:
+    """A request's next forward and what its result means."""
+    kind: str  # PREFILL | COMMIT | STEP | FULL
+    item: ForwardItem
+    committed: int = 0  # PREFILL: cache positions [0, committed) final after it
+    positions: np.ndarray | None = None  # STEP / FULL: the block indices to decide
+
+    @property
+    def decides(self) -> bool:
+        """Its outputs pick tokens for masked positions (else: at most one carried token)."""
+        return self.kind in (STEP, FULL)
+
+
+@dataclass
+class RequestState:
+    rid: str
+    prompt: np.ndarray  # int32
+    params: SamplingParams
+    algo: decoding.Algorithm  # this request's unmasking rule (its own instance: rules may keep state)
+    cache: str  # "none" | "prefix" | "dual"
+    bs: int  # block size
+    sbs: int  # small block size
+    stop_ids: frozenset
+    limit: int  # absolute end of generation (prompt + max_tokens, capped by the context)
+    capacity: int
+    rng: np.random.Generator
+    cfg: BlockConfig
+    text: object | None = None  # output_processor.TextState, None without a tokenizer
+    seq_id: int = -1
+    committed: int = 0  # cache positions [0, committed) hold final K/V
+    prefilling: bool = True
+    nfull: int = 0  # prompt tokens that fill whole blocks
+    bstart: int = 0
+    blk: np.ndarray | None = None
+    masked: np.ndarray | None = None
+    scratch: bool = False  # sub-block cache: the block's K/V were written by a full pass
+    hist: list = field(default_factory=list)  # generated tokens before bstart
+    emitted: int = 0  # generated tokens returned so far
+    forwards: int = 0
+    finished: bool = False
+    reason: str | None = None
+    t0: float = 0.0
+
+    @property
+    def P(self) -> int:
+        return len(self.prompt)
+
+    def token_at(self, pos: int) -> int:
+        return self.hist[pos - self.P] if pos < self.bstart else int(self.blk[pos - self.bstart])
+
+    def finish(self, reason: str) -> None:
+        self.finished, self.reason = True, reason
+
+    def admitted(self, seq_id: int) -> None:
+        """Its cache is allocated. Without a cache there is nothing to prefill, except the
+        first token of a prompt that ends on a block boundary (the last prompt logits
+        predict it, with shift)."""
+        self.seq_id = seq_id
+        skip = self.cache == "none" and not (self.cfg.shift and self.nfull == self.P)
+        if self.nfull == 0 or skip:
+            self.start_block(self.nfull, None)
+
+    # --------------------------------------------------------------- blocks
+    def start_block(self, bstart: int, first_token: int | None) -> None:
+        """Open the block at `bstart`: prompt remainder or the carried token, then masks."""
+        self.prefilling = False
+        if self.blk is not None:  # the closing block's generated part becomes history
+            g0 = max(self.bstart, self.P) - self.bstart
+            self.hist.extend(int(t) for t in self.blk[g0:])
+        bend = min(bstart + self.bs, self.cfg.max_len)
+        n = bend - bstart
+        mask_id = self.cfg.mask_id
+        blk = np.full(n, -1 if mask_id is None else mask_id, np.int32)
+        masked = np.ones(n, bool)
+        known = self.prompt[bstart:].tolist() if bstart < self.P else []
+        if first_token is not None:
+            known.append(first_token)
+        blk[:len(known)] = known
+        masked[:len(known)] = False
+        self.bstart, self.blk, self.masked, self.scratch = bstart, blk, masked, False
+        self.algo.reset()
+
+    def tokens(self) -> np.ndarray:
+        """The whole sequence up to the end of the current block (cache "none" recomputes it)."""
+        toks = np.concatenate([self.prompt[:min(self.P, self.bstart)], np.asarray(self.hist, np.int32),
+                               self.blk])
+        assert len(toks) == self.bstart + len(self.blk)
+        return toks.astype(np.int32)
+
+    def frontier(self) -> int:
+        """Absolute end of the contiguous final prefix."""
+        if self.prefilling:
+            return 0
+        m = np.nonzero(self.masked)[0]
+        return self.bstart + (int(m[0]) if m.size else len(self.blk))
+
+    # ------------------------------------------------------------ plan/apply
+    def plan(self) -> StepPlan:
+        cfg = self.cfg
+        none = self.cache == "none"
+        sh = 1 if cfg.shift else 0
+        sid = self.seq_id
+        if self.prefilling:
+            if none:  # nothing cached: one pass over the prompt for the first token's logits
+                item = ForwardItem(sid, self.prompt[:self.nfull].copy(), 0, 0, False,
+                                   np.asarray([self.nfull - 1], np.int32))
+                return StepPlan(PREFILL, item, committed=self.nfull)
+            chunk = max(self.bs, cfg.prefill_chunk // self.bs * self.bs)
+            c0 = self.committed
+            c1 = min(self.nfull, c0 + chunk)
+            last = c1 == self.nfull
+            # with shift, the last logits of a prompt that ends on a block boundary give the next token
+            out = [c1 - c0 - 1] if (last and cfg.shift and self.nfull == self.P) else []
+            item = ForwardItem(sid, self.prompt[c0:c1], c0, c0, True, np.asarray(out, np.int32))
+            return StepPlan(PREFILL, item, committed=c1)
+        n = len(self.blk)
+        if not self.masked.any():
+            if none and not cfg.shift:  # nothing to commit and no token to carry: open the next block
+                self.start_block(self.bstart + n, None)
+                return self.plan()
+            if none:  # the block's last logits give the next block's first token
+                toks = self.tokens()
+                item = ForwardItem(sid, toks, 0, 0, False, np.asarray([len(toks) - 1], np.int32))
+                return StepPlan(COMMIT, item)
+            out = [n - 1] if cfg.shift else []
+            item = ForwardItem(sid, self.blk.copy(), self.bstart, self.bstart, True, np.asarray(out, np.int32))
+            return StepPlan(COMMIT, item)
+        first = int(np.argmax(self.masked))
+        s0 = first // self.sbs * self.sbs  # the left-most sub-block that still has masks
+        s1 = min(s0 + self.sbs, n)
+        pos = np.nonzero(self.masked[s0:s1])[0] + s0  # block indices to decide
+        if sh:
+            assert pos[0] >= 1, "block position 0 is never masked with token shift"
+        if none:  # the whole sequence from position 0, block-causal, no cache read or written
+            item = ForwardItem(sid, self.tokens(), 0, 0, False, (self.bstart + pos - sh).astype(np.int32))
+            return StepPlan(STEP, item, positions=pos)
+        dual = self.cache == "dual"
+        if dual and self.scratch and not self.masked[s0]:
+            # sub-block only, against the block's (stale) scratch K/V written by a full pass;
+            # with shift, row j-1 of the sub-block predicts j (s0 itself is never masked here)
+            out = pos - sh - s0
+            item = ForwardItem(sid, self.blk[s0:s1].copy(), self.bstart + s0, self.bstart + n, False,
+                               out.astype(np.int32))
+            return StepPlan(STEP, item, positions=pos)
+        # full pass over the block; with the sub-block cache it leaves scratch K/V
+        item = ForwardItem(sid, self.blk.copy(), self.bstart, self.bstart, dual, (pos - sh).astype(np.int32))
+        return StepPlan(FULL if dual else STEP, item, positions=pos)
+
+    def needs_logits(self, plan: StepPlan) -> bool:
+        """Whether this plan's forward must return full logits (the rule fuses them itself)."""
+        return self.algo.needs_logits and plan.decides
+
+    def draw_uniforms(self, plan: StepPlan) -> np.ndarray:
+        """One uniform per output row, from this request's generator when it samples."""
+        k = plan.item.num_out
+        if self.params.effective_temperature() > 0 and k:
+            return self.rng.random(k, dtype=np.float32)
+        return np.zeros(k, np.float32)
+
+    def apply(self, plan: StepPlan, res, uniforms: np.ndarray) -> None:
+        """Take one forward's result: `(tokens, confidences)` rows, or logits rows when
+        `needs_logits(plan)`."""
+        if plan.kind == PREFILL:
+            tok = res[0]
+            self.committed = plan.committed
+            if plan.committed == self.nfull:
+                self.start_block(self.nfull, int(tok[0]) if len(tok) else None)
+            return
+        if plan.kind == COMMIT:
+            tok = res[0]
+            end = self.bstart + len(self.blk)
+            self.committed = end
+            self.start_block(end, int(tok[0]) if len(tok) else None)
+            return
+        if plan.kind == FULL:
+            self.scratch = True
+        pos = plan.positions
+        if self.algo.needs_logits:
+            lg = np.array(res, dtype=np.float32)
+            lg[:, self.cfg.banned] = -np.inf
+            p = self.params
+            tok, conf = self.algo.fuse(pos, lg, p.effective_temperature(), p.top_p, uniforms)
+        else:
+            tok, conf = res
+        sel = np.asarray(self.algo.select(conf), dtype=np.int64)
+        if sel.size == 0:
+            raise RuntimeError(f"rule {self.algo.name!r} unmasked nothing")
+        self.blk[pos[sel]] = tok[sel]
+        self.masked[pos[sel]] = False

@@ -1,0 +1,169 @@
+"""The scheduler: admission (a KV cache per request, up to max_batch running),
+grouping (one forward per block size and output kind: the core's block-causal
+mask takes one block size per call, and the rules that fuse logits themselves
+need full logits rows), and the batched forward with its retry (a failed call
+is retried item by item so only the offending requests fail)."""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .output_processor import RequestOutput, make_output
+from .request_state import RequestState, StepPlan
+
+log = logging.getLogger("bitdlm.engine")
+
+
+@dataclass
+class Scheduled:
+    """A running request's part of this step."""
+    seq: RequestState
+    plan: StepPlan
+    uniforms: np.ndarray  # float32, one per output row
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    block_size: int
+    mode: str  # "select" (tokens, confidences) | "logits"
+
+
+class Scheduler:
+    def __init__(self, model, max_batch: int, stats, vocab: int, banned: np.ndarray):
+        self.model = model
+        self.max_batch = max_batch
+        self.vocab = vocab
+        self.banned = banned  # token ids the core never produces (the mask token)
+        self.stats = stats  # EngineStats: forwards and items are counted here
+        self.waiting: deque[RequestState] = deque()
+        self.running: OrderedDict[str, RequestState] = OrderedDict()
+
+    # ---------------------------------------------------------------- queues
+    def has(self, rid: str) -> bool:
+        return rid in self.running or any(s.rid == rid for s in self.waiting)
+
+    def add(self, seq: RequestState) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, rid: str) -> RequestState | None:
+        """Take a request out (running or waiting) and free its cache."""
+        seq = self.running.pop(rid, None)
+        if seq is None:
+            for s in self.waiting:
+                if s.rid == rid:
+                    seq = s
+                    self.waiting.remove(s)
+                    break
+        if seq is not None:
+            self.release(seq)
+        return seq
+
+    def release(self, seq: RequestState) -> None:
+        if seq.seq_id >= 0:
+            self.model.free_seq(seq.seq_id)
+            seq.seq_id = -1
+
+    def finish(self, seq: RequestState) -> None:
+        """A running request ended normally."""
+        del self.running[seq.rid]
+        self.release(seq)
+
+    def fail(self, seq: RequestState, outputs: list, where: str, exc: BaseException) -> None:
+        """End one request with an error output; the others go on."""
+        log.warning("request %s failed while %s: %s: %s", seq.rid, where, type(exc).__name__, exc,
+                    exc_info=not isinstance(exc, (ValueError, MemoryError)))
+        self.running.pop(seq.rid, None)
+        try:
+            self.release(seq)
+        except Exception:
+            log.exception("freeing the cache of request %s failed", seq.rid)
+            seq.seq_id = -1
+        seq.finish("error")
+        outputs.append(make_output(seq, error=f"{where} failed: {type(exc).__name__}: {exc}"))
+
+    # ------------------------------------------------------------- admission
+    def admit(self, outputs: list[RequestOutput]) -> None:
+        """Waiting requests get a KV cache, first come first served. Out of KV memory, the
+        head waits for a running request to finish, or fails if none runs."""
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            try:
+                seq_id = self.model.alloc_seq(seq.capacity)
+            except MemoryError as e:
+                if self.running:
+                    return  # wait until a running request frees its cache
+                self.waiting.popleft()
+                seq.finish("error")
+                outputs.append(make_output(seq, error=f"out of KV cache memory: {e}"))
+                continue
+            except Exception as e:
+                self.waiting.popleft()
+                self.fail(seq, outputs, "allocating its cache", e)
+                continue
+            self.waiting.popleft()
+            self.running[seq.rid] = seq
+            seq.admitted(seq_id)
+
+    # --------------------------------------------------------------- grouping
+    def schedule(self, outputs: list) -> dict[GroupKey, list[Scheduled]]:
+        """Every running request's next forward, grouped by what one core call can carry."""
+        groups: dict[GroupKey, list[Scheduled]] = {}
+        for seq in list(self.running.values()):
+            try:
+                plan = seq.plan()
+                u = seq.draw_uniforms(plan)
+            except Exception as e:
+                self.fail(seq, outputs, "planning its step", e)
+                continue
+            key = GroupKey(seq.bs, "logits" if seq.needs_logits(plan) else "select")
+            groups.setdefault(key, []).append(Scheduled(seq, plan, u))
+        return groups
+
+    # ---------------------------------------------------------------- forward
+    def _call(self, key: GroupKey, members: list[Scheduled]) -> list:
+        """One model.forward over `members` -> per member: (tokens, confidences) or logits rows."""
+        items = [m.plan.item for m in members]
+        ks = [it.num_out for it in items]
+        core_items = [it.as_core() for it in items]
+        if key.mode == "logits":
+            res = np.asarray(self.model.forward(core_items, key.block_size, "logits")).reshape(sum(ks), self.vocab)
+        else:
+            temps = np.concatenate([np.full(k, m.seq.params.effective_temperature(), np.float32)
+                                    for k, m in zip(ks, members)])
+            tops = np.concatenate([np.full(k, m.seq.params.top_p, np.float32) for k, m in zip(ks, members)])
+            unis = np.concatenate([m.uniforms for m in members])
+            tok, conf = self.model.forward(core_items, key.block_size, "select", temperature=temps,
+                                           top_p=tops, uniforms=unis, banned=self.banned)
+            res = (np.asarray(tok), np.asarray(conf))
+        self.stats.forwards += 1
+        self.stats.items += len(items)
+        out, off = [], 0
+        for k in ks:
+            out.append(res[off:off + k] if key.mode == "logits" else (res[0][off:off + k], res[1][off:off + k]))
+            off += k
+        return out
+
+    def forward(self, key: GroupKey, members: list[Scheduled], outputs: list) -> list:
+        """Results per member, None where that member's forward failed (it is then ended with an
+        error). A failed batched call is retried item by item: a bad item fails alone, and a fault
+        that is nobody's (every item fails alone too) fails only this step's requests. Retrying is
+        safe: a writing item stores the same K/V again, the others change nothing."""
+        try:
+            return self._call(key, members)
+        except Exception as e:
+            if len(members) == 1:
+                self.fail(members[0].seq, outputs, "forward", e)
+                return [None]
+            log.warning("batched forward of %d requests failed (%s: %s); retrying them one by one",
+                        len(members), type(e).__name__, e)
+        results = []
+        for m in members:
+            try:
+                results.append(self._call(key, [m])[0])
+            except Exception as e:
+                self.fail(m.seq, outputs, "forward", e)
+                results.append(None)
+        return results

@@ -1,0 +1,265 @@
+"""The serving class: what the routes do. It reads and validates a request
+(heavy parsing, tokenizing and chat rendering in a small thread pool, never on
+the event loop), submits it to the engine thread as a Job, and answers through
+responses.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from .config import ServerConfig
+from .engine_loop import EngineLoop
+from .errors import APIError, bad
+from .jobs import SSE_DONE, ClientGone, Job, usage
+from .metrics import Metrics
+from .responses import Chunks, completion_body, stream_response
+from .schemas import (ChatRequest, CompletionRequest, check_prompt_ids, reject_unsupported,
+                      to_sampling_params, validation_error)
+
+OFF_LOOP_BYTES = 64 << 10  # bodies / texts past this are parsed / tokenized in the pool
+WORKERS = 2                # threads of that pool: a bound on concurrent heavy parsing
+
+
+def render_chat(tokenizer, messages) -> list[int]:
+    """Token ids of `messages` rendered with the model's chat template plus the
+    assistant generation prompt."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if isinstance(out, str):
+        return list(tokenizer.encode(out, add_special_tokens=False))
+    return list(out)
+
+
+class OpenAIServing:
+    """The OpenAI routes over one engine: owns the engine thread (EngineLoop), the
+    metrics and the parse pool; `start`/`stop` follow the app's lifespan."""
+
+    def __init__(self, engine, tokenizer, config: ServerConfig, *, model=None):
+        from .. import __version__
+
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model = getattr(engine, "model", None) if model is None else model
+        self.engine_loop = EngineLoop(engine, max_batch=config.max_batch, max_queue=config.max_queue)
+        self.metrics = Metrics(weakref.ref(self.engine_loop), model=self.model)
+        self.engine_loop.metrics = self.metrics
+        self.created = int(time.time())
+        self.fingerprint = f"bitdlm-{__version__}"
+        self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="bitdlm-parse")
+        self.max_text_chars = None
+        if getattr(tokenizer, "max_token_chars", None):
+            # a text longer than this cannot fit the context: refused before tokenizing
+            self.max_text_chars = config.max_model_len * int(tokenizer.max_token_chars)
+
+    def start(self) -> None:
+        self.engine_loop.start()
+
+    async def stop(self) -> None:
+        # the graceful part (draining) happened before (cli.Server); what is
+        # still in flight now gets the shutdown 503
+        await asyncio.to_thread(self.engine_loop.stop)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ reading
+    async def off_loop(self, big: bool, fn, *args):
+        if not big:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"The request body is larger than {self.config.max_body_bytes} bytes.",
+                        code="request_too_large")
+
+    async def read_body(self, request, schema):
+        limit = self.config.max_body_bytes
+        try:
+            size = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            size = 0
+        if size > limit:
+            raise self.too_large()
+        # count what arrives: a chunked upload has no Content-Length to trust
+        chunks, got = [], 0
+        async for chunk in request.stream():
+            got += len(chunk)
+            if got > limit:
+                raise self.too_large()
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+
+        def parse():
+            try:
+                data = json.loads(raw)
+            except (ValueError, RecursionError) as e:
+                raise bad(f"We could not parse the JSON body of your request: {e}.",
+                          code="invalid_json")
+            if not isinstance(data, dict):
+                raise bad("The request body must be a JSON object.", code="invalid_json")
+            try:
+                return schema.model_validate(data)
+            except ValidationError as e:
+                raise validation_error(e)
+
+        return await self.off_loop(len(raw) > OFF_LOOP_BYTES, parse)
+
+    def check_text_size(self, n_chars, what):
+        if self.max_text_chars is not None and n_chars > self.max_text_chars:
+            raise bad(f"This model's maximum context length is {self.config.max_model_len} tokens, "
+                      f"and the {what} has {n_chars} characters, more than that many tokens can "
+                      f"hold ({self.max_text_chars}).", param="prompt" if what == "prompt"
+                      else "messages", code="context_length_exceeded")
+
+    async def encode(self, text):
+        self.check_text_size(len(text), "prompt")
+        return await self.off_loop(len(text) > OFF_LOOP_BYTES // 8,
+                                   lambda: list(self.tokenizer.encode(text)))
+
+    def check_model(self, name):
+        served = self.config.served_model_name
+        if name is not None and name != served:
+            raise APIError(404, f"The model `{name}` does not exist (this server serves `{served}`).",
+                           param="model", code="model_not_found")
+
+    def sampling_params(self, req, max_tokens, n_prompt):
+        return to_sampling_params(req, max_tokens=max_tokens, n_prompt=n_prompt,
+                                  max_model_len=self.config.max_model_len,
+                                  defaults=self.config.default_params)
+
+    def check_ids(self, ids, what):
+        check_prompt_ids(ids, what, max_model_len=self.config.max_model_len,
+                         vocab_size=self.config.vocab_size)
+
+    # ------------------------------------------------------------- routes
+    def health(self) -> dict:
+        if not self.engine_loop.alive():
+            raise APIError(503, "The engine is not running.", code="unavailable")
+        out = {"status": "ok"}
+        model = self.model
+        if model is not None and getattr(model, "threads", None):
+            out["threads"] = int(model.threads)
+            out["forward_threads"] = int(getattr(model, "forward_threads", 0))
+        return out
+
+    def model_card(self) -> dict:
+        return {"id": self.config.served_model_name, "object": "model", "created": self.created,
+                "owned_by": "bitdlm", "max_model_len": self.config.max_model_len}
+
+    async def completions(self, request):
+        req = await self.read_body(request, CompletionRequest)
+        self.check_model(req.model)
+        reject_unsupported(req, chat=False)
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [await self.encode(p)]
+        elif not p:
+            raise bad("The prompt is empty.", param="prompt")
+        elif isinstance(p[0], int):
+            prompts = [list(p)]
+        elif isinstance(p[0], str):
+            prompts = [await self.encode(s) for s in p]
+        else:
+            prompts = [list(x) for x in p]
+        for ids in prompts:
+            self.check_ids(ids, "prompt")
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
+        params = self.sampling_params(req, max_tokens, max(len(ids) for ids in prompts))
+        return await self.run(request, req, "cmpl", prompts, params, chat=False)
+
+    async def chat_completions(self, request):
+        req = await self.read_body(request, ChatRequest)
+        self.check_model(req.model)
+        reject_unsupported(req, chat=True)
+        if not req.messages:
+            raise bad("'messages' must contain at least one message.", param="messages",
+                      code="empty_array")
+        messages = []
+        for m in req.messages:
+            c = m.content
+            if isinstance(c, list):
+                c = "".join(part.text for part in c)
+            messages.append({"role": "system" if m.role == "developer" else m.role,
+                             "content": c or ""})
+        n_chars = sum(len(m["content"]) for m in messages)
+        self.check_text_size(n_chars, "conversation")
+        from jinja2 import TemplateError
+
+        try:
+            ids = await self.off_loop(n_chars > OFF_LOOP_BYTES // 8, render_chat, self.tokenizer, messages)
+        except (ValueError, TemplateError) as e:  # no template; raise_exception() in it
+            raise bad(f"Could not apply the chat template: {e}", param="messages")
+        self.check_ids(ids, "conversation")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        params = self.sampling_params(req, max_tokens, len(ids))
+        return await self.run(request, req, "chatcmpl", [ids], params, chat=True)
+
+    # ------------------------------------------------------------ running
+    async def start_job(self, request, prefix, prompts, params) -> Job:
+        job = Job(self.engine_loop, f"{prefix}-{uuid.uuid4().hex}", len(prompts))
+        job.submit(prompts, params)
+        job.watch(request)
+        try:
+            await job.wait_admitted()
+        except BaseException:
+            job.close()
+            raise
+        return job
+
+    @staticmethod
+    async def collect(job, n):
+        texts = [[] for _ in range(n)]
+        reasons = [None] * n
+        prompt_toks = [0] * n
+        gen_toks = [0] * n
+        try:
+            async for i, out in job.events():
+                if out.text:
+                    texts[i].append(out.text)
+                prompt_toks[i] = out.num_prompt_tokens
+                gen_toks[i] = out.num_generated_tokens
+                if out.finished:
+                    reasons[i] = out.finish_reason
+        finally:
+            job.close()
+        return ["".join(t) for t in texts], reasons, usage(sum(prompt_toks), sum(gen_toks))
+
+    async def run(self, request, req, prefix, prompts, params, chat):
+        try:
+            job = await self.start_job(request, prefix, prompts, params)
+        except ClientGone:
+            return Response(status_code=499)
+        n = len(prompts)
+        name = self.config.served_model_name
+        if not req.stream:
+            try:
+                texts, reasons, use = await self.collect(job, n)
+            except ClientGone:
+                return Response(status_code=499)
+            return completion_body(job.rid, chat, name, self.fingerprint, texts, reasons, use)
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        chunks = Chunks(job.rid, chat, name, self.fingerprint, include_usage)
+
+        async def gen():
+            prompt_toks = [len(ids) for ids in prompts]
+            gen_toks = [0] * n
+            if chat:
+                for i in range(n):
+                    yield chunks.chunk([chunks.choice(i, "", None, first=True)])
+            async for i, out in job.events():
+                prompt_toks[i] = out.num_prompt_tokens
+                gen_toks[i] = out.num_generated_tokens
+                if out.text:
+                    yield chunks.chunk([chunks.choice(i, out.text, None)])
+                if out.finished:
+                    yield chunks.chunk([chunks.choice(i, "", out.finish_reason)])
+            if include_usage:
+                yield chunks.chunk([], usage(sum(prompt_toks), sum(gen_toks)))
+            yield SSE_DONE
+
+        return stream_response(job, gen())
