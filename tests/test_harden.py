@@ -446,3 +446,118 @@ def test_info_and_bench_threads_default_to_the_packaged_model(tmp_path):
                   "--prompt", "8", "--json", str(tmp_path / "t.json"), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "tiny-bitdlm" in (tmp_path / "t.json").read_text()
+
+
+# ---------------------------------------------------------------- items 5, 17-19: the Python API
+
+@pytest.fixture(scope="module")
+def llm():
+    import bitdlm
+
+    return bitdlm.LLM(threads=1)
+
+
+def test_one_llm_shared_by_8_threads_gives_solo_results(llm):
+    """81 of 90 calls raised (IndexError, KeyError) and 3 returned wrong text."""
+    import threading
+
+    import bitdlm
+
+    prompts = ["def f(", "import os", "class A"]
+    sp = bitdlm.SamplingParams(max_tokens=6, block_length=1)
+    solo = [g.text for g in llm.generate(prompts, sp)]
+    errors, got = [], []
+
+    def worker(i):
+        try:
+            for j in range(3):
+                got.append((j, llm.generate(prompts[(i + j) % 3], sp)[0].text, (i + j) % 3))
+        except Exception as e:  # noqa: BLE001 (any failure is the bug)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(got) == 24
+    assert all(text == solo[k] for _j, text, k in got)
+    # interleaving a stream with another call in one thread would steal its outputs: refused
+    stream = llm.generate_stream("def f(", sp)
+    next(stream)
+    with pytest.raises(RuntimeError, match="already generating in this thread"):
+        llm.generate("x", sp)
+    stream.close()
+    assert llm.generate("def f(", sp)[0].text == solo[0]
+
+
+def test_admission_is_linear_and_windowed(llm, monkeypatch):
+    """generate() of 10^6 prompts never started: each add scanned the waiting queue."""
+    from types import SimpleNamespace
+
+    import bitdlm
+    from bitdlm.engine.scheduler import Scheduler
+
+    sched = Scheduler(None, 1, None, 10, None)
+    t0 = time.monotonic()
+    for i in range(200_000):
+        rid = f"r{i}"
+        assert not sched.has(rid)
+        sched.add(SimpleNamespace(rid=rid, seq_id=-1))
+    for i in range(0, 200_000, 2):
+        sched.remove(f"r{i}")
+    assert len(sched.waiting) == 100_000 and time.monotonic() - t0 < 20  # was hours
+    # LLM.generate feeds the engine a window at a time: the first step runs at once
+    eng = llm.engine
+    most = []
+    real_step = eng.step
+
+    def step():
+        most.append(eng.num_waiting() + eng.num_running())
+        return real_step()
+
+    monkeypatch.setattr(eng, "step", step)
+    n = 600
+    out = llm.generate([[5 + i % 50, 7] for i in range(n)], bitdlm.SamplingParams(max_tokens=1))
+    assert len(out) == n and all(g.finish_reason in ("length", "stop") for g in out)
+    assert max(most) <= max(4 * eng.max_batch, 64) < n
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda b, llm: b.LLM(123), TypeError, "takes a .bin path"),
+    (lambda b, llm: b.LLM(b"m.bin"), TypeError, "takes a .bin path"),
+    (lambda b, llm: b.LLM(threads="4"), TypeError, "threads must be an integer"),
+    (lambda b, llm: llm.generate([10 ** 30]), ValueError, "token ids"),
+    (lambda b, llm: llm.generate([[5, 6], [7, -1]]), ValueError, r"\[0, "),
+    (lambda b, llm: llm.generate("x", "greedy"), TypeError, "params must be SamplingParams"),
+    (lambda b, llm: b.SamplingParams(skip_special_tokens="no").validate(), ValueError, "skip_special_tokens"),
+    (lambda b, llm: b.SamplingParams(ignore_eos=1).validate(), ValueError, "ignore_eos"),
+    (lambda b, llm: b.SamplingParams(stop_token_ids=7).validate(), ValueError, "stop_token_ids"),
+    (lambda b, llm: b.SamplingParams(stop_token_ids=[2 ** 40]).validate(), ValueError, "stop_token_ids"),
+    (lambda b, llm: b.SamplingParams(block_length=2048).validate(), ValueError, "block_length"),
+    (lambda b, llm: llm.generate("x", b.SamplingParams(block_length=256, small_block_size=1)),
+     ValueError, "sub-blocks"),
+])
+def test_wrong_argument_types_and_values_are_clear_errors(llm, call, exc, match):
+    import bitdlm
+
+    with pytest.raises(exc, match=match):
+        call(bitdlm, llm)
+    assert llm.engine.num_waiting() + llm.engine.num_running() == 0  # nothing left queued
+
+
+def test_the_largest_block_request_leaves_its_neighbour_usable(llm):
+    """block_length 2048 + small_block_size 1 made a normal request beside it
+    290x slower; the largest allowed one now costs a bounded factor."""
+    import bitdlm
+
+    normal = bitdlm.SamplingParams(max_tokens=8, ignore_eos=True)
+    t0 = time.monotonic()
+    llm.generate(["def f("], normal)
+    alone = time.monotonic() - t0
+    big = bitdlm.SamplingParams(max_tokens=4, ignore_eos=True, block_length=256, small_block_size=8)
+    t0 = time.monotonic()
+    out = llm.generate(["def f(", "def g("], [normal, big])
+    both = time.monotonic() - t0
+    assert [g.finish_reason for g in out] == ["length", "length"]
+    assert both < 40 * alone + 5, (alone, both)
