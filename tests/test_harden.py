@@ -252,14 +252,14 @@ def _copy_packaged(dst):
     return dst
 
 
-def _rewrite(src, dst, change=None):
+def _rewrite(src, dst, change=None, **meta):
     """dst: src's tensors written anew by ModelWriter (valid header and crcs),
-    `change(name, array)` -> array applied first."""
+    `change(name, array)` -> array applied first, `meta` keys replaced."""
     from bitdlm.format import ModelFile, ModelWriter
 
     with ModelFile.open(src) as mf:
         specs = {t.name: (t.dtype, list(t.shape)) for t in mf.tensors.values()}
-        with ModelWriter(dst, mf.meta, specs, overwrite=True) as w:
+        with ModelWriter(dst, {**mf.meta, **meta}, specs, overwrite=True) as w:
             for t in mf.tensors.values():
                 a = mf.array(t.name).copy()
                 w.write(t.name, change(t.name, a) if change else a, scale=t.scale)
@@ -561,3 +561,90 @@ def test_the_largest_block_request_leaves_its_neighbour_usable(llm):
     both = time.monotonic() - t0
     assert [g.finish_reason for g in out] == ["length", "length"]
     assert both < 40 * alone + 5, (alone, both)
+
+
+# ---------------------------------------------------------------- items 4, 11, 13 on the server
+
+def _max_health_ms_while(base, work):
+    """Run work() in a thread; the slowest /health answer meanwhile (ms) and work's result."""
+    import threading
+
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", work()))
+    t.start()
+    worst = 0.0
+    while t.is_alive():
+        worst = max(worst, _health_ms(base))
+        time.sleep(0.02)
+    t.join()
+    return worst, box["r"]
+
+
+def test_a_looping_chat_template_gets_400_while_the_server_answers(tmp_path):
+    import httpx
+    from test_server import running_server
+
+    from bitdlm.tokenizer import RENDER_SECONDS
+
+    model = _rewrite(_copy_packaged(tmp_path / "src.bin"), tmp_path / "loop.bin",
+                     chat_template=HOSTILE_TEMPLATES["nested loops"])
+    with running_server(None, tmp_path / "server.log", cmd=[
+            sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(model), "--host",
+            "127.0.0.1", "--threads", "1", "--log-level", "warning"]) as srv:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+        def chat():
+            return httpx.post(srv.base + "/v1/chat/completions", json=body, timeout=60,
+                              trust_env=False)
+
+        t0 = time.monotonic()
+        worst, r = _max_health_ms_while(srv.base, chat)
+        assert r.status_code == 400 and "ran longer than" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < RENDER_SECONDS + 10
+        assert worst < 1000  # the render ran in the pool, not on the event loop
+        ok = httpx.post(srv.base + "/v1/completions", json={"prompt": "def f(", "max_tokens": 2},
+                        timeout=60, trust_env=False)
+        assert ok.status_code == 200
+        srv.proc.send_signal(__import__("signal").SIGTERM)  # stops at once (it did not)
+        assert srv.proc.wait(30) == 0
+
+
+def test_big_bodies_are_refused_or_parsed_without_stalling_the_loop(packaged_server):
+    import httpx
+
+    base = packaged_server.base
+    with httpx.Client(base_url=base, timeout=120, trust_env=False) as c:
+        huge = b'{"prompt": [' + b"5, " * (10 << 20) + b'5], "max_tokens": 1}'  # 30 MB
+        r = c.post("/v1/completions", content=huge, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413  # was parsed: /health stalled 2-7 s
+        rows = ",".join(["[" + ", ".join(["5"] * 1000) + "]"] * 2200)  # 6.6 MB of token lists
+        body = ('{"prompt": [' + rows + '], "max_tokens": 1}').encode()
+        assert len(body) < 8 << 20
+
+        def post():
+            return c.post("/v1/completions", content=body,
+                          headers={"Content-Type": "application/json"})
+
+        worst, r = _max_health_ms_while(base, post)
+        assert r.status_code == 429, r.text  # 2,200 prompts: more than the queue takes
+        assert worst < 2000, worst
+
+
+@pytest.mark.parametrize("route,payload", [
+    ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 2}'),
+    ("/v1/completions", '{"prompt": ["ok", "\\udfff"], "max_tokens": 2}'),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 2, "stop": ["\\udbff"]}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+    ("/v1/chat/completions",
+     '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}'),
+])
+def test_lone_surrogates_are_a_400_not_a_500(packaged_server, route, payload):
+    import httpx
+
+    r = httpx.post(packaged_server.base + route, content=payload, timeout=60, trust_env=False,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    pair = httpx.post(packaged_server.base + "/v1/completions", timeout=60, trust_env=False,
+                      content='{"prompt": "smile \\ud83d\\ude00", "max_tokens": 2}',
+                      headers={"Content-Type": "application/json"})
+    assert pair.status_code == 200, pair.text
