@@ -423,7 +423,7 @@ def test_docs_say_what_works_from_a_checkout(packaged_server):
     from bitdlm.data import default_model_path
     from bitdlm.format import ModelFile
 
-    for rel in ("README.md", "docs/scaling.md", "docs/server.md"):
+    for rel in ("README.md", "docs/scaling.md", "docs/server.md", "python/bitdlm/ray.py"):
         assert 'install "bitdlm[' not in _read(rel), rel  # bitdlm is not on PyPI: ".[ray]"
     readme = _read("README.md")
     apt = next(x for x in readme.splitlines() if "apt-get install" in x)
@@ -648,3 +648,65 @@ def test_lone_surrogates_are_a_400_not_a_500(packaged_server, route, payload):
                       content='{"prompt": "smile \\ud83d\\ude00", "max_tokens": 2}',
                       headers={"Content-Type": "application/json"})
     assert pair.status_code == 200, pair.text
+
+
+# ---------------------------------------------------------------- item 16, 22: Ray
+
+@pytest.mark.parametrize("address", ["127.0.0.1:PORT", "ray://127.0.0.1:PORT"])
+def test_an_unreachable_ray_address_is_one_line_at_once(address):
+    pytest.importorskip("ray")
+    from test_server import free_port
+
+    t0 = time.monotonic()
+    out = run_cli("serve", "--replicas", "1", "--threads", "1", "--ray-address",
+                  address.replace("PORT", str(free_port())), timeout=120, RAY_ADDRESS="")
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = [x for x in out.stderr.splitlines() if x.strip() and "bitdlm.ray" not in x]
+    assert "nothing answers there" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert lines[-1].startswith("bitdlm serve: cannot join Ray")
+    assert time.monotonic() - t0 < 60  # was ~200 s of silence
+
+
+def test_ray_launcher_start_errors_and_log_levels(monkeypatch, caplog):
+    """Ray warned about token auth at every start, a driver Ray refused got a
+    40-line traceback, and "serving ..." was a WARNING."""
+    import logging
+    import signal
+
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from bitdlm import serve_cli
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    import argparse
+
+    p = argparse.ArgumentParser()
+    serve_cli.add_args(p)
+    seen = {}
+
+    def refuse(**kw):
+        seen["auth"] = os.environ.get("RAY_AUTH_MODE")
+        raise ConnectionError("the cluster refused this driver\n" + "  detail\n" * 40)
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        serve_cli.ray_launcher.serve_with_ray(p.parse_args(["--replicas", "1", "--threads", "1"]))
+    assert seen["auth"] == "token"  # said explicitly: Ray does not warn
+    assert e.value.code == ("bitdlm serve: cannot start Ray (ConnectionError): the cluster "
+                            "refused this driver")
+    # a clean start and stop: the launcher's own lines are INFO, not WARNING
+    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64})
+    monkeypatch.setattr(serve, "start", lambda **kw: None)
+    monkeypatch.setattr(serve, "run", lambda *a, **kw: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    with caplog.at_level(logging.INFO, logger="bitdlm"):
+        rc = serve_cli.ray_launcher.serve_with_ray(p.parse_args(["--replicas", "1", "--threads", "1"]))
+    assert rc == 0
+    mine = [r for r in caplog.records if r.name == "bitdlm.ray"]
+    assert any("serving" in r.getMessage() for r in mine)
+    assert all(r.levelno == logging.INFO for r in mine), [(r.levelname, r.getMessage()) for r in mine]
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
