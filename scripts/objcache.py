@@ -6,7 +6,8 @@ then deletes the build tree's CMakeFiles/ (where CMake keeps the object files):
 README's two commands compiled the whole core twice. CMakeLists.txt runs each
 compile through this script (CMAKE_CXX_COMPILER_LAUNCHER), which looks the
 object up by the hash of the preprocessed source (`-E -P`: no line markers, so
-the per-install pybind11 path does not count) plus the flags that change code
+the per-install pybind11 path does not count, and __FILE__ in its headers is
+mapped to a fixed name) plus the flags that change code
 generation, in a cache folder outside CMakeFiles; a hit copies the object
 instead of compiling (~1 s of preprocessing instead of ~20-60 s). The same idea
 as ccache, which needs installing; with ccache on PATH CMakeLists.txt uses it.
@@ -15,6 +16,7 @@ as ccache, which needs installing; with ccache on PATH CMakeLists.txt uses it.
 """
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +33,10 @@ def main(argv) -> int:
         src = cmd[cmd.index("-c") + 1]
     except (ValueError, IndexError):  # not a plain compile (a link, a probe): run it
         return subprocess.call(cmd)
+    # pybind11's asserts embed __FILE__, which names the per-install build
+    # environment: map it to one fixed name so both the hash and the object agree
+    envs = sorted(set(re.findall(r"(/[^\s]*?/pip-build-env-[^/\s]+)", " ".join(cmd))))
+    cmd = cmd[:1] + [f"-fmacro-prefix-map={e}=/pip-build-env" for e in envs] + cmd[1:]
     key = hashlib.sha256()
     skip = False
     for a in cmd[1:]:
