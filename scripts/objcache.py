@@ -46,7 +46,7 @@ def main(argv) -> int:
         if a in _PATH_FLAGS:
             skip = True
             continue
-        if a == src or a.startswith(("-I", "-isystem", "-iquote")):
+        if a == src or a.startswith(("-I", "-isystem", "-iquote", "-fmacro-prefix-map=")):
             continue
         key.update(a.encode() + b"\0")
     key.update(os.path.basename(cmd[0]).encode())
