@@ -574,7 +574,7 @@ def test_serve_cli_refuses_bad_setups(tiny_model, monkeypatch, capsys):
 
     def fails(argv, match):
         with pytest.raises(SystemExit) as ei:
-            main(["serve"] + argv)
+            main(["serve", "--port", str(free_port())] + argv)  # the port is bound first
         err = capsys.readouterr().err
         assert ei.value.code == 2 and re.search(match, err), (ei.value.code, err)
 

@@ -77,7 +77,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         f"(default: {SHUTDOWN_TIMEOUT_S:g})")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking every tensor's crc32 and that float tensors are finite "
-                        "at start (the check reads the whole file: ~1 s per GB here)")
+                        "at start (the check reads the whole file: ~1 s per GB here; default: "
+                        "checked)")
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
                    help="seconds a client may take to send a request's head, and a request body "
                         "between two reads; then the connection is closed (slowloris; "
