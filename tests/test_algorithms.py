@@ -247,7 +247,7 @@ def test_engine_rejects_what_it_cannot_run(models):
     for kw, match in [(dict(top_p=1e-320), "top_p"), (dict(block_length=6, small_block_size=4), "small_block_size"),
                       (dict(generation_algorithm="steps", steps=1), "fewer than the 2 sub-blocks"),
                       (dict(block_length=4, small_block_size=8), "small_block_size"),
-                      (dict(block_length=10 ** 6), "context")]:
+                      (dict(block_length=10 ** 6), "block_length")]:
         with pytest.raises(ValueError, match=match):
             eng.add_request("r", [5, 6], SamplingParams(**kw))
         assert not eng.has_unfinished()

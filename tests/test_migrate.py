@@ -380,7 +380,7 @@ def test_old_serve_command_line_answers_generate_and_chat(tmp_path):
     import httpx
 
     from hf_models import convert_tiny
-    from test_server import client_for, running_server
+    from server_helpers import client_for, running_server
 
     model = convert_tiny(tmp_path)
     cmd = [sys.executable, str(ROOT / "scripts" / "serve_dlm_native.py"), "--model-path", str(model),

@@ -10,10 +10,8 @@ import os
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import contextlib  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -25,37 +23,11 @@ import openai  # noqa: E402
 import pytest  # noqa: E402
 from helpers import wait_until  # noqa: E402
 from hf_models import child_env  # noqa: E402
+from server_helpers import KEY, MAX_LEN, client_for, free_port, http, metric, running_server  # noqa: E402,F401
 
 pytestmark = pytest.mark.server
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "sk-test-bitdlm"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def client_for(base, key=KEY, **kw):
-    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60,
-                         http_client=openai.DefaultHttpxClient(trust_env=False), **kw)
-
-
-def http(base, key=KEY):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=base, headers=headers, timeout=60, trust_env=False)
-
-
-def metric(base, name, labels=""):
-    """Value of one Prometheus sample (0.0 when absent)."""
-    text = http(base).get("/metrics").text
-    pat = re.escape(name + (("{" + labels + "}") if labels else "")) + r" (\S+)$"
-    m = re.search("^" + pat, text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 # ------------------------------------------------------------- fake engine
 
 
@@ -267,47 +239,6 @@ def tiny_model(tmp_path_factory):
     from hf_models import convert_tiny
 
     return convert_tiny(tmp_path_factory.mktemp("tiny_serve"))
-
-
-MAX_LEN = 256
-
-
-@contextlib.contextmanager
-def running_server(model, log_path, max_len=MAX_LEN, extra=(), cmd=None):
-    """`python -m bitdlm.cli serve` on `model` (or `cmd` + --port); SIGTERM at the end."""
-    port = free_port()
-    env = child_env(OMP_NUM_THREADS=1)
-    if cmd is not None:
-        cmd = list(cmd) + ["--port", str(port)]
-    else:
-        cmd = [sys.executable, "-m", "bitdlm.cli", "serve", "--model", str(model),
-               "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--threads", "1",
-               "--max-batch", "16", "--max-queue", "32", "--max-model-len", str(max_len),
-               "--served-model-name", "tiny", "--log-level", "warning", "--profile", *extra]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        if proc.poll() is not None:
-            return True
-        try:
-            return httpx.get(base + "/health", timeout=1, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        assert wait_until(healthy, 60, 0.1) and proc.poll() is None, \
-            "server did not start:\n" + log_path.read_text()[-3000:]
-        yield type("Server", (), {"base": base, "proc": proc, "log": log_path})
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -576,7 +507,7 @@ def test_serve_cli_refuses_bad_setups(tiny_model, monkeypatch, capsys):
 
     def fails(argv, match):
         with pytest.raises(SystemExit) as ei:
-            main(["serve"] + argv)
+            main(["serve", "--port", str(free_port())] + argv)  # the port is bound first
         err = capsys.readouterr().err
         assert ei.value.code == 2 and re.search(match, err), (ei.value.code, err)
 

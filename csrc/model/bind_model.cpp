@@ -21,6 +21,13 @@ namespace {
 // `threads` is applied on the thread that calls forward, at every call:
 // OpenMP's nthreads-var is per thread, so setting it where the model was
 // loaded would not reach an engine thread that runs the forwards.
+// Most OpenMP threads a forward may use (llama.cpp's GGML_MAX_N_THREADS is
+// 512 too): 10^5 made libgomp fail to start its team (SIGSEGV) and 10^4 ran
+// 10^4 OS threads that never finished a step. Python checks first
+// (bitdlm._cpu.check_threads) with a friendlier message; this is the guard for
+// every other path, OMP_NUM_THREADS included.
+constexpr int kMaxThreads = 512;
+
 struct PyModel {
   std::unique_ptr<py::buffer_info> buf;
   std::unique_ptr<Model> model;
@@ -30,6 +37,7 @@ struct PyModel {
   void apply_threads() {
     const int n = threads.load();
     if (n > 0 && omp_get_max_threads() != n) omp_set_num_threads(n);
+    if (omp_get_max_threads() > kMaxThreads) omp_set_num_threads(kMaxThreads);  // OMP_NUM_THREADS=10^5
     forward_threads = omp_get_max_threads();
   }
 };
@@ -218,6 +226,9 @@ void register_model(py::module_& m) {
           "threads", [](PyModel& s) { return s.threads.load(); },
           [](PyModel& s, int n) {
             if (n < 0) throw std::invalid_argument("threads must be >= 0 (0 = the calling thread's OpenMP setting)");
+            if (n > kMaxThreads)
+              throw std::invalid_argument("threads must be <= " + std::to_string(kMaxThreads) + ", got " +
+                                          std::to_string(n));
             s.threads = n;
           },
           "OpenMP threads of every forward, set on the calling thread at the start of each call (0 = as set there)")

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import os
 
+# Most OpenMP threads a forward may use, as llama.cpp's GGML_MAX_N_THREADS
+# (the C++ core enforces the same bound): 10^5 crashed libgomp's team start and
+# 10^4 never finished a step. More threads than cores only adds barrier waits.
+MAX_THREADS = 512
+
 
 def physical_cores() -> int:
     """Physical cores this process may run on (SMT siblings counted once)."""
@@ -40,14 +45,14 @@ def other_load() -> float:
 
 
 def default_threads() -> int:
-    """OMP_NUM_THREADS if set, else the physical cores this process may run on (one
+    """OMP_NUM_THREADS if set (at most MAX_THREADS), else the physical cores this process may run on (one
     thread per core: SMT siblings only add barrier waits) less the cores other work
     keeps busy: a thread that shares its core with another process stalls every
     barrier of the forward (2 threads beside one busy process ran 6-70x slower than 1)."""
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
-        return int(env)
-    cores = physical_cores()
+        return min(int(env), MAX_THREADS)
+    cores = min(physical_cores(), MAX_THREADS)
     return max(1, cores - int(other_load() + 0.5))
 
 
@@ -64,3 +69,28 @@ def bound_openmp_spin(environ=os.environ) -> None:
     if not any(k in environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")):
         environ["GOMP_SPINCOUNT"] = SPIN_COUNT  # libgomp (GCC)
         environ["KMP_BLOCKTIME"] = "1"  # LLVM / Intel libomp: ms of spin (its default is 200)
+
+
+def check_threads(n, what: str = "threads") -> int:
+    """n as a thread count in [1, MAX_THREADS], else ValueError naming `what`."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        try:
+            import operator
+
+            n = operator.index(n)  # numpy integers; never floats or strings
+        except TypeError:
+            raise TypeError(f"{what} must be an integer, got {type(n).__name__}") from None
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{what} must be in [1, {MAX_THREADS}], got {n}")
+    return int(n)
+
+
+def threads_arg(text: str) -> int:
+    """argparse type of --threads: a clear usage error (exit 2) out of range."""
+    import argparse
+
+    try:
+        return check_threads(int(text), "--threads")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if text.strip().lstrip("-").isdigit()
+                                         else f"invalid int value: {text!r}") from None

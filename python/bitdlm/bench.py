@@ -39,7 +39,7 @@ SUB_BLOCK = 8   # sub-block size (Fast-dLLM v2 small_block_size)
 # ----------------------------------------------------------------------------- machine
 
 
-from ._cpu import physical_cores  # noqa: E402  (re-exported: bench callers use bitdlm.bench.physical_cores)
+from ._cpu import MAX_THREADS, physical_cores  # noqa: E402  (physical_cores re-exported: bench callers use bitdlm.bench.physical_cores)
 
 
 def machine_info() -> dict:
@@ -88,8 +88,8 @@ def parse_threads(text: str) -> list[int]:
         out = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
         raise argparse.ArgumentTypeError(f"--threads wants a comma list of integers, got {text!r}") from None
-    if not out or out[0] < 1:
-        raise argparse.ArgumentTypeError("--threads values must be >= 1")
+    if not out or out[0] < 1 or out[-1] > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"--threads values must be in [1, {MAX_THREADS}]")
     return out
 
 
@@ -359,6 +359,12 @@ def plot_threads(rows: list[dict], cores: int, path: str, title: str) -> None:
 def cmd_threads(args) -> int:
     from tqdm import tqdm
 
+    if args.model is None:
+        from .data import chosen_model_path as default_model_path
+
+        args.model = default_model_path()
+        if args.model is None:
+            raise SystemExit("bitdlm bench threads: no --model given and no packaged default model found")
     if not os.path.isfile(args.model):
         raise SystemExit(f"bitdlm bench threads: no such model file: {args.model}")
     cores = physical_cores()
@@ -407,7 +413,8 @@ def register_cli(subparsers) -> None:
                     "one fresh worker process per count (OMP_NUM_THREADS set before OpenMP starts). "
                     "Prints a table (ms per step, tokens/s, speedup, parallel efficiency); "
                     "--json and --plot also write the results.")
-    t.add_argument("--model", required=True, help="a bitdlm .bin model")
+    t.add_argument("--model", default=None,
+                   help="a bitdlm .bin model (default: $BITDLM_MODEL, else the packaged default model)")
     t.add_argument("--threads", type=parse_threads, default=None,
                    help="comma list, e.g. 1,2,4 (default: 1..physical cores, plus 2x cores)")
     t.add_argument("--reps", type=int, default=5, help="timed repetitions per phase")

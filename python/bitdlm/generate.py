@@ -5,6 +5,8 @@ import sys
 
 
 def register_cli(subparsers) -> None:
+    from ._cpu import threads_arg
+
     p = subparsers.add_parser("generate", help="generate text for one prompt",
                               description="Generate text for one prompt with Fast-dLLM v2 block diffusion "
                                           "(block size 1: plain autoregressive decoding).")
@@ -27,7 +29,7 @@ def register_cli(subparsers) -> None:
                    help="diffusion block size, 1 = autoregressive (default: the model's)")
     p.add_argument("--use-block-cache", action="store_true", help="sub-block cache (faster, approximate)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past EOS (benchmarking)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=threads_arg, default=None,
                    help="OpenMP threads for the forward (default: OMP_NUM_THREADS, else the physical cores)")
     p.add_argument("--stats", action="store_true", help="print forwards, tokens per forward and tok/s to stderr")
     p.add_argument("--stream", action="store_true", help="print text as soon as it is final")

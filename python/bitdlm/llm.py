@@ -1,7 +1,9 @@
 """Offline API: `LLM(model).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 
+import collections
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,12 +24,24 @@ class Generation:
 class LLM:
     """`LLM(model=None, threads=None)`: model is a `.bin` path, a loaded
     `bitdlm.model.Model`, or None for the default model (bitdlm.model.default_model_path():
-    $BITDLM_MODEL or the packaged one). `block_size` overrides the model's (1 = AR)."""
+    $BITDLM_MODEL or the packaged one). `block_size` overrides the model's (1 = AR).
+    `verify` checks every tensor's crc32 and that float tensors are finite at load.
+
+    One LLM may be shared by threads: its calls take turns (a lock around each
+    generate / generate_stream, held until the stream is exhausted or closed);
+    to decode in parallel, put the prompts in one generate() call, which batches
+    them. Interleaving a generate_stream with another call in the same thread
+    raises RuntimeError (it would steal the stream's outputs)."""
 
     def __init__(self, model=None, threads: int | None = None, max_batch: int = 16,
-                 block_size: int | None = None, kv_budget_gb: float | None = None, kv_dtype: str | None = None):
+                 block_size: int | None = None, kv_budget_gb: float | None = None, kv_dtype: str | None = None,
+                 verify: bool = True):
         from .engine import Engine
 
+        if not (model is None or isinstance(model, (str, os.PathLike))
+                or hasattr(model, "meta") and hasattr(model, "forward")):
+            raise TypeError(f"LLM(model=...) takes a .bin path, a bitdlm Model or None, "
+                            f"got {type(model).__name__}")
         if model is None or isinstance(model, (str, os.PathLike)):
             path = model
             if path is not None and not os.path.exists(path):
@@ -39,13 +53,28 @@ class LLM:
                 if path is None or not os.path.exists(path):
                     raise FileNotFoundError("no packaged default model is installed; pass a .bin path "
                                             "(LLM(model='model.bin') / --model)")
-            model = _model_mod.load(str(path), threads=threads, kv_budget_gb=kv_budget_gb, kv_dtype=kv_dtype)
+            model = _model_mod.load(os.fspath(path), threads=threads, kv_budget_gb=kv_budget_gb,
+                                    kv_dtype=kv_dtype, verify=verify)
         self.model = model
         from .tokenizer import model_tokenizer
 
         tok = model_tokenizer(model)
         self.tokenizer = tok
         self.engine = Engine(model, max_batch=max_batch, block_size=block_size, tokenizer=tok)
+        self._lock = threading.Lock()
+        self._owner = None  # the thread in a call
+
+    def _enter(self) -> None:
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError("this LLM is already generating in this thread (an unfinished "
+                               "generate_stream?): finish or close it first")
+        self._lock.acquire()
+        self._owner = me
+
+    def _exit(self) -> None:
+        self._owner = None
+        self._lock.release()
 
     # ---------------------------------------------------------------- prompts
     def _encode(self, prompt) -> list[int]:
@@ -73,6 +102,13 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | list | None = None) -> list[Generation]:
         """Generate for a prompt or a list of prompts (strings or token-id lists),
         all decoded together. Returns one Generation per prompt, in order."""
+        self._enter()
+        try:
+            return self._generate(prompts, params)
+        finally:
+            self._exit()
+
+    def _generate(self, prompts, params) -> list[Generation]:
         single = isinstance(prompts, str) or (
             isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts))
         plist = [prompts] if single else list(prompts)
@@ -84,24 +120,27 @@ class LLM:
             plist_params = list(params)
         else:
             plist_params = [params or SamplingParams()] * len(plist)
-        encoded = [self._encode(p) for p in plist]
         eng = self.engine
+        # everything that can be wrong with a prompt or its params, before any work
+        for sp in {id(sp): sp for sp in plist_params}.values():
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"params must be SamplingParams, got {type(sp).__name__}")
+            sp.validate()
+        encoded = [eng.check_prompt(self._encode(p)).tolist() for p in plist]
         ids = [f"gen-{uuid.uuid4().hex}" for _ in plist]
-        added = []
-        try:
-            for rid, enc, sp in zip(ids, encoded, plist_params):
-                eng.add_request(rid, enc, sp)
-                added.append(rid)
-        except Exception:
-            for rid in added:
-                eng.abort(rid)
-            self._drain(set(added))
-            raise
+        # requests enter the engine a window at a time as others finish: admission
+        # stays linear and memory bounded for 10^6 prompts, and decoding starts at once
+        backlog = collections.deque(zip(ids, encoded, plist_params))
+        window = max(4 * eng.max_batch, 64)
         t0 = time.perf_counter()
         acc = {rid: dict(ids=[], text=[], reason=None, forwards=0, t=None) for rid in ids}
-        todo = set(ids)
+        todo = set()
         try:
-            while todo:
+            while todo or backlog:
+                while backlog and len(todo) < window:
+                    rid, enc, sp = backlog.popleft()
+                    eng.add_request(rid, enc, sp)
+                    todo.add(rid)
                 for out in eng.step():
                     a = acc.get(out.request_id)
                     if a is None:
@@ -135,6 +174,13 @@ class LLM:
         """Yield text deltas for one prompt as soon as a contiguous prefix of the
         current block is final. The finished Generation is `.result` of the
         generator's StopIteration (use `yield from`), also kept in `self.last`."""
+        self._enter()
+        try:
+            return (yield from self._stream(prompt, params))
+        finally:
+            self._exit()
+
+    def _stream(self, prompt, params):
         eng = self.engine
         enc = self._encode(prompt)
         rid = f"gen-{uuid.uuid4().hex}"

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from . import _core
-from ._cpu import default_threads  # noqa: F401  (re-exported: bitdlm.model.default_threads)
+from ._cpu import check_threads, default_threads  # default_threads re-exported: bitdlm.model
 from .format import ModelFile
 
 # KV caches hold f16 by default: they halve the bytes attention reads per token
@@ -29,12 +29,9 @@ def default_kv_budget_bytes() -> int:
 
 def default_model_path():
     """$BITDLM_MODEL, else the model shipped in the package (bitdlm/data), else None."""
-    env = os.environ.get("BITDLM_MODEL")
-    if env:
-        return env
-    from .data import default_model_path as packaged
+    from .data import chosen_model_path
 
-    return packaged()
+    return chosen_model_path()
 
 
 class Model:
@@ -45,9 +42,7 @@ class Model:
         self.file = file
         self.meta = file.meta
         self.path = str(file.path)
-        self.threads = int(threads) if threads is not None else default_threads()
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = check_threads(threads) if threads is not None else default_threads()
         budget = default_kv_budget_bytes() if kv_budget_bytes is None else int(kv_budget_bytes)
         tensors = {t.name: (t.offset, t.dtype, list(t.shape), t.scale) for t in file.tensors.values()}
         self._core = _core.Model(file.buffer, self.meta, tensors, budget, kv_dtype or DEFAULT_KV_DTYPE)
@@ -130,15 +125,18 @@ class Model:
                 f"vocab={m['vocab_size']}, lm_head={m['quant']['lm_head']}, threads={self.threads})")
 
 
-def load(path, threads: int | None = None, kv_budget_gb: float | None = None, kv_dtype: str | None = None) -> Model:
+def load(path, threads: int | None = None, kv_budget_gb: float | None = None, kv_dtype: str | None = None,
+         verify: bool = False) -> Model:
     """Open a .bin model (mmap, header only) -> Model.
 
     threads: OpenMP threads of every forward, on whichever thread runs it (default:
     OMP_NUM_THREADS, else the physical cores available); kv_budget_gb: KV cache memory budget (default: a quarter of the RAM),
-    past which alloc_seq raises MemoryError; kv_dtype: "f16" (default) or "f32"."""
+    past which alloc_seq raises MemoryError; kv_dtype: "f16" (default) or "f32";
+    verify: check every tensor's crc32 and that float tensors are finite (reads
+    the whole file: ~1 s per GB here; `LLM()` and `serve` do it by default)."""
     if kv_budget_gb is not None and not kv_budget_gb >= 0:
         raise ValueError(f"kv_budget_gb must be >= 0, got {kv_budget_gb}")
-    f = ModelFile.open(path)
+    f = ModelFile.open(path, verify=verify)
     try:
         budget = None if kv_budget_gb is None else int(kv_budget_gb * (1 << 30))
         return Model(f, threads=threads, kv_budget_bytes=budget, kv_dtype=kv_dtype)

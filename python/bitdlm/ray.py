@@ -8,7 +8,7 @@ so the app is built inside the replica and never pickled. Ray's HTTP proxy
 spreads requests over the replicas and the controller restarts dead ones. See
 docs/scaling.md.
 
-Ray is an optional extra (`pip install "bitdlm[ray]"`): this module is imported
+Ray is an optional extra (`pip install ".[ray]"` from the checkout): this module is imported
 by the CLI for every `bitdlm serve` (bitdlm/serve_cli.py composes it with the
 server), so `ray` is imported only inside the functions that deploy (and, being
 absolute, `import ray` here is the package, not this module).
@@ -41,7 +41,8 @@ PID_HEADER = "x-bitdlm-pid"
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
     """The Ray flags of `bitdlm serve` (none of them given: the single-process server)."""
-    g = p.add_argument_group("scale out with Ray Serve (needs `pip install \"bitdlm[ray]\"`)")
+    g = p.add_argument_group("scale out with Ray Serve (needs Ray: `pip install \".[ray]\"` in the "
+                             "bitdlm checkout)")
     g.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="serve N replicas behind Ray Serve's HTTP proxy on --host/--port, each "
                         "its own engine on --threads cores (default: none, the single-process server; --threads then defaults to cores / N)")
@@ -80,6 +81,13 @@ def serve_with_ray(args) -> int | None:
     from ray import serve
 
     local = args.ray_address is None
+    if local:
+        # our private instance: token auth as Ray's default, said explicitly (else
+        # Ray warns about it at every start); an operator's RAY_AUTH_MODE wins
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    else:
+        log.info("joining the Ray cluster at %s", args.ray_address)
+        _check_reachable(args.ray_address)
     init = {"address": args.ray_address or "local", "log_to_driver": True,
             "logging_level": logging.WARNING}
     if local:
@@ -99,7 +107,13 @@ def serve_with_ray(args) -> int | None:
 
     on_signals()
     try:
-        ray.init(**init)
+        try:
+            ray.init(**init)
+        except Exception as e:  # refused driver, version mismatch, auth: one line, not 40
+            msg = str(e).strip().splitlines()
+            raise SystemExit(f"bitdlm serve: cannot {'start' if local else 'join'} Ray "
+                             f"{'' if local else 'at ' + args.ray_address + ' '}"
+                             f"({type(e).__name__}): {msg[0] if msg else ''}") from None
         on_signals()
         if local:  # replicas that cannot be placed would leave serve.run waiting forever
             cpus = ray.cluster_resources().get("CPU", 0)
@@ -111,11 +125,11 @@ def serve_with_ray(args) -> int | None:
         serve.start(http_options={"host": args.host, "port": args.port},
                     logging_config=_serve_logging(args))
         serve.run(application, name=APP_NAME, route_prefix="/")
-        log.warning("serving %s on http://%s:%d with Ray Serve (%s replicas x %d threads)",
+        log.info("serving %s on http://%s:%d with Ray Serve (%s replicas x %d threads)",
                     _served_name(args), args.host, args.port, _replica_desc(args),
                     _threads(args))
         stop.wait()
-        log.warning("shutting down")
+        log.info("shutting down")
     finally:
         try:
             if not ray.is_initialized():
@@ -127,6 +141,28 @@ def serve_with_ray(args) -> int | None:
         finally:
             ray.shutdown()
     return 0
+
+
+# How long the driver waits for a TCP answer from --ray-address before giving up
+# (ray.init itself retried silently for ~200 s where nothing listens).
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str) -> None:
+    """SystemExit with one line when nothing answers at a host:port address
+    (`auto` and `local` are left to ray.init, which fails fast for them)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    if address in ("auto", "local") or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"bitdlm serve: cannot join Ray at {address}: nothing answers there "
+                         f"within {CONNECT_TIMEOUT_S:g} s ({getattr(e, 'strerror', None) or e})") from None
 
 
 def _served_name(args):
@@ -230,7 +266,7 @@ def _application(args):
         from ray import serve
     except ImportError:
         raise SystemExit("bitdlm serve --replicas: Ray is not installed "
-                         '(pip install "bitdlm[ray]")')
+                         '(pip install ".[ray]" in the bitdlm checkout, or pip install "ray[serve]")')
 
     autoscale = args.min_replicas is not None
     n = _initial_replicas(args)

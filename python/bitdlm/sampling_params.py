@@ -20,6 +20,14 @@ from . import decoding
 # The one greedy constant: the engine reads temperatures through effective_temperature().
 GREEDY_BELOW = 1e-5
 
+# Largest per-request block_length, and most sub-blocks per block: a step of a
+# request computes up to a whole block, and every request of the batch waits
+# for it (block_length 2048 with small_block_size 1 took 32 s for 4 tokens and
+# made its neighbour 290x slower). 256 is 8x the block size Fast-dLLM v2 models
+# are trained with. docs/server.md "Limits".
+MAX_BLOCK_LENGTH = 256
+MAX_SUB_BLOCKS = 32
+
 
 class SamplingParamError(ValueError):
     """A bad sampling value; `param` names the field (the HTTP error's `param`)."""
@@ -118,12 +126,19 @@ class SamplingParams:
                                                   or self.small_block_size < 1):
             bad("small_block_size",
                 f"small_block_size must be a positive integer, got {self.small_block_size!r}")
-        if self.block_length is not None and (not _is_int(self.block_length) or self.block_length < 1):
-            bad("block_length", f"block_length must be a positive integer, got {self.block_length!r}")
+        if self.block_length is not None and (not _is_int(self.block_length)
+                                              or not 1 <= self.block_length <= MAX_BLOCK_LENGTH):
+            bad("block_length", f"block_length must be an integer in [1, {MAX_BLOCK_LENGTH}], "
+                f"got {self.block_length!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                bad(name, f"{name} must be a bool, got {getattr(self, name)!r}")
         stops = self.stop_list()
         if not all(isinstance(s, str) and s for s in stops):
             bad("stop", "stop must be a non-empty string or a list of non-empty strings")
-        if self.stop_token_ids is not None and not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+        if self.stop_token_ids is not None and (
+                not isinstance(self.stop_token_ids, (list, tuple))
+                or not all(_is_int(t) and 0 <= t < 1 << 31 for t in self.stop_token_ids)):
             bad("stop_token_ids", "stop_token_ids must be a list of token ids")
         if not isinstance(self.use_block_cache, bool):
             bad("use_block_cache", f"use_block_cache must be a bool, got {self.use_block_cache!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from . import ray as ray_launcher  # imports Ray itself only for --replicas
 from .server import cli as server_cli
@@ -36,7 +37,13 @@ def register_cli(subparsers) -> None:
 
 def cmd_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    rc = ray_launcher.serve_with_ray(args)  # None: no Ray flag given
+    try:
+        rc = ray_launcher.serve_with_ray(args)  # None: no Ray flag given
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)  # a one-line setup error: status 2, as docs/server.md says
+        return 2
     if rc is not None:
         return int(rc)
     return server_cli.serve(args)

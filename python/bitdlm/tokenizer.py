@@ -5,7 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from datetime import datetime
+
+# Bounds of one chat-template render. A template comes with the model and is
+# code: one that loops (range(10^5) inside range(10^5)) froze the server on a
+# single chat request. Past these the render stops with ChatTemplateLimitError
+# (the server answers 400). docs/server.md "Limits".
+RENDER_SECONDS = 2.0
+RENDER_CHARS = 1 << 25  # output, and any one string / list the template builds
+
+
+class ChatTemplateLimitError(ValueError):
+    """A chat template that ran past RENDER_SECONDS or built more than RENDER_CHARS."""
 
 
 class TokenizerMismatchError(ValueError):
@@ -200,14 +213,14 @@ class Tokenizer:
             self._template = compiled
         ctx = dict(bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         ctx.update(kwargs)
-        text = compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **ctx)
+        text = _render_bounded(compiled, dict(messages=list(messages),
+                                              add_generation_prompt=add_generation_prompt, **ctx))
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     @staticmethod
     def _compile(template: str):
         from jinja2 import TemplateError
         from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
             raise TemplateError(message)
@@ -219,7 +232,7 @@ class Tokenizer:
         def strftime_now(fmt):
             return datetime.now().strftime(fmt)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = _bounded_env_class()(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = strftime_now
@@ -228,6 +241,148 @@ class Tokenizer:
     # ----------------------------------------------- incremental decoding
     def detokenizer(self, prompt_ids=None, skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
+
+
+def _too_big(x) -> bool:
+    return isinstance(x, (str, list, tuple, dict)) and len(x) > RENDER_CHARS
+
+
+def _render_bounded(compiled, ctx: dict) -> str:
+    """compiled.render(**ctx) within RENDER_SECONDS and RENDER_CHARS. A trace
+    function (on this thread only, while the template renders) checks the
+    clock at every call and every template line, so any loop stops at the
+    deadline; the output is counted as it is produced; _BoundedEnvironment
+    bounds what one C-level operation may build."""
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def local(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise ChatTemplateLimitError(f"the chat template ran longer than {RENDER_SECONDS:g} s")
+        return local
+
+    def on_call(frame, event, arg):
+        local(frame, event, arg)
+        return local if frame.f_code.co_filename == "<template>" else None
+
+    old = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        out, n = [], 0
+        for piece in compiled.generate(**ctx):
+            n += len(piece)
+            if n > RENDER_CHARS:
+                raise ChatTemplateLimitError(f"the chat template rendered more than {RENDER_CHARS} "
+                                             "characters")
+            out.append(piece)
+    finally:
+        sys.settrace(old)
+    return "".join(out)
+
+
+def _check_size(what, x):
+    if _too_big(x):
+        raise ChatTemplateLimitError(f"the chat template built a value over {RENDER_CHARS} "
+                                     f"items ({what})")
+    return x
+
+
+def _check_call(name, fn, args, kwargs):
+    """Refuse calls that would build a huge value in one C call: a width or
+    count argument past RENDER_CHARS (center, ljust, indent, zfill, ...), a
+    replace() whose result would be too long; then check the result's size."""
+    if any(isinstance(a, int) and abs(a) > RENDER_CHARS for a in (*args, *kwargs.values())):
+        raise ChatTemplateLimitError(f"the chat template passes a too large number to {name}")
+    if name in ("format", "%") and args and isinstance(args[0], str):
+        _no_huge_width(args[0])
+    if name == "replace" and len(args) >= 3 and all(isinstance(a, str) for a in args[:3]):
+        s, old, new = args[:3]
+        if len(s) + (s.count(old) if old else len(s) + 1) * (len(new) - len(old)) > RENDER_CHARS:
+            raise ChatTemplateLimitError("the chat template builds a too long string (replace)")
+    return _check_size(name, fn(*args, **kwargs))
+
+
+def _bounded_env_class():
+    import functools
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """The sandbox with size checks on what one operation builds in C,
+        out of reach of _render_bounded's clock (`"x" * 10**10`, `10 ** 10 ** 9`,
+        `s ~ s` doubling, `s|replace("", s)` squaring, `"{:>9999999999}".format`):
+        binary operators, calls, filters and `~`."""
+
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.filters = {k: self._bounded_filter(k, f) for k, f in self.filters.items()}
+
+        def _bounded_filter(self, name, fn):
+            wrapped = functools.partial(self._filter, name, fn)
+            if getattr(fn, "jinja_pass_arg", None) is not None:
+                wrapped.jinja_pass_arg = fn.jinja_pass_arg  # jinja reads it off the filter
+            return wrapped
+
+        @staticmethod
+        def _filter(name, fn, *args, **kwargs):
+            # a filter marked pass_context / pass_eval_context / pass_environment gets that first
+            skip = 1 if getattr(fn, "jinja_pass_arg", None) is not None else 0
+            return _check_call(name, lambda *a, **k: fn(*args[:skip], *a, **k), args[skip:], kwargs)
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                    and abs(left) > 1 and right * abs(left).bit_length() > 8 * RENDER_CHARS:
+                raise ChatTemplateLimitError("the chat template computes a too large power")
+            if operator == "*":
+                for seq, k in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(k, int) \
+                            and len(seq) * k > RENDER_CHARS:
+                        raise ChatTemplateLimitError("the chat template builds a too long sequence")
+            if operator == "%" and isinstance(left, str):
+                _no_huge_width(left)
+            return _check_size(operator, super().call_binop(context, operator, left, right))
+
+        def wrap_str_format(self, value):
+            if getattr(value, "__name__", None) in ("format", "format_map") \
+                    and isinstance(getattr(value, "__self__", None), str):
+                _no_huge_width(value.__self__)
+            return super().wrap_str_format(value)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            name = getattr(__obj, "__name__", "a call")
+            base = super(BoundedEnvironment, __self).call
+            if isinstance(getattr(__obj, "__self__", None), str):  # checked as the filter of that name
+                return _check_call(name, lambda *a, **k: base(__context, __obj, *a[1:], **k),
+                                   (__obj.__self__, *args), kwargs)
+            return _check_call(name, lambda *a, **k: base(__context, __obj, *a, **k), args, kwargs)
+
+        def from_string(self, source, *args, **kwargs):
+            tpl = super().from_string(source, *args, **kwargs)
+            # `~` compiles to the runtime's str_join / markup_join, looked up in
+            # the template module's globals: bound them there
+            g = tpl.root_render_func.__globals__
+            for join in ("str_join", "markup_join"):
+                if join in g:
+                    g[join] = functools.partial(_bounded_join, g[join])
+            return tpl
+
+    return BoundedEnvironment
+
+
+def _bounded_join(join, seq):
+    seq = list(seq)
+    if sum(len(x) for x in seq if isinstance(x, str)) > RENDER_CHARS:
+        raise ChatTemplateLimitError("the chat template builds a too long string (~)")
+    return join(seq)
+
+
+def _no_huge_width(fmt: str) -> None:
+    """A printf / str.format spec with a width or precision past RENDER_CHARS."""
+    import re
+
+    if any(int(d) > RENDER_CHARS for d in re.findall(r"\d{8,}", fmt)):
+        raise ChatTemplateLimitError("the chat template formats with a too large width")
 
 
 class IncrementalDetokenizer:

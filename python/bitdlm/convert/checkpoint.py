@@ -59,6 +59,13 @@ class SafetensorsFile:
                 if count * np.dtype(_ST_DTYPES[dtype]).itemsize != t - s:
                     raise ConversionError(f"{path}: tensor {short_repr(name)} size does not match its shape")
                 self.entries[name] = (dtype, tuple(shape), base + s, count)
+            # tensors sharing bytes: a corrupted or hand-made file (safetensors forbids it)
+            spans = sorted((off, off + c * np.dtype(_ST_DTYPES[d]).itemsize, k)
+                           for k, (d, _shape, off, c) in self.entries.items())
+            for (_a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
+                if b0 < a1:
+                    raise ConversionError(f"{path}: tensors {short_repr(an)} and {short_repr(bn)} "
+                                          "overlap (corrupted safetensors file)")
         except BaseException:
             self._f.close()
             raise

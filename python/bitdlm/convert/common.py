@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -65,12 +66,32 @@ def signals_unwind():
             signal.signal(sig, h)
 
 
-def check_output(out_path: Path, force: bool) -> None:
-    """The output path can take a new file (before any work is done)."""
+def check_output(out_path: Path, force: bool, hf_dir: Path | None = None) -> None:
+    """The output path can take a new file (before any work is done): never a
+    directory, a device / FIFO / socket (even with --force: `--force` onto
+    /dev/full replaced the device node with a file), or a file of the input
+    checkpoint (`bitdlm convert hf hf/model.safetensors --force` destroyed it)."""
     if out_path.is_dir():
         raise ConversionError(f"output {out_path} is a directory")
-    if out_path.exists() and not force:
-        raise ConversionError(f"output {out_path} already exists (use --force to overwrite)")
+    if out_path.exists():
+        if not force:
+            raise ConversionError(f"output {out_path} already exists (use --force to overwrite)")
+        if not out_path.is_file():
+            raise ConversionError(f"output {out_path} exists and is not a regular file (a device, "
+                                  "FIFO or socket): refusing to replace it, even with --force")
+        if hf_dir is not None and hf_dir.is_file():  # an SGLBITNT / GGUF input
+            if os.path.samefile(hf_dir, out_path):
+                raise ConversionError(f"output {out_path} is the file being converted: refusing to "
+                                      "overwrite the input")
+        elif hf_dir is not None and hf_dir.is_dir():
+            for f in hf_dir.iterdir():
+                try:
+                    same = f.is_file() and os.path.samefile(f, out_path)
+                except OSError:
+                    same = False
+                if same:
+                    raise ConversionError(f"output {out_path} is {f.name} of the checkpoint being "
+                                          "converted: refusing to overwrite the input")
     if not out_path.parent.is_dir():
         raise ConversionError(f"output directory {out_path.parent} does not exist")
 

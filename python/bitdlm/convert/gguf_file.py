@@ -195,7 +195,7 @@ def convert_report(path, out_path, *, tokenizer=None, lm_head="f16", force=False
     """Convert the GGUF file `path` into the bitdlm `.bin` `out_path`; the summary of
     hf.convert_report (settings: the same keyword arguments)."""
     path, out_path = Path(path), Path(out_path)
-    check_options(out_path, force, lm_head)
+    check_options(out_path, force, lm_head, path)
     try:
         import gguf
     except ImportError:

@@ -51,7 +51,7 @@ def convert_report(hf_dir, out_path, *, lm_head="f16", force=False, **settings) 
         raise ConversionError(f"{hf_dir}: no such directory")
     if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir} is not a directory (expected a Hugging Face checkpoint folder)")
-    check_options(out_path, force, lm_head)
+    check_options(out_path, force, lm_head, hf_dir)
     cfg = read_json(hf_dir / "config.json", True)
     # a non-UTF-8 directory name decodes with surrogate escapes: not storable as UTF-8
     origin = {"converter": "bitdlm convert", "hf_dir": os.fsencode(hf_dir.resolve()).decode("utf-8", "replace")}
@@ -59,9 +59,9 @@ def convert_report(hf_dir, out_path, *, lm_head="f16", force=False, **settings) 
                  force=force, **settings)
 
 
-def check_options(out_path: Path, force: bool, lm_head: str) -> None:
-    """What every converter checks before reading its input."""
-    check_output(out_path, force)
+def check_options(out_path: Path, force: bool, lm_head: str, source: Path | None = None) -> None:
+    """What every converter checks before reading its input (`source`: never overwritten)."""
+    check_output(out_path, force, source)
     if lm_head not in ("f16", "i8"):
         raise ConversionError(f"--lm-head must be f16 or i8, got {lm_head!r}")
 

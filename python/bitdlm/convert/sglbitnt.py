@@ -237,7 +237,7 @@ def convert_report(path, out_path, *, tokenizer=None, lm_head="f16", force=False
     """Convert the SGLBITNT v1 file `path` into the bitdlm `.bin` `out_path`; the
     summary of hf.convert_report (settings: the same keyword arguments)."""
     path, out_path = Path(path), Path(out_path)
-    check_options(out_path, force, lm_head)
+    check_options(out_path, force, lm_head, path)
     tok_dir = tokenizer_dir(path, tokenizer)
     src = SglbitntFile(path)
     origin = {"converter": f"bitdlm convert (SGLBITNT v1, {src.dialect})",

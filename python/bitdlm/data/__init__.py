@@ -7,6 +7,7 @@ It lets `bitdlm generate` / `bitdlm serve` work offline without --model.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "tiny-bitdlm.bin"
@@ -18,3 +19,9 @@ def default_model_path() -> str | None:
     without it). Rebuild it with scripts/train_gpu.sh (docs/tiny_model.md)."""
     path = Path(__file__).resolve().parent / DEFAULT_MODEL_NAME
     return str(path) if path.is_file() else None
+
+
+def chosen_model_path() -> str | None:
+    """$BITDLM_MODEL, else the model shipped in the package, else None: the model a
+    command uses when given none (a leaf module, so format/ and model.py both use it)."""
+    return os.environ.get("BITDLM_MODEL") or default_model_path()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import decoding
-from ..sampling_params import SamplingParams
+from ..sampling_params import MAX_SUB_BLOCKS, SamplingParamError, SamplingParams
 from .output_processor import OutputProcessor, RequestOutput, make_output, text_state
 from .request_state import BlockConfig, RequestState
 from .scheduler import Scheduler
@@ -88,19 +88,8 @@ class Engine:
         rid = str(request_id)
         if self.scheduler.has(rid):
             raise ValueError(f"request id {rid!r} is already in use")
-        try:
-            prompt = np.asarray(list(prompt_ids), dtype=np.int64)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"prompt_ids must be a list of token ids: {e}") from None
-        if prompt.ndim != 1 or prompt.size == 0:
-            raise ValueError("empty prompt")
-        if prompt.min() < 0 or prompt.max() >= self.vocab:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
-        if self.mask_id is not None and (prompt == self.mask_id).any():
-            raise ValueError("the prompt contains the mask token")
+        prompt = self.check_prompt(prompt_ids)
         P = int(prompt.size)
-        if P >= self.max_len:
-            raise ValueError(f"prompt of {P} tokens leaves no room in the context of {self.max_len} tokens")
         bs = self.block_size if params.block_length is None else int(params.block_length)
         if bs > self.max_len:
             raise ValueError(f"block_length {bs} exceeds the context of {self.max_len} tokens")
@@ -114,6 +103,10 @@ class Engine:
             sbs = self.default_sbs if bs % self.default_sbs == 0 else bs
         if bs % sbs:
             raise ValueError(f"small_block_size {sbs} must divide the block size {bs}")
+        if bs // sbs > MAX_SUB_BLOCKS:
+            raise SamplingParamError("small_block_size", f"small_block_size {sbs} cuts the block of "
+                                     f"{bs} into {bs // sbs} sub-blocks, more than {MAX_SUB_BLOCKS}: "
+                                     f"use at least {-(-bs // MAX_SUB_BLOCKS)}")
         if params.stop_list() and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this engine has none")
         thr = self.default_threshold if params.threshold is None else float(params.threshold)
@@ -133,6 +126,24 @@ class Engine:
                            text=text_state(self.tokenizer, prompt.tolist(), params),
                            nfull=P // bs * bs, t0=time.perf_counter())
         self.scheduler.add(seq)
+
+    def check_prompt(self, prompt_ids) -> np.ndarray:
+        """The prompt as int64 ids, or ValueError: not integers, empty, out of the
+        vocabulary, holding the mask token, or leaving no room in the context."""
+        try:
+            prompt = np.asarray(list(prompt_ids), dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as e:  # 10**30 overflows int64
+            raise ValueError(f"prompt_ids must be a list of token ids: {e}") from None
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise ValueError("empty prompt")
+        if prompt.min() < 0 or prompt.max() >= self.vocab:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
+        if self.mask_id is not None and (prompt == self.mask_id).any():
+            raise ValueError("the prompt contains the mask token")
+        if prompt.size >= self.max_len:
+            raise ValueError(f"prompt of {prompt.size} tokens leaves no room in the context of "
+                             f"{self.max_len} tokens")
+        return prompt
 
     def abort(self, request_id: str) -> None:
         """Drop a request and free its cache at once; the next step() reports it."""

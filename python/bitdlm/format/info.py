@@ -47,6 +47,14 @@ def describe(mf: ModelFile, show_tensors: bool = True) -> str:
 
 
 def _cmd_info(args) -> int:
+    if args.model is None:  # as generate and serve: $BITDLM_MODEL, else the packaged model
+        from ..data import chosen_model_path as default_model_path
+
+        args.model = default_model_path()
+        if args.model is None:
+            print("bitdlm info: error: no model given and no packaged default model found",
+                  file=sys.stderr)
+            return 2
     try:
         with ModelFile.open(args.model, verify=args.verify) as mf:
             print(describe(mf, show_tensors=not args.summary))
@@ -60,7 +68,9 @@ def _cmd_info(args) -> int:
 
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("info", help="print a .bin model's metadata and tensor sizes")
-    p.add_argument("model", help="path to a bitdlm .bin file")
-    p.add_argument("--verify", action="store_true", help="also check every tensor's crc32")
+    p.add_argument("model", nargs="?", default=None,
+                   help="path to a bitdlm .bin file (default: $BITDLM_MODEL, else the packaged "
+                        "default model)")
+    p.add_argument("--verify", action="store_true", help="also check every tensor's crc32 and that float tensors are finite")
     p.add_argument("--summary", action="store_true", help="totals per dtype only, no tensor list")
     p.set_defaults(func=_cmd_info)

@@ -36,16 +36,22 @@ class ModelFile:
             raise ModelFormatError(f"{path} is a directory, not a bitdlm .bin file "
                                    "(a Hugging Face checkpoint needs `bitdlm convert` first)")
         try:
-            f = open(path, "rb")
+            # O_NONBLOCK: open(2) of a FIFO waits for a writer (`info`, `load` and
+            # `serve` hung forever on one); the type is checked right after
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise ModelFormatError(f"{path}: no such model file") from None
         except OSError as e:
             raise ModelFormatError(f"{path}: cannot open: {e.strerror or e}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                    or stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "special")
+            raise ModelFormatError(f"{path}: not a regular file ({kind}): a model must be a .bin file")
+        f = os.fdopen(fd, "rb")
         mm = None
         try:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ModelFormatError(f"{path}: not a regular file")
             size = st.st_size
             head = f.read(16)
             if head[:len(MAGIC)] != MAGIC[:len(head)]:
@@ -85,12 +91,16 @@ class ModelFile:
         return {t.name: (t.offset, t.dtype, tuple(t.shape), t.scale) for t in self.tensors.values()}
 
     def verify(self) -> None:
-        """Check the crc32 of every tensor's data (reads the whole file) and that
-        the embedded tokenizer loads and fits the vocabulary."""
+        """Check the crc32 of every tensor's data (reads the whole file), that no
+        float tensor holds NaN / Inf, and that the embedded tokenizer loads and
+        fits the vocabulary."""
         for t in self.tensors.values():
             crc = zlib.crc32(memoryview(self.buffer)[t.offset:t.offset + t.nbytes])
             if t.crc32 is not None and crc != t.crc32:
                 raise ModelFormatError(f"{self.path}: tensor {t.name!r} is corrupted (crc32 mismatch)")
+            if t.dtype in ("f16", "f32") and not _all_finite(self.array(t.name)):
+                # a NaN norm or an Inf embedding row gave empty answers that "stop"
+                raise ModelFormatError(f"{self.path}: tensor {t.name!r} holds NaN or Inf values")
         try:
             check_tokenizer(self.meta)
         except ModelFormatError as e:
@@ -119,6 +129,16 @@ class ModelFile:
 
     def __repr__(self):
         return f"ModelFile({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN / Inf in a float array: its exponent bits are not all ones (an
+    integer test, 2-3x faster than np.isfinite on f16); row blocks bound the
+    temporary memory."""
+    bits, mask = (a.view(np.uint16), 0x7C00) if a.dtype.itemsize == 2 else (a.view(np.uint32), 0x7F800000)
+    flat = bits.reshape(-1)
+    step = 1 << 22
+    return all(not ((flat[i:i + step] & mask) == mask).any() for i in range(0, flat.size, step))
 
 
 def _foreign_hint(head: bytes) -> str:

@@ -110,6 +110,7 @@ class ModelWriter:
             raise FileExistsError(f"{self.path} is a directory")
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} already exists")
+        self._overwrite = overwrite
         try:
             self.meta = json.loads(json.dumps(meta))  # a frozen copy: the header size is reserved now
         except (ValueError, TypeError) as e:
@@ -208,7 +209,7 @@ class ModelWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self._tmp, self.path)
+        self._publish()
         _LIVE_TEMPS.discard(self._tmp)
         try:  # make the rename itself durable
             dfd = os.open(self.path.parent, os.O_RDONLY)
@@ -220,6 +221,28 @@ class ModelWriter:
             pass
         self._done = True
         return self.path
+
+    def _publish(self) -> None:
+        """Rename the temporary file onto `path`. Without `overwrite`, never over
+        a file that appeared meanwhile (two converts to one new output both
+        exited 0 and the later silently won): link(2) fails if `path` exists."""
+        if self._overwrite:
+            if self.path.exists() and not self.path.is_file():
+                raise FileExistsError(f"{self.path} is not a regular file: not replaced")
+            os.replace(self._tmp, self.path)
+            return
+        try:
+            os.link(self._tmp, self.path)
+        except FileExistsError:
+            raise FileExistsError(f"{self.path} was created by someone else while this file was "
+                                  "written (another convert to the same output?); not overwritten "
+                                  "(use --force to overwrite)") from None
+        except OSError:  # a file system without hard links: best effort
+            if self.path.exists():
+                raise FileExistsError(f"{self.path} already exists") from None
+            os.replace(self._tmp, self.path)
+            return
+        self._tmp.unlink()
 
     def abort(self) -> None:
         if not self._done:

@@ -8,12 +8,18 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+
+from .http import HEADER_TIMEOUT_S
 
 log = logging.getLogger("bitdlm.server")
 
 SHUTDOWN_TIMEOUT_S = 10.0  # --shutdown-timeout default
+MODEL_WATCH_S = 0.5        # how often the served model file is checked for in-place changes
+MODEL_CHANGED_EXIT = 3     # exit status when it was
 FLUSH_TIMEOUT_S = 5.0      # after that, time for the final 503s / [DONE]s to reach clients
 
 
@@ -26,7 +32,7 @@ def add_serve_args(p: argparse.ArgumentParser, old_spellings: bool = False) -> N
     """The flags of `bitdlm serve` (shared with scripts/serve_dlm_native.py, which
     passes old_spellings: the users' old servers' `--model-path`, `-m`, `-p`, `-h`
     (host), `--max-sequences` as aliases; its parser then has no -h for help)."""
-    from .._cpu import default_threads
+    from .._cpu import MAX_THREADS, default_threads, threads_arg
     from .config import MAX_BODY_BYTES
 
     def old(*names):
@@ -42,10 +48,10 @@ def add_serve_args(p: argparse.ArgumentParser, old_spellings: bool = False) -> N
     p.add_argument("--host", *old("-h"), default="127.0.0.1",
                    help="bind address: 127.0.0.1 accepts clients of this machine only; 0.0.0.0 accepts "
                         "remote ones (then set --api-key) (default: 127.0.0.1)")
-    p.add_argument("--port", *old("-p"), type=int, default=8000, help="TCP port (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OpenMP threads of every forward, applied on the engine thread that runs "
-                        f"them (default: $OMP_NUM_THREADS, else the physical cores: "
+    p.add_argument("--port", *old("-p"), type=int, default=8000, help="TCP port, 1-65535 (default: %(default)s)")
+    p.add_argument("--threads", type=threads_arg, default=None,
+                   help=f"OpenMP threads of every forward, at most {MAX_THREADS}, applied on the "
+                        "engine thread that runs them (default: $OMP_NUM_THREADS, else the physical cores: "
                         f"{default_threads()} here)")
     p.add_argument("--block-size", type=int, default=None,
                    help="diffusion block size, 1 = autoregressive (default: the model's)")
@@ -86,6 +92,14 @@ def add_serve_args(p: argparse.ArgumentParser, old_spellings: bool = False) -> N
                    help="on SIGTERM/SIGINT, seconds in-flight requests may still run before they "
                         "are ended with a 503; new requests get 503 meanwhile "
                         f"(default: {SHUTDOWN_TIMEOUT_S:g})")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking every tensor's crc32 and that float tensors are finite "
+                        "at start (the check reads the whole file: ~1 s per GB here; default: "
+                        "checked)")
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                   help="seconds a client may take to send a request's head, and a request body "
+                        "between two reads; then the connection is closed (slowloris; "
+                        f"default: {HEADER_TIMEOUT_S:g})")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="server and uvicorn logging (default: info)")
@@ -104,9 +118,10 @@ def fail(msg: str):
 def check_args(args) -> None:
     """The checks of the server flags that need no model; raises UsageError. Called by
     build_from_args, and by the Ray driver before Ray starts."""
-    for name in ("max_batch", "port"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_batch < 1:
+        raise UsageError("--max-batch must be >= 1")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [1, 65535], got {args.port}")
     if args.max_queue < 0:
         raise UsageError("--max-queue must be >= 0")
     for name in ("threads", "block_size", "small_block_size", "max_model_len"):
@@ -123,6 +138,32 @@ def check_args(args) -> None:
         raise UsageError("--default-max-tokens must be >= 1")
     if args.mask_token_id is not None and args.mask_token_id < 0:
         raise UsageError("--mask-token-id must be >= 0")
+    if not 0 < getattr(args, "header_timeout", HEADER_TIMEOUT_S) < float("inf"):
+        raise UsageError("--header-timeout must be > 0")
+
+
+def listen(host: str, port: int):
+    """The listening socket, bound before the model loads: a port in use is a
+    setup error (one line, exit 2, as docs/server.md says) found at once."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    sock.set_inheritable(True)
+    return sock
 
 
 def _resolve_model_path(path):
@@ -161,7 +202,8 @@ def build_from_args(args):
     from ..model import load
 
     try:
-        model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb)
+        model = load(path, threads=args.threads, kv_budget_gb=args.kv_budget_gb,
+                     verify=getattr(args, "verify", True))
     except (OSError, ValueError) as e:  # missing file, bad format (ModelFormatError)
         fail(f"cannot load {path}: {e}")
     if getattr(args, "profile", False):
@@ -215,22 +257,51 @@ def _server_class():
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn with our shutdown: the first SIGTERM/SIGINT refuses new
+        """uvicorn with our shutdown: the first SIGTERM/SIGINT/SIGHUP refuses new
         requests (503) while in-flight ones run for up to `shutdown_timeout`
         seconds; then what is left is ended with the documented 503 (JSON, or
         an SSE error event + [DONE]) and the process exits 0. A second signal
         exits at once."""
 
-        def __init__(self, config, engine_loop, shutdown_timeout):
+        def __init__(self, config, engine_loop, shutdown_timeout, model_file=None):
             super().__init__(config)
             self.engine_loop = engine_loop
             self.shutdown_timeout = shutdown_timeout
+            self.model_file = model_file
+            self.exit_code = 0
             self._aloop = None
             self._draining = False
 
         async def startup(self, sockets=None):
             self._aloop = asyncio.get_running_loop()
+            # SIGHUP (the terminal closed, or `kill -HUP` meant as "reload") drains like
+            # SIGTERM: its default action killed the process with streams cut mid-way
+            if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGHUP, self.handle_exit)
             await super().startup(sockets)
+            if self.model_file is not None and getattr(self.model_file, "_file", None) is not None:
+                asyncio.ensure_future(self._watch_model(self.model_file))
+
+        async def _watch_model(self, mf):
+            """The mapped model file rewritten in place (cp over it, truncate):
+            the weights in memory are no longer the ones checked at start, and
+            a read past a truncated end is SIGBUS. Stop: in-flight requests end
+            with the 503 error, exit status 3. (A file replaced by rename, `mv`,
+            is another inode: the old one stays mapped and served.)"""
+            fd = mf._file.fileno()
+            first = os.fstat(fd)
+            while not self._draining:
+                await asyncio.sleep(MODEL_WATCH_S)
+                st = os.fstat(fd)
+                if (st.st_size, st.st_mtime_ns) != (first.st_size, first.st_mtime_ns):
+                    log.error("the model file %s was modified in place while being served (%d -> "
+                              "%d bytes): stopping; restart to load the new weights, and replace "
+                              "model files with mv, never by writing over them", mf.path,
+                              first.st_size, st.st_size)
+                    self.exit_code = MODEL_CHANGED_EXIT
+                    self.shutdown_timeout = 0.0
+                    self.handle_exit(None, None)
+                    return
 
         def handle_exit(self, sig, frame):  # a signal handler: only flags and a callback
             if self._draining or self._aloop is None:
@@ -259,9 +330,17 @@ def _server_class():
 
 
 def serve(args) -> int:
-    """Run the single-process server until SIGTERM/SIGINT (then the graceful shutdown)."""
+    """Run the single-process server until SIGTERM/SIGINT/SIGHUP (then the graceful
+    shutdown); the exit status."""
+    try:
+        check_args(args)
+    except UsageError as e:
+        fail(str(e))
+    sock = listen(args.host, args.port)
     app, config = build_from_args(args)
     import uvicorn
+
+    from .http import protocol_class, raise_open_files_limit
 
     log.info("serving %s on http://%s:%d (max batch %d, max queue %d, max len %d, %s threads)",
              config.served_model_name, args.host, args.port, config.max_batch,
@@ -271,7 +350,10 @@ def serve(args) -> int:
         log.info("only clients on this machine can connect; to accept remote clients pass "
                  "--host 0.0.0.0 (and --api-key KEY)")
     ucfg = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                          timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
-    server = _server_class()(ucfg, app.state.engine_loop, args.shutdown_timeout)
-    server.run()
-    return 0 if server.started else 1
+                          timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
+                          http=protocol_class(args.header_timeout))
+    raise_open_files_limit()
+    server = _server_class()(ucfg, app.state.engine_loop, args.shutdown_timeout,
+                             getattr(app.state.engine_loop.model, "file", None))
+    server.run(sockets=[sock])
+    return server.exit_code if server.started else 1

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-MAX_BODY_BYTES = 32 << 20  # far above any prompt that fits a context
+# Largest request body. json.loads holds the GIL, so parsing a body stalls the
+# event loop even off it: 30 MB stalled /health 2-7 s. 8 MiB is 3x the largest
+# admissible token-id request of a 4k-context model (80 prompts x 4096 ids) and
+# 8x nginx's default client_max_body_size. docs/server.md "Limits".
+MAX_BODY_BYTES = 8 << 20
 
 
 @dataclasses.dataclass

@@ -225,6 +225,6 @@ def check_prompt_ids(ids, what: str, *, max_model_len: int, vocab_size: int) -> 
         raise bad(f"This model's maximum context length is {max_model_len} tokens, "
                   f"and the {what} alone has {len(ids)} tokens.", param="prompt",
                   code="context_length_exceeded")
-    for t in ids:
-        if not 0 <= t < vocab_size:
-            raise bad(f"Token id {t} is out of range [0, {vocab_size}).", param="prompt")
+    if min(ids) < 0 or max(ids) >= vocab_size:  # C loops: a 5M-id body took seconds in Python
+        t = next(t for t in ids if not 0 <= t < vocab_size)
+        raise bad(f"Token id {t} is out of range [0, {vocab_size}).", param="prompt")

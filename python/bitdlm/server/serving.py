@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 import weakref
@@ -24,8 +25,30 @@ from .schemas import (ChatRequest, CompletionRequest, GenerateParams, GenerateRe
                       reject_unsupported, to_sampling_params, validation_error)
 
 OFF_LOOP_BYTES = 64 << 10  # bodies / texts past this are parsed / tokenized in the pool
+OFF_LOOP_IDS = 8192        # token-id prompts past this many ids are checked in the pool
 WORKERS = 2                # threads of that pool: a bound on concurrent heavy parsing
 OLD_GENERATE_MAX_TOKENS = 128  # /generate's default in the users' old server
+# a \uD800-\uDFFF escape: maybe half of a surrogate pair, maybe a lone one
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def lone_surrogate(data) -> bool:
+    """Whether a parsed JSON value holds a string with a lone UTF-16 surrogate
+    (`"\ud800"`): not Unicode, so no tokenizer or UTF-8 encoder takes it."""
+    stack = [data]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(v for v in x if not isinstance(v, int))
+    return False
 
 
 def render_chat(tokenizer, messages) -> list[int]:
@@ -102,6 +125,10 @@ class OpenAIServing:
                           code="invalid_json")
             if not isinstance(data, dict):
                 raise bad("The request body must be a JSON object.", code="invalid_json")
+            if _SURROGATE_ESCAPE.search(raw) and lone_surrogate(data):
+                raise bad("The request body holds a lone UTF-16 surrogate escape (such as "
+                          "\"\\ud800\") in a string: that is not Unicode text.",
+                          code="invalid_json")
             try:
                 return schema.model_validate(data)
             except ValidationError as e:
@@ -132,6 +159,12 @@ class OpenAIServing:
                                   max_model_len=self.config.max_model_len,
                                   defaults=self.config.default_params)
 
+    def token_prompts(self, lists) -> list[list[int]]:
+        prompts = [list(x) for x in lists]
+        for ids in prompts:
+            self.check_ids(ids, "prompt")
+        return prompts
+
     def check_ids(self, ids, what):
         check_prompt_ids(ids, what, max_model_len=self.config.max_model_len,
                          vocab_size=self.config.vocab_size)
@@ -160,20 +193,17 @@ class OpenAIServing:
         req = await self.read_body(request, CompletionRequest)
         self.check_model(req.model)
         reject_unsupported(req, chat=False)
-        p = req.prompt
-        if isinstance(p, str):
-            prompts = [await self.encode(p)]
-        elif not p:
+        p = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not p:
             raise bad("The prompt is empty.", param="prompt")
-        elif isinstance(p[0], int):
-            prompts = [list(p)]
-        elif isinstance(p[0], str):
-            prompts = [await self.encode(s) for s in p]
-        else:
-            prompts = [list(x) for x in p]
-        for ids in prompts:
-            self.check_ids(ids, "prompt")
-        max_tokens = req.max_tokens or self.config.default_max_tokens or 16  # 16: OpenAI's default
+        if isinstance(p[0], str):
+            prompts, big = [await self.encode(s) for s in p], False
+        else:  # token ids: a long list is copied and checked in the pool
+            prompts = [p] if isinstance(p[0], int) else p
+            big = sum(map(len, prompts)) > OFF_LOOP_IDS
+        prompts = await self.off_loop(big, self.token_prompts, prompts)
+        max_tokens = (req.max_tokens if req.max_tokens is not None
+                      else self.config.default_max_tokens or 16)  # 16: OpenAI's default
         params = self.sampling_params(req, max_tokens, max(len(ids) for ids in prompts))
         return await self.run(request, req, "cmpl", prompts, params, chat=False)
 
@@ -196,7 +226,9 @@ class OpenAIServing:
         from jinja2 import TemplateError
 
         try:
-            ids = await self.off_loop(n_chars > OFF_LOOP_BYTES // 8, render_chat, self.tokenizer, messages)
+            # always in the pool: a template is code, and one that loops runs until its
+            # deadline (tokenizer.RENDER_SECONDS) while the event loop goes on
+            ids = await self.off_loop(True, render_chat, self.tokenizer, messages)
         except (ValueError, TemplateError) as e:  # no template; raise_exception() in it
             raise bad(f"Could not apply the chat template: {e}", param="messages")
         self.check_ids(ids, "conversation")
