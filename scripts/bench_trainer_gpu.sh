@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 CARRY=${TRAIN_CARRY:-build-train/carry}
 WORK=${TRAIN_WORK:-$HOME/bitdlm-bench}
 STEPS=${BENCH_STEPS:-120}
+PARTS=${BENCH_PARTS:-A B C D}   # a shorter call: BENCH_PARTS="A B"
+on() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/bench.log") 2>&1
 T0=$(date +%s)
@@ -27,9 +29,12 @@ COMMON=(--data "$WORK/data" --device cuda --amp bf16 --batch 64 --threads 4 --lr
         --warmup 50 --weight-decay 0.05 --eval-every 100000 --eval-batches 8)
 export PYTHONUNBUFFERED=1
 
+if on A; then
 stamp "A: old trainer, $STEPS steps"
-timeout 150 python3 scripts/train_tiny_dlm.py "${COMMON[@]}" "${SHAPE[@]}" --steps "$STEPS" \
+timeout ${BENCH_TIMEOUT_OLD:-150} python3 scripts/train_tiny_dlm.py "${COMMON[@]}" "${SHAPE[@]}" --steps "$STEPS" \
   --out "$WORK/old" --log-json "$OUT/old_log.json" 2>&1 | grep -v Warning
+fi
+if on B; then
 stamp "B1: new trainer, leg 1 ($((STEPS / 2)) steps)"
 timeout 150 python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --steps "$STEPS" --log-every 25 \
   --compare-every 25 --leg-steps $((STEPS / 2)) --out "$WORK/new" --state-dir "$WORK/new_state" 2>&1 | grep -v Warning
@@ -37,14 +42,19 @@ stamp "B2: new trainer, leg 2 (resume)"
 timeout 120 python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --steps "$STEPS" --log-every 25 \
   --compare-every 25 --resume "$WORK/new_state" --out "$WORK/new" --state-dir "$WORK/new_state" 2>&1 | grep -v Warning
 cp "$WORK/new/train_log.json" "$OUT/new_log.json"
+fi
+if on C; then
 stamp "C: new trainer throughput, 400 steps"
 timeout 80 python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --steps 400 --log-every 100 \
   --eval-batches 1 --out "$WORK/thr" --state-dir "$WORK/thr_state" 2>&1 | grep -v Warning | tail -12
 cp "$WORK/thr/train_log.json" "$OUT/thr_log.json"
+fi
+if on D; then
 stamp "D: larger shape (10 layers, FFN 1536), 200 steps"
 timeout 100 python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --layers 10 --ffn 1536 --steps 200 \
   --log-every 100 --eval-batches 1 --out "$WORK/big" --state-dir "$WORK/big_state" 2>&1 | grep -v Warning | tail -8
 cp "$WORK/big/train_log.json" "$OUT/big_log.json" 2>/dev/null
+fi
 stamp "summary"
 python3 - "$OUT" <<'EOF'
 import json, sys
