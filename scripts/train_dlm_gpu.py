@@ -69,6 +69,11 @@ def parse_args(argv=None):
                         "batch every N steps and log both")
     args = p.parse_args(argv)
     args = base.check_args(p, args)
+    unsupported = [f for f, v in (("--init-from", args.init_from), ("--time-budget-min", args.time_budget_min),
+                                  ("--no-save", args.no_save), ("--bin", args.bin)) if v]
+    if unsupported:
+        p.error(f"{', '.join(unsupported)}: not in this trainer (use --resume, --leg-minutes, "
+                f"then `bitdlm convert`)")
     args.state_dir = args.state_dir or str(Path(args.out) / "state")
     return args
 
