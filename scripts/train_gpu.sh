@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# The ONE command of the GPU training run (docs/tiny_model.md, "GPU run"):
-# run from the repo root on the device machine with $OUT set and the corpus
-# from scripts/prepare_code_data.py carried in build-train/data.
-#   1. nvidia-smi, torch version; build the C++ core in the background (for `bitdlm convert`)
-#   2. a ~20 s sanity phase: a few steps of the real run, loss finite, tokens/s
-#   3. the time-bounded run (saves the checkpoint, then evaluates on the held-out modules)
-#   4. bitdlm convert -> $OUT/model.bin; checkpoint tarred in <= 15 MiB parts
-# Files back in $OUT (<= 8): model.bin, ckpt.tar.part-*, train_log.json, run.log.
-# CPU stand-in (tests everything but CUDA):
-#   TRAIN_DEVICE=cpu TRAIN_MINUTES=0.3 OUT=/tmp/out-train bash scripts/train_gpu.sh
+# ONE LEG of the default model's GPU training (docs/tiny_model.md, "The next run").
+# Run from the repo root on the device machine with $OUT set. A training of
+# TRAIN_STEPS steps spans several legs (device calls of <= 10 min), each
+# called within 30 s of the last so the machine (and its disk) stays warm:
+#   leg 1: unpacks the corpus, trains from scratch for LEG_MINUTES
+#   leg k: resumes from $WORK/state/state.pt (full state, kept on the machine's disk)
+#   last:  reaches TRAIN_STEPS, evaluates, converts -> $OUT/model.bin, samples
+# The state lives outside the carried folders ($WORK, default ~/bitdlm-train):
+# a carried folder is replaced on every call, the machine's disk is not.
+# Every leg returns the portable checkpoint (bf16 weights + trainer_state.json,
+# tar in <= 15 MiB parts), train_log.json and run.log. If the machine is lost,
+# put the parts that came back in build-train/carry/resume/ and call again:
+# the leg resumes from those weights (fresh AdamW moments, short re-warmup).
+# Carried inputs (ignored folder build-train/carry, <= 64 MiB with the tree):
+#   data.tar.xz (scripts/prepare_code_data.py --pack), optional resume/ckpt.tar.part-*
+# The corpus and checkpoint do not fit one call together: after a lost machine
+# first call with DATA_ONLY=1 (unpacks the corpus to $WORK and exits), then,
+# within 30 s and without data.tar.xz in the carry, the resuming leg.
+# CPU stand-in (everything but CUDA; tiny run):
+#   TRAIN_DEVICE=cpu TRAIN_STEPS=4 OUT=/tmp/out-train bash scripts/train_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder whose files come back}"
 DEVICE=${TRAIN_DEVICE:-cuda}
-MINUTES=${TRAIN_MINUTES:-7.2}   # whole call: ~0.6 min sanity + budget + ~0.5 min eval/save/convert < 10 min
-DATA=${TRAIN_DATA:-build-train/data}
-WORK=${TRAIN_WORK:-build-train/gpu}
+STEPS=${TRAIN_STEPS:-40000}          # the whole schedule (cosine); set from the measured steps/s
+LEG_MINUTES=${LEG_MINUTES:-8.3}      # training time of this leg (the call: + ~1 min start/save)
+CARRY=${TRAIN_CARRY:-build-train/carry}
+WORK=${TRAIN_WORK:-$HOME/bitdlm-train}
+DATA=$WORK/data
 CKPT=$WORK/ckpt
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/run.log
@@ -26,69 +38,71 @@ stamp() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 # The shape and recipe (docs/tiny_model.md explains the choice).
 SHAPE=(--hidden 512 --layers 8 --heads 8 --kv-heads 4 --ffn 1024 --seq-len 512 --block-size 32
        --small-block-size 8 --complementary --max-positions 2048)
+RECIPE=(--lr 2e-3 --min-lr-frac 0.1 --warmup 300 --weight-decay 0.05 --steps "$STEPS"
+        --eval-every 2000 --eval-batches 16 --save-every-min 3)
 if [ "$DEVICE" = cuda ]; then
   RUN=(--device cuda --amp bf16 --batch 64 --threads 4)
-  SANITY_STEPS=30
-else  # stand-in: same code path and model shape, one short sequence per step
-  RUN=(--device cpu --amp bf16 --batch 1 --seq-len 64 --threads 2 --eval-batches 2)
-  SANITY_STEPS=2
+else  # stand-in: same code path, one short sequence per step
+  RUN=(--device cpu --amp bf16 --batch 1 --seq-len 64 --threads 2 --eval-batches 2 --eval-every 2)
 fi
-RECIPE=(--lr 2e-3 --min-lr-frac 0.1 --warmup 200 --weight-decay 0.05 --steps 1000000
-        --eval-every 1000 --eval-batches 16)
+SHAPE+=(${EXTRA_SHAPE:-})
 
 stamp "device"
-command -v nvidia-smi >/dev/null && nvidia-smi || echo "(no nvidia-smi)"
+command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "(no nvidia-smi)"
 python3 -c 'import torch, transformers, tokenizers; print("torch", torch.__version__, "cuda", torch.version.cuda,
     "available", torch.cuda.is_available(), "| transformers", transformers.__version__, "| tokenizers", tokenizers.__version__)'
-nproc
+
 if [ ! -f "$DATA/train_tokens.npy" ]; then
-  echo "FATAL: $DATA/train_tokens.npy missing (run scripts/prepare_code_data.py here and carry $DATA)"; exit 2
+  [ -f "$CARRY/data.tar.xz" ] || { echo "FATAL: no corpus: $DATA empty and $CARRY/data.tar.xz not carried"; exit 2; }
+  stamp "unpacking $CARRY/data.tar.xz -> $DATA"
+  tar -C "$WORK" -xJf "$CARRY/data.tar.xz" || { echo "FATAL: unpack failed"; exit 2; }
 fi
 du -sh "$DATA"
+if [ -n "${DATA_ONLY:-}" ]; then stamp "DATA_ONLY: corpus in place"; exit 0; fi
 
-# The core, for `bitdlm convert`: reuse a working one, else build it next to the training.
+# The core, for `bitdlm convert` at the end: build it in the background once.
 BUILD_PID=
-if PYTHONPATH=python python3 -c 'import bitdlm._core' 2>/dev/null; then
-  stamp "bitdlm._core already importable: no build"
-else
+if ! PYTHONPATH=python python3 -c 'import bitdlm._core' 2>/dev/null; then
   stamp "building the core in the background ($WORK/build.log)"
   (BUILD_DIR=build-dev nice -n 10 scripts/dev_build.sh > "$WORK/build.log" 2>&1) &
   BUILD_PID=$!
 fi
 
-stamp "sanity phase"
-python3 scripts/train_tiny_dlm.py --data "$DATA" "${SHAPE[@]}" "${RECIPE[@]}" "${RUN[@]}" \
-  --steps "$SANITY_STEPS" --warmup 10 --eval-batches 1 --no-save --log-json "$WORK/sanity_log.json"
-rc=$?
-if [ $rc -ne 0 ]; then echo "FATAL: sanity phase failed (rc $rc)"; exit 3; fi
-
-stamp "training run: budget $MINUTES min"
-python3 scripts/train_tiny_dlm.py --data "$DATA" "${SHAPE[@]}" "${RECIPE[@]}" "${RUN[@]}" \
-  --time-budget-min "$MINUTES" --save-every-min 2 --out "$CKPT" --log-json "$OUT/train_log.json"
+RESUME=()
+if [ -f "$WORK/state/state.pt" ]; then
+  RESUME=(--resume "$WORK/state")
+elif ls "$CARRY"/resume/ckpt.tar.part-* >/dev/null 2>&1; then
+  stamp "machine was lost: resuming from the carried portable checkpoint"
+  rm -rf "$CKPT" && cat "$CARRY"/resume/ckpt.tar.part-* | tar -C "$WORK" -xf - || exit 3
+  RESUME=(--resume "$CKPT")
+fi
+stamp "training leg: ${RESUME[*]:-from scratch}, $LEG_MINUTES min, schedule $STEPS steps"
+PYTHONUNBUFFERED=1 python3 scripts/train_dlm_gpu.py --data "$DATA" "${SHAPE[@]}" "${RECIPE[@]}" "${RUN[@]}" \
+  "${RESUME[@]}" --leg-minutes "$LEG_MINUTES" --out "$CKPT" --state-dir "$WORK/state"
 train_rc=$?
 stamp "training exited with rc $train_rc"
-[ -f "$CKPT/model.safetensors" ] || { echo "FATAL: no checkpoint written"; exit 4; }
-[ -f "$OUT/train_log.json" ] || cp "$CKPT/train_log.json" "$OUT/train_log.json"
+[ -f "$CKPT/train_log.json" ] && cp "$CKPT/train_log.json" "$OUT/train_log.json"
 
-if [ -n "$BUILD_PID" ]; then
-  stamp "waiting for the core build"
-  wait "$BUILD_PID"; echo "build rc $?"; tail -3 "$WORK/build.log"
-fi
-stamp "bitdlm convert"
-PYTHONPATH=python python3 -m bitdlm.cli convert "$CKPT" "$OUT/model.bin" --force \
-  && ls -l "$OUT/model.bin" || echo "ERROR: convert failed (the checkpoint still comes back)"
-
-if [ -f "$OUT/model.bin" ] && PYTHONPATH=python python3 -c 'import bitdlm._core' 2>/dev/null; then
-  stamp "sample (bitdlm on the CPU)"
-  PYTHONPATH=python timeout 40 python3 -m bitdlm.cli generate 'def fibonacci(n):' --model "$OUT/model.bin" \
-    --max-tokens 64 --stats || echo "(generate failed)"
+if [ -f "$CKPT/DONE" ]; then
+  if [ -n "$BUILD_PID" ]; then stamp "waiting for the core build"; wait "$BUILD_PID"; tail -2 "$WORK/build.log"; fi
+  stamp "bitdlm convert"
+  PYTHONPATH=python python3 -m bitdlm.cli convert "$CKPT" "$OUT/model.bin" --force \
+    && ls -l "$OUT/model.bin" || echo "ERROR: convert failed (the checkpoint still comes back)"
+  if [ -f "$OUT/model.bin" ]; then
+    PYTHONPATH=python timeout 60 python3 -m bitdlm.cli generate 'def fibonacci(n):' --model "$OUT/model.bin" \
+      --max-tokens 64 --stats || echo "(generate failed)"
+  fi
+else
+  echo "NOT DONE: call this script again (within 30 s) for the next leg"
 fi
 
-stamp "packing the checkpoint"
-tar -C "$WORK" -cf - ckpt | split -b 15M -d - "$OUT/ckpt.tar.part-"
+stamp "packing the portable checkpoint"
+tar -C "$WORK" -cf - --exclude ckpt/state --exclude ckpt/DONE ckpt | split -b 15M -d - "$OUT/ckpt.tar.part-"
+total=$(du -cb "$OUT"/* | tail -1 | cut -f1)
+if [ "$total" -gt $((62 * 1048576)) ]; then  # keep the .bin and logs; the checkpoint stays on the machine
+  echo "WARNING: $total bytes > 62 MiB: the checkpoint parts are not returned"; rm -f "$OUT"/ckpt.tar.part-*
+fi
 ls -l "$OUT"
-n=$(find "$OUT" -type f | wc -l)
-echo "files in OUT: $n (limit 8), total $(du -sh "$OUT" | cut -f1) (limit 64 MiB)"
-echo "reassemble: cat ckpt.tar.part-* | tar -xf -"
+echo "files in OUT: $(find "$OUT" -type f | wc -l) (limit 8); reassemble: cat ckpt.tar.part-* | tar -xf -"
 stamp "done"
 exit $train_rc

@@ -305,12 +305,11 @@ def diffusion_loss(model, x, masks, block: int, shift: bool, mask_id: int, attn_
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(args, vocab_size: int, eot_id: int):
-    import torch
-    from transformers import BitNetConfig, BitNetForCausalLM, BitNetQuantConfig
-    from transformers.integrations.bitnet import replace_with_bitnet_linear
+def make_config(args, vocab_size: int, eot_id: int):
+    """transformers' BitNetConfig of the trained shape (also the fast trainer's)."""
+    from transformers import BitNetConfig
 
-    config = BitNetConfig(
+    return BitNetConfig(
         vocab_size=vocab_size,
         hidden_size=args.hidden,
         intermediate_size=args.ffn,
@@ -329,7 +328,13 @@ def build_model(args, vocab_size: int, eot_id: int):
         initializer_range=0.02,
         attn_implementation="sdpa",
     )
-    model = BitNetForCausalLM(config)
+
+
+def build_model(args, vocab_size: int, eot_id: int):
+    from transformers import BitNetForCausalLM, BitNetQuantConfig
+    from transformers.integrations.bitnet import replace_with_bitnet_linear
+
+    model = BitNetForCausalLM(make_config(args, vocab_size, eot_id))
     state = model.state_dict()
     replace_with_bitnet_linear(
         model,
@@ -430,8 +435,9 @@ def evaluate(model, batches, block, shift, mask_id, attn_mask, amp):
 
 # ----------------------------------------------------------------------------- main
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description=__doc__):
+    """The options shared with scripts/train_dlm_gpu.py (which adds its own)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="build-train/tiny", help="HF checkpoint directory")
     p.add_argument("--bin", default=None, help="convert the checkpoint to this .bin with `bitdlm convert`")
     p.add_argument("--data", default=None,
@@ -481,12 +487,20 @@ def parse_args(argv=None):
     p.add_argument("--heldout-every", type=int, default=20)
     p.add_argument("--chat-fraction", type=float, default=0.3)
     p.add_argument("--log-json", default=None, help="also write the training log here")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(p, args):
     if args.seq_len % args.block_size or args.block_size % args.small_block_size:
         p.error("seq-len must be a multiple of block-size, block-size of small-block-size")
     if args.micro_batch is not None and (args.micro_batch < 1 or args.batch % args.micro_batch):
         p.error("--micro-batch must divide --batch")
     return args
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    return check_args(p, p.parse_args(argv))
 
 
 def _write_log(log: dict, args, out: Path | None):

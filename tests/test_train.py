@@ -1,8 +1,10 @@
 """The training pipeline of the default model on a toy corpus, on the CPU:
-scripts/prepare_code_data.py (split, filters, tokenizer, token files),
-the block-diffusion masks / objective of scripts/train_tiny_dlm.py, and a
-3-step run of the real training code path whose checkpoint `bitdlm convert`
-accepts."""
+scripts/prepare_code_data.py (split, filters, licenses, deduplication,
+tokenizer, token files), the block-diffusion masks / objective of
+scripts/train_tiny_dlm.py, a 3-step run of the real training code path whose
+checkpoint `bitdlm convert` accepts, and the GPU trainer
+(scripts/train_dlm_gpu.py + fast_bitnet.py): same function as transformers'
+BitNet, same loss as the reference objective, exact resume."""
 from __future__ import annotations
 
 import importlib.util
@@ -28,6 +30,8 @@ def _load(name):
 
 prep = _load("prepare_code_data")
 train = _load("train_tiny_dlm")
+fast = _load("fast_bitnet")
+gpu = _load("train_dlm_gpu")
 
 FUNC = '''def f{i}(x, y={i}):
     """Return x plus {i}."""
@@ -68,12 +72,12 @@ def corpus(tmp_path_factory):
 def test_prepare_split_filters_and_files(corpus):
     root, out, meta = corpus
     held = set(meta["heldout"]["files"])
-    assert held == {"textwrap.py", "test/test_textwrap.py", "statistics/__init__.py"}
+    assert held == {"stdlib/textwrap.py", "stdlib/test/test_textwrap.py", "stdlib/statistics/__init__.py"}
     trained = set(meta["train"]["files"])
-    assert "test/test_mod1.py" in trained and "pkg/core.py" in trained
+    assert "stdlib/test/test_mod1.py" in trained and "stdlib/pkg/core.py" in trained
     assert not held & trained
     assert not any("site-packages" in f for f in trained | held)
-    assert meta["dropped"] == {"not_utf8": 1, "no_parse": 1, "codec_table": 0}
+    assert {k: v for k, v in meta["dropped"].items() if v} == {"not_utf8": 1, "no_parse": 1}
     assert json.loads((out / "meta.json").read_text())["heldout_modules"] == prep.HELDOUT_MODULES
 
 
@@ -90,7 +94,7 @@ def test_prepare_streams_round_trip(corpus):
         assert (stream[starts] == 0).all() and stream[-1] == 0
         ends = list(starts[1:]) + [len(stream) - 1]
         for name, s, e in zip(meta[split]["files"], starts, ends):
-            text = (root / name).read_text()
+            text = (root / name.removeprefix("stdlib/")).read_text()
             assert tok.decode(stream[s + 1 : e].tolist(), skip_special_tokens=False) == text
             assert 0 not in stream[s + 1 : e]
 
@@ -196,3 +200,202 @@ def test_three_step_cpu_run_converts(corpus, tmp_path):
     mf = ModelFile.open(out, verify=True)
     assert mf.meta["mask_token_id"] == 1 and mf.meta["vocab_size"] == meta["vocab_size"]
     assert mf.meta["diffusion"]["block_size"] == 16 and mf.meta["diffusion"]["small_block_size"] == 8
+
+
+# ----------------------------------------------------------------------------- licenses, packages, dedup
+
+def _meta(**fields):
+    from email.message import Message
+
+    m = Message()
+    for k, v in fields.items():
+        for item in (v if isinstance(v, list) else [v]):
+            m[k.replace("_", "-")] = item
+    return m
+
+
+@pytest.mark.parametrize("fields, ok", [
+    ({"License_Expression": "MIT"}, True),
+    ({"License_Expression": "Apache-2.0 AND Apache-2.0 WITH LLVM-exception AND BSD-3-Clause"}, True),
+    ({"License_Expression": "Apache-2.0 OR GPL-2.0-only"}, True),        # one permissive alternative
+    ({"License_Expression": "MPL-2.0 AND MIT"}, False),                  # every AND term must be
+    ({"License_Expression": "GPL-3.0-or-later"}, False),
+    ({"Classifier": ["License :: OSI Approved :: BSD License"]}, True),
+    ({"Classifier": ["License :: OSI Approved :: MIT License",
+                     "License :: OSI Approved :: GNU General Public License v2 (GPLv2)"]}, False),
+    ({"License": "3-Clause BSD License"}, True),
+    ({"License": "GPLv2"}, False),
+    ({"License": "Copyright (c) somebody, all rights reserved"}, False),  # unknown
+    ({}, False),
+])
+def test_classify_license(fields, ok):
+    assert prep.classify_license(_meta(**fields))[0] is ok
+
+
+MODULE = '''def helper_{i}(values, scale={i}):
+    """Scale every value and keep the positive ones ({i})."""
+    result = []
+    for value in values:
+        scaled = value * scale + {i}
+        if scaled > 0:
+            result.append(scaled)
+    return result
+'''
+
+
+def _fake_dist(site: Path, name: str, license_expr: str, files: dict):
+    for rel, text in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.4\nName: {name}\nVersion: 1.0\n"
+                                   f"License-Expression: {license_expr}\n")
+    (info / "RECORD").write_text("".join(f"{r},,\n" for r in files) + f"{info.name}/METADATA,,\n")
+
+
+@pytest.fixture(scope="module")
+def package_corpus(corpus, tmp_path_factory):
+    import importlib.metadata as md
+
+    root, _, _ = corpus
+    site = tmp_path_factory.mktemp("site")
+    body = "".join(MODULE.format(i=i) for i in range(12))
+    near = body.replace("keep the positive ones (3)", "keep positive ones (3)")
+    _fake_dist(site, "goodpkg", "MIT", {
+        "goodpkg/__init__.py": "from .core import helper_0\n",
+        "goodpkg/core.py": body,
+        "goodpkg/x_copy_exact.py": body.replace("\n", "   \n"),               # exact duplicate (whitespace)
+        "goodpkg/x_copy_near.py": near,                                     # near-duplicate
+        "goodpkg/_vendor/six.py": MODULE.format(i=500),                   # vendored
+        "goodpkg/api_pb2.py": MODULE.format(i=501),                       # generated (name)
+        "goodpkg/gen.py": "# Code generated by a tool. DO NOT EDIT.\n" + MODULE.format(i=502),
+        "goodpkg/table.py": "DATA = [" + ", ".join(str(i) for i in range(600)) + "]\n",   # data-like
+        "goodpkg/tw.py": (root / "textwrap.py").read_text(),              # copy of a held-out module
+    })
+    _fake_dist(site, "gplpkg", "GPL-3.0-only", {"gplpkg/__init__.py": MODULE.format(i=900)})
+    dists = sorted(md.distributions(path=[str(site)]), key=lambda d: d.metadata["Name"])
+    out = tmp_path_factory.mktemp("pkgdata")
+    manifest = out / "manifest.json"
+    meta = prep.prepare(root, out, vocab_size=400, quiet=True, dists=dists, missing=["absentpkg"],
+                        manifest_path=manifest)
+    return out, meta, json.loads(manifest.read_text())
+
+
+def test_packages_licenses_filters_and_dedup(package_corpus):
+    out, meta, manifest = package_corpus
+    trained = set(meta["train"]["files"])
+    good = {f for f in trained if f.startswith("goodpkg/")}
+    assert good == {"goodpkg/goodpkg/__init__.py", "goodpkg/goodpkg/core.py"}
+    assert not any(f.startswith("gplpkg/") for f in trained)
+    d = meta["dropped"]
+    assert d["vendored"] == 1 and d["generated"] == 2 and d["data_like"] == 1
+    assert d["exact_dup"] == 1 and d["near_dup"] == 1 and d["near_dup_of_heldout"] == 1
+    rows = {r["name"]: r for r in manifest["packages"]}
+    assert rows["goodpkg"]["used"] and rows["goodpkg"]["license"] == "MIT" and rows["goodpkg"]["files"] == 2
+    assert rows["goodpkg"]["version"] == "1.0" and rows["goodpkg"]["tokens"] > 0
+    assert not rows["gplpkg"]["used"] and rows["gplpkg"]["files"] == 0
+    assert manifest["not_installed"] == ["absentpkg"]
+    assert manifest["totals"]["train"]["tokens"] == meta["train"]["tokens"]
+    # the held-out split is the stdlib one, untouched by the packages
+    assert set(meta["heldout"]["files"]) == {"stdlib/textwrap.py", "stdlib/test/test_textwrap.py",
+                                             "stdlib/statistics/__init__.py"}
+
+
+def test_pack_round_trip(package_corpus, tmp_path):
+    import tarfile
+
+    out, meta, _ = package_corpus
+    dest = tmp_path / "data.tar.xz"
+    prep.pack(out, dest)
+    with tarfile.open(dest) as tar:
+        tar.extractall(tmp_path, filter="data")
+    for name in ("train_tokens.npy", "heldout_docs.npy", "tokenizer.json"):
+        assert (tmp_path / "data" / name).read_bytes() == (out / name).read_bytes()
+
+
+# ----------------------------------------------------------------------------- the GPU trainer, on the CPU
+
+def test_flex_mask_mod_matches_dense_mask():
+    L, blk, copies = 16, 4, 2
+    n = (copies + 1) * L
+    q = torch.arange(n)[:, None].expand(n, n)
+    kv = torch.arange(n)[None, :].expand(n, n)
+    got = fast.block_diffusion_mask_mod(L, blk, copies)(0, 0, q, kv)
+    assert torch.equal(got, train.block_diffusion_mask(L, blk, copies, None)[0, 0])
+
+
+@pytest.mark.parametrize("complementary, shift", [(True, True), (False, True), (False, False)])
+def test_fast_model_and_loss_match_transformers(complementary, shift):
+    torch.manual_seed(0)
+    args = _tiny_args()
+    hf = train.build_model(args, 50, 0).eval()
+    fm = fast.FastBitNet(hf.config).eval()
+    fm.load_state_dict({k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}, strict=True)
+    L, blk = 32, 8
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(2, 50, (3, L), generator=gen)
+    masks = train.make_masks(3, L, blk, shift, complementary, gen)
+    attn = train.block_diffusion_mask(L, blk, masks.shape[0], None)
+    pos = torch.arange(L).repeat(masks.shape[0] + 1)[None].expand(3, -1)
+    inp = torch.cat([torch.where(m, torch.ones_like(x), x) for m in masks] + [x], dim=1)
+    with torch.no_grad():
+        h_ref = hf.model(input_ids=inp, attention_mask=attn.expand(3, -1, -1, -1),
+                         position_ids=pos).last_hidden_state
+        h_fast = fm.model(input_ids=inp, attention_mask=attn, position_ids=pos).last_hidden_state
+        ref = train.diffusion_loss(hf, x, masks, blk, shift, 1, attn)[0]
+        got, n = fast.fixed_shape_loss(fm, x, masks, blk, shift, 1, attention_mask=attn)
+    torch.testing.assert_close(h_fast, h_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    n_ref = int(sum(m[:, 1:].sum() if shift else m.sum() for m in masks))
+    assert int(n) == n_ref + (3 * (L // blk - 1) if shift else 0)
+
+
+def test_fast_quantizers_are_transformers_with_straight_through_gradients():
+    from transformers.integrations.bitnet import ActQuant, WeightQuant
+
+    w = torch.randn(8, 16, requires_grad=True)
+    a = torch.randn(3, 16, requires_grad=True)
+    assert torch.equal(fast.weight_quant(w), WeightQuant.apply(w))
+    assert torch.equal(fast.act_quant(a), ActQuant.apply(a))
+    (fast.weight_quant(w) * torch.arange(16.0)).sum().backward()
+    (fast.act_quant(a) * torch.arange(16.0)).sum().backward()
+    assert torch.equal(w.grad, torch.arange(16.0).expand(8, 16))
+    assert torch.equal(a.grad, torch.arange(16.0).expand(3, 16))
+
+
+def _gpu_args(data, out, *extra):
+    return ["--data", str(data), "--device", "cpu", "--amp", "bf16", "--hidden", "64", "--layers", "2",
+            "--heads", "2", "--kv-heads", "1", "--ffn", "128", "--seq-len", "64", "--block-size", "16",
+            "--small-block-size", "8", "--complementary", "--batch", "4", "--micro-batch", "2",
+            "--warmup", "1", "--eval-batches", "1", "--eval-every", "1000", "--log-every", "1",
+            "--steps", "4", "--out", str(out), *extra]
+
+
+def test_gpu_trainer_resume_is_exact_and_converts(corpus, tmp_path):
+    _, data, meta = corpus
+    assert gpu.main(_gpu_args(data, tmp_path / "one")) == 0
+    assert gpu.main(_gpu_args(data, tmp_path / "two", "--leg-steps", "2")) == 0
+    assert not (tmp_path / "two" / "DONE").exists()
+    assert json.loads((tmp_path / "two" / "trainer_state.json").read_text())["step"] == 2
+    assert gpu.main(_gpu_args(data, tmp_path / "two", "--resume", str(tmp_path / "two" / "state"))) == 0
+    one = json.loads((tmp_path / "one" / "train_log.json").read_text())
+    two = json.loads((tmp_path / "two" / "train_log.json").read_text())
+    assert one["steps"] == two["steps"] == [0, 1, 2, 3]
+    assert one["loss"] == two["loss"] and all(np.isfinite(one["loss"]))     # bit-exact continuation
+    assert one["final_eval"]["loss"] == two["final_eval"]["loss"]
+    assert [(g["start_step"], g["end_step"]) for g in two["legs"]] == [(0, 2), (2, 4)]
+    # weights only (the portable checkpoint that comes back): continues with a fresh optimizer
+    port = tmp_path / "port"
+    assert gpu.main(_gpu_args(data, port, "--leg-steps", "2")) == 0
+    (port / "state" / "state.pt").unlink()
+    assert gpu.main(_gpu_args(data, tmp_path / "port2", "--resume", str(port))) == 0
+    three = json.loads((tmp_path / "port2" / "train_log.json").read_text())
+    assert three["weights_only_resumes"] == [2] and three["steps"] == [0, 1, 2, 3]
+    assert three["loss"][:2] == one["loss"][:2]
+    from bitdlm.convert import convert
+    from bitdlm.format import ModelFile
+
+    convert(tmp_path / "one", tmp_path / "m.bin", progress=False)
+    mf = ModelFile.open(tmp_path / "m.bin", verify=True)
+    assert mf.meta["vocab_size"] == meta["vocab_size"] and mf.meta["diffusion"]["block_size"] == 16
