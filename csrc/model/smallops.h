@@ -41,15 +41,21 @@ extern const SmallOps kSmallOpsAvx512;
 const SmallOps& small_ops(Isa isa);
 inline const SmallOps& small_ops() { return small_ops(active_isa_id()); }
 
-// Drivers: rows [0, N) in one OpenMP parallel region each (rows are independent).
+// Drivers: rows [0, N) in one OpenMP parallel region each (rows are independent),
+// with the GEMMs' whole team and a static schedule (smallops.cpp says why).
 // x[N, K] (+ d), codes into a (q [N, Kp], scale, sum) with Kp = a.Kp.
 void add_norm_quant_rows(const SmallOps& t, float* x, const float* d, const float* w, int N, int K, float eps,
                          int8_t* q, float* scale, int32_t* sum, int Kp);
 void act_norm_quant_rows(const SmallOps& t, float* g, const float* u, const float* w, int N, int K, float eps,
                          int8_t* q, float* scale, int32_t* sum, int Kp);
 void rmsnorm_rows(const SmallOps& t, const float* x, const float* w, float* y, int N, int K, float eps);
-// Threads for a region over N small rows: the fewest that give every thread
-// the same ceil(N / max_threads) rows (used with schedule(static)).
-int small_ops_team(int N);
+// Any other per-row op f(r) of the forward (embedding, RoPE + cache write, final norm).
+int rows_team(int N);
+template <class F>
+void for_rows(int N, F&& f) {
+  const int nt = rows_team(N);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int r = 0; r < N; ++r) f(r);
+}
 
 }  // namespace bitdlm
