@@ -6,8 +6,9 @@
 // written as fixed 16-lane loops that the compiler vectorizes for each target,
 // with FMA contraction off, so every table computes the same IEEE operations
 // in the same order: all ISAs agree bit for bit (tests/test_forward.py).
-// The RMSNorm sum of squares uses 16 partial sums (lane l takes elements
-// i = l mod 16) and the fixed tree ((l, l+8), then +4, +2, +1).
+// The RMSNorm sum of squares follows torch's fp32 sum order with 8-float
+// vectors (smallops.inc), so the norms round as transformers' BitNetRMSNorm does
+// on torch's AVX2 / default CPU capability (tests/test_forward.py checks both).
 #pragma once
 #include <cstdint>
 
