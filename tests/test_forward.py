@@ -627,21 +627,75 @@ def _small_isa(isa):
     return isa
 
 
-def _np_rmsnorm(x, w, eps):
-    """RMSNorm with the documented fixed reduction: 16 partial sums (lane = i mod 16), tree (l, l+8), +4, +2, +1."""
-    x = x.astype(np.float32)
-    N, K = x.shape
-    acc = np.zeros((N, 16), np.float32)
+def _np_sum_sq(x):
+    """Row sums of squares in the documented order (smallops.inc: torch's fp32 sum with 8-float
+    vectors): groups of 4 x 8 lanes into a cascade of 4 levels (every 16 groups), leftover
+    vectors into vector 0, vectors 1-3 into 0, then the scalar tail, then the 8 lanes."""
     sq = x * x
-    for i0 in range(0, K, 16):
-        blk = sq[:, i0:i0 + 16]
-        acc[:, :blk.shape[1]] = acc[:, :blk.shape[1]] + blk
-    w_ = 8
-    while w_ >= 1:
-        acc[:, :w_] = acc[:, :w_] + acc[:, w_:2 * w_]
-        w_ //= 2
-    inv = np.float32(1.0) / np.sqrt(acc[:, 0] / np.float32(K) + np.float32(eps))
+    N, K = sq.shape
+    nvec = K // 8
+    ng = nvec // 4
+    acc = np.zeros((4, N, 32), np.float32)
+    i = 0
+    while i + 16 <= ng:
+        for _ in range(16):
+            acc[0] = acc[0] + sq[:, i * 32:(i + 1) * 32]
+            i += 1
+        for j in range(1, 4):
+            acc[j] = acc[j] + acc[j - 1]
+            acc[j - 1] = 0
+            if i & (15 << (4 * j)):
+                break
+    for i in range(i, ng):
+        acc[0] = acc[0] + sq[:, i * 32:(i + 1) * 32]
+    for j in range(1, 4):
+        acc[0] = acc[0] + acc[j]
+    v = acc[0].reshape(N, 4, 8)
+    for k in range(ng * 4, nvec):
+        v[:, 0] = v[:, 0] + sq[:, k * 8:(k + 1) * 8]
+    for k in range(1, 4):
+        v[:, 0] = v[:, 0] + v[:, k]
+    s = np.zeros(N, np.float32)
+    for k in range(nvec * 8, K):
+        s = s + sq[:, k]
+    for lane in range(8):
+        s = s + v[:, 0, lane]
+    return s
+
+
+def _np_rmsnorm(x, w, eps):
+    """RMSNorm with the documented sum order (_np_sum_sq), in fp32 like transformers."""
+    x = x.astype(np.float32)
+    inv = np.float32(1.0) / np.sqrt(_np_sum_sq(x) / np.float32(x.shape[1]) + np.float32(eps))
     return (w.astype(np.float32) * (x * inv[:, None])).astype(np.float32)
+
+
+def test_small_rmsnorm_rounds_like_transformers():
+    """Our RMSNorm and activation codes equal transformers' BitNetRMSNorm + ActQuant arithmetic bit
+    for bit on bf16-valued rows (a bf16 checkpoint's first layer, where exact round-half ties are
+    common: 127 * y_k / y_max = 63.5 when y_k = y_max / 2), when torch sums with 8-float vectors
+    (its AVX2 / default capability; AVX-512 torch sums in another order)."""
+    from transformers.models.bitnet.modeling_bitnet import BitNetRMSNorm
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "DEFAULT"):
+        pytest.skip(f"torch sums with its {cap} kernels here (ATEN_CPU_CAPABILITY=avx2 gives the order we follow)")
+    rng = np.random.default_rng(5)
+    for K in (64, 72, 100, 512, 1376, 2560, 6912 - 3):
+        x = torch.from_numpy(rng.standard_normal((9, K)).astype(np.float32)).bfloat16().float()
+        norm = BitNetRMSNorm(K, eps=1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(torch.from_numpy((0.5 + rng.random(K)).astype(np.float32)))
+            y = norm(x)
+            scale = 127 / y.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+            codes = (y * scale).round().clamp(-128, 127).to(torch.int8).numpy()
+        w = norm.weight.detach().numpy()
+        np.testing.assert_array_equal(_np_rmsnorm(x.numpy(), w, 1e-5), y.numpy())
+        for isa in _core.supported_isas():
+            if isa in SMALL_ISAS:
+                np.testing.assert_array_equal(_core.smallop_rmsnorm(isa, x.numpy(), w, 1e-5), y.numpy(), err_msg=isa)
+                q = _core.smallop_add_norm_quant(isa, x.numpy(), None, w, 1e-5)[1][:, :K]
+                np.testing.assert_array_equal(q, codes, err_msg=isa)
 
 
 SMALL_SIZES = [(1, 2560), (7, 100), (33, 72), (7, 6912 - 3), (2, 5)]

@@ -267,7 +267,7 @@ static void quantize(const float* x, int N, int K, int Kp, int8_t* q, float* sca
       const float v = xr[k] < 0 ? -xr[k] : xr[k];
       amax = amax > v ? amax : v;
     }
-    const float s = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
+    const float s = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;  // as torch rounds 127 / amax
     const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
     __m256i vsum = _mm256_setzero_si256();
     k = 0;

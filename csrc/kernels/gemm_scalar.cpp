@@ -54,7 +54,7 @@ static void quantize(const float* x, int N, int K, int Kp, int8_t* q, float* sca
     int8_t* qr = q + (int64_t)n * Kp;
     float amax = 0.f;
     for (int k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(xr[k]));
-    const float s = 127.0f / std::fmax(amax, 1e-5f);
+    const float s = (1.0f / std::fmax(amax, 1e-5f)) * 127.0f;  // as torch rounds 127 / amax (smallops.inc)
     int32_t acc = 0;
     for (int k = 0; k < K; ++k) {
       // nearbyintf: round half to even like torch.round (std::round is half away).

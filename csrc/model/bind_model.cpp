@@ -105,6 +105,12 @@ std::vector<Item> parse_items(const py::handle& items_obj) {
 
 }  // namespace
 
+static int64_t count_out(const std::vector<Item>& items) {
+  int64_t n = 0;
+  for (const Item& it : items) n += (int64_t)it.out_idx.size();
+  return n;
+}
+
 void register_smallops(py::module_& m);
 
 void register_model(py::module_& m) {
@@ -242,11 +248,7 @@ void register_model(py::module_& m) {
              py::object top_p, py::object uniforms, py::object banned) -> py::object {
             std::vector<Item> items = parse_items(items_obj);
             const int64_t V = s.model->config().vocab;
-            int64_t n_out;
-            {
-              py::gil_scoped_release nogil;  // check() waits for a running forward's mutex
-              n_out = s.model->check(items, block_size);
-            }
+            const int64_t n_out = count_out(items);  // (the forward validates the items)
             if (mode == "logits") {
               py::array_t<float> out({n_out, V});
               float* p = out.mutable_data();
@@ -287,7 +289,32 @@ void register_model(py::module_& m) {
           },
           py::arg("items"), py::arg("block_size"), py::arg("mode") = "logits", py::arg("temperature") = py::none(),
           py::arg("top_p") = py::none(), py::arg("uniforms") = py::none(), py::arg("banned") = py::none(),
-          "One forward for all items (seq_id, tokens, start, ctx_len, write, out_idx); see docs/architecture.md");
+          "One forward for all items (seq_id, tokens, start, ctx_len, write, out_idx); see docs/architecture.md")
+      .def(
+          "forward_trace",
+          [](PyModel& s, py::object items_obj, int block_size) {
+            std::vector<Item> items = parse_items(items_obj);
+            py::array_t<float> out({count_out(items), (int64_t)s.model->config().vocab});
+            ActTrace trace;
+            {
+              float* p = out.mutable_data();
+              py::gil_scoped_release nogil;
+              s.apply_threads();
+              s.model->forward_logits(items, block_size, p, &trace);
+            }
+            py::list ops;
+            for (const ActTrace::Op& op : trace.ops) {
+              py::array_t<int8_t> codes({op.rows, op.K});
+              std::copy(op.codes.begin(), op.codes.end(), codes.mutable_data());
+              py::array_t<float> scales(op.rows);
+              std::copy(op.scales.begin(), op.scales.end(), scales.mutable_data());
+              ops.append(py::make_tuple(op.layer, op.name, codes, scales));
+            }
+            return py::make_tuple(out, ops);
+          },
+          py::arg("items"), py::arg("block_size"),
+          "Diagnostics (scripts/logit_diag.py): forward(mode='logits') plus every activation quantization's "
+          "(layer, op, codes [rows, K] int8, scales [rows]) in computation order");
   register_smallops(m);  // csrc/model/bind_smallops.cpp (tests of the per-ISA small ops)
 }
 

@@ -39,6 +39,8 @@ struct PhaseTimer {
 
 namespace {
 
+TernaryW ternary_w(const Model::Ternary& w, float* y) { return TernaryW{w.data, w.M, w.scale, y, w.M}; }
+
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string r = "[";
   for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
@@ -158,14 +160,7 @@ int64_t Model::kv_bytes_used() {
   return kv_.bytes_used();
 }
 
-int64_t Model::check(const std::vector<Item>& items, int block_size) {
-  std::lock_guard<std::mutex> g(mu_);
-  int64_t n_out = 0;
-  check_locked(items, block_size, &n_out);
-  return n_out;
-}
-
-void Model::check_locked(const std::vector<Item>& items, int B, int64_t* n_out) {
+void Model::validate(const std::vector<Item>& items, int B, int64_t* n_out) {
   if (B < 1) throw std::invalid_argument("block_size must be >= 1, got " + std::to_string(B));
   std::unordered_set<int> seen;
   int64_t outs = 0;
@@ -196,10 +191,15 @@ void Model::check_locked(const std::vector<Item>& items, int B, int64_t* n_out) 
   *n_out = outs;
 }
 
-void Model::forward_logits(const std::vector<Item>& items, int B, float* out) {
+void Model::forward_logits(const std::vector<Item>& items, int B, float* out, ActTrace* trace) {
   std::lock_guard<std::mutex> g(mu_);
   int64_t n_out;
-  check_locked(items, B, &n_out);
+  validate(items, B, &n_out);
+  trace_ = trace;
+  struct Reset {
+    ActTrace*& p;
+    ~Reset() { p = nullptr; }
+  } reset{trace_};
   const int rows = run(items, B);
   {
     PhaseTimer t(prof_on_, prof_, kLmHead);
@@ -211,7 +211,7 @@ void Model::forward_logits(const std::vector<Item>& items, int B, float* out) {
 void Model::forward_select(const std::vector<Item>& items, int B, const SelectArgs& sel, int32_t* tok, float* conf) {
   std::lock_guard<std::mutex> g(mu_);
   int64_t n_out;
-  check_locked(items, B, &n_out);
+  validate(items, B, &n_out);
   if ((int64_t)sel.temperature.size() != n_out || (int64_t)sel.top_p.size() != n_out ||
       (int64_t)sel.uniform.size() != n_out)
     throw std::invalid_argument("temperature, top_p and uniforms need one value per output row");
@@ -242,23 +242,20 @@ void Model::forward_select(const std::vector<Item>& items, int B, const SelectAr
   publish_profile();
 }
 
-// The forward proper. Every GEMM sees all tokens of all items at once.
+// The forward proper: named stages over the smallops drivers. Every GEMM sees
+// all tokens of all items at once; rows are the fresh tokens in call order.
 int Model::run(const std::vector<Item>& items, int B) {
   const Config& c = cfg_;
-  const int H = c.hidden, I = c.inter, hd = c.head_dim, nh = c.heads, nkv = c.kv_heads, half = hd / 2;
-  const int QD = nh * hd, KVD = nkv * hd;
-  const int KpH = (int)pad_k(H), KpQ = (int)pad_k(QD), KpI = (int)pad_k(I);
-  const int Kpmax = std::max(KpH, std::max(KpQ, KpI));
-  int64_t N64 = 0, NO64 = 0;
-  for (const Item& it : items) N64 += (int64_t)it.tokens.size(), NO64 += (int64_t)it.out_idx.size();
+  const int H = c.hidden, I = c.inter, QD = c.heads * c.head_dim, KVD = c.kv_heads * c.head_dim;
+  const int Kpmax = std::max((int)pad_k(H), std::max((int)pad_k(QD), (int)pad_k(I)));
+  int64_t N64 = 0;
+  for (const Item& it : items) N64 += (int64_t)it.tokens.size();
   if (N64 == 0) return 0;
   if (N64 > (1 << 24)) throw std::invalid_argument("too many tokens in one call");
-  const int N = (int)N64, NO = (int)NO64;
+  const int N = (int)N64;
   if (prof_on_) ++prof_calls_;
-  const auto timed = [this](Phase p) { return PhaseTimer(prof_on_, prof_, p); };
 
   grow(x_, (size_t)N * H);
-  grow(xn_, (size_t)N * H);
   grow(q_, (size_t)N * QD);
   grow(att_, (size_t)N * QD);
   grow(k_, (size_t)N * KVD);
@@ -266,155 +263,177 @@ int Model::run(const std::vector<Item>& items, int B) {
   grow(g_, (size_t)N * I);
   grow(u_, (size_t)N * I);
   grow(tmp_, (size_t)N * H);
-  grow(cos_, (size_t)N * half);
-  grow(sin_, (size_t)N * half);
+  grow(cos_, (size_t)N * (c.head_dim / 2));
+  grow(sin_, (size_t)N * (c.head_dim / 2));
   grow(aq_, (size_t)N * Kpmax);
   grow(as_, (size_t)N);
   grow(asum_, (size_t)N);
-
-  // Rows in call order: the item and position of each fresh token.
   row_item_.resize(N);
-  std::vector<AttnItem> ai(items.size());
-  {
-    int row = 0;
-    for (size_t t = 0; t < items.size(); ++t) {
-      const Item& it = items[t];
-      ai[t] = AttnItem{nullptr, nullptr, kv_.capacity(it.seq), it.start, (int)it.tokens.size(), it.ctx_len, row};
-      for (size_t j = 0; j < it.tokens.size(); ++j) row_item_[row++] = (int)t;
-    }
+  ai_.resize(items.size());
+  for (size_t t = 0, row = 0; t < items.size(); ++t) {
+    const Item& it = items[t];
+    ai_[t] = AttnItem{nullptr, nullptr, kv_.capacity(it.seq), it.start, (int)it.tokens.size(), it.ctx_len, (int)row};
+    for (size_t j = 0; j < it.tokens.size(); ++j) row_item_[row++] = (int)t;
   }
-  const SmallOps& so = small_ops();
-  const AttnKernels& akt = attn_kernels();
-  // Embedding rows and RoPE tables (same formulas and fp32 rounding as transformers).
+
+  embed_rope(items, N);
+  // The last output projection (in tmp_) is not added to x_ at once: the add is
+  // fused into the next norm + quantize, or into the final norm.
+  for (int l = 0; l < c.layers; ++l) {
+    attention_block(l, items, B, N);
+    mlp_block(l, N);
+  }
+  return final_norm(items, N);
+}
+
+// Embedding rows and the RoPE tables (the same formulas and fp32 rounding as transformers).
+void Model::embed_rope(const std::vector<Item>& items, int N) {
+  const int H = cfg_.hidden, half = cfg_.head_dim / 2;
+  PhaseTimer t(prof_on_, prof_, kEmbed);
   std::vector<float> inv_freq(half);
   for (int i = 0; i < half; ++i)
-    inv_freq[i] = 1.0f / std::pow((float)c.rope_theta, (float)(2 * i) / (float)hd);
-  {
-    auto t = timed(kEmbed);
-#pragma omp parallel for num_threads(small_ops_team(N)) schedule(static) if (N > 1)
-    for (int r = 0; r < N; ++r) {
-      const AttnItem& a = ai[row_item_[r]];
-      const int j = r - a.row0;
-      so.f16_row(embed_ + (int64_t)items[row_item_[r]].tokens[j] * H, x_.data() + (int64_t)r * H, H);
-      const float pos = (float)(a.start + j);
-      for (int i = 0; i < half; ++i) {
-        const float f = pos * inv_freq[i];
-        cos_[(int64_t)r * half + i] = std::cos(f);
-        sin_[(int64_t)r * half + i] = std::sin(f);
-      }
+    inv_freq[i] = 1.0f / std::pow((float)cfg_.rope_theta, (float)(2 * i) / (float)cfg_.head_dim);
+  const SmallOps& so = small_ops();
+  for_rows(N, [&](int r) {
+    const AttnItem& a = ai_[row_item_[r]];
+    const int j = r - a.row0;
+    so.f16_row(embed_ + (int64_t)items[row_item_[r]].tokens[j] * H, x_.data() + (int64_t)r * H, H);
+    const float pos = (float)(a.start + j);
+    for (int i = 0; i < half; ++i) {
+      const float f = pos * inv_freq[i];
+      cos_[(int64_t)r * half + i] = std::cos(f);
+      sin_[(int64_t)r * half + i] = std::sin(f);
     }
-  }
-  const ActQ aH{aq_.data(), as_.data(), asum_.data(), N, KpH};
-  auto tw = [](const Ternary& w, float* y) { return TernaryW{w.data, w.M, w.scale, y, w.M}; };
-  const bool f16 = kv_.f16();
-  const size_t esz = f16 ? 2 : 4;
-  // The residual not yet added to x_ (the last output projection, in tmp_):
-  // the add is fused into the next norm + quantize.
-  const float* pending = nullptr;
+  });
+}
 
-  for (int l = 0; l < c.layers; ++l) {
-    const Layer& L = layers_[l];
-    // Attention block: one activation quantization feeds q, k and v.
-    {
-      auto t = timed(kNormQuant);
-      add_norm_quant_rows(so, x_.data(), pending, L.in_norm, N, H, c.eps, aq_.data(), as_.data(), asum_.data(), KpH);
-      pending = nullptr;
+// x += o_proj(attn_sub_norm(attention(q, k, v))), q/k/v from input_layernorm(x + pending
+// down_proj of the layer before); one activation quantization feeds q, k and v. The o_proj
+// output is left pending in tmp_.
+void Model::attention_block(int l, const std::vector<Item>& items, int B, int N) {
+  const Config& c = cfg_;
+  const Layer& L = layers_[l];
+  const int H = c.hidden, hd = c.head_dim, nh = c.heads, nkv = c.kv_heads, QD = nh * hd, KVD = nkv * hd;
+  const int KpH = (int)pad_k(H), KpQ = (int)pad_k(QD);
+  const SmallOps& so = small_ops();
+  {
+    PhaseTimer t(prof_on_, prof_, kNormQuant);
+    add_norm_quant_rows(so, x_.data(), l ? tmp_.data() : nullptr, L.in_norm, N, H, c.eps, aq_.data(), as_.data(),
+                        asum_.data(), KpH);
+  }
+  trace_codes(l, "attn_in", N, H, KpH);
+  {
+    const TernaryW w[3] = {ternary_w(L.q, q_.data()), ternary_w(L.k, k_.data()), ternary_w(L.v, v_.data())};
+    PhaseTimer t(prof_on_, prof_, kGemmQkv);
+    gemm_i2_i8(w, 3, ActQ{aq_.data(), as_.data(), asum_.data(), N, KpH});
+  }
+  {
+    // RoPE of q and k and the K/V cache write, one pass per row.
+    PhaseTimer t(prof_on_, prof_, kRopeKv);
+    for (size_t i = 0; i < items.size(); ++i) {
+      ai_[i].kc = kv_.k(items[i].seq, l);
+      ai_[i].vc = kv_.v(items[i].seq, l);
     }
-    {
-      const TernaryW w[3] = {tw(L.q, q_.data()), tw(L.k, k_.data()), tw(L.v, v_.data())};
-      auto t = timed(kGemmQkv);
-      gemm_i2_i8(w, 3, aH);
-    }
-    {
-      // RoPE of q and k and the K/V cache write, one pass per row.
-      auto t = timed(kRopeKv);
-      for (size_t i = 0; i < items.size(); ++i) {
-        ai[i].kc = kv_.k(items[i].seq, l);
-        ai[i].vc = kv_.v(items[i].seq, l);
-      }
-      // (a team sized to the rows, static: see smallops.cpp)
-      const int nt = small_ops_team(N);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-      for (int r = 0; r < N; ++r) {
-        const float* cr = cos_.data() + (int64_t)r * half;
-        const float* sr = sin_.data() + (int64_t)r * half;
-        so.rope(q_.data() + (int64_t)r * QD, cr, sr, nh, hd);
-        so.rope(k_.data() + (int64_t)r * KVD, cr, sr, nkv, hd);
-        const Item& it = items[row_item_[r]];
-        if (!it.write) continue;
-        const AttnItem& a = ai[row_item_[r]];
-        const int j = r - a.row0;
-        // Cache layout [n_kv, cap, hd]: scatter the row's heads.
-        for (int h = 0; h < nkv; ++h) {
-          const int64_t src = (int64_t)r * KVD + (int64_t)h * hd;
-          const int64_t dst = ((int64_t)h * a.cap + it.start + j) * hd;
-          char* kd = static_cast<char*>(const_cast<void*>(a.kc)) + dst * esz;
-          char* vd = static_cast<char*>(const_cast<void*>(a.vc)) + dst * esz;
-          if (f16) {
-            akt.to_f16(k_.data() + src, reinterpret_cast<uint16_t*>(kd), hd);
-            akt.to_f16(v_.data() + src, reinterpret_cast<uint16_t*>(vd), hd);
-          } else {
-            std::memcpy(kd, k_.data() + src, sizeof(float) * hd);
-            std::memcpy(vd, v_.data() + src, sizeof(float) * hd);
-          }
+    const AttnKernels& akt = attn_kernels();
+    const bool f16 = kv_.f16();
+    const size_t esz = f16 ? 2 : 4;
+    const int half = hd / 2;
+    for_rows(N, [&](int r) {
+      const float* cr = cos_.data() + (int64_t)r * half;
+      const float* sr = sin_.data() + (int64_t)r * half;
+      so.rope(q_.data() + (int64_t)r * QD, cr, sr, nh, hd);
+      so.rope(k_.data() + (int64_t)r * KVD, cr, sr, nkv, hd);
+      const Item& it = items[row_item_[r]];
+      if (!it.write) return;
+      const AttnItem& a = ai_[row_item_[r]];
+      const int j = r - a.row0;
+      // Cache layout [n_kv, cap, hd]: scatter the row's heads.
+      for (int h = 0; h < nkv; ++h) {
+        const int64_t src = (int64_t)r * KVD + (int64_t)h * hd;
+        const int64_t dst = ((int64_t)h * a.cap + it.start + j) * hd;
+        char* kd = static_cast<char*>(const_cast<void*>(a.kc)) + dst * esz;
+        char* vd = static_cast<char*>(const_cast<void*>(a.vc)) + dst * esz;
+        if (f16) {
+          akt.to_f16(k_.data() + src, reinterpret_cast<uint16_t*>(kd), hd);
+          akt.to_f16(v_.data() + src, reinterpret_cast<uint16_t*>(vd), hd);
+        } else {
+          std::memcpy(kd, k_.data() + src, sizeof(float) * hd);
+          std::memcpy(vd, v_.data() + src, sizeof(float) * hd);
         }
       }
-    }
-    {
-      auto t = timed(kAttention);
-      attention(f16, ai.data(), (int)ai.size(), B, q_.data(), k_.data(), v_.data(), nh, nkv, hd, att_.data(),
-                attn_scratch_);
-    }
-    // BitNet's sub-norm + quantize, o_proj, then residual + post-norm + quantize.
-    {
-      auto t = timed(kNormQuant);
-      add_norm_quant_rows(so, att_.data(), nullptr, L.attn_sub, N, QD, c.eps, aq_.data(), as_.data(), asum_.data(),
-                          KpQ);
-    }
-    {
-      const TernaryW w = tw(L.o, tmp_.data());
-      auto t = timed(kGemmO);
-      gemm_i2_i8(&w, 1, ActQ{aq_.data(), as_.data(), asum_.data(), N, KpQ});
-    }
-    {
-      auto t = timed(kNormQuant);
-      add_norm_quant_rows(so, x_.data(), tmp_.data(), L.post_norm, N, H, c.eps, aq_.data(), as_.data(), asum_.data(),
-                          KpH);
-    }
-    // MLP block: gate and up in one multi-GEMM, then relu(gate)^2 * up + sub-norm + quantize.
-    {
-      const TernaryW w[2] = {tw(L.gate, g_.data()), tw(L.up, u_.data())};
-      auto t = timed(kGemmGateUp);
-      gemm_i2_i8(w, 2, aH);
-    }
-    {
-      auto t = timed(kActQuant);
-      act_norm_quant_rows(so, g_.data(), u_.data(), L.ffn_sub, N, I, c.eps, aq_.data(), as_.data(), asum_.data(), KpI);
-    }
-    {
-      const TernaryW w = tw(L.down, tmp_.data());
-      auto t = timed(kGemmDown);
-      gemm_i2_i8(&w, 1, ActQ{aq_.data(), as_.data(), asum_.data(), N, KpI});
-      pending = tmp_.data();
-    }
+    });
   }
+  {
+    PhaseTimer t(prof_on_, prof_, kAttention);
+    attention(kv_.f16(), ai_.data(), (int)ai_.size(), B, q_.data(), k_.data(), v_.data(), nh, nkv, hd, att_.data(),
+              attn_scratch_);
+  }
+  {
+    PhaseTimer t(prof_on_, prof_, kNormQuant);
+    add_norm_quant_rows(so, att_.data(), nullptr, L.attn_sub, N, QD, c.eps, aq_.data(), as_.data(), asum_.data(),
+                        KpQ);
+  }
+  trace_codes(l, "attn_sub", N, QD, KpQ);
+  const TernaryW w = ternary_w(L.o, tmp_.data());
+  PhaseTimer t(prof_on_, prof_, kGemmO);
+  gemm_i2_i8(&w, 1, ActQ{aq_.data(), as_.data(), asum_.data(), N, KpQ});
+}
 
-  auto t_final = timed(kFinalNorm);
-  // The last residual, then the final norm of the requested rows only.
-  float* x = x_.data();
-  if (pending) {
-#pragma omp parallel for num_threads(small_ops_team(N)) schedule(static) if (N > 1)
-    for (int r = 0; r < N; ++r)
-      for (int i = 0; i < H; ++i) x[(int64_t)r * H + i] += pending[(int64_t)r * H + i];
+// x += pending o_proj, then x's down_proj(ffn_sub_norm(relu(gate(m))^2 * up(m))),
+// m = post_attention_layernorm(x), is left pending in tmp_.
+void Model::mlp_block(int l, int N) {
+  const Config& c = cfg_;
+  const Layer& L = layers_[l];
+  const int H = c.hidden, I = c.inter, KpH = (int)pad_k(H), KpI = (int)pad_k(I);
+  const SmallOps& so = small_ops();
+  {
+    PhaseTimer t(prof_on_, prof_, kNormQuant);
+    add_norm_quant_rows(so, x_.data(), tmp_.data(), L.post_norm, N, H, c.eps, aq_.data(), as_.data(), asum_.data(),
+                        KpH);
   }
-  if (NO == 0) return 0;
-  grow(xo_, (size_t)NO * H);
+  trace_codes(l, "mlp_in", N, H, KpH);
+  {
+    // gate and up in one multi-GEMM
+    const TernaryW w[2] = {ternary_w(L.gate, g_.data()), ternary_w(L.up, u_.data())};
+    PhaseTimer t(prof_on_, prof_, kGemmGateUp);
+    gemm_i2_i8(w, 2, ActQ{aq_.data(), as_.data(), asum_.data(), N, KpH});
+  }
+  {
+    PhaseTimer t(prof_on_, prof_, kActQuant);
+    act_norm_quant_rows(so, g_.data(), u_.data(), L.ffn_sub, N, I, c.eps, aq_.data(), as_.data(), asum_.data(), KpI);
+  }
+  trace_codes(l, "mlp_sub", N, I, KpI);
+  const TernaryW w = ternary_w(L.down, tmp_.data());
+  PhaseTimer t(prof_on_, prof_, kGemmDown);
+  gemm_i2_i8(&w, 1, ActQ{aq_.data(), as_.data(), asum_.data(), N, KpI});
+}
+
+// xo_ = model.norm(x + pending down_proj) of the output rows only (an output row
+// may repeat); returns their number.
+int Model::final_norm(const std::vector<Item>& items, int N) {
+  const int H = cfg_.hidden;
+  PhaseTimer t(prof_on_, prof_, kFinalNorm);
   out_row_.clear();
-  for (size_t t = 0; t < items.size(); ++t)
-    for (int32_t idx : items[t].out_idx) out_row_.push_back(ai[t].row0 + idx);
-#pragma omp parallel for num_threads(small_ops_team(NO)) schedule(static) if (NO > 1)
-  for (int o = 0; o < NO; ++o) so.rmsnorm(x + (int64_t)out_row_[o] * H, final_norm_, xo_.data() + (int64_t)o * H, H, c.eps);
+  for (size_t i = 0; i < items.size(); ++i)
+    for (int32_t idx : items[i].out_idx) out_row_.push_back(ai_[i].row0 + idx);
+  const int NO = (int)out_row_.size();
+  grow(xo_, (size_t)NO * H);
+  const SmallOps& so = small_ops();
+  const float *x = x_.data(), *d = tmp_.data();
+  for_rows(NO, [&](int o) {
+    const int64_t r = (int64_t)out_row_[o] * H;
+    float* y = xo_.data() + (int64_t)o * H;
+    for (int i = 0; i < H; ++i) y[i] = x[r + i] + d[r + i];
+    so.rmsnorm(y, final_norm_, y, H, cfg_.eps);
+  });
   return NO;
+}
+
+void Model::trace_codes(int layer, const char* op, int N, int K, int Kp) {
+  if (!trace_) return;
+  ActTrace::Op t{layer, op, N, K, std::vector<int8_t>((size_t)N * K), std::vector<float>(as_.begin(), as_.begin() + N)};
+  for (int r = 0; r < N; ++r) std::memcpy(t.codes.data() + (size_t)r * K, aq_.data() + (size_t)r * Kp, K);
+  trace_->ops.push_back(std::move(t));
 }
 
 void Model::head(int r0, int rows, float* out) {

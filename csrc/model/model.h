@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/gemm.h"
+#include "model/attention.h"
 #include "model/kv_cache.h"
 
 namespace bitdlm {
@@ -53,6 +54,22 @@ enum Phase { kEmbed, kNormQuant, kGemmQkv, kRopeKv, kAttention, kGemmO, kGemmGat
              kFinalNorm, kLmHead, kSelect, kNumPhases };
 extern const char* const kPhaseNames[kNumPhases];
 
+// Diagnostics only (Model::forward_logits with a trace; scripts/logit_diag.py):
+// the int8 activation codes and per-row scales of every activation quantization
+// of one forward, in computation order. Ops per layer: "attn_in" (input_layernorm,
+// feeds q/k/v), "attn_sub" (attn_sub_norm, feeds o_proj), "mlp_in"
+// (post_attention_layernorm, feeds gate/up), "mlp_sub" (ffn_sub_norm, feeds down_proj).
+struct ActTrace {
+  struct Op {
+    int layer;
+    const char* name;
+    int rows, K;
+    std::vector<int8_t> codes;  // [rows, K]
+    std::vector<float> scales;  // [rows]
+  };
+  std::vector<Op> ops;
+};
+
 class Model {
  public:
   Model(const Config& cfg, const std::map<std::string, TensorRef>& tensors, int64_t kv_budget, bool kv_f16);
@@ -64,10 +81,10 @@ class Model {
   int64_t kv_bytes_per_token() const { return kv_.bytes_for(1); }
   bool kv_f16() const { return kv_.f16(); }
 
-  // Number of output rows, after validating every item (throws std::invalid_argument).
-  int64_t check(const std::vector<Item>& items, int block_size);
-  // logits [total_out, vocab] into out.
-  void forward_logits(const std::vector<Item>& items, int block_size, float* out);
+  // logits [total_out, vocab] into out, total_out = the items' out_idx sizes summed.
+  // Both forwards validate the items first (std::invalid_argument). A trace (not
+  // for serving: it copies every activation code) collects the codes of this call.
+  void forward_logits(const std::vector<Item>& items, int block_size, float* out, ActTrace* trace = nullptr);
   // (token, confidence) per output row.
   void forward_select(const std::vector<Item>& items, int block_size, const SelectArgs& sel, int32_t* tok,
                       float* conf);
@@ -79,19 +96,28 @@ class Model {
   int64_t profiled_calls();
   void reset_profile();
 
- private:
+ public:
   struct Ternary {
     const uint8_t* data;
     int M, K;
     float scale;
   };
+
+ private:
   struct Layer {
     const float *in_norm, *post_norm, *attn_sub, *ffn_sub;
     Ternary q, k, v, o, gate, up, down;
   };
-  void check_locked(const std::vector<Item>& items, int block_size, int64_t* n_out);
+  // Throws std::invalid_argument on a bad item; n_out = output rows. (mu_ held)
+  void validate(const std::vector<Item>& items, int block_size, int64_t* n_out);
   // All layers and the final norm: xo_ = norm(hidden) of the output rows; returns their number.
+  // The stages, in order (model.cpp says what each leaves where):
   int run(const std::vector<Item>& items, int block_size);
+  void embed_rope(const std::vector<Item>& items, int N);
+  void attention_block(int layer, const std::vector<Item>& items, int block_size, int N);
+  void mlp_block(int layer, int N);
+  int final_norm(const std::vector<Item>& items, int N);
+  void trace_codes(int layer, const char* op, int N, int K, int Kp);  // (no-op unless tracing)
   // lm_head of `rows` rows of xo_ starting at row r0 -> out [rows, vocab].
   void head(int r0, int rows, float* out);
 
@@ -115,11 +141,13 @@ class Model {
   int64_t prof_pub_calls_ = 0;
 
   // Scratch reused across calls (grown on demand).
-  std::vector<float> x_, xn_, q_, k_, v_, att_, g_, u_, tmp_, xo_, cos_, sin_, attn_scratch_, logits_;
+  std::vector<float> x_, q_, k_, v_, att_, g_, u_, tmp_, xo_, cos_, sin_, attn_scratch_, logits_;
   std::vector<int8_t> aq_;
   std::vector<float> as_;
   std::vector<int32_t> asum_;
   std::vector<int> row_item_, out_row_;  // item of each fresh row; row of each output
+  std::vector<AttnItem> ai_;             // attention's view of each item
+  ActTrace* trace_ = nullptr;            // set for one forward_logits call
 };
 
 }  // namespace bitdlm

@@ -27,7 +27,7 @@ const SmallOps& small_ops(Isa isa) {
 // waking them again for the next GEMM measured far dearer than idling them
 // (Sapphire Rapids, 16 threads, 8-token step: 93.6 ms with teams sized to the
 // 8 rows vs 26.7 ms for the whole step at 8 threads).
-static int team(int N) {
+int rows_team(int N) {
   const int T = omp_get_max_threads();
   return (N <= 1 || T <= 1) ? 1 : T;
 }
@@ -42,7 +42,7 @@ static float* row_scratch(int K) {
 // row(r, tmp) does row r.
 template <class Row>
 static void rows_with_scratch(int N, int K, Row&& row) {
-  const int nt = team(N);
+  const int nt = rows_team(N);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     float* tmp = row_scratch(K);
@@ -68,11 +68,7 @@ void act_norm_quant_rows(const SmallOps& t, float* g, const float* u, const floa
 }
 
 void rmsnorm_rows(const SmallOps& t, const float* x, const float* w, float* y, int N, int K, float eps) {
-  const int nt = team(N);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int r = 0; r < N; ++r) t.rmsnorm(x + (int64_t)r * K, w, y + (int64_t)r * K, K, eps);
+  for_rows(N, [&](int r) { t.rmsnorm(x + (int64_t)r * K, w, y + (int64_t)r * K, K, eps); });
 }
-
-int small_ops_team(int N) { return team(N); }
 
 }  // namespace bitdlm

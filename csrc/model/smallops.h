@@ -6,8 +6,9 @@
 // written as fixed 16-lane loops that the compiler vectorizes for each target,
 // with FMA contraction off, so every table computes the same IEEE operations
 // in the same order: all ISAs agree bit for bit (tests/test_forward.py).
-// The RMSNorm sum of squares uses 16 partial sums (lane l takes elements
-// i = l mod 16) and the fixed tree ((l, l+8), then +4, +2, +1).
+// The RMSNorm sum of squares follows torch's fp32 sum order with 8-float
+// vectors (smallops.inc), so the norms round as transformers' BitNetRMSNorm does
+// on torch's AVX2 / default CPU capability (tests/test_forward.py checks both).
 #pragma once
 #include <cstdint>
 
@@ -41,15 +42,21 @@ extern const SmallOps kSmallOpsAvx512;
 const SmallOps& small_ops(Isa isa);
 inline const SmallOps& small_ops() { return small_ops(active_isa_id()); }
 
-// Drivers: rows [0, N) in one OpenMP parallel region each (rows are independent).
+// Drivers: rows [0, N) in one OpenMP parallel region each (rows are independent),
+// with the GEMMs' whole team and a static schedule (smallops.cpp says why).
 // x[N, K] (+ d), codes into a (q [N, Kp], scale, sum) with Kp = a.Kp.
 void add_norm_quant_rows(const SmallOps& t, float* x, const float* d, const float* w, int N, int K, float eps,
                          int8_t* q, float* scale, int32_t* sum, int Kp);
 void act_norm_quant_rows(const SmallOps& t, float* g, const float* u, const float* w, int N, int K, float eps,
                          int8_t* q, float* scale, int32_t* sum, int Kp);
 void rmsnorm_rows(const SmallOps& t, const float* x, const float* w, float* y, int N, int K, float eps);
-// Threads for a region over N small rows: the fewest that give every thread
-// the same ceil(N / max_threads) rows (used with schedule(static)).
-int small_ops_team(int N);
+// Any other per-row op f(r) of the forward (embedding, RoPE + cache write, final norm).
+int rows_team(int N);
+template <class F>
+void for_rows(int N, F&& f) {
+  const int nt = rows_team(N);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int r = 0; r < N; ++r) f(r);
+}
 
 }  // namespace bitdlm

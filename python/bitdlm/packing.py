@@ -32,7 +32,7 @@ def act_quant(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-token absmax int8 quantization (transformers' ActQuant), in fp32."""
     x = np.asarray(x, dtype=np.float32)
     amax = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-5))
-    s = (np.float32(127.0) / amax).astype(np.float32)
+    s = ((np.float32(1.0) / amax) * np.float32(127.0)).astype(np.float32)  # torch: amax.reciprocal() * 127
     q = np.clip(np.rint(x * s), -128, 127).astype(np.int8)
     return q, s[..., 0]
 
