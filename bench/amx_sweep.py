@@ -19,11 +19,23 @@ Needs the bench-only kernels: BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh
    for N = 8 and 32, back to back, per AMX variant and per ISA. Inputs are
    quantized once beforehand (the pass times GEMMs only); each GEMM call pays
    the Python binding (~10 us, 120 calls), which the forward (C++) does not.
+   Beside them (CPUs with avx512vnni) the Zen 4 path's bench kernels through
+   bench_gemm_multi's job loop (dispatch's non-AMX loop): "bench vnni" = the
+   shipped VNNI 4 x 4 tiles, "vnni_w2x8" / "vnni_w1x16" / "vnni_w2x12" = the
+   wide-token tiles of csrc/bench/vnni_wide_avx512vnni.cpp (R rows x T tokens
+   per unpacked row). Compare them with "bench vnni", not with the
+   avx512vnni row (same kernel, but the dispatcher's driver).
 3. The int8 lm_head (128256 x 2560, 328 MB, streamed from DRAM) at N = 1, 8,
    32 on all cores: AMX (N <= 16: per-row prefetch; above: next row group
    prefetched into L2, paced; N = 1 runs the VNNI GEMV unless
    amx_min_tokens is 1, as here) beside the VNNI / AVX-512 / AVX2 ISAs, ms and
    GB/s of weights.
+4. AMX per-call costs (AMX CPUs, all cores): what an AMX GEMM call pays
+   besides its jobs (bench_amx_overheads: OpenMP fork + join, tile config +
+   release on every thread, the activation re-layout and its barrier, all of
+   them), beside whole calls of 2560 x 2560 and 640 x 2560 on amx and
+   avx512vnni at N = 2, 16, 32 (one AMX token tile at 2 and 16: the same job
+   work). Mean / median us.
 Warm-up passes first (caches, AMX power state, OpenMP team); AMX rows are
 skipped where the CPU lacks AMX. Takes ~60 s on 16 threads.
 """
@@ -48,6 +60,8 @@ PASS_NS = [8, 32]
 LM_NS = [1, 8, 32]
 N_LAYERS = 30
 BASE_ISAS = ["avx512vnni", "avx512", "avx2"]
+# bench_gemm_multi kernels (avx512vnni CPUs): the shipped VNNI tiles, then the wide-token ones
+VNNI_WIDE = ["vnni", "vnni_w2x8", "vnni_w1x16", "vnni_w2x12"]
 
 
 # the 81 bytes whose four 2-bit fields all lie in {0, 1, 2} (valid i2_b128 codes)
@@ -101,7 +115,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     res = {"supported_isas": sup, "cpus": os.cpu_count(), "amx_min_tokens": _core.amx_min_tokens(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "gemm": [], "pass_30_layers": [],
-           "lm_head_i8": []}
+           "lm_head_i8": [], "amx_call_costs": []}
     t_start = time.perf_counter()
     try:
         # ---- 1. single GEMMs
@@ -137,9 +151,12 @@ def main() -> None:
                                              (6912, 2560), (2560, 6912)])
         print(f"\n30-layer pass ({t} threads; GEMMs only, forward order; ms and T MAC/s)")
         print(f"{'config':>12} " + " ".join(f"{'N=' + str(n):>16}" for n in PASS_NS))
-        for label, isa, v in cfgs:
+        wide = [(f"bench {k}" if k == "vnni" else k, "avx512vnni", k) for k in VNNI_WIDE] * ("avx512vnni" in sup)
+        for label, isa, v in cfgs + wide:
             _core.set_isa(isa)
-            _core.set_amx_variant(v)
+            _core.set_amx_variant(v if isinstance(v, int) else 33)
+            gemm = (lambda *a: _core.gemm_multi(*a)) if isinstance(v, int) else \
+                (lambda *a, k=v: _core.bench_gemm_multi(k, *a))
             cells = []
             for n in PASS_NS:
                 qa = _core.quantize_act(rng.standard_normal((n, 2560)).astype(np.float32))
@@ -147,12 +164,12 @@ def main() -> None:
 
                 def one_pass():
                     for L in layers:
-                        _core.gemm_multi(L["qkv"], [1.0] * 3, *qa)
-                        _core.gemm_multi(L["o"], [1.0], *qa)
-                        _core.gemm_multi(L["gu"], [1.0] * 2, *qa)
-                        _core.gemm_multi(L["down"], [1.0], *qd)
+                        gemm(L["qkv"], [1.0] * 3, *qa)
+                        gemm(L["o"], [1.0], *qa)
+                        gemm(L["gu"], [1.0] * 2, *qa)
+                        gemm(L["down"], [1.0], *qd)
 
-                med = timeit(one_pass, 2 if not args.quick else 1, 5 if not args.quick else 2, 0.3 if not args.quick else 0)
+                med = timeit(one_pass, 2 if not args.quick else 1, 5 if not args.quick else 4, 0.3 if not args.quick else 0)
                 macs = macs_layer * N_LAYERS * n
                 res["pass_30_layers"].append({"config": label, "isa": isa, "variant": v, "threads": t, "N": n,
                                               "median_ms": med * 1e3, "TMACps": macs / med / 1e12})
@@ -178,6 +195,28 @@ def main() -> None:
                                           "K": K, "median_ms": med * 1e3, "GBps": V * K / med / 1e9})
                 cells.append(f"{med * 1e3:>9.2f} {V * K / med / 1e9:>6.1f}")
             print(f"{label:>12} " + " ".join(cells), flush=True)
+        # ---- 4. AMX per-call costs, all cores
+        if "amx" in sup:
+            print(f"\nAMX per-call costs ({t} threads; us: prologue parts without jobs, then whole GEMM calls)")
+            print(f"{'N':>3} {'fork':>6} {'f+cfg':>6} {'f+act':>6} {'all':>6} "
+                  + " ".join(f"{isa + ' ' + str(m):>15}" for isa in ("amx", "avx512vnni") for m in (2560, 640)))
+            for n in (2, 16, 32):
+                oh = _core.bench_amx_overheads(t, n, pad_k(2560), 500 if args.quick else 2000)
+                row = {"threads": t, "N": n, **oh}
+                q, s, sm = acts[(n, 2560)] if (n, 2560) in acts else _core.quantize_act(
+                    rng.standard_normal((n, 2560)).astype(np.float32))
+                cells = []
+                for isa in ("amx", "avx512vnni"):
+                    _core.set_isa(isa)
+                    _core.set_amx_variant(33)
+                    for m in (2560, 640):
+                        w = mats[(m, 2560)]
+                        us = timeit(lambda: _core.gemm(w, 1.0, q, s, sm), 5, 50, 0.05) * 1e6
+                        row[f"{isa}_{m}x2560_us"] = us
+                        cells.append(f"{us:>15.1f}")
+                res["amx_call_costs"].append(row)
+                print(f"{n:>3} {oh['fork_us']:>6.1f} {oh['cfg_us']:>6.1f} {oh['act_us']:>6.1f} {oh['all_us']:>6.1f} "
+                      + " ".join(cells), flush=True)
     finally:
         _core.set_isa(prev_isa)
         _core.set_amx_variant(33)

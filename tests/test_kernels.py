@@ -23,7 +23,9 @@ BENCH = bool(_core.build_info().get("bench_kernels"))
 # the kernel distinguishes)
 AMX_VARIANTS = [None] + ([0, 1, 1 | 8, 1 | 16, 1 | 8 | 16, 32, 32 | 8 | 16, 64, 64 | 8 | 16] if BENCH else [])
 _BENCH_NAMES = ("bench_peak_int8", "bench_peak_vnni", "bench_peak_amx", "bench_bandwidth", "set_amx_variant",
-                "get_amx_variant")
+                "get_amx_variant", "bench_gemm_multi", "bench_amx_overheads")
+# bench builds: the wide-token VNNI kernels (csrc/bench/vnni_wide_avx512vnni.cpp) bench/amx_sweep.py times
+VNNI_WIDE = ["vnni", "vnni_w2x8", "vnni_w1x16", "vnni_w2x12"]
 
 
 def test_bench_kernels_only_in_bench_builds():
@@ -333,6 +335,34 @@ def test_bitdlm_isa_env_override():
     assert best.stdout.strip() == ISAS[-1]
 
 
+@pytest.mark.skipif(not BENCH or "avx512vnni" not in ISAS,
+                    reason="needs a bench build (BITDLM_BENCH_KERNELS=1) on an AVX-512 VNNI CPU; "
+                           "the SIMDe harness checks these kernels elsewhere")
+@pytest.mark.parametrize("kernel", VNNI_WIDE)
+@pytest.mark.parametrize("n", [8, 13, 16, 24, 32, 33, 64, 70])
+def test_bench_vnni_wide_bit_exact_vs_scalar(n, kernel):
+    """Natively: the bench-only wide-token VNNI kernels (through bench_gemm_multi's job loop, 2
+    threads) give the scalar floats bit for bit (y = dot / s_a with |dot| < 2^21, so equal floats
+    mean equal int32 dots), several matrices in one call, K with slices."""
+    rng = np.random.default_rng(n)
+    k = 6912 if n in (16, 33) else 2560
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    x[:, ::97] *= 9.0
+    q, s, sums = _ref_act(x)
+    mats = [pack_i2(rng.integers(-1, 2, size=(m, k), dtype=np.int8)) for m in (45, 17, 96)]
+    prev, prev_threads = _core.active_isa(), _core.get_max_threads()
+    try:
+        _core.set_isa("scalar")
+        ref = _core.gemm_multi(mats, [1.0] * 3, q, s, sums)
+        _core.set_num_threads(2)
+        got = _core.bench_gemm_multi(kernel, mats, [1.0] * 3, q, s, sums)
+    finally:
+        _core.set_isa(prev)
+        _core.set_num_threads(prev_threads)
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------- AMX
 
 _NO_AMX = "this CPU has no AMX-INT8 (or Linux refused the tile state); the AMX kernel is checked under SIMDe + emulation"
@@ -419,7 +449,8 @@ def test_bitdlm_isa_amx_clear_error_without_amx():
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SIMDE_SOURCES = ["tests/simde/harness.cpp", "csrc/kernels/gemm_avx512.cpp", "csrc/kernels/gemm_avx512vnni.cpp",
-                  "csrc/kernels/gemm_amx.cpp", "csrc/bench/amx_variants_amx.cpp", "csrc/kernels/gemm_scalar.cpp"]
+                  "csrc/kernels/gemm_amx.cpp", "csrc/bench/amx_variants_amx.cpp", "csrc/bench/vnni_wide_avx512vnni.cpp",
+                  "csrc/kernels/gemm_scalar.cpp"]
 _SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csrc/kernels/isa.h",
                   "csrc/kernels/ternary_driver.h", "csrc/kernels/lm_driver.h", "csrc/kernels/epilogue.h",
                   "csrc/kernels/amx_tiles.h",

@@ -1,12 +1,20 @@
 // Python bindings of the bench-only kernels (BITDLM_BENCH_KERNELS builds:
-// bench/kernels.py's machine ceilings, bench/amx_sweep.py's AMX variants).
+// bench/kernels.py's machine ceilings, bench/amx_sweep.py's AMX variants and
+// wide-token VNNI kernels).
 // The shipped module has none of these.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <new>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "kernels/bind_multi.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 
@@ -15,6 +23,9 @@ namespace py = pybind11;
 namespace bitdlm {
 
 using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 // bench_avx2.cpp (AVX2 flags): only called when the CPU has AVX2.
 double bench_peak_int8_avx2(int threads, int64_t iters);
@@ -42,7 +53,106 @@ extern const AmxTernaryFn kAmxVariantTiles;
 constexpr int kAmxShipped = 1 | 32;        // = gemm_amx.cpp's kernel, kAmxRowBlock rows
 constexpr int kAmxVariantBits = 1 | 8 | 16 | 32 | 64;
 
+// vnni_wide_avx512vnni.cpp: wide-token VNNI ternary kernels (KernelTable::ternary
+// contract), run by bench_gemm_multi beside the shipped VNNI kernel.
+using TernaryFn = void (*)(const TernaryW&, const ActQ&, int, int, int, int, int32_t*);
+extern const TernaryFn kVnniWideKernels[3];
+const char* const kBenchTernaryNames[] = {"vnni", "vnni_w2x8", "vnni_w1x16", "vnni_w2x12"};
+
+static TernaryFn bench_ternary_kernel(const std::string& name) {
+  if (name == kBenchTernaryNames[0]) return kAvx512VnniKernels.ternary;
+  for (int i = 1; i < 4; ++i)
+    if (name == kBenchTernaryNames[i]) return kVnniWideKernels[i - 1];
+  throw std::invalid_argument("bench ternary kernel: one of vnni, vnni_w2x8, vnni_w1x16, vnni_w2x12; got '" + name +
+                              "'");
+}
+
+// dispatch.cpp's non-AMX job loop (matrix x 32-row block x 64-token chunk,
+// dynamic schedule, serial below 2M MACs) with kernel fn, so the shipped and
+// the bench kernels are timed through the same driver.
+static void bench_ternary_multi(TernaryFn fn, const TernaryW* ws, int n_ws, const ActQ& a) {
+  constexpr int kRows = 32, kTok = 64;
+  const int n_chunks = (a.N + kTok - 1) / kTok;
+  std::vector<int> first(n_ws + 1, 0);
+  int64_t macs = 0;
+  for (int i = 0; i < n_ws; ++i) {
+    first[i + 1] = first[i] + (ws[i].M + kRows - 1) / kRows * n_chunks;
+    macs += (int64_t)ws[i].M * a.N * a.Kp;
+  }
+  const bool par = macs >= (int64_t(1) << 21) && omp_get_max_threads() > 1;
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+  for (int job = 0; job < first[n_ws]; ++job) {
+    int i = 0;
+    while (job >= first[i + 1]) ++i;
+    const int j = job - first[i], m0 = j / n_chunks * kRows, n0 = j % n_chunks * kTok;
+    fn(ws[i], a, m0, std::min(ws[i].M, m0 + kRows), n0, std::min(a.N, n0 + kTok), nullptr);
+  }
+}
+
+// What run_ternary's AMX path costs per call besides its jobs, on `threads`
+// threads for N tokens x Kp (issue 19: AMX took ~15 us more per call than the
+// VNNI GEMV in K1). Each stage is timed as a whole parallel region, mean us
+// over `reps` calls: fork (empty region = OpenMP fork + join), cfg (+ every
+// thread's amx_begin / amx_end: tile config and release), act (+ the
+// activation re-layout, split over threads, and its barrier), all (both, =
+// the prologue and epilogue of one AMX GEMM call without its jobs).
+static py::dict amx_overheads(int threads, int N, int Kp, int reps) {
+  const KernelTable& t = kAmxKernels;
+  const int groups = (N + 15) / 16, steps = Kp / 64;
+  std::vector<int8_t> q((size_t)N * Kp, 3);
+  std::vector<float> sc(N, 1.f);
+  std::vector<int32_t> sum(N, 0);
+  const ActQ a{q.data(), sc.data(), sum.data(), N, Kp};
+  const size_t bytes = (size_t)groups * 16 * Kp;
+  int8_t* vb = (int8_t*)std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (!vb) throw std::bad_alloc();
+  auto region = [&](bool cfg, bool act) {
+    const double t0 = omp_get_wtime();
+    for (int r = 0; r < reps; ++r) {
+#pragma omp parallel num_threads(threads)
+      {
+        if (act) {
+#pragma omp for schedule(static)
+          for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
+        }
+        if (cfg) {
+          t.amx_begin();
+          t.amx_end();
+        }
+      }
+    }
+    return (omp_get_wtime() - t0) / reps * 1e6;
+  };
+  double fork, cfg, act, all;
+  {
+    py::gil_scoped_release nogil;
+    region(true, true);  // warm-up: thread pool, tile state
+    fork = region(false, false);
+    cfg = region(true, false);
+    act = region(false, true);
+    all = region(true, true);
+  }
+  std::free(vb);
+  py::dict d;
+  d["fork_us"] = fork;
+  d["cfg_us"] = cfg;
+  d["act_us"] = act;
+  d["all_us"] = all;
+  return d;
+}
+
 void register_bench(py::module_& m) {
+  m.def(
+      "bench_amx_overheads",
+      [](int threads, int n, int kp, int reps) {
+        require_isa("amx");
+        if (threads < 1 || n < 1 || reps < 1 || kp < 128 || kp % 128)
+          throw std::invalid_argument("threads, n, reps >= 1 and kp a positive multiple of 128");
+        return amx_overheads(threads, n, kp, reps);
+      },
+      py::arg("threads"), py::arg("n"), py::arg("kp") = 2560, py::arg("reps") = 2000,
+      "Bench builds, AMX CPUs: mean us per call of the AMX GEMM's fork, tile config, activation re-layout "
+      "(+ barrier) and all of them, without the jobs");
   m.def(
       "bench_peak_int8",
       [](int threads, int64_t iters) {
@@ -96,6 +206,21 @@ void register_bench(py::module_& m) {
       "Bench builds: run the AMX ternary GEMMs through variant `variant` (bit flags, csrc/bench/amx_variants_amx.cpp;"
       " 33 = the shipped kernel). Not thread-safe against concurrent GEMM calls");
   m.def("get_amx_variant", []() { return g_amx_bench_variant; });
+  m.def(
+      "bench_gemm_multi",
+      [](const std::string& kernel, py::list ws, py::list wscales, I8 q, F32 s, I32 sum) {
+        const TernaryFn fn = bench_ternary_kernel(kernel);
+        require_isa("avx512vnni");
+        MultiGemmArgs g(ws, wscales, q, s, sum);
+        {
+          py::gil_scoped_release nogil;
+          bench_ternary_multi(fn, g.tw.data(), (int)g.tw.size(), g.a);
+        }
+        return g.results();
+      },
+      py::arg("kernel"), py::arg("ws"), py::arg("wscales"), py::arg("q"), py::arg("s"), py::arg("sum"),
+      "Bench builds: gemm_multi through bench kernel `kernel` (vnni = the shipped VNNI tiles, vnni_w2x8 / "
+      "vnni_w1x16 / vnni_w2x12 = csrc/bench/vnni_wide_avx512vnni.cpp), same job loop for all; needs avx512vnni");
 }
 
 }  // namespace bitdlm
