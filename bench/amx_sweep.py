@@ -24,7 +24,8 @@ Needs the bench-only kernels: BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh
    shipped VNNI 4 x 4 tiles, "vnni_w2x8" / "vnni_w1x16" / "vnni_w2x12" = the
    wide-token tiles of csrc/bench/vnni_wide_avx512vnni.cpp (R rows x T tokens
    per unpacked row). Compare them with "bench vnni", not with the
-   avx512vnni row (same kernel, but the dispatcher's driver).
+   avx512vnni row (same kernel, but the dispatcher's driver); then the same
+   kernels per 2B shape at N = 8, 16, 32 (which shapes gain).
 3. The int8 lm_head (128256 x 2560, 328 MB, streamed from DRAM) at N = 1, 8,
    32 on all cores: AMX (N <= 16: per-row prefetch; above: next row group
    prefetched into L2, paced; N = 1 runs the VNNI GEMV unless
@@ -115,7 +116,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     res = {"supported_isas": sup, "cpus": os.cpu_count(), "amx_min_tokens": _core.amx_min_tokens(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "gemm": [], "pass_30_layers": [],
-           "lm_head_i8": [], "amx_call_costs": []}
+           "lm_head_i8": [], "amx_call_costs": [], "vnni_tiles": []}
     t_start = time.perf_counter()
     try:
         # ---- 1. single GEMMs
@@ -176,6 +177,22 @@ def main() -> None:
                 cells.append(f"{med * 1e3:>9.2f} {macs / med / 1e12:>6.2f}")
             print(f"{label:>12} " + " ".join(cells), flush=True)
         del layers
+
+        # ---- 2b. the wide-token VNNI tiles per shape (which shapes gain), all cores
+        if wide:
+            print(f"\nVNNI tiles per shape ({t} threads, bench_gemm_multi; us and T MAC/s)")
+            print(f"{'kernel':>12} {'M x K':>11} " + " ".join(f"{'N=' + str(n):>15}" for n in (8, 16, 32)))
+            for label, _, k in wide:
+                for (m, kk) in SHAPES:
+                    cells = []
+                    for n in (8, 16, 32):
+                        q, s, sm = acts[(n, kk)]
+                        med = timeit(lambda: _core.bench_gemm_multi(k, [mats[(m, kk)]], [1.0], q, s, sm), 2, 5, 0.02)
+                        macs = m * pad_k(kk) * n
+                        res["vnni_tiles"].append({"config": label, "kernel": k, "threads": t, "M": m, "K": kk, "N": n,
+                                                  "median_us": med * 1e6, "TMACps": macs / med / 1e12})
+                        cells.append(f"{med * 1e6:>8.1f} {macs / med / 1e12:>6.2f}")
+                    print(f"{label:>12} {m:>5}x{kk:<5} " + " ".join(cells), flush=True)
 
         # ---- 3. the int8 lm_head, all cores
         V, K = 128256, 2560
