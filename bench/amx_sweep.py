@@ -36,7 +36,11 @@ Needs the bench-only kernels: BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh
    release on every thread, the activation re-layout and its barrier, all of
    them), beside whole calls of 2560 x 2560 and 640 x 2560 on amx and
    avx512vnni at N = 2, 16, 32 (one AMX token tile at 2 and 16: the same job
-   work). Mean / median us.
+   work). Mean / median us. Then the shipped AMX kernel through
+   bench_gemm_multi's loops (amx = as dispatch calls it; amx_keepcfg = tile
+   config kept across calls; amx_serialact = re-layout on the calling thread
+   before the parallel region, no barrier in it; both): a 2560 x 2560 call at
+   N = 2, 16, 32 (us) and the 30-layer pass at N = 8, 32 (ms).
 Warm-up passes first (caches, AMX power state, OpenMP team); AMX rows are
 skipped where the CPU lacks AMX. Takes ~60 s on 16 threads.
 """
@@ -63,6 +67,9 @@ N_LAYERS = 30
 BASE_ISAS = ["avx512vnni", "avx512", "avx2"]
 # bench_gemm_multi kernels (avx512vnni CPUs): the shipped VNNI tiles, then the wide-token ones
 VNNI_WIDE = ["vnni", "vnni_w2x8", "vnni_w1x16", "vnni_w2x12"]
+# bench_gemm_multi's AMX loops (AMX CPUs): the shipped kernel and call, then without per-call tile
+# config, without the re-layout's barrier (re-laid out by the calling thread first), without both
+AMX_LOOPS = ["amx", "amx_keepcfg", "amx_serialact", "amx_keepcfg_serialact"]
 
 
 # the 81 bytes whose four 2-bit fields all lie in {0, 1, 2} (valid i2_b128 codes)
@@ -116,7 +123,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     res = {"supported_isas": sup, "cpus": os.cpu_count(), "amx_min_tokens": _core.amx_min_tokens(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "gemm": [], "pass_30_layers": [],
-           "lm_head_i8": [], "amx_call_costs": [], "vnni_tiles": []}
+           "lm_head_i8": [], "amx_call_costs": [], "vnni_tiles": [],
+           "amx_call_variants": []}
     t_start = time.perf_counter()
     try:
         # ---- 1. single GEMMs
@@ -176,7 +184,6 @@ def main() -> None:
                                               "median_ms": med * 1e3, "TMACps": macs / med / 1e12})
                 cells.append(f"{med * 1e3:>9.2f} {macs / med / 1e12:>6.2f}")
             print(f"{label:>12} " + " ".join(cells), flush=True)
-        del layers
 
         # ---- 2b. the wide-token VNNI tiles per shape (which shapes gain), all cores
         if wide:
@@ -212,7 +219,8 @@ def main() -> None:
                                           "K": K, "median_ms": med * 1e3, "GBps": V * K / med / 1e9})
                 cells.append(f"{med * 1e3:>9.2f} {V * K / med / 1e9:>6.1f}")
             print(f"{label:>12} " + " ".join(cells), flush=True)
-        # ---- 4. AMX per-call costs, all cores
+        # ---- 4. AMX per-call costs, all cores (JSON written first: a fault here keeps 1-3)
+        dump(res, args.json, t_start)
         if "amx" in sup:
             print(f"\nAMX per-call costs ({t} threads; us: prologue parts without jobs, then whole GEMM calls)")
             print(f"{'N':>3} {'fork':>6} {'f+cfg':>6} {'f+act':>6} {'all':>6} "
@@ -234,16 +242,47 @@ def main() -> None:
                 res["amx_call_costs"].append(row)
                 print(f"{n:>3} {oh['fork_us']:>6.1f} {oh['cfg_us']:>6.1f} {oh['act_us']:>6.1f} {oh['all_us']:>6.1f} "
                       + " ".join(cells), flush=True)
+            # the same AMX kernel without the per-call costs, through dispatch's loop (bench_gemm_multi)
+            print(f"\nAMX call variants ({t} threads; us per 2560 x 2560 call, then the 30-layer pass in ms)")
+            print(f"{'loop':>22} " + " ".join(f"{'N=' + str(n):>8}" for n in (2, 16, 32))
+                  + " " + " ".join(f"{'pass N=' + str(n):>11}" for n in PASS_NS))
+            for k in AMX_LOOPS:
+                row, cells = {"kernel": k, "threads": t}, []
+                for n in (2, 16, 32):
+                    q, s, sm = acts[(n, 2560)]
+                    us = timeit(lambda: _core.bench_gemm_multi(k, [mats[(2560, 2560)]], [1.0], q, s, sm), 5, 50,
+                                0.05) * 1e6
+                    row[f"call_2560x2560_N{n}_us"] = us
+                    cells.append(f"{us:>8.1f}")
+                for n in PASS_NS:
+                    qa = _core.quantize_act(rng.standard_normal((n, 2560)).astype(np.float32))
+                    qd = _core.quantize_act(rng.standard_normal((n, 6912)).astype(np.float32))
+
+                    def amx_pass():
+                        for L in layers:
+                            for key, qq in (("qkv", qa), ("o", qa), ("gu", qa), ("down", qd)):
+                                _core.bench_gemm_multi(k, L[key], [1.0] * len(L[key]), *qq)
+
+                    ms = timeit(amx_pass, 1, 4 if args.quick else 5, 0 if args.quick else 0.3) * 1e3
+                    row[f"pass_N{n}_ms"] = ms
+                    cells.append(f"{ms:>11.2f}")
+                res["amx_call_variants"].append(row)
+                print(f"{k:>22} " + " ".join(cells), flush=True)
+        del layers
     finally:
         _core.set_isa(prev_isa)
         _core.set_amx_variant(33)
         _core.set_num_threads(prev_thr)
         _core.set_amx_min_tokens(prev_min)
-    res["seconds"] = time.perf_counter() - t_start
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=1)
+    dump(res, args.json, t_start)
     print(f"\n{res['seconds']:.0f} s; wrote {args.json}")
+
+
+def dump(res: dict, path: str, t_start: float) -> None:
+    res["seconds"] = time.perf_counter() - t_start
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -57,21 +57,44 @@ constexpr int kAmxVariantBits = 1 | 8 | 16 | 32 | 64;
 // contract), run by bench_gemm_multi beside the shipped VNNI kernel.
 using TernaryFn = void (*)(const TernaryW&, const ActQ&, int, int, int, int, int32_t*);
 extern const TernaryFn kVnniWideKernels[3];
-const char* const kBenchTernaryNames[] = {"vnni", "vnni_w2x8", "vnni_w1x16", "vnni_w2x12"};
+// amx_keepcfg_amx.cpp: configure this thread's tiles unless they still are.
+void bench_amx_ensure_tiles();
 
-static TernaryFn bench_ternary_kernel(const std::string& name) {
-  if (name == kBenchTernaryNames[0]) return kAvx512VnniKernels.ternary;
-  for (int i = 1; i < 4; ++i)
-    if (name == kBenchTernaryNames[i]) return kVnniWideKernels[i - 1];
-  throw std::invalid_argument("bench ternary kernel: one of vnni, vnni_w2x8, vnni_w1x16, vnni_w2x12; got '" + name +
-                              "'");
+// bench_gemm_multi's kernels: VNNI tile functions (amx < 0), or the shipped AMX
+// kernel through dispatch's AMX loop with per-call cost options (amx bits:
+// 1 = tile config kept across calls, 2 = activation re-layout on the calling
+// thread before the parallel region, no barrier inside it).
+struct BenchKernel {
+  const char* name;
+  int amx;
+  int wide;  // index into kVnniWideKernels, -1 = the shipped VNNI tiles
+};
+constexpr BenchKernel kBenchKernels[] = {
+    {"vnni", -1, -1},   {"vnni_w2x8", -1, 0},       {"vnni_w1x16", -1, 1},       {"vnni_w2x12", -1, 2},
+    {"amx", 0, -1},     {"amx_keepcfg", 1, -1},     {"amx_serialact", 2, -1},    {"amx_keepcfg_serialact", 3, -1},
+};
+
+static const BenchKernel& bench_kernel(const std::string& name) {
+  std::string known;
+  for (const auto& k : kBenchKernels) {
+    if (name == k.name) return k;
+    known += (known.empty() ? "" : ", ") + std::string(k.name);
+  }
+  throw std::invalid_argument("bench kernel: one of " + known + "; got '" + name + "'");
 }
 
-// dispatch.cpp's non-AMX job loop (matrix x 32-row block x 64-token chunk,
-// dynamic schedule, serial below 2M MACs) with kernel fn, so the shipped and
-// the bench kernels are timed through the same driver.
-static void bench_ternary_multi(TernaryFn fn, const TernaryW* ws, int n_ws, const ActQ& a) {
-  constexpr int kRows = 32, kTok = 64;
+// dispatch.cpp's job loop (matrix x row block x 64-token chunk, dynamic
+// schedule, serial below 2M MACs) with the bench kernel k, so the shipped and
+// the bench kernels are timed through the same driver. AMX: 64-row jobs and
+// the shipped kernel's re-layout / tile config, changed only by k.amx's bits.
+static thread_local int8_t* t_bench_vb = nullptr;
+static thread_local size_t t_bench_cap = 0;
+
+static void bench_ternary_multi(const BenchKernel& k, const TernaryW* ws, int n_ws, const ActQ& a) {
+  const bool amx = k.amx >= 0, keep = amx && (k.amx & 1), serial_act = amx && (k.amx & 2);
+  const TernaryFn fn = amx ? nullptr : k.wide < 0 ? kAvx512VnniKernels.ternary : kVnniWideKernels[k.wide];
+  const KernelTable& t = kAmxKernels;
+  const int kRows = amx ? kAmxRowBlock : 32, kTok = 64;
   const int n_chunks = (a.N + kTok - 1) / kTok;
   std::vector<int> first(n_ws + 1, 0);
   int64_t macs = 0;
@@ -79,13 +102,45 @@ static void bench_ternary_multi(TernaryFn fn, const TernaryW* ws, int n_ws, cons
     first[i + 1] = first[i] + (ws[i].M + kRows - 1) / kRows * n_chunks;
     macs += (int64_t)ws[i].M * a.N * a.Kp;
   }
+  const int groups = (a.N + 15) / 16, steps = a.Kp / 64;
+  int8_t* vb = nullptr;
+  if (amx) {
+    const size_t need = (size_t)groups * 16 * a.Kp;
+    if (need > t_bench_cap) {
+      std::free(t_bench_vb);
+      t_bench_vb = (int8_t*)std::aligned_alloc(64, (need + 63) / 64 * 64);
+      t_bench_cap = t_bench_vb ? need : 0;
+      if (!t_bench_vb) throw std::bad_alloc();
+    }
+    vb = t_bench_vb;
+    if (serial_act)
+      for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
+  }
   const bool par = macs >= (int64_t(1) << 21) && omp_get_max_threads() > 1;
-#pragma omp parallel for schedule(dynamic, 1) if (par)
-  for (int job = 0; job < first[n_ws]; ++job) {
-    int i = 0;
-    while (job >= first[i + 1]) ++i;
-    const int j = job - first[i], m0 = j / n_chunks * kRows, n0 = j % n_chunks * kTok;
-    fn(ws[i], a, m0, std::min(ws[i].M, m0 + kRows), n0, std::min(a.N, n0 + kTok), nullptr);
+#pragma omp parallel if (par)
+  {
+    if (amx) {
+      if (!serial_act) {
+#pragma omp for schedule(static)
+        for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
+      }
+      if (keep)
+        bench_amx_ensure_tiles();
+      else
+        t.amx_begin();
+    }
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int job = 0; job < first[n_ws]; ++job) {
+      int i = 0;
+      while (job >= first[i + 1]) ++i;
+      const int j = job - first[i], m0 = j / n_chunks * kRows, n0 = j % n_chunks * kTok;
+      const int m1 = std::min(ws[i].M, m0 + kRows), n1 = std::min(a.N, n0 + kTok);
+      if (amx)
+        t.amx_ternary(ws[i], a, vb, m0, m1, n0, n1, nullptr);
+      else
+        fn(ws[i], a, m0, m1, n0, n1, nullptr);
+    }
+    if (amx && !keep) t.amx_end();
   }
 }
 
@@ -209,18 +264,20 @@ void register_bench(py::module_& m) {
   m.def(
       "bench_gemm_multi",
       [](const std::string& kernel, py::list ws, py::list wscales, I8 q, F32 s, I32 sum) {
-        const TernaryFn fn = bench_ternary_kernel(kernel);
-        require_isa("avx512vnni");
+        const BenchKernel& k = bench_kernel(kernel);
+        require_isa(k.amx >= 0 ? "amx" : "avx512vnni");
         MultiGemmArgs g(ws, wscales, q, s, sum);
         {
           py::gil_scoped_release nogil;
-          bench_ternary_multi(fn, g.tw.data(), (int)g.tw.size(), g.a);
+          bench_ternary_multi(k, g.tw.data(), (int)g.tw.size(), g.a);
         }
         return g.results();
       },
       py::arg("kernel"), py::arg("ws"), py::arg("wscales"), py::arg("q"), py::arg("s"), py::arg("sum"),
       "Bench builds: gemm_multi through bench kernel `kernel` (vnni = the shipped VNNI tiles, vnni_w2x8 / "
-      "vnni_w1x16 / vnni_w2x12 = csrc/bench/vnni_wide_avx512vnni.cpp), same job loop for all; needs avx512vnni");
+      "vnni_w1x16 / vnni_w2x12 = csrc/bench/vnni_wide_avx512vnni.cpp; amx = the shipped AMX kernel and call, "
+      "amx_keepcfg / amx_serialact / amx_keepcfg_serialact = the same without per-call tile config / without the "
+      "re-layout's barrier), dispatch's job loop for all; needs avx512vnni (amx*: amx)");
 }
 
 }  // namespace bitdlm
