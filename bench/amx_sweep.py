@@ -178,7 +178,7 @@ def main() -> None:
                         gemm(L["gu"], [1.0] * 2, *qa)
                         gemm(L["down"], [1.0], *qd)
 
-                med = timeit(one_pass, 2 if not args.quick else 1, 5 if not args.quick else 4, 0.3 if not args.quick else 0)
+                med = timeit(one_pass, *((1, 4, 0) if args.quick else (2, 5, 0.3)))
                 macs = macs_layer * N_LAYERS * n
                 res["pass_30_layers"].append({"config": label, "isa": isa, "variant": v, "threads": t, "N": n,
                                               "median_ms": med * 1e3, "TMACps": macs / med / 1e12})

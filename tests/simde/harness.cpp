@@ -4,7 +4,8 @@
 // on random and odd shapes; gemm_amx.cpp and the bench-only AMX variants
 // (csrc/bench/amx_variants_amx.cpp) too, with the AMX tiles emulated
 // (tests/simde/amx_emu.h, injected with -include by tests/test_kernels.py), and
-// the bench-only wide-token VNNI kernels (csrc/bench/vnni_wide_avx512vnni.cpp). Prints one line per failure and "OK <cases>";
+// the bench-only wide-token VNNI kernels (csrc/bench/vnni_wide_avx512vnni.cpp).
+// Prints one line per failure and "OK <cases>";
 // exit status 0 only if everything matched. Run by tests/test_kernels.py.
 #include <algorithm>
 #include <cmath>
