@@ -19,11 +19,28 @@ Needs the bench-only kernels: BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh
    for N = 8 and 32, back to back, per AMX variant and per ISA. Inputs are
    quantized once beforehand (the pass times GEMMs only); each GEMM call pays
    the Python binding (~10 us, 120 calls), which the forward (C++) does not.
+   Beside them (CPUs with avx512vnni) the Zen 4 path's bench kernels through
+   bench_gemm_multi's job loop (dispatch's non-AMX loop): "bench vnni" = the
+   shipped VNNI 4 x 4 tiles, "vnni_w2x8" / "vnni_w1x16" / "vnni_w2x12" = the
+   wide-token tiles of csrc/bench/vnni_wide_avx512vnni.cpp (R rows x T tokens
+   per unpacked row). Compare them with "bench vnni", not with the
+   avx512vnni row (same kernel, but the dispatcher's driver); then the same
+   kernels per 2B shape at N = 8, 16, 32 (which shapes gain).
 3. The int8 lm_head (128256 x 2560, 328 MB, streamed from DRAM) at N = 1, 8,
    32 on all cores: AMX (N <= 16: per-row prefetch; above: next row group
    prefetched into L2, paced; N = 1 runs the VNNI GEMV unless
    amx_min_tokens is 1, as here) beside the VNNI / AVX-512 / AVX2 ISAs, ms and
    GB/s of weights.
+4. AMX per-call costs (AMX CPUs, all cores): what an AMX GEMM call pays
+   besides its jobs (bench_amx_overheads: OpenMP fork + join, tile config +
+   release on every thread, the activation re-layout and its barrier, all of
+   them), beside whole calls of 2560 x 2560 and 640 x 2560 on amx and
+   avx512vnni at N = 2, 16, 32 (one AMX token tile at 2 and 16: the same job
+   work). Mean / median us. Then the shipped AMX kernel through
+   bench_gemm_multi's loops (amx = as dispatch calls it; amx_keepcfg = tile
+   config kept across calls; amx_serialact = re-layout on the calling thread
+   before the parallel region, no barrier in it; both): a 2560 x 2560 call at
+   N = 2, 16, 32 (us) and the 30-layer pass at N = 8, 32 (ms).
 Warm-up passes first (caches, AMX power state, OpenMP team); AMX rows are
 skipped where the CPU lacks AMX. Takes ~60 s on 16 threads.
 """
@@ -48,6 +65,11 @@ PASS_NS = [8, 32]
 LM_NS = [1, 8, 32]
 N_LAYERS = 30
 BASE_ISAS = ["avx512vnni", "avx512", "avx2"]
+# bench_gemm_multi kernels (avx512vnni CPUs): the shipped VNNI tiles, then the wide-token ones
+VNNI_WIDE = ["vnni", "vnni_w2x8", "vnni_w1x16", "vnni_w2x12"]
+# bench_gemm_multi's AMX loops (AMX CPUs): the shipped kernel and call, then without per-call tile
+# config, without the re-layout's barrier (re-laid out by the calling thread first), without both
+AMX_LOOPS = ["amx", "amx_keepcfg", "amx_serialact", "amx_keepcfg_serialact"]
 
 
 # the 81 bytes whose four 2-bit fields all lie in {0, 1, 2} (valid i2_b128 codes)
@@ -101,7 +123,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     res = {"supported_isas": sup, "cpus": os.cpu_count(), "amx_min_tokens": _core.amx_min_tokens(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "gemm": [], "pass_30_layers": [],
-           "lm_head_i8": []}
+           "lm_head_i8": [], "amx_call_costs": [], "vnni_tiles": [],
+           "amx_call_variants": []}
     t_start = time.perf_counter()
     try:
         # ---- 1. single GEMMs
@@ -137,9 +160,12 @@ def main() -> None:
                                              (6912, 2560), (2560, 6912)])
         print(f"\n30-layer pass ({t} threads; GEMMs only, forward order; ms and T MAC/s)")
         print(f"{'config':>12} " + " ".join(f"{'N=' + str(n):>16}" for n in PASS_NS))
-        for label, isa, v in cfgs:
+        wide = [(f"bench {k}" if k == "vnni" else k, "avx512vnni", k) for k in VNNI_WIDE] * ("avx512vnni" in sup)
+        for label, isa, v in cfgs + wide:
             _core.set_isa(isa)
-            _core.set_amx_variant(v)
+            _core.set_amx_variant(v if isinstance(v, int) else 33)
+            gemm = (lambda *a: _core.gemm_multi(*a)) if isinstance(v, int) else \
+                (lambda *a, k=v: _core.bench_gemm_multi(k, *a))
             cells = []
             for n in PASS_NS:
                 qa = _core.quantize_act(rng.standard_normal((n, 2560)).astype(np.float32))
@@ -147,18 +173,33 @@ def main() -> None:
 
                 def one_pass():
                     for L in layers:
-                        _core.gemm_multi(L["qkv"], [1.0] * 3, *qa)
-                        _core.gemm_multi(L["o"], [1.0], *qa)
-                        _core.gemm_multi(L["gu"], [1.0] * 2, *qa)
-                        _core.gemm_multi(L["down"], [1.0], *qd)
+                        gemm(L["qkv"], [1.0] * 3, *qa)
+                        gemm(L["o"], [1.0], *qa)
+                        gemm(L["gu"], [1.0] * 2, *qa)
+                        gemm(L["down"], [1.0], *qd)
 
-                med = timeit(one_pass, 2 if not args.quick else 1, 5 if not args.quick else 2, 0.3 if not args.quick else 0)
+                med = timeit(one_pass, *((1, 4, 0) if args.quick else (2, 5, 0.3)))
                 macs = macs_layer * N_LAYERS * n
                 res["pass_30_layers"].append({"config": label, "isa": isa, "variant": v, "threads": t, "N": n,
                                               "median_ms": med * 1e3, "TMACps": macs / med / 1e12})
                 cells.append(f"{med * 1e3:>9.2f} {macs / med / 1e12:>6.2f}")
             print(f"{label:>12} " + " ".join(cells), flush=True)
-        del layers
+
+        # ---- 2b. the wide-token VNNI tiles per shape (which shapes gain), all cores
+        if wide:
+            print(f"\nVNNI tiles per shape ({t} threads, bench_gemm_multi; us and T MAC/s)")
+            print(f"{'kernel':>12} {'M x K':>11} " + " ".join(f"{'N=' + str(n):>15}" for n in (8, 16, 32)))
+            for label, _, k in wide:
+                for (m, kk) in SHAPES:
+                    cells = []
+                    for n in (8, 16, 32):
+                        q, s, sm = acts[(n, kk)]
+                        med = timeit(lambda: _core.bench_gemm_multi(k, [mats[(m, kk)]], [1.0], q, s, sm), 2, 5, 0.02)
+                        macs = m * pad_k(kk) * n
+                        res["vnni_tiles"].append({"config": label, "kernel": k, "threads": t, "M": m, "K": kk, "N": n,
+                                                  "median_us": med * 1e6, "TMACps": macs / med / 1e12})
+                        cells.append(f"{med * 1e6:>8.1f} {macs / med / 1e12:>6.2f}")
+                    print(f"{label:>12} {m:>5}x{kk:<5} " + " ".join(cells), flush=True)
 
         # ---- 3. the int8 lm_head, all cores
         V, K = 128256, 2560
@@ -178,16 +219,70 @@ def main() -> None:
                                           "K": K, "median_ms": med * 1e3, "GBps": V * K / med / 1e9})
                 cells.append(f"{med * 1e3:>9.2f} {V * K / med / 1e9:>6.1f}")
             print(f"{label:>12} " + " ".join(cells), flush=True)
+        # ---- 4. AMX per-call costs, all cores (JSON written first: a fault here keeps 1-3)
+        dump(res, args.json, t_start)
+        if "amx" in sup:
+            print(f"\nAMX per-call costs ({t} threads; us: prologue parts without jobs, then whole GEMM calls)")
+            print(f"{'N':>3} {'fork':>6} {'f+cfg':>6} {'f+act':>6} {'all':>6} "
+                  + " ".join(f"{isa + ' ' + str(m):>15}" for isa in ("amx", "avx512vnni") for m in (2560, 640)))
+            for n in (2, 16, 32):
+                oh = _core.bench_amx_overheads(t, n, pad_k(2560), 500 if args.quick else 2000)
+                row = {"threads": t, "N": n, **oh}
+                q, s, sm = acts[(n, 2560)] if (n, 2560) in acts else _core.quantize_act(
+                    rng.standard_normal((n, 2560)).astype(np.float32))
+                cells = []
+                for isa in ("amx", "avx512vnni"):
+                    _core.set_isa(isa)
+                    _core.set_amx_variant(33)
+                    for m in (2560, 640):
+                        w = mats[(m, 2560)]
+                        us = timeit(lambda: _core.gemm(w, 1.0, q, s, sm), 5, 50, 0.05) * 1e6
+                        row[f"{isa}_{m}x2560_us"] = us
+                        cells.append(f"{us:>15.1f}")
+                res["amx_call_costs"].append(row)
+                print(f"{n:>3} {oh['fork_us']:>6.1f} {oh['cfg_us']:>6.1f} {oh['act_us']:>6.1f} {oh['all_us']:>6.1f} "
+                      + " ".join(cells), flush=True)
+            # the same AMX kernel without the per-call costs, through dispatch's loop (bench_gemm_multi)
+            print(f"\nAMX call variants ({t} threads; us per 2560 x 2560 call, then the 30-layer pass in ms)")
+            print(f"{'loop':>22} " + " ".join(f"{'N=' + str(n):>8}" for n in (2, 16, 32))
+                  + " " + " ".join(f"{'pass N=' + str(n):>11}" for n in PASS_NS))
+            for k in AMX_LOOPS:
+                row, cells = {"kernel": k, "threads": t}, []
+                for n in (2, 16, 32):
+                    q, s, sm = acts[(n, 2560)]
+                    us = timeit(lambda: _core.bench_gemm_multi(k, [mats[(2560, 2560)]], [1.0], q, s, sm), 5, 50,
+                                0.05) * 1e6
+                    row[f"call_2560x2560_N{n}_us"] = us
+                    cells.append(f"{us:>8.1f}")
+                for n in PASS_NS:
+                    qa = _core.quantize_act(rng.standard_normal((n, 2560)).astype(np.float32))
+                    qd = _core.quantize_act(rng.standard_normal((n, 6912)).astype(np.float32))
+
+                    def amx_pass():
+                        for L in layers:
+                            for key, qq in (("qkv", qa), ("o", qa), ("gu", qa), ("down", qd)):
+                                _core.bench_gemm_multi(k, L[key], [1.0] * len(L[key]), *qq)
+
+                    ms = timeit(amx_pass, 1, 4 if args.quick else 5, 0 if args.quick else 0.3) * 1e3
+                    row[f"pass_N{n}_ms"] = ms
+                    cells.append(f"{ms:>11.2f}")
+                res["amx_call_variants"].append(row)
+                print(f"{k:>22} " + " ".join(cells), flush=True)
+        del layers
     finally:
         _core.set_isa(prev_isa)
         _core.set_amx_variant(33)
         _core.set_num_threads(prev_thr)
         _core.set_amx_min_tokens(prev_min)
-    res["seconds"] = time.perf_counter() - t_start
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=1)
+    dump(res, args.json, t_start)
     print(f"\n{res['seconds']:.0f} s; wrote {args.json}")
+
+
+def dump(res: dict, path: str, t_start: float) -> None:
+    res["seconds"] = time.perf_counter() - t_start
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

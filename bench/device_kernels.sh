@@ -5,8 +5,9 @@
 # cross-ISA forward tests natively on every ISA this CPU has (AMX included
 # when present), then the benchmarks: bench/kernels.py (ceilings, per-ISA
 # GEMMs, the 30-layer decode pass vs the read bandwidth, lm_head),
-# bench/amx_sweep.py --quick (AMX variants, 30-layer pass at N = 8 / 32, int8
-# lm_head per ISA) and bench/forward.py on the 2B-shaped synthetic model
+# bench/amx_sweep.py --quick (AMX variants and the wide-token VNNI bench
+# kernels in the 30-layer pass at N = 8 / 32, int8 lm_head per ISA, AMX
+# per-call costs) and bench/forward.py on the 2B-shaped synthetic model
 # (int8 lm_head; amx at FWD_THREADS, avx512vnni = the Zen 4 path at 8 and 16).
 # With LLAMA_ARCHIVE (bench/llama_trim.py's llama-cpu.tar.gz) it then runs
 # bench/native_compare.py: bitdlm beside llama-bench at 1, 8 and 16 threads
@@ -53,7 +54,7 @@ step "bench/kernels.py: ceilings, GEMMs per ISA, 30-layer decode pass, lm_head (
 isas=$(python3 -c "from bitdlm import _core; print(','.join(i for i in ('amx', 'avx512vnni', 'avx2') if i in _core.supported_isas()))")
 timeout 150 python3 bench/kernels.py --isas "$isas" --threads "$(nproc)" --json "$OUT/kernels.json" || status=1
 
-step "bench/amx_sweep.py --quick (AMX variants, 30-layer pass, int8 lm_head per ISA)"
+step "bench/amx_sweep.py --quick (AMX variants + wide VNNI tiles in the 30-layer pass, int8 lm_head, AMX call costs)"
 timeout 90 python3 bench/amx_sweep.py --quick --threads "$(nproc)" --json "$OUT/amx_sweep.json" || status=1
 
 step "bench/forward.py (2B synthetic, int8 lm_head, 512 / 2048 cached)"

@@ -23,7 +23,11 @@ BENCH = bool(_core.build_info().get("bench_kernels"))
 # the kernel distinguishes)
 AMX_VARIANTS = [None] + ([0, 1, 1 | 8, 1 | 16, 1 | 8 | 16, 32, 32 | 8 | 16, 64, 64 | 8 | 16] if BENCH else [])
 _BENCH_NAMES = ("bench_peak_int8", "bench_peak_vnni", "bench_peak_amx", "bench_bandwidth", "set_amx_variant",
-                "get_amx_variant")
+                "get_amx_variant", "bench_gemm_multi", "bench_amx_overheads")
+# bench builds: bench_gemm_multi's kernels bench/amx_sweep.py times: the wide-token VNNI tiles
+# (csrc/bench/vnni_wide_avx512vnni.cpp) and the AMX call without per-call tile config / re-layout barrier
+BENCH_MULTI = ["vnni", "vnni_w2x8", "vnni_w1x16", "vnni_w2x12",
+               "amx", "amx_keepcfg", "amx_serialact", "amx_keepcfg_serialact"]
 
 
 def test_bench_kernels_only_in_bench_builds():
@@ -347,6 +351,43 @@ def test_bitdlm_isa_env_override():
     assert best.stdout.strip() == ISAS[-1]
 
 
+@pytest.mark.skipif(not BENCH, reason="needs a bench build (BITDLM_BENCH_KERNELS=1)")
+@pytest.mark.parametrize("kernel", BENCH_MULTI)
+@pytest.mark.parametrize("n", [8, 13, 16, 24, 32, 33, 64, 70])
+def test_bench_multi_kernels_bit_exact_vs_scalar(n, kernel):
+    """Natively: bench_gemm_multi's kernels (the wide-token VNNI tiles; the shipped AMX kernel with
+    the tile config kept across calls / the re-layout before the parallel region), 2 threads, give
+    the scalar floats bit for bit (y = dot / s_a with |dot| < 2^21, so equal floats mean equal int32
+    dots), several matrices in one call, K with slices. Elsewhere the SIMDe harness checks the VNNI
+    tiles and the AMX kernel."""
+    need = "amx" if kernel.startswith("amx") else "avx512vnni"
+    if need not in ISAS:
+        pytest.skip(f"needs the {need} ISA (checked under SIMDe elsewhere)")
+    rng = np.random.default_rng(n)
+    k = 6912 if n in (16, 33) else 2560
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    x[:, ::97] *= 9.0
+    q, s, sums = _ref_act(x)
+    mats = [pack_i2(rng.integers(-1, 2, size=(m, k), dtype=np.int8)) for m in (45, 17, 96)]
+    prev, prev_threads = _core.active_isa(), _core.get_max_threads()
+    try:
+        _core.set_isa("scalar")
+        ref = _core.gemm_multi(mats, [1.0] * 3, q, s, sums)
+        _core.set_num_threads(2)
+        got = _core.bench_gemm_multi(kernel, mats, [1.0] * 3, q, s, sums)
+        if kernel.startswith("amx"):  # again after a shipped AMX call released the tiles
+            _core.set_isa("amx")
+            _core.gemm_multi(mats, [1.0] * 3, q, s, sums)
+            again = _core.bench_gemm_multi(kernel, mats, [1.0] * 3, q, s, sums)
+            for a, b in zip(got, again):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        _core.set_isa(prev)
+        _core.set_num_threads(prev_threads)
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------- AMX
 
 _NO_AMX = "this CPU has no AMX-INT8 (or Linux refused the tile state); the AMX kernel is checked under SIMDe + emulation"
@@ -435,7 +476,8 @@ def test_bitdlm_isa_amx_clear_error_without_amx():
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SIMDE_SOURCES = ["tests/simde/harness.cpp", "csrc/kernels/gemm_avx512.cpp", "csrc/kernels/gemm_avx512vnni.cpp",
-                  "csrc/kernels/gemm_amx.cpp", "csrc/bench/amx_variants_amx.cpp", "csrc/kernels/gemm_scalar.cpp"]
+                  "csrc/kernels/gemm_amx.cpp", "csrc/bench/amx_variants_amx.cpp", "csrc/bench/vnni_wide_avx512vnni.cpp",
+                  "csrc/kernels/gemm_scalar.cpp"]
 _SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csrc/kernels/isa.h",
                   "csrc/kernels/ternary_driver.h", "csrc/kernels/lm_driver.h", "csrc/kernels/epilogue.h",
                   "csrc/kernels/amx_tiles.h",

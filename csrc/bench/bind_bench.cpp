@@ -1,12 +1,20 @@
 // Python bindings of the bench-only kernels (BITDLM_BENCH_KERNELS builds:
-// bench/kernels.py's machine ceilings, bench/amx_sweep.py's AMX variants).
+// bench/kernels.py's machine ceilings, bench/amx_sweep.py's AMX variants and
+// wide-token VNNI kernels).
 // The shipped module has none of these.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <new>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "kernels/bind_multi.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 
@@ -15,6 +23,9 @@ namespace py = pybind11;
 namespace bitdlm {
 
 using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 // bench_avx2.cpp (AVX2 flags): only called when the CPU has AVX2.
 double bench_peak_int8_avx2(int threads, int64_t iters);
@@ -42,7 +53,161 @@ extern const AmxTernaryFn kAmxVariantTiles;
 constexpr int kAmxShipped = 1 | 32;        // = gemm_amx.cpp's kernel, kAmxRowBlock rows
 constexpr int kAmxVariantBits = 1 | 8 | 16 | 32 | 64;
 
+// vnni_wide_avx512vnni.cpp: wide-token VNNI ternary kernels (KernelTable::ternary
+// contract), run by bench_gemm_multi beside the shipped VNNI kernel.
+using TernaryFn = void (*)(const TernaryW&, const ActQ&, int, int, int, int, int32_t*);
+extern const TernaryFn kVnniWideKernels[3];
+// amx_keepcfg_amx.cpp: configure this thread's tiles unless they still are.
+void bench_amx_ensure_tiles();
+
+// bench_gemm_multi's kernels: VNNI tile functions (amx < 0), or the shipped AMX
+// kernel through dispatch's AMX loop with per-call cost options (amx bits:
+// 1 = tile config kept across calls, 2 = activation re-layout on the calling
+// thread before the parallel region, no barrier inside it).
+struct BenchKernel {
+  const char* name;
+  int amx;
+  int wide;  // index into kVnniWideKernels, -1 = the shipped VNNI tiles
+};
+constexpr BenchKernel kBenchKernels[] = {
+    {"vnni", -1, -1},   {"vnni_w2x8", -1, 0},       {"vnni_w1x16", -1, 1},       {"vnni_w2x12", -1, 2},
+    {"amx", 0, -1},     {"amx_keepcfg", 1, -1},     {"amx_serialact", 2, -1},    {"amx_keepcfg_serialact", 3, -1},
+};
+
+static const BenchKernel& bench_kernel(const std::string& name) {
+  std::string known;
+  for (const auto& k : kBenchKernels) {
+    if (name == k.name) return k;
+    known += (known.empty() ? "" : ", ") + std::string(k.name);
+  }
+  throw std::invalid_argument("bench kernel: one of " + known + "; got '" + name + "'");
+}
+
+// dispatch.cpp's job loop (matrix x row block x 64-token chunk, dynamic
+// schedule, serial below 2M MACs) with the bench kernel k, so the shipped and
+// the bench kernels are timed through the same driver. AMX: 64-row jobs and
+// the shipped kernel's re-layout / tile config, changed only by k.amx's bits.
+static thread_local int8_t* t_bench_vb = nullptr;
+static thread_local size_t t_bench_cap = 0;
+
+static void bench_ternary_multi(const BenchKernel& k, const TernaryW* ws, int n_ws, const ActQ& a) {
+  const bool amx = k.amx >= 0, keep = amx && (k.amx & 1), serial_act = amx && (k.amx & 2);
+  const TernaryFn fn = amx ? nullptr : k.wide < 0 ? kAvx512VnniKernels.ternary : kVnniWideKernels[k.wide];
+  const KernelTable& t = kAmxKernels;
+  const int kRows = amx ? kAmxRowBlock : 32, kTok = 64;
+  const int n_chunks = (a.N + kTok - 1) / kTok;
+  std::vector<int> first(n_ws + 1, 0);
+  int64_t macs = 0;
+  for (int i = 0; i < n_ws; ++i) {
+    first[i + 1] = first[i] + (ws[i].M + kRows - 1) / kRows * n_chunks;
+    macs += (int64_t)ws[i].M * a.N * a.Kp;
+  }
+  const int groups = (a.N + 15) / 16, steps = a.Kp / 64;
+  int8_t* vb = nullptr;
+  if (amx) {
+    const size_t need = (size_t)groups * 16 * a.Kp;
+    if (need > t_bench_cap) {
+      std::free(t_bench_vb);
+      t_bench_vb = (int8_t*)std::aligned_alloc(64, (need + 63) / 64 * 64);
+      t_bench_cap = t_bench_vb ? need : 0;
+      if (!t_bench_vb) throw std::bad_alloc();
+    }
+    vb = t_bench_vb;
+    if (serial_act)
+      for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
+  }
+  const bool par = macs >= (int64_t(1) << 21) && omp_get_max_threads() > 1;
+#pragma omp parallel if (par)
+  {
+    if (amx) {
+      if (!serial_act) {
+#pragma omp for schedule(static)
+        for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
+      }
+      if (keep)
+        bench_amx_ensure_tiles();
+      else
+        t.amx_begin();
+    }
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int job = 0; job < first[n_ws]; ++job) {
+      int i = 0;
+      while (job >= first[i + 1]) ++i;
+      const int j = job - first[i], m0 = j / n_chunks * kRows, n0 = j % n_chunks * kTok;
+      const int m1 = std::min(ws[i].M, m0 + kRows), n1 = std::min(a.N, n0 + kTok);
+      if (amx)
+        t.amx_ternary(ws[i], a, vb, m0, m1, n0, n1, nullptr);
+      else
+        fn(ws[i], a, m0, m1, n0, n1, nullptr);
+    }
+    if (amx && !keep) t.amx_end();
+  }
+}
+
+// What run_ternary's AMX path costs per call besides its jobs, on `threads`
+// threads for N tokens x Kp (issue 19: AMX took ~15 us more per call than the
+// VNNI GEMV in K1). Each stage is timed as a whole parallel region, mean us
+// over `reps` calls: fork (empty region = OpenMP fork + join), cfg (+ every
+// thread's amx_begin / amx_end: tile config and release), act (+ the
+// activation re-layout, split over threads, and its barrier), all (both, =
+// the prologue and epilogue of one AMX GEMM call without its jobs).
+static py::dict amx_overheads(int threads, int N, int Kp, int reps) {
+  const KernelTable& t = kAmxKernels;
+  const int groups = (N + 15) / 16, steps = Kp / 64;
+  std::vector<int8_t> q((size_t)N * Kp, 3);
+  std::vector<float> sc(N, 1.f);
+  std::vector<int32_t> sum(N, 0);
+  const ActQ a{q.data(), sc.data(), sum.data(), N, Kp};
+  const size_t bytes = (size_t)groups * 16 * Kp;
+  int8_t* vb = (int8_t*)std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (!vb) throw std::bad_alloc();
+  auto region = [&](bool cfg, bool act) {
+    const double t0 = omp_get_wtime();
+    for (int r = 0; r < reps; ++r) {
+#pragma omp parallel num_threads(threads)
+      {
+        if (act) {
+#pragma omp for schedule(static)
+          for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
+        }
+        if (cfg) {
+          t.amx_begin();
+          t.amx_end();
+        }
+      }
+    }
+    return (omp_get_wtime() - t0) / reps * 1e6;
+  };
+  double fork, cfg, act, all;
+  {
+    py::gil_scoped_release nogil;
+    region(true, true);  // warm-up: thread pool, tile state
+    fork = region(false, false);
+    cfg = region(true, false);
+    act = region(false, true);
+    all = region(true, true);
+  }
+  std::free(vb);
+  py::dict d;
+  d["fork_us"] = fork;
+  d["cfg_us"] = cfg;
+  d["act_us"] = act;
+  d["all_us"] = all;
+  return d;
+}
+
 void register_bench(py::module_& m) {
+  m.def(
+      "bench_amx_overheads",
+      [](int threads, int n, int kp, int reps) {
+        require_isa("amx");
+        if (threads < 1 || n < 1 || reps < 1 || kp < 128 || kp % 128)
+          throw std::invalid_argument("threads, n, reps >= 1 and kp a positive multiple of 128");
+        return amx_overheads(threads, n, kp, reps);
+      },
+      py::arg("threads"), py::arg("n"), py::arg("kp") = 2560, py::arg("reps") = 2000,
+      "Bench builds, AMX CPUs: mean us per call of the AMX GEMM's fork, tile config, activation re-layout "
+      "(+ barrier) and all of them, without the jobs");
   m.def(
       "bench_peak_int8",
       [](int threads, int64_t iters) {
@@ -96,6 +261,23 @@ void register_bench(py::module_& m) {
       "Bench builds: run the AMX ternary GEMMs through variant `variant` (bit flags, csrc/bench/amx_variants_amx.cpp;"
       " 33 = the shipped kernel). Not thread-safe against concurrent GEMM calls");
   m.def("get_amx_variant", []() { return g_amx_bench_variant; });
+  m.def(
+      "bench_gemm_multi",
+      [](const std::string& kernel, py::list ws, py::list wscales, I8 q, F32 s, I32 sum) {
+        const BenchKernel& k = bench_kernel(kernel);
+        require_isa(k.amx >= 0 ? "amx" : "avx512vnni");
+        MultiGemmArgs g(ws, wscales, q, s, sum);
+        {
+          py::gil_scoped_release nogil;
+          bench_ternary_multi(k, g.tw.data(), (int)g.tw.size(), g.a);
+        }
+        return g.results();
+      },
+      py::arg("kernel"), py::arg("ws"), py::arg("wscales"), py::arg("q"), py::arg("s"), py::arg("sum"),
+      "Bench builds: gemm_multi through bench kernel `kernel` (vnni = the shipped VNNI tiles, vnni_w2x8 / "
+      "vnni_w1x16 / vnni_w2x12 = csrc/bench/vnni_wide_avx512vnni.cpp; amx = the shipped AMX kernel and call, "
+      "amx_keepcfg / amx_serialact / amx_keepcfg_serialact = the same without per-call tile config / without the "
+      "re-layout's barrier), dispatch's job loop for all; needs avx512vnni (amx*: amx)");
 }
 
 }  // namespace bitdlm

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/bind_multi.h"
 #include "kernels/gemm.h"
 
 namespace py = pybind11;
@@ -124,30 +125,12 @@ void register_kernels(py::module_& m) {
   m.def(
       "gemm_multi",
       [](py::list ws, py::list wscales, I8 q, F32 s, I32 sum) {
-        if (q.ndim() != 2) throw std::invalid_argument("q must be [N, Kp]");
-        const int N = (int)q.shape(0), Kp = (int)q.shape(1);
-        if (Kp % kKBlock) throw std::invalid_argument("q must be [N, Kp], Kp % 128 == 0");
-        if (sum.size() != N || s.size() != N) throw std::invalid_argument("scale and sum must have N entries");
-        if (ws.size() != wscales.size()) throw std::invalid_argument("one scale per matrix");
-        std::vector<U8> keep;
-        std::vector<F32> outs;
-        std::vector<TernaryW> tw;
-        for (size_t i = 0; i < ws.size(); ++i) {
-          U8 w = py::cast<U8>(ws[i]);
-          if (w.ndim() != 2 || w.shape(1) * 4 != Kp) throw std::invalid_argument("every w must be [M, Kp/4]");
-          F32 y({N, (int)w.shape(0)});
-          tw.push_back(TernaryW{w.data(), (int)w.shape(0), py::cast<float>(wscales[i]), y.mutable_data(), (int)w.shape(0)});
-          keep.push_back(w);
-          outs.push_back(y);
-        }
-        ActQ a{q.data(), s.data(), sum.data(), N, Kp};
+        MultiGemmArgs g(ws, wscales, q, s, sum);
         {
           py::gil_scoped_release nogil;
-          gemm_i2_i8(tw.data(), (int)tw.size(), a);
+          gemm_i2_i8(g.tw.data(), (int)g.tw.size(), g.a);
         }
-        py::list res;
-        for (auto& y : outs) res.append(y);
-        return res;
+        return g.results();
       },
       py::arg("ws"), py::arg("wscales"), py::arg("q"), py::arg("s"), py::arg("sum"),
       "Several ternary GEMMs sharing one quantized input, in one parallel region -> list of [N, M_i]");

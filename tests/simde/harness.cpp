@@ -3,7 +3,9 @@
 // (-DBITDLM_SIMDE, no -mavx512 flags) and compared with the scalar reference
 // on random and odd shapes; gemm_amx.cpp and the bench-only AMX variants
 // (csrc/bench/amx_variants_amx.cpp) too, with the AMX tiles emulated
-// (tests/simde/amx_emu.h, injected with -include by tests/test_kernels.py). Prints one line per failure and "OK <cases>";
+// (tests/simde/amx_emu.h, injected with -include by tests/test_kernels.py), and
+// the bench-only wide-token VNNI kernels (csrc/bench/vnni_wide_avx512vnni.cpp).
+// Prints one line per failure and "OK <cases>";
 // exit status 0 only if everything matched. Run by tests/test_kernels.py.
 #include <algorithm>
 #include <cmath>
@@ -20,6 +22,8 @@ namespace bitdlm {
 // csrc/bench/amx_variants_amx.cpp (bench-only AMX variants, compiled in here too)
 extern int g_amx_bench_variant;
 extern const AmxTernaryFn kAmxVariantTiles;
+// csrc/bench/vnni_wide_avx512vnni.cpp (bench-only wide-token VNNI kernels: 2x8, 1x16, 2x12)
+extern const decltype(KernelTable::ternary) kVnniWideKernels[3];
 }  // namespace bitdlm
 
 static uint64_t g_state = 0x9E3779B97F4A7C15ull;
@@ -269,6 +273,20 @@ int main(int argc, char** argv) {
     check_i8(*t, 9, 700, 35);    // two token chunks
     check_i8(*t, 6, 3000, 1);    // decode tile
     check_f16(*t, 3, 1, 1);
+  }
+  // wide-token VNNI kernels: token tiles of T plus 8-token and shipped tails,
+  // 32-row panels with R-row tails, K slices (T x Kp > 24 KiB), int32 worst cases
+  const char* wide_names[] = {"vnni_w2x8", "vnni_w1x16", "vnni_w2x12"};
+  for (int i = 0; i < 3; ++i) {
+    KernelTable t = kAvx512VnniKernels;
+    t.name = wide_names[i];
+    t.ternary = kVnniWideKernels[i];
+    for (int N : {8, 9, 12, 16, 17, 25, 32, 33}) check_ternary(t, 13, 257, N, -128, 127);
+    check_ternary(t, 70, 384, 32, -128, 127);   // 3 panels, odd row tail (with the halves split)
+    check_ternary(t, 7, 2560, 32, -128, 127);   // K slices for T = 12 / 16
+    check_ternary(t, 5, 6912, 17, -128, 127);   // K slices for every T (down_proj), tails
+    check_ternary(t, 3, 6912, 16, 127, 127);    // long rows, extreme activations
+    check_ternary(t, 3, 6912, 16, -128, -128);
   }
   std::printf("%s %d cases, %d failed\n", g_fail ? "FAILED" : "OK", g_cases, g_fail);
   return g_fail ? 1 : 0;
