@@ -398,7 +398,7 @@ _SIMDE_SOURCES = ["tests/simde/harness.cpp", "csrc/kernels/gemm_avx512.cpp", "cs
                   "csrc/kernels/gemm_amx.cpp", "csrc/kernels/gemm_scalar.cpp"]
 _SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csrc/kernels/isa.h",
                   "csrc/kernels/ternary_driver.h", "csrc/kernels/lm_driver.h", "csrc/kernels/epilogue.h",
-                  "tests/simde/amx_emu.h",
+                  "tests/simde/amx_emu.h", "tests/kernel_checks.h",
                   "csrc/kernels/gemm.h"]
 
 
