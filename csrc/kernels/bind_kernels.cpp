@@ -20,6 +20,7 @@ using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using U16 = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
 using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
+#if defined(__x86_64__)  // the machine benchmarks are x86-64 code (bench_*.cpp)
 // bench_avx2.cpp (AVX2 flags): only called when the CPU has AVX2.
 double bench_peak_int8_avx2(int threads, int64_t iters);
 double bench_read_bw_avx2(const uint8_t* buf, size_t bytes, int threads, int reps);
@@ -39,8 +40,10 @@ static void require_avx2() {
     if (n == "avx2") return;
   throw std::runtime_error("the machine benchmarks need an AVX2 CPU");
 }
+#endif
 
 void register_kernels(py::module_& m) {
+#if defined(__x86_64__)
   m.def(
       "bench_peak_int8",
       [](int threads, int64_t iters) {
@@ -78,6 +81,7 @@ void register_kernels(py::module_& m) {
         return bench_read_bw_avx2(buf.data(), (size_t)buf.size(), threads, reps);
       },
       py::arg("buf"), py::arg("threads"), py::arg("reps") = 1, "read bytes/s streaming `buf` on `threads` threads");
+#endif
 
   m.def("active_isa", &active_isa, "Kernel ISA picked by the dispatcher");
   m.def("supported_isas", &supported_isas, "ISAs this CPU can run, best last");
