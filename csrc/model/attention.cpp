@@ -111,6 +111,8 @@ const AttnKernels& attn_kernels(Isa isa) {
 #if defined(__x86_64__)
       {Isa::kAvx2, &kAttnAvx2},
       {Isa::kAvx512, &kAttnAvx512Own},
+#elif defined(__aarch64__)
+      {Isa::kNeon, &kAttnNeon},
 #endif
   };
   return tables[isa];

@@ -9,7 +9,7 @@ namespace bitdlm {
 
 // Hot loops of attention, one table per ISA (attention.cpp: portable,
 // attention_avx2.cpp: AVX2 + FMA + F16C, attention_avx512.cpp: AVX-512 for the
-// tiled path), indexed by the kernels' active_isa_id().
+// tiled path; aarch64: attention_neon.cpp), indexed by the kernels' active_isa_id().
 //
 // attention() works on tiles: R query rows (a few queries x the query heads
 // sharing one KV head, copied into a contiguous [R, d] block) against key tiles
@@ -51,6 +51,8 @@ extern const AttnKernels kAttnPortable;
 #if defined(__x86_64__)
 extern const AttnKernels kAttnAvx2;
 extern const AttnKernels kAttnAvx512Own;  // AVX-512 (attention_avx512.cpp): its own tiled-path kernels
+#elif defined(__aarch64__)
+extern const AttnKernels kAttnNeon;  // attention_neon.cpp (every ARM level; softmax portable)
 #endif
 // The table of an ISA level (active_isa_id(); levels without their own use the best lower one).
 const AttnKernels& attn_kernels(Isa isa);
