@@ -6,7 +6,13 @@ libraries), so the references are made on the x86 side and carried over:
     # x86-64, torch + transformers installed: write the cases
     PYTHONPATH=python:tests python3 tests/arm/forward_check.py export /tmp/arm_cases
     # aarch64 Python (e.g. under qemu-aarch64) with the aarch64 bitdlm._core: check them
-    PYTHONPATH=python:tests python3 tests/arm/forward_check.py check /tmp/arm_cases
+    OMP_NUM_THREADS=1 PYTHONPATH=python:tests python3 tests/arm/forward_check.py check /tmp/arm_cases
+
+Under qemu-aarch64 run it with OMP_NUM_THREADS=1: with 2 threads (the
+dynamically linked libgomp) the run crawled (15 CPU-minutes without finishing
+the first case, not diagnosed); with 1 thread it takes 13 s. The threaded
+GEMM drivers are checked under qemu by tests/arm/harness.cpp (static libgomp,
+3 threads).
 
 A case is one of tests/test_forward.py's SHAPES with both lm_heads, its
 _core.Model arguments (built by test_forward.to_core straight from the HF
