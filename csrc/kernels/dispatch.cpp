@@ -1,11 +1,20 @@
-// The one dispatch point: picks a kernel table from cpuid, overridable with
-// BITDLM_ISA=scalar|avx2|avx512|avx512vnni|amx, and owns the OpenMP parallelism
-// (one parallel region per call; the ISA kernels are single-threaded tiles).
-// Compiled WITHOUT ISA flags: it must run on any x86-64 CPU.
-#include <cpuid.h>
+// The one dispatch point: picks the ISA level from the CPU's features
+// (cpuid on x86-64; HWCAP on Linux / sysctl on macOS on aarch64), overridable
+// with BITDLM_ISA (a name of isa_name()), owns the ISA names, registers the
+// GEMM kernel tables and owns the OpenMP parallelism (one parallel region per
+// call; the ISA kernels are single-threaded tiles).
+// Compiled WITHOUT ISA flags: it must run on any CPU of the target architecture.
 #include <omp.h>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#elif defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#elif defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
 
 #include <cerrno>
 
@@ -18,16 +27,21 @@
 #include <new>
 
 #include "kernels/isa.h"
+#include "kernels/isa_table.h"
 
 namespace bitdlm {
 
 namespace {
 
-// Each candidate says why this machine cannot run it (nullptr: it can).
-struct Candidate {
-  const KernelTable* table;
+// A level's name and why this machine cannot run it (nullptr: it can).
+struct Level {
+  const char* name;
   const char* (*unsupported)();
 };
+
+const char* why_any() { return nullptr; }
+
+#if defined(__x86_64__)
 
 bool has_avx2() {
   __builtin_cpu_init();
@@ -39,7 +53,6 @@ bool has_avx512() {
 }
 bool has_avx512vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
 
-const char* why_any() { return nullptr; }
 const char* why_avx2() { return has_avx2() ? nullptr : "cpuid has no AVX2/FMA/F16C"; }
 const char* why_avx512() { return has_avx512() ? nullptr : "cpuid has no AVX-512 F/BW/VL/DQ"; }
 const char* why_avx512vnni() { return has_avx512vnni() ? nullptr : "cpuid has no AVX-512 VNNI"; }
@@ -61,50 +74,85 @@ const char* why_amx() {
   return refused.empty() ? nullptr : refused.c_str();
 }
 
-// Worst to best; each level's CPUs also run every level below it.
-const Candidate kCandidates[] = {
-    {&kScalarKernels, &why_any},         {&kAvx2Kernels, &why_avx2}, {&kAvx512Kernels, &why_avx512},
-    {&kAvx512VnniKernels, &why_avx512vnni}, {&kAmxKernels, &why_amx},
-};
-constexpr int kNum = (int)(sizeof kCandidates / sizeof kCandidates[0]);
-static_assert(kNum == (int)Isa::kNumIsa, "one candidate per Isa level");
+// Worst to best, in Isa order.
+const Level kLevels[] = {{"scalar", &why_any},         {"avx2", &why_avx2}, {"avx512", &why_avx512},
+                         {"avx512vnni", &why_avx512vnni}, {"amx", &why_amx}};
 
-// The tables with their missing entries filled from the level below (e.g. the
-// AVX-512 quantizer is AVX2's, AMX's decode GEMV is AVX-512 VNNI's), so a call
-// never tests for nullptr. Built once, when the first ISA is chosen.
-KernelTable g_resolved[kNum];
+const IsaTable<KernelTable>& kernel_tables() {
+  static const IsaTable<KernelTable> t{{Isa::kScalar, &kScalarKernels},
+                                       {Isa::kAvx2, &kAvx2Kernels},
+                                       {Isa::kAvx512, &kAvx512Kernels},
+                                       {Isa::kAvx512Vnni, &kAvx512VnniKernels},
+                                       {Isa::kAmx, &kAmxKernels}};
+  return t;
+}
 
-void resolve_tables() {
-  static const bool done = [] {
-    for (int i = 0; i < kNum; ++i) {
-      KernelTable t = *kCandidates[i].table;
-      if (i > 0) {
-        const KernelTable& lo = g_resolved[i - 1];
-        if (!t.ternary) t.ternary = lo.ternary;
-        if (!t.f16) t.f16 = lo.f16;
-        if (!t.i8) t.i8 = lo.i8;
-        if (!t.quantize) t.quantize = lo.quantize;
-      }
-      g_resolved[i] = t;
-    }
-    return true;
-  }();
-  (void)done;
+#elif defined(__aarch64__)
+
+// Advanced SIMD is part of ARMv8-A (every aarch64 CPU has it); SDOT and SMMLA
+// are optional: Linux reports them in the aux vector, macOS in sysctl.
+#if defined(__linux__)
+bool has_dotprod() { return getauxval(AT_HWCAP) & (1ul << 20); }  // HWCAP_ASIMDDP
+bool has_i8mm() { return getauxval(AT_HWCAP2) & (1ul << 13); }    // HWCAP2_I8MM
+#elif defined(__APPLE__)
+bool sysctl_flag(const char* name) {
+  int v = 0;
+  size_t n = sizeof v;
+  return sysctlbyname(name, &v, &n, nullptr, 0) == 0 && v != 0;
+}
+bool has_dotprod() { return sysctl_flag("hw.optional.arm.FEAT_DotProd"); }
+bool has_i8mm() { return sysctl_flag("hw.optional.arm.FEAT_I8MM"); }
+#else
+bool has_dotprod() { return false; }
+bool has_i8mm() { return false; }
+#endif
+
+const char* why_dotprod() { return has_dotprod() ? nullptr : "the CPU reports no dot product (asimddp)"; }
+const char* why_i8mm() {
+  return !has_dotprod() ? "the CPU reports no dot product (asimddp)"
+                        : has_i8mm() ? nullptr : "the CPU reports no int8 matrix multiply (i8mm)";
+}
+
+const Level kLevels[] = {{"scalar", &why_any}, {"neon", &why_any}, {"dotprod", &why_dotprod}, {"i8mm", &why_i8mm}};
+
+const IsaTable<KernelTable>& kernel_tables() {
+  static const IsaTable<KernelTable> t{{Isa::kScalar, &kScalarKernels},
+                                       {Isa::kNeon, &kNeonKernels},
+                                       {Isa::kDotprod, &kDotprodKernels},
+                                       {Isa::kI8mm, &kI8mmKernels}};
+  return t;
+}
+
+#else
+
+const Level kLevels[] = {{"scalar", &why_any}};
+
+const IsaTable<KernelTable>& kernel_tables() {
+  static const IsaTable<KernelTable> t{{Isa::kScalar, &kScalarKernels}};
+  return t;
+}
+
+#endif
+
+constexpr int kNum = (int)(sizeof kLevels / sizeof kLevels[0]);
+static_assert(kNum == (int)Isa::kNumIsa, "one name per Isa level");
+
+std::string supported_list() {
+  std::string sup;
+  for (auto& n : supported_isas()) sup += (sup.empty() ? "" : ", ") + n;
+  return sup;
 }
 
 int find(const std::string& name) {
   std::string known;
   for (int i = 0; i < kNum; ++i) {
-    if (name == kCandidates[i].table->name) {
-      if (const char* why = kCandidates[i].unsupported()) {
-        std::string sup;
-        for (auto& n : supported_isas()) sup += (sup.empty() ? "" : ", ") + n;
+    if (name == kLevels[i].name) {
+      if (const char* why = kLevels[i].unsupported())
         throw std::invalid_argument("ISA '" + name + "' is not supported by this CPU (" + why +
-                                    "; supported: " + sup + ")");
-      }
+                                    "; supported: " + supported_list() + ")");
       return i;
     }
-    known += (known.empty() ? "" : "|") + std::string(kCandidates[i].table->name);
+    known += (known.empty() ? "" : "|") + std::string(kLevels[i].name);
   }
   throw std::invalid_argument("unknown ISA '" + name + "' (expected " + known + ")");
 }
@@ -120,7 +168,7 @@ int pick() {
   }
   int best = 0;
   for (int i = 0; i < kNum; ++i)
-    if (!kCandidates[i].unsupported()) best = i;
+    if (!kLevels[i].unsupported()) best = i;
   return best;
 }
 
@@ -129,14 +177,13 @@ std::atomic<int> g_isa{-1};
 int isa_index() {
   int i = g_isa.load(std::memory_order_acquire);
   if (i < 0) {
-    resolve_tables();
     i = pick();  // throws on a bad BITDLM_ISA, again at every call
     g_isa.store(i, std::memory_order_release);
   }
   return i;
 }
 
-const KernelTable& table() { return g_resolved[isa_index()]; }
+const KernelTable& table() { return kernel_tables().active(); }
 
 // Below this many multiply-accumulates a call runs on one thread: waking the
 // team costs more than it saves.
@@ -144,14 +191,18 @@ constexpr int64_t kParallelMacs = int64_t(1) << 21;
 
 }  // namespace
 
-const char* active_isa() { return table().name; }
+const char* isa_name(Isa isa) { return kLevels[(int)isa].name; }
+
+Isa isa_level(const std::string& name) { return (Isa)find(name); }
+
+const char* active_isa() { return kLevels[isa_index()].name; }
 
 Isa active_isa_id() { return (Isa)isa_index(); }
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (const Candidate& c : kCandidates)
-    if (!c.unsupported()) out.push_back(c.table->name);
+  for (const Level& l : kLevels)
+    if (!l.unsupported()) out.push_back(l.name);
   return out;
 }
 
@@ -188,10 +239,7 @@ void set_amx_ternary_kernel(AmxTernaryFn fn, int rows) {
   g_amx_rows = fn ? rows : kAmxRowBlock;
 }
 
-void set_isa(const std::string& name) {
-  resolve_tables();
-  g_isa.store(find(name), std::memory_order_release);
-}
+void set_isa(const std::string& name) { g_isa.store(find(name), std::memory_order_release); }
 
 void quantize_act(const float* x, int N, int K, int Kp, int8_t* q, float* scale, int32_t* sum) {
   table().quantize(x, N, K, Kp, q, scale, sum);

@@ -60,10 +60,19 @@ void gemm_f16_f32(const uint16_t* W, int M, int K, const float* x, int N, float*
 // y[n * ldy + m] = dot(Wq[m], aq[n]) * wscale[m] / s_a[n].
 void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& a, float* y, int ldy);
 
-// The ISA levels, worst to best. Every op family (GEMMs, attention, sampling,
-// small ops) keeps one table per level and indexes it with active_isa_id():
-// the choice is made once (cpuid + BITDLM_ISA), never per call by name.
+// The ISA levels of the target architecture, worst to best (each level's CPUs
+// also run every level below it). Every op family (GEMMs, attention, sampling,
+// small ops) keeps one IsaTable (kernels/isa_table.h) and indexes it with
+// active_isa_id(): the choice is made once (cpu features + BITDLM_ISA), never
+// per call by name. The names are isa_name()'s (dispatch.cpp).
+#if defined(__x86_64__)
 enum class Isa : int { kScalar = 0, kAvx2, kAvx512, kAvx512Vnni, kAmx, kNumIsa };
+#elif defined(__aarch64__)
+// neon: ARMv8-A Advanced SIMD; dotprod: + SDOT (ARMv8.2-A); i8mm: + SMMLA (ARMv8.6-A).
+enum class Isa : int { kScalar = 0, kNeon, kDotprod, kI8mm, kNumIsa };
+#else
+enum class Isa : int { kScalar = 0, kNumIsa };
+#endif
 // With the amx level, ternary GEMMs of at least this many tokens run on AMX
 // tiles, fewer on the AVX-512 VNNI GEMV. 8: on the Sapphire Rapids machine
 // (call2, 30 GEMM layers in forward order, 12 threads) AMX took 21.1 ms at
@@ -75,10 +84,15 @@ int amx_min_tokens();
 void set_amx_min_tokens(int n);  // tests/benchmarks; std::invalid_argument if n < 1
 // The level the dispatcher picked (one atomic load after the first call).
 Isa active_isa_id();
+// The name of a level ("scalar", "avx2", "avx512", "avx512vnni", "amx" on
+// x86-64; "scalar", "neon", "dotprod", "i8mm" on aarch64).
+const char* isa_name(Isa isa);
+// The level of a name; std::invalid_argument if it is unknown or this CPU cannot run it.
+Isa isa_level(const std::string& name);
 
-// Name of the ISA the dispatcher picked ("scalar", "avx2", "avx512", "avx512vnni", "amx").
-// The first call reads BITDLM_ISA (scalar|avx2|avx512|avx512vnni|amx) and throws
-// std::runtime_error if that ISA is unknown or this CPU cannot run it.
+// Name of the ISA the dispatcher picked. The first call reads BITDLM_ISA (one
+// of isa_name()'s names) and throws std::runtime_error if that ISA is unknown
+// or this CPU cannot run it.
 const char* active_isa();
 // ISAs this CPU (and build) can run, best last.
 std::vector<std::string> supported_isas();

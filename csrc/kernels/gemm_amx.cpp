@@ -158,8 +158,7 @@ static void i8_tiles(const int8_t* W, const float* wscale, int K, const ActQ& a,
 // Only the AMX entries; ternary / f16 / i8 / quantize are nullptr and filled
 // from the AVX-512 VNNI table when the dispatcher picks this ISA.
 // (Constant-initialized: no load-time code runs from this AMX-flagged file.)
-extern const KernelTable kAmxKernels = {"amx",         nullptr,        nullptr,             nullptr,
-                                        nullptr,       &amx::act_vnni, &amx::ternary_tiles, &amx::tile_begin,
-                                        &amx::tile_end, &amx::i8_tiles};
+extern const KernelTable kAmxKernels = {nullptr, nullptr, nullptr, nullptr, &amx::act_vnni, &amx::ternary_tiles,
+                                        &amx::tile_begin, &amx::tile_end, &amx::i8_tiles};
 
 }  // namespace bitdlm

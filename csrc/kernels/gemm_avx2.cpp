@@ -305,6 +305,6 @@ static void quantize(const float* x, int N, int K, int Kp, int8_t* q, float* sca
 
 }  // namespace avx2
 
-extern const KernelTable kAvx2Kernels = {"avx2", &avx2::ternary, &avx2::f16, &avx2::i8, &avx2::quantize, nullptr, nullptr, nullptr, nullptr, nullptr};
+extern const KernelTable kAvx2Kernels = {&avx2::ternary, &avx2::f16, &avx2::i8, &avx2::quantize, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace bitdlm

@@ -15,6 +15,6 @@ namespace avx512 {
 #undef BITDLM_VNNI
 }  // namespace avx512
 
-extern const KernelTable kAvx512Kernels = {"avx512", &avx512::ternary, &avx512::f16, &avx512::i8, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+extern const KernelTable kAvx512Kernels = {&avx512::ternary, &avx512::f16, &avx512::i8, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace bitdlm

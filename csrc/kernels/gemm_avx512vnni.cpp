@@ -15,6 +15,6 @@ namespace avx512vnni {
 #undef BITDLM_VNNI
 }  // namespace avx512vnni
 
-extern const KernelTable kAvx512VnniKernels = {"avx512vnni", &avx512vnni::ternary, &avx512vnni::f16, &avx512vnni::i8, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+extern const KernelTable kAvx512VnniKernels = {&avx512vnni::ternary, &avx512vnni::f16, &avx512vnni::i8, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace bitdlm

@@ -71,6 +71,6 @@ static void quantize(const float* x, int N, int K, int Kp, int8_t* q, float* sca
 
 }  // namespace scalar
 
-extern const KernelTable kScalarKernels = {"scalar", &scalar::ternary, &scalar::f16, &scalar::i8, &scalar::quantize, nullptr, nullptr, nullptr, nullptr, nullptr};
+extern const KernelTable kScalarKernels = {&scalar::ternary, &scalar::f16, &scalar::i8, &scalar::quantize, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace bitdlm

@@ -1,6 +1,7 @@
 // Per-ISA kernel tables. Each ISA file (gemm_<isa>.cpp, compiled with its own
-// -m flags) defines its table(s); dispatch.cpp (compiled without ISA flags)
-// picks one at run time. Only plain function pointers cross the ISA boundary,
+// -m / -march flags) defines its table(s); dispatch.cpp (compiled without ISA
+// flags) registers them in one IsaTable (kernels/isa_table.h) and picks one at
+// run time. Only plain function pointers cross the ISA boundary,
 // so no inline code built with different flags can be merged by the linker.
 // Every kernel here is single-threaded: it computes one tile of the output;
 // dispatch.cpp owns the OpenMP region and the tiling into jobs.
@@ -10,7 +11,6 @@
 namespace bitdlm {
 
 struct KernelTable {
-  const char* name;
   // Rows [m0, m1) x tokens [n0, n1) of y = W a. out == nullptr: dequantize into
   // w.y (y = dot / (s_w * s_a), the same float expression in every ISA so all
   // tables agree bit for bit); otherwise exact int32 into out[n * w.M + m].
@@ -20,8 +20,8 @@ struct KernelTable {
   // Rows [m0, m1) of the int8 lm_head: y[n*ldy+m] = (float)dot * wscale[m] / s_a[n].
   // Activation codes must lie in [-127, 127] (quantize_act guarantees it).
   void (*i8)(const int8_t* W, const float* wscale, int K, const ActQ& a, float* y, int ldy, int m0, int m1);
-  // quantize_act (gemm.h) for this ISA, bit-identical to the scalar one; may be
-  // nullptr (the dispatcher then uses the best other implementation).
+  // quantize_act (gemm.h) for this ISA, bit-identical to the scalar one.
+  // Any entry may be nullptr: the level below's then serves (isa_table.h).
   void (*quantize)(const float* x, int N, int K, int Kp, int8_t* q, float* scale, int32_t* sum);
 
   // AMX only (nullptr elsewhere): the ternary GEMM for N >= amx_min_tokens().
@@ -54,10 +54,16 @@ using AmxTernaryFn = void (*)(const TernaryW&, const ActQ&, const int8_t*, int, 
 void set_amx_ternary_kernel(AmxTernaryFn fn, int rows);
 
 extern const KernelTable kScalarKernels;
+#if defined(__x86_64__)
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;      // AVX-512 F/BW/VL, maddubs + madd
 extern const KernelTable kAvx512VnniKernels;  // same file, vpdpbusd inner loop
-extern const KernelTable kAmxKernels;         // AMX tiles (ternary for N >= amx_min_tokens()); the rest from VNNI
+extern const KernelTable kAmxKernels;         // AMX tiles for N >= amx_min_tokens(); the rest from VNNI
+#elif defined(__aarch64__)
+extern const KernelTable kNeonKernels;     // gemm_neon.cpp: SMLAL into int16
+extern const KernelTable kDotprodKernels;  // gemm_dotprod.cpp: SDOT
+extern const KernelTable kI8mmKernels;     // gemm_i8mm.cpp: SMMLA for token pairs, SDOT otherwise
+#endif
 
 // IEEE binary16 bits -> float, exact for normals, subnormals, inf and NaN.
 // Pure integer code: usable in baseline (no F16C) files. static: each ISA file

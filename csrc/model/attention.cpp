@@ -12,7 +12,7 @@
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 #include "model/half.h"
-#include "model/isa_tables.h"
+#include "kernels/isa_table.h"
 
 namespace bitdlm {
 
@@ -94,8 +94,7 @@ static void to_f16(const float* x, uint16_t* y, int n) {
 
 }  // namespace portable
 
-extern const AttnKernels kAttnPortable = {"portable",
-                                          &portable::k_tile<float>,
+extern const AttnKernels kAttnPortable = {&portable::k_tile<float>,
                                           &portable::k_tile<uint16_t>,
                                           &portable::v_tile_f16,
                                           &portable::qk,
@@ -106,28 +105,16 @@ extern const AttnKernels kAttnPortable = {"portable",
                                           &portable::pv<uint16_t>,
                                           &portable::to_f16};
 
-// `own` with its null entries taken from `base`.
-static AttnKernels merged(const AttnKernels& own, const AttnKernels& base) {
-  AttnKernels t = own;
-  auto fill = [](auto& f, auto g) { if (!f) f = g; };
-  fill(t.k_tile_f32, base.k_tile_f32);
-  fill(t.k_tile_f16, base.k_tile_f16);
-  fill(t.v_tile_f16, base.v_tile_f16);
-  fill(t.qk, base.qk);
-  fill(t.qk_direct_f32, base.qk_direct_f32);
-  fill(t.qk_direct_f16, base.qk_direct_f16);
-  fill(t.softmax_tile, base.softmax_tile);
-  fill(t.pv_f32, base.pv_f32);
-  fill(t.pv_f16, base.pv_f16);
-  fill(t.to_f16, base.to_f16);
-  return t;
-}
-
 const AttnKernels& attn_kernels(Isa isa) {
-  // Follow the kernels' single dispatch point (re-read: _core.set_isa may change it);
-  // levels without their own table use the best lower one.
-  static const AttnKernels avx512 = merged(kAttnAvx512Own, kAttnAvx2);
-  static const IsaTables<AttnKernels> tables{&kAttnPortable, &kAttnAvx2, &avx512};
+  static const IsaTable<AttnKernels> tables{
+      {Isa::kScalar, &kAttnPortable},
+#if defined(__x86_64__)
+      {Isa::kAvx2, &kAttnAvx2},
+      {Isa::kAvx512, &kAttnAvx512Own},
+#elif defined(__aarch64__)
+      {Isa::kNeon, &kAttnNeon},
+#endif
+  };
   return tables[isa];
 }
 

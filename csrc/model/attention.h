@@ -9,7 +9,7 @@ namespace bitdlm {
 
 // Hot loops of attention, one table per ISA (attention.cpp: portable,
 // attention_avx2.cpp: AVX2 + FMA + F16C, attention_avx512.cpp: AVX-512 for the
-// tiled path), indexed by the kernels' active_isa_id().
+// tiled path; aarch64: attention_neon.cpp), indexed by the kernels' active_isa_id().
 //
 // attention() works on tiles: R query rows (a few queries x the query heads
 // sharing one KV head, copied into a contiguous [R, d] block) against key tiles
@@ -22,7 +22,6 @@ constexpr int kAttnTile = 64;
 constexpr int kAttnDirectRows = 4;
 
 struct AttnKernels {
-  const char* name;
   // KT[i * ldkt + j] = K[j * ld + i] as fp32 (i < d, j < nk); columns nk..round8(nk) set to 0.
   void (*k_tile_f32)(const float* K, int64_t ld, int nk, int d, float* KT, int ldkt);
   void (*k_tile_f16)(const uint16_t* K, int64_t ld, int nk, int d, float* KT, int ldkt);
@@ -47,10 +46,14 @@ struct AttnKernels {
   void (*to_f16)(const float* x, uint16_t* y, int n);
 };
 
+// The tables (any entry may be nullptr: the level below's serves; kernels/isa_table.h).
 extern const AttnKernels kAttnPortable;
+#if defined(__x86_64__)
 extern const AttnKernels kAttnAvx2;
-// AVX-512 (attention_avx512.cpp): its own tiled-path kernels, nullptr where AVX2's serve.
-extern const AttnKernels kAttnAvx512Own;
+extern const AttnKernels kAttnAvx512Own;  // AVX-512 (attention_avx512.cpp): its own tiled-path kernels
+#elif defined(__aarch64__)
+extern const AttnKernels kAttnNeon;  // attention_neon.cpp (every ARM level; softmax portable)
+#endif
 // The table of an ISA level (active_isa_id(); levels without their own use the best lower one).
 const AttnKernels& attn_kernels(Isa isa);
 inline const AttnKernels& attn_kernels() { return attn_kernels(active_isa_id()); }

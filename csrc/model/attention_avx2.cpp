@@ -301,8 +301,7 @@ static void to_f16(const float* x, uint16_t* y, int n) {
 
 }  // namespace avx2
 
-extern const AttnKernels kAttnAvx2 = {"avx2",
-                                      &avx2::k_tile<float>,
+extern const AttnKernels kAttnAvx2 = {&avx2::k_tile<float>,
                                       &avx2::k_tile<uint16_t>,
                                       &avx2::v_tile_f16,
                                       &avx2::qk,

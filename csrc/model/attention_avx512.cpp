@@ -173,9 +173,8 @@ static void pv(const float* P, int64_t ldp, int R, const T* V, int64_t ldv, int 
 
 }  // namespace avx512
 
-// Null entries are AVX2's (attention.cpp merges the two once).
-extern const AttnKernels kAttnAvx512Own = {"avx512",
-                                           nullptr,  // k_tile_f32: AVX2 8x8 transposes
+// Null entries are AVX2's (filled by the IsaTable in attention.cpp).
+extern const AttnKernels kAttnAvx512Own = {nullptr,  // k_tile_f32: AVX2 8x8 transposes
                                            nullptr,  // k_tile_f16
                                            nullptr,  // v_tile_f16
                                            &avx512::qk,

@@ -17,17 +17,7 @@ namespace {
 using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using U16 = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
 
-const SmallOps& table_for(const std::string& isa) {
-  static const char* const kNames[(int)Isa::kNumIsa] = {"scalar", "avx2", "avx512", "avx512vnni", "amx"};
-  bool ok = false;
-  for (const auto& n : supported_isas()) ok |= n == isa;
-  for (int i = 0; i < (int)Isa::kNumIsa; ++i)
-    if (isa == kNames[i]) {
-      if (!ok) throw std::invalid_argument("ISA '" + isa + "' is not supported by this CPU / build");
-      return small_ops((Isa)i);
-    }
-  throw std::invalid_argument("unknown ISA '" + isa + "'");
-}
+const SmallOps& table_for(const std::string& isa) { return small_ops(isa_level(isa)); }
 
 void need2(const py::buffer_info& b, const char* what) {
   if (b.ndim != 2 || b.shape[0] < 1 || b.shape[1] < 1) throw std::invalid_argument(std::string(what) + " must be [N, K]");

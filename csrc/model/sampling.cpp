@@ -7,11 +7,11 @@
 #include <vector>
 
 #include "kernels/gemm.h"
-#include "model/isa_tables.h"
+#include "kernels/isa_table.h"
 
 namespace bitdlm {
 
-static void greedy(const float* l, int V, int32_t* tok, float* conf) {
+static bool greedy(const float* l, int V, int32_t* tok, float* conf) {
   int best = 0;
   float mx = l[0];
   for (int i = 1; i < V; ++i)
@@ -20,7 +20,10 @@ static void greedy(const float* l, int V, int32_t* tok, float* conf) {
   for (int i = 0; i < V; ++i) sum += std::exp(l[i] - mx);
   *tok = best;
   *conf = (float)(1.0 / sum);
+  return true;
 }
+
+static const SelectKernels kSelectPortable = {&greedy};
 
 static void sample(float* l, int V, float T, float top_p, float u, int32_t* tok, float* conf) {
   float mx = -INFINITY;
@@ -79,16 +82,19 @@ static void sample(float* l, int V, float T, float top_p, float u, int32_t* tok,
 
 void select_rows(float* logits, int rows, int V, int64_t ld, const float* temperature, const float* top_p,
                  const float* uniform, int32_t* tok, float* conf) {
-  // Greedy row kernel per ISA level (AVX-512 levels use the AVX2 one); false = fall back to the portable row.
-  using GreedyFn = bool (*)(const float*, int, int32_t*, float*);
-  static const GreedyFn kNone = nullptr, kAvx2 = &greedy_avx2;
-  static const IsaTables<GreedyFn> tables{&kNone, &kAvx2};
-  const GreedyFn fast = tables[active_isa_id()];
+  // Greedy row kernel per ISA level (AVX-512 levels use the AVX2 one).
+  static const IsaTable<SelectKernels> tables{
+      {Isa::kScalar, &kSelectPortable},
+#if defined(__x86_64__)
+      {Isa::kAvx2, &kSelectAvx2},
+#endif
+  };
+  const SelectKernels& t = tables.active();
 #pragma omp parallel for schedule(dynamic, 1) if (rows > 1)
   for (int r = 0; r < rows; ++r) {
     float* l = logits + r * ld;
     if (temperature[r] <= 0.f) {
-      if (!fast || !fast(l, V, tok + r, conf + r)) greedy(l, V, tok + r, conf + r);
+      if (!t.greedy(l, V, tok + r, conf + r)) greedy(l, V, tok + r, conf + r);
     } else {
       sample(l, V, temperature[r], top_p[r], uniform[r], tok + r, conf + r);
     }

@@ -12,8 +12,14 @@ namespace bitdlm {
 //  most probable tokens, kept while the mass before them is <= top_p, at least
 //  one), renormalized; tok = the first id in increasing id order whose
 //  cumulative kept mass exceeds uniform[r] * kept mass; conf = its kept probability.
-// AVX2 greedy row (sampling_avx2.cpp); false for rows it cannot handle (NaN).
-bool greedy_avx2(const float* l, int V, int32_t* tok, float* conf);
+// The greedy row (argmax, first on ties, and its softmax probability) per ISA
+// level; false for rows it cannot handle (NaN): the portable row then serves.
+struct SelectKernels {
+  bool (*greedy)(const float* l, int V, int32_t* tok, float* conf);
+};
+#if defined(__x86_64__)
+extern const SelectKernels kSelectAvx2;  // sampling_avx2.cpp
+#endif
 
 void select_rows(float* logits, int rows, int V, int64_t ld, const float* temperature, const float* top_p,
                  const float* uniform, int32_t* tok, float* conf);

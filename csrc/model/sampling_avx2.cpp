@@ -13,7 +13,7 @@ namespace bitdlm {
 // greedy: the max and its index are exact; the exp sum is accumulated in
 // double from float exps (~1e-7 relative). false if no lane equals the max
 // (NaN logits): the caller then runs the portable code.
-bool greedy_avx2(const float* l, int V, int32_t* tok, float* conf) {
+static bool greedy(const float* l, int V, int32_t* tok, float* conf) {
   const float mx = avx2::row_max(l, V, -INFINITY);
   const __m256 vmx = _mm256_set1_ps(mx);
   int best = -1;
@@ -42,5 +42,7 @@ bool greedy_avx2(const float* l, int V, int32_t* tok, float* conf) {
   *conf = (float)(1.0 / sum);
   return true;
 }
+
+extern const SelectKernels kSelectAvx2 = {&greedy};
 
 }  // namespace bitdlm

@@ -1,20 +1,25 @@
 // The baseline (scalar) small-op table, the table array and the row drivers.
 #define SMALLOPS_NS scalar
 #define SMALLOPS_TABLE kSmallOpsScalar
-#define SMALLOPS_NAME "scalar"
 #include "model/smallops.inc"
 
 #include <omp.h>
 
 #include <vector>
 
-#include "model/isa_tables.h"
+#include "kernels/isa_table.h"
 
 namespace bitdlm {
 
 const SmallOps& small_ops(Isa isa) {
   // AVX-512 VNNI and AMX add nothing these ops use: they take the AVX-512 table.
-  static const IsaTables<SmallOps> tables{&kSmallOpsScalar, &kSmallOpsAvx2, &kSmallOpsAvx512};
+  static const IsaTable<SmallOps> tables{
+      {Isa::kScalar, &kSmallOpsScalar},
+#if defined(__x86_64__)
+      {Isa::kAvx2, &kSmallOpsAvx2},
+      {Isa::kAvx512, &kSmallOpsAvx512},
+#endif
+  };
   return tables[isa];
 }
 

@@ -1,8 +1,9 @@
 // The small per-row ops of the forward (everything between the GEMMs and
 // attention), fused where they touch the same data, one table per ISA.
 //
-// One source (smallops.inc) is compiled per ISA: smallops.cpp (baseline x86-64,
-// also the drivers), smallops_avx2.cpp, smallops_avx512.cpp. The kernels are
+// One source (smallops.inc) is compiled per ISA: smallops.cpp (baseline, also
+// the drivers), smallops_avx2.cpp, smallops_avx512.cpp. (On aarch64 the
+// baseline build is already NEON-vectorized: its one table serves every level.) The kernels are
 // written as fixed 16-lane loops that the compiler vectorizes for each target,
 // with FMA contraction off, so every table computes the same IEEE operations
 // in the same order: all ISAs agree bit for bit (tests/test_forward.py).
@@ -18,7 +19,6 @@ namespace bitdlm {
 
 // Per-row kernels (single-threaded; the drivers below own the parallel region).
 struct SmallOps {
-  const char* name;
   // x += d (d may be null: x is left alone), then the normalized row
   // w * x * rsqrt(mean(x^2) + eps) is quantized exactly like quantize_act
   // (codes padded to Kp, scale, code sum). `tmp` holds K floats.
@@ -36,8 +36,10 @@ struct SmallOps {
 };
 
 extern const SmallOps kSmallOpsScalar;
+#if defined(__x86_64__)
 extern const SmallOps kSmallOpsAvx2;
 extern const SmallOps kSmallOpsAvx512;
+#endif
 // The table for an ISA level (levels without their own table use the best lower one).
 const SmallOps& small_ops(Isa isa);
 inline const SmallOps& small_ops() { return small_ops(active_isa_id()); }

@@ -1,5 +1,4 @@
 // The small ops built for AVX-512 F/BW/VL/DQ (contraction off): see smallops.inc.
 #define SMALLOPS_NS avx512
 #define SMALLOPS_TABLE kSmallOpsAvx512
-#define SMALLOPS_NAME "avx512"
 #include "model/smallops.inc"

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/isa.h"
+#include "../kernel_checks.h"
 
 using namespace bitdlm;
 
@@ -25,105 +26,6 @@ extern const AmxTernaryFn kAmxVariantTiles;
 // csrc/bench/vnni_wide_avx512vnni.cpp (bench-only wide-token VNNI kernels: 2x8, 1x16, 2x12)
 extern const decltype(KernelTable::ternary) kVnniWideKernels[3];
 }  // namespace bitdlm
-
-static uint64_t g_state = 0x9E3779B97F4A7C15ull;
-static uint32_t rnd() {  // xorshift64*
-  g_state ^= g_state >> 12;
-  g_state ^= g_state << 25;
-  g_state ^= g_state >> 27;
-  return (uint32_t)((g_state * 0x2545F4914F6CDD1Dull) >> 32);
-}
-
-static int g_fail = 0, g_cases = 0;
-
-static void check_ternary(const KernelTable& kt, int M, int K, int N, int act_lo, int act_hi) {
-  const int Kp = (int)pad_k(K), kb = Kp / 4;
-  std::vector<uint8_t> w((size_t)M * kb);
-  for (int m = 0; m < M; ++m)
-    for (int k = 0; k < Kp; ++k) {
-      const int code = k < K ? (int)(rnd() % 3) : 1;  // padding holds code 1 (t = 0)
-      const int b = k / 128, i = (k % 128) / 32, j = k % 32;
-      w[(size_t)m * kb + b * 32 + j] |= (uint8_t)(code << (2 * i));
-    }
-  std::vector<int8_t> q((size_t)N * Kp, 0);
-  std::vector<float> s(N);
-  std::vector<int32_t> sum(N, 0);
-  for (int n = 0; n < N; ++n) {
-    for (int k = 0; k < K; ++k) {
-      const int v = act_lo + (int)(rnd() % (uint32_t)(act_hi - act_lo + 1));
-      q[(size_t)n * Kp + k] = (int8_t)v;
-      sum[n] += v;
-    }
-    s[n] = 0.5f + (float)(rnd() % 1000) / 37.0f;
-  }
-  ActQ a{q.data(), s.data(), sum.data(), N, Kp};
-  std::vector<int32_t> ref((size_t)N * M), got((size_t)N * M, -7);
-  std::vector<float> yref((size_t)N * M), ygot((size_t)N * M, -7.f);
-  TernaryW wr{w.data(), M, 0.37f, yref.data(), M}, wg{w.data(), M, 0.37f, ygot.data(), M};
-  kScalarKernels.ternary(wr, a, 0, M, 0, N, ref.data());
-  kScalarKernels.ternary(wr, a, 0, M, 0, N, nullptr);
-  // split the work into two row ranges and two token ranges like the dispatcher
-  const int mh = M / 2, nh = N / 2;
-  kt.ternary(wg, a, 0, mh, 0, nh, got.data());
-  kt.ternary(wg, a, mh, M, 0, nh, got.data());
-  kt.ternary(wg, a, 0, mh, nh, N, got.data());
-  kt.ternary(wg, a, mh, M, nh, N, got.data());
-  kt.ternary(wg, a, 0, M, 0, N, nullptr);
-  ++g_cases;
-  if (std::memcmp(ref.data(), got.data(), ref.size() * 4) || std::memcmp(yref.data(), ygot.data(), yref.size() * 4)) {
-    ++g_fail;
-    std::printf("FAIL %s ternary M=%d K=%d N=%d acts[%d,%d]\n", kt.name, M, K, N, act_lo, act_hi);
-  }
-}
-
-static void check_i8(const KernelTable& kt, int M, int K, int N) {
-  const int Kp = (int)pad_k(K);
-  std::vector<int8_t> w((size_t)M * K), q((size_t)N * Kp, 0);
-  std::vector<float> ws(M), s(N);
-  for (auto& v : w) v = (int8_t)(rnd() % 256);
-  for (int m = 0; m < M; ++m) ws[m] = 0.001f + (float)(rnd() % 1000) * 1e-4f;
-  for (int n = 0; n < N; ++n) {
-    for (int k = 0; k < K; ++k) q[(size_t)n * Kp + k] = (int8_t)((int)(rnd() % 255) - 127);
-    s[n] = 1.f + (float)(rnd() % 100);
-  }
-  ActQ a{q.data(), s.data(), nullptr, N, Kp};
-  std::vector<float> ref((size_t)N * M), got((size_t)N * M, -7.f);
-  kScalarKernels.i8(w.data(), ws.data(), K, a, ref.data(), M, 0, M);
-  kt.i8(w.data(), ws.data(), K, a, got.data(), M, 0, M / 2);
-  kt.i8(w.data(), ws.data(), K, a, got.data(), M, M / 2, M);
-  ++g_cases;
-  if (std::memcmp(ref.data(), got.data(), ref.size() * 4)) {
-    ++g_fail;
-    std::printf("FAIL %s i8 M=%d K=%d N=%d\n", kt.name, M, K, N);
-  }
-}
-
-static void check_f16(const KernelTable& kt, int M, int K, int N) {
-  std::vector<uint16_t> w((size_t)M * K);
-  std::vector<float> x((size_t)N * K);
-  for (auto& v : w) {
-    // random finite halves incl. subnormals: exponent field 0..29
-    v = (uint16_t)(((rnd() & 1) << 15) | ((rnd() % 30) << 10) | (rnd() & 0x3ff));
-  }
-  for (auto& v : x) v = (float)((int)(rnd() % 2001) - 1000) / 1000.f;
-  std::vector<float> ref((size_t)N * M), got((size_t)N * M, -7.f);
-  kScalarKernels.f16(w.data(), K, x.data(), N, ref.data(), M, 0, M);
-  kt.f16(w.data(), K, x.data(), N, got.data(), M, 0, M / 2);
-  kt.f16(w.data(), K, x.data(), N, got.data(), M, M / 2, M);
-  ++g_cases;
-  for (int n = 0; n < N; ++n)
-    for (int m = 0; m < M; ++m) {
-      double mag = 0;  // error bound from the magnitudes (summation order differs)
-      for (int k = 0; k < K; ++k) mag += std::fabs((double)half_to_float(w[(size_t)m * K + k]) * x[(size_t)n * K + k]);
-      const double err = std::fabs((double)ref[(size_t)n * M + m] - got[(size_t)n * M + m]);
-      if (!(err <= 2e-6 * mag + 1e-30)) {
-        ++g_fail;
-        std::printf("FAIL %s f16 M=%d K=%d N=%d at (%d,%d): %g vs %g\n", kt.name, M, K, N, n, m,
-                    ref[(size_t)n * M + m], got[(size_t)n * M + m]);
-        return;
-      }
-    }
-}
 
 // The AMX kernel (gemm_amx.cpp against SIMDe + the tile emulator) driven like
 // dispatch.cpp drives it: activations re-laid out, tiles configured, jobs of
@@ -251,42 +153,45 @@ int main(int argc, char** argv) {
   check_amx_i8(32, 2560, 8);
   check_amx_i8(208, 640, 9, 256);  // one job of 7 groups (next-group prefetch), as dispatch runs it
   const KernelTable* tables[] = {&kAvx512Kernels, &kAvx512VnniKernels};
+  const char* table_names[] = {"avx512", "avx512vnni"};
   const int Ns[] = {1, 2, 3, 4, 5, 8, 31, 32, 33};
-  for (const KernelTable* t : tables) {
+  for (int j = 0; j < 2; ++j) {
+    const KernelTable* t = tables[j];
+    const char* name = table_names[j];
     for (int N : Ns) {
-      check_ternary(*t, 13, 257, N, -128, 127);
-      check_ternary(*t, 9, 128, N, -128, 127);
+      check_ternary(*t, name, 13, 257, N, -128, 127);
+      check_ternary(*t, name, 9, 128, N, -128, 127);
     }
-    check_ternary(*t, 16, 2560, 8, -128, 127);
-    check_ternary(*t, 5, 6912, 3, 127, 127);    // int16 worst cases
-    check_ternary(*t, 5, 6912, 2, -128, -128);
-    check_ternary(*t, 1, 1, 1, -128, 127);
+    check_ternary(*t, name, 16, 2560, 8, -128, 127);
+    check_ternary(*t, name, 5, 6912, 3, 127, 127);    // int16 worst cases
+    check_ternary(*t, name, 5, 6912, 2, -128, -128);
+    check_ternary(*t, name, 1, 1, 1, -128, 127);
     for (int N : {1, 3, 4, 6}) {
-      check_i8(*t, 9, 100, N);
-      check_i8(*t, 6, 64, N);
-      check_i8(*t, 5, 129, N);
-      check_f16(*t, 7, 37, N);
-      check_f16(*t, 5, 256, N);
+      check_i8(*t, name, 9, 100, N);
+      check_i8(*t, name, 6, 64, N);
+      check_i8(*t, name, 5, 129, N);
+      check_f16(*t, name, 7, 37, N);
+      check_f16(*t, name, 5, 256, N);
     }
-    check_i8(*t, 4, 2560, 2);
-    check_i8(*t, 70, 3000, 5);   // several row panels and K slices (lm_driver.h)
-    check_i8(*t, 9, 700, 35);    // two token chunks
-    check_i8(*t, 6, 3000, 1);    // decode tile
-    check_f16(*t, 3, 1, 1);
+    check_i8(*t, name, 4, 2560, 2);
+    check_i8(*t, name, 70, 3000, 5);   // several row panels and K slices (lm_driver.h)
+    check_i8(*t, name, 9, 700, 35);    // two token chunks
+    check_i8(*t, name, 6, 3000, 1);    // decode tile
+    check_f16(*t, name, 3, 1, 1);
+    for (int K : {1, 31, 32, 33, 100, 2560, 2561}) check_quantize(*t, name, 3, K);
   }
   // wide-token VNNI kernels: token tiles of T plus 8-token and shipped tails,
   // 32-row panels with R-row tails, K slices (T x Kp > 24 KiB), int32 worst cases
   const char* wide_names[] = {"vnni_w2x8", "vnni_w1x16", "vnni_w2x12"};
   for (int i = 0; i < 3; ++i) {
     KernelTable t = kAvx512VnniKernels;
-    t.name = wide_names[i];
     t.ternary = kVnniWideKernels[i];
-    for (int N : {8, 9, 12, 16, 17, 25, 32, 33}) check_ternary(t, 13, 257, N, -128, 127);
-    check_ternary(t, 70, 384, 32, -128, 127);   // 3 panels, odd row tail (with the halves split)
-    check_ternary(t, 7, 2560, 32, -128, 127);   // K slices for T = 12 / 16
-    check_ternary(t, 5, 6912, 17, -128, 127);   // K slices for every T (down_proj), tails
-    check_ternary(t, 3, 6912, 16, 127, 127);    // long rows, extreme activations
-    check_ternary(t, 3, 6912, 16, -128, -128);
+    for (int N : {8, 9, 12, 16, 17, 25, 32, 33}) check_ternary(t, wide_names[i], 13, 257, N, -128, 127);
+    check_ternary(t, wide_names[i], 70, 384, 32, -128, 127);   // 3 panels, odd row tail (with the halves split)
+    check_ternary(t, wide_names[i], 7, 2560, 32, -128, 127);   // K slices for T = 12 / 16
+    check_ternary(t, wide_names[i], 5, 6912, 17, -128, 127);   // K slices for every T (down_proj), tails
+    check_ternary(t, wide_names[i], 3, 6912, 16, 127, 127);    // long rows, extreme activations
+    check_ternary(t, wide_names[i], 3, 6912, 16, -128, -128);
   }
   std::printf("%s %d cases, %d failed\n", g_fail ? "FAILED" : "OK", g_cases, g_fail);
   return g_fail ? 1 : 0;
