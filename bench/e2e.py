@@ -42,8 +42,7 @@ from types import SimpleNamespace
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-if os.path.isdir(os.path.join(ROOT, "python", "bitdlm")):  # the checkout, unless bitdlm is installed
-    sys.path.insert(1, os.path.join(ROOT, "python"))
+sys.path.append(os.path.join(ROOT, "python"))  # the checkout, unless PYTHONPATH / an install has bitdlm
 
 BLOCK, SUB = 32, 8
 LIBGOMP_SPIN = "300000"  # libgomp's own default spin count (OMP_WAIT_POLICY unset)
