@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import functools
 import itertools
+import importlib.util
 import json
 import os
 import re
@@ -205,7 +206,10 @@ def start_servers(args):
 
     slices = core_slices(args.replicas, args.threads) if args.pin else [None] * args.replicas
     env = dict(os.environ)
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")
+    # the bitdlm this process would import (an installed one before the checkout's python/)
+    spec = importlib.util.find_spec("bitdlm")
+    here = (os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin
+            else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
     env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
