@@ -25,27 +25,50 @@ static uint32_t rnd() {  // xorshift64*
 
 static int g_fail = 0, g_cases = 0;
 
-static void check_ternary(const KernelTable& kt, const char* name, int M, int K, int N, int act_lo, int act_hi) {
+// M x K packed i2_b128 weights. code_mode 0: random; 1: all -1 rows; 2: all +1
+// rows; 3: alternate rows. Padding (k >= K) holds code 1 (t = 0).
+static std::vector<uint8_t> random_ternary(int M, int K, int code_mode = 0) {
   const int Kp = (int)pad_k(K), kb = Kp / 4;
   std::vector<uint8_t> w((size_t)M * kb);
   for (int m = 0; m < M; ++m)
     for (int k = 0; k < Kp; ++k) {
-      const int code = k < K ? (int)(rnd() % 3) : 1;  // padding holds code 1 (t = 0)
+      int code = (int)(rnd() % 3);
+      if (code_mode == 1 || (code_mode == 3 && m % 2)) code = 0;
+      if (code_mode == 2 || (code_mode == 3 && !(m % 2))) code = 2;
+      if (k >= K) code = 1;
       const int b = k / 128, i = (k % 128) / 32, j = k % 32;
       w[(size_t)m * kb + b * 32 + j] |= (uint8_t)(code << (2 * i));
     }
-  std::vector<int8_t> q((size_t)N * Kp, 0);
-  std::vector<float> s(N);
-  std::vector<int32_t> sum(N, 0);
-  for (int n = 0; n < N; ++n) {
-    for (int k = 0; k < K; ++k) {
-      const int v = act_lo + (int)(rnd() % (uint32_t)(act_hi - act_lo + 1));
-      q[(size_t)n * Kp + k] = (int8_t)v;
-      sum[n] += v;
+  return w;
+}
+
+// N x K quantized activations in [lo, hi] (padded to Kp with zeros), their
+// scales and sums, and the ActQ over them (the struct owns the buffers).
+struct RandomActs {
+  std::vector<int8_t> q;
+  std::vector<float> s;
+  std::vector<int32_t> sum;
+  ActQ a;
+  RandomActs(int N, int K, int lo, int hi) : q((size_t)N * pad_k(K), 0), s(N), sum(N, 0) {
+    const int Kp = (int)pad_k(K);
+    for (int n = 0; n < N; ++n) {
+      for (int k = 0; k < K; ++k) {
+        const int v = lo + (int)(rnd() % (uint32_t)(hi - lo + 1));
+        q[(size_t)n * Kp + k] = (int8_t)v;
+        sum[n] += v;
+      }
+      s[n] = 0.5f + (float)(rnd() % 1000) / 37.0f;
     }
-    s[n] = 0.5f + (float)(rnd() % 1000) / 37.0f;
+    a = ActQ{q.data(), s.data(), sum.data(), N, Kp};
   }
-  ActQ a{q.data(), s.data(), sum.data(), N, Kp};
+  RandomActs(const RandomActs&) = delete;
+  RandomActs& operator=(const RandomActs&) = delete;
+};
+
+static void check_ternary(const KernelTable& kt, const char* name, int M, int K, int N, int act_lo, int act_hi) {
+  const std::vector<uint8_t> w = random_ternary(M, K);
+  const RandomActs acts(N, K, act_lo, act_hi);
+  const ActQ& a = acts.a;
   std::vector<int32_t> ref((size_t)N * M), got((size_t)N * M, -7);
   std::vector<float> yref((size_t)N * M), ygot((size_t)N * M, -7.f);
   TernaryW wr{w.data(), M, 0.37f, yref.data(), M}, wg{w.data(), M, 0.37f, ygot.data(), M};

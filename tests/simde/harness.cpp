@@ -32,30 +32,10 @@ extern const decltype(KernelTable::ternary) kVnniWideKernels[3];
 // amx_row_block(variant) rows x <= 64 tokens (token chunks start at multiples
 // of 16), released.
 static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode) {
-  const int Kp = (int)pad_k(K), kb = Kp / 4;
-  std::vector<uint8_t> w((size_t)M * kb);
-  for (int m = 0; m < M; ++m)
-    for (int k = 0; k < Kp; ++k) {
-      // code_mode 0: random; 1: all -1 rows; 2: all +1 rows; 3: alternate rows
-      int code = (int)(rnd() % 3);
-      if (code_mode == 1 || (code_mode == 3 && m % 2)) code = 0;
-      if (code_mode == 2 || (code_mode == 3 && !(m % 2))) code = 2;
-      if (k >= K) code = 1;
-      const int b = k / 128, i = (k % 128) / 32, j = k % 32;
-      w[(size_t)m * kb + b * 32 + j] |= (uint8_t)(code << (2 * i));
-    }
-  std::vector<int8_t> q((size_t)N * Kp, 0);
-  std::vector<float> s(N);
-  std::vector<int32_t> sum(N, 0);
-  for (int n = 0; n < N; ++n) {
-    for (int k = 0; k < K; ++k) {
-      const int v = act_lo + (int)(rnd() % (uint32_t)(act_hi - act_lo + 1));
-      q[(size_t)n * Kp + k] = (int8_t)v;
-      sum[n] += v;
-    }
-    s[n] = 0.5f + (float)(rnd() % 1000) / 37.0f;
-  }
-  ActQ a{q.data(), s.data(), sum.data(), N, Kp};
+  const int Kp = (int)pad_k(K);
+  std::vector<uint8_t> w = random_ternary(M, K, code_mode);
+  const RandomActs acts(N, K, act_lo, act_hi);
+  const ActQ& a = acts.a;
   std::vector<int32_t> ref((size_t)N * M), got((size_t)N * M, -7);
   std::vector<float> yref((size_t)N * M), ygot((size_t)N * M, -7.f);
   TernaryW wr{w.data(), M, 0.37f, yref.data(), M}, wg{w.data(), M, 0.37f, ygot.data(), M};
