@@ -30,7 +30,6 @@ random ternary weights, int8 lm_head) it measures, at every thread count of --th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -60,10 +59,9 @@ def steps_for(tpf: float, block: int = BLOCK, sub: int = SUB) -> int:
 
 def child_env(threads: int | None = None, **extra) -> dict:
     env = dict(os.environ)
-    # the bitdlm this process imports (an installed one before the checkout's python/)
-    spec = importlib.util.find_spec("bitdlm")
-    src = os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin else os.path.join(ROOT, "python")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    from serve import bitdlm_src  # bench/serve.py
+
+    env["PYTHONPATH"] = bitdlm_src() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     env.update(extra)

@@ -199,6 +199,15 @@ def core_slices(replicas, threads):
     return [cpus[i * threads:(i + 1) * threads] for i in range(replicas)]
 
 
+def bitdlm_src() -> str:
+    """The folder holding the bitdlm this process would import (an installed one
+    before the checkout's python/), for the PYTHONPATH of child processes."""
+    spec = importlib.util.find_spec("bitdlm")
+    if spec and spec.origin:
+        return os.path.dirname(os.path.dirname(spec.origin))
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+
+
 def start_servers(args):
     """args.replicas servers on free ports (each pinned to its own cores with
     --pin); returns (procs, bases) once all are healthy."""
@@ -206,11 +215,7 @@ def start_servers(args):
 
     slices = core_slices(args.replicas, args.threads) if args.pin else [None] * args.replicas
     env = dict(os.environ)
-    # the bitdlm this process would import (an installed one before the checkout's python/)
-    spec = importlib.util.find_spec("bitdlm")
-    here = (os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin
-            else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = bitdlm_src() + os.pathsep + env.get("PYTHONPATH", "")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     # each server gets the whole load's batch: it may receive every request at once
