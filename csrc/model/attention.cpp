@@ -251,9 +251,8 @@ static void merge_parts(const float* parts, int64_t slot_size, int n, int R, int
   }
 }
 
-void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const float* q, const float* k,
-               const float* v, int nh, int nkv, int hd, float* out, std::vector<float>& scratch) {
-  const AttnKernels& kt = attn_kernels();
+void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_items, int B, const float* q,
+               const float* k, const float* v, int nh, int nkv, int hd, float* out, std::vector<float>& scratch) {
   const int group = nh / nkv;
   // Jobs: (item, KV head, up to kQueriesPerJob consecutive queries that see the same keys).
   std::vector<Job> jobs;
