@@ -14,6 +14,15 @@
    max(MACs / int8 peak, weight bytes / bandwidth) for that thread count.
 3. N = 1 over all 30 layers of BitNet-2B (~520 MB of packed weights, >> LLC):
    achieved read bandwidth vs the measured one (the decode target).
+4. Attention of the 2B shape (20 query / 5 KV heads, head_dim 128, fp16 KV
+   cache) over 30 layers' caches (one `_core.attention` call; the caches are
+   evicted from the LLC before each repetition, as the weights of a forward
+   evict them): 1 / 8 / 32 queries x 512 / 2048 cached, per ISA and thread
+   count: median ms, the floor max(FMAs / fp32 FMA peak, K/V bytes / read
+   bandwidth) with the bound named, and % of that floor (floor / median).
+   The FMA peak is the ISA table's width (ymm for avx2, zmm for the AVX-512
+   levels); FMAs = 2 (QK and PV) x rows x visible keys x head_dim.
+   `--attention-only`: the ceilings and this part only.
 
 Part 1 needs the bench-only kernels (csrc/bench/): build with
 BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh; without them the script stops
@@ -94,6 +103,8 @@ def main() -> None:
     ap.add_argument("--threads", default=None, help="comma list of thread counts (default 1,2)")
     ap.add_argument("--ceilings-only", action="store_true",
                     help="only the machine ceilings (bandwidth, int8 / VNNI / AMX peaks), then write the JSON")
+    ap.add_argument("--attention-only", action="store_true",
+                    help="only the ceilings (bandwidth, fp32 FMA peaks) and part 4 (attention)")
     ap.add_argument("--out", "--json", dest="out",
                     default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "kernels.json"))
     args = ap.parse_args()
@@ -140,12 +151,19 @@ def main() -> None:
             pv = [fn(t, iters) for _ in range(3 * reps)]
             c[f"{key}_GMACps"], c[f"{key}_GMACps_best"] = statistics.median(pv) / 1e9, max(pv) / 1e9
             print(f"    {key} int8 peak {c[key + '_GMACps']:8.1f} GMAC/s (best {c[key + '_GMACps_best']:.1f})")
+        for key, zmm in (("fma_ymm", False), ("fma_zmm", True)):
+            if zmm and "avx512vnni" not in _core.supported_isas():
+                continue
+            pf = [_core.bench_peak_fma(t, 2_000_000, zmm) for _ in range(3 * reps)]
+            c[f"{key}_GFMAps"], c[f"{key}_GFMAps_best"] = statistics.median(pf) / 1e9, max(pf) / 1e9
+            print(f"    fp32 {key[4:]} FMA peak {c[key + '_GFMAps']:8.1f} GFMA/s (best {c[key + '_GFMAps_best']:.1f})")
+    if args.attention_only:
+        bench_attention(res, isas, reps, buf)
+        write_json(res, args.out)
+        return
     del buf
     if args.ceilings_only:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"\nwrote {args.out}")
+        write_json(res, args.out)
         return
 
     # ---- BitNet-2B shapes
@@ -234,10 +252,72 @@ def main() -> None:
                       f" {row['GBps']:6.1f} GB/s {row['GMACps']:6.1f} GMAC/s", flush=True)
     del w16, w8
 
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    buf = aligned(256 << 20)
+    buf[:] = 1
+    bench_attention(res, isas, reps, buf)
+    write_json(res, args.out)
+
+
+def write_json(res: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {path}")
+
+
+# 2B attention: query heads, KV heads, head_dim; the cases (queries, cached, block size B)
+ATT_HEADS, ATT_KV, ATT_HD = 20, 5, 128
+ATT_CASES = [(1, 512, 1), (8, 512, 32), (32, 512, 32), (1, 2048, 1), (8, 2048, 32), (32, 2048, 32)]
+
+
+def bench_attention(res: dict, isas: list[str], reps: int, evict: np.ndarray) -> None:
+    """Part 4: attention alone, 30 layers per call, caches evicted (by reading `evict`) before each call."""
+    res["attention"] = []
+    rng = np.random.default_rng(1)
+    ctxs = sorted({c for _, c, _ in ATT_CASES})
+    caches = {}
+    print(f"\nattention, {ATT_HEADS}/{ATT_KV} heads x {ATT_HD}, fp16 cache, {N_LAYERS} layers per call "
+          "(floor = max(FMAs / fp32 FMA peak, K/V bytes / read bandwidth); % = floor / median)")
+    print(f"{'isa':>10} {'q':>3} {'cached':>6} {'thr':>3} {'median ms':>10} {'best ms':>8} {'floor ms':>8}"
+          f" {'bound':>5} {'%floor':>6}")
+    for ctx in ctxs:
+        cap = ctx + 32
+        shape = (N_LAYERS, ATT_KV, cap, ATT_HD)
+        caches[ctx] = tuple((rng.standard_normal(shape, dtype=np.float32) * 0.5).astype(np.float16).view(np.uint16)
+                            for _ in range(2))
+    for isa in isas:
+        peak_key = "fma_ymm" if isa == "avx2" else "fma_zmm"
+        for n, ctx, B in ATT_CASES:
+            q = rng.standard_normal((n, ATT_HEADS * ATT_HD), dtype=np.float32)
+            k = rng.standard_normal((n, ATT_KV * ATT_HD), dtype=np.float32)
+            v = rng.standard_normal((n, ATT_KV * ATT_HD), dtype=np.float32)
+            kc, vc = caches[ctx]
+            keys = ctx + (n if B > 1 else 1)  # every fresh key of the block is visible (B >= n or n = 1)
+            fmas = 2 * N_LAYERS * n * ATT_HEADS * keys * ATT_HD
+            kv_bytes = 2 * N_LAYERS * ATT_KV * ctx * ATT_HD * 2
+            for t in THREADS:
+                _core.set_num_threads(t)
+                c = res["ceilings"][t]
+                if peak_key + "_GFMAps" not in c:
+                    continue
+                call = lambda: _core.attention(q, k, v, kc, vc, ctx, ctx, B, isa)  # noqa: E731
+                call()
+                ts = []
+                for _ in range(max(reps, 5)):
+                    evict.sum(dtype=np.uint64)  # the caches leave the LLC, as in a forward
+                    t0 = time.perf_counter()
+                    call()
+                    ts.append(time.perf_counter() - t0)
+                med, best = statistics.median(ts), min(ts)
+                t_fma, t_bw = fmas / (c[peak_key + "_GFMAps"] * 1e9), kv_bytes / (c["read_GBps"] * 1e9)
+                floor = max(t_fma, t_bw)
+                row = {"isa": isa, "queries": n, "cached": ctx, "B": B, "threads": t, "median_s": med, "best_s": best,
+                       "fmas": fmas, "kv_bytes": kv_bytes, "floor_s": floor,
+                       "bound": "fma" if t_fma >= t_bw else "bw", "pct_floor": 100 * floor / med,
+                       "pct_floor_best": 100 * floor / best}
+                res["attention"].append(row)
+                print(f"{isa:>10} {n:>3} {ctx:>6} {t:>3} {med * 1e3:>10.3f} {best * 1e3:>8.3f} {floor * 1e3:>8.3f}"
+                      f" {row['bound']:>5} {row['pct_floor']:>6.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,53 @@ double bench_peak_int8_avx2(int threads, int64_t iters) {
   return (double)threads * iters * 8 * 32 / (t1 - t0);
 }
 
+// fp32 FMA peak (attention's floor): 10 independent vfmadd231ps ymm chains in
+// inline asm (latency 4-5 x 2 ports needs >= 10 in flight). Returns FMA/s
+// (8 per instruction) over `threads` threads.
+double bench_peak_fma_avx2(int threads, int64_t iters) {
+  double t0 = 0, t1 = 0;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp barrier
+#pragma omp master
+    t0 = omp_get_wtime();
+    int64_t n = iters;
+    __asm__ volatile(
+        "vxorps %%ymm0, %%ymm0, %%ymm0\n\t"
+        "vmovaps %%ymm0, %%ymm1\n\t"
+        "vmovaps %%ymm0, %%ymm2\n\t"
+        "vmovaps %%ymm0, %%ymm3\n\t"
+        "vmovaps %%ymm0, %%ymm4\n\t"
+        "vmovaps %%ymm0, %%ymm5\n\t"
+        "vmovaps %%ymm0, %%ymm6\n\t"
+        "vmovaps %%ymm0, %%ymm7\n\t"
+        "vmovaps %%ymm0, %%ymm8\n\t"
+        "vmovaps %%ymm0, %%ymm9\n\t"
+        "vmovaps %%ymm0, %%ymm10\n\tvmovaps %%ymm0, %%ymm11\n\t"
+        "1:\n\t"
+        "vfmadd231ps %%ymm10, %%ymm11, %%ymm0\n\t"
+        "vfmadd231ps %%ymm10, %%ymm11, %%ymm1\n\t"
+        "vfmadd231ps %%ymm10, %%ymm11, %%ymm2\n\t"
+        "vfmadd231ps %%ymm10, %%ymm11, %%ymm3\n\t"
+        "vfmadd231ps %%ymm10, %%ymm11, %%ymm4\n\t"
+        "vfmadd231ps %%ymm10, %%ymm11, %%ymm5\n\t"
+        "vfmadd231ps %%ymm10, %%ymm11, %%ymm6\n\t"
+        "vfmadd231ps %%ymm10, %%ymm11, %%ymm7\n\t"
+        "vfmadd231ps %%ymm10, %%ymm11, %%ymm8\n\t"
+        "vfmadd231ps %%ymm10, %%ymm11, %%ymm9\n\t"
+        "dec %0\n\t"
+        "jnz 1b\n\t"
+        "vzeroupper\n\t"
+        : "+r"(n)
+        :
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "cc");
+#pragma omp barrier
+#pragma omp master
+    t1 = omp_get_wtime();
+  }
+  return (double)threads * iters * 10 * 8 / (t1 - t0);
+}
+
 // Read bandwidth: each thread streams its half of buf `reps` times with 256-bit
 // loads and a cheap reduction. Returns bytes/s.
 double bench_read_bw_avx2(const uint8_t* buf, size_t bytes, int threads, int reps) {

@@ -1,4 +1,4 @@
-// VNNI int8 peak for bench/kernels.py (AVX-512 VNNI flags; called only when the
+// VNNI int8 peak (and the zmm fp32 FMA peak) for bench/kernels.py (AVX-512 VNNI flags; called only when the
 // dispatcher lists avx512vnni). 8 independent vpdpbusd zmm chains in inline
 // asm (the compiler can neither merge nor drop them); 64 MAC per instruction.
 #include <omp.h>
@@ -38,6 +38,52 @@ double bench_peak_vnni(int threads, int64_t iters) {
     t1 = omp_get_wtime();
   }
   return (double)threads * iters * 8 * 64 / (t1 - t0);
+}
+
+// fp32 FMA peak of 512-bit FMAs (the AVX-512 attention's floor): 10 vfmadd231ps
+// zmm chains; FMA/s (16 per instruction).
+double bench_peak_fma_avx512(int threads, int64_t iters) {
+  double t0 = 0, t1 = 0;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp barrier
+#pragma omp master
+    t0 = omp_get_wtime();
+    int64_t n = iters;
+    __asm__ volatile(
+        "vxorps %%zmm0, %%zmm0, %%zmm0\n\t"
+        "vmovaps %%zmm0, %%zmm1\n\t"
+        "vmovaps %%zmm0, %%zmm2\n\t"
+        "vmovaps %%zmm0, %%zmm3\n\t"
+        "vmovaps %%zmm0, %%zmm4\n\t"
+        "vmovaps %%zmm0, %%zmm5\n\t"
+        "vmovaps %%zmm0, %%zmm6\n\t"
+        "vmovaps %%zmm0, %%zmm7\n\t"
+        "vmovaps %%zmm0, %%zmm8\n\t"
+        "vmovaps %%zmm0, %%zmm9\n\t"
+        "vmovaps %%zmm0, %%zmm10\n\tvmovaps %%zmm0, %%zmm11\n\t"
+        "1:\n\t"
+        "vfmadd231ps %%zmm10, %%zmm11, %%zmm0\n\t"
+        "vfmadd231ps %%zmm10, %%zmm11, %%zmm1\n\t"
+        "vfmadd231ps %%zmm10, %%zmm11, %%zmm2\n\t"
+        "vfmadd231ps %%zmm10, %%zmm11, %%zmm3\n\t"
+        "vfmadd231ps %%zmm10, %%zmm11, %%zmm4\n\t"
+        "vfmadd231ps %%zmm10, %%zmm11, %%zmm5\n\t"
+        "vfmadd231ps %%zmm10, %%zmm11, %%zmm6\n\t"
+        "vfmadd231ps %%zmm10, %%zmm11, %%zmm7\n\t"
+        "vfmadd231ps %%zmm10, %%zmm11, %%zmm8\n\t"
+        "vfmadd231ps %%zmm10, %%zmm11, %%zmm9\n\t"
+        "dec %0\n\t"
+        "jnz 1b\n\t"
+        "vzeroupper\n\t"
+        : "+r"(n)
+        :
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "cc");
+#pragma omp barrier
+#pragma omp master
+    t1 = omp_get_wtime();
+  }
+  return (double)threads * iters * 10 * 16 / (t1 - t0);
 }
 
 }  // namespace bitdlm

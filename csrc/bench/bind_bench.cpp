@@ -30,9 +30,11 @@ using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 // bench_avx2.cpp (AVX2 flags): only called when the CPU has AVX2.
 double bench_peak_int8_avx2(int threads, int64_t iters);
 double bench_read_bw_avx2(const uint8_t* buf, size_t bytes, int threads, int reps);
+double bench_peak_fma_avx2(int threads, int64_t iters);
 
 // bench_avx512vnni.cpp / bench_amx.cpp: only called when that ISA is supported.
 double bench_peak_vnni(int threads, int64_t iters);
+double bench_peak_fma_avx512(int threads, int64_t iters);
 double bench_peak_amx(int threads, int64_t iters);
 
 static void require_isa(const char* isa) {
@@ -217,6 +219,16 @@ void register_bench(py::module_& m) {
         return bench_peak_int8_avx2(threads, iters);
       },
       py::arg("threads"), py::arg("iters") = 20000000, "int8 MAC/s of a maddubs+add chain on `threads` threads");
+  m.def(
+      "bench_peak_fma",
+      [](int threads, int64_t iters, bool zmm) {
+        zmm ? require_isa("avx512vnni") : require_avx2();
+        if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
+        py::gil_scoped_release nogil;
+        return zmm ? bench_peak_fma_avx512(threads, iters) : bench_peak_fma_avx2(threads, iters);
+      },
+      py::arg("threads"), py::arg("iters") = 10000000, py::arg("zmm") = false,
+      "fp32 FMA/s of 10 vfmadd231ps chains (ymm, or zmm on AVX-512 VNNI CPUs) on `threads` threads");
   m.def(
       "bench_peak_vnni",
       [](int threads, int64_t iters) {

@@ -154,6 +154,13 @@ struct Unit {
 };
 
 constexpr int kQueriesPerJob = 8;
+// A job's keys are cut into ceil(keys / unit keys) near-equal units: 64 keys
+// for decoding rows (bandwidth-bound; 5 KV heads x 9 units at 512 cached),
+// 128 for tiled rows (their merges cost R x head_dim per unit). The cut depends
+// on the job alone, never on the thread count or the other items of the
+// batch, and the partials merge in key order: the output is bit-identical for
+// any team size and batch.
+constexpr int kUnitKeysDirect = 64, kUnitKeysTiled = 128;
 
 }  // namespace
 
@@ -251,15 +258,12 @@ static void merge_parts(const float* parts, int64_t slot_size, int n, int R, int
   }
 }
 
-void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const float* q, const float* k,
-               const float* v, int nh, int nkv, int hd, float* out, std::vector<float>& scratch) {
-  const AttnKernels& kt = attn_kernels();
+void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_items, int B, const float* q,
+               const float* k, const float* v, int nh, int nkv, int hd, float* out, std::vector<float>& scratch) {
   const int group = nh / nkv;
   // Jobs: (item, KV head, up to kQueriesPerJob consecutive queries that see the same keys).
   std::vector<Job> jobs;
   std::vector<Visible> vis;
-  std::vector<int> nkeys;
-  int64_t total_keys = 0;
   for (int t = 0; t < n_items; ++t) {
     const AttnItem& it = items[t];
     for (int i0 = 0; i0 < it.n;) {
@@ -269,42 +273,35 @@ void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const flo
       for (int h = 0; h < nkv; ++h) {
         jobs.push_back(Job{t, h, i0, i1});
         vis.push_back(v0);
-        nkeys.push_back(v0.a1 + v0.nb + v0.nf);
-        total_keys += nkeys.back();
       }
       i0 = i1;
     }
   }
-  const int nthreads = omp_get_max_threads();
-  // Units: jobs cut along their keys into chunks of whole tiles, about 4 units
-  // per thread in all (decoding: 1 query x n_kv heads is fewer jobs than
-  // threads; 32 queries x 5 KV heads are 20 jobs, 2 rounds on 16 threads of
-  // which the second is 1/4 full), so the dynamic schedule has work for every
-  // thread until the end. One thread: nothing to balance, no split.
-  const int64_t want = 4 * (int64_t)nthreads;
-  const int64_t chunk =
-      nthreads == 1 ? std::max<int64_t>(total_keys, 1)
-                    : std::max<int64_t>(kAttnTile, ((total_keys + want - 1) / want + kAttnTile - 1) / kAttnTile *
-                                                       kAttnTile);
   const int64_t rows = (int64_t)kQueriesPerJob * group;
   const int64_t slot_size = rows * (hd + 2);
   std::vector<Unit> units;
   std::vector<int> first_unit(jobs.size() + 1);
   int64_t n_slots = 0;
+  int max_parts = 1;
   for (size_t j = 0; j < jobs.size(); ++j) {
     first_unit[j] = (int)units.size();
-    const int nk = nkeys[j];
-    const int n = (int)((nk + chunk - 1) / chunk);
-    if (n <= 1) {
+    const int nk = vis[j].a1 + vis[j].nb + vis[j].nf;
+    const bool direct = (jobs[j].i1 - jobs[j].i0) * group <= kAttnDirectRows;
+    const int per = direct ? kUnitKeysDirect : kUnitKeysTiled;
+    const int n = std::max(1, (nk + per - 1) / per);
+    max_parts = std::max(max_parts, n);
+    if (n == 1) {
       units.push_back(Unit{(int)j, 0, nk, -1});
       continue;
     }
-    // n chunks of about equal length, cut at tile multiples
-    const int len = ((nk + n - 1) / n + kAttnTile - 1) / kAttnTile * kAttnTile;
+    // n chunks of about equal length, cut at whole key tiles (direct: at 8 keys),
+    // so only a job's last tile is partial
+    const int cut = direct ? 8 : kAttnTile;
+    const int len = ((nk + n - 1) / n + cut - 1) / cut * cut;
     for (int k0 = 0; k0 < nk; k0 += len) units.push_back(Unit{(int)j, k0, std::min(nk, k0 + len), slot_size * n_slots++});
   }
   first_unit[jobs.size()] = (int)units.size();
-  const int max_parts = (int)((total_keys + chunk - 1) / chunk) + 1;
+  const int nthreads = omp_get_max_threads();
   const int64_t s_size = rows * (kAttnTile + 2);  // one tile's scores, then the running max and sum per row
   const int64_t per_thread = rows * hd * 2 + s_size + (int64_t)kAttnTile * hd + max_parts;
   const size_t need = (size_t)(nthreads * per_thread + n_slots * slot_size);

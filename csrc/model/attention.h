@@ -73,8 +73,9 @@ struct AttnItem {
 // item and query head. Fresh keys/values come from k/v (fp32, rows of n_kv*hd),
 // cached ones from the cache, where positions [start, start+n) are skipped
 // (the fresh tokens replace them). p sees q iff q / B <= p / B.
-// `scratch` is resized as needed (per-thread tiles and score rows).
-void attention(bool kv_f16, const AttnItem* items, int n_items, int B, const float* q, const float* k,
+// `scratch` is resized as needed (per-thread tiles and score rows). `kt`: the
+// ISA's table (attn_kernels()).
+void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_items, int B, const float* q, const float* k,
                const float* v, int nh, int nkv, int hd, float* out, std::vector<float>& scratch);
 
 }  // namespace bitdlm

@@ -112,6 +112,7 @@ static int64_t count_out(const std::vector<Item>& items) {
 }
 
 void register_smallops(py::module_& m);
+void register_attention(py::module_& m);
 
 void register_model(py::module_& m) {
   py::register_exception<KvBudgetError>(m, "KvBudgetError", PyExc_MemoryError);
@@ -316,6 +317,7 @@ void register_model(py::module_& m) {
           "Diagnostics (scripts/logit_diag.py): forward(mode='logits') plus every activation quantization's "
           "(layer, op, codes [rows, K] int8, scales [rows]) in computation order");
   register_smallops(m);  // csrc/model/bind_smallops.cpp (tests of the per-ISA small ops)
+  register_attention(m);  // csrc/model/bind_attention.cpp (attention alone: tests, bench/kernels.py)
 }
 
 }  // namespace bitdlm

@@ -316,6 +316,7 @@ void Model::attention_block(int l, const std::vector<Item>& items, int B, int N)
   const int H = c.hidden, hd = c.head_dim, nh = c.heads, nkv = c.kv_heads, QD = nh * hd, KVD = nkv * hd;
   const int KpH = (int)pad_k(H), KpQ = (int)pad_k(QD);
   const SmallOps& so = small_ops();
+  const AttnKernels& akt = attn_kernels();
   {
     PhaseTimer t(prof_on_, prof_, kNormQuant);
     add_norm_quant_rows(so, x_.data(), l ? tmp_.data() : nullptr, L.in_norm, N, H, c.eps, aq_.data(), as_.data(),
@@ -334,7 +335,6 @@ void Model::attention_block(int l, const std::vector<Item>& items, int B, int N)
       ai_[i].kc = kv_.k(items[i].seq, l);
       ai_[i].vc = kv_.v(items[i].seq, l);
     }
-    const AttnKernels& akt = attn_kernels();
     const bool f16 = kv_.f16();
     const size_t esz = f16 ? 2 : 4;
     const int half = hd / 2;
@@ -365,8 +365,8 @@ void Model::attention_block(int l, const std::vector<Item>& items, int B, int N)
   }
   {
     PhaseTimer t(prof_on_, prof_, kAttention);
-    attention(kv_.f16(), ai_.data(), (int)ai_.size(), B, q_.data(), k_.data(), v_.data(), nh, nkv, hd, att_.data(),
-              attn_scratch_);
+    attention(akt, kv_.f16(), ai_.data(), (int)ai_.size(), B, q_.data(), k_.data(), v_.data(), nh, nkv, hd,
+              att_.data(), attn_scratch_);
   }
   {
     PhaseTimer t(prof_on_, prof_, kNormQuant);
