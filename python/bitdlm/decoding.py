@@ -343,7 +343,7 @@ def select_many(rules, confs, positions) -> list[np.ndarray]:
                 out[i] = m
             continue
         counts = np.array([len(confs[i]) for i in idx], np.int64)
-        c = np.concatenate([np.asarray(confs[i], np.float64) for i in idx])
+        c = np.concatenate([confs[i] for i in idx]).astype(np.float64)
         seg = np.repeat(np.arange(len(idx)), counts)
         # rank in its request, most confident first, ties to the left: two stable sorts
         order = np.argsort(-c, kind="stable")
@@ -352,8 +352,8 @@ def select_many(rules, confs, positions) -> list[np.ndarray]:
         rank = np.empty(c.size, np.int64)
         rank[order] = np.arange(c.size) - np.repeat(starts, counts)
         sel = cls.select_segments([rules[i] for i in idx], c, seg, rank, counts, [positions[i] for i in idx])
-        for j, i in enumerate(idx):
-            out[i] = sel[starts[j]:starts[j] + counts[j]]
+        for i, a, b in zip(idx, starts.tolist(), (starts + counts).tolist()):
+            out[i] = sel[a:b]
     return out
 
 

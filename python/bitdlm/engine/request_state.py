@@ -198,8 +198,8 @@ class RequestState:
         s1 = min(s0 + self.sbs, n)
         pos = self.masked[s0:s1].nonzero()[0]  # block indices to decide
         pos += s0
-        if sh:
-            assert pos[0] >= 1, "block position 0 is never masked with token shift"
+        if sh:  # (pos[0] is `first`)
+            assert first >= 1, "block position 0 is never masked with token shift"
         if none:  # the whole sequence from position 0, block-causal, no cache read or written
             item = ForwardItem(sid, self.tokens(), 0, 0, False, (self.bstart + pos - sh).astype(np.int32))
             return StepPlan(STEP, item, positions=pos)
@@ -221,9 +221,8 @@ class RequestState:
 
     def draw_uniforms(self, plan: StepPlan) -> np.ndarray | None:
         """One uniform per output row from this request's generator when it samples, else None."""
-        k = plan.item.num_out
-        if self.temperature > 0 and k:
-            return self.rng.random(k, dtype=np.float32)
+        if self.temperature > 0 and plan.item.num_out:
+            return self.rng.random(plan.item.num_out, dtype=np.float32)
         return None
 
     def apply(self, plan: StepPlan, res, uniforms: np.ndarray | None, selected: np.ndarray | None = None) -> None:
@@ -259,5 +258,6 @@ class RequestState:
         self.blk[at] = tok[sel]
         m = self.masked
         m[at] = False
-        i = int(m.argmax())
-        self.first = i if m[i] else len(m)
+        if not m[self.first]:  # the first masked position was decided: find the next one
+            i = int(m.argmax())
+            self.first = i if m[i] else len(m)

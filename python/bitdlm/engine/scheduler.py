@@ -108,7 +108,7 @@ class Scheduler:
     # --------------------------------------------------------------- grouping
     def schedule(self, outputs: list) -> dict[GroupKey, list[Scheduled]]:
         """Every running request's next forward, grouped by what one core call can carry."""
-        groups: dict[GroupKey, list[Scheduled]] = {}
+        groups: dict[tuple, list[Scheduled]] = {}
         for seq in list(self.running.values()):
             try:
                 plan = seq.plan()
@@ -116,9 +116,8 @@ class Scheduler:
             except Exception as e:
                 self.fail(seq, outputs, "planning its step", e)
                 continue
-            key = GroupKey(seq.bs, "logits" if seq.needs_logits(plan) else "select")
-            groups.setdefault(key, []).append(Scheduled(seq, plan, u))
-        return groups
+            groups.setdefault((seq.bs, seq.needs_logits(plan)), []).append(Scheduled(seq, plan, u))
+        return {GroupKey(bs, "logits" if lg else "select"): g for (bs, lg), g in groups.items()}
 
     # ---------------------------------------------------------------- forward
     def _call(self, key: GroupKey, members: list[Scheduled]) -> list:
