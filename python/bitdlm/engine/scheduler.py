@@ -26,7 +26,7 @@ class Scheduled:
     uniforms: np.ndarray | None  # float32, one per output row; None when it does not sample
 
 
-class GroupKey(NamedTuple):  # a tuple: built and hashed once per request and step
+class GroupKey(NamedTuple):  # a plain tuple: cheap to build and hash
     block_size: int
     mode: str  # "select" (tokens, confidences) | "logits"
 
