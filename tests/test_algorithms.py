@@ -522,3 +522,38 @@ def test_generate_cli_steps():
                                                                           "two decoding rules")):
         p = run(*args)
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def _rule_pair(rng):
+    """Two fresh instances of one random rule with random parameters (steps: configured)."""
+    name = ["threshold", "factor", "steps", "hierarchy"][int(rng.integers(4))]
+    vals = {"threshold": float(rng.choice([0.3, 0.5, 0.9, 1.0])), "factor": float(rng.choice([0.5, 1.0, 3.0])),
+            "steps": int(rng.choice([4, 8, 11, 32])), "low_threshold": 0.4}
+    pair = [decoding.make(name, **vals) for _ in range(2)]
+    for a in pair:
+        a.configure(32, 8)
+    return pair
+
+
+def test_select_many_equals_select_request_by_request():
+    # the engine's batched selection against each rule's own select(), over the steps of one
+    # block: random confidences on a coarse grid (ties), mixed rules, a request per row
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        pairs = [_rule_pair(rng) for _ in range(int(rng.integers(1, 12)))]
+        masked = [np.ones(32, bool) for _ in pairs]
+        for _step in range(40):
+            live = [i for i, m in enumerate(masked) if m.any()]
+            if not live:
+                break
+            confs, poss = [], []
+            for i in live:
+                s0 = int(np.argmax(masked[i])) // 8 * 8
+                pos = np.nonzero(masked[i][s0:s0 + 8])[0] + s0
+                poss.append(pos)
+                confs.append(np.round(rng.random(pos.size), 1).astype(np.float32))
+            many = decoding.select_many([pairs[i][0] for i in live], confs, poss)
+            for j, i in enumerate(live):
+                want = pairs[i][1].select(confs[j], positions=poss[j])
+                assert np.nonzero(many[j])[0].tolist() == want.tolist(), (type(pairs[i][1]).__name__, confs[j])
+                masked[i][poss[j][want]] = False

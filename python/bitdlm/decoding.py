@@ -131,6 +131,13 @@ class Algorithm:
         `positions`: the candidates' block positions (rules that look at neighbours, and `steps`, use them)."""
         raise NotImplementedError
 
+    # The same selection for the candidates of many requests of this class at once, or None
+    # (select_many then calls select() request by request). Arguments: the rule instances,
+    # every candidate's confidence (float64, one request after another), its request's index
+    # (seg), its rank in its request (0 = most confident; ties: the left-most first), the
+    # candidates per request, and each request's block positions -> bool per candidate.
+    select_segments = None
+
     @classmethod
     def describe(cls) -> dict:
         return {"name": cls.name, "description": cls.summary, "parameters": [p.describe() for p in cls.params]}
@@ -158,6 +165,10 @@ class Threshold(Algorithm):
         sel[int(np.argmax(c))] = True  # always the most confident one
         return idx[sel]
 
+    @classmethod
+    def select_segments(cls, rules, c, seg, rank, counts, positions):
+        return (c > np.array([r.threshold for r in rules])[seg]) | (rank == 0)
+
 
 class Factor(Algorithm):
     name = "factor"
@@ -176,6 +187,15 @@ class Factor(Algorithm):
         ok[0] = True  # the first always
         n = int(np.argmin(ok)) if not ok.all() else c.size  # length of the passing run
         return idx[np.sort(order[:n])]
+
+    @classmethod
+    def select_segments(cls, rules, c, seg, rank, counts, positions):
+        f = np.array([r.factor for r in rules])[seg]
+        ok = (c >= 1.0 - f / (rank + 2)) | (rank == 0)
+        # a request's passing run ends at its first failing rank
+        stop = np.full(len(rules), np.iinfo(np.int64).max)
+        np.minimum.at(stop, seg[~ok], rank[~ok])
+        return rank < stop[seg]
 
 
 class Credit(Algorithm):
@@ -276,21 +296,65 @@ class Steps(Algorithm):
         s = self.block_size if self.steps is None else self.steps
         return s // n + (j < s % n)
 
-    def select(self, conf, masked=None, positions=None):
-        c, idx = _candidates(conf, masked)
-        if c.size == 0:
-            return idx
-        if positions is None or not self.sbs:
+    def take(self, n: int, first_position: int) -> int:
+        """How many of the n candidates this step unmasks (the first at block position
+        `first_position`); counts the step."""
+        if not self.sbs:
             raise ValueError("the steps rule needs configure() and the candidates' block positions")
-        j = int(np.asarray(positions)[idx[0]]) // self.sbs
+        j = int(first_position) // self.sbs
         if j != self._sub:
             self._sub, self._used = j, 0
         left = self.sub_block_steps(j) - self._used
         self._used += 1
         # ceil(masked left / steps left) is LLaDA's schedule (m // s, one more for the first m % s steps)
-        k = c.size if left <= 0 else -(-c.size // left)
+        return n if left <= 0 else -(-n // left)
+
+    def select(self, conf, masked=None, positions=None):
+        c, idx = _candidates(conf, masked)
+        if c.size == 0:
+            return idx
+        if positions is None:
+            raise ValueError("the steps rule needs configure() and the candidates' block positions")
+        k = self.take(c.size, np.asarray(positions)[idx[0]])
         order = np.argsort(-c, kind="stable")  # the most confident first, ties to the left
         return idx[np.sort(order[:k])]
+
+    @classmethod
+    def select_segments(cls, rules, c, seg, rank, counts, positions):
+        k = np.array([r.take(int(n), p[0]) if n else 0 for r, n, p in zip(rules, counts, positions)], np.int64)
+        return rank < k[seg]
+
+
+def select_many(rules, confs, positions) -> list[np.ndarray]:
+    """One step's selection for many requests: rules[i] picks among the candidates confs[i]
+    at block positions positions[i] -> per request, a bool mask over its candidates (always
+    one set, as select() returns at least one index). The same choices as each rule's
+    select() (tests/test_algorithms.py), but the rules with a vectorised form (select_segments)
+    rank all their requests' candidates in one pass, not one numpy call chain per request."""
+    out: list = [None] * len(rules)
+    by_cls: dict[type, list[int]] = {}
+    for i, r in enumerate(rules):
+        by_cls.setdefault(type(r), []).append(i)
+    for cls, idx in by_cls.items():
+        if cls.select_segments is None or len(idx) == 1:  # (one request: select() is cheaper)
+            for i in idx:
+                m = np.zeros(len(confs[i]), bool)
+                m[np.asarray(rules[i].select(confs[i], positions=positions[i]), np.int64)] = True
+                out[i] = m
+            continue
+        counts = np.array([len(confs[i]) for i in idx], np.int64)
+        c = np.concatenate([confs[i] for i in idx]).astype(np.float64)
+        seg = np.repeat(np.arange(len(idx)), counts)
+        # rank in its request, most confident first, ties to the left: two stable sorts
+        order = np.argsort(-c, kind="stable")
+        order = order[np.argsort(seg[order], kind="stable")]
+        starts = np.cumsum(counts) - counts
+        rank = np.empty(c.size, np.int64)
+        rank[order] = np.arange(c.size) - np.repeat(starts, counts)
+        sel = cls.select_segments([rules[i] for i in idx], c, seg, rank, counts, [positions[i] for i in idx])
+        for i, a, b in zip(idx, starts.tolist(), (starts + counts).tolist()):
+            out[i] = sel[a:b]
+    return out
 
 
 def select_rows(logits: np.ndarray, temperature=0.0, top_p=1.0, uniforms=None):

@@ -402,14 +402,15 @@ class IncrementalDetokenizer:
         self.read = len(ctx)
 
     def _decode(self, a: int, b: int | None = None) -> str:
-        return self.tok.decode(self.ids[a:b], skip_special_tokens=self.skip)
+        # straight to `tokenizers` (the slice is a fresh list already): two calls per step and request
+        return self.tok._tok.decode(self.ids[a:b], skip_special_tokens=self.skip)
 
     def add(self, token_id: int) -> str:
         return self.add_many((token_id,))
 
     def add_many(self, token_ids) -> str:
         """The text delta of several new tokens at once: two decodes for the lot, not per token."""
-        self.ids.extend(int(t) for t in token_ids)
+        self.ids.extend(map(int, token_ids))
         before = self._decode(self.prefix, self.read)
         now = self._decode(self.prefix)
         if len(now) > len(before) and not now.endswith("\ufffd"):

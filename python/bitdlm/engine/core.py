@@ -177,13 +177,15 @@ class Engine:
         sched.admit(outputs)
         groups = sched.schedule(outputs)
         for key, members in groups.items():
-            for m, res in zip(members, sched.forward(key, members, outputs)):
-                if res is None:  # its forward failed; the scheduler has ended it
+            results = sched.forward(key, members, outputs)
+            selected = self._select(members, results, outputs)
+            for m, res, sel in zip(members, results, selected):
+                if res is None:  # its forward (or its rule) failed; the request has been ended
                     continue
                 seq = m.seq
                 seq.forwards += 1
                 try:
-                    seq.apply(m.plan, res, m.uniforms)
+                    seq.apply(m.plan, res, m.uniforms, sel)
                     out = self.output_processor.collect(seq)
                 except Exception as e:
                     sched.fail(seq, outputs, "applying its step", e)
@@ -199,3 +201,25 @@ class Engine:
             self.stats.step_seconds += dt
             self.stats.last_step_seconds = dt
         return outputs
+
+    def _select(self, members, results, outputs) -> list:
+        """The unmasking rule of every member that decides from (token, confidence) rows, run
+        for all of them at once (decoding.select_many) -> per member its selection, or None
+        (apply() runs its rule itself: logits rules, prefill and commit, a lone request). A
+        rule that raises ends the requests it was deciding for (their result becomes None)."""
+        sel = [None] * len(members)
+        idx = [i for i, (m, r) in enumerate(zip(members, results))
+               if r is not None and m.plan.decides and not m.seq.algo.needs_logits]
+        if len(idx) < 2:  # one request: its own select() in apply() is cheaper
+            return sel
+        try:
+            got = decoding.select_many([members[i].seq.algo for i in idx], [results[i][1] for i in idx],
+                                       [members[i].plan.positions for i in idx])
+        except Exception as e:
+            for i in idx:
+                self.scheduler.fail(members[i].seq, outputs, "applying its step", e)
+                results[i] = None
+            return sel
+        for i, g in zip(idx, got):
+            sel[i] = g
+        return sel

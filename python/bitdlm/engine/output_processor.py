@@ -43,11 +43,10 @@ class TextState:
         """Text of newly final tokens -> (text to emit, token cut or None): a stop string
         found ends the text before it and drops the tokens after the one completing it."""
         stops, hold = self.stops, self.hold
-        if not stops:  # nothing to cut: the whole delta from one detokenizer call
+        if not stops:  # nothing to cut or hold back: the whole delta from one detokenizer call
             delta = self.detok.add_many(new_ids)
-            self.seen += delta
-            self.held += delta
-        for i, t in enumerate(new_ids if stops else ()):
+            return (delta + self.detok.flush() if finished else delta), None
+        for i, t in enumerate(new_ids):
             delta = self.detok.add(t)
             if not delta:
                 continue
@@ -101,6 +100,8 @@ class OutputProcessor:
             return None
         front = min(seq.frontier(), seq.limit)
         pos = seq.P + seq.emitted
+        if pos >= front and not seq.finished:  # nothing newly final (and pos < limit: it would have ended)
+            return None
         new_ids = seq.tokens_between(pos, front) if pos < front else []
         stop = next((i for i, t in enumerate(new_ids) if t in seq.stop_ids), None) if seq.stop_ids else None
         if stop is not None:  # stop token, nothing masked before it: keep it, drop the rest

@@ -96,6 +96,7 @@ class RequestState:
     bstart: int = 0
     blk: np.ndarray | None = None
     masked: np.ndarray | None = None
+    first: int = 0  # the block's first masked index (len(blk): none), kept with `masked`
     scratch: bool = False  # sub-block cache: the block's K/V were written by a full pass
     hist: list = field(default_factory=list)  # generated tokens before bstart
     emitted: int = 0  # generated tokens returned so far
@@ -103,6 +104,9 @@ class RequestState:
     finished: bool = False
     reason: str | None = None
     t0: float = 0.0
+
+    def __post_init__(self):
+        self.temperature = self.params.effective_temperature()  # read every step
 
     @property
     def P(self) -> int:
@@ -143,6 +147,7 @@ class RequestState:
         blk[:len(known)] = known
         masked[:len(known)] = False
         self.bstart, self.blk, self.masked, self.scratch = bstart, blk, masked, False
+        self.first = min(len(known), n)
         self.algo.reset()
 
     def tokens(self) -> np.ndarray:
@@ -154,10 +159,7 @@ class RequestState:
 
     def frontier(self) -> int:
         """Absolute end of the contiguous final prefix."""
-        if self.prefilling:
-            return 0
-        m = np.nonzero(self.masked)[0]
-        return self.bstart + (int(m[0]) if m.size else len(self.blk))
+        return 0 if self.prefilling else self.bstart + self.first
 
     # ------------------------------------------------------------ plan/apply
     def plan(self) -> StepPlan:
@@ -179,7 +181,8 @@ class RequestState:
             item = ForwardItem(sid, self.prompt[c0:c1], c0, c0, True, np.asarray(out, np.int32))
             return StepPlan(PREFILL, item, committed=c1)
         n = len(self.blk)
-        if not self.masked.any():
+        first = self.first
+        if first == n:  # nothing masked
             if none and not cfg.shift:  # nothing to commit and no token to carry: open the next block
                 self.start_block(self.bstart + n, None)
                 return self.plan()
@@ -188,14 +191,15 @@ class RequestState:
                 item = ForwardItem(sid, toks, 0, 0, False, np.asarray([len(toks) - 1], np.int32))
                 return StepPlan(COMMIT, item)
             out = [n - 1] if cfg.shift else []
-            item = ForwardItem(sid, self.blk.copy(), self.bstart, self.bstart, True, np.asarray(out, np.int32))
+            item = ForwardItem(sid, self.blk, self.bstart, self.bstart, True, np.asarray(out, np.int32))
             return StepPlan(COMMIT, item)
-        first = int(np.argmax(self.masked))
+        # (the forward reads blk before apply() changes it: no copy)
         s0 = first // self.sbs * self.sbs  # the left-most sub-block that still has masks
         s1 = min(s0 + self.sbs, n)
-        pos = np.nonzero(self.masked[s0:s1])[0] + s0  # block indices to decide
-        if sh:
-            assert pos[0] >= 1, "block position 0 is never masked with token shift"
+        pos = self.masked[s0:s1].nonzero()[0]  # block indices to decide
+        pos += s0
+        if sh:  # (pos[0] is `first`)
+            assert first >= 1, "block position 0 is never masked with token shift"
         if none:  # the whole sequence from position 0, block-causal, no cache read or written
             item = ForwardItem(sid, self.tokens(), 0, 0, False, (self.bstart + pos - sh).astype(np.int32))
             return StepPlan(STEP, item, positions=pos)
@@ -204,27 +208,27 @@ class RequestState:
             # sub-block only, against the block's (stale) scratch K/V written by a full pass;
             # with shift, row j-1 of the sub-block predicts j (s0 itself is never masked here)
             out = pos - sh - s0
-            item = ForwardItem(sid, self.blk[s0:s1].copy(), self.bstart + s0, self.bstart + n, False,
+            item = ForwardItem(sid, self.blk[s0:s1], self.bstart + s0, self.bstart + n, False,
                                out.astype(np.int32))
             return StepPlan(STEP, item, positions=pos)
         # full pass over the block; with the sub-block cache it leaves scratch K/V
-        item = ForwardItem(sid, self.blk.copy(), self.bstart, self.bstart, dual, (pos - sh).astype(np.int32))
+        item = ForwardItem(sid, self.blk, self.bstart, self.bstart, dual, (pos - sh).astype(np.int32))
         return StepPlan(FULL if dual else STEP, item, positions=pos)
 
     def needs_logits(self, plan: StepPlan) -> bool:
         """Whether this plan's forward must return full logits (the rule fuses them itself)."""
         return self.algo.needs_logits and plan.decides
 
-    def draw_uniforms(self, plan: StepPlan) -> np.ndarray:
-        """One uniform per output row, from this request's generator when it samples."""
-        k = plan.item.num_out
-        if self.params.effective_temperature() > 0 and k:
-            return self.rng.random(k, dtype=np.float32)
-        return np.zeros(k, np.float32)
+    def draw_uniforms(self, plan: StepPlan) -> np.ndarray | None:
+        """One uniform per output row from this request's generator when it samples, else None."""
+        if self.temperature > 0 and plan.item.num_out:
+            return self.rng.random(plan.item.num_out, dtype=np.float32)
+        return None
 
-    def apply(self, plan: StepPlan, res, uniforms: np.ndarray) -> None:
+    def apply(self, plan: StepPlan, res, uniforms: np.ndarray | None, selected: np.ndarray | None = None) -> None:
         """Take one forward's result: `(tokens, confidences)` rows, or logits rows when
-        `needs_logits(plan)`."""
+        `needs_logits(plan)`. `selected`: the candidates to unmask when the caller has
+        already run the rule on the confidences (decoding.select_many), else the rule runs here."""
         if plan.kind == PREFILL:
             tok = res[0]
             self.committed = plan.committed
@@ -247,8 +251,13 @@ class RequestState:
             tok, conf = self.algo.fuse(pos, lg, p.effective_temperature(), p.top_p, uniforms)
         else:
             tok, conf = res
-        sel = np.asarray(self.algo.select(conf, positions=pos), dtype=np.int64)
-        if sel.size == 0:
+        sel = selected if selected is not None else np.asarray(self.algo.select(conf, positions=pos), np.int64)
+        at = pos[sel]
+        if at.size == 0:
             raise RuntimeError(f"rule {self.algo.name!r} unmasked nothing")
-        self.blk[pos[sel]] = tok[sel]
-        self.masked[pos[sel]] = False
+        self.blk[at] = tok[sel]
+        m = self.masked
+        m[at] = False
+        if not m[self.first]:  # the first masked position was decided: find the next one
+            i = int(m.argmax())
+            self.first = i if m[i] else len(m)

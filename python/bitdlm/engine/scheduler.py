@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,11 +23,10 @@ class Scheduled:
     """A running request's part of this step."""
     seq: RequestState
     plan: StepPlan
-    uniforms: np.ndarray  # float32, one per output row
+    uniforms: np.ndarray | None  # float32, one per output row; None when it does not sample
 
 
-@dataclass(frozen=True)
-class GroupKey:
+class GroupKey(NamedTuple):  # a plain tuple: cheap to build and hash
     block_size: int
     mode: str  # "select" (tokens, confidences) | "logits"
 
@@ -108,7 +108,7 @@ class Scheduler:
     # --------------------------------------------------------------- grouping
     def schedule(self, outputs: list) -> dict[GroupKey, list[Scheduled]]:
         """Every running request's next forward, grouped by what one core call can carry."""
-        groups: dict[GroupKey, list[Scheduled]] = {}
+        groups: dict[tuple, list[Scheduled]] = {}
         for seq in list(self.running.values()):
             try:
                 plan = seq.plan()
@@ -116,9 +116,8 @@ class Scheduler:
             except Exception as e:
                 self.fail(seq, outputs, "planning its step", e)
                 continue
-            key = GroupKey(seq.bs, "logits" if seq.needs_logits(plan) else "select")
-            groups.setdefault(key, []).append(Scheduled(seq, plan, u))
-        return groups
+            groups.setdefault((seq.bs, seq.needs_logits(plan)), []).append(Scheduled(seq, plan, u))
+        return {GroupKey(bs, "logits" if lg else "select"): g for (bs, lg), g in groups.items()}
 
     # ---------------------------------------------------------------- forward
     def _call(self, key: GroupKey, members: list[Scheduled]) -> list:
@@ -129,10 +128,13 @@ class Scheduler:
         if key.mode == "logits":
             res = np.asarray(self.model.forward(core_items, key.block_size, "logits")).reshape(sum(ks), self.vocab)
         else:
-            # per output row: its request's temperature and top_p (one repeat, not one array per request)
-            temps = np.repeat(np.array([m.seq.params.effective_temperature() for m in members], np.float32), ks)
-            tops = np.repeat(np.array([m.seq.params.top_p for m in members], np.float32), ks)
-            unis = np.concatenate([m.uniforms for m in members])
+            temps = tops = unis = None  # greedy rows: the core's defaults (temperature 0, no uniforms)
+            if any(m.uniforms is not None for m in members):
+                # per output row: its request's temperature, top_p and uniform
+                temps = np.repeat(np.array([m.seq.temperature for m in members], np.float32), ks)
+                tops = np.repeat(np.array([m.seq.params.top_p for m in members], np.float32), ks)
+                unis = np.concatenate([np.zeros(k, np.float32) if m.uniforms is None else m.uniforms
+                                       for m, k in zip(members, ks)])
             tok, conf = self.model.forward(core_items, key.block_size, "select", temperature=temps,
                                            top_p=tops, uniforms=unis, banned=self.banned)
             res = (np.asarray(tok), np.asarray(conf))
