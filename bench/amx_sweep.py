@@ -19,13 +19,10 @@ Needs the bench-only kernels: BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh
    for N = 8 and 32, back to back, per AMX variant and per ISA. Inputs are
    quantized once beforehand (the pass times GEMMs only); each GEMM call pays
    the Python binding (~10 us, 120 calls), which the forward (C++) does not.
-   Beside them (CPUs with avx512vnni) the Zen 4 path's bench kernels through
-   bench_gemm_multi's job loop (dispatch's non-AMX loop): "bench vnni" = the
-   shipped VNNI 4 x 4 tiles, "vnni_w2x8" / "vnni_w1x16" / "vnni_w2x12" = the
-   wide-token tiles of csrc/bench/vnni_wide_avx512vnni.cpp (R rows x T tokens
-   per unpacked row). Compare them with "bench vnni", not with the
-   avx512vnni row (same kernel, but the dispatcher's driver); then the same
-   kernels per 2B shape at N = 8, 16, 32 (which shapes gain).
+   Beside them (CPUs with avx512vnni) "bench vnni": the shipped VNNI tiles
+   (2 x 8 tokens) through bench_gemm_multi's job loop (dispatch's non-AMX
+   loop; equal to the avx512vnni row within noise), then per 2B shape at
+   N = 8, 16, 32.
 3. The int8 lm_head (128256 x 2560, 328 MB, streamed from DRAM) at N = 1, 8,
    32 on all cores: AMX (N <= 16: per-row prefetch; above: next row group
    prefetched into L2, paced; N = 1 runs the VNNI GEMV unless
@@ -65,8 +62,8 @@ PASS_NS = [8, 32]
 LM_NS = [1, 8, 32]
 N_LAYERS = 30
 BASE_ISAS = ["avx512vnni", "avx512", "avx2"]
-# bench_gemm_multi kernels (avx512vnni CPUs): the shipped VNNI tiles, then the wide-token ones
-VNNI_WIDE = ["vnni", "vnni_w2x8", "vnni_w1x16", "vnni_w2x12"]
+# bench_gemm_multi kernels (avx512vnni CPUs): the shipped VNNI tiles through its job loop
+VNNI_WIDE = ["vnni"]
 # bench_gemm_multi's AMX loops (AMX CPUs): the shipped kernel and call, then without per-call tile
 # config, without the re-layout's barrier (re-laid out by the calling thread first), without both
 AMX_LOOPS = ["amx", "amx_keepcfg", "amx_serialact", "amx_keepcfg_serialact"]
@@ -185,7 +182,7 @@ def main() -> None:
                 cells.append(f"{med * 1e3:>9.2f} {macs / med / 1e12:>6.2f}")
             print(f"{label:>12} " + " ".join(cells), flush=True)
 
-        # ---- 2b. the wide-token VNNI tiles per shape (which shapes gain), all cores
+        # ---- 2b. the shipped VNNI tiles per shape, all cores
         if wide:
             print(f"\nVNNI tiles per shape ({t} threads, bench_gemm_multi; us and T MAC/s)")
             print(f"{'kernel':>12} {'M x K':>11} " + " ".join(f"{'N=' + str(n):>15}" for n in (8, 16, 32)))

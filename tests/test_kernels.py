@@ -24,10 +24,9 @@ BENCH = bool(_core.build_info().get("bench_kernels"))
 AMX_VARIANTS = [None] + ([0, 1, 1 | 8, 1 | 16, 1 | 8 | 16, 32, 32 | 8 | 16, 64, 64 | 8 | 16] if BENCH else [])
 _BENCH_NAMES = ("bench_peak_int8", "bench_peak_vnni", "bench_peak_amx", "bench_bandwidth", "set_amx_variant",
                 "get_amx_variant", "bench_gemm_multi", "bench_amx_overheads")
-# bench builds: bench_gemm_multi's kernels bench/amx_sweep.py times: the wide-token VNNI tiles
-# (csrc/bench/vnni_wide_avx512vnni.cpp) and the AMX call without per-call tile config / re-layout barrier
-BENCH_MULTI = ["vnni", "vnni_w2x8", "vnni_w1x16", "vnni_w2x12",
-               "amx", "amx_keepcfg", "amx_serialact", "amx_keepcfg_serialact"]
+# bench builds: bench_gemm_multi's kernels bench/amx_sweep.py times: the shipped VNNI tiles through
+# its job loop and the AMX call without per-call tile config / re-layout barrier
+BENCH_MULTI = ["vnni", "amx", "amx_keepcfg", "amx_serialact", "amx_keepcfg_serialact"]
 
 
 def test_bench_kernels_only_in_bench_builds():
@@ -355,7 +354,7 @@ def test_bitdlm_isa_env_override():
 @pytest.mark.parametrize("kernel", BENCH_MULTI)
 @pytest.mark.parametrize("n", [8, 13, 16, 24, 32, 33, 64, 70])
 def test_bench_multi_kernels_bit_exact_vs_scalar(n, kernel):
-    """Natively: bench_gemm_multi's kernels (the wide-token VNNI tiles; the shipped AMX kernel with
+    """Natively: bench_gemm_multi's kernels (the shipped VNNI tiles; the shipped AMX kernel with
     the tile config kept across calls / the re-layout before the parallel region), 2 threads, give
     the scalar floats bit for bit (y = dot / s_a with |dot| < 2^21, so equal floats mean equal int32
     dots), several matrices in one call, K with slices. Elsewhere the SIMDe harness checks the VNNI
@@ -476,7 +475,7 @@ def test_bitdlm_isa_amx_clear_error_without_amx():
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SIMDE_SOURCES = ["tests/simde/harness.cpp", "csrc/kernels/gemm_avx512.cpp", "csrc/kernels/gemm_avx512vnni.cpp",
-                  "csrc/kernels/gemm_amx.cpp", "csrc/bench/amx_variants_amx.cpp", "csrc/bench/vnni_wide_avx512vnni.cpp",
+                  "csrc/kernels/gemm_amx.cpp", "csrc/bench/amx_variants_amx.cpp",
                   "csrc/kernels/gemm_scalar.cpp"]
 _SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csrc/kernels/isa.h",
                   "csrc/kernels/ternary_driver.h", "csrc/kernels/lm_driver.h", "csrc/kernels/epilogue.h",

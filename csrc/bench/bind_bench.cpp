@@ -55,25 +55,19 @@ extern const AmxTernaryFn kAmxVariantTiles;
 constexpr int kAmxShipped = 1 | 32;        // = gemm_amx.cpp's kernel, kAmxRowBlock rows
 constexpr int kAmxVariantBits = 1 | 8 | 16 | 32 | 64;
 
-// vnni_wide_avx512vnni.cpp: wide-token VNNI ternary kernels (KernelTable::ternary
-// contract), run by bench_gemm_multi beside the shipped VNNI kernel.
-using TernaryFn = void (*)(const TernaryW&, const ActQ&, int, int, int, int, int32_t*);
-extern const TernaryFn kVnniWideKernels[3];
 // amx_keepcfg_amx.cpp: configure this thread's tiles unless they still are.
 void bench_amx_ensure_tiles();
 
-// bench_gemm_multi's kernels: VNNI tile functions (amx < 0), or the shipped AMX
+// bench_gemm_multi's kernels: the shipped VNNI tiles (amx < 0), or the shipped AMX
 // kernel through dispatch's AMX loop with per-call cost options (amx bits:
 // 1 = tile config kept across calls, 2 = activation re-layout on the calling
 // thread before the parallel region, no barrier inside it).
 struct BenchKernel {
   const char* name;
   int amx;
-  int wide;  // index into kVnniWideKernels, -1 = the shipped VNNI tiles
 };
 constexpr BenchKernel kBenchKernels[] = {
-    {"vnni", -1, -1},   {"vnni_w2x8", -1, 0},       {"vnni_w1x16", -1, 1},       {"vnni_w2x12", -1, 2},
-    {"amx", 0, -1},     {"amx_keepcfg", 1, -1},     {"amx_serialact", 2, -1},    {"amx_keepcfg_serialact", 3, -1},
+    {"vnni", -1}, {"amx", 0}, {"amx_keepcfg", 1}, {"amx_serialact", 2}, {"amx_keepcfg_serialact", 3},
 };
 
 static const BenchKernel& bench_kernel(const std::string& name) {
@@ -94,7 +88,7 @@ static thread_local size_t t_bench_cap = 0;
 
 static void bench_ternary_multi(const BenchKernel& k, const TernaryW* ws, int n_ws, const ActQ& a) {
   const bool amx = k.amx >= 0, keep = amx && (k.amx & 1), serial_act = amx && (k.amx & 2);
-  const TernaryFn fn = amx ? nullptr : k.wide < 0 ? kAvx512VnniKernels.ternary : kVnniWideKernels[k.wide];
+  const auto fn = amx ? nullptr : kAvx512VnniKernels.ternary;
   const KernelTable& t = kAmxKernels;
   const int kRows = amx ? kAmxRowBlock : 32, kTok = 64;
   const int n_chunks = (a.N + kTok - 1) / kTok;
@@ -286,8 +280,7 @@ void register_bench(py::module_& m) {
         return g.results();
       },
       py::arg("kernel"), py::arg("ws"), py::arg("wscales"), py::arg("q"), py::arg("s"), py::arg("sum"),
-      "Bench builds: gemm_multi through bench kernel `kernel` (vnni = the shipped VNNI tiles, vnni_w2x8 / "
-      "vnni_w1x16 / vnni_w2x12 = csrc/bench/vnni_wide_avx512vnni.cpp; amx = the shipped AMX kernel and call, "
+      "Bench builds: gemm_multi through bench kernel `kernel` (vnni = the shipped VNNI tiles; amx = the shipped AMX kernel and call, "
       "amx_keepcfg / amx_serialact / amx_keepcfg_serialact = the same without per-call tile config / without the "
       "re-layout's barrier), dispatch's job loop for all; needs avx512vnni (amx*: amx)");
 }

@@ -33,13 +33,20 @@ void register_kernels(py::module_& m) {
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   m.def("get_max_threads", []() { return omp_get_max_threads(); });
 
+  // [N, Kp] int8 codes at a kActAlign boundary (gemm.h): a view into a slightly
+  // larger array, which it keeps alive.
+  auto aligned_codes = [](int N, int Kp) {
+    py::array_t<int8_t> raw((py::ssize_t)N * Kp + kActAlign);
+    const size_t off = (kActAlign - (uintptr_t)raw.data() % kActAlign) % kActAlign;
+    return I8({(py::ssize_t)N, (py::ssize_t)Kp}, {(py::ssize_t)Kp, (py::ssize_t)1}, raw.mutable_data() + off, raw);
+  };
   m.def(
       "quantize_act",
-      [](F32 x) {
+      [aligned_codes](F32 x) {
         if (x.ndim() != 2) throw std::invalid_argument("x must be [N, K]");
         const int N = (int)x.shape(0), K = (int)x.shape(1);
         const int Kp = (int)pad_k(K);
-        I8 q({N, Kp});
+        I8 q = aligned_codes(N, Kp);
         F32 s(N);
         I32 sum(N);
         {

@@ -92,6 +92,9 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
   }
 }
 
+// L1 budget of the driver's row panels (32 KiB L1d on Zen 3): the T
+// activation rows whole up to 24 KiB, else K slices of 16 KiB (measured).
+constexpr int kActFit = 24576, kActSlice = 16384;
 #include "kernels/ternary_driver.h"
 
 static void ternary(const TernaryW& w, const ActQ& a, int m0, int m1, int n0, int n1, int32_t* out) {

@@ -59,8 +59,8 @@ const TensorRef& need(const std::map<std::string, TensorRef>& t, const std::stri
   return r;
 }
 
-template <class T>
-void grow(std::vector<T>& v, size_t n) {
+template <class V>
+void grow(V& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
 

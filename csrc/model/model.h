@@ -142,7 +142,7 @@ class Model {
 
   // Scratch reused across calls (grown on demand).
   std::vector<float> x_, q_, k_, v_, att_, g_, u_, tmp_, xo_, cos_, sin_, attn_scratch_, logits_;
-  std::vector<int8_t> aq_;
+  ActBuffer aq_;  // 64-byte aligned (gemm.h kActAlign)
   std::vector<float> as_;
   std::vector<int32_t> asum_;
   std::vector<int> row_item_, out_row_;  // item of each fresh row; row of each output

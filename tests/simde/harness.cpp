@@ -3,8 +3,7 @@
 // (-DBITDLM_SIMDE, no -mavx512 flags) and compared with the scalar reference
 // on random and odd shapes; gemm_amx.cpp and the bench-only AMX variants
 // (csrc/bench/amx_variants_amx.cpp) too, with the AMX tiles emulated
-// (tests/simde/amx_emu.h, injected with -include by tests/test_kernels.py), and
-// the bench-only wide-token VNNI kernels (csrc/bench/vnni_wide_avx512vnni.cpp).
+// (tests/simde/amx_emu.h, injected with -include by tests/test_kernels.py).
 // Prints one line per failure and "OK <cases>";
 // exit status 0 only if everything matched. Run by tests/test_kernels.py.
 #include <algorithm>
@@ -23,8 +22,6 @@ namespace bitdlm {
 // csrc/bench/amx_variants_amx.cpp (bench-only AMX variants, compiled in here too)
 extern int g_amx_bench_variant;
 extern const AmxTernaryFn kAmxVariantTiles;
-// csrc/bench/vnni_wide_avx512vnni.cpp (bench-only wide-token VNNI kernels: 2x8, 1x16, 2x12)
-extern const decltype(KernelTable::ternary) kVnniWideKernels[3];
 }  // namespace bitdlm
 
 // The AMX kernel (gemm_amx.cpp against SIMDe + the tile emulator) driven like
@@ -161,18 +158,15 @@ int main(int argc, char** argv) {
     if (t->quantize)  // (nullptr: the table takes the level below's quantizer)
       for (int K : {1, 31, 32, 33, 100, 2560, 2561}) check_quantize(*t, name, 3, K);
   }
-  // wide-token VNNI kernels: token tiles of T plus 8-token and shipped tails,
-  // 32-row panels with R-row tails, K slices (T x Kp > 24 KiB), int32 worst cases
-  const char* wide_names[] = {"vnni_w2x8", "vnni_w1x16", "vnni_w2x12"};
-  for (int i = 0; i < 3; ++i) {
-    KernelTable t = kAvx512VnniKernels;
-    t.ternary = kVnniWideKernels[i];
-    for (int N : {8, 9, 12, 16, 17, 25, 32, 33}) check_ternary(t, wide_names[i], 13, 257, N, -128, 127);
-    check_ternary(t, wide_names[i], 70, 384, 32, -128, 127);   // 3 panels, odd row tail (with the halves split)
-    check_ternary(t, wide_names[i], 7, 2560, 32, -128, 127);   // K slices for T = 12 / 16
-    check_ternary(t, wide_names[i], 5, 6912, 17, -128, 127);   // K slices for every T (down_proj), tails
-    check_ternary(t, wide_names[i], 3, 6912, 16, 127, 127);    // long rows, extreme activations
-    check_ternary(t, wide_names[i], 3, 6912, 16, -128, -128);
+  // token tiles (VNNI 2 x 8, BW 4 x 4) with every tail, 32-row panels with
+  // row tails, K slices (T x Kp > 24 KiB), int32 worst cases
+  for (int j = 0; j < 2; ++j) {
+    const KernelTable* t = tables[j];
+    for (int N : {9, 12, 15, 16, 17, 25, 33}) check_ternary(*t, table_names[j], 13, 257, N, -128, 127);
+    check_ternary(*t, table_names[j], 70, 384, 16, -128, 127);   // 3 panels, odd row tail
+    check_ternary(*t, table_names[j], 5, 6912, 17, -128, 127);   // K slices (down_proj), tails
+    check_ternary(*t, table_names[j], 3, 6912, 16, 127, 127);    // long rows, extreme activations
+    check_ternary(*t, table_names[j], 3, 6912, 16, -128, -128);
   }
   std::printf("%s %d cases, %d failed\n", g_fail ? "FAILED" : "OK", g_cases, g_fail);
   return g_fail ? 1 : 0;
