@@ -1,0 +1,82 @@
+"""Ternary GEMMs per 2B shape on one core: this tree's kernels, optionally beside another checkout's.
+
+    python bench/vnni_tiles.py [--isa avx512vnni] [--base /path/to/other/python] [--rounds 3] [--reps 15]
+
+Times `gemm_multi` (one matrix, 1 thread, the dispatcher's job loop) on the
+2B shapes (2560x2560, 6912x2560, 2560x6912) at N = 8, 16, 32 tokens: min over
+--reps calls, activations from `quantize_act` (64-byte aligned). With --base
+(the `python` folder of another build, e.g. the main checkout) each round runs
+one worker process per tree, alternating, so a shared machine's noise hits
+both; the min over rounds is printed per shape with the ratio base / this.
+Random codes 0..3 (timing only, never checked). Never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = [(2560, 2560), (6912, 2560), (2560, 6912)]
+NS = [8, 16, 32]
+
+
+def worker(isa: str, reps: int) -> None:
+    import numpy as np
+    from bitdlm import _core
+
+    _core.set_isa(isa)
+    _core.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    res = {}
+    for m, k in SHAPES:
+        w = rng.integers(0, 256, size=(m, (k + 127) // 128 * 32), dtype=np.uint8)
+        for n in NS:
+            q, s, sm = _core.quantize_act(rng.standard_normal((n, k)).astype(np.float32))
+            _core.gemm_multi([w], [1.0], q, s, sm)
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                _core.gemm_multi([w], [1.0], q, s, sm)
+                best = min(best, time.perf_counter() - t0)
+            res[f"{m}x{k} N={n}"] = best * 1e3
+    print(json.dumps(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--isa", default="avx512vnni")
+    ap.add_argument("--base", default="", help="the python folder of another build to time beside this one")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.isa, a.reps)
+    trees = {"this": os.path.join(HERE, "..", "python")}
+    if a.base:
+        trees["base"] = a.base
+    best: dict[str, dict[str, float]] = {t: {} for t in trees}
+    for _ in range(a.rounds):
+        for tag, path in trees.items():
+            env = dict(os.environ, PYTHONPATH=path)
+            out = subprocess.run([sys.executable, __file__, "--worker", "--isa", a.isa, "--reps", str(a.reps)],
+                                 env=env, check=True, capture_output=True, text=True).stdout
+            for key, ms in json.loads(out).items():
+                best[tag][key] = min(best[tag].get(key, float("inf")), ms)
+    print(f"{a.isa}, 1 thread, ms (min of {a.rounds} x {a.reps})")
+    for key, ms in best["this"].items():
+        m, k = (int(v) for v in key.split()[0].split("x"))
+        n = int(key.split("=")[1])
+        gmacs = m * ((k + 127) // 128 * 128) * n / ms / 1e6
+        line = f"{key:>18} this {ms:7.3f} ({gmacs:4.0f} G MAC/s)"
+        if "base" in best:
+            line += f"  base {best['base'][key]:7.3f}  base/this {best['base'][key] / ms:4.2f}x"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
