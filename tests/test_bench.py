@@ -178,6 +178,25 @@ def test_tl2_layout_puts_single_weights_where_bitnet_cpp_reads_them():
     assert out[-32:-28].view(np.float32)[0] == np.float32(0.5)
 
 
+def test_bitnet_trim_blocks_and_kernel_edits():
+    import bitnet_trim as bt
+
+    # 2B shapes: row tiles that split evenly (or best) over 16 threads
+    assert [bt.tl2_bm(m) for m in (2560, 640, 6912)] == [160, 64, 64]
+    gen = b"""    __m256 vec_lut[16];
+    __m256 vec_lut[16];
+            ((int32_t*)C)[i] = (int32_t)(((int32_t*)CBits)[i + bs * BM640_2560]);
+            ((int32_t*)C)[i] += (int32_t)(((int32_t*)CBits)[i + bs * BM640_2560]);
+            ((float*)C)[i] = (float)(((int32_t*)C)[i]) / ((float*)LUT_Scales)[bs] * ((float*)Scales)[0];
+"""
+    out = bt.patch_tl2(gen, 1)
+    assert out.count(b"__m256i vec_lut[16];") == 2
+    assert b"((int32_t*)C)[i + bs * 640] = (int32_t)" in out and b"((int32_t*)C)[i + bs * 640] += " in out
+    assert b"((float*)C)[i + bs * 640] = (float)(((int32_t*)C)[i + bs * 640]) / " in out
+    with pytest.raises(SystemExit):  # another generator version must not be patched silently
+        bt.patch_tl2(gen, 2)
+
+
 # ----------------------------------------------------------------------------- pure helpers
 
 
