@@ -12,11 +12,14 @@
 # With LLAMA_ARCHIVE (bench/llama_trim.py's llama-cpu.tar.gz) it then runs
 # bench/native_compare.py: bitdlm beside llama-bench at 1, 8 and 16 threads
 # and per ISA at 16 (issue 19's llama.cpp ratios, break-even tokens per
-# forward, 8-thread targets, 1 -> 16 thread efficiency), ~4 more minutes.
+# forward, 8-thread targets, 1 -> 16 thread efficiency), ~4 more minutes;
+# with BITNET_ARCHIVE too (bench/bitnet_trim.py's bitnet-cpu.tar.gz) bitnet.cpp's
+# I2_S and TL2 pp32 / tg on the same weights join it, ~3 more minutes.
 # Everything lands in $OUT (at most 8 files): kernels.log (all output),
 # tests.log, kernels.json, amx_sweep.json, forward_amx.json,
 # forward_avx512vnni.json, native_compare.json / .png.
-#   OUT=/tmp/out-kernels [WHEELS=.whl] [LLAMA_ARCHIVE=bench/out/llama-cpu.tar.gz] bench/device_kernels.sh
+#   OUT=/tmp/out-kernels [WHEELS=.whl] [LLAMA_ARCHIVE=bench/out/llama-cpu.tar.gz]
+#     [BITNET_ARCHIVE=bench/out/bitnet-cpu.tar.gz] bench/device_kernels.sh
 # Needs: python3 with numpy, pybind11, cmake, ninja, pytest, torch and
 # transformers (the forward tests compare with them). No network. Wheels in
 # $WHEELS (default .whl/: pybind11, pytest, ...) are installed first when present.
@@ -70,8 +73,10 @@ for isa in amx avx512vnni; do
 done
 
 if [ -n "${LLAMA_ARCHIVE:-}" ]; then
-  step "bench/native_compare.py (bitdlm beside llama-bench, 512 cached)"
-  timeout 330 python3 bench/native_compare.py --llama-archive "$LLAMA_ARCHIVE" --threads 1,8,"$(nproc)" \
+  step "bench/native_compare.py (bitdlm beside llama-bench${BITNET_ARCHIVE:+ and bitnet.cpp}, 512 cached)"
+  tmo=330; [ -n "${BITNET_ARCHIVE:-}" ] && tmo=520
+  timeout $tmo python3 bench/native_compare.py --llama-archive "$LLAMA_ARCHIVE" --bitnet-archive "${BITNET_ARCHIVE:-}" \
+    --threads 1,8,"$(nproc)" \
     --isas "$isas" --reps 3 --ctx 512 --kernels-json "$OUT/kernels.json" \
     --json "$OUT/native_compare.json" --plot "$OUT/native_compare.png" || status=1
 fi

@@ -14,14 +14,19 @@ int8 peaks), then times, alternating engines per repetition:
            at every thread count of --threads, and for every ISA of --isas at the
            largest thread count;
   llama.cpp pp32 (32 prompt tokens after CTX of depth) and tg (one token per
-           forward after CTX of depth), same thread counts.
+           forward after CTX of depth), same thread counts;
+  bitnet.cpp (with --bitnet-archive, bench/bitnet_trim.py) the same pp32 and tg with its
+           I2_S and TL2 kernels on GGUFs of the same weights, through
+           bench/llama_depth.cpp (its llama-bench has no depth option), same thread
+           counts; before timing, the logits of a few tokens from its I2_S, TL2 and
+           TQ2_0 models are compared (correlation with TQ2_0, printed and in the JSON).
 
 It writes JSON (--json) and a plot (--plot), and prints a table with the ratios,
 break-even tokens per forward (step ms / decode ms) and the parallel efficiency
 of the 32-token step.
 
     python bench/native_compare.py --llama-archive bench/out/llama-cpu.tar.gz \
-        --threads 1,2,4,8,16 --reps 5 --json out.json --plot out.png
+        [--bitnet-archive bench/out/bitnet-cpu.tar.gz] --threads 1,2,4,8,16 --reps 5 --json out.json --plot out.png
 """
 from __future__ import annotations
 
@@ -102,11 +107,29 @@ def run_bitdlm(model: str, threads: int, isa: str | None, ctx: int, reps: int) -
 
 # ----------------------------------------------------------------------------- llama.cpp
 
-def build_llama(archive: str, build_dir: str) -> str:
-    exe = os.path.join(build_dir, "build", "bin", "llama-bench")
-    if not os.path.exists(exe):
-        subprocess.run(["bash", os.path.join(HERE, "build_llama_bench.sh"), archive, build_dir], check=True)
-    return exe
+def build(script: str, archive: str, build_dir: str, exe: str) -> str:
+    """Build an engine with bench/SCRIPT from its trimmed archive (once per build_dir)."""
+    path = os.path.join(build_dir, "build", "bin", exe)
+    if not os.path.exists(path):
+        subprocess.run(["bash", os.path.join(HERE, script), archive, build_dir], check=True)
+    return path
+
+
+def start_build(script: str, archive: str, build_dir: str, exe: str) -> subprocess.Popen:
+    """build() in the background while the models are made."""
+    return subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import native_compare as n; "
+                             "n.build(%r, %r, %r, %r)" % (HERE, script, archive, build_dir, exe)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish_build(proc: subprocess.Popen | None, name: str, build_dir: str, exe: str) -> str | None:
+    if proc is None:
+        return None
+    log, _ = proc.communicate()
+    if proc.returncode:
+        print(f"{name} build failed; comparing without it:\n" + log[-3000:], file=sys.stderr)
+        return None
+    return os.path.join(build_dir, "build", "bin", exe)
 
 
 def run_llama(exe: str, gguf: str, threads: list[int], ctx: int, reps: int) -> dict:
@@ -130,6 +153,68 @@ def run_llama(exe: str, gguf: str, threads: list[int], ctx: int, reps: int) -> d
     return out
 
 
+# ----------------------------------------------------------------------------- bitnet.cpp
+
+BITNET_TYPES = ("i2_s", "tl2")
+
+
+def run_depth(exe: str, gguf: str, threads: list[int], ctx: int, reps: int) -> dict:
+    """{threads: {"pp32": [ms...], "tg": [ms per token...]}} from bench/llama_depth.cpp."""
+    out: dict[int, dict] = {}
+    for t in threads:
+        r = reps if t >= 4 else max(2, reps // 2)
+        cmd = [exe, gguf, "--threads", str(t), "--depth", str(ctx), "--batch", str(BLOCK), "--gen", "16",
+               "--reps", str(r)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if p.returncode:
+            raise RuntimeError(f"llama-depth failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
+        rec = json.loads(p.stdout.strip().splitlines()[-1])
+        if not rec["finite"]:
+            raise RuntimeError(f"llama-depth: non-finite logits from {gguf} at {t} threads")
+        out[t] = {"pp32": rec["pp_ms"], "tg": rec["tg_ms"]}
+    return out
+
+
+def bitnet_logits_check(exe: str, ggufs: dict, threads: int, n_tokens: int = 8) -> dict:
+    """Correlation of each model's logits with the TQ2_0 model's (same weights, same
+    graph; only the activation quantization differs), mean over n_tokens positions."""
+    import numpy as np
+
+    toks = ",".join(str((i * 7919 + 13) % 997) for i in range(n_tokens))
+    logits = {}
+    for name, path in ggufs.items():
+        p = subprocess.run([exe, path, "--tokens", toks, "--threads", str(threads)], capture_output=True,
+                           text=True, timeout=900)
+        if p.returncode:
+            raise RuntimeError(f"llama-depth --tokens failed on {path}:\n{p.stderr[-2000:]}")
+        logits[name] = np.array(json.loads(p.stdout.replace("-nan", "NaN").replace("nan", "NaN"))["logits"])
+    ref = logits.pop("tq2_0")
+    return {name: {"corr": float(np.mean([np.corrcoef(x[i], ref[i])[0, 1] for i in range(n_tokens)])),
+                   "top1_agree": float(np.mean(x.argmax(1) == ref.argmax(1))), "finite": bool(np.isfinite(x).all())}
+            for name, x in logits.items()}
+
+
+def bitnet_ggufs(model: str, archive: str) -> dict:
+    """{type: GGUF path} of the model in bitnet.cpp's I2_S and TL2 layouts (TL2 only where the
+    archive's TL2 kernels cover the model's shapes)."""
+    from gguf_export import read_tl2_config
+
+    out = {}
+    for w in BITNET_TYPES:
+        path = os.path.splitext(model)[0] + f"-{w}-q8_0.gguf"
+        if not os.path.exists(path):
+            cmd = [sys.executable, os.path.join(HERE, "gguf_export.py"), model, path + ".tmp", "--weights", w,
+                   "--output", "q8_0"] + (["--tl2-config", archive] if w == "tl2" else [])
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env_for(os.cpu_count() or 1))
+            if p.returncode:
+                print(f"bitnet.cpp {w}: no GGUF ({p.stderr.strip().splitlines()[-1]})", file=sys.stderr)
+                continue
+            os.replace(path + ".tmp", path)
+        out[w] = path
+    read_tl2_config(archive)  # a bad archive fails here, before any timing
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 def med(xs):
@@ -143,6 +228,8 @@ def main(argv=None) -> int:
                     help="where the synthetic model, its GGUF and the llama.cpp build go")
     ap.add_argument("--llama-archive", default=os.path.join(HERE, "out", "llama-cpu.tar.gz"),
                     help="trimmed llama.cpp source (bench/llama_trim.py); '' skips llama.cpp")
+    ap.add_argument("--bitnet-archive", default="",
+                    help="trimmed bitnet.cpp source (bench/bitnet_trim.py); '' (default) skips bitnet.cpp")
     ap.add_argument("--threads", default="1,2,4,8,16", help="thread counts (comma list)")
     ap.add_argument("--isas", default="", help="ISAs timed at the largest thread count (default: all supported)")
     ap.add_argument("--ctx", type=int, default=512, help="cached positions")
@@ -155,14 +242,10 @@ def main(argv=None) -> int:
     os.makedirs(a.workdir, exist_ok=True)
     t_start = time.time()
 
-    llama_exe = None
-    builder = None
-    if a.llama_archive:
-        # built in the background while the models are made
-        builder = subprocess.Popen([sys.executable, "-c",
-                                    "import sys; sys.path.insert(0, %r); import native_compare as n; "
-                                    "n.build_llama(%r, %r)" % (HERE, a.llama_archive, os.path.join(a.workdir, "llama"))],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    llama_dir, bitnet_dir = os.path.join(a.workdir, "llama"), os.path.join(a.workdir, "bitnet")
+    builder = start_build("build_llama_bench.sh", a.llama_archive, llama_dir, "llama-bench") if a.llama_archive else None
+    bn_builder = (start_build("build_bitnet_bench.sh", a.bitnet_archive, bitnet_dir, "llama-depth")
+                  if a.bitnet_archive else None)
     model = a.model
     if model is None:
         model = os.path.join(a.workdir, "synth2b-i8.bin")
@@ -170,15 +253,16 @@ def main(argv=None) -> int:
             subprocess.run([sys.executable, os.path.join(HERE, "make_synthetic_model.py"), model, "--lm-head", "i8"],
                            check=True, env=env_for(os.cpu_count() or 1))
     gguf = os.path.splitext(model)[0] + "-tq2_0-q8_0.gguf"
-    if a.llama_archive and not os.path.exists(gguf):
+    if (a.llama_archive or a.bitnet_archive) and not os.path.exists(gguf):
         subprocess.run([sys.executable, os.path.join(HERE, "gguf_export.py"), model, gguf, "--weights", "tq2_0",
                         "--output", "q8_0"], check=True, env=env_for(os.cpu_count() or 1))
-    if builder is not None:
-        log, _ = builder.communicate()
-        if builder.returncode:
-            print("llama-bench build failed; comparing without it:\n" + log[-3000:], file=sys.stderr)
-        else:
-            llama_exe = os.path.join(a.workdir, "llama", "build", "bin", "llama-bench")
+    bn_ggufs = bitnet_ggufs(model, a.bitnet_archive) if a.bitnet_archive else {}
+    llama_exe = finish_build(builder, "llama-bench", llama_dir, "llama-bench")
+    bitnet_exe = finish_build(bn_builder, "bitnet.cpp", bitnet_dir, "llama-depth")
+    bn_check = {}
+    if bitnet_exe and bn_ggufs:
+        bn_check = bitnet_logits_check(bitnet_exe, {"tq2_0": gguf, **bn_ggufs}, max(threads))
+        print("bitnet.cpp logits vs its TQ2_0 run of the same weights:", json.dumps(bn_check), flush=True)
 
     # ceilings
     ceilings = {}
@@ -200,7 +284,7 @@ def main(argv=None) -> int:
         env=env_for(1), capture_output=True, text=True, check=True).stdout)
     isas = [x for x in a.isas.split(",") if x] or [i for i in supported if i != "scalar"]
 
-    results = {"bitdlm": {}, "bitdlm_isa": {}, "llama.cpp": {}}
+    results = {"bitdlm": {}, "bitdlm_isa": {}, "llama.cpp": {}, **{"bitnet.cpp " + w: {} for w in bn_ggufs}}
     tmax = max(threads)
     for t in threads:
         r = run_bitdlm(model, t, None, a.ctx, a.reps)
@@ -214,6 +298,9 @@ def main(argv=None) -> int:
               f"{med(r['subblock']):7.2f}  block {med(r['block']):7.2f} ms", flush=True)
     if llama_exe:
         results["llama.cpp"] = run_llama(llama_exe, gguf, threads, a.ctx, a.reps)
+    if bitnet_exe:
+        for w, path in bn_ggufs.items():
+            results["bitnet.cpp " + w] = run_depth(bitnet_exe, path, threads, a.ctx, a.reps)
 
     # summary
     rows = []
@@ -224,10 +311,11 @@ def main(argv=None) -> int:
         row = {"threads": t, "isa": r["isa"], "decode_ms": d, "subblock_ms": s, "block_ms": b,
                "break_even_subblock": s / d, "break_even_block": b / d,
                "block_parallel_eff": med(b1["block"]) * min(threads) / (b * t)}
-        ll = results["llama.cpp"].get(t, {})
-        if ll:
-            row.update(llama_pp32_ms=med(ll.get("pp32", [])), llama_tg_ms=med(ll.get("tg", [])))
-            row.update(vs_llama_block=row["llama_pp32_ms"] / b, vs_llama_decode=row["llama_tg_ms"] / d)
+        for engine, key in [("llama.cpp", "llama")] + [("bitnet.cpp " + w, "bitnet_" + w) for w in bn_ggufs]:
+            ll = results[engine].get(t, {})
+            if ll:
+                row.update({f"{key}_pp32_ms": med(ll.get("pp32", [])), f"{key}_tg_ms": med(ll.get("tg", []))})
+                row.update({f"vs_{key}_block": row[f"{key}_pp32_ms"] / b, f"vs_{key}_decode": row[f"{key}_tg_ms"] / d})
         rows.append(row)
     isa_rows = [{"isa": k, "decode_ms": med(v["decode"]), "subblock_ms": med(v["subblock"]),
                  "block_ms": med(v["block"])} for k, v in results["bitdlm_isa"].items()]
@@ -241,6 +329,13 @@ def main(argv=None) -> int:
               f"{r['break_even_subblock']:5.2f} {r['break_even_block']:5.2f} {r['block_parallel_eff']:6.0%} "
               f"{r.get('llama_pp32_ms', float('nan')):8.2f} {r.get('llama_tg_ms', float('nan')):8.2f} "
               f"{r.get('vs_llama_block', float('nan')):7.2f} {r.get('vs_llama_decode', float('nan')):6.2f}")
+    if bn_ggufs:
+        print("\nbitnet.cpp, same weights (pp32 / tg ms; x = its ms / bitdlm's block32 or decode ms):")
+        print(f"{'thr':>4} " + " ".join(f"{w + ' ' + c:>12}" for w in bn_ggufs for c in ("pp32", "tg", "x pp32", "x tg")))
+        keys = [k for w in bn_ggufs for k in (f"bitnet_{w}_pp32_ms", f"bitnet_{w}_tg_ms", f"vs_bitnet_{w}_block",
+                                               f"vs_bitnet_{w}_decode")]
+        for r in rows:
+            print(f"{r['threads']:>4} " + " ".join(f"{r.get(k, float('nan')):12.2f}" for k in keys))
     print(f"\nper ISA at {tmax} threads:")
     for r in isa_rows:
         print(f"  {r['isa']:>10}: decode {r['decode_ms']:7.2f}  subblock {r['subblock_ms']:7.2f}  "
@@ -249,6 +344,7 @@ def main(argv=None) -> int:
         print("\nceilings measured in this run:", json.dumps(ceilings))
 
     doc = {"machine": _machine(), "ctx": a.ctx, "reps": a.reps, "threads": threads, "rows": rows,
+           "bitnet_logits_check": bn_check,
            "isa_rows": isa_rows, "ceilings": ceilings, "raw": results, "seconds": time.time() - t_start,
            "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}
     if a.json:
@@ -287,10 +383,11 @@ def _plot(rows, isa_rows, path, cpu):
     th = [r["threads"] for r in rows]
     for key, label in (("decode_ms", "bitdlm decode"), ("subblock_ms", "bitdlm 8-token step"),
                        ("block_ms", "bitdlm 32-token step"), ("llama_tg_ms", "llama.cpp tg"),
-                       ("llama_pp32_ms", "llama.cpp pp32")):
+                       ("llama_pp32_ms", "llama.cpp pp32")) + tuple(
+            (f"bitnet_{w}_{c}_ms", f"bitnet.cpp {w} {c}") for w in BITNET_TYPES for c in ("tg", "pp32")):
         ys = [r.get(key) for r in rows]
         if all(y is not None for y in ys):
-            ax[0].plot(th, ys, "o-" if "bitdlm" in label else "s--", label=label)
+            ax[0].plot(th, ys, "o-" if "bitdlm" in label else "s--" if "llama" in label else "^:", label=label)
     ax[0].set_xscale("log", base=2)
     ax[0].set_yscale("log")
     ax[0].set_xlabel("threads")

@@ -143,6 +143,60 @@ def test_gguf_export_holds_the_same_weights(tiny, tmp_path, weights, output):
                               f.array("model.layers.0.mlp.ffn_sub_norm.weight"))
 
 
+def test_i2_s_layout_reverses_the_fields_and_appends_the_scale():
+    from gguf_export import i2_s_from_packed
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, 2, size=(3, 256)).astype(np.int8)
+    from bitdlm.packing import pack_i2
+
+    out = i2_s_from_packed(pack_i2(codes), 256, 4.0)
+    assert out.size == 3 * 256 // 4 + 32
+    # bitnet.cpp I2_S: byte p of each 128-weight block holds weights p, p+32, p+64, p+96 at bits 6, 4, 2, 0
+    u = out[:-32].reshape(-1, 1, 32) >> np.array([6, 4, 2, 0], np.uint8).reshape(1, 4, 1) & 3
+    assert np.array_equal(u.reshape(3, 256).astype(np.int8) - 1, codes)
+    assert out[-32:-28].view(np.float32)[0] == np.float32(0.25) and not out[-28:].any()
+
+
+def test_tl2_layout_puts_single_weights_where_bitnet_cpp_reads_them():
+    """Hand-placed weights in a 32 x 128 tensor (BM 32, BK 96: 96 columns of triples, a
+    32-column tail of pairs); the expected bytes follow bitnet.cpp's converter layout."""
+    from gguf_export import tl2_from_codes, tl2_nbytes
+
+    t = np.zeros((32, 128), np.int8)
+    t[8, 0:3] = (1, 0, 0)  # triple 0 of row 8: |9| in the high nibble, at position 16 (rows 8-15 sit at 16-23)
+    t[17, 3:6] = (-1, 0, 0)  # triple 1 of row 17: |-9| low nibble at position 9, and a sign bit
+    t[0, 96:98] = (1, -1)  # pair 0 of the tail, row 0: 3 - 1 + 4 = 6
+    out = tl2_from_codes(t, 2.0, 32, 96)
+    assert out.size == tl2_nbytes(32, 128)
+    three = out[:512]  # 32 rows x 96 / 6
+    assert three[16] == 9 << 4 and three[9] == 9 and np.count_nonzero(three) == 2
+    sign = out[512:640]  # 32 rows x 96 / 24; word c, bit 15 - (2q + h) for row 16h + c, triple q
+    assert sign[3] == 0x10 and np.count_nonzero(sign) == 1
+    pairs = out[640:648]
+    assert pairs[0] == 0x64 and pairs[1] == 0x44  # zero pairs are 4
+    assert out[-32:-28].view(np.float32)[0] == np.float32(0.5)
+
+
+def test_bitnet_trim_blocks_and_kernel_edits():
+    import bitnet_trim as bt
+
+    # 2B shapes: row tiles that split evenly (or best) over 16 threads
+    assert [bt.tl2_bm(m) for m in (2560, 640, 6912)] == [160, 64, 64]
+    gen = b"""    __m256 vec_lut[16];
+    __m256 vec_lut[16];
+            ((int32_t*)C)[i] = (int32_t)(((int32_t*)CBits)[i + bs * BM640_2560]);
+            ((int32_t*)C)[i] += (int32_t)(((int32_t*)CBits)[i + bs * BM640_2560]);
+            ((float*)C)[i] = (float)(((int32_t*)C)[i]) / ((float*)LUT_Scales)[bs] * ((float*)Scales)[0];
+"""
+    out = bt.patch_tl2(gen, 1)
+    assert out.count(b"__m256i vec_lut[16];") == 2
+    assert b"((int32_t*)C)[i + bs * 640] = (int32_t)" in out and b"((int32_t*)C)[i + bs * 640] += " in out
+    assert b"((float*)C)[i + bs * 640] = (float)(((int32_t*)C)[i + bs * 640]) / " in out
+    with pytest.raises(SystemExit):  # another generator version must not be patched silently
+        bt.patch_tl2(gen, 2)
+
+
 # ----------------------------------------------------------------------------- pure helpers
 
 
