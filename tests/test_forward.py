@@ -566,7 +566,7 @@ def test_avx512_attention_long_context(kv_dtype):
 
 @pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
 def test_attention_split_over_keys_matches_unsplit(kv_dtype):
-    """A job's keys are cut into units of 64 keys whose partial softmaxes are
+    """A job's keys are cut into units (sized from the job and its item alone) whose partial softmaxes are
     merged (flash-decoding), the same cut for any thread count. Decoding (1 query, the direct
     kernels) and 8 / 32 queries over 100 cached keys (units cutting the cached keys and the fresh
     ones) give on every ISA the same forward at 7 threads as at 1 (tests/test_attention.py checks

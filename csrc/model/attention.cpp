@@ -154,14 +154,17 @@ struct Unit {
 };
 
 constexpr int kQueriesPerJob = 8;
-// A job's keys are cut into ceil(keys / 64) near-equal units (5 KV heads x 9
-// units at 512 cached: 45 units, 3 even rounds on 16 threads for 1 or 8
-// queries, as the thread-dependent cut measured on Sapphire Rapids gave; 128-key
-// units left 25 units = 2 uneven rounds for 8 queries). The cut depends on the
-// job alone, never on the thread count or the other items of the batch, and
-// the partials merge in key order: the output is bit-identical for any team
-// size and batch.
-constexpr int kUnitKeysDirect = 64, kUnitKeysTiled = 64;
+// A job's keys are cut into units whose size depends on the job and its item
+// alone (never on the thread count or the other items of the batch) and whose
+// partials merge in key order: the output is bit-identical for any team size
+// and batch. Decoding rows: 64-key units (bandwidth-bound, the more the
+// better). Tiled rows: about kUnitsPerItem units per item, at least 64 keys
+// each: 8 queries x 544 keys -> 5 KV heads x 9 units, 32 queries -> 20 jobs x 3
+// units of 192 (704 at 2048 cached) -- the cuts the thread-dependent split made
+// at 16 threads on Sapphire Rapids. Uniform 64-key units measured slower there
+// for 32 queries (7.9 vs 6.7 ms per 30 layers at 512 cached, 27.5 vs 20.3 ms at
+// 2048: 3-11 MB of partials per layer).
+constexpr int kUnitKeys = 64, kUnitsPerItem = 64;
 
 }  // namespace
 
@@ -288,7 +291,10 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
     first_unit[j] = (int)units.size();
     const int nk = vis[j].a1 + vis[j].nb + vis[j].nf;
     const bool direct = (jobs[j].i1 - jobs[j].i0) * group <= kAttnDirectRows;
-    const int per = direct ? kUnitKeysDirect : kUnitKeysTiled;
+    const int64_t item_jobs = (int64_t)nkv * ((items[jobs[j].item].n + kQueriesPerJob - 1) / kQueriesPerJob);
+    const int per = direct ? kUnitKeys
+                           : (int)std::max<int64_t>(kUnitKeys, (nk * item_jobs / kUnitsPerItem + kUnitKeys - 1) /
+                                                                   kUnitKeys * kUnitKeys);
     const int n = std::max(1, (nk + per - 1) / per);
     max_parts = std::max(max_parts, n);
     if (n == 1) {
