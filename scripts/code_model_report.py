@@ -155,6 +155,14 @@ def speed(model_path, funcs, threshold, max_tokens, repeats, threads):
     return out
 
 
+def train_seconds(log: dict) -> float:
+    """Training time of a log: scripts/train_tiny_dlm.py's `train_time_s`, or the sum of
+    scripts/train_dlm_gpu.py's legs (one per device call)."""
+    if "train_time_s" in log:
+        return log["train_time_s"]
+    return sum(leg["seconds"] for leg in log.get("legs", []))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin", default="python/bitdlm/data/tiny-bitdlm.bin")
@@ -178,7 +186,7 @@ def main(argv=None):
         for r in log["eval"]:
             print(f"held-out eval step {r['step']}: loss {r['loss']:.3f}, masked-token accuracy {r['masked_acc']:.3f}")
         print(f"trained {log['trained_steps']} steps, {log['trained_tokens'] / 1e6:.1f}M tokens, "
-              f"{log['train_time_s'] / 60:.1f} min, {log['tokens_per_s'] / 1e3:.0f}k tokens/s on {log['device_name']}")
+              f"{train_seconds(log) / 60:.1f} min, {log['tokens_per_s'] / 1e3:.0f}k tokens/s on {log['device_name']}")
     llm = bitdlm.LLM(args.bin, threads=args.threads)
     meta = llm.model.meta
     funcs = heldout_functions(n=args.n, tok=llm.tokenizer)
