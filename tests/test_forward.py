@@ -32,7 +32,9 @@ def block_mask(q_pos, kv_pos, B):
     return m
 
 
-TIE_ULPS = 1  # |x*s - (k + 1/2)| within this many ulps of x*s: the code is decided by the last bits
+TIE_ULPS = 3  # |x*s - (k + 1/2)| within this many ulps of x*s: the code is decided by the last bits
+# (4, not 1: our activations differ from torch's by a few ulps (other summation orders); on an AVX-512
+# Xeon a code 3-4 ulps from a tie flipped at 1 and was missed, 0.3 logit error on a "clean" row)
 
 
 class Ties:
@@ -130,16 +132,20 @@ def test_block_prefill_and_step_match_transformers(pair):
     from transformers import DynamicCache
 
     hf, core = pair
-    rng = np.random.default_rng(1)
     V, B, P = hf.config.vocab_size, 8, 20  # prefix ends inside a block
-    prefix, blk = rng.integers(0, V, P), rng.integers(0, V, B)
-    hf.ties.reset()
-    cache = DynamicCache(config=hf.config)
-    ref_pre = hf_logits(hf, prefix, mask=block_mask(range(P), range(P), B), cache=cache)
-    # the step: positions P..P+B-1 (straddling a block boundary), no cache change
-    pos = np.arange(P, P + B)
-    ref_step = hf_logits(hf, blk, positions=pos, mask=block_mask(pos, np.arange(P + B), B), cache=cache)
-    cache.crop(-B)
+    pos = np.arange(P, P + B)  # the step: positions P..P+B-1 (straddling a block boundary), no cache change
+    # a near tie in the first block leaves no row comparable at 1e-3; where the reference's
+    # ties fall depends on torch's CPU kernels, so take the first input without one there
+    for seed in range(1, 9):
+        rng = np.random.default_rng(seed)
+        prefix, blk = rng.integers(0, V, P), rng.integers(0, V, B)
+        hf.ties.reset()
+        cache = DynamicCache(config=hf.config)
+        ref_pre = hf_logits(hf, prefix, mask=block_mask(range(P), range(P), B), cache=cache)
+        ref_step = hf_logits(hf, blk, positions=pos, mask=block_mask(pos, np.arange(P + B), B), cache=cache)
+        cache.crop(-B)
+        if hf.ties.clean(pos, B).mean() >= 0.5:
+            break
 
     seq = core.alloc_seq(64)
     try:
