@@ -56,8 +56,14 @@ static std::vector<std::string> build_flags() {
   f.push_back("baseline AVX2 (not portable)");
 #elif defined(__AVX__)
   f.push_back("baseline AVX (not portable)");
-#else
+#elif defined(__x86_64__)
   f.push_back("baseline x86-64");
+#elif defined(__ARM_FEATURE_MATMUL_INT8) || defined(__ARM_FEATURE_DOTPROD)
+  f.push_back("baseline with dotprod / i8mm (not portable)");
+#elif defined(__aarch64__)
+  f.push_back("baseline ARMv8-A");
+#else
+  f.push_back("baseline: portable code only");
 #endif
 #ifdef BITDLM_CXX_FLAGS  // optional: the build may pass its flag string verbatim
   f.push_back(BITDLM_CXX_FLAGS);

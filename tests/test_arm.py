@@ -6,9 +6,10 @@ and run under qemu-aarch64 as three CPUs: `max` (dotprod + i8mm), `neoverse-n1`
 (dotprod, no i8mm) and `cortex-a53` (neither). The harness checks that the
 dispatcher's HWCAP detection reports exactly the levels of that CPU and that every
 table it runs agrees with the scalar reference (ternary, int8 lm_head and quantizer
-bit for bit, fp16 lm_head within rounding), and the NEON attention table against the
-portable one (conversions bit for bit, sums within 1e-5 of their magnitude). Skipped where the cross compiler or
-qemu-user are missing (.ci/run installs them).
+bit for bit, fp16 lm_head within rounding), the NEON attention table against the
+portable one (conversions bit for bit, sums within 1e-5 of their magnitude, the online
+softmax's exps within 2e-6) and the NEON greedy select against the portable one (the same
+token). Skipped where the cross compiler or qemu-user are missing (.ci/run installs them).
 """
 from __future__ import annotations
 
@@ -30,10 +31,13 @@ _UNITS = {
     "csrc/kernels/gemm_i8mm.cpp": ["-march=armv8.2-a+dotprod+i8mm"],
     "csrc/model/attention.cpp": [],
     "csrc/model/attention_neon.cpp": [],
+    "csrc/model/sampling.cpp": [],
+    "csrc/model/sampling_neon.cpp": [],
 }
 _HEADERS = ["csrc/kernels/gemm_arm.inc", "csrc/kernels/isa.h", "csrc/kernels/isa_table.h", "csrc/kernels/gemm.h",
             "csrc/kernels/ternary_driver.h", "csrc/kernels/lm_driver.h", "csrc/kernels/epilogue.h",
-            "csrc/model/attention.h", "csrc/model/half.h", "tests/kernel_checks.h",
+            "csrc/model/attention.h", "csrc/model/half.h",
+            "csrc/model/simd_neon.h", "csrc/model/sampling.h", "tests/kernel_checks.h",
             "tests/test_arm.py"]
 
 

@@ -52,7 +52,7 @@ extern const AttnKernels kAttnPortable;
 extern const AttnKernels kAttnAvx2;
 extern const AttnKernels kAttnAvx512Own;  // AVX-512 (attention_avx512.cpp): its own tiled-path kernels
 #elif defined(__aarch64__)
-extern const AttnKernels kAttnNeon;  // attention_neon.cpp (every ARM level; softmax portable)
+extern const AttnKernels kAttnNeon;  // attention_neon.cpp (every ARM level)
 #endif
 // The table of an ISA level (active_isa_id(); levels without their own use the best lower one).
 const AttnKernels& attn_kernels(Isa isa);

@@ -82,11 +82,13 @@ static void sample(float* l, int V, float T, float top_p, float u, int32_t* tok,
 
 void select_rows(float* logits, int rows, int V, int64_t ld, const float* temperature, const float* top_p,
                  const float* uniform, int32_t* tok, float* conf) {
-  // Greedy row kernel per ISA level (AVX-512 levels use the AVX2 one).
+  // Greedy row kernel per ISA level (AVX-512 levels use the AVX2 one, dotprod / i8mm the NEON one).
   static const IsaTable<SelectKernels> tables{
       {Isa::kScalar, &kSelectPortable},
 #if defined(__x86_64__)
       {Isa::kAvx2, &kSelectAvx2},
+#elif defined(__aarch64__)
+      {Isa::kNeon, &kSelectNeon},
 #endif
   };
   const SelectKernels& t = tables.active();

@@ -19,6 +19,8 @@ struct SelectKernels {
 };
 #if defined(__x86_64__)
 extern const SelectKernels kSelectAvx2;  // sampling_avx2.cpp
+#elif defined(__aarch64__)
+extern const SelectKernels kSelectNeon;  // sampling_neon.cpp (every ARM level)
 #endif
 
 void select_rows(float* logits, int rows, int V, int64_t ld, const float* temperature, const float* top_p,

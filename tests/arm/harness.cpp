@@ -5,10 +5,12 @@
 // "scalar,neon,dotprod,i8mm" for -cpu max, "scalar,neon" for cortex-a53), then
 // every table it supports against the scalar reference (tests/kernel_checks.h),
 // and the threaded GEMM drivers on the picked level; then the NEON attention
-// table against the portable one and plain loops. Prints one line per
-// failure and "OK <cases>"; exit status 0 only if everything matched.
+// table against the portable one and plain loops, and the NEON greedy select
+// against the portable one. Prints one line per failure and "OK <cases>"; exit
+// status 0 only if everything matched.
 #include <omp.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
@@ -19,6 +21,7 @@
 #include "kernels/isa.h"
 #include "model/attention.h"
 #include "model/half.h"
+#include "model/sampling.h"
 
 // Through the dispatcher (OpenMP jobs, BITDLM_ISA / set_isa): the multi-GEMM's
 // dequantized outputs and the int32 entry vs scalar, with 3 threads.
@@ -69,7 +72,7 @@ static void expect(bool ok, const char* what, int R, int nk, int d) {
   ++g_cases;
   if (!ok) {
     ++g_fail;
-    std::printf("FAIL neon attention %s R=%d nk=%d d=%d\n", what, R, nk, d);
+    std::printf("FAIL neon %s R=%d nk=%d d=%d\n", what, R, nk, d);
   }
 }
 
@@ -148,6 +151,64 @@ static void check_attention(const AttnKernels& t, const AttnKernels& ref, int R,
   }
 }
 
+// Online softmax of a key tile (exp_neg: ~1e-7 relative against std::exp) from a
+// running state, against double-precision loops: exps within 2e-6 relative (or
+// 1e-25 absolute: exps below e^-60 are flushed to 0), sums and rescaled outputs
+// within 2e-6 relative. Scores span [-70, 10] around the running maxima.
+static void check_softmax(const AttnKernels& t, int R, int n, int d) {
+  std::vector<float> S((size_t)R * kAttnTile), m(R), l(R), O((size_t)R * d);
+  for (auto& x : S) x = 40.f * frand() - 30.f;
+  for (int r = 0; r < R; ++r) m[r] = r % 3 == 0 ? -INFINITY : 8.f * frand(), l[r] = 1.5f;
+  for (auto& x : O) x = frand();
+  const std::vector<float> S0 = S, m0 = m, l0 = l, O0 = O;
+  t.softmax_tile(S.data(), kAttnTile, R, n, m.data(), l.data(), O.data(), d);
+  auto near = [](double got, double want, double abs) { return std::fabs(got - want) <= 2e-6 * std::fabs(want) + abs; };
+  bool ok = true;
+  for (int r = 0; r < R; ++r) {
+    const float* s0 = S0.data() + (size_t)r * kAttnTile;
+    float mx = m0[r];
+    for (int j = 0; j < n; ++j) mx = s0[j] > mx ? s0[j] : mx;
+    const double alpha = m0[r] == -INFINITY ? 0.0 : std::exp((double)m0[r] - mx);
+    double sum = 0;
+    for (int j = 0; j < n; ++j) {
+      const double e = std::exp((double)s0[j] - mx);
+      ok &= near(S[(size_t)r * kAttnTile + j], e, 1e-25);
+      sum += e;
+    }
+    ok &= m[r] == mx && near(l[r], l0[r] * alpha + sum, 0);
+    for (int i = 0; i < d; ++i) ok &= near(O[(size_t)r * d + i], O0[(size_t)r * d + i] * alpha, 1e-30);
+  }
+  expect(ok, "softmax_tile", R, n, d);
+}
+
+// The greedy select (temperature 0) at `level` against the portable one (the
+// scalar level): the same token (the first of tied maxima), the confidence
+// within 1e-6 relative; banned (-inf) ids, maxima in the vector tail, a NaN row
+// (the NEON kernel hands it to the portable code).
+static void check_greedy(const char* level) {
+  for (int V : {1, 3, 4, 5, 17, 1000, 8195}) {
+    const int rows = 6;
+    std::vector<float> x((size_t)rows * V);
+    for (auto& v : x) v = 12.f * frand();
+    for (int i = 0; i < V; i += 3) x[i] = -INFINITY;                 // row 0 (and others): banned ids
+    x[(size_t)1 * V + V / 2] = x[(size_t)1 * V + V - 1] = 20.f;    // row 1: tie, the first wins
+    x[(size_t)2 * V + V - 1] = 30.f;                                // row 2: the max in the tail
+    x[(size_t)3 * V + V / 3] = NAN;                                 // row 3: NaN
+    for (int i = 0; i < V; ++i) x[(size_t)4 * V + i] = -3.f;        // row 4: all equal
+    const std::vector<float> temp(rows, 0.f), top_p(rows, 1.f), u(rows, 0.5f);
+    std::vector<int32_t> tok_ref(rows), tok(rows);
+    std::vector<float> conf_ref(rows), conf(rows), x2 = x;
+    set_isa("scalar");
+    select_rows(x.data(), rows, V, V, temp.data(), top_p.data(), u.data(), tok_ref.data(), conf_ref.data());
+    set_isa(level);
+    select_rows(x2.data(), rows, V, V, temp.data(), top_p.data(), u.data(), tok.data(), conf.data());
+    bool ok = tok == tok_ref;
+    for (int r = 0; r < rows; ++r)
+      ok &= std::fabs(conf[r] - conf_ref[r]) <= 1e-6f * conf_ref[r] || (std::isnan(conf[r]) && std::isnan(conf_ref[r]));
+    expect(ok, "greedy select", rows, V, 0);
+  }
+}
+
 static void check_to_f16(const AttnKernels& t) {
   std::vector<float> x;
   for (int i = 0; i < 4000; ++i) x.push_back(frand() * (float)(1 << (rnd() % 20)) / 1024.f);
@@ -201,10 +262,14 @@ int main(int argc, char** argv) {
       for (int d : {4, 12, 32, 37, 80}) {
         check_attention<float>(at, kAttnPortable, R, nk, d);
         check_attention<uint16_t>(at, kAttnPortable, R, nk, d);
+        check_softmax(at, R, nk, d);
       }
+  check_softmax(kAttnPortable, 9, 64, 80);  // the reference loops hold for std::exp too
   check_to_f16(at);
-  expect(at.softmax_tile == kAttnPortable.softmax_tile && attn_kernels(Isa::kI8mm).qk == at.qk, "table resolution",
+  expect(at.softmax_tile != kAttnPortable.softmax_tile && attn_kernels(Isa::kI8mm).qk == at.qk, "table resolution",
          0, 0, 0);
+  for (const auto& l : levels)  // every ARM level resolves to the NEON select
+    if (have.find(isa_name(l.level)) != std::string::npos) check_greedy(isa_name(l.level));
   std::printf("%s %d cases, %d failed\n", g_fail ? "FAILED" : "OK", g_cases, g_fail);
   return g_fail ? 1 : 0;
 }
