@@ -514,10 +514,12 @@ def test_generate_cli_steps():
                                "--ignore-eos", "--stats", *args], env=child_env(), capture_output=True, text=True)
 
     # the packaged model: blocks of 32 in sub-blocks of 8, a 5-token prompt; 8 steps per block = 2 per
-    # sub-block (sub-block 0 holds 3 masks: 2 steps too), a commit, then 2 steps reach the 32nd token
+    # sub-block (sub-block 0 holds 3 masks: 2 steps too), a commit whose last logits give block 1's first
+    # token, then 1 or 2 steps reach the 32nd token: 1 when the step's 4 most confident positions are
+    # block 1's positions 1-4 (which depends on the model), else 2
     p = run("--steps", "8")
     assert p.returncode == 0, p.stderr
-    assert "generated: 32" in p.stderr and "forwards: 11 " in p.stderr, p.stderr
+    assert "generated: 32" in p.stderr and ("forwards: 10 " in p.stderr or "forwards: 11 " in p.stderr), p.stderr
     for args, msg in ((("--steps", "2"), "fewer than the 4 sub-blocks"), (("--steps", "8", "--threshold", "0.5"),
                                                                           "two decoding rules")):
         p = run(*args)
