@@ -6,6 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "bench/team_timer.h"
+
 namespace bitdlm {
 
 // int8 multiply-accumulate peak: 8 independent vpmaddubsw -> vpaddw chains
@@ -13,12 +15,7 @@ namespace bitdlm {
 // neither merge nor spill them. Returns MAC/s (32 per vpmaddubsw) over
 // `threads` threads.
 double bench_peak_int8_avx2(int threads, int64_t iters) {
-  double t0 = 0, t1 = 0;
-#pragma omp parallel num_threads(threads)
-  {
-#pragma omp barrier
-#pragma omp master
-    t0 = omp_get_wtime();
+  const double s = team_seconds(threads, [&] {
     int64_t n = iters;
     __asm__ volatile(
         "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"
@@ -44,23 +41,15 @@ double bench_peak_int8_avx2(int threads, int64_t iters) {
         :
         : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
           "xmm12", "xmm13", "xmm14", "xmm15", "cc");
-#pragma omp barrier
-#pragma omp master
-    t1 = omp_get_wtime();
-  }
-  return (double)threads * iters * 8 * 32 / (t1 - t0);
+  });
+  return (double)threads * iters * 8 * 32 / s;
 }
 
 // fp32 FMA peak (attention's floor): 10 independent vfmadd231ps ymm chains in
 // inline asm (latency 4-5 x 2 ports needs >= 10 in flight). Returns FMA/s
 // (8 per instruction) over `threads` threads.
 double bench_peak_fma_avx2(int threads, int64_t iters) {
-  double t0 = 0, t1 = 0;
-#pragma omp parallel num_threads(threads)
-  {
-#pragma omp barrier
-#pragma omp master
-    t0 = omp_get_wtime();
+  const double s = team_seconds(threads, [&] {
     int64_t n = iters;
     __asm__ volatile(
         "vxorps %%ymm0, %%ymm0, %%ymm0\n\t"
@@ -91,11 +80,8 @@ double bench_peak_fma_avx2(int threads, int64_t iters) {
         : "+r"(n)
         :
         : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "cc");
-#pragma omp barrier
-#pragma omp master
-    t1 = omp_get_wtime();
-  }
-  return (double)threads * iters * 10 * 8 / (t1 - t0);
+  });
+  return (double)threads * iters * 10 * 8 / s;
 }
 
 // Read bandwidth: each thread streams its half of buf `reps` times with 256-bit
