@@ -1,8 +1,9 @@
 """Data shipped inside the bitdlm package: the default model.
 
 `tiny-bitdlm.bin` is a small ternary block-diffusion code model trained by
-scripts/train_gpu.sh (scripts/train_tiny_dlm.py on one H200) on CPython's
-standard library (docs/tiny_model.md).
+scripts/train_gpu.sh (scripts/train_dlm_gpu.py on one H100) on CPython's
+standard library and the permissively licensed packages the project installs
+(docs/tiny_model.md).
 It lets `bitdlm generate` / `bitdlm serve` work offline without --model.
 """
 from __future__ import annotations
