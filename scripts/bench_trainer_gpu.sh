@@ -5,6 +5,7 @@
 #   B. scripts/train_dlm_gpu.py in two legs (B1 stops at half, B2 resumes from its state)
 #   C. the new trainer's steady-state throughput (more steps, no evaluation)
 #   D. the new trainer on a larger shape (for the shape choice)
+#   P. a torch.profiler table of 10 steps of the new trainer (where a step's time goes)
 # Same seed, schedule and batch: A and B see identical batches and masks, so
 # their per-step losses compare directly. Logs under $OUT.
 set -uo pipefail
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 CARRY=${TRAIN_CARRY:-build-train/carry}
 WORK=${TRAIN_WORK:-$HOME/bitdlm-bench}
 STEPS=${BENCH_STEPS:-120}
-PARTS=${BENCH_PARTS:-A B C D}   # a shorter call: BENCH_PARTS="A B"
+PARTS=${BENCH_PARTS:-A B C D}   # a shorter call: BENCH_PARTS="A B"; the profile: BENCH_PARTS="P"
 on() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/bench.log") 2>&1
@@ -54,6 +55,11 @@ stamp "D: larger shape (10 layers, FFN 1536), 200 steps"
 timeout 100 python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --layers 10 --ffn 1536 --steps 200 \
   --log-every 100 --eval-batches 1 --out "$WORK/big" --state-dir "$WORK/big_state" 2>&1 | grep -v Warning | tail -8
 cp "$WORK/big/train_log.json" "$OUT/big_log.json" 2>/dev/null
+fi
+if on P; then
+stamp "P: profile of 10 steps of the new trainer"
+timeout 150 python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --steps 100 --profile 10 \
+  --out "$WORK/prof" --state-dir "$WORK/prof_state" 2>&1 | grep -v Warning | tee "$OUT/profile.txt" | tail -45
 fi
 stamp "summary"
 python3 - "$OUT" <<'EOF'

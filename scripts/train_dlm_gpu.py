@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--compare-every", type=int, default=0,
                    help="debug: also evaluate the reference loss (eager, dense mask) on the training "
                         "batch every N steps and log both")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after warm-up, profile N steps (torch.profiler: the ops by self device / CPU "
+                        "time, and the host's batch sampling time), print the tables and exit")
     args = p.parse_args(argv)
     args = base.check_args(p, args)
     unsupported = [f for f, v in (("--init-from", args.init_from), ("--time-budget-min", args.time_budget_min),
@@ -252,13 +255,32 @@ def main(argv=None):
     t_meas = n_meas0 = None
     step = start_step
     model.train()
+    prof = None
+    sample_s = 0.0
     while step < args.steps:
+        if args.profile and step == start_step + 5:  # compiled and warm: profile the next N steps
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                          ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
+            prof.__enter__()
+            t_prof, sample_s = time.time(), 0.0
+        if prof is not None and step == start_step + 5 + args.profile:
+            if cuda:
+                torch.cuda.synchronize()
+            wall = (time.time() - t_prof) / args.profile
+            prof.__exit__(None, None, None)
+            key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=30), flush=True)
+            print(f"profile: {args.profile} steps, {1e3 * wall:.1f} ms per step wall, batch sampling on the "
+                  f"host {1e3 * sample_s / args.profile:.1f} ms per step", flush=True)
+            return 0
         lr = lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
+        ts = time.perf_counter()
         x = base.sample_batch(train_stream, train_starts, args.batch, args.seq_len, gen)
         masks = base.make_masks(args.batch, args.seq_len, args.block_size, shift, copies == 2,
                                 gen).to(device, non_blocking=True)
+        sample_s += time.perf_counter() - ts
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         for i in range(n_micro):
