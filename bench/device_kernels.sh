@@ -64,8 +64,8 @@ step "bench/forward.py (2B synthetic, int8 lm_head, 512 / 2048 cached)"
 for isa in amx avx512vnni; do
   python3 -c "import sys; from bitdlm import _core; sys.exit('$isa' not in _core.supported_isas())" || continue
   thr=$FWD_THREADS; cases=decode_ctx512,sub8_ctx512,block32_ctx512_out8,block32_ctx2048_out8
-  [ "$isa" = avx512vnni ] && thr=16 && cases=decode_ctx512,sub8_ctx512,block32_ctx512_out8
-  tmo=130; [ "$isa" = avx512vnni ] && tmo=80
+  [ "$isa" = avx512vnni ] && thr=8,16 && cases=decode_ctx512,sub8_ctx512,block32_ctx512_out8
+  tmo=130; [ "$isa" = avx512vnni ] && tmo=110
   timeout $tmo python3 bench/forward.py --isa "$isa" --threads "$thr" --lm-head i8 --reps 5 --cases "$cases" \
     --model-dir /tmp/bitdlm_fwd --out "$OUT/forward_$isa.json" > /tmp/forward_$isa.log 2>&1 || status=1
   grep "threads=" /tmp/forward_$isa.log
