@@ -192,7 +192,8 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
         try:
             for c in concurrency:
                 for mode, extra in modes:
-                    args.concurrency, args.num_requests, args.extra_body = c, c, extra
+                    # at least 4 requests: at concurrency 1 one request is a latency, not a rate
+                    args.concurrency, args.num_requests, args.extra_body = c, max(4, c), extra
                     asyncio.run(load.run_load(bases, SimpleNamespace(**{**vars(args), "num_requests": 1,
                                                                          "concurrency": 1})))  # warm
                     res = asyncio.run(load.run_load(bases, args))
