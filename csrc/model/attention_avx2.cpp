@@ -219,16 +219,7 @@ static inline void scale_row(float* x, int n, float a) {
   for (; i < n; ++i) x[i] *= a;
 }
 
-static void softmax_tile(float* S, int64_t lds, int R, int n, float* m, float* l, float* O, int d) {
-  for (int r = 0; r < R; ++r) {
-    float* s = S + r * lds;
-    const float mx = row_max(s, n, m[r]);
-    const float alpha = m[r] == -INFINITY ? 0.f : std::exp(m[r] - mx);
-    l[r] = l[r] * alpha + exp_sum(s, n, mx);
-    m[r] = mx;
-    if (alpha != 1.f) scale_row(O + (int64_t)r * d, d, alpha);
-  }
-}
+#include "model/softmax_tile.inc"
 
 // Values tile: RT rows x 8*NV output dims, accumulated over nk keys.
 template <int RT, int NV, class T>

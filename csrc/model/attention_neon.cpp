@@ -166,22 +166,14 @@ __attribute__((noinline)) static float exp_sum(float* s, int n, float mx) {
   return sum;
 }
 
-// Online softmax of one key tile (AttnKernels::softmax_tile), 4 lanes at a time.
-static void softmax_tile(float* S, int64_t lds, int R, int n, float* m, float* l, float* O, int d) {
-  for (int r = 0; r < R; ++r) {
-    float* s = S + r * lds;
-    const float mx = row_max(s, n, m[r]);
-    const float alpha = m[r] == -INFINITY ? 0.f : std::exp(m[r] - mx);
-    l[r] = l[r] * alpha + exp_sum(s, n, mx);
-    m[r] = mx;
-    if (alpha != 1.f) {
-      float* o = O + (int64_t)r * d;
-      int i = 0;
-      for (; i + 4 <= d; i += 4) vst1q_f32(o + i, vmulq_n_f32(vld1q_f32(o + i), alpha));
-      for (; i < d; ++i) o[i] *= alpha;
-    }
-  }
+static inline void scale_row(float* o, int d, float alpha) {
+  int i = 0;
+  for (; i + 4 <= d; i += 4) vst1q_f32(o + i, vmulq_n_f32(vld1q_f32(o + i), alpha));
+  for (; i < d; ++i) o[i] *= alpha;
 }
+
+// softmax_tile, 4 lanes at a time
+#include "model/softmax_tile.inc"
 
 // fp32 -> fp16 with FCVTN (round to nearest even, like f32_to_f16).
 static void to_f16(const float* x, uint16_t* y, int n) {
