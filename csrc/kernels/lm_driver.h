@@ -12,6 +12,13 @@
 
 constexpr int kLmPanel = 64, kLmTok = 32;  // max rows per panel, tokens per chunk
 
+// Kern::kTilePrefetch (optional, default false): its tiles stream the next
+// tile's rows themselves, so the driver's panel prefetcher stays off.
+template <class Kern, class = void>
+struct TilePrefetch : std::false_type {};
+template <class Kern>
+struct TilePrefetch<Kern, std::void_t<decltype(Kern::kTilePrefetch)>> : std::bool_constant<Kern::kTilePrefetch> {};
+
 // Software prefetch of the next row panel (contiguous bytes), paced by work
 // done so the DRAM stream overlaps the whole panel's compute instead of
 // arriving in bursts when the first token tile touches the rows.
@@ -72,7 +79,7 @@ static void lm_head(const Kern& kn, int K, int N, int m0, int m1) {
       const int me = mb + P < m1 ? mb + P : m1;
       // (decode, one token: the 4 x 1 tile prefetches its next rows itself)
       Prefetcher pf{(const char*)kn.W + me * row_bytes,
-                    c1 - c0 == 1 ? 0.0 : (double)P * row_bytes / ((double)(me - mb) * (c1 - c0) * (kv > 0 ? kv : 1))};
+                    c1 - c0 == 1 || TilePrefetch<Kern>::value ? 0.0 : (double)P * row_bytes / ((double)(me - mb) * (c1 - c0) * (kv > 0 ? kv : 1))};
       for (int i = 0; i < me - mb; ++i)
         for (int t = 0; t < c1 - c0; ++t) acc[i][t] = 0;
       int n = c0;
