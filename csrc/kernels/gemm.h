@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <new>
 #include <string>
+#include <type_traits>  // (lm_driver.h)
 #include <vector>
 
 namespace bitdlm {

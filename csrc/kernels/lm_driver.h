@@ -7,10 +7,21 @@
 // pointer W, stage(n0, n1, kv, stride) -> activations of tokens [n0, n1),
 //   template <int R, int T> tile(m, k0, len, act, astride, Acc part[][8])
 // (R rows x T tokens over k in [k0, k0 + len), len a multiple of kStep, T <= 8)
-// and finish(m, n, kv, acc) (k in [kv, K) and the epilogue).
+// and finish(m, n, kv, acc) (k in [kv, K) and the epilogue); optionally
+// kLmFlags (below).
 // No include guard on purpose: one inclusion per ISA namespace.
 
 constexpr int kLmPanel = 64, kLmTok = 32;  // max rows per panel, tokens per chunk
+
+// Kern::kLmFlags (optional, default 0): kLmTilePrefetch: its tiles stream
+// the next tile's rows themselves, so the panel prefetcher stays off;
+// kLmPanelFinish: Kern::finish_panel(mb, me, c0, c1, kv, acc) does a whole
+// panel's k tails and epilogue at once (vectorized) instead of finish().
+constexpr int kLmTilePrefetch = 1, kLmPanelFinish = 2;
+template <class Kern, class = void>
+struct LmFlags : std::integral_constant<int, 0> {};
+template <class Kern>
+struct LmFlags<Kern, std::void_t<decltype(Kern::kLmFlags)>> : std::integral_constant<int, Kern::kLmFlags> {};
 
 // Software prefetch of the next row panel (contiguous bytes), paced by work
 // done so the DRAM stream overlaps the whole panel's compute instead of
@@ -72,7 +83,7 @@ static void lm_head(const Kern& kn, int K, int N, int m0, int m1) {
       const int me = mb + P < m1 ? mb + P : m1;
       // (decode, one token: the 4 x 1 tile prefetches its next rows itself)
       Prefetcher pf{(const char*)kn.W + me * row_bytes,
-                    c1 - c0 == 1 ? 0.0 : (double)P * row_bytes / ((double)(me - mb) * (c1 - c0) * (kv > 0 ? kv : 1))};
+                    c1 - c0 == 1 || (LmFlags<Kern>::value & kLmTilePrefetch) ? 0.0 : (double)P * row_bytes / ((double)(me - mb) * (c1 - c0) * (kv > 0 ? kv : 1))};
       for (int i = 0; i < me - mb; ++i)
         for (int t = 0; t < c1 - c0; ++t) acc[i][t] = 0;
       int n = c0;
@@ -87,8 +98,11 @@ static void lm_head(const Kern& kn, int K, int N, int m0, int m1) {
         case 1: run(lm_tile_rows<4, 1, Kern>); break;
         default: break;
       }
-      for (int i = 0; i < me - mb; ++i)
-        for (int t = 0; t < c1 - c0; ++t) kn.finish(mb + i, c0 + t, kv, acc[i][t]);
+      if constexpr ((LmFlags<Kern>::value & kLmPanelFinish) != 0)
+        kn.finish_panel(mb, me, c0, c1, kv, acc);
+      else
+        for (int i = 0; i < me - mb; ++i)
+          for (int t = 0; t < c1 - c0; ++t) kn.finish(mb + i, c0 + t, kv, acc[i][t]);
     }
   }
 }

@@ -153,6 +153,7 @@ int main(int argc, char** argv) {
     check_i8(*t, name, 4, 2560, 2);
     check_i8(*t, name, 70, 3000, 5);   // several row panels and K slices (lm_driver.h)
     check_i8(*t, name, 9, 700, 35);    // two token chunks
+    check_i8(*t, name, 13, 4000, 17);  // 8-token tiles over K slices, odd rows
     check_i8(*t, name, 6, 3000, 1);    // decode tile
     check_f16(*t, name, 3, 1, 1);
     if (t->quantize)  // (nullptr: the table takes the level below's quantizer)
