@@ -39,6 +39,39 @@ class BlockConfig:
     max_len: int  # the model's context
     prefill_chunk: int  # prompt tokens per prefill forward (rounded to blocks per request)
     banned: np.ndarray  # token ids never produced (the mask token)
+    # read-only index tables shared by every request, so a step's index arrays come from one
+    # boolean pick each, not an allocating chain: block indices (intp), their output rows
+    # (int32, shifted by one with shift) and one-element [i] arrays (commit outputs)
+    _pos: dict = field(default_factory=dict, repr=False)
+    _rows: dict = field(default_factory=dict, repr=False)
+    _one: dict = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def _frozen(a: np.ndarray) -> np.ndarray:
+        a.flags.writeable = False
+        return a
+
+    def positions(self, n: int) -> np.ndarray:
+        """intp [0, n): block indices."""
+        a = self._pos.get(n)
+        if a is None:
+            a = self._pos[n] = self._frozen(np.arange(n, dtype=np.intp))
+        return a
+
+    def rows(self, n: int) -> np.ndarray:
+        """int32 [0, n) - shift: the output row that predicts each block index."""
+        a = self._rows.get(n)
+        if a is None:
+            sh = 1 if self.shift else 0
+            a = self._rows[n] = self._frozen(np.arange(-sh, n - sh, dtype=np.int32))
+        return a
+
+    def index(self, i: int | None) -> np.ndarray:
+        """int32 [i], or [] for None."""
+        a = self._one.get(i)
+        if a is None:
+            a = self._one[i] = self._frozen(np.asarray([] if i is None else [i], np.int32))
+        return a
 
 
 @dataclass
@@ -107,10 +140,7 @@ class RequestState:
 
     def __post_init__(self):
         self.temperature = self.params.effective_temperature()  # read every step
-
-    @property
-    def P(self) -> int:
-        return len(self.prompt)
+        self.P = len(self.prompt)  # (read several times a step: an attribute, not a property)
 
     def tokens_between(self, a: int, b: int) -> list[int]:
         """Generated tokens at absolute positions [a, b) (P <= a <= b): history, then the block."""
@@ -138,16 +168,29 @@ class RequestState:
             self.hist.extend(self.blk[g0:].tolist())
         bend = min(bstart + self.bs, self.cfg.max_len)
         n = bend - bstart
-        mask_id = self.cfg.mask_id
-        blk = np.full(n, -1 if mask_id is None else mask_id, np.int32)
-        masked = np.ones(n, bool)
-        known = self.prompt[bstart:].tolist() if bstart < self.P else []
-        if first_token is not None:
-            known.append(first_token)
-        blk[:len(known)] = known
-        masked[:len(known)] = False
+        mask_id = -1 if self.cfg.mask_id is None else self.cfg.mask_id
+        blk, masked = self.blk, self.masked
+        if blk is not None and len(blk) == n:  # the closed block's arrays are reused (its forward is done)
+            blk.fill(mask_id)
+            masked.fill(True)
+        else:
+            blk = np.full(n, mask_id, np.int32)
+            masked = np.ones(n, bool)
+        if bstart < self.P:
+            known = self.prompt[bstart:].tolist()
+            if first_token is not None:
+                known.append(first_token)
+            blk[:len(known)] = known
+            masked[:len(known)] = False
+            first = min(len(known), n)
+        elif first_token is not None:  # (slices: a block cut to nothing by the context takes none)
+            blk[:1] = first_token
+            masked[:1] = False
+            first = min(1, n)
+        else:
+            first = 0
         self.bstart, self.blk, self.masked, self.scratch = bstart, blk, masked, False
-        self.first = min(len(known), n)
+        self.first = first
         self.algo.reset()
 
     def tokens(self) -> np.ndarray:
@@ -169,16 +212,15 @@ class RequestState:
         sid = self.seq_id
         if self.prefilling:
             if none:  # nothing cached: one pass over the prompt for the first token's logits
-                item = ForwardItem(sid, self.prompt[:self.nfull].copy(), 0, 0, False,
-                                   np.asarray([self.nfull - 1], np.int32))
+                item = ForwardItem(sid, self.prompt[:self.nfull].copy(), 0, 0, False, cfg.index(self.nfull - 1))
                 return StepPlan(PREFILL, item, committed=self.nfull)
             chunk = max(self.bs, cfg.prefill_chunk // self.bs * self.bs)
             c0 = self.committed
             c1 = min(self.nfull, c0 + chunk)
             last = c1 == self.nfull
             # with shift, the last logits of a prompt that ends on a block boundary give the next token
-            out = [c1 - c0 - 1] if (last and cfg.shift and self.nfull == self.P) else []
-            item = ForwardItem(sid, self.prompt[c0:c1], c0, c0, True, np.asarray(out, np.int32))
+            out = c1 - c0 - 1 if (last and cfg.shift and self.nfull == self.P) else None
+            item = ForwardItem(sid, self.prompt[c0:c1], c0, c0, True, cfg.index(out))
             return StepPlan(PREFILL, item, committed=c1)
         n = len(self.blk)
         first = self.first
@@ -188,31 +230,29 @@ class RequestState:
                 return self.plan()
             if none:  # the block's last logits give the next block's first token
                 toks = self.tokens()
-                item = ForwardItem(sid, toks, 0, 0, False, np.asarray([len(toks) - 1], np.int32))
+                item = ForwardItem(sid, toks, 0, 0, False, cfg.index(len(toks) - 1))
                 return StepPlan(COMMIT, item)
-            out = [n - 1] if cfg.shift else []
-            item = ForwardItem(sid, self.blk, self.bstart, self.bstart, True, np.asarray(out, np.int32))
+            item = ForwardItem(sid, self.blk, self.bstart, self.bstart, True, cfg.index(n - 1 if cfg.shift else None))
             return StepPlan(COMMIT, item)
         # (the forward reads blk before apply() changes it: no copy)
         s0 = first // self.sbs * self.sbs  # the left-most sub-block that still has masks
         s1 = min(s0 + self.sbs, n)
-        pos = self.masked[s0:s1].nonzero()[0]  # block indices to decide
-        pos += s0
+        sel = self.masked[s0:s1]
+        pos = cfg.positions(n)[s0:s1][sel]  # block indices to decide
         if sh:  # (pos[0] is `first`)
             assert first >= 1, "block position 0 is never masked with token shift"
         if none:  # the whole sequence from position 0, block-causal, no cache read or written
-            item = ForwardItem(sid, self.tokens(), 0, 0, False, (self.bstart + pos - sh).astype(np.int32))
+            item = ForwardItem(sid, self.tokens(), 0, 0, False, cfg.rows(n)[s0:s1][sel] + self.bstart)
             return StepPlan(STEP, item, positions=pos)
         dual = self.cache == "dual"
         if dual and self.scratch and not self.masked[s0]:
             # sub-block only, against the block's (stale) scratch K/V written by a full pass;
             # with shift, row j-1 of the sub-block predicts j (s0 itself is never masked here)
-            out = pos - sh - s0
             item = ForwardItem(sid, self.blk[s0:s1], self.bstart + s0, self.bstart + n, False,
-                               out.astype(np.int32))
+                               cfg.rows(n)[:s1 - s0][sel])
             return StepPlan(STEP, item, positions=pos)
         # full pass over the block; with the sub-block cache it leaves scratch K/V
-        item = ForwardItem(sid, self.blk, self.bstart, self.bstart, dual, (pos - sh).astype(np.int32))
+        item = ForwardItem(sid, self.blk, self.bstart, self.bstart, dual, cfg.rows(n)[s0:s1][sel])
         return StepPlan(FULL if dual else STEP, item, positions=pos)
 
     def needs_logits(self, plan: StepPlan) -> bool:

@@ -112,11 +112,15 @@ class Scheduler:
         for seq in list(self.running.values()):
             try:
                 plan = seq.plan()
-                u = seq.draw_uniforms(plan)
+                u = seq.draw_uniforms(plan) if seq.temperature > 0 else None  # (greedy: no call)
             except Exception as e:
                 self.fail(seq, outputs, "planning its step", e)
                 continue
-            groups.setdefault((seq.bs, seq.needs_logits(plan)), []).append(Scheduled(seq, plan, u))
+            key = (seq.bs, seq.algo.needs_logits and seq.needs_logits(plan))
+            g = groups.get(key)
+            if g is None:
+                g = groups[key] = []
+            g.append(Scheduled(seq, plan, u))
         return {GroupKey(bs, "logits" if lg else "select"): g for (bs, lg), g in groups.items()}
 
     # ---------------------------------------------------------------- forward
