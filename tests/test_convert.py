@@ -324,7 +324,9 @@ BAD_INPUTS = {
     "chat template lone surrogate": (lambda d: _edit_json(d / "tokenizer_config.json", chat_template="a\ud800"), {},
                                      "surrogate"),
     "tokenizer not UTF-8": (lambda d: (d / "tokenizer.json").write_bytes(b"\xff\xfe"), {}, "UTF-8"),
-    "head_dim odd": (lambda d: _edit_json(d / "config.json", head_dim=15), {}, "shape|even"),
+    "head_dim odd": (lambda d: _edit_json(d / "config.json", head_dim=15), {}, "shape|even|must equal hidden_size"),
+    "heads x head_dim != hidden": (lambda d: _edit_json(d / "config.json", head_dim=64), {},
+                                   "= 256 must equal hidden_size"),
     "hidden not a multiple of heads": (lambda d: _edit_json(d / "config.json", num_attention_heads=5,
                                                             num_key_value_heads=5), {}, "multiple"),
     # tensors missing, mis-shaped or of the wrong dtype: refused before the output exists

@@ -194,6 +194,7 @@ def _corruptions(data: bytes):
     cases["layers past the file"] = (R(data, M(num_hidden_layers=1000)), "call for .* bytes")
     cases["vocab past the file"] = (R(data, M(vocab_size=1 << 20)), "call for .* bytes")
     cases["odd head_dim"] = (R(data, M(head_dim=15)), "even")
+    cases["heads * head_dim != hidden"] = (R(data, M(head_dim=8)), "must equal hidden_size")
     cases["int past the float range"] = (R(data, M(rope_theta=10**400)), "rope_theta")
     cases["eps that is 0 in float32"] = (R(data, M(rms_norm_eps=1e-60)), "rms_norm_eps")
     cases["NaN threshold"] = (R(data, lambda h: h["meta"]["diffusion"].update(threshold=float("nan"))), "threshold")
