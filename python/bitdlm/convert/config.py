@@ -102,10 +102,6 @@ def hyperparameters(cfg: dict, guessed: list | None = None) -> dict:
         raise ConversionError(f"config.json: hidden_size {h} is not a multiple of num_attention_heads "
                               f"{heads} and there is no head_dim")
     hp["head_dim"] = integer("head_dim", h // heads, " (= hidden_size / num_attention_heads)")
-    if heads * hp["head_dim"] != h:  # transformers' BitNetAttention: attn_sub_norm is [hidden_size]
-        raise ConversionError(f"config.json: num_attention_heads x head_dim = {heads} x {hp['head_dim']} = "
-                              f"{heads * hp['head_dim']} must equal hidden_size {h} (BitNet's attn_sub_norm "
-                              f"normalizes the attention output with hidden_size weights)")
     hp["intermediate_size"] = integer("intermediate_size")
     hp["vocab_size"] = integer("vocab_size")
     hp["max_position_embeddings"] = integer("max_position_embeddings", 2048)

@@ -150,9 +150,10 @@ def validate_meta(meta) -> None:
         raise ModelFormatError(f"head_dim must be even (RoPE rotates pairs), got {meta['head_dim']}")
     if meta["num_attention_heads"] * meta["head_dim"] > MAX_PROJ_DIM:
         raise ModelFormatError(f"num_attention_heads * head_dim must be <= {MAX_PROJ_DIM}")
-    if meta["num_attention_heads"] * meta["head_dim"] != meta["hidden_size"]:  # attn_sub_norm is [hidden_size]
-        raise ModelFormatError(f"num_attention_heads * head_dim ({meta['num_attention_heads']} * {meta['head_dim']}) "
-                               f"must equal hidden_size {meta['hidden_size']}")
+    nh, hd, h = meta["num_attention_heads"], meta["head_dim"], meta["hidden_size"]
+    if nh * hd != h:  # the one check, for files and for the converter (convert/hf.py validates its meta first)
+        raise ModelFormatError(f"num_attention_heads * head_dim = {nh} * {hd} = {nh * hd} must equal hidden_size {h} "
+                               f"(BitNet's attn_sub_norm normalizes the attention output with hidden_size weights)")
     # float32 on the C++ side: the values must survive the conversion
     for k, lo, hi in (("rope_theta", 1e-6, 1e15), ("rms_norm_eps", 1e-30, 1.0)):
         need(k, (int, float), "a number")
