@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_arrays.h"
 #include "kernels/bind_multi.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
@@ -21,11 +22,6 @@
 namespace py = pybind11;
 
 namespace bitdlm {
-
-using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
-using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
-using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 // bench_avx2.cpp (AVX2 flags): only called when the CPU has AVX2.
 double bench_peak_int8_avx2(int threads, int64_t iters);

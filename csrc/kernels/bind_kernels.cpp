@@ -8,18 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "bind_arrays.h"
 #include "kernels/bind_multi.h"
 #include "kernels/gemm.h"
 
 namespace py = pybind11;
 
 namespace bitdlm {
-
-using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
-using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
-using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using U16 = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
-using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 void register_kernels(py::module_& m) {
   m.def("active_isa", &active_isa, "Kernel ISA picked by the dispatcher");

@@ -9,16 +9,12 @@
 #include <stdexcept>
 #include <vector>
 
+#include "bind_arrays.h"
 #include "kernels/gemm.h"
 
 namespace bitdlm {
 
 struct MultiGemmArgs {
-  using I8 = pybind11::array_t<int8_t, pybind11::array::c_style | pybind11::array::forcecast>;
-  using U8 = pybind11::array_t<uint8_t, pybind11::array::c_style | pybind11::array::forcecast>;
-  using F32 = pybind11::array_t<float, pybind11::array::c_style | pybind11::array::forcecast>;
-  using I32 = pybind11::array_t<int32_t, pybind11::array::c_style | pybind11::array::forcecast>;
-
   I8 q;
   F32 s;
   I32 sum;

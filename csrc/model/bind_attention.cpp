@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_arrays.h"
 #include "kernels/gemm.h"
 #include "model/attention.h"
 
@@ -16,7 +17,6 @@ namespace py = pybind11;
 namespace bitdlm {
 
 namespace {
-using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 void need(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(what);

@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 
+#include "bind_arrays.h"
 #include "model/model.h"
 
 namespace py = pybind11;
@@ -59,7 +60,7 @@ std::vector<int32_t> int_vec(const py::handle& obj, const char* what) {
   if (kind != 'i' && kind != 'u' && kind != 'b')
     throw std::invalid_argument(std::string(what) + " must hold integers, got dtype " +
                                 std::string(py::str(arr.dtype())));
-  auto a = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+  auto a = PyArr<int64_t>::ensure(arr);
   out.resize(a.size());
   const int64_t* p = a.data();
   for (py::ssize_t i = 0; i < a.size(); ++i) {
@@ -74,7 +75,7 @@ std::vector<int32_t> int_vec(const py::handle& obj, const char* what) {
 std::vector<float> per_row(const py::object& obj, int64_t n, float dflt, const char* what) {
   if (obj.is_none()) return std::vector<float>(n, dflt);
   if (py::isinstance<py::float_>(obj) || py::isinstance<py::int_>(obj)) return std::vector<float>(n, obj.cast<float>());
-  auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(obj);
+  auto a = F32::ensure(obj);
   if (!a || a.ndim() != 1 || a.size() != n)
     throw std::invalid_argument(std::string(what) + " must be None, a number or " + std::to_string(n) + " numbers");
   return std::vector<float>(a.data(), a.data() + n);

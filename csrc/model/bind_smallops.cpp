@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bind_arrays.h"
 #include "kernels/gemm.h"
 #include "model/smallops.h"
 
@@ -14,8 +15,6 @@ namespace py = pybind11;
 namespace bitdlm {
 
 namespace {
-using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using U16 = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
 
 const SmallOps& table_for(const std::string& isa) { return small_ops(isa_level(isa)); }
 
