@@ -45,6 +45,18 @@ static void require_avx2() {
   throw std::runtime_error("the machine benchmarks need an AVX2 CPU");
 }
 
+// A machine-ceiling kernel as a binding: its ISA requirement, the argument
+// check, the kernel with the GIL released.
+template <class Require>
+static auto peak_binding(Require require, double (*peak)(int, int64_t)) {
+  return [require, peak](int threads, int64_t iters) {
+    require();
+    if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
+    py::gil_scoped_release nogil;
+    return peak(threads, iters);
+  };
+}
+
 // amx_variants_amx.cpp: the variant kernels and their bit flags.
 extern int g_amx_bench_variant;
 extern const AmxTernaryFn kAmxVariantTiles;
@@ -200,43 +212,20 @@ void register_bench(py::module_& m) {
       py::arg("threads"), py::arg("n"), py::arg("kp") = 2560, py::arg("reps") = 2000,
       "Bench builds, AMX CPUs: mean us per call of the AMX GEMM's fork, tile config, activation re-layout "
       "(+ barrier) and all of them, without the jobs");
-  m.def(
-      "bench_peak_int8",
-      [](int threads, int64_t iters) {
-        require_avx2();
-        if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
-        py::gil_scoped_release nogil;
-        return bench_peak_int8_avx2(threads, iters);
-      },
-      py::arg("threads"), py::arg("iters") = 20000000, "int8 MAC/s of a maddubs+add chain on `threads` threads");
+  m.def("bench_peak_int8", peak_binding(require_avx2, bench_peak_int8_avx2), py::arg("threads"),
+        py::arg("iters") = 20000000, "int8 MAC/s of a maddubs+add chain on `threads` threads");
   m.def(
       "bench_peak_fma",
       [](int threads, int64_t iters, bool zmm) {
-        zmm ? require_isa("avx512vnni") : require_avx2();
-        if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
-        py::gil_scoped_release nogil;
-        return zmm ? bench_peak_fma_avx512(threads, iters) : bench_peak_fma_avx2(threads, iters);
+        return zmm ? peak_binding([] { require_isa("avx512vnni"); }, bench_peak_fma_avx512)(threads, iters)
+                   : peak_binding(require_avx2, bench_peak_fma_avx2)(threads, iters);
       },
       py::arg("threads"), py::arg("iters") = 10000000, py::arg("zmm") = false,
       "fp32 FMA/s of 10 vfmadd231ps chains (ymm, or zmm on AVX-512 VNNI CPUs) on `threads` threads");
-  m.def(
-      "bench_peak_vnni",
-      [](int threads, int64_t iters) {
-        require_isa("avx512vnni");
-        if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
-        py::gil_scoped_release nogil;
-        return bench_peak_vnni(threads, iters);
-      },
-      py::arg("threads"), py::arg("iters") = 10000000, "int8 MAC/s of 8 vpdpbusd zmm chains on `threads` threads");
-  m.def(
-      "bench_peak_amx",
-      [](int threads, int64_t iters) {
-        require_isa("amx");
-        if (threads < 1 || iters < 1) throw std::invalid_argument("threads and iters must be >= 1");
-        py::gil_scoped_release nogil;
-        return bench_peak_amx(threads, iters);
-      },
-      py::arg("threads"), py::arg("iters") = 200000, "int8 MAC/s of TDPBSSD on 4 accumulator tiles per thread");
+  m.def("bench_peak_vnni", peak_binding([] { require_isa("avx512vnni"); }, bench_peak_vnni), py::arg("threads"),
+        py::arg("iters") = 10000000, "int8 MAC/s of 12 vpdpbusd zmm chains on `threads` threads");
+  m.def("bench_peak_amx", peak_binding([] { require_isa("amx"); }, bench_peak_amx), py::arg("threads"),
+        py::arg("iters") = 200000, "int8 MAC/s of TDPBSSD on 4 accumulator tiles per thread");
   m.def(
       "bench_bandwidth",
       [](U8 buf, int threads, int reps) {
