@@ -88,23 +88,36 @@ static void check_ternary(const KernelTable& kt, const char* name, int M, int K,
   }
 }
 
-static void check_i8(const KernelTable& kt, const char* name, int M, int K, int N) {
-  const int Kp = (int)pad_k(K);
-  std::vector<int8_t> w((size_t)M * K), q((size_t)N * Kp, 0);
-  std::vector<float> ws(M), s(N);
-  for (auto& v : w) v = (int8_t)(rnd() % 256);
-  for (int m = 0; m < M; ++m) ws[m] = 0.001f + (float)(rnd() % 1000) * 1e-4f;
-  for (int n = 0; n < N; ++n) {
-    for (int k = 0; k < K; ++k) q[(size_t)n * Kp + k] = (int8_t)((int)(rnd() % 255) - 127);
-    s[n] = 1.f + (float)(rnd() % 100);
+// An int8 lm_head case: M x K int8 weights (-128 included) with row scales, N
+// tokens of activations in [-127, 127] padded to Kp, and the scalar result `ref`.
+struct RandomI8Case {
+  int M, K, N;
+  std::vector<int8_t> w, q;
+  std::vector<float> ws, s, ref;
+  ActQ a;
+  RandomI8Case(int M_, int K_, int N_)
+      : M(M_), K(K_), N(N_), w((size_t)M * K), q((size_t)N * pad_k(K), 0), ws(M), s(N), ref((size_t)N * M) {
+    const int Kp = (int)pad_k(K);
+    for (auto& v : w) v = (int8_t)(rnd() % 256);
+    for (int m = 0; m < M; ++m) ws[m] = 0.001f + (float)(rnd() % 1000) * 1e-4f;
+    for (int n = 0; n < N; ++n) {
+      for (int k = 0; k < K; ++k) q[(size_t)n * Kp + k] = (int8_t)((int)(rnd() % 255) - 127);
+      s[n] = 1.f + (float)(rnd() % 100);
+    }
+    a = ActQ{q.data(), s.data(), nullptr, N, Kp};
+    kScalarKernels.i8(w.data(), ws.data(), K, a, ref.data(), M, 0, M);
   }
-  ActQ a{q.data(), s.data(), nullptr, N, Kp};
-  std::vector<float> ref((size_t)N * M), got((size_t)N * M, -7.f);
-  kScalarKernels.i8(w.data(), ws.data(), K, a, ref.data(), M, 0, M);
-  kt.i8(w.data(), ws.data(), K, a, got.data(), M, 0, M / 2);
-  kt.i8(w.data(), ws.data(), K, a, got.data(), M, M / 2, M);
+  RandomI8Case(const RandomI8Case&) = delete;
+  RandomI8Case& operator=(const RandomI8Case&) = delete;
+};
+
+static void check_i8(const KernelTable& kt, const char* name, int M, int K, int N) {
+  const RandomI8Case c(M, K, N);
+  std::vector<float> got((size_t)N * M, -7.f);
+  kt.i8(c.w.data(), c.ws.data(), K, c.a, got.data(), M, 0, M / 2);
+  kt.i8(c.w.data(), c.ws.data(), K, c.a, got.data(), M, M / 2, M);
   ++g_cases;
-  if (std::memcmp(ref.data(), got.data(), ref.size() * 4)) {
+  if (std::memcmp(c.ref.data(), got.data(), c.ref.size() * 4)) {
     ++g_fail;
     std::printf("FAIL %s i8 M=%d K=%d N=%d\n", name, M, K, N);
   }

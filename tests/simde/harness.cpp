@@ -82,28 +82,19 @@ static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode
 // driven like dispatch.cpp's gemm_i8_i8: jobs of a multiple of 16 rows.
 static void check_amx_i8(int M, int K, int N, int job = 64) {
   const int Kp = (int)pad_k(K);
-  std::vector<int8_t> w((size_t)M * K), q((size_t)N * Kp, 0);
-  std::vector<float> ws(M), s(N);
-  for (auto& v : w) v = (int8_t)(rnd() % 256);
-  for (int m = 0; m < M; ++m) ws[m] = 0.001f + (float)(rnd() % 1000) * 1e-4f;
-  for (int n = 0; n < N; ++n) {
-    for (int k = 0; k < K; ++k) q[(size_t)n * Kp + k] = (int8_t)((int)(rnd() % 255) - 127);
-    s[n] = 1.f + (float)(rnd() % 100);
-  }
-  ActQ a{q.data(), s.data(), nullptr, N, Kp};
-  std::vector<float> ref((size_t)N * M), got((size_t)N * M, -7.f);
-  kScalarKernels.i8(w.data(), ws.data(), K, a, ref.data(), M, 0, M);
+  const RandomI8Case c(M, K, N);
+  std::vector<float> got((size_t)N * M, -7.f);
   const int groups = (N + 15) / 16, steps = Kp / 64;
   std::vector<int8_t> vb((size_t)groups * 16 * Kp + 64);
   int8_t* vba = (int8_t*)(((uintptr_t)vb.data() + 63) / 64 * 64);
-  for (int i = 0; i < groups * steps; ++i) kAmxKernels.amx_act(a, i / steps, i % steps, vba);
+  for (int i = 0; i < groups * steps; ++i) kAmxKernels.amx_act(c.a, i / steps, i % steps, vba);
   // (the kernel picks its prefetch by N: per row for N <= 16, next group above)
   kAmxKernels.amx_begin();
   for (int m0 = 0; m0 < M; m0 += job)  // (dispatch: 256-row jobs; 64 exercises more job ends)
-    kAmxKernels.amx_i8(w.data(), ws.data(), K, a, vba, got.data(), M, m0, m0 + job < M ? m0 + job : M);
+    kAmxKernels.amx_i8(c.w.data(), c.ws.data(), K, c.a, vba, got.data(), M, m0, m0 + job < M ? m0 + job : M);
   kAmxKernels.amx_end();
   ++g_cases;
-  if (std::memcmp(ref.data(), got.data(), ref.size() * 4)) {
+  if (std::memcmp(c.ref.data(), got.data(), c.ref.size() * 4)) {
     ++g_fail;
     std::printf("FAIL amx i8 M=%d K=%d N=%d\n", M, K, N);
   }
