@@ -65,15 +65,37 @@ struct RandomActs {
   RandomActs& operator=(const RandomActs&) = delete;
 };
 
+// A ternary GEMM case: random_ternary weights (scale 0.37), RandomActs, and the
+// scalar results (int32 dots `ref`, dequantized `yref`) to compare a kernel's with.
+struct RandomTernaryCase {
+  int M, N;
+  std::vector<uint8_t> w;
+  RandomActs acts;
+  std::vector<int32_t> ref;
+  std::vector<float> yref;
+  RandomTernaryCase(int M_, int K, int N_, int act_lo, int act_hi, int code_mode = 0)
+      : M(M_), N(N_), w(random_ternary(M_, K, code_mode)), acts(N_, K, act_lo, act_hi), ref((size_t)N_ * M_),
+        yref((size_t)N_ * M_) {
+    const TernaryW wr = weights(yref);
+    kScalarKernels.ternary(wr, acts.a, 0, M, 0, N, ref.data());
+    kScalarKernels.ternary(wr, acts.a, 0, M, 0, N, nullptr);
+  }
+  // the weights, dequantized outputs going to y ([N, M])
+  TernaryW weights(std::vector<float>& y) const { return TernaryW{w.data(), M, 0.37f, y.data(), M}; }
+  bool matches(const std::vector<int32_t>& got, const std::vector<float>& ygot) const {
+    return !std::memcmp(ref.data(), got.data(), ref.size() * 4) &&
+           !std::memcmp(yref.data(), ygot.data(), yref.size() * 4);
+  }
+  RandomTernaryCase(const RandomTernaryCase&) = delete;
+  RandomTernaryCase& operator=(const RandomTernaryCase&) = delete;
+};
+
 static void check_ternary(const KernelTable& kt, const char* name, int M, int K, int N, int act_lo, int act_hi) {
-  const std::vector<uint8_t> w = random_ternary(M, K);
-  const RandomActs acts(N, K, act_lo, act_hi);
-  const ActQ& a = acts.a;
-  std::vector<int32_t> ref((size_t)N * M), got((size_t)N * M, -7);
-  std::vector<float> yref((size_t)N * M), ygot((size_t)N * M, -7.f);
-  TernaryW wr{w.data(), M, 0.37f, yref.data(), M}, wg{w.data(), M, 0.37f, ygot.data(), M};
-  kScalarKernels.ternary(wr, a, 0, M, 0, N, ref.data());
-  kScalarKernels.ternary(wr, a, 0, M, 0, N, nullptr);
+  const RandomTernaryCase c(M, K, N, act_lo, act_hi);
+  const ActQ& a = c.acts.a;
+  std::vector<int32_t> got((size_t)N * M, -7);
+  std::vector<float> ygot((size_t)N * M, -7.f);
+  const TernaryW wg = c.weights(ygot);
   // split the work into two row ranges and two token ranges like the dispatcher
   const int mh = M / 2, nh = N / 2;
   kt.ternary(wg, a, 0, mh, 0, nh, got.data());
@@ -82,7 +104,7 @@ static void check_ternary(const KernelTable& kt, const char* name, int M, int K,
   kt.ternary(wg, a, mh, M, nh, N, got.data());
   kt.ternary(wg, a, 0, M, 0, N, nullptr);
   ++g_cases;
-  if (std::memcmp(ref.data(), got.data(), ref.size() * 4) || std::memcmp(yref.data(), ygot.data(), yref.size() * 4)) {
+  if (!c.matches(got, ygot)) {
     ++g_fail;
     std::printf("FAIL %s ternary M=%d K=%d N=%d acts[%d,%d]\n", name, M, K, N, act_lo, act_hi);
   }

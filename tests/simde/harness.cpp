@@ -30,14 +30,11 @@ extern const AmxTernaryFn kAmxVariantTiles;
 // of 16), released.
 static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode) {
   const int Kp = (int)pad_k(K);
-  std::vector<uint8_t> w = random_ternary(M, K, code_mode);
-  const RandomActs acts(N, K, act_lo, act_hi);
-  const ActQ& a = acts.a;
-  std::vector<int32_t> ref((size_t)N * M), got((size_t)N * M, -7);
-  std::vector<float> yref((size_t)N * M), ygot((size_t)N * M, -7.f);
-  TernaryW wr{w.data(), M, 0.37f, yref.data(), M}, wg{w.data(), M, 0.37f, ygot.data(), M};
-  kScalarKernels.ternary(wr, a, 0, M, 0, N, ref.data());
-  kScalarKernels.ternary(wr, a, 0, M, 0, N, nullptr);
+  const RandomTernaryCase tc(M, K, N, act_lo, act_hi, code_mode);
+  const ActQ& a = tc.acts.a;
+  std::vector<int32_t> got((size_t)N * M, -7);
+  std::vector<float> ygot((size_t)N * M, -7.f);
+  const TernaryW wg = tc.weights(ygot);
   const int groups = (N + 15) / 16, steps = Kp / 64;
   std::vector<int8_t> vb((size_t)groups * 16 * Kp + 64);
   int8_t* vba = (int8_t*)(((uintptr_t)vb.data() + 63) / 64 * 64);
@@ -69,8 +66,7 @@ static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode
         }
     kAmxKernels.amx_end();
     ++g_cases;
-    if (std::memcmp(ref.data(), got.data(), ref.size() * 4) ||
-        std::memcmp(yref.data(), ygot.data(), yref.size() * 4)) {
+    if (!tc.matches(got, ygot)) {
       ++g_fail;
       std::printf("FAIL amx ternary variant=%d (-1: shipped) chunk=%d M=%d K=%d N=%d act=[%d,%d] codes=%d\n",
                   c.variant, c.chunk, M, K, N, act_lo, act_hi, code_mode);
