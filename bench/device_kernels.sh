@@ -72,6 +72,15 @@ for isa in amx avx512vnni; do
   sed -n '/ms per phase/,$p' /tmp/forward_$isa.log
 done
 
+# The 2 x 8 VNNI tiles against AMX at 8 / 16 tokens inside the forward: the sub-block and
+# block steps with AMX only from 17 tokens (the shipped threshold is kAmxMinTokens).
+if python3 -c "import sys; from bitdlm import _core; sys.exit('amx' not in _core.supported_isas())"; then
+  step "bench/forward.py amx with BITDLM_AMX_MIN_TOKENS=17 (8-token GEMMs on VNNI)"
+  BITDLM_AMX_MIN_TOKENS=17 timeout 60 python3 bench/forward.py --isa amx --threads "$(nproc)" --lm-head i8 --reps 5 \
+    --cases sub8_ctx512,block32_ctx512_out8 --model-dir /tmp/bitdlm_fwd > /tmp/forward_amx17.log 2>&1 || status=1
+  grep "threads=" /tmp/forward_amx17.log; sed -n '/ms per phase/,$p' /tmp/forward_amx17.log
+fi
+
 if [ -n "${LLAMA_ARCHIVE:-}" ]; then
   step "bench/native_compare.py (bitdlm beside llama-bench${BITNET_ARCHIVE:+ and bitnet.cpp}, 512 cached)"
   tmo=330; [ -n "${BITNET_ARCHIVE:-}" ] && tmo=520
