@@ -286,6 +286,17 @@ def main(argv=None) -> int:
 
     results = {"bitdlm": {}, "bitdlm_isa": {}, "llama.cpp": {}, **{"bitnet.cpp " + w: {} for w in bn_ggufs}}
     tmax = max(threads)
+
+    def partial(engine: str):
+        """What is timed so far, in the JSON and the log: a run cut by its caller's time limit keeps it."""
+        if engine in ("llama.cpp",) or engine.startswith("bitnet.cpp"):
+            for t, v in results[engine].items():
+                print(f"{engine} {t:>3} threads: pp32 {med(v.get('pp32', [])):8.2f}  tg {med(v.get('tg', [])):7.2f} ms",
+                      flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"partial": True, "ctx": a.ctx, "threads": threads, "bitnet_logits_check": bn_check,
+                           "raw": results}, f, indent=1)
     for t in threads:
         r = run_bitdlm(model, t, None, a.ctx, a.reps)
         results["bitdlm"][t] = r
@@ -296,11 +307,14 @@ def main(argv=None) -> int:
         results["bitdlm_isa"][isa] = r
         print(f"bitdlm {isa:>10} {tmax:>3} threads: decode {med(r['decode']):7.2f}  subblock "
               f"{med(r['subblock']):7.2f}  block {med(r['block']):7.2f} ms", flush=True)
+    partial("bitdlm")
     if llama_exe:
         results["llama.cpp"] = run_llama(llama_exe, gguf, threads, a.ctx, a.reps)
+        partial("llama.cpp")
     if bitnet_exe:
         for w, path in bn_ggufs.items():
             results["bitnet.cpp " + w] = run_depth(bitnet_exe, path, threads, a.ctx, a.reps)
+            partial("bitnet.cpp " + w)
 
     # summary
     rows = []
