@@ -167,3 +167,84 @@ def test_fixed_policy_reports_the_mode_and_has_no_policy_state(model):
         LLM(model, decode_policy="fast")
     # an AR engine has nothing to choose: adaptive decodes as fixed
     assert LLM(model, block_size=1, decode_policy="adaptive").engine.policy is None
+
+
+# --------------------------------------------------------------------- the server
+def _app(model, policy, **config):
+    from bitdlm.engine import Engine
+    from bitdlm.server import ServerConfig, create_app
+    from bitdlm.tokenizer import model_tokenizer
+
+    tok = model_tokenizer(model)
+    engine = Engine(model, max_batch=4, tokenizer=tok, decode_policy=policy)
+    cfg = ServerConfig(served_model_name="tiny", max_model_len=int(model.meta["max_position_embeddings"]),
+                       vocab_size=int(model.meta["vocab_size"]), max_batch=4, **config)
+    return engine, create_app(engine, tok, cfg)
+
+
+def _metric(text, sample):
+    import re
+
+    m = re.search("^" + re.escape(sample) + r" (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_server_reports_policy_modes_and_keeps_explicit_choices(model):
+    from fastapi.testclient import TestClient
+
+    # server defaults (--small-block-size, --steps) are not the client's choice: they pin nothing
+    engine, app = _app(model, "adaptive",
+                       default_params={"small_block_size": 8, "generation_algorithm": "steps", "steps": 8})
+    with TestClient(app) as c:
+        h = c.get("/health").json()
+        assert h["decode_policy"] == "adaptive"
+        assert h["decode_policy_state"]["calibrated"]  # timed on the engine thread before serving
+        engine.policy.set_costs(P.CostCurve([(1, 0.001)]), P.CostCurve([(1, 1.0)]))  # AR wins
+
+        def mode(path="/v1/completions", **body):
+            r = c.post(path, json={"prompt": "The cat", "max_tokens": 4, **body})
+            assert r.status_code == 200, r.text
+            return r.headers.get("x-bitdlm-decode-mode")
+
+        assert mode() == "ar"
+        assert mode(prompt=["The cat", "Hello"]) == "ar,ar"
+        assert mode(stream=True) == "ar"
+        for explicit in (dict(small_block_size=8), dict(generation_algorithm="threshold"),
+                         dict(block_length=32), dict(steps=8), dict(use_cache=False)):
+            assert mode(**explicit) == "diffusion", explicit
+        r = c.post("/generate", json={"text": "The cat", "max_new_tokens": 4})
+        assert r.json()["meta_info"]["decode_mode"] == "ar" and r.headers["x-bitdlm-decode-mode"] == "ar"
+        text = c.get("/metrics").text
+        assert _metric(text, 'bitdlm_decode_policy_info{policy="adaptive"}') == 1.0
+        assert _metric(text, 'bitdlm_requests_decode_mode_total{mode="ar"}') == 5.0
+        assert _metric(text, 'bitdlm_requests_decode_mode_total{mode="diffusion"}') == 5.0
+        assert _metric(text, "bitdlm_decode_policy_tokens_per_forward") > 0
+    engine, app = _app(model, "fixed")
+    with TestClient(app) as c:
+        h = c.get("/health").json()
+        assert h["decode_policy"] == "fixed" and "decode_policy_state" not in h
+        assert c.post("/v1/completions", json={"prompt": "The cat", "max_tokens": 4}).headers[
+            "x-bitdlm-decode-mode"] == "diffusion"
+        text = c.get("/metrics").text
+        assert _metric(text, 'bitdlm_decode_policy_info{policy="fixed"}') == 1.0
+        assert _metric(text, "bitdlm_decode_policy_tokens_per_forward") is None
+
+
+def test_bad_decode_policy_and_steps_flags_are_clear_errors(capsys):
+    import re
+
+    from bitdlm.cli import main
+    from bitdlm.model import default_model_path
+    from server_helpers import free_port
+
+    def fails(argv, pattern):
+        with pytest.raises(SystemExit) as ei:
+            main(["serve", "--port", str(free_port())] + argv)
+        err = capsys.readouterr().err
+        assert ei.value.code == 2 and re.search(pattern, err), err
+
+    # (the quoting of the choices differs between Python versions)
+    fails(["--decode-policy", "fast"], r"--decode-policy: invalid choice: 'fast' \(choose from '?fixed'?, '?adaptive'?\)")
+    fails(["--model", default_model_path(), "--steps", "2"],
+          r"error: --steps 2: steps 2 is fewer than the 4 sub-blocks of a block")
+    fails(["--steps", "0"], r"--steps must be >= 1")
