@@ -84,6 +84,18 @@ def test_tpf_estimate_starts_at_the_prior_and_follows_finished_requests():
     assert pol.observed == 40
 
 
+def test_prior_is_the_fixed_rate_rules_own_rate_until_a_request_finishes():
+    assert P.prior_tpf(SamplingParams(generation_algorithm="steps", steps=8), BLOCK) == BLOCK / 9
+    assert P.prior_tpf(SamplingParams(generation_algorithm="steps"), BLOCK) == BLOCK / (BLOCK + 1)
+    assert P.prior_tpf(SamplingParams(), BLOCK) == P.TPF_PRIOR
+    # a 32-row step costs 2.5 AR forwards: diffusion pays at 3.6 tokens per forward, not at 2
+    pol = P.AdaptivePolicy()
+    pol.set_costs(P.CostCurve([(1, 0.010)]), P.CostCurve([(1, 0.025)]))
+    assert pol.decide(0, 0) == P.AR and pol.decide(0, 0, prior=BLOCK / 9) == P.DIFFUSION
+    pol.observe(10, 10)  # observed: the estimate replaces every prior
+    assert pol.decide(0, 0, prior=BLOCK / 9) == P.AR
+
+
 # ----------------------------------------------------------- on the tiny model
 @pytest.fixture(scope="module")
 def model():

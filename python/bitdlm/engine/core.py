@@ -103,7 +103,8 @@ class Engine:
                 a += 1
             else:
                 d += 1
-        return _policy.mode_params(params, pol.decide(a, d)), True
+        mode = pol.decide(a, d, _policy.prior_tpf(params, self.block_size))
+        return _policy.mode_params(params, mode), True
 
     @property
     def prefill_chunk(self) -> int:

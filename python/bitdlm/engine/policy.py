@@ -13,7 +13,8 @@ The cost model: the scheduler runs one forward per block size, so a step with
 `a` AR and `d` diffusion requests costs cost_ar(a) + cost_diffusion(d), each
 curve timed at start-up on scratch sequences (`calibrate`), and yields
 a + d * tpf tokens, tpf being the diffusion requests' tokens per forward (an
-EMA over finished diffusion requests, TPF_PRIOR before any).
+EMA over finished diffusion requests; before any, the rule's own rate for the
+fixed-rate rule, else TPF_PRIOR).
 """
 from __future__ import annotations
 
@@ -59,6 +60,15 @@ def reassignable(params) -> bool:
         return not params.decoding_set
     return (params.block_length is None and params.small_block_size is None and params.steps is None
             and params.generation_algorithm == decoding.DEFAULT_ALGORITHM)
+
+
+def prior_tpf(params, block_size: int) -> float:
+    """Tokens per forward expected of a diffusion request before any has finished: the
+    fixed-rate rule's own rate (a block in `steps` forwards plus its commit), else TPF_PRIOR."""
+    if decoding.rule_of(params.generation_algorithm) == "steps":
+        steps = min(params.steps or block_size, block_size)
+        return block_size / (steps + 1)
+    return TPF_PRIOR
 
 
 def mode_params(params, mode: str):
@@ -197,8 +207,10 @@ class AdaptivePolicy:
     def set_costs(self, cost_ar: CostCurve, cost_diffusion: CostCurve, seconds: float = 0.0) -> None:
         self.cost_ar, self.cost_diffusion, self.calibration_seconds = cost_ar, cost_diffusion, seconds
 
-    def decide(self, a: int, d: int) -> str:
-        return choose_mode(self.cost_ar, self.cost_diffusion, a, d, self.tpf)
+    def decide(self, a: int, d: int, prior: float | None = None) -> str:
+        """`prior`: the request's own tokens per forward estimate, used until one is observed."""
+        tpf = self.tpf if self.observed or prior is None else prior
+        return choose_mode(self.cost_ar, self.cost_diffusion, a, d, tpf)
 
     def observe(self, tokens: int, forwards: int) -> None:
         """A diffusion request finished: `tokens` generated in `forwards` decoding forwards."""
