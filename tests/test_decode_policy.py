@@ -260,3 +260,15 @@ def test_bad_decode_policy_and_steps_flags_are_clear_errors(capsys):
     fails(["--model", default_model_path(), "--steps", "2"],
           r"error: --steps 2: steps 2 is fewer than the 4 sub-blocks of a block")
     fails(["--steps", "0"], r"--steps must be >= 1")
+
+
+def test_failed_calibration_leaves_requests_as_they_ask(model, monkeypatch):
+    llm = LLM(model, decode_policy="adaptive")
+
+    def no_memory(*a, **k):
+        raise MemoryError("no KV cache left")
+
+    monkeypatch.setattr(P, "calibrate", no_memory)
+    g = llm.generate("The cat", SamplingParams(max_tokens=4))[0]
+    assert g.decode_mode == P.DIFFUSION and not llm.engine.policy.calibrated
+    assert llm.engine.policy.assigned == {P.AR: 0, P.DIFFUSION: 0}

@@ -4,6 +4,7 @@ group, apply, collect outputs), and keeps the statistics."""
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from . import policy as _policy
 from .output_processor import OutputProcessor, RequestOutput, make_output, text_state
 from .request_state import BlockConfig, RequestState
 from .scheduler import Scheduler
+
+log = logging.getLogger("bitdlm.engine")
 
 _PREFILL_CHUNK = 512  # prompt tokens per forward call, so long prompts do not stall other requests
 
@@ -94,7 +97,12 @@ class Engine:
         pol = self.policy
         if pol is None or not _policy.reassignable(params):
             return params, False
-        self.calibrate()
+        try:
+            self.calibrate()
+        except Exception as e:  # (e.g. no KV memory for its scratch sequences now) tried again later
+            log.warning("decode policy calibration failed (%s: %s): this request decodes as it asks",
+                        type(e).__name__, e)
+            return params, False
         sched = self.scheduler
         a = d = 0
         for seq in itertools.islice(itertools.chain(sched.running.values(), sched.waiting.values()),
