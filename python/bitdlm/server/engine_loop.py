@@ -164,6 +164,11 @@ class EngineLoop:
                 calibrate()
             except Exception:
                 log.exception("decode policy calibration failed")
+        pol = getattr(self.engine, "policy", None)
+        if pol is not None and pol.calibrated:
+            log.info("decode policy adaptive: forwards timed in %.2f s; seconds by requests in a "
+                     "forward: AR %s, diffusion %s", pol.calibration_seconds, pol.cost_ar.points(),
+                     pol.cost_diffusion.points())
         self.ready.set()
 
     def _run(self):
