@@ -12,7 +12,9 @@ random ternary weights, int8 lm_head) it measures, at every thread count of --th
             numpy, detokenizer); the end-to-end break-even tokens per forward (diffusion
             beats AR above it: seconds per diffusion forward / seconds per AR token);
   server    `bitdlm serve` under --concurrency parallel streaming requests (bench/serve.py),
-            AR against the fixed-rate rule at each of --server-tpf, generated tokens/s;
+            AR against the fixed-rate rule at each of --server-tpf, generated tokens/s, and
+            `--decode-policy adaptive` with that rule as its default (`--steps`): the policy
+            assigns each request AR or the rule by the load (the modes it chose are counted);
   llama.cpp the same weights as GGUF (TQ2_0, Q8_0 output layer): `llama-bench` tg for one
             stream and `llama-batched-bench` for the parallel streams, both built from the
             trimmed source of bench/llama_trim.py (skipped without --llama-archive);
@@ -179,12 +181,18 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
 
     import serve as load  # bench/serve.py
 
-    modes = [("ar", {"block_length": 1})] + [
-        (f"steps{steps_for(k)}", {"generation_algorithm": "steps", "steps": steps_for(k)}) for k in tpfs]
+    steps = [steps_for(k) for k in tpfs]
+    # the fixed policy's server takes each mode from the request; an adaptive server per rate has
+    # that fixed-rate rule as its default (--steps) and assigns each request AR or it by the load
+    setups = [([], [("ar", {"block_length": 1})] + [
+        (f"steps{n}", {"generation_algorithm": "steps", "steps": n}) for n in steps])] + [
+        (["--decode-policy", "adaptive", "--steps", str(n)], [(f"adaptive-steps{n}", {})]) for n in steps]
     rows = []
-    for t in sorted(threads, reverse=True):  # the most threads first: a run cut short keeps them
+    for t, (flags, modes) in ((t, setup) for t in sorted(threads, reverse=True) for setup in setups):
+        # (the most threads first: a run cut short keeps them)
         args = SimpleNamespace(model=model, replicas=1, threads=t, pin=False, max_batch=max(concurrency),
-                               start_timeout=300.0, server_arg=["--max-queue", str(4 * max(concurrency))],
+                               start_timeout=300.0,
+                               server_arg=["--max-queue", str(4 * max(concurrency))] + flags,
                                chat=False, api_key=None, served_model_name=None, max_tokens=max_tokens,
                                temperature=0.0, prompt=None, prompt_ids=prompt_len, threshold=None,
                                small_block_size=None, ignore_eos=True, time_limit=time_limit, label="")
@@ -200,10 +208,11 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
                     row = dict(threads=t, concurrency=c, mode=mode, requests=res.get("completed"),
                                errors=res.get("errors"), first_errors=res.get("first_errors"),
                                tok_s=res.get("tokens_per_s"), wall_s=res.get("wall_s"),
-                               latency_p50=(res.get("latency_s") or {}).get("p50"))
+                               latency_p50=(res.get("latency_s") or {}).get("p50"),
+                               decode_modes=res.get("decode_modes"))
                     rows.append(row)
                     print(f"server  {t:>3} thr c={c:>3} {mode:>8}: {row['tok_s'] or 0:8.1f} tok/s "
-                          f"({row['errors']} errors)", flush=True)
+                          f"({row['errors']} errors; modes {row['decode_modes']})", flush=True)
         finally:
             load.stop_servers(procs)
     return rows

@@ -20,6 +20,7 @@ docs/scaling.md).
 """
 import argparse
 import asyncio
+import collections
 import functools
 import itertools
 import importlib.util
@@ -70,6 +71,7 @@ async def one_request(client, url, body, headers, deadline):
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
                 return {"error": f"HTTP {r.status_code}: {text[:200]}"}
+            mode = r.headers.get("x-bitdlm-decode-mode")  # ar | diffusion (--decode-policy)
             async for line in r.aiter_lines():
                 if time.monotonic() > deadline:
                     return {"error": "deadline"}
@@ -89,7 +91,7 @@ async def one_request(client, url, body, headers, deadline):
                     tokens = ev["usage"]["completion_tokens"]
     except Exception as e:  # connection errors, timeouts: counted, not fatal
         return {"error": f"{type(e).__name__}: {e}"}
-    return {"ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens or 0}
+    return {"ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens or 0, "mode": mode}
 
 
 def request_body(args):
@@ -131,6 +133,7 @@ def stats(results, wall):
         "completion_tokens": toks,
         "ttft_s": summary([r["ttft"] for r in ok if r["ttft"] is not None]),
         "latency_s": summary([r["latency"] for r in ok]),
+        "decode_modes": dict(collections.Counter(r["mode"] for r in ok if r.get("mode"))),
     }
 
 

@@ -65,13 +65,16 @@ def test_e2e_tiny(tmp_path):
     assert {r["cache"] for r in doc["break_even"]} == {"prefix", "dual"}
     assert all(r["break_even_tpf"] > 0 for r in doc["break_even"])
     srv = {r["mode"]: r for r in doc["server"]}
-    assert set(srv) == {"ar", "steps8"}, doc["notes"]
+    assert set(srv) == {"ar", "steps8", "adaptive-steps8"}, doc["notes"]
     # concurrency 2 sends 4 requests (at least 4 per cell: one request is a latency, not a rate)
     assert all(r["errors"] == 0 and r["requests"] == 4 and r["tok_s"] > 0 for r in srv.values()), srv
+    # every response says its mode: the fixed series the one asked for, the adaptive one its choice
+    assert srv["ar"]["decode_modes"] == {"ar": 4} and srv["steps8"]["decode_modes"] == {"diffusion": 4}
+    assert sum(srv["adaptive-steps8"]["decode_modes"].values()) == 4
     assert [r["spin"] for r in doc["spin"]] == ["bounded (bitdlm default)", "libgomp default"]
     assert png.read_bytes()[:8] == PNG_MAGIC
     md = (tmp_path / "e2e.md").read_text()
-    assert "| 1 | AR (block 1) |" in md and "bitdlm serve steps8" in md
+    assert "| 1 | AR (block 1) |" in md and "bitdlm serve steps8" in md and "bitdlm serve adaptive-steps8" in md
 
 
 def test_llama_batched_bench_output_is_read_in_both_formats():

@@ -19,6 +19,7 @@ class Generation:
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     prompt_token_ids: list[int]
     stats: dict = field(default_factory=dict)  # forwards, tokens_per_forward, seconds
+    decode_mode: str = "diffusion"  # "ar" | "diffusion": the mode it decoded in (decode_policy)
 
 
 class LLM:
@@ -26,6 +27,9 @@ class LLM:
     `bitdlm.model.Model`, or None for the default model (bitdlm.model.default_model_path():
     $BITDLM_MODEL or the packaged one). `block_size` overrides the model's (1 = AR).
     `verify` checks every tensor's crc32 and that float tensors are finite at load.
+    `decode_policy`: "fixed" (a request decodes as its SamplingParams say) or "adaptive"
+    (opt-in: a request that leaves the decoding unset is assigned AR or diffusion by the
+    load, which may change its output; `Generation.decode_mode` says which; docs/server.md).
 
     One LLM may be shared by threads: its calls take turns (a lock around each
     generate / generate_stream, held until the stream is exhausted or closed);
@@ -35,7 +39,7 @@ class LLM:
 
     def __init__(self, model=None, threads: int | None = None, max_batch: int = 16,
                  block_size: int | None = None, kv_budget_gb: float | None = None, kv_dtype: str | None = None,
-                 verify: bool = True):
+                 verify: bool = True, decode_policy: str = "fixed"):
         from .engine import Engine
 
         if not (model is None or isinstance(model, (str, os.PathLike))
@@ -60,7 +64,8 @@ class LLM:
 
         tok = model_tokenizer(model)
         self.tokenizer = tok
-        self.engine = Engine(model, max_batch=max_batch, block_size=block_size, tokenizer=tok)
+        self.engine = Engine(model, max_batch=max_batch, block_size=block_size, tokenizer=tok,
+                             decode_policy=decode_policy)
         self._lock = threading.Lock()
         self._owner = None  # the thread in a call
 
@@ -133,13 +138,13 @@ class LLM:
         backlog = collections.deque(zip(ids, encoded, plist_params))
         window = max(4 * eng.max_batch, 64)
         t0 = time.perf_counter()
-        acc = {rid: dict(ids=[], text=[], reason=None, forwards=0, t=None) for rid in ids}
+        acc = {rid: dict(ids=[], text=[], reason=None, forwards=0, t=None, mode=None) for rid in ids}
         todo = set()
         try:
             while todo or backlog:
                 while backlog and len(todo) < window:
                     rid, enc, sp = backlog.popleft()
-                    eng.add_request(rid, enc, sp)
+                    acc[rid]["mode"] = eng.add_request(rid, enc, sp)
                     todo.add(rid)
                 for out in eng.step():
                     a = acc.get(out.request_id)
@@ -167,7 +172,7 @@ class LLM:
                                   prompt_token_ids=enc,
                                   stats=dict(forwards=a["forwards"], generated_tokens=n,
                                              tokens_per_forward=n / a["forwards"] if a["forwards"] else 0.0,
-                                             seconds=a["t"])))
+                                             seconds=a["t"]), decode_mode=a["mode"]))
         return res
 
     def generate_stream(self, prompt, params: SamplingParams | None = None):
@@ -184,7 +189,7 @@ class LLM:
         eng = self.engine
         enc = self._encode(prompt)
         rid = f"gen-{uuid.uuid4().hex}"
-        eng.add_request(rid, enc, params or SamplingParams())
+        mode = eng.add_request(rid, enc, params or SamplingParams())
         t0 = time.perf_counter()
         ids, texts, reason, forwards = [], [], None, 0
         try:
@@ -209,7 +214,7 @@ class LLM:
         self.last = Generation(text="".join(texts), token_ids=ids, finish_reason=reason, prompt_token_ids=enc,
                                stats=dict(forwards=forwards, generated_tokens=n,
                                           tokens_per_forward=n / forwards if forwards else 0.0,
-                                          seconds=time.perf_counter() - t0))
+                                          seconds=time.perf_counter() - t0), decode_mode=mode)
         return self.last
 
     def _drain(self, rids: set) -> None:

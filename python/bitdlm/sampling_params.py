@@ -85,6 +85,10 @@ class SamplingParams:
     steps: int | None = None  # steps rule (LLaDA's fixed rate): steps per block; None = block_length
     cache: str | None = None  # "none" | "prefix" | "dual"; None = "dual" if use_block_cache else "prefix"
     block_length: int | None = None  # per-request block size; None = the engine's
+    # whether the caller chose the decoding (block_length, small_block_size, generation_algorithm,
+    # steps), which --decode-policy adaptive then never changes; None = judged from those fields
+    # (engine/policy.py reassignable). The server sets it from the request body.
+    decoding_set: bool | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -130,6 +134,8 @@ class SamplingParams:
                                               or not 1 <= self.block_length <= MAX_BLOCK_LENGTH):
             bad("block_length", f"block_length must be an integer in [1, {MAX_BLOCK_LENGTH}], "
                 f"got {self.block_length!r}")
+        if self.decoding_set is not None and not isinstance(self.decoding_set, (bool, np.bool_)):
+            bad("decoding_set", f"decoding_set must be a bool or None, got {self.decoding_set!r}")
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 bad(name, f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -6,6 +6,8 @@ split the vLLM v1 way:
 - request_state.py     one request's block walk: plan its next forward, apply the result
                        (the cache strategies' meaning), typed ForwardItem / StepPlan
 - output_processor.py  final tokens, finish checks, incremental text and stop strings
+- policy.py            the decode policy: fixed, or the opt-in adaptive one that assigns a
+                       request AR or diffusion at admission from timed forward costs
 
 Every request walks through: chunked prefill of the prompt part that fills
 whole blocks (KV written) -> blocks aligned to absolute positions, each decoded

@@ -3,6 +3,8 @@ into the scheduler, runs one step (plan every running request, one forward per
 group, apply, collect outputs), and keeps the statistics."""
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -10,9 +12,12 @@ import numpy as np
 
 from .. import decoding
 from ..sampling_params import MAX_SUB_BLOCKS, SamplingParamError, SamplingParams
+from . import policy as _policy
 from .output_processor import OutputProcessor, RequestOutput, make_output, text_state
 from .request_state import BlockConfig, RequestState
 from .scheduler import Scheduler
+
+log = logging.getLogger("bitdlm.engine")
 
 _PREFILL_CHUNK = 512  # prompt tokens per forward call, so long prompts do not stall other requests
 
@@ -35,7 +40,7 @@ class Engine:
     """Continuous-batching block-diffusion engine over a `bitdlm.model.Model`."""
 
     def __init__(self, model, max_batch: int = 16, block_size: int | None = None, tokenizer=None,
-                 prefill_chunk: int = _PREFILL_CHUNK):
+                 prefill_chunk: int = _PREFILL_CHUNK, decode_policy: str = "fixed"):
         meta = model.meta
         diff = meta.get("diffusion") or {}
         self.model = model
@@ -69,6 +74,45 @@ class Engine:
         self.scheduler = Scheduler(model, self.max_batch, self.stats, self.vocab, self.banned)
         self.output_processor = OutputProcessor()
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (abort)
+        self.decode_policy = _policy.check_policy(decode_policy)
+        # adaptive on an AR engine has no choice to make: it decodes as fixed
+        self.policy = (_policy.AdaptivePolicy() if decode_policy == "adaptive" and self.block_size > 1
+                       else None)
+
+    def calibrate(self) -> None:
+        """Time the forwards the adaptive policy's cost model needs (policy.calibrate), once;
+        call it on the thread that runs the forwards (the server's engine thread does, before
+        serving; else the first request that needs a decision does)."""
+        pol = self.policy
+        if pol is None or pol.calibrated:
+            return
+        sbs = self.default_sbs
+        pol.set_costs(*_policy.calibrate(self.model, max_batch=self.max_batch, block_size=self.block_size,
+                                         sub_block=sbs, mask_id=self.mask_id, banned=self.banned))
+
+    def _assign_mode(self, params: SamplingParams) -> tuple[SamplingParams, bool]:
+        """Under the adaptive policy, the parameters of the mode it picks for a request that
+        left the choice unset, against the requests it would run beside (running, then
+        waiting, up to max_batch - 1) -> (params, whether the policy chose)."""
+        pol = self.policy
+        if pol is None or not _policy.reassignable(params):
+            return params, False
+        try:
+            self.calibrate()
+        except Exception as e:  # (e.g. no KV memory for its scratch sequences now) tried again later
+            log.warning("decode policy calibration failed (%s: %s): this request decodes as it asks",
+                        type(e).__name__, e)
+            return params, False
+        sched = self.scheduler
+        a = d = 0
+        for seq in itertools.islice(itertools.chain(sched.running.values(), sched.waiting.values()),
+                                    self.max_batch - 1):
+            if seq.bs == 1:
+                a += 1
+            else:
+                d += 1
+        mode = pol.decide(a, d, _policy.prior_tpf(params, self.block_size))
+        return _policy.mode_params(params, mode), True
 
     @property
     def prefill_chunk(self) -> int:
@@ -79,8 +123,10 @@ class Engine:
         self.block_config.prefill_chunk = int(n)
 
     # ---------------------------------------------------------------- requests
-    def add_request(self, request_id: str, prompt_ids, params: SamplingParams | None = None) -> None:
-        """Queue a request. Raises ValueError on bad input; nothing is queued then."""
+    def add_request(self, request_id: str, prompt_ids, params: SamplingParams | None = None) -> str:
+        """Queue a request -> its decoding mode, "ar" (block size 1) or "diffusion" (chosen by
+        the adaptive policy where the request left it unset). Raises ValueError on bad input;
+        nothing is queued then."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
@@ -90,6 +136,7 @@ class Engine:
             raise ValueError(f"request id {rid!r} is already in use")
         prompt = self.check_prompt(prompt_ids)
         P = int(prompt.size)
+        params, assigned = self._assign_mode(params)
         bs = self.block_size if params.block_length is None else int(params.block_length)
         if bs > self.max_len:
             raise ValueError(f"block_length {bs} exceeds the context of {self.max_len} tokens")
@@ -124,8 +171,11 @@ class Engine:
                            stop_ids=frozenset(stop_ids), limit=limit, capacity=capacity,
                            rng=np.random.default_rng(params.seed), cfg=self.block_config,
                            text=text_state(self.tokenizer, prompt.tolist(), params),
-                           nfull=P // bs * bs, t0=time.perf_counter())
+                           nfull=P // bs * bs, t0=time.perf_counter(), assigned=assigned)
         self.scheduler.add(seq)
+        if assigned:
+            self.policy.assigned[seq.mode] += 1
+        return seq.mode
 
     def check_prompt(self, prompt_ids) -> np.ndarray:
         """The prompt as int64 ids, or ValueError: not integers, empty, out of the
@@ -195,12 +245,20 @@ class Engine:
                     outputs.append(out)
                 if seq.finished:
                     sched.finish(seq)
+                    if self.policy is not None:
+                        self._observe(seq)
         if groups:
             dt = time.perf_counter() - t0
             self.stats.steps += 1
             self.stats.step_seconds += dt
             self.stats.last_step_seconds = dt
         return outputs
+
+    def _observe(self, seq: RequestState) -> None:
+        """A finished request of the engine's default diffusion updates the adaptive
+        policy's tokens per forward (its decoding forwards: prefill ones produce nothing)."""
+        if seq.bs == self.block_size and _policy.reassignable(seq.params):
+            self.policy.observe(seq.emitted, seq.forwards - seq.prefills)
 
     def _select(self, members, results, outputs) -> list:
         """The unmasking rule of every member that decides from (token, confidence) rows, run

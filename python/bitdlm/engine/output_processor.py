@@ -19,13 +19,14 @@ class RequestOutput:
     num_generated_tokens: int
     forwards: int  # forward calls this request took part in
     error: str | None = None  # why the engine dropped the request (finish_reason "error")
+    decode_mode: str = "diffusion"  # "ar" (block size 1) | "diffusion" (engine/policy.py)
 
 
 def make_output(seq: RequestState, new_ids=(), text: str = "", error: str | None = None) -> RequestOutput:
     return RequestOutput(request_id=seq.rid, new_token_ids=list(new_ids), text=text,
                          finished=seq.finished, finish_reason=seq.reason if seq.finished else None,
                          num_prompt_tokens=seq.P, num_generated_tokens=seq.emitted,
-                         forwards=seq.forwards, error=error)
+                         forwards=seq.forwards, error=error, decode_mode=seq.mode)
 
 
 class TextState:

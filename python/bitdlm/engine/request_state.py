@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import decoding
 from ..sampling_params import SamplingParams
+from .policy import mode_of
 
 # StepPlan kinds
 PREFILL = "prefill"  # a chunk of the prompt's whole blocks, K/V written
@@ -134,13 +135,16 @@ class RequestState:
     hist: list = field(default_factory=list)  # generated tokens before bstart
     emitted: int = 0  # generated tokens returned so far
     forwards: int = 0
+    prefills: int = 0  # of which prefill forwards
     finished: bool = False
     reason: str | None = None
     t0: float = 0.0
+    assigned: bool = False  # the adaptive policy chose its mode (engine/policy.py)
 
     def __post_init__(self):
         self.temperature = self.params.effective_temperature()  # read every step
         self.P = len(self.prompt)  # (read several times a step: an attribute, not a property)
+        self.mode = mode_of(self.bs)  # "ar" | "diffusion", reported with every output
 
     def tokens_between(self, a: int, b: int) -> list[int]:
         """Generated tokens at absolute positions [a, b) (P <= a <= b): history, then the block."""
@@ -271,6 +275,7 @@ class RequestState:
         already run the rule on the confidences (decoding.select_many), else the rule runs here."""
         if plan.kind == PREFILL:
             tok = res[0]
+            self.prefills += 1
             self.committed = plan.committed
             if plan.committed == self.nfull:
                 self.start_block(self.nfull, int(tok[0]) if len(tok) else None)

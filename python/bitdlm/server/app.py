@@ -34,6 +34,7 @@ def create_app(engine, tokenizer, config: ServerConfig, *, model=None):
     async def lifespan(app):
         serving.start()
         try:
+            await serving.ready()  # the adaptive policy's calibration, before serving
             yield
         finally:
             await serving.stop()

@@ -60,6 +60,16 @@ def add_serve_args(p: argparse.ArgumentParser, old_spellings: bool = False) -> N
     p.add_argument("--threshold", type=float, default=None,
                    help="default unmasking confidence threshold of a request, in (0, 1] "
                         "(default: the model's)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="default decoding rule of a request that names none: LLaDA's fixed rate, N "
+                        "steps per block (generation_algorithm \"steps\"); unset: the threshold rule "
+                        "(default: %(default)s)")
+    p.add_argument("--decode-policy", choices=["fixed", "adaptive"], default="fixed",
+                   help="fixed: a request decodes as its parameters say; adaptive (opt-in): a request "
+                        "that sets none of block_length, small_block_size, generation_algorithm, "
+                        "steps is assigned AR or diffusion by the load, from forward costs timed at "
+                        "start-up, which may change its output; the x-bitdlm-decode-mode response "
+                        "header says which (default: %(default)s)")
     p.add_argument("--max-batch", *old("--max-sequences"), type=int, default=16,
                    help="requests stepped together by the engine (default: 16)")
     p.add_argument("--max-queue", type=int, default=64,
@@ -124,7 +134,7 @@ def check_args(args) -> None:
         raise UsageError(f"--port must be in [1, 65535], got {args.port}")
     if args.max_queue < 0:
         raise UsageError("--max-queue must be >= 0")
-    for name in ("threads", "block_size", "small_block_size", "max_model_len"):
+    for name in ("threads", "block_size", "small_block_size", "max_model_len", "steps"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
@@ -227,7 +237,7 @@ def build_from_args(args):
         meta["mask_token_id"] = args.mask_token_id  # this process only: the engine reads it from meta
     try:
         engine = Engine(model, max_batch=args.max_batch, block_size=args.block_size,
-                        tokenizer=tok)
+                        tokenizer=tok, decode_policy=getattr(args, "decode_policy", "fixed"))
     except ValueError as e:
         fail(str(e))
     defaults = {}
@@ -235,6 +245,15 @@ def build_from_args(args):
         defaults["threshold"] = args.threshold
     if args.small_block_size is not None:
         defaults["small_block_size"] = args.small_block_size
+    if getattr(args, "steps", None) is not None:
+        from .. import decoding
+
+        try:  # a default every request would fail with is a setup error
+            decoding.make("steps", steps=args.steps).configure(
+                engine.block_size, args.small_block_size or engine.default_sbs)
+        except ValueError as e:
+            fail(f"--steps {args.steps}: {e}")
+        defaults.update(generation_algorithm="steps", steps=args.steps)
     names = list(args.served_model_name or [os.path.splitext(os.path.basename(path))[0]])
     names += [n for n in getattr(args, "model_aliases", ()) if n not in names]
     config = ServerConfig(

@@ -91,11 +91,16 @@ class EngineLoop:
         self.kv_bytes = 0             # KV cache in use, read after each step (engine thread writes)
         self.step_faults = 0          # steps that raised (engine thread writes)
         self._last_forwards = 0
+        self.ready = threading.Event()  # set once the thread is serving (after calibration)
         self._thread = threading.Thread(target=self._run, name="bitdlm-engine", daemon=True)
 
     # -- called from the event loop / other threads
     def start(self):
         self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the thread serves (the adaptive policy's calibration ran) or has ended."""
+        return self.ready.wait(timeout)
 
     def alive(self) -> bool:
         return self._thread.is_alive() and self.dead is None and not self._stopping
@@ -149,8 +154,26 @@ class EngineLoop:
         with self._cv:
             self._inflight -= 1
 
+    def _prepare(self):
+        """Before serving, on this thread (where forwards run): the adaptive policy's cost
+        calibration (engine.calibrate). A failure leaves the policy to calibrate at the first
+        request that needs it."""
+        calibrate = getattr(self.engine, "calibrate", None)
+        if calibrate is not None:
+            try:
+                calibrate()
+            except Exception:
+                log.exception("decode policy calibration failed")
+        pol = getattr(self.engine, "policy", None)
+        if pol is not None and pol.calibrated:
+            log.info("decode policy adaptive: forwards timed in %.2f s; seconds by requests in a "
+                     "forward: AR %s, diffusion %s", pol.calibration_seconds, pol.cost_ar.points(),
+                     pol.cost_diffusion.points())
+        self.ready.set()
+
     def _run(self):
         try:
+            self._prepare()
             while True:
                 with self._cv:
                     while not self._cmds and not self._active and not self._stopping:
@@ -172,6 +195,7 @@ class EngineLoop:
             log.exception("engine thread died")
             self.dead = e
         finally:
+            self.ready.set()
             self._shutdown()
 
     def _iteration(self, cmds):
@@ -201,7 +225,7 @@ class EngineLoop:
 
     def _add(self, rid, prompt_ids, params, sink):
         try:
-            self.engine.add_request(rid, prompt_ids, params)
+            mode = self.engine.add_request(rid, prompt_ids, params)
         except ValueError as e:
             self._release()
             sink.put("error", RequestRejected(str(e)))
@@ -214,7 +238,10 @@ class EngineLoop:
             self._count_finish("error")
             return
         self._active[rid] = _Active(sink, time.monotonic(), len(prompt_ids))
-        sink.put("ack")
+        mode = mode if isinstance(mode, str) else None  # "ar" | "diffusion": the response header
+        if mode is not None and self.metrics is not None:
+            self.metrics.decode_modes.labels(mode=mode).inc()
+        sink.put("ack", mode)
 
     def _abort(self, rid):
         a = self._active.pop(rid, None)

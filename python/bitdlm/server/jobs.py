@@ -25,6 +25,7 @@ class Job:
         self.engine_loop = engine_loop
         self.rid = rid
         self.sub_ids = [rid if n == 1 else f"{rid}-{i}" for i in range(n)]
+        self.modes: list = [None] * n  # per prompt its decoding mode, from the engine's ack
         self.queue: asyncio.Queue = asyncio.Queue()
         self.aloop = asyncio.get_running_loop()
         self.open: set[int] = set()   # submitted and not finished
@@ -99,6 +100,7 @@ class Job:
             self._raise_failure(idx, kind, payload)
             if kind == "ack":
                 acked.add(idx)
+                self.modes[idx] = payload
             else:
                 self._early.append(item)
 
@@ -111,6 +113,17 @@ class Job:
         for i in sorted(self.open):
             self.engine_loop.abort(self.sub_ids[i])
         self.open.clear()
+
+
+DECODE_MODE_HEADER = "x-bitdlm-decode-mode"
+
+
+def mode_headers(job: Job) -> dict:
+    """The decoding mode of each prompt ("ar" | "diffusion", comma-separated in prompt
+    order) as a response header, once every prompt was admitted; clients may ignore it."""
+    if any(m is None for m in job.modes):
+        return {}
+    return {DECODE_MODE_HEADER: ",".join(job.modes)}
 
 
 def sse(obj) -> str:

@@ -27,7 +27,7 @@ class _PhaseCollector:
 
 
 class Metrics:
-    def __init__(self, loop_ref, model=None):
+    def __init__(self, loop_ref, model=None, engine=None):
         from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                        disable_created_metrics)
 
@@ -90,6 +90,20 @@ class Metrics:
                       "OpenMP threads of the last forward, as seen on the engine thread that ran "
                       "it (0 before the first)", registry=r)
             g.set_function(lambda: float(model.forward_threads))
+        self.decode_modes = Counter(
+            "bitdlm_requests_decode_mode", "Requests admitted by the engine, by decoding mode "
+            "(ar = block size 1, diffusion; --decode-policy adaptive assigns it)", ["mode"], registry=r)
+        policy = getattr(engine, "decode_policy", None)
+        if isinstance(policy, str):
+            g = Gauge("bitdlm_decode_policy_info", "The decode policy (--decode-policy): 1 for the "
+                      "one in use", ["policy"], registry=r)
+            g.labels(policy=policy).set(1)
+        adaptive = getattr(engine, "policy", None)
+        if adaptive is not None:  # a float the engine thread rebinds: the read never waits
+            g = Gauge("bitdlm_decode_policy_tokens_per_forward",
+                      "The adaptive policy's estimate of a diffusion request's tokens per forward",
+                      registry=r)
+            g.set_function(lambda: float(adaptive.tpf))
         if model is not None and getattr(model, "profiling", False):
             r.register(_PhaseCollector(model))
 

@@ -9,7 +9,7 @@ import time
 from starlette.responses import JSONResponse, StreamingResponse
 
 from .errors import APIError
-from .jobs import SSE_DONE, ClientGone, sse
+from .jobs import SSE_DONE, ClientGone, mode_headers, sse
 
 log = logging.getLogger("bitdlm.server")
 
@@ -73,4 +73,10 @@ def stream_response(job, gen) -> StreamingResponse:
             job.close()
 
     return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                      **mode_headers(job)})
+
+
+def json_response(job, body: dict) -> JSONResponse:
+    """A finished job's JSON answer, with its decoding modes as a header."""
+    return JSONResponse(body, headers=mode_headers(job))

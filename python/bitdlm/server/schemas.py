@@ -182,6 +182,9 @@ def context_exceeded(max_model_len: int, n_prompt: int, max_tokens: int):
                param="max_tokens", code="context_length_exceeded")
 
 
+DECODING_FIELDS = ("block_length", "small_block_size", "generation_algorithm", "steps")
+
+
 def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, defaults: dict):
     """The SamplingParams of a validated request: server defaults, then the
     request's fields. The one function to extend with new request fields."""
@@ -210,6 +213,8 @@ def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, de
         kw["use_block_cache"] = bool(req.use_dual_cache)
     if req.stop is not None:
         kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    # the client's own choice of decoding (not a server default): --decode-policy adaptive keeps it
+    kw["decoding_set"] = any(getattr(req, k) is not None for k in DECODING_FIELDS)
     sp = SamplingParams(**kw)
     try:
         sp.validate()

@@ -20,7 +20,7 @@ from .engine_loop import EngineLoop
 from .errors import APIError, bad
 from .jobs import SSE_DONE, ClientGone, Job, usage
 from .metrics import Metrics
-from .responses import Chunks, completion_body, stream_response
+from .responses import Chunks, completion_body, json_response, stream_response
 from .schemas import (ChatRequest, CompletionRequest, GenerateParams, GenerateRequest, check_prompt_ids,
                       reject_unsupported, to_sampling_params, validation_error)
 
@@ -71,7 +71,8 @@ class OpenAIServing:
         self.config = config
         self.model = getattr(engine, "model", None) if model is None else model
         self.engine_loop = EngineLoop(engine, max_batch=config.max_batch, max_queue=config.max_queue)
-        self.metrics = Metrics(weakref.ref(self.engine_loop), model=self.model)
+        self.metrics = Metrics(weakref.ref(self.engine_loop), model=self.model, engine=engine)
+        self.engine = engine
         self.engine_loop.metrics = self.metrics
         self.created = int(time.time())
         self.fingerprint = f"bitdlm-{__version__}"
@@ -83,6 +84,10 @@ class OpenAIServing:
 
     def start(self) -> None:
         self.engine_loop.start()
+
+    async def ready(self) -> None:
+        """Wait (off the event loop) until the engine thread serves."""
+        await asyncio.to_thread(self.engine_loop.wait_ready)
 
     async def stop(self) -> None:
         # the graceful part (draining) happened before (cli.Server); what is
@@ -178,6 +183,12 @@ class OpenAIServing:
         if model is not None and getattr(model, "threads", None):
             out["threads"] = int(model.threads)
             out["forward_threads"] = int(getattr(model, "forward_threads", 0))
+        policy = getattr(self.engine, "decode_policy", None)
+        if isinstance(policy, str):
+            out["decode_policy"] = policy
+            adaptive = getattr(self.engine, "policy", None)
+            if adaptive is not None:
+                out["decode_policy_state"] = adaptive.summary()
         # the users' old server's fields: its clients read them
         out.update(native_kernel=model is not None, mode="dlm_block_diffusion")
         return out
@@ -261,9 +272,10 @@ class OpenAIServing:
             return Response(status_code=499)
         latency = time.perf_counter() - t0
         n = use["completion_tokens"]
-        return {"text": texts[0], "meta_info": {
+        return json_response(job, {"text": texts[0], "meta_info": {
             "id": job.rid, "prompt_tokens": use["prompt_tokens"], "completion_tokens": n,
-            "finish_reason": reasons[0], "latency": latency, "tok_per_sec": n / latency if latency > 0 else 0.0}}
+            "finish_reason": reasons[0], "latency": latency, "tok_per_sec": n / latency if latency > 0 else 0.0,
+            "decode_mode": job.modes[0]}})
 
     # ------------------------------------------------------------ running
     async def start_job(self, request, prefix, prompts, params) -> Job:
@@ -307,7 +319,8 @@ class OpenAIServing:
                 texts, reasons, use = await self.collect(job, n)
             except ClientGone:
                 return Response(status_code=499)
-            return completion_body(job.rid, chat, name, self.fingerprint, texts, reasons, use)
+            return json_response(job, completion_body(job.rid, chat, name, self.fingerprint, texts,
+                                                      reasons, use))
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunks = Chunks(job.rid, chat, name, self.fingerprint, include_usage)

@@ -1,0 +1,227 @@
+"""The decoding policy (`--decode-policy fixed|adaptive`, docs/server.md "Decode policy").
+
+`fixed` (the default): a request decodes as its parameters say. `adaptive`
+(opt-in): a request that leaves the decoding choice unset (`reassignable`) is
+assigned, at admission, AR (block_length 1) or the engine's diffusion default:
+towards the split of the requests it will run beside (itself included) that the
+cost model predicts gives the most tokens/s (`choose_mode`). Its
+output is then exactly the fixed policy's output for the assigned mode
+(`mode_params`), and the mode is reported with the request. Running requests
+keep their mode.
+
+The cost model: the scheduler runs one forward per block size, so a step with
+`a` AR and `d` diffusion requests costs cost_ar(a) + cost_diffusion(d), each
+curve timed at start-up on scratch sequences (`calibrate`), and yields
+a + d * tpf tokens, tpf being the diffusion requests' tokens per forward (an
+EMA over finished diffusion requests; before any, the rule's own rate for the
+fixed-rate rule, else TPF_PRIOR).
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+import time
+
+import numpy as np
+
+from .. import decoding
+
+POLICIES = ("fixed", "adaptive")
+AR, DIFFUSION = "ar", "diffusion"
+MODES = (AR, DIFFUSION)
+# Before any diffusion request has finished: Fast-dLLM v2's threshold 0.9 commits
+# 2-3 tokens per forward on trained models; 2.0 leans to AR when unsure.
+TPF_PRIOR = 2.0
+TPF_EMA = 0.25  # weight of each finished diffusion request in the estimate
+CALIBRATION_BUDGET_S = 1.5  # start-up time spent timing forwards (larger counts are extrapolated)
+
+
+def mode_of(block_size: int) -> str:
+    return AR if block_size == 1 else DIFFUSION
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"decode_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    return policy
+
+
+def reassignable(params) -> bool:
+    """Whether the adaptive policy may pick this request's mode: it left the decoding
+    choice unset. `params.decoding_set` (the server sets it from the request body, so a
+    server default is not the client's choice) wins; else judged from the fields:
+    block_length, small_block_size, steps unset and the default rule. Requests without
+    a cache (recomputing the whole sequence) are never re-assigned: the cost model
+    does not describe them."""
+    if params.cache_strategy() == "none":
+        return False
+    if params.decoding_set is not None:
+        return not params.decoding_set
+    return (params.block_length is None and params.small_block_size is None and params.steps is None
+            and params.generation_algorithm == decoding.DEFAULT_ALGORITHM)
+
+
+def prior_tpf(params, block_size: int) -> float:
+    """Tokens per forward expected of a diffusion request before any has finished: the
+    fixed-rate rule's own rate (a block in `steps` forwards plus its commit), else TPF_PRIOR."""
+    if decoding.rule_of(params.generation_algorithm) == "steps":
+        steps = min(params.steps or block_size, block_size)
+        return block_size / (steps + 1)
+    return TPF_PRIOR
+
+
+def mode_params(params, mode: str):
+    """The parameters a request decodes with in `mode`: AR is block_length 1 (a sub-block
+    size, even a server default, has no meaning there); diffusion is the request as given."""
+    if mode == AR:
+        return dataclasses.replace(params, block_length=1, small_block_size=None)
+    return params
+
+
+class CostCurve:
+    """Seconds of one forward by number of requests in it, piecewise linear through
+    measured points (n, seconds) made non-decreasing, extrapolated along the last segment;
+    0 requests cost 0 (no forward)."""
+
+    def __init__(self, points):
+        pts = sorted((int(n), float(s)) for n, s in points)
+        if not pts or pts[0][0] < 1:
+            raise ValueError("a cost curve needs points at n >= 1")
+        self.ns = [n for n, _ in pts]
+        self.secs = list(itertools.accumulate((s for _, s in pts), max))  # (timing noise: more is never cheaper)
+
+    def __call__(self, n: int) -> float:
+        if n <= 0:
+            return 0.0
+        ns, secs = self.ns, self.secs
+        if n <= ns[0] or len(ns) == 1:
+            return secs[0] if n <= ns[0] else secs[0] * n / ns[0]
+        i = min(bisect.bisect_left(ns, n), len(ns) - 1)  # segment [i-1, i] (the last one past the end)
+        n0, n1, s0, s1 = ns[i - 1], ns[i], secs[i - 1], secs[i]
+        return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
+
+    def points(self) -> list:
+        return [[n, round(s, 6)] for n, s in zip(self.ns, self.secs)]
+
+
+def step_rate(cost_ar, cost_diffusion, a: int, d: int, tpf: float) -> float:
+    """Predicted tokens/s of a step with `a` AR and `d` diffusion requests (two forwards)."""
+    cost = cost_ar(a) + cost_diffusion(d)
+    return (a + d * tpf) / cost if cost > 0 else 0.0
+
+
+def best_split(cost_ar, cost_diffusion, n: int, tpf: float) -> int:
+    """How many of n requests should decode AR for the most predicted tokens/s (ties: the
+    fewest, diffusion being the model's own mode)."""
+    rates = [step_rate(cost_ar, cost_diffusion, k, n - k, tpf) for k in range(n + 1)]
+    return rates.index(max(rates))
+
+
+def choose_mode(cost_ar, cost_diffusion, a: int, d: int, tpf: float) -> str:
+    """The mode for one more request beside `a` AR and `d` diffusion ones: towards the best
+    split of the a + d + 1 requests. (Not the better of the two sets one request apart: the
+    first AR request of a diffusion set costs a forward of its own, so that greedy step
+    never leaves an all-diffusion set even where an all-AR one is several times faster.)
+    Running requests keep their modes; as they finish, arrivals move the set to the split."""
+    return AR if a < best_split(cost_ar, cost_diffusion, a + d + 1, tpf) else DIFFUSION
+
+
+def _counts(max_batch: int) -> list[int]:
+    """Request counts to time: powers of two up to max_batch, and max_batch."""
+    out, n = [], 1
+    while n < max_batch:
+        out.append(n)
+        n *= 2
+    return out + [max_batch]
+
+
+def _linear(pts, ratio: float = 1.8) -> bool:
+    """Whether the last doubling of n took `ratio` times the time or more."""
+    return len(pts) >= 2 and pts[-1][1] >= ratio * pts[-2][1] * (pts[-1][0] / pts[-2][0]) / 2
+
+
+def calibrate(model, *, max_batch: int, block_size: int, sub_block: int, mask_id: int, banned,
+              budget_s: float = CALIBRATION_BUDGET_S, reps: int = 2):
+    """Time forwards shaped like the scheduler's: n AR items (one token, one output) and n
+    diffusion items (a block of `block_size` masks at position 0, `sub_block` outputs: the
+    prefix cache's step), for n in _counts(max_batch). A curve stops once doubling n nearly
+    doubles its time (compute-bound: the rest is linear, extrapolated), and both stop when
+    `budget_s` is spent. Scratch sequences, nothing written, freed after.
+    -> (CostCurve AR, CostCurve diffusion, seconds)."""
+    t_start = time.perf_counter()
+    ar_tok = np.zeros(1, np.int32)
+    blk = np.full(block_size, mask_id, np.int32)
+    out_ar = np.zeros(1, np.int32)
+    out_d = np.arange(min(sub_block, block_size), dtype=np.int32)
+    seqs: list[int] = []
+    pts_ar, pts_d = [], []
+
+    def timed(items, bs):
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model.forward(items, bs, "select", banned=banned)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    try:
+        for n in _counts(max_batch):
+            try:
+                while len(seqs) < n:
+                    seqs.append(model.alloc_seq(block_size))
+            except MemoryError:
+                break
+            if not pts_ar:  # warm-up: first-touch of the weights and the thread pool
+                model.forward([(seqs[0], ar_tok, 0, 0, False, out_ar)], 1, "select", banned=banned)
+            if not _linear(pts_ar):
+                pts_ar.append((n, timed([(s, ar_tok, 0, 0, False, out_ar) for s in seqs[:n]], 1)))
+            if not _linear(pts_d):
+                pts_d.append((n, timed([(s, blk, 0, 0, False, out_d) for s in seqs[:n]], block_size)))
+            if time.perf_counter() - t_start > budget_s or _linear(pts_ar) and _linear(pts_d):
+                break
+    finally:
+        for s in seqs:
+            model.free_seq(s)
+    if not pts_ar:
+        raise MemoryError("no KV cache left for the calibration's scratch sequences")
+    return CostCurve(pts_ar), CostCurve(pts_d), time.perf_counter() - t_start
+
+
+class AdaptivePolicy:
+    """The adaptive policy's state: its cost curves (after `calibrate`), the tokens per
+    forward estimate, and how many requests it assigned to each mode."""
+
+    def __init__(self, tpf_prior: float = TPF_PRIOR):
+        self.cost_ar: CostCurve | None = None
+        self.cost_diffusion: CostCurve | None = None
+        self.calibration_seconds = 0.0
+        self.tpf = float(tpf_prior)
+        self.observed = 0  # finished diffusion requests in the estimate
+        self.assigned = {m: 0 for m in MODES}
+
+    @property
+    def calibrated(self) -> bool:
+        return self.cost_ar is not None
+
+    def set_costs(self, cost_ar: CostCurve, cost_diffusion: CostCurve, seconds: float = 0.0) -> None:
+        self.cost_ar, self.cost_diffusion, self.calibration_seconds = cost_ar, cost_diffusion, seconds
+
+    def decide(self, a: int, d: int, prior: float | None = None) -> str:
+        """`prior`: the request's own tokens per forward estimate, used until one is observed."""
+        tpf = self.tpf if self.observed or prior is None else prior
+        return choose_mode(self.cost_ar, self.cost_diffusion, a, d, tpf)
+
+    def observe(self, tokens: int, forwards: int) -> None:
+        """A diffusion request finished: `tokens` generated in `forwards` decoding forwards."""
+        if forwards > 0 and tokens > 0:
+            self.tpf += TPF_EMA * (tokens / forwards - self.tpf)
+            self.observed += 1
+
+    def summary(self) -> dict:
+        """What /health shows: the curves (requests in a forward -> seconds), the estimate."""
+        return {"tokens_per_forward": round(self.tpf, 4), "observed_requests": self.observed,
+                "assigned": dict(self.assigned), "calibrated": self.calibrated,
+                "calibration_seconds": round(self.calibration_seconds, 4),
+                "cost_ar_seconds": self.cost_ar.points() if self.cost_ar else None,
+                "cost_diffusion_seconds": self.cost_diffusion.points() if self.cost_diffusion else None}

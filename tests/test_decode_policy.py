@@ -1,0 +1,274 @@
+"""--decode-policy adaptive (bitdlm/engine/policy.py): the decision on synthetic cost
+curves, the calibration, and the guarantee that replaces bit-identity with the fixed
+policy: every request's output is exactly the fixed policy's output for the mode it was
+assigned and reports. On the packaged tiny model (no torch)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+from bitdlm.engine import policy as P  # noqa: E402
+from bitdlm.llm import LLM, SamplingParams  # noqa: E402
+
+BLOCK = 32  # the packaged model's block size (8-token sub-blocks)
+
+
+def roofline(floor, per_row, rows):
+    """A forward's seconds for n requests of `rows` rows each: flat while bandwidth-bound,
+    then linear in the rows (compute-bound)."""
+    return lambda n: max(floor, per_row * rows * n) if n else 0.0
+
+
+def assign(cost_ar, cost_d, n, tpf=2.0):
+    """The modes n arrivals get, each beside those before it (none finishes)."""
+    a = d = 0
+    out = []
+    for _ in range(n):
+        m = P.choose_mode(cost_ar, cost_d, a, d, tpf)
+        out.append(m)
+        a, d = (a + 1, d) if m == P.AR else (a, d + 1)
+    return out
+
+
+# ---------------------------------------------------------------- the decision
+def test_bandwidth_bound_flat_cost_picks_diffusion_at_every_load():
+    flat = lambda n: 0.01 if n else 0.0  # noqa: E731  (weights read once, rows free)
+    assert assign(flat, flat, 64) == [P.DIFFUSION] * 64
+    assert assign(flat, flat, 64, tpf=1.2) == [P.DIFFUSION] * 64
+    # at exactly one token per forward diffusion buys nothing: a tie, and ties keep diffusion
+    assert P.choose_mode(flat, flat, 0, 0, 1.0) == P.DIFFUSION
+
+
+def test_compute_bound_linear_cost_picks_ar_when_tpf_is_below_the_rows():
+    lin_ar, lin_d = (lambda n: 1e-3 * n), (lambda n: 1e-3 * BLOCK * n)  # noqa: E731
+    for a, d in ((0, 63), (32, 31), (63, 0), (0, 0)):
+        assert P.choose_mode(lin_ar, lin_d, a, d, tpf=4.0) == P.AR
+    # more tokens per forward than rows: diffusion pays even compute-bound
+    assert P.choose_mode(lin_ar, lin_d, 0, 63, tpf=BLOCK + 1) == P.DIFFUSION
+
+
+def test_mixed_roofline_switches_from_diffusion_to_ar_with_load():
+    """Bandwidth-bound at low load, compute-bound past the roofline's knee: the first
+    arrivals get diffusion, and once diffusion's forward is compute-bound the rest get AR."""
+    cost_ar = roofline(10e-3, 0.3e-3, 1)
+    cost_d = roofline(10e-3, 0.3e-3, 8)  # 8 rows a request (a sub-block)
+    modes = assign(cost_ar, cost_d, 64, tpf=3.0)
+    k = modes.index(P.AR)
+    assert 1 <= k < 32 and modes[:k] == [P.DIFFUSION] * k
+    assert modes.count(P.AR) > 32, modes
+    # deterministic: the same inputs, the same answer
+    assert assign(cost_ar, cost_d, 64, tpf=3.0) == modes
+
+
+def test_cost_curve_interpolates_and_extrapolates():
+    c = P.CostCurve([(4, 0.004), (1, 0.002), (2, 0.0025)])
+    assert c(0) == 0.0 and c(1) == 0.002 and c(2) == 0.0025
+    assert c(3) == pytest.approx(0.00325)
+    assert c(8) == pytest.approx(0.004 + 4 * 0.00075)  # the last segment's slope
+    assert P.CostCurve([(1, 0.002), (2, 0.001)])(4) == 0.002  # noise: never cheaper past the end
+    assert P.CostCurve([(1, 0.002)])(3) == pytest.approx(0.006)
+    with pytest.raises(ValueError):
+        P.CostCurve([])
+
+
+def test_tpf_estimate_starts_at_the_prior_and_follows_finished_requests():
+    pol = P.AdaptivePolicy()
+    assert pol.tpf == P.TPF_PRIOR
+    for _ in range(40):
+        pol.observe(30, 10)
+    assert pol.tpf == pytest.approx(3.0, abs=1e-3) and pol.observed == 40
+    pol.observe(0, 0)  # nothing decoded: no information
+    assert pol.observed == 40
+
+
+def test_prior_is_the_fixed_rate_rules_own_rate_until_a_request_finishes():
+    assert P.prior_tpf(SamplingParams(generation_algorithm="steps", steps=8), BLOCK) == BLOCK / 9
+    assert P.prior_tpf(SamplingParams(generation_algorithm="steps"), BLOCK) == BLOCK / (BLOCK + 1)
+    assert P.prior_tpf(SamplingParams(), BLOCK) == P.TPF_PRIOR
+    # a 32-row step costs 2.5 AR forwards: diffusion pays at 3.6 tokens per forward, not at 2
+    pol = P.AdaptivePolicy()
+    pol.set_costs(P.CostCurve([(1, 0.010)]), P.CostCurve([(1, 0.025)]))
+    assert pol.decide(0, 0) == P.AR and pol.decide(0, 0, prior=BLOCK / 9) == P.DIFFUSION
+    pol.observe(10, 10)  # observed: the estimate replaces every prior
+    assert pol.decide(0, 0, prior=BLOCK / 9) == P.AR
+
+
+# ----------------------------------------------------------- on the tiny model
+@pytest.fixture(scope="module")
+def model():
+    import bitdlm
+    from bitdlm.model import default_model_path
+
+    m = bitdlm.load(default_model_path(), threads=1)
+    assert m.meta["diffusion"]["block_size"] == BLOCK
+    return m
+
+
+PROMPTS = ["The cat", "Once upon a time", "Hello", "Tom and Lily went to the park",
+           "One day", "The sun", "She said", "A little bird", "They played", "The end of the day"]
+
+
+def _forced(llm, cost_ar, cost_d):
+    """`llm`'s adaptive policy with these cost curves instead of the timed ones."""
+    llm.engine.policy.set_costs(P.CostCurve(cost_ar), P.CostCurve(cost_d))
+    return llm
+
+
+def test_calibration_times_scratch_forwards_and_frees_them(model):
+    llm = LLM(model, max_batch=8, decode_policy="adaptive")
+    before = model.kv_bytes_used()
+    llm.engine.calibrate()
+    pol = llm.engine.policy
+    assert pol.calibrated and model.kv_bytes_used() == before
+    assert 0 < pol.calibration_seconds < 5
+    assert all(s > 0 for s in pol.cost_ar.secs + pol.cost_diffusion.secs)
+    assert pol.cost_ar.ns[0] == 1 and max(pol.cost_ar.ns) <= 8
+    # a 32-row block costs more than one row, and a real request still decodes afterwards
+    assert pol.cost_diffusion(1) > pol.cost_ar(1)
+    assert llm.generate("The cat", SamplingParams(max_tokens=8))[0].token_ids
+
+
+def test_adaptive_outputs_equal_the_fixed_policy_for_the_reported_mode(model):
+    """The guarantee, request by request: under load the policy mixes modes (cost curves
+    that switch after a few requests), and each output is exactly what the fixed policy
+    gives that request in its reported mode (AR = block_length 1)."""
+    llm = _forced(LLM(model, max_batch=16, decode_policy="adaptive"),
+                  [(1, 0.010), (4, 0.0101), (16, 0.0104)], [(1, 0.0101), (2, 0.020), (16, 0.160)])
+    params = [SamplingParams(max_tokens=20 + 3 * i, ignore_eos=i % 2 == 0) for i in range(len(PROMPTS))]
+    got = llm.generate(PROMPTS, params)
+    modes = [g.decode_mode for g in got]
+    assert set(modes) == {P.AR, P.DIFFUSION}, modes
+    fixed = LLM(model, max_batch=16)  # decode_policy "fixed"
+    as_ar = fixed.generate(PROMPTS, [SamplingParams(**{**vars(p), "block_length": 1}) for p in params])
+    as_diffusion = fixed.generate(PROMPTS, params)
+    assert all(g.decode_mode == P.DIFFUSION for g in as_diffusion) and all(g.decode_mode == P.AR for g in as_ar)
+    for g, ar, diff, m in zip(got, as_ar, as_diffusion, modes):
+        want = ar if m == P.AR else diff
+        assert (g.token_ids, g.text, g.finish_reason) == (want.token_ids, want.text, want.finish_reason), m
+    # the check can fail: the two modes give different text for some of these prompts
+    assert any(a.token_ids != d.token_ids for a, d in zip(as_ar, as_diffusion))
+    assert llm.engine.policy.assigned == {P.AR: modes.count(P.AR), P.DIFFUSION: modes.count(P.DIFFUSION)}
+
+
+def test_explicit_decoding_is_never_reassigned(model):
+    """Costs under which every free request gets AR: requests that chose their decoding
+    keep it, and so do those without a cache (the cost model does not describe them)."""
+    llm = _forced(LLM(model, decode_policy="adaptive"), [(1, 0.001)], [(1, 1.0)])
+    pinned = [dict(block_length=BLOCK), dict(small_block_size=8), dict(generation_algorithm="steps", steps=8),
+              dict(steps=8), dict(generation_algorithm="factor"), dict(decoding_set=True), dict(cache="none"),
+              dict(block_length=16)]
+    free = [dict(), dict(threshold=0.5), dict(cache="dual"), dict(decoding_set=False, small_block_size=8)]
+    got = llm.generate(["The cat"] * (len(pinned) + len(free)),
+                       [SamplingParams(max_tokens=4, **kw) for kw in pinned + free])
+    assert [g.decode_mode for g in got] == [P.DIFFUSION] * len(pinned) + [P.AR] * len(free)
+    assert llm.engine.policy.assigned[P.AR] == len(free)
+    # block_length 1 asked for is AR under either policy, and not the policy's choice
+    assert llm.generate("The cat", SamplingParams(max_tokens=4, block_length=1))[0].decode_mode == P.AR
+    assert llm.engine.policy.assigned[P.AR] == len(free)
+
+
+def test_fixed_policy_reports_the_mode_and_has_no_policy_state(model):
+    llm = LLM(model)
+    assert llm.engine.decode_policy == "fixed" and llm.engine.policy is None
+    got = llm.generate(["The cat", "Hello"], [SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, block_length=1)])
+    assert [g.decode_mode for g in got] == [P.DIFFUSION, P.AR]
+    with pytest.raises(ValueError, match="decode_policy must be one of fixed, adaptive"):
+        LLM(model, decode_policy="fast")
+    # an AR engine has nothing to choose: adaptive decodes as fixed
+    assert LLM(model, block_size=1, decode_policy="adaptive").engine.policy is None
+
+
+# --------------------------------------------------------------------- the server
+def _app(model, policy, **config):
+    from bitdlm.engine import Engine
+    from bitdlm.server import ServerConfig, create_app
+    from bitdlm.tokenizer import model_tokenizer
+
+    tok = model_tokenizer(model)
+    engine = Engine(model, max_batch=4, tokenizer=tok, decode_policy=policy)
+    cfg = ServerConfig(served_model_name="tiny", max_model_len=int(model.meta["max_position_embeddings"]),
+                       vocab_size=int(model.meta["vocab_size"]), max_batch=4, **config)
+    return engine, create_app(engine, tok, cfg)
+
+
+def _metric(text, sample):
+    import re
+
+    m = re.search("^" + re.escape(sample) + r" (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_server_reports_policy_modes_and_keeps_explicit_choices(model):
+    from fastapi.testclient import TestClient
+
+    # server defaults (--small-block-size, --steps) are not the client's choice: they pin nothing
+    engine, app = _app(model, "adaptive",
+                       default_params={"small_block_size": 8, "generation_algorithm": "steps", "steps": 8})
+    with TestClient(app) as c:
+        h = c.get("/health").json()
+        assert h["decode_policy"] == "adaptive"
+        assert h["decode_policy_state"]["calibrated"]  # timed on the engine thread before serving
+        engine.policy.set_costs(P.CostCurve([(1, 0.001)]), P.CostCurve([(1, 1.0)]))  # AR wins
+
+        def mode(path="/v1/completions", **body):
+            r = c.post(path, json={"prompt": "The cat", "max_tokens": 4, **body})
+            assert r.status_code == 200, r.text
+            return r.headers.get("x-bitdlm-decode-mode")
+
+        assert mode() == "ar"
+        assert mode(prompt=["The cat", "Hello"]) == "ar,ar"
+        assert mode(stream=True) == "ar"
+        for explicit in (dict(small_block_size=8), dict(generation_algorithm="threshold"),
+                         dict(block_length=32), dict(steps=8), dict(use_cache=False)):
+            assert mode(**explicit) == "diffusion", explicit
+        r = c.post("/generate", json={"text": "The cat", "max_new_tokens": 4})
+        assert r.json()["meta_info"]["decode_mode"] == "ar" and r.headers["x-bitdlm-decode-mode"] == "ar"
+        text = c.get("/metrics").text
+        assert _metric(text, 'bitdlm_decode_policy_info{policy="adaptive"}') == 1.0
+        assert _metric(text, 'bitdlm_requests_decode_mode_total{mode="ar"}') == 5.0
+        assert _metric(text, 'bitdlm_requests_decode_mode_total{mode="diffusion"}') == 5.0
+        assert _metric(text, "bitdlm_decode_policy_tokens_per_forward") > 0
+    engine, app = _app(model, "fixed")
+    with TestClient(app) as c:
+        h = c.get("/health").json()
+        assert h["decode_policy"] == "fixed" and "decode_policy_state" not in h
+        assert c.post("/v1/completions", json={"prompt": "The cat", "max_tokens": 4}).headers[
+            "x-bitdlm-decode-mode"] == "diffusion"
+        text = c.get("/metrics").text
+        assert _metric(text, 'bitdlm_decode_policy_info{policy="fixed"}') == 1.0
+        assert _metric(text, "bitdlm_decode_policy_tokens_per_forward") is None
+
+
+def test_bad_decode_policy_and_steps_flags_are_clear_errors(capsys):
+    import re
+
+    from bitdlm.cli import main
+    from bitdlm.model import default_model_path
+    from server_helpers import free_port
+
+    def fails(argv, pattern):
+        with pytest.raises(SystemExit) as ei:
+            main(["serve", "--port", str(free_port())] + argv)
+        err = capsys.readouterr().err
+        assert ei.value.code == 2 and re.search(pattern, err), err
+
+    # (the quoting of the choices differs between Python versions)
+    fails(["--decode-policy", "fast"], r"--decode-policy: invalid choice: 'fast' \(choose from '?fixed'?, '?adaptive'?\)")
+    fails(["--model", default_model_path(), "--steps", "2"],
+          r"error: --steps 2: steps 2 is fewer than the 4 sub-blocks of a block")
+    fails(["--steps", "0"], r"--steps must be >= 1")
+
+
+def test_failed_calibration_leaves_requests_as_they_ask(model, monkeypatch):
+    llm = LLM(model, decode_policy="adaptive")
+
+    def no_memory(*a, **k):
+        raise MemoryError("no KV cache left")
+
+    monkeypatch.setattr(P, "calibrate", no_memory)
+    g = llm.generate("The cat", SamplingParams(max_tokens=4))[0]
+    assert g.decode_mode == P.DIFFUSION and not llm.engine.policy.calibrated
+    assert llm.engine.policy.assigned == {P.AR: 0, P.DIFFUSION: 0}
