@@ -340,16 +340,14 @@ void gemm_f16_f32(const uint16_t* W, int M, int K, const float* x, int N, float*
   run_rows(M, (int64_t)M * K * N, [&](int m0, int m1) { t.f16(W, K, x, N, y, ldy, m0, m1); });
 }
 
-// int8 lm_head. With AMX, at any N (decode too: the matrix is streamed once
-// either way, and the AMX kernel's per-row prefetch streamed it at 1.33 ms vs
-// 1.85-8.0 for the other kernels in the last Sapphire Rapids sweep, 128256 x
-// 2560, 16 threads): activations re-laid out into tiles (as for the ternary
-// GEMM), then 256-row jobs on TDPBSSD tiles; the last M % 16 rows (and any K
-// that is not a multiple of 64) take the VNNI kernel, which gives the same
-// int32 dots.
+// int8 lm_head. With AMX, from kAmxLmHeadMinTokens tokens (decode streams the
+// matrix faster on the VNNI kernel since its session-5 rewrite): activations
+// re-laid out into tiles (as for the ternary GEMM), then 256-row jobs on
+// TDPBSSD tiles; the last M % 16 rows (and any K that is not a multiple of 64)
+// take the VNNI kernel, which gives the same int32 dots.
 void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& a, float* y, int ldy) {
   const KernelTable& t = table();
-  const bool amx = t.amx_i8 && K % 64 == 0 && M >= 16;
+  const bool amx = t.amx_i8 && a.N >= kAmxLmHeadMinTokens && K % 64 == 0 && M >= 16;
   if (!amx) {
     run_rows(M, (int64_t)M * K * a.N, [&](int m0, int m1) { t.i8(W, wscale, K, a, y, ldy, m0, m1); });
     return;

@@ -101,6 +101,11 @@ enum class Isa : int { kScalar = 0, kNumIsa };
 // bench/amx_sweep.py measures the crossover.
 // BITDLM_AMX_MIN_TOKENS overrides it (read once; for measurements).
 constexpr int kAmxMinTokens = 8;
+// With the amx level, the int8 lm_head of at least this many tokens runs on AMX
+// tiles, decode (N = 1) on the VNNI kernel: session 6's Sapphire Rapids sweep
+// (128256 x 2560, 16 threads) streamed N = 1 in 1.37 ms on VNNI vs 1.89 on AMX
+// (N = 8: AMX 1.61 vs VNNI 1.77). Same int32 dots and epilogue: same logits.
+constexpr int kAmxLmHeadMinTokens = 2;
 int amx_min_tokens();
 void set_amx_min_tokens(int n);  // tests/benchmarks; std::invalid_argument if n < 1
 // The level the dispatcher picked (one atomic load after the first call).
