@@ -267,7 +267,7 @@ class Engine:
         rule that raises ends the requests it was deciding for (their result becomes None)."""
         sel = [None] * len(members)
         idx = [i for i, (m, r) in enumerate(zip(members, results))
-               if r is not None and m.plan.decides and not m.seq.algo.needs_logits]
+               if r is not None and m.plan.decides and not m.seq.needs_logits(m.plan)]
         if len(idx) < 2:  # one request: its own select() in apply() is cheaper
             return sel
         try:

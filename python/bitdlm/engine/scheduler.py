@@ -116,7 +116,7 @@ class Scheduler:
             except Exception as e:
                 self.fail(seq, outputs, "planning its step", e)
                 continue
-            key = (seq.bs, seq.algo.needs_logits and seq.needs_logits(plan))
+            key = (seq.bs, seq.needs_logits(plan))
             g = groups.get(key)
             if g is None:
                 g = groups[key] = []
