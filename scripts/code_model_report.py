@@ -106,7 +106,7 @@ def parses_with_body(prompt: str, completion: str, finished_by_length: bool) -> 
     return len(fns) == 1 and has_real_body(fns[0])
 
 
-def sweep(llm, funcs, max_tokens, thresholds, caches):
+def sweep(llm, funcs, max_tokens, thresholds, caches, repetition_penalty=1.0):
     """{(cache, threshold): dict(tokens, forwards, parsed, texts)}."""
     import bitdlm
 
@@ -115,7 +115,7 @@ def sweep(llm, funcs, max_tokens, thresholds, caches):
     for cache in caches:
         for th in thresholds:
             params = bitdlm.SamplingParams(temperature=0.0, max_tokens=max_tokens, threshold=th,
-                                           cache=cache, stop=STOPS)
+                                           cache=cache, stop=STOPS, repetition_penalty=repetition_penalty)
             t0 = time.time()
             outs = llm.generate(prompts, params)
             ok = [parses_with_body(p, o.text, o.finish_reason == "length") for p, o in zip(prompts, outs)]
@@ -175,6 +175,8 @@ def main(argv=None):
     p.add_argument("--speed-prompts", type=int, default=6)
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--speed-threshold", type=float, default=None, help="default: the file's")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="the sweep's repetition_penalty (default: 1 = off)")
     p.add_argument("--json", default=None, help="also write all results here")
     p.add_argument("--speed-only", action="store_true", help="only the wall-clock comparison")
     args = p.parse_args(argv)
@@ -191,10 +193,10 @@ def main(argv=None):
     meta = llm.model.meta
     funcs = heldout_functions(n=args.n, tok=llm.tokenizer)
     print(f"{len(funcs)} held-out functions, max {args.max_tokens} new tokens, greedy, {args.threads} threads; "
-          f"file default threshold {meta['diffusion']['threshold']}")
+          f"file default threshold {meta['diffusion']['threshold']}; repetition_penalty {args.repetition_penalty}")
     t0 = time.time()
     ths = [] if args.speed_only else [float(t) for t in args.thresholds.split(",")]
-    res = sweep(llm, funcs, args.max_tokens, ths, ["prefix", "dual"])
+    res = sweep(llm, funcs, args.max_tokens, ths, ["prefix", "dual"], args.repetition_penalty)
     if ths:
         print(f"(sweep {time.time() - t0:.0f} s)\n")
         print("| threshold | tokens/forward (no sub-block cache) | tokens/forward (sub-block cache) "
