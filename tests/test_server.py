@@ -471,6 +471,18 @@ def test_penalties_reach_the_engine(server, tiny_model):
     assert g.status_code == 200, g.text
 
 
+def test_serve_penalty_flags_are_request_defaults(tiny_model):
+    import argparse
+
+    from bitdlm.server import add_serve_args, build_from_args
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    _, cfg = build_from_args(p.parse_args(["--model", str(tiny_model), "--threads", "1",
+                                           "--repetition-penalty", "1.2", "--frequency-penalty", "0.5"]))
+    assert cfg.default_params == {"repetition_penalty": 1.2, "frequency_penalty": 0.5}
+
+
 def test_bad_input_through_the_openai_client(server):
     c = client_for(server.base)
     with pytest.raises(openai.NotFoundError):
@@ -551,6 +563,8 @@ def test_serve_cli_refuses_bad_setups(tiny_model, monkeypatch, capsys):
     fails(["--model", str(tiny_model), "--max-batch", "0"], "max-batch must be >= 1")
     fails(["--model", str(tiny_model), "--threshold", "1.5"], "threshold")
     fails(["--model", str(tiny_model), "--small-block-size", "0"], "small-block-size must be")
+    fails(["--model", str(tiny_model), "--presence-penalty", "3"], "--presence-penalty: presence_penalty must be")
+    fails(["--model", str(tiny_model), "--repetition-penalty", "0"], "--repetition-penalty: repetition_penalty must")
     monkeypatch.setenv("BITDLM_MODEL", "/nonexistent/default.bin")
     fails([], "cannot load /nonexistent/default.bin")
 
