@@ -106,6 +106,13 @@ def parses_with_body(prompt: str, completion: str, finished_by_length: bool) -> 
     return len(fns) == 1 and has_real_body(fns[0])
 
 
+def repeats(completion: str, times: int = 3) -> bool:
+    """Whether some non-blank line of the completion's function comes `times` times or more
+    (the model's main failure: `if lo is None: return None` fourteen times)."""
+    lines = [ln.strip() for ln in cut_function(completion, True).split("\n") if ln.strip()]
+    return any(lines.count(ln) >= times for ln in set(lines))
+
+
 def sweep(llm, funcs, max_tokens, thresholds, caches, repetition_penalty=1.0):
     """{(cache, threshold): dict(tokens, forwards, parsed, texts)}."""
     import bitdlm
@@ -122,10 +129,11 @@ def sweep(llm, funcs, max_tokens, thresholds, caches, repetition_penalty=1.0):
             res[(cache, th)] = {"tokens": sum(len(o.token_ids) for o in outs),
                                 "forwards": sum(o.stats["forwards"] for o in outs),
                                 "parsed": sum(ok), "ok": ok, "texts": [o.text for o in outs],
+                                "repeating": sum(repeats(o.text) for o in outs),
                                 "seconds": time.time() - t0}
             r = res[(cache, th)]
             print(f"  cache {cache:6s} threshold {th}: {r['tokens']} tokens / {r['forwards']} forwards, "
-                  f"{r['parsed']}/{len(prompts)} parse ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+                  f"{r['parsed']}/{len(prompts)} parse, {r['repeating']} repeat a line 3+ times ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
     return res
 
 
