@@ -113,7 +113,7 @@ def repeats(completion: str, times: int = 3) -> bool:
     return any(lines.count(ln) >= times for ln in set(lines))
 
 
-def sweep(llm, funcs, max_tokens, thresholds, caches, repetition_penalty=1.0):
+def sweep(llm, funcs, max_tokens, thresholds, caches, penalties=None):
     """{(cache, threshold): dict(tokens, forwards, parsed, texts)}."""
     import bitdlm
 
@@ -122,7 +122,7 @@ def sweep(llm, funcs, max_tokens, thresholds, caches, repetition_penalty=1.0):
     for cache in caches:
         for th in thresholds:
             params = bitdlm.SamplingParams(temperature=0.0, max_tokens=max_tokens, threshold=th,
-                                           cache=cache, stop=STOPS, repetition_penalty=repetition_penalty)
+                                           cache=cache, stop=STOPS, **(penalties or {}))
             t0 = time.time()
             outs = llm.generate(prompts, params)
             ok = [parses_with_body(p, o.text, o.finish_reason == "length") for p, o in zip(prompts, outs)]
@@ -185,6 +185,8 @@ def main(argv=None):
     p.add_argument("--speed-threshold", type=float, default=None, help="default: the file's")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="the sweep's repetition_penalty (default: 1 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="the sweep's (default: 0 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="the sweep's (default: 0 = off)")
     p.add_argument("--json", default=None, help="also write all results here")
     p.add_argument("--speed-only", action="store_true", help="only the wall-clock comparison")
     args = p.parse_args(argv)
@@ -200,11 +202,13 @@ def main(argv=None):
     llm = bitdlm.LLM(args.bin, threads=args.threads)
     meta = llm.model.meta
     funcs = heldout_functions(n=args.n, tok=llm.tokenizer)
+    pen = dict(repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+               frequency_penalty=args.frequency_penalty)
     print(f"{len(funcs)} held-out functions, max {args.max_tokens} new tokens, greedy, {args.threads} threads; "
-          f"file default threshold {meta['diffusion']['threshold']}; repetition_penalty {args.repetition_penalty}")
+          f"file default threshold {meta['diffusion']['threshold']}; penalties {pen}")
     t0 = time.time()
     ths = [] if args.speed_only else [float(t) for t in args.thresholds.split(",")]
-    res = sweep(llm, funcs, args.max_tokens, ths, ["prefix", "dual"], args.repetition_penalty)
+    res = sweep(llm, funcs, args.max_tokens, ths, ["prefix", "dual"], pen)
     if ths:
         print(f"(sweep {time.time() - t0:.0f} s)\n")
         print("| threshold | tokens/forward (no sub-block cache) | tokens/forward (sub-block cache) "
