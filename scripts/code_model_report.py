@@ -133,7 +133,8 @@ def sweep(llm, funcs, max_tokens, thresholds, caches, penalties=None):
                                 "seconds": time.time() - t0}
             r = res[(cache, th)]
             print(f"  cache {cache:6s} threshold {th}: {r['tokens']} tokens / {r['forwards']} forwards, "
-                  f"{r['parsed']}/{len(prompts)} parse, {r['repeating']} repeat a line 3+ times ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+                  f"{r['parsed']}/{len(prompts)} parse, {r['repeating']} repeat a line 3+ times ({r['seconds']:.0f} s)",
+                  file=sys.stderr, flush=True)
     return res
 
 
