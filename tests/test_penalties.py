@@ -179,8 +179,11 @@ def test_off_penalties_keep_the_fused_path_and_mix_in_a_batch(model):
     m.modes.clear()
     alone_pen = llm.generate(prompt, pen)[0].token_ids
     assert "logits" in m.modes and alone_pen != alone_plain
-    both = llm.generate([prompt, prompt, prompt], [SamplingParams(max_tokens=40), pen, off])
-    assert [b.token_ids for b in both] == [alone_plain, alone_pen, alone_plain]
+    credit = SamplingParams(max_tokens=40, generation_algorithm="credit", frequency_penalty=0.7)
+    alone_credit = llm.generate(prompt, credit)[0].token_ids
+    assert alone_credit != llm.generate(prompt, SamplingParams(max_tokens=40, generation_algorithm="credit"))[0].token_ids
+    both = llm.generate([prompt] * 4, [SamplingParams(max_tokens=40), pen, off, credit])
+    assert [b.token_ids for b in both] == [alone_plain, alone_pen, alone_plain, alone_credit]
 
 
 def test_generated_tokens_are_the_committed_ones(model):
