@@ -11,6 +11,7 @@ outside time, only under a noisier clock.
     python bench/overhead.py --batch 1,16,64                 # shipped tiny model, real forward
     python bench/overhead.py --fake --profile 25 --batch 64  # cProfile of the Python side
     python bench/overhead.py --model bench/out/synth2b-i8.bin --threads 16 --json o.json  # SPR
+    python bench/overhead.py --mode threshold --batch 1 --repetition-penalty 1.000001  # penalties' cost
 
 Modes (--mode): `steps` (LLaDA's fixed rate, 2 tokens per decoding step, prefix
 cache), `dual` (the same with the sub-block cache), `ar` (block_length 1),
@@ -85,10 +86,10 @@ class FakeCore(CpuTimedCore):
             self.calls += 1
 
 
-def params_for(mode: str, max_tokens: int):
+def params_for(mode: str, max_tokens: int, repetition_penalty: float = 1.0):
     from bitdlm import SamplingParams
 
-    base = dict(max_tokens=max_tokens, ignore_eos=True)
+    base = dict(max_tokens=max_tokens, ignore_eos=True, repetition_penalty=repetition_penalty)
     return {"steps": lambda: SamplingParams(generation_algorithm="steps", steps=16, **base),
             "dual": lambda: SamplingParams(generation_algorithm="steps", steps=16, cache="dual", **base),
             "ar": lambda: SamplingParams(block_length=1, **base),
@@ -162,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default="1,16,64", help="concurrent requests, comma separated")
     ap.add_argument("--mode", default="steps", choices=["steps", "dual", "ar", "threshold"])
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="!= 1: the penalised logits path (1.000001 decides as 1 does: the same forwards)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3, help="repetitions per batch (the median is reported)")
     ap.add_argument("--fake", action="store_true", help="a no-op forward: only the Python cost is left")
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
     m = bitdlm.load(a.model or default_model_path(), threads=a.threads)
     core = m._core = FakeCore(m._core, m.vocab_size) if a.fake else CpuTimedCore(m._core)
     llm = bitdlm.LLM(m, max_batch=max(batches))
-    sp = params_for(a.mode, a.max_tokens)
+    sp = params_for(a.mode, a.max_tokens, a.repetition_penalty)
     run(llm, core, 1, sp, a.prompt_len, m.vocab_size)  # warm up
     rows = []
     for b in batches:

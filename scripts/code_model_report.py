@@ -106,7 +106,14 @@ def parses_with_body(prompt: str, completion: str, finished_by_length: bool) -> 
     return len(fns) == 1 and has_real_body(fns[0])
 
 
-def sweep(llm, funcs, max_tokens, thresholds, caches):
+def repeats(completion: str, times: int = 3) -> bool:
+    """Whether some non-blank line of the completion's function comes `times` times or more
+    (the model's main failure: `if lo is None: return None` fourteen times)."""
+    lines = [ln.strip() for ln in cut_function(completion, True).split("\n") if ln.strip()]
+    return any(lines.count(ln) >= times for ln in set(lines))
+
+
+def sweep(llm, funcs, max_tokens, thresholds, caches, penalties=None):
     """{(cache, threshold): dict(tokens, forwards, parsed, texts)}."""
     import bitdlm
 
@@ -115,17 +122,19 @@ def sweep(llm, funcs, max_tokens, thresholds, caches):
     for cache in caches:
         for th in thresholds:
             params = bitdlm.SamplingParams(temperature=0.0, max_tokens=max_tokens, threshold=th,
-                                           cache=cache, stop=STOPS)
+                                           cache=cache, stop=STOPS, **(penalties or {}))
             t0 = time.time()
             outs = llm.generate(prompts, params)
             ok = [parses_with_body(p, o.text, o.finish_reason == "length") for p, o in zip(prompts, outs)]
             res[(cache, th)] = {"tokens": sum(len(o.token_ids) for o in outs),
                                 "forwards": sum(o.stats["forwards"] for o in outs),
                                 "parsed": sum(ok), "ok": ok, "texts": [o.text for o in outs],
+                                "repeating": sum(repeats(o.text) for o in outs),
                                 "seconds": time.time() - t0}
             r = res[(cache, th)]
             print(f"  cache {cache:6s} threshold {th}: {r['tokens']} tokens / {r['forwards']} forwards, "
-                  f"{r['parsed']}/{len(prompts)} parse ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+                  f"{r['parsed']}/{len(prompts)} parse, {r['repeating']} repeat a line 3+ times ({r['seconds']:.0f} s)",
+                  file=sys.stderr, flush=True)
     return res
 
 
@@ -175,6 +184,10 @@ def main(argv=None):
     p.add_argument("--speed-prompts", type=int, default=6)
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--speed-threshold", type=float, default=None, help="default: the file's")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="the sweep's repetition_penalty (default: 1 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="the sweep's (default: 0 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="the sweep's (default: 0 = off)")
     p.add_argument("--json", default=None, help="also write all results here")
     p.add_argument("--speed-only", action="store_true", help="only the wall-clock comparison")
     args = p.parse_args(argv)
@@ -190,11 +203,13 @@ def main(argv=None):
     llm = bitdlm.LLM(args.bin, threads=args.threads)
     meta = llm.model.meta
     funcs = heldout_functions(n=args.n, tok=llm.tokenizer)
+    pen = dict(repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+               frequency_penalty=args.frequency_penalty)
     print(f"{len(funcs)} held-out functions, max {args.max_tokens} new tokens, greedy, {args.threads} threads; "
-          f"file default threshold {meta['diffusion']['threshold']}")
+          f"file default threshold {meta['diffusion']['threshold']}; penalties {pen}")
     t0 = time.time()
     ths = [] if args.speed_only else [float(t) for t in args.thresholds.split(",")]
-    res = sweep(llm, funcs, args.max_tokens, ths, ["prefix", "dual"])
+    res = sweep(llm, funcs, args.max_tokens, ths, ["prefix", "dual"], pen)
     if ths:
         print(f"(sweep {time.time() - t0:.0f} s)\n")
         print("| threshold | tokens/forward (no sub-block cache) | tokens/forward (sub-block cache) "

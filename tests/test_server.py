@@ -409,6 +409,16 @@ BAD_ROWS = [
      400, "temperature", "invalid_value"),
     ("seed-negative", "/v1/completions", {"prompt": "x", "seed": -1}, 400, "seed",
      "invalid_value"),
+    ("presence-penalty-out-of-range", "/v1/completions", {"prompt": "x", "presence_penalty": 2.5},
+     400, "presence_penalty", "invalid_value"),
+    ("frequency-penalty-nan", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "x"}], "frequency_penalty": NaN}', 400,
+     "frequency_penalty", "invalid_value"),
+    ("repetition-penalty-zero", "/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400,
+     "repetition_penalty", "invalid_value"),
+    ("repetition-penalty-in-generate", "/generate",
+     {"text": "x", "sampling_params": {"repetition_penalty": -1.0}}, 400, "repetition_penalty",
+     "invalid_value"),
     ("too-many-stops", "/v1/completions", {"prompt": "x", "stop": ["a"] * 17}, 400, "stop",
      "invalid_value"),
     # rejected by the engine's add_request (ValueError), streaming or not
@@ -434,6 +444,43 @@ def test_bad_input_is_an_openai_error(server, row):
         assert err["param"] == param and err["code"] == code
         # the server is still fine
         assert h.get("/health").status_code == 200
+
+
+def test_penalties_reach_the_engine(server, tiny_model):
+    """presence / frequency penalties (OpenAI fields) and repetition_penalty (vLLM's extra
+    field) on every route decode as the offline API does with the same SamplingParams."""
+    from bitdlm.llm import LLM, SamplingParams
+
+    llm = LLM(str(tiny_model), threads=1)
+    prompt = prompt_ids(5)
+    pen = dict(presence_penalty=0.5, frequency_penalty=0.4, repetition_penalty=1.5)
+    want = llm.generate(prompt, SamplingParams(max_tokens=24, **pen))[0]
+    plain = llm.generate(prompt, SamplingParams(max_tokens=24))[0]
+    assert want.token_ids != plain.token_ids  # (else this test could not tell)
+    c = client_for(server.base)
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0,
+                             presence_penalty=0.5, frequency_penalty=0.4,
+                             extra_body={"repetition_penalty": 1.5})
+    assert r.choices[0].text == want.text
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                  max_tokens=8, presence_penalty=-2, frequency_penalty=2,
+                                  extra_body={"repetition_penalty": 1.1})
+    assert r.choices[0].finish_reason in ("stop", "length")
+    g = http(server.base).post("/generate", json={"text": "ab", "max_new_tokens": 8, "sampling_params": {
+        "presence_penalty": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.2}})
+    assert g.status_code == 200, g.text
+
+
+def test_serve_penalty_flags_are_request_defaults(tiny_model):
+    import argparse
+
+    from bitdlm.server import add_serve_args, build_from_args
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    _, cfg = build_from_args(p.parse_args(["--model", str(tiny_model), "--threads", "1",
+                                           "--repetition-penalty", "1.2", "--frequency-penalty", "0.5"]))
+    assert cfg.default_params == {"repetition_penalty": 1.2, "frequency_penalty": 0.5}
 
 
 def test_bad_input_through_the_openai_client(server):
@@ -516,6 +563,8 @@ def test_serve_cli_refuses_bad_setups(tiny_model, monkeypatch, capsys):
     fails(["--model", str(tiny_model), "--max-batch", "0"], "max-batch must be >= 1")
     fails(["--model", str(tiny_model), "--threshold", "1.5"], "threshold")
     fails(["--model", str(tiny_model), "--small-block-size", "0"], "small-block-size must be")
+    fails(["--model", str(tiny_model), "--presence-penalty", "3"], "--presence-penalty: presence_penalty must be")
+    fails(["--model", str(tiny_model), "--repetition-penalty", "0"], "--repetition-penalty: repetition_penalty must")
     monkeypatch.setenv("BITDLM_MODEL", "/nonexistent/default.bin")
     fails([], "cannot load /nonexistent/default.bin")
 

@@ -18,6 +18,14 @@ def register_cli(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens with this much probability")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the positive logits (multiply the negative ones) of every token of the prompt "
+                        "and the output so far by this; > 1 discourages repeats (default: 1 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this, in [-2, 2], from the logits of tokens generated so far (default: 0 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this, in [-2, 2], times its count so far from a generated token's logit "
+                        "(default: 0 = off)")
     p.add_argument("--stop", action="append", default=None, help="stop when the text contains this string (repeatable)")
     p.add_argument("--threshold", type=float, default=None,
                    help="unmask confidence threshold in (0, 1] (default: the model's)")
@@ -60,7 +68,9 @@ def run_cli(args) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed, stop=args.stop, threshold=args.threshold,
                                 small_block_size=args.small_block_size, use_block_cache=args.use_block_cache,
-                                ignore_eos=args.ignore_eos, **rule)
+                                ignore_eos=args.ignore_eos, repetition_penalty=args.repetition_penalty,
+                                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                                **rule)
         if args.stream:
             stream = llm.generate_stream(prompt, params)
             for delta in stream:

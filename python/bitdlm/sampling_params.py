@@ -28,6 +28,9 @@ GREEDY_BELOW = 1e-5
 MAX_BLOCK_LENGTH = 256
 MAX_SUB_BLOCKS = 32
 
+# presence_penalty and frequency_penalty lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's and vLLM's range)
+MAX_PENALTY = 2.0
+
 
 class SamplingParamError(ValueError):
     """A bad sampling value; `param` names the field (the HTTP error's `param`)."""
@@ -74,6 +77,10 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # extra stop tokens besides the model's EOS
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # sampling penalties (bitdlm.penalties; off by default): OpenAI's, over the generated tokens
+    presence_penalty: float = 0.0  # [-2, 2]: logit -= presence_penalty where the token was generated
+    frequency_penalty: float = 0.0  # [-2, 2]: logit -= frequency_penalty * times it was generated
+    repetition_penalty: float = 1.0  # > 0 (HF / vLLM): prompt or generated ids' logit / p if > 0 else * p
     # decoding algorithm (bitdlm.decoding): "threshold" | "factor" | "credit" | "hierarchy" | "steps",
     # or an old LLaDA-server alias ("basic", "dual_cache", "dinfer_hierarchy", ...: decoding.ALIASES)
     generation_algorithm: str = decoding.DEFAULT_ALGORITHM
@@ -98,6 +105,10 @@ class SamplingParams:
     def effective_temperature(self) -> float:
         t = float(self.temperature)
         return 0.0 if t < GREEDY_BELOW else t
+
+    def penalized(self) -> bool:
+        """Whether any penalty is on (the engine then decodes from full logits rows)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def cache_strategy(self) -> str:
         if self.cache is not None:
@@ -124,6 +135,14 @@ class SamplingParams:
             bad("temperature", f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not _is_num(self.top_p) or not (0 < _f32(self.top_p) <= 1) or not (0 < self.top_p <= 1):
             bad("top_p", f"top_p must be in (0, 1] (as a float32: 1e-320 is 0), got {self.top_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's range
+            v = getattr(self, name)
+            if not _is_num(v) or not math.isfinite(_f32(v)) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                bad(name, f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
+        r = self.repetition_penalty
+        if not _is_num(r) or not math.isfinite(_f32(r)) or not _f32(r) > 0:
+            bad("repetition_penalty", f"repetition_penalty must be a finite number > 0 "
+                f"(1 = off; as a float32: 1e-320 is 0), got {r!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             bad("seed", f"seed must be a non-negative integer or None, got {self.seed!r}")
         if self.small_block_size is not None and (not _is_int(self.small_block_size)

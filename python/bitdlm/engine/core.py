@@ -263,11 +263,12 @@ class Engine:
     def _select(self, members, results, outputs) -> list:
         """The unmasking rule of every member that decides from (token, confidence) rows, run
         for all of them at once (decoding.select_many) -> per member its selection, or None
-        (apply() runs its rule itself: logits rules, prefill and commit, a lone request). A
-        rule that raises ends the requests it was deciding for (their result becomes None)."""
+        (apply() runs its rule itself: logits rules and penalised requests, prefill and commit,
+        a lone request). A rule that raises ends the requests it was deciding for (their
+        result becomes None)."""
         sel = [None] * len(members)
         idx = [i for i, (m, r) in enumerate(zip(members, results))
-               if r is not None and m.plan.decides and not m.seq.algo.needs_logits]
+               if r is not None and m.plan.decides and not m.seq.needs_logits(m.plan)]
         if len(idx) < 2:  # one request: its own select() in apply() is cheaper
             return sel
         try:

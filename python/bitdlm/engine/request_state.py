@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import decoding
+from .. import decoding, penalties
 from ..sampling_params import SamplingParams
 from .policy import mode_of
 
@@ -145,6 +145,8 @@ class RequestState:
         self.temperature = self.params.effective_temperature()  # read every step
         self.P = len(self.prompt)  # (read several times a step: an attribute, not a property)
         self.mode = mode_of(self.bs)  # "ar" | "diffusion", reported with every output
+        # with penalties, every token it picks (carried ones too) comes from penalised logits rows
+        self.penalized = self.params.penalized()
 
     def tokens_between(self, a: int, b: int) -> list[int]:
         """Generated tokens at absolute positions [a, b) (P <= a <= b): history, then the block."""
@@ -196,6 +198,15 @@ class RequestState:
         self.bstart, self.blk, self.masked, self.scratch = bstart, blk, masked, False
         self.first = first
         self.algo.reset()
+
+    def generated(self) -> np.ndarray:
+        """The tokens committed after the prompt so far: earlier blocks, then the decided
+        positions of the current block (masked ones never count): what penalties count."""
+        h = np.asarray(self.hist, np.int32)
+        if self.blk is None:
+            return h
+        g0 = max(self.bstart, self.P) - self.bstart
+        return np.concatenate([h, self.blk[g0:][~self.masked[g0:]]])
 
     def tokens(self) -> np.ndarray:
         """The whole sequence up to the end of the current block (cache "none" recomputes it)."""
@@ -260,8 +271,27 @@ class RequestState:
         return StepPlan(FULL if dual else STEP, item, positions=pos)
 
     def needs_logits(self, plan: StepPlan) -> bool:
-        """Whether this plan's forward must return full logits (the rule fuses them itself)."""
+        """Whether this plan's forward must return full logits: the rule fuses them itself, or
+        penalties adjust them (also the token a prefill or commit carries into the next block)."""
+        if self.penalized:
+            return plan.item.num_out > 0
         return self.algo.needs_logits and plan.decides
+
+    def pick(self, plan: StepPlan, res, uniforms: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(token, confidence) rows of this plan's forward result: the core's own, or, from
+        logits rows (needs_logits), the penalised logits through the rule's fuse() or the
+        core's select epilogue (decoding.select_rows: same greedy ties, same uniforms)."""
+        if not self.needs_logits(plan):
+            return res
+        lg = np.array(res, dtype=np.float32)
+        lg[:, self.cfg.banned] = -np.inf
+        p = self.params
+        if self.penalized:
+            penalties.apply(lg, self.prompt, self.generated(), presence=p.presence_penalty,
+                            frequency=p.frequency_penalty, repetition=p.repetition_penalty)
+        if self.algo.needs_logits and plan.decides:
+            return self.algo.fuse(plan.positions, lg, self.temperature, p.top_p, uniforms)
+        return decoding.select_rows(lg, self.temperature, p.top_p, uniforms)
 
     def draw_uniforms(self, plan: StepPlan) -> np.ndarray | None:
         """One uniform per output row from this request's generator when it samples, else None."""
@@ -274,14 +304,14 @@ class RequestState:
         `needs_logits(plan)`. `selected`: the candidates to unmask when the caller has
         already run the rule on the confidences (decoding.select_many), else the rule runs here."""
         if plan.kind == PREFILL:
-            tok = res[0]
+            tok = self.pick(plan, res, uniforms)[0]
             self.prefills += 1
             self.committed = plan.committed
             if plan.committed == self.nfull:
                 self.start_block(self.nfull, int(tok[0]) if len(tok) else None)
             return
         if plan.kind == COMMIT:
-            tok = res[0]
+            tok = self.pick(plan, res, uniforms)[0]
             end = self.bstart + len(self.blk)
             self.committed = end
             self.start_block(end, int(tok[0]) if len(tok) else None)
@@ -289,13 +319,7 @@ class RequestState:
         if plan.kind == FULL:
             self.scratch = True
         pos = plan.positions
-        if self.algo.needs_logits:
-            lg = np.array(res, dtype=np.float32)
-            lg[:, self.cfg.banned] = -np.inf
-            p = self.params
-            tok, conf = self.algo.fuse(pos, lg, p.effective_temperature(), p.top_p, uniforms)
-        else:
-            tok, conf = res
+        tok, conf = self.pick(plan, res, uniforms)
         sel = selected if selected is not None else np.asarray(self.algo.select(conf, positions=pos), np.int64)
         at = pos[sel]
         if at.size == 0:

@@ -1,7 +1,7 @@
 """The scheduler: admission (a KV cache per request, up to max_batch running),
 grouping (one forward per block size and output kind: the core's block-causal
 mask takes one block size per call, and the rules that fuse logits themselves
-need full logits rows), and the batched forward with its retry (a failed call
+and penalised requests need full logits rows), and the batched forward with its retry (a failed call
 is retried item by item so only the offending requests fail)."""
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ class Scheduler:
             except Exception as e:
                 self.fail(seq, outputs, "planning its step", e)
                 continue
-            key = (seq.bs, seq.algo.needs_logits and seq.needs_logits(plan))
+            key = (seq.bs, seq.needs_logits(plan))
             g = groups.get(key)
             if g is None:
                 g = groups[key] = []

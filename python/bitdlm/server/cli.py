@@ -64,6 +64,11 @@ def add_serve_args(p: argparse.ArgumentParser, old_spellings: bool = False) -> N
                    help="default decoding rule of a request that names none: LLaDA's fixed rate, N "
                         "steps per block (generation_algorithm \"steps\"); unset: the threshold rule "
                         "(default: %(default)s)")
+    for name, what in (("repetition-penalty", "> 0; 1 = off"), ("presence-penalty", "in [-2, 2]; 0 = off"),
+                       ("frequency-penalty", "in [-2, 2]; 0 = off")):
+        p.add_argument(f"--{name}", type=float, default=None, metavar="X",
+                       help=f"default {name.replace('-', '_')} of a request that sets none ({what}; "
+                            "docs/server.md \"Sampling penalties\") (default: off)")
     p.add_argument("--decode-policy", choices=["fixed", "adaptive"], default="fixed",
                    help="fixed: a request decodes as its parameters say; adaptive (opt-in): a request "
                         "that sets none of block_length, small_block_size, generation_algorithm, "
@@ -254,6 +259,16 @@ def build_from_args(args):
         except ValueError as e:
             fail(f"--steps {args.steps}: {e}")
         defaults.update(generation_algorithm="steps", steps=args.steps)
+    pen = {k: getattr(args, k, None) for k in ("repetition_penalty", "presence_penalty", "frequency_penalty")}
+    pen = {k: v for k, v in pen.items() if v is not None}
+    if pen:
+        from ..sampling_params import SamplingParamError, SamplingParams
+
+        try:  # a default every request would fail with is a setup error
+            SamplingParams(**pen).validate()
+        except SamplingParamError as e:
+            fail(f"--{e.param.replace('_', '-')}: {e}")
+        defaults.update(pen)
     names = list(args.served_model_name or [os.path.splitext(os.path.basename(path))[0]])
     names += [n for n in getattr(args, "model_aliases", ()) if n not in names]
     config = ServerConfig(

@@ -34,8 +34,10 @@ class _Common(BaseModel):
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(default=None, ge=0, lt=2 ** 63)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # penalties (SamplingParams.validate range-checks them); repetition_penalty is vLLM's extra field
+    presence_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
+    repetition_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None  # accepted and ignored
     # bitdlm extras (Fast-dLLM v2 decoding)
@@ -98,6 +100,9 @@ class GenerateParams(BaseModel):
     temperature: Optional[float] = Field(default=None, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: Union[str, list[str], None] = None
+    presence_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
+    repetition_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
 
 
 class GenerateRequest(_Common):
@@ -111,7 +116,8 @@ class GenerateRequest(_Common):
 
     def merged(self, sp: GenerateParams) -> "GenerateRequest":
         """This request with the sampling values of `sampling_params` where the top level has none."""
-        upd = {k: getattr(sp, k) for k in ("temperature", "top_p", "stop")
+        upd = {k: getattr(sp, k) for k in ("temperature", "top_p", "stop", "presence_penalty",
+                                           "frequency_penalty", "repetition_penalty")
                if getattr(self, k) is None and getattr(sp, k) is not None}
         return self.model_copy(update=upd)
 
@@ -137,9 +143,6 @@ def reject_unsupported(req, chat: bool) -> None:
 
     if req.n != 1:
         no("n", "only n=1 is supported")
-    if req.presence_penalty or req.frequency_penalty:
-        no("presence_penalty" if req.presence_penalty else "frequency_penalty",
-           "penalties are not supported")
     if req.logit_bias:
         no("logit_bias", "not supported")
     if req.stream_options is not None and not req.stream:
@@ -197,7 +200,8 @@ def to_sampling_params(req, *, max_tokens, n_prompt: int, max_model_len: int, de
         raise context_exceeded(max_model_len, n_prompt, max_tokens)
     kw = dict(defaults)
     kw["max_tokens"] = max_tokens
-    for k in ("temperature", "top_p", "seed", "threshold", "small_block_size",
+    for k in ("temperature", "top_p", "seed", "threshold", "small_block_size", "presence_penalty",
+              "frequency_penalty", "repetition_penalty",
               "use_block_cache", "ignore_eos", "generation_algorithm", "factor", "credit_alpha",
               "boost_gamma", "decay_beta", "low_threshold", "steps", "block_length"):
         v = getattr(req, k)
