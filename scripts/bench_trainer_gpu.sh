@@ -6,6 +6,8 @@
 #   C. the new trainer's steady-state throughput (more steps, no evaluation)
 #   D. the new trainer on a larger shape (for the shape choice)
 #   P. a torch.profiler table of 10 steps of the new trainer (where a step's time goes)
+#   M. throughput per torch.compile mode and batch (default / max-autotune-no-cudagraphs /
+#      reduce-overhead x batch 64 / 128; 150 steps each, no evaluation): the levers for 1M tokens/s
 # Same seed, schedule and batch: A and B see identical batches and masks, so
 # their per-step losses compare directly. Logs under $OUT.
 set -uo pipefail
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.."
 CARRY=${TRAIN_CARRY:-build-train/carry}
 WORK=${TRAIN_WORK:-$HOME/bitdlm-bench}
 STEPS=${BENCH_STEPS:-120}
-PARTS=${BENCH_PARTS:-A B C D}   # a shorter call: BENCH_PARTS="A B"; the profile: BENCH_PARTS="P"
+PARTS=${BENCH_PARTS:-A B C D}   # a shorter call: BENCH_PARTS="A B"; the profile: BENCH_PARTS="P"; modes: "M"
 on() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/bench.log") 2>&1
@@ -60,6 +62,16 @@ if on P; then
 stamp "P: profile of 10 steps of the new trainer"
 timeout 150 python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --steps 100 --profile 10 \
   --out "$WORK/prof" --state-dir "$WORK/prof_state" 2>&1 | grep -v Warning | tee "$OUT/profile.txt" | tail -45
+fi
+if on M; then
+for mode in default max-autotune-no-cudagraphs reduce-overhead; do
+  for b in 64 128; do
+    stamp "M: compile mode $mode, batch $b, 150 steps"
+    timeout ${BENCH_TIMEOUT_M:-110} python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --batch "$b" \
+      --compile-mode "$mode" --steps 150 --log-every 50 --eval-batches 1 --out "$WORK/m_${mode}_$b" \
+      --state-dir "$WORK/m_${mode}_${b}_state" 2>&1 | grep -v Warning | grep -E "compiled|tokens/s|Error|error" | tail -3
+  done
+done
 fi
 stamp "summary"
 python3 - "$OUT" <<'EOF'

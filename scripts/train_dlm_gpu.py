@@ -52,6 +52,10 @@ def parse_args(argv=None):
     p = base.build_parser(__doc__)
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the training step (auto: on for cuda)")
+    p.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs", "max-autotune",
+                                             "reduce-overhead"], default="default",
+                   help="torch.compile's mode (the trainer bench's part M compares them: autotuned "
+                        "matmul / Triton configs, CUDA graphs against the per-kernel launch cost)")
     p.add_argument("--attention", choices=["auto", "flex", "sdpa"], default="auto",
                    help="flex: FlexAttention BlockMask (auto on cuda); sdpa: dense boolean mask")
     p.add_argument("--state-dir", default=None, help="full resumable state (default OUT/state)")
@@ -167,7 +171,7 @@ def main(argv=None):
     log = {"args": vars(args), "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
            "torch": torch.__version__, "params": n_params, "trainer": "train_dlm_gpu",
-           "attention": attention, "compile": use_compile,
+           "attention": attention, "compile": use_compile, "compile_mode": args.compile_mode,
            "corpus_tokens": {"train": train_stream.numel(), "heldout": held_stream.numel()},
            "steps": [], "loss": [], "lr": [], "time_s": [], "eval": [], "skipped_steps": 0,
            "legs": []}
@@ -221,7 +225,7 @@ def main(argv=None):
         with amp():
             return fb.fixed_shape_loss(model, x, masks, args.block_size, shift, mask_id, **attn_kw)[0]
 
-    loss_fn = torch.compile(step_loss, dynamic=False) if use_compile else step_loss
+    loss_fn = torch.compile(step_loss, dynamic=False, mode=args.compile_mode) if use_compile else step_loss
     train_mask = base.block_diffusion_mask(args.seq_len, args.block_size, copies, device) \
         if args.compare_every else None
 
