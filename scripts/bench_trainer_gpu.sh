@@ -67,7 +67,7 @@ if on M; then
 for mode in default max-autotune-no-cudagraphs reduce-overhead; do
   for b in 64 128; do
     stamp "M: compile mode $mode, batch $b, 150 steps"
-    timeout ${BENCH_TIMEOUT_M:-110} python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --batch "$b" \
+    timeout ${BENCH_TIMEOUT_M:-95} python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --batch "$b" \
       --compile-mode "$mode" --steps 150 --log-every 50 --eval-batches 1 --out "$WORK/m_${mode}_$b" \
       --state-dir "$WORK/m_${mode}_${b}_state" 2>&1 | grep -v Warning | grep -E "compiled|tokens/s|Error|error" | tail -3
   done
