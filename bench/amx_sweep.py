@@ -4,12 +4,12 @@
         [--variants 0,1,9,17,33,41,49,57,65] [--threads 1,16] [--quick]
 
 Needs the bench-only kernels: BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh
-(the shipped module has only the shipped AMX kernel, variant 33).
+(the shipped module has only the shipped AMX kernel, variant 49).
 
 1. Single GEMMs: every AMX variant (bit flags, csrc/bench/amx_variants_amx.cpp:
    1 = unpack one 128-k block at a time into L1, 8 = weight-row prefetch,
    16 = double-buffered unpack, 32 / 64 = 64- / 128-row jobs with K-sliced B;
-   33 = the shipped kernel; docs/kernels.md) x N in {2,4,8,16,32,64} x the four 2B shapes x threads
+   49 = the shipped kernel, 33 the one before; docs/kernels.md) x N in {2,4,8,16,32,64} x the four 2B shapes x threads
    {1, all cores}; beside them the other ISAs >= avx2 this CPU runs (the row
    "variant" is then the ISA name), so the N from which AMX beats VNNI
    (kAmxMinTokens) can be read off. Median us and T MAC/s.
@@ -116,6 +116,7 @@ def main() -> None:
         print(f"AMX rows skipped: this CPU runs {', '.join(sup)}")
     prev_isa, prev_thr = _core.active_isa(), _core.get_max_threads()
     prev_min = _core.amx_min_tokens()
+    shipped = _core.get_amx_variant()  # a fresh process: the shipped kernel's variant number
     _core.set_amx_min_tokens(1)  # amx rows run the AMX kernel at every N (the VNNI rows show the alternative)
     rng = np.random.default_rng(0)
     res = {"supported_isas": sup, "cpus": os.cpu_count(), "amx_min_tokens": _core.amx_min_tokens(),
@@ -160,7 +161,7 @@ def main() -> None:
         wide = [(f"bench {k}" if k == "vnni" else k, "avx512vnni", k) for k in VNNI_WIDE] * ("avx512vnni" in sup)
         for label, isa, v in cfgs + wide:
             _core.set_isa(isa)
-            _core.set_amx_variant(v if isinstance(v, int) else 33)
+            _core.set_amx_variant(v if isinstance(v, int) else shipped)
             gemm = (lambda *a: _core.gemm_multi(*a)) if isinstance(v, int) else \
                 (lambda *a, k=v: _core.bench_gemm_multi(k, *a))
             cells = []
@@ -204,7 +205,7 @@ def main() -> None:
         ws = np.full(V, 0.01, np.float32)
         print(f"\nint8 lm_head {V}x{K} ({t} threads; ms and GB/s of weights)")
         print(f"{'config':>12} " + " ".join(f"{'N=' + str(n):>16}" for n in LM_NS))
-        lm_cfgs = [("amx", "amx", 33)] * ("amx" in sup) + [(i, i, 0) for i in BASE_ISAS if i in sup]
+        lm_cfgs = [("amx", "amx", shipped)] * ("amx" in sup) + [(i, i, 0) for i in BASE_ISAS if i in sup]
         for label, isa, v in lm_cfgs:
             _core.set_isa(isa)
             _core.set_amx_variant(v)
@@ -230,7 +231,7 @@ def main() -> None:
                 cells = []
                 for isa in ("amx", "avx512vnni"):
                     _core.set_isa(isa)
-                    _core.set_amx_variant(33)
+                    _core.set_amx_variant(shipped)
                     for m in (2560, 640):
                         w = mats[(m, 2560)]
                         us = timeit(lambda: _core.gemm(w, 1.0, q, s, sm), 5, 50, 0.05) * 1e6
@@ -268,7 +269,7 @@ def main() -> None:
         del layers
     finally:
         _core.set_isa(prev_isa)
-        _core.set_amx_variant(33)
+        _core.set_amx_variant(shipped)
         _core.set_num_threads(prev_thr)
         _core.set_amx_min_tokens(prev_min)
     dump(res, args.json, t_start)

@@ -1,6 +1,6 @@
 // Bench-only AMX ternary kernel variants (BITDLM_BENCH_KERNELS builds; never
 // shipped): the alternatives the Sapphire Rapids sweeps measured against the
-// shipped kernel (gemm_amx.cpp = variant 33), kept so bench/amx_sweep.py can
+// shipped kernel (gemm_amx.cpp = variant 49 since session 6; 33 before), kept so bench/amx_sweep.py can
 // re-measure them. Bit flags (docs/kernels.md has the predictions and results):
 //   1  kL1Unpack: unpack one 128-k block at a time into L1 (else the job's
 //                 rows once into a per-thread buffer of 32 x Kp bytes)
@@ -22,7 +22,7 @@
 
 namespace bitdlm {
 // bind_bench.cpp sets it (validated there); constant-initialized
-int g_amx_bench_variant = 33;
+int g_amx_bench_variant = 1 | 16 | 32;  // bind_bench.cpp's kAmxShipped: the shipped kernel
 
 namespace amx_bench {
 

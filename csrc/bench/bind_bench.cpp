@@ -60,7 +60,7 @@ static auto peak_binding(Require require, double (*peak)(int, int64_t)) {
 // amx_variants_amx.cpp: the variant kernels and their bit flags.
 extern int g_amx_bench_variant;
 extern const AmxTernaryFn kAmxVariantTiles;
-constexpr int kAmxShipped = 1 | 32;        // = gemm_amx.cpp's kernel, kAmxRowBlock rows
+constexpr int kAmxShipped = 1 | 16 | 32;   // = gemm_amx.cpp's kernel, kAmxRowBlock rows (33 before session 6)
 constexpr int kAmxVariantBits = 1 | 8 | 16 | 32 | 64;
 
 // amx_keepcfg_amx.cpp: configure this thread's tiles unless they still are.
@@ -245,12 +245,12 @@ void register_bench(py::module_& m) {
                                       " 32 / 64 (64- / 128-row K-sliced jobs); got " + std::to_string(v));
         g_amx_bench_variant = v;
         const int rows = (v & 64) ? 128 : (v & 32) ? 64 : 32;
-        // the shipped kernel itself for its own bits, so 33 measures exactly what ships
+        // the shipped kernel itself for its own bits, so 49 measures exactly what ships
         set_amx_ternary_kernel(v == kAmxShipped ? nullptr : kAmxVariantTiles, rows);
       },
       py::arg("variant"),
       "Bench builds: run the AMX ternary GEMMs through variant `variant` (bit flags, csrc/bench/amx_variants_amx.cpp;"
-      " 33 = the shipped kernel). Not thread-safe against concurrent GEMM calls");
+      " 49 = the shipped kernel). Not thread-safe against concurrent GEMM calls");
   m.def("get_amx_variant", []() { return g_amx_bench_variant; });
   m.def(
       "bench_gemm_multi",
