@@ -236,3 +236,19 @@ def test_ar_start_block_fast_path_keeps_the_general_state(monkeypatch):
     fast, general = _ar_walk(monkeypatch, False), _ar_walk(monkeypatch, True)
     assert fast == general
     assert fast[0]["a"] == (expected(3, 9), "length") and fast[0]["end"] == (expected(CTX - 4, 4), "length")
+
+
+def test_make_output_fills_every_field_by_name():
+    """make_output passes RequestOutput's fields by position: each lands where its name says."""
+    import dataclasses
+
+    from bitdlm.engine.output_processor import make_output
+
+    eng = Engine(FakeModel(), max_batch=1)
+    eng.add_request("r", [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True, block_length=1))
+    seq = eng.scheduler.waiting["r"]
+    seq.forwards, seq.emitted = 7, 2
+    seq.finish("length")
+    assert dataclasses.asdict(make_output(seq, (4, 5), "t", "e")) == dict(
+        request_id="r", new_token_ids=[4, 5], text="t", finished=True, finish_reason="length",
+        num_prompt_tokens=3, num_generated_tokens=2, forwards=7, error="e", decode_mode="ar")

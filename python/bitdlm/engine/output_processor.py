@@ -23,10 +23,9 @@ class RequestOutput:
 
 
 def make_output(seq: RequestState, new_ids=(), text: str = "", error: str | None = None) -> RequestOutput:
-    return RequestOutput(request_id=seq.rid, new_token_ids=list(new_ids), text=text,
-                         finished=seq.finished, finish_reason=seq.reason if seq.finished else None,
-                         num_prompt_tokens=seq.P, num_generated_tokens=seq.emitted,
-                         forwards=seq.forwards, error=error, decode_mode=seq.mode)
+    # positional, in RequestOutput's field order (half the cost of keywords: one per request and step)
+    return RequestOutput(seq.rid, list(new_ids), text, seq.finished, seq.reason if seq.finished else None,
+                         seq.P, seq.emitted, seq.forwards, error, seq.mode)
 
 
 class TextState:
