@@ -208,3 +208,47 @@ def test_stop_token_abort_and_dropped_outputs():
     assert outs["x"][-1].finish_reason == "abort"
     assert not any(o.finished for o in outs.get("y", []))  # y's abort output was dropped
     assert model.live == {}
+
+
+def _ar_walk(monkeypatch, general: bool):
+    """Outputs and every running request's block state after every step, AR requests (beside a
+    diffusion one), with RequestState.start_block or, `general`, its general case only."""
+    from bitdlm.engine import RequestState
+
+    if general:
+        monkeypatch.setattr(RequestState, "start_block", RequestState._open_block)
+    eng = Engine(FakeModel(), max_batch=8)
+    reqs = {"a": ([5, 6, 7], "prefix"), "n": ([9] * 4, "none"), "end": ([11] * (CTX - 4), "prefix"),
+            "one": ([3], "none")}
+    for rid, (p, cache) in reqs.items():
+        eng.add_request(rid, p, SamplingParams(max_tokens=9, ignore_eos=True, cache=cache, block_length=1))
+    eng.add_request("d", [4] * 6, SamplingParams(max_tokens=9, ignore_eos=True))
+    outs, states = {}, []
+    while eng.has_unfinished():
+        collect(outs, eng.step())
+        states.append([(s.rid, s.bstart, s.blk.tolist(), s.masked.tolist(), s.first, list(s.hist), s.scratch,
+                        s.prefilling, s.emitted) for s in eng.scheduler.running.values()])
+    monkeypatch.undo()
+    return {r: (tokens(outs, r), outs[r][-1].finish_reason) for r in outs}, states
+
+
+def test_ar_start_block_fast_path_keeps_the_general_state(monkeypatch):
+    fast, general = _ar_walk(monkeypatch, False), _ar_walk(monkeypatch, True)
+    assert fast == general
+    assert fast[0]["a"] == (expected(3, 9), "length") and fast[0]["end"] == (expected(CTX - 4, 4), "length")
+
+
+def test_make_output_fills_every_field_by_name():
+    """make_output passes RequestOutput's fields by position: each lands where its name says."""
+    import dataclasses
+
+    from bitdlm.engine.output_processor import make_output
+
+    eng = Engine(FakeModel(), max_batch=1)
+    eng.add_request("r", [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True, block_length=1))
+    seq = eng.scheduler.waiting["r"]
+    seq.forwards, seq.emitted = 7, 2
+    seq.finish("length")
+    assert dataclasses.asdict(make_output(seq, (4, 5), "t", "e")) == dict(
+        request_id="r", new_token_ids=[4, 5], text="t", finished=True, finish_reason="length",
+        num_prompt_tokens=3, num_generated_tokens=2, forwards=7, error="e", decode_mode="ar")
