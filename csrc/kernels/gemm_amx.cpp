@@ -3,7 +3,7 @@
 // dispatch.cpp has checked cpuid and obtained Linux's permission for the tile
 // state). The ternary GEMM runs here for N >= amx_min_tokens() tokens, fewer
 // (decode) on the VNNI GEMV, which the dispatcher fills into this table's
-// empty entries; the int8 lm_head runs here at every N.
+// empty entries; the int8 lm_head runs here from kAmxLmHeadMinTokens tokens.
 //
 // Operands (docs/kernels.md has the pictures). TDPBUSD computes
 //   C[i][j] += sum_k A[i][k] * B[k/4][4j + k%4],  A u8 (16 rows x 64 B), B s8
