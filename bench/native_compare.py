@@ -289,7 +289,7 @@ def main(argv=None) -> int:
 
     def partial(engine: str):
         """What is timed so far, in the JSON and the log: a run cut by its caller's time limit keeps it."""
-        if engine in ("llama.cpp",) or engine.startswith("bitnet.cpp"):
+        if engine != "bitdlm":  # llama.cpp, bitnet.cpp ...: pp32 / tg
             for t, v in results[engine].items():
                 print(f"{engine} {t:>3} threads: pp32 {med(v.get('pp32', [])):8.2f}  tg {med(v.get('tg', [])):7.2f} ms",
                       flush=True)

@@ -410,14 +410,11 @@ class IncrementalDetokenizer:
 
     def add_many(self, token_ids) -> str:
         """The text delta of several new tokens at once: two decodes for the lot, not per token."""
-        ids = self.ids
-        ids.extend(map(int, token_ids))
-        # (_decode's two calls written out: this runs per request and step)
-        decode, skip, p = self.tok._tok.decode, self.skip, self.prefix
-        before = decode(ids[p:self.read], skip_special_tokens=skip)
-        now = decode(ids[p:], skip_special_tokens=skip)
+        self.ids.extend(map(int, token_ids))
+        before = self._decode(self.prefix, self.read)
+        now = self._decode(self.prefix)
         if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(ids)
+            self.prefix, self.read = self.read, len(self.ids)
             return now[len(before):]
         return ""
 

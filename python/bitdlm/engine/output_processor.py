@@ -98,9 +98,7 @@ class OutputProcessor:
     def collect(self, seq: RequestState) -> RequestOutput | None:
         if seq.prefilling:
             return None
-        front = seq.bstart + seq.first  # seq.frontier(), not prefilling (inline: per request and step)
-        if front > seq.limit:
-            front = seq.limit
+        front = min(seq.frontier(), seq.limit)
         pos = seq.P + seq.emitted
         if pos >= front and not seq.finished:  # nothing newly final (and pos < limit: it would have ended)
             return None
