@@ -487,7 +487,7 @@ _SIMDE_SOURCES = ["tests/simde/harness.cpp", "csrc/kernels/gemm_avx512.cpp", "cs
 _SIMDE_HEADERS = ["csrc/kernels/gemm_avx512.inc", "csrc/kernels/simd512.h", "csrc/kernels/isa.h",
                   "csrc/kernels/ternary_driver.h", "csrc/kernels/lm_driver.h", "csrc/kernels/epilogue.h",
                   "csrc/kernels/amx_tiles.h", "tests/kernel_checks.h",
-                  "csrc/kernels/gemm.h"]
+                  "csrc/kernels/gemm.h", "csrc/bench/amx_variants.h"]
 
 
 @pytest.mark.slow

@@ -2,11 +2,11 @@
 // shipped): the alternatives the Sapphire Rapids sweeps measured against the
 // shipped kernel (gemm_amx.cpp = variant 49 since session 6; 33 before), kept so bench/amx_sweep.py can
 // re-measure them. Bit flags (docs/kernels.md has the predictions and results):
-//   1  kL1Unpack: unpack one 128-k block at a time into L1 (else the job's
+//   1  kAmxL1Unpack: unpack one 128-k block at a time into L1 (else the job's
 //                 rows once into a per-thread buffer of 32 x Kp bytes)
-//   8  kPrefetch: software prefetch of the job's weight rows 8 blocks ahead
-//   16 kPipeline: double-buffered unpack, one block ahead of the TDPBUSDs
-//   32 kRows64 / 64 kRows128: 64- / 128-row jobs with K-sliced B panels
+//   8  kAmxPrefetch: software prefetch of the job's weight rows 8 blocks ahead
+//   16 kAmxPipeline: double-buffered unpack, one block ahead of the TDPBUSDs
+//   32 kAmxRows64 / 64 kAmxRows128: 64- / 128-row jobs with K-sliced B panels
 // _core.set_amx_variant (bind_bench.cpp) installs variant_tiles in the
 // dispatcher (set_amx_ternary_kernel); every variant is bit-exact
 // (tests/simde/harness.cpp, tests/test_kernels.py natively).
@@ -17,18 +17,17 @@
 #include <new>
 
 #include "kernels/epilogue.h"
+#include "bench/amx_variants.h"
 #include "kernels/isa.h"
 #include "kernels/simd512.h"
 
 namespace bitdlm {
-// bind_bench.cpp sets it (validated there); constant-initialized
-int g_amx_bench_variant = 1 | 16 | 32;  // bind_bench.cpp's kAmxShipped: the shipped kernel
+// bind_bench.cpp sets it (validated there); constant-initialized: the shipped kernel
+int g_amx_bench_variant = kAmxShipped;
 
 namespace amx_bench {
 
 #include "kernels/amx_tiles.h"
-
-constexpr int kL1Unpack = 1, kPrefetch = 8, kPipeline = 16, kRows64 = 32, kRows128 = 64;
 
 // Per-thread unpack buffer of variant 0. Plain pointer + C allocation: no std::
 // container instantiated with AMX/AVX-512 flags.
@@ -62,20 +61,20 @@ static void unpack_rows(const TernaryW& w, const ActQ& a, int m0, int nrows, uin
   }
 }
 
-// How far ahead (in 128-k blocks) kPrefetch fetches the job's weight rows:
+// How far ahead (in 128-k blocks) kAmxPrefetch fetches the job's weight rows:
 // 8 blocks = 4 cache lines per row, ~1000 TDPBUSD cycles at N = 32.
 constexpr int kPfBlocks = 8;
 
-// One 32-row group's blocks [b0, b1) into tmm0-3 with the kPrefetch /
-// kPipeline options. ub: 2 x 4 KiB of A tiles (the second half only with
-// kPipeline: block b + 1 is unpacked into the other buffer after block b's
+// One 32-row group's blocks [b0, b1) into tmm0-3 with the kAmxPrefetch /
+// kAmxPipeline options. ub: 2 x 4 KiB of A tiles (the second half only with
+// kAmxPipeline: block b + 1 is unpacked into the other buffer after block b's
 // TDPBUSDs are issued, so a tile load never reads a store of the same
 // iteration).
 static inline void group_blocks(const TernaryW& w, const ActQ& a, int m, int r0, int r1, int nh, bool two,
                                 const int8_t* bt0, const int8_t* bt1, int b0, int b1, uint8_t* ub, int var) {
   const int nb = a.Kp / kKBlock;
   const int64_t wstride = a.Kp / 4;
-  const bool pipe = var & kPipeline, pf = var & kPrefetch;
+  const bool pipe = var & kAmxPipeline, pf = var & kAmxPrefetch;
   const int rows = nh == 2 ? kTileRows + r1 : r0;
   auto unpack = [&](int b, uint8_t* dst) {
     if (pf && !(b & 1) && b + kPfBlocks < nb) {
@@ -108,7 +107,7 @@ static void variant_tiles(const TernaryW& w, const ActQ& a, const int8_t* vb, in
   const int S = a.Kp / kTileK, nb = a.Kp / kKBlock;
   alignas(64) uint8_t ub[8 * kTileBytes];
   alignas(64) int32_t c[kTileRows * kTileRows];
-  if (var & (kRows64 | kRows128)) {
+  if (var & (kAmxRows64 | kAmxRows128)) {
     ternary_ks(w, a, vb, m0, m1, n0, n1, out,
                [&](int m, int r0, int r1, int nh, bool two, const int8_t* bt0, const int8_t* bt1, int b0, int b1) {
                  group_blocks(w, a, m, r0, r1, nh, two, bt0, bt1, b0, b1, ub, var);
@@ -118,7 +117,7 @@ static void variant_tiles(const TernaryW& w, const ActQ& a, const int8_t* vb, in
   const Rows rw(m1 - m0);
   // variant 0: the job's rows unpacked once into a 32 x Kp buffer (L2)
   uint8_t* rb = nullptr;
-  if (!(var & kL1Unpack)) {
+  if (!(var & kAmxL1Unpack)) {
     rb = scratch((size_t)2 * S * kTileBytes);
     if (!rb) throw std::bad_alloc();
     unpack_rows(w, a, m0, rw.r0, rb);
@@ -132,7 +131,7 @@ static void variant_tiles(const TernaryW& w, const ActQ& a, const int8_t* vb, in
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    if (var & kL1Unpack) {
+    if (var & kAmxL1Unpack) {
       group_blocks(w, a, m0, rw.r0, rw.r1, rw.nh, two, bt0, bt1, 0, nb, ub, var);
     } else {
       // A tiles of step s: rb + s KiB (rows 0-15), rb + (S + s) KiB (16-31)

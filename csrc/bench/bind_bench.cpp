@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/amx_variants.h"
 #include "bind_arrays.h"
 #include "kernels/bind_multi.h"
 #include "kernels/gemm.h"
@@ -56,12 +57,6 @@ static auto peak_binding(Require require, double (*peak)(int, int64_t)) {
     return peak(threads, iters);
   };
 }
-
-// amx_variants_amx.cpp: the variant kernels and their bit flags.
-extern int g_amx_bench_variant;
-extern const AmxTernaryFn kAmxVariantTiles;
-constexpr int kAmxShipped = 1 | 16 | 32;   // = gemm_amx.cpp's kernel, kAmxRowBlock rows (33 before session 6)
-constexpr int kAmxVariantBits = 1 | 8 | 16 | 32 | 64;
 
 // amx_keepcfg_amx.cpp: configure this thread's tiles unless they still are.
 void bench_amx_ensure_tiles();
@@ -244,7 +239,7 @@ void register_bench(py::module_& m) {
           throw std::invalid_argument("AMX variant: bit flags of 1 (L1 unpack), 8 (prefetch), 16 (pipelined unpack),"
                                       " 32 / 64 (64- / 128-row K-sliced jobs); got " + std::to_string(v));
         g_amx_bench_variant = v;
-        const int rows = (v & 64) ? 128 : (v & 32) ? 64 : 32;
+        const int rows = (v & kAmxRows128) ? 128 : (v & kAmxRows64) ? 64 : 32;
         // the shipped kernel itself for its own bits, so 49 measures exactly what ships
         set_amx_ternary_kernel(v == kAmxShipped ? nullptr : kAmxVariantTiles, rows);
       },

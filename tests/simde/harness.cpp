@@ -13,16 +13,11 @@
 #include <cstring>
 #include <vector>
 
+#include "bench/amx_variants.h"  // the bench-only AMX variants (amx_variants_amx.cpp, compiled in here too)
 #include "kernels/isa.h"
 #include "../kernel_checks.h"
 
 using namespace bitdlm;
-
-namespace bitdlm {
-// csrc/bench/amx_variants_amx.cpp (bench-only AMX variants, compiled in here too)
-extern int g_amx_bench_variant;
-extern const AmxTernaryFn kAmxVariantTiles;
-}  // namespace bitdlm
 
 // The AMX kernel (gemm_amx.cpp against SIMDe + the tile emulator) driven like
 // dispatch.cpp drives it: activations re-laid out, tiles configured, jobs of
