@@ -57,6 +57,9 @@ step "bench/kernels.py: ceilings, GEMMs per ISA, 30-layer decode pass, lm_head (
 isas=$(python3 -c "from bitdlm import _core; print(','.join(i for i in ('amx', 'avx512vnni', 'avx2') if i in _core.supported_isas()))")
 timeout 150 python3 bench/kernels.py --isas "$isas" --threads "$(nproc)" --json "$OUT/kernels.json" || status=1
 
+step "bench/kernels.py --smallops-only (the small-op row drivers alone: fork / join vs cross-core vs arithmetic)"
+timeout 30 python3 bench/kernels.py --smallops-only --threads "1,8,$(nproc)" --json "$OUT/smallops.json" || status=1
+
 step "bench/amx_sweep.py --quick (AMX variants + wide VNNI tiles in the 30-layer pass, int8 lm_head, AMX call costs)"
 timeout 90 python3 bench/amx_sweep.py --quick --threads "$(nproc)" --json "$OUT/amx_sweep.json" || status=1
 

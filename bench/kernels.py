@@ -23,6 +23,14 @@
    The FMA peak is the ISA table's width (ymm for avx2, zmm for the AVX-512
    levels); FMAs = 2 (QK and PV) x rows x visible keys x head_dim.
    `--attention-only`: the ceilings and this part only.
+5. The small-op row drivers of the forward alone (`_core.bench_rows`): one
+   parallel region over N = 1 / 8 / 32 rows, empty, add + RMSNorm + quantize
+   (K 2560) and relu^2 * up + RMSNorm + quantize (K 6912), after a region that
+   wrote the rows as a GEMM leaves them (every thread a column slice of every
+   row) or row by row (each row on the thread that reads it): median us per
+   call and the per-forward total of the 2B shape (90 + 30 calls), to set
+   beside the forward profile's norm_quant / act_quant phases.
+   Only with `--smallops-only` (this part alone, a few seconds).
 
 Part 1 needs the bench-only kernels (csrc/bench/): build with
 BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh; without them the script stops
@@ -105,6 +113,7 @@ def main() -> None:
                     help="only the machine ceilings (bandwidth, int8 / VNNI / AMX peaks), then write the JSON")
     ap.add_argument("--attention-only", action="store_true",
                     help="only the ceilings (bandwidth, fp32 FMA peaks) and part 4 (attention)")
+    ap.add_argument("--smallops-only", action="store_true", help="only part 5 (the small-op row drivers)")
     ap.add_argument("--out", "--json", dest="out",
                     default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "kernels.json"))
     args = ap.parse_args()
@@ -114,6 +123,11 @@ def main() -> None:
     global THREADS
     if args.threads:
         THREADS = [int(t) for t in args.threads.split(",")]
+    if args.smallops_only:
+        res = {"isa": _core.active_isa(), "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}
+        bench_small_ops(res, THREADS)
+        write_json(res, args.out)
+        return
     if args.isa:
         _core.set_isa(args.isa)
     isas = args.isas.split(",") if args.isas else [_core.active_isa()]
@@ -256,6 +270,26 @@ def main() -> None:
     buf[:] = 1
     bench_attention(res, isas, reps, buf)
     write_json(res, args.out)
+
+
+def bench_small_ops(res: dict, threads: list[int], reps: int = 300) -> None:
+    """Part 5: the small-op row drivers alone (see the module docstring)."""
+    isa = _core.active_isa()
+    res["small_ops"] = []
+    print(f"\nsmall-op row drivers ({isa} table), median us per call; 'gemm' = rows written column-sliced by the "
+          "whole team first, 'rows' = each row written by the thread that reads it; per forward = 90 add_norm_quant"
+          " + 30 act_norm_quant calls (the 2B shape)")
+    print(f"{'thr':>3} {'N':>3} {'layout':>6} {'empty':>7} {'add_nq':>7} {'act_nq':>7} {'per fwd ms':>10}")
+    for t in threads:
+        for n in (1, 8, 32):
+            for layout in ("gemm", "rows"):
+                g = layout == "gemm"
+                us = {op: statistics.median(_core.bench_rows(op, isa, n, k, t, reps, g)) * 1e6
+                      for op, k in (("empty", 2560), ("add_norm_quant", 2560), ("act_norm_quant", 6912))}
+                fwd = (90 * us["add_norm_quant"] + 30 * us["act_norm_quant"]) / 1e3
+                res["small_ops"].append({"threads": t, "N": n, "layout": layout, "us": us, "per_forward_ms": fwd})
+                print(f"{t:>3} {n:>3} {layout:>6} {us['empty']:>7.1f} {us['add_norm_quant']:>7.1f}"
+                      f" {us['act_norm_quant']:>7.1f} {fwd:>10.2f}", flush=True)
 
 
 def write_json(res: dict, path: str) -> None:

@@ -332,3 +332,25 @@ def test_kernels_ceilings_only_writes_the_ceilings_json(tmp_path):
     assert set(res["ceilings"]) == {"1"} and res["gemm"] == [] and res["decode_30_layers"] == []
     c = res["ceilings"]["1"]
     assert c["read_GBps"] > 0 and c["int8_GMACps"] > 0
+
+
+def test_kernels_smallops_only_times_the_row_drivers(tmp_path):
+    """`bench/kernels.py --smallops-only` (bench/device_kernels.sh's small-op step) times the three row
+    drivers at N 1 / 8 / 32 in both layouts and writes them with the per-forward total."""
+    from hf_models import child_env
+
+    from bitdlm import _core
+
+    if not _core.build_info()["bench_kernels"]:
+        pytest.skip("the shipped module has no bench kernels (covered by the ceilings test's error check)")
+    out = tmp_path / "s.json"
+    cmd = [sys.executable, os.path.join(BENCH, "kernels.py"), "--smallops-only", "--threads", "1", "--json", str(out)]
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["small_ops"]
+    assert sorted((e["N"], e["layout"]) for e in rows) == sorted((n, lay) for n in (1, 8, 32) for lay in ("gemm", "rows"))
+    for e in rows:
+        us = e["us"]
+        # real rows cost more than an empty region; the total is the 2B shape's 90 + 30 calls
+        assert us["add_norm_quant"] > us["empty"] and us["act_norm_quant"] > 0
+        assert e["per_forward_ms"] == pytest.approx((90 * us["add_norm_quant"] + 30 * us["act_norm_quant"]) / 1e3)

@@ -4,6 +4,7 @@
 // The shipped module has none of these.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <omp.h>
 
@@ -19,6 +20,7 @@
 #include "kernels/bind_multi.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
+#include "model/smallops.h"
 
 namespace py = pybind11;
 
@@ -57,6 +59,9 @@ static auto peak_binding(Require require, double (*peak)(int, int64_t)) {
     return peak(threads, iters);
   };
 }
+
+// bench_rows.cpp: the small-op row drivers timed alone (seconds per call, one per rep).
+std::vector<double> bench_rows(const SmallOps& t, int op, int N, int K, int threads, int reps, bool gemm_layout);
 
 // amx_keepcfg_amx.cpp: configure this thread's tiles unless they still are.
 void bench_amx_ensure_tiles();
@@ -246,6 +251,22 @@ void register_bench(py::module_& m) {
       py::arg("variant"),
       "Bench builds: run the AMX ternary GEMMs through variant `variant` (bit flags, csrc/bench/amx_variants_amx.cpp;"
       " 49 = the shipped kernel). Not thread-safe against concurrent GEMM calls");
+  m.def(
+      "bench_rows",
+      [](const std::string& op, const std::string& isa, int n, int k, int threads, int reps, bool gemm_layout) {
+        const char* ops[] = {"empty", "add_norm_quant", "act_norm_quant"};
+        int o = -1;
+        for (int i = 0; i < 3; ++i)
+          if (op == ops[i]) o = i;
+        if (o < 0) throw std::invalid_argument("bench_rows: op is one of empty, add_norm_quant, act_norm_quant");
+        const SmallOps& t = small_ops(isa_level(isa));
+        py::gil_scoped_release nogil;
+        return bench_rows(t, o, n, k, threads, reps, gemm_layout);
+      },
+      py::arg("op"), py::arg("isa"), py::arg("n"), py::arg("k"), py::arg("threads"), py::arg("reps") = 200,
+      py::arg("gemm_layout") = true,
+      "Bench builds: seconds per call (one per rep) of a small-op row driver over n rows of k values on `threads` "
+      "threads, after a region that wrote the rows as a GEMM leaves them (gemm_layout) or row by row");
   m.def("get_amx_variant", []() { return g_amx_bench_variant; });
   m.def(
       "bench_gemm_multi",
