@@ -61,6 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--state-dir", default=None, help="full resumable state (default OUT/state)")
     p.add_argument("--resume", default=None,
                    help="a --state-dir (state.pt) or a portable checkpoint folder (weights only)")
+    p.add_argument("--init-bin", default=None,
+                   help="start from the weights of a bitdlm .bin of the same shape and tokenizer (the shipped "
+                        "model, say): the function it computes, with a fresh optimizer and schedule")
+    p.add_argument("--final-leg", action="store_true",
+                   help="when --leg-minutes / --leg-steps is up before --steps, end the training there "
+                        "(evaluate, write DONE) instead of saving for another leg")
     p.add_argument("--rewarmup", type=int, default=100,
                    help="warmup steps after a weights-only resume (fresh AdamW moments)")
     p.add_argument("--leg-minutes", type=float, default=None,
@@ -81,8 +87,42 @@ def parse_args(argv=None):
     if unsupported:
         p.error(f"{', '.join(unsupported)}: not in this trainer (use --resume, --leg-minutes, "
                 f"then `bitdlm convert`)")
+    if args.init_bin and args.resume:
+        p.error("--init-bin starts a run; --resume continues one: give one of them")
     args.state_dir = args.state_dir or str(Path(args.out) / "state")
     return args
+
+
+def weights_from_bin(path, vocab: dict) -> tuple[dict, dict]:
+    """fp32 weights (numpy, the FastBitNet / transformers names) of a bitdlm .bin that compute what
+    the .bin computes, and its header. A ternary matrix stored as codes c and scale s (effective
+    weight c / s) becomes the latent w = c / (s * f), f = the share of non-zero codes: absmean
+    quantization of w gives back scale 1 / mean|w| = s and codes round(c / f) clipped = c (f <= 1),
+    so the trainer's first forward is the .bin's. `vocab` must be the .bin's tokenizer's."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+    from bitdlm.format.reader import ModelFile
+    from bitdlm.packing import unpack_i2
+
+    out = {}
+    with ModelFile.open(path, verify=True) as mf:
+        meta = dict(mf.meta)
+        tok = json.loads(meta["tokenizer_json"])
+        if tok["model"]["vocab"] != vocab:
+            raise SystemExit(f"--init-bin {path}: its tokenizer is not the corpus's (prepare the data with it)")
+        for name, t in mf.tensors.items():
+            a = mf.array(name)
+            if t.dtype == "i2_b128":
+                codes = unpack_i2(a, t.shape[1]).astype(np.float32)
+                frac = max(float(np.count_nonzero(codes)) / codes.size, 1e-6)
+                out[name] = codes / np.float32(t.scale * frac)
+            elif t.dtype in ("f16", "f32", "bf16"):
+                out[name] = np.array(a, dtype=np.float32).reshape(t.shape)  # a copy: the map closes
+            else:
+                raise SystemExit(f"--init-bin {path}: tensor {name} is {t.dtype}; an f16 / f32 .bin of "
+                                 f"ternary weights is needed (`bitdlm convert` without int8 heads)")
+    return out, meta
 
 
 def _gen_state_b64(gen) -> str:
@@ -201,6 +241,21 @@ def main(argv=None):
                   f"{args.rewarmup} warmup steps)", flush=True)
         else:
             raise SystemExit(f"--resume {src}: neither state.pt nor trainer_state.json there")
+    if args.init_bin:
+        arrays, meta = weights_from_bin(args.init_bin, json.loads(tok.to_str())["model"]["vocab"])
+        want = model.state_dict()
+        missing = sorted(set(want) - set(arrays))
+        extra = sorted(set(arrays) - set(want))
+        if missing or extra:
+            raise SystemExit(f"--init-bin {args.init_bin}: not this shape (missing {missing[:4]}, "
+                             f"unexpected {extra[:4]})")
+        for k, v in want.items():
+            if tuple(v.shape) != arrays[k].shape:
+                raise SystemExit(f"--init-bin {args.init_bin}: {k} is {arrays[k].shape}, the model's {tuple(v.shape)}")
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+        prior = (meta.get("source") or {}).get("trained_tokens")
+        log["init_bin"] = {"path": str(args.init_bin), "source": meta.get("source"), "trained_tokens": prior}
+        print(f"initialised from {args.init_bin} (its function; fresh AdamW and schedule)", flush=True)
     if start_step >= args.steps:
         raise SystemExit(f"already at step {start_step} of --steps {args.steps}")
     log.setdefault("legs", []).append({"start_step": start_step, "t_start": time.time()})
@@ -352,6 +407,11 @@ def main(argv=None):
             last_save = time.time()
         leg_over = (leg_s and time.time() - t0 > leg_s) or \
             (args.leg_steps and step - start_step >= args.leg_steps)
+        if leg_over and step < args.steps and args.final_leg:
+            print(f"final leg: the time is up at step {step} of {args.steps}: ending the training here",
+                  flush=True)
+            log["ended_early"] = {"step": step, "planned_steps": args.steps}
+            break
         if leg_over and step < args.steps:
             log["legs"][-1].update(end_step=step, seconds=time.time() - t0)
             save(step, "end of leg")

@@ -17,6 +17,10 @@
 # The corpus and checkpoint do not fit one call together: after a lost machine
 # first call with DATA_ONLY=1 (unpacks the corpus to $WORK and exits), then,
 # within 30 s and without data.tar.xz in the carry, the resuming leg.
+# Options (environment): INIT_BIN=FILE.bin starts leg 1 from a .bin's weights (same shape and
+# tokenizer: the shipped model, with the corpus it was trained on) with a new schedule;
+# TRAIN_LR the peak learning rate (2e-3); FINAL_LEG=1 ends the schedule where this leg's time is
+# up (evaluate, convert, sample) when TRAIN_STEPS is not reached by then.
 # CPU stand-in (everything but CUDA; tiny run):
 #   TRAIN_DEVICE=cpu TRAIN_STEPS=4 OUT=/tmp/out-train bash scripts/train_gpu.sh
 set -uo pipefail
@@ -38,7 +42,7 @@ stamp() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 # The shape and recipe (docs/tiny_model.md explains the choice).
 SHAPE=(--hidden 512 --layers 8 --heads 8 --kv-heads 4 --ffn 1024 --seq-len 512 --block-size 32
        --small-block-size 8 --complementary --max-positions 2048)
-RECIPE=(--lr 2e-3 --min-lr-frac 0.1 --warmup 300 --weight-decay 0.05 --steps "$STEPS"
+RECIPE=(--lr "${TRAIN_LR:-2e-3}" --min-lr-frac 0.1 --warmup 300 --weight-decay 0.05 --steps "$STEPS"
         --eval-every 2000 --eval-batches 16 --save-every-min 3)
 if [ "$DEVICE" = cuda ]; then
   RUN=(--device cuda --amp bf16 --batch 64 --threads 4)
@@ -69,12 +73,15 @@ if ! PYTHONPATH=python python3 -c 'import bitdlm._core' 2>/dev/null; then
 fi
 
 RESUME=()
+if [ -n "${FINAL_LEG:-}" ]; then RESUME+=(--final-leg); fi  # ends the schedule where this leg's time is up
 if [ -f "$WORK/state/state.pt" ]; then
-  RESUME=(--resume "$WORK/state")
+  RESUME+=(--resume "$WORK/state")
 elif ls "$CARRY"/resume/ckpt.tar.part-* >/dev/null 2>&1; then
   stamp "machine was lost: resuming from the carried portable checkpoint"
   rm -rf "$CKPT" && cat "$CARRY"/resume/ckpt.tar.part-* | tar -C "$WORK" -xf - || exit 3
-  RESUME=(--resume "$CKPT")
+  RESUME+=(--resume "$CKPT")
+elif [ -n "${INIT_BIN:-}" ]; then  # a new schedule from a .bin's weights (the shipped model, say)
+  RESUME+=(--init-bin "$INIT_BIN")
 fi
 stamp "training leg: ${RESUME[*]:-from scratch}, $LEG_MINUTES min, schedule $STEPS steps"
 PYTHONUNBUFFERED=1 python3 scripts/train_dlm_gpu.py --data "$DATA" "${SHAPE[@]}" "${RECIPE[@]}" "${RUN[@]}" \

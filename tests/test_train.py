@@ -399,3 +399,52 @@ def test_gpu_trainer_resume_is_exact_and_converts(corpus, tmp_path):
     convert(tmp_path / "one", tmp_path / "m.bin", progress=False)
     mf = ModelFile.open(tmp_path / "m.bin", verify=True)
     assert mf.meta["vocab_size"] == meta["vocab_size"] and mf.meta["diffusion"]["block_size"] == 16
+
+
+def test_init_bin_starts_from_the_function_of_a_converted_model(corpus, tmp_path):
+    """--init-bin: the latent weights made from a .bin quantize back to the .bin's codes and scales
+    (the first forward is the converted model's), a run from them trains, and a .bin of another
+    tokenizer or shape is refused with a one-line reason."""
+    _, data, _ = corpus
+    assert gpu.main(_gpu_args(data, tmp_path / "one")) == 0
+    from bitdlm.convert import convert
+    from bitdlm.format import ModelFile
+    from bitdlm.packing import unpack_i2
+
+    binp = tmp_path / "m.bin"
+    convert(tmp_path / "one", binp, progress=False)
+    tok = json.loads((data / "tokenizer.json").read_text())["model"]["vocab"]
+    arrays, meta = gpu.weights_from_bin(binp, tok)
+    fb = _load("fast_bitnet")
+    mf = ModelFile.open(binp)
+    ternary = [n for n, t in mf.tensors.items() if t.dtype == "i2_b128"]
+    assert ternary and set(arrays) == set(mf.tensors)
+    for name in ternary:
+        t = mf.tensors[name]
+        codes = unpack_i2(mf.array(name), t.shape[1]).astype(np.float32)
+        w = torch.from_numpy(arrays[name])
+        scale = 1.0 / w.abs().mean().clamp(min=1e-5)
+        assert torch.equal((w * scale).round().clamp(-1, 1), torch.from_numpy(codes)), name
+        assert float(scale) == pytest.approx(t.scale, rel=1e-5)
+        eff = fb.weight_quant(w).numpy()
+        assert np.allclose(eff, codes / np.float32(t.scale), rtol=1e-5, atol=0)
+    assert gpu.main(_gpu_args(data, tmp_path / "init", "--init-bin", str(binp))) == 0
+    log = json.loads((tmp_path / "init" / "train_log.json").read_text())
+    assert log["init_bin"]["path"] == str(binp) and log["steps"] == [0, 1, 2, 3] and all(np.isfinite(log["loss"]))
+    # the first step's loss is the converted model's loss, not a fresh model's
+    fresh = json.loads((tmp_path / "one" / "train_log.json").read_text())
+    assert log["loss"][0] < fresh["loss"][0]
+    other = dict(tok)
+    other["zzz-not-a-token"] = len(other)
+    with pytest.raises(SystemExit, match="tokenizer"):
+        gpu.weights_from_bin(binp, other)
+    with pytest.raises(SystemExit, match="not this shape|is \\("):
+        gpu.main(_gpu_args(data, tmp_path / "wide", "--init-bin", str(binp), "--hidden", "128"))
+
+
+def test_final_leg_ends_the_schedule_where_the_time_is_up(corpus, tmp_path):
+    _, data, _ = corpus
+    assert gpu.main(_gpu_args(data, tmp_path / "f", "--leg-steps", "2", "--final-leg")) == 0
+    log = json.loads((tmp_path / "f" / "train_log.json").read_text())
+    assert (tmp_path / "f" / "DONE").exists() and log["ended_early"] == {"step": 2, "planned_steps": 4}
+    assert log["steps"] == [0, 1] and log["final_eval"]["step"] == 2
