@@ -252,3 +252,160 @@ def test_make_output_fills_every_field_by_name():
     assert dataclasses.asdict(make_output(seq, (4, 5), "t", "e")) == dict(
         request_id="r", new_token_ids=[4, 5], text="t", finished=True, finish_reason="length",
         num_prompt_tokens=3, num_generated_tokens=2, forwards=7, error="e", decode_mode="ar")
+
+
+class HashModel(FakeModel):
+    """FakeModel whose rows depend on the item's tokens: token and confidence from a hash of
+    the input token and the position, the confidence on a coarse grid (ties for the rules)."""
+
+    def __init__(self, shift=True, **kw):
+        super().__init__(**kw)
+        self.meta["diffusion"]["shift_logits"] = shift
+        self.items = []  # per call: every item as a comparable tuple
+
+    def forward(self, items, block_size, mode="logits", temperature=None, top_p=None, uniforms=None,
+                banned=None):
+        self.calls.append((block_size, mode, [it[0] for it in items]))
+        self.items.append((block_size, mode, sorted((sid, t.tolist(), s, c, w, o.tolist())
+                                                    for sid, t, s, c, w, o in items)))
+        toks, confs = [], []
+        for sid, tokens, start, ctx_len, write, out in items:
+            self._check_item(sid, tokens, start, ctx_len, write, out)
+            for o in out.tolist():
+                h = (int(tokens[o]) * 2654435761 + (start + o) * 40503) % 1000003
+                toks.append(2 + h % (V - 4))
+                confs.append((h % 11) / 10)
+        if mode == "logits":
+            lg = np.full((len(toks), V), -10.0, np.float32)
+            lg[np.arange(len(toks)), toks] = 10.0 * np.asarray(confs, np.float32)
+            return lg
+        return np.asarray(toks, np.int32), np.asarray(confs, np.float32)
+
+
+def _mixed_requests(rng, n):
+    """n requests of random rules, caches, block and sub-block sizes, lengths and stops."""
+    reqs = []
+    for i in range(n):
+        bl = [None, None, 1, 4][int(rng.integers(4))]
+        kw = dict(max_tokens=int(rng.integers(1, 40)), ignore_eos=True, block_length=bl,
+                  cache=str(rng.choice(["prefix", "dual", "none"], p=[0.4, 0.45, 0.15])))
+        if bl == 1:
+            kw["cache"] = "prefix"
+        elif rng.random() < 0.7:
+            kw["small_block_size"] = int(rng.choice([2, 4]))
+        rule = str(rng.choice(["threshold", "factor", "steps", "hierarchy", "credit"], p=[0.4, 0.2, 0.2, 0.1, 0.1]))
+        kw["generation_algorithm"] = rule
+        if rule == "threshold":
+            kw["threshold"] = float(rng.choice([0.6, 0.9, 1.0]))
+        if rule == "steps":
+            kw["steps"] = int(rng.choice([4, 8]))
+        x = rng.random()
+        if x < 0.05:
+            kw["temperature"], kw["seed"] = 0.7, i
+        elif x < 0.1:
+            kw["repetition_penalty"] = 1.3
+        elif x < 0.2:
+            kw["stop_token_ids"] = [int(t) for t in rng.integers(2, V - 2, 3)]
+        plen = int(rng.choice([1, 3, 4, 7, 9, CTX - 6]))
+        reqs.append((f"r{i}", rng.integers(2, V - 2, plen).tolist(), SamplingParams(**kw)))
+    return reqs
+
+
+def _walk(group_path: bool, shift: bool, seed: int):
+    """Outputs, forwards and every running request's block state after every step."""
+    rng = np.random.default_rng(seed)
+    model = HashModel(shift=shift, block_size=8)
+    eng = Engine(model, max_batch=8)
+    eng.scheduler.group_path = group_path
+    reqs = [r for r in _mixed_requests(rng, 24) if shift or r[2].block_length != 1]
+    pending = list(reqs)
+    outs, states = {}, []
+    while pending or eng.has_unfinished():
+        assert len(states) < 2000, "the engine did not finish"
+        for _ in range(int(rng.integers(0, 3)) if eng.has_unfinished() else 1):  # arrivals mid-run
+            if pending:
+                eng.add_request(*pending.pop(0))
+        step = eng.step()
+        states.append((sorted((o.request_id, o.new_token_ids, o.finished, o.finish_reason, o.forwards,
+                               o.num_generated_tokens) for o in step),
+                       sorted((s.rid, s.bstart, s.blk.tolist(), s.masked.tolist(), s.first, list(s.hist), s.scratch,
+                               s.prefilling, s.emitted, s.committed, s.forwards)
+                              for s in eng.scheduler.running.values())))
+    assert model.live == {}
+    return {r: (tokens(outs, r) if r in outs else None) for r, _, _ in reqs}, states, model.items, eng.stats.forwards
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_group_path_equals_the_per_request_path(shift, seed, monkeypatch, caplog):
+    """engine/group.py against RequestState.plan / apply, step by step over mixed requests:
+    the same forwards (items), block states and outputs."""
+    from bitdlm.engine import group as _group
+
+    seen = {"decide": 0, "commit": 0, "full": 0, "sub": 0}
+    plan = _group.plan
+
+    def counted(seqs, table):
+        gp = plan(seqs, table)
+        seen["decide"] += gp.n_decide
+        seen["commit"] += len(gp.seqs) - gp.n_decide
+        seen["full"] += sum(gp.full)
+        seen["sub"] += sum(it[2] != it[3] for it in gp.items)  # a sub-block step reads the block's scratch
+        return gp
+
+    monkeypatch.setattr(_group, "plan", counted)
+    group, single = _walk(True, shift, seed), _walk(False, shift, seed)
+    assert min(seen.values()) > 0, seen  # the group path took every kind of step
+    assert "one by one" not in caplog.text  # and never fell back to the per-request path
+    assert group[3] == single[3]  # forwards
+    for a, b in zip(group[2], single[2]):
+        assert a == b
+    assert len(group[1]) == len(single[1])
+    for a, b in zip(group[1], single[1]):
+        assert a == b
+    assert group[0] == single[0]
+
+
+def _group_walk(patch=None):
+    """Outputs of mixed requests on the group path, with `patch(monkeypatch-like setattr)` applied."""
+    model = HashModel(block_size=8)
+    eng = Engine(model, max_batch=8)
+    for rid, p, sp in _mixed_requests(np.random.default_rng(3), 12):
+        eng.add_request(rid, p, sp)
+    outs = run(eng)
+    return {r: (tokens(outs, r), outs[r][-1].finish_reason, outs[r][-1].error) for r in outs}, eng.stats.forwards
+
+
+def test_group_path_faults_fall_back_to_the_per_request_path(monkeypatch):
+    """A group plan or group rule that raises leaves the step to the per-request path (nothing
+    fails); a fault in one request's part of a group step ends that request alone."""
+    from bitdlm.engine import RequestState
+    from bitdlm.engine import group as _group
+
+    want = _group_walk()
+
+    raised = {}
+
+    def broken(*a, **kw):
+        raised[name] = raised.get(name, 0) + 1
+        raise RuntimeError("injected")
+
+    for target, name in ((_group, "plan"), (_group.GroupPlan, "select")):
+        monkeypatch.setattr(target, name, broken)
+        assert _group_walk() == want, name
+        monkeypatch.undo()
+    assert raised["plan"] > 3 and raised["select"] > 3
+    close = RequestState.close_block
+    bad = {"n": 0}
+
+    def close_bad(seq, carried):
+        if seq.rid == "r7":  # (greedy, prefix cache, threshold: committed by the group path)
+            bad["n"] += 1
+            assert seq.groupable
+            raise KeyError("injected")
+        return close(seq, carried)
+
+    monkeypatch.setattr(RequestState, "close_block", close_bad)
+    got = _group_walk()
+    assert bad["n"] == 1 and got[0]["r7"][1] == "error" and "injected" in got[0]["r7"][2]
+    assert {r: v for r, v in got[0].items() if r != "r7"} == {r: v for r, v in want[0].items() if r != "r7"}
