@@ -372,9 +372,8 @@ def select_flat(rules, conf, counts, positions) -> np.ndarray:
             out[cand] = got
             continue
         seg = np.repeat(np.arange(len(rs)), cnt)
-        # rank in its request, most confident first, ties to the left: two stable sorts
-        order = np.argsort(-cc, kind="stable")
-        order = order[np.argsort(seg[order], kind="stable")]
+        # rank in its request, most confident first, ties to the left (lexsort is stable)
+        order = np.lexsort((-cc, seg))
         starts = np.cumsum(cnt) - cnt
         rank = np.empty(cc.size, np.int64)
         rank[order] = np.arange(cc.size) - np.repeat(starts, cnt)
