@@ -64,9 +64,8 @@ class Scheduler:
         """Take a request out (running or waiting) and free its cache."""
         seq = self.running.pop(rid, None)
         if seq is None:
-            seq = self.waiting.pop(rid, None)
-        if seq is not None:
-            self.release(seq)
+            return self.waiting.pop(rid, None)  # (a waiting request holds no cache and no block row yet)
+        self.release(seq)
         return seq
 
     def release(self, seq: RequestState) -> None:
