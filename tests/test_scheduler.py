@@ -345,8 +345,8 @@ def test_group_path_equals_the_per_request_path(shift, seed, monkeypatch, caplog
     seen = {"decide": 0, "commit": 0, "full": 0, "sub": 0}
     plan = _group.plan
 
-    def counted(seqs, table):
-        gp = plan(seqs, table)
+    def counted(dec, com, table):
+        gp = plan(dec, com, table)
         seen["decide"] += gp.n_decide
         seen["commit"] += len(gp.seqs) - gp.n_decide
         seen["full"] += sum(gp.full)
@@ -354,6 +354,9 @@ def test_group_path_equals_the_per_request_path(shift, seed, monkeypatch, caplog
         return gp
 
     monkeypatch.setattr(_group, "plan", counted)
+    # groups as small as these mixed batches make (the defaults are tuned for speed)
+    monkeypatch.setattr(_group, "DECIDE_MIN", 1 + seed % 3)
+    monkeypatch.setattr(_group, "COMMIT_MIN", 1 + seed % 2)
     group, single = _walk(True, shift, seed), _walk(False, shift, seed)
     assert min(seen.values()) > 0, seen  # the group path took every kind of step
     assert "one by one" not in caplog.text  # and never fell back to the per-request path
@@ -382,6 +385,7 @@ def test_group_path_faults_fall_back_to_the_per_request_path(monkeypatch):
     from bitdlm.engine import RequestState
     from bitdlm.engine import group as _group
 
+    monkeypatch.setattr(_group, "DECIDE_MIN", 2)
     want = _group_walk()
 
     raised = {}
@@ -390,10 +394,11 @@ def test_group_path_faults_fall_back_to_the_per_request_path(monkeypatch):
         raised[name] = raised.get(name, 0) + 1
         raise RuntimeError("injected")
 
+    orig = {"plan": _group.plan, "select": _group.GroupPlan.select}
     for target, name in ((_group, "plan"), (_group.GroupPlan, "select")):
         monkeypatch.setattr(target, name, broken)
         assert _group_walk() == want, name
-        monkeypatch.undo()
+        monkeypatch.setattr(target, name, orig[name])
     assert raised["plan"] > 3 and raised["select"] > 3
     close = RequestState.close_block
     bad = {"n": 0}

@@ -21,7 +21,11 @@ import numpy as np
 from .. import decoding
 from .request_state import BlockRows, RequestState
 
-GROUP_MIN = 2  # fewer requests of a block size: the per-request path is as cheap
+# Fewest requests the group path takes a step of: its numpy calls cost ~30 us a step whatever
+# the number of requests, ~3 us less per deciding request than their own plan / rule / apply
+# (bench/overhead.py --fake, 2 cores: even at 8, ahead from 12); a commit costs nothing shared.
+DECIDE_MIN = 8
+COMMIT_MIN = 2
 
 
 @dataclass
@@ -88,13 +92,29 @@ def can_group(seq: RequestState) -> bool:
     return seq.groupable and seq.row >= 0 and not seq.prefilling
 
 
-def plan(seqs: list[RequestState], table: BlockRows) -> GroupPlan:
-    """The next forward of every request in `seqs` (can_group, one block size: `table`'s)."""
-    dec = [s for s in seqs if s.first < len(s.blk)]
-    com = [s for s in seqs if s.first >= len(s.blk)]
-    cfg = seqs[0].cfg
+def split(seqs: list[RequestState]) -> tuple[list[RequestState], list[RequestState], list[RequestState]]:
+    """can_group requests of one block size -> (the group path's deciding ones, its committing
+    ones, the rest: too few to pay for the group's shared calls, for the per-request path)."""
+    dec, com = [], []
+    for s in seqs:
+        (dec if s.first < len(s.blk) else com).append(s)
+    rest = []
+    if len(dec) < DECIDE_MIN:
+        rest, dec = dec, []
+    if not dec and len(com) < COMMIT_MIN:
+        rest, com = rest + com, []
+    return dec, com, rest
+
+
+def plan(dec: list[RequestState], com: list[RequestState], table: BlockRows) -> GroupPlan:
+    """The next forward of every request in `dec` (deciding) and `com` (committing): `split`'s,
+    of one block size (`table`'s)."""
+    cfg = (dec or com)[0].cfg
     sh = 1 if cfg.shift else 0
     bs = table.blk.shape[1]
+    if not dec:  # commits only (AR): no candidates
+        z = np.zeros(0, np.intp)
+        return GroupPlan(table, com, 0, _commit_items(com, cfg), [sh] * len(com), z, z, z, z, z, [], bool(sh))
     rows = np.array([s.row for s in dec], np.intp)
     ends = np.array([len(s.blk) for s in dec], np.intp)
     sbs = np.array([s.sbs for s in dec], np.intp)
@@ -106,7 +126,7 @@ def plan(seqs: list[RequestState], table: BlockRows) -> GroupPlan:
     counts = np.bincount(ci, minlength=len(dec))
     # the sub-block cache: after a full pass, the sub-block alone while its first position is unchanged
     dual = np.array([s.cache == "dual" and s.scratch for s in dec], bool)
-    sub = dual & ~m[np.arange(len(dec)), s0] if len(dec) else dual
+    sub = dual & ~m[np.arange(len(dec)), s0]
     out = (cj - sh - (s0 * sub)[ci]).astype(np.int32)  # output rows: row j - 1 predicts position j
     items, full = [], []
     a = 0
@@ -120,7 +140,12 @@ def plan(seqs: list[RequestState], table: BlockRows) -> GroupPlan:
             d = s.cache == "dual"
             items.append((s.seq_id, s.blk, s.bstart, s.bstart, d, o))
             full.append(d)
-    for s in com:  # the finished block, K/V written; with shift its last row carries the next token
-        items.append((s.seq_id, s.blk, s.bstart, s.bstart, True, cfg.index(len(s.blk) - 1 if sh else None)))
+    items += _commit_items(com, cfg)
     num_out = counts.tolist() + [sh] * len(com)
     return GroupPlan(table, dec + com, len(dec), items, num_out, rows, ends, ci, cj, counts, full, bool(sh))
+
+
+def _commit_items(com: list[RequestState], cfg) -> list[tuple]:
+    """The finished blocks, K/V written; with shift the last row carries the next token."""
+    sh = cfg.shift
+    return [(s.seq_id, s.blk, s.bstart, s.bstart, True, cfg.index(len(s.blk) - 1 if sh else None)) for s in com]

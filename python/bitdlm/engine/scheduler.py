@@ -132,14 +132,15 @@ class Scheduler:
             self._plan_one(seq, groups, outputs)
         plans = {}
         for bs, seqs in grouped.items():
-            if len(seqs) >= _group.GROUP_MIN:
+            dec, com, rest = _group.split(seqs)
+            if dec or com:
                 try:
-                    plans[bs] = _group.plan(seqs, seqs[0].table)
-                    continue
+                    plans[bs] = _group.plan(dec, com, seqs[0].table)
                 except Exception as e:  # planned one by one below, where a fault is pinned on its request
                     log.warning("group plan of %d requests failed (%s: %s); planning them one by one",
                                 len(seqs), type(e).__name__, e)
-            for seq in seqs:
+                    rest = seqs
+            for seq in rest:
                 self._plan_one(seq, groups, outputs)
         return {GroupKey(bs, "logits" if lg else "select"): Batch(plans.get(bs) if not lg else None, g)
                 for (bs, lg), g in groups.items() if g or (not lg and bs in plans)}
