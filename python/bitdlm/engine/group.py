@@ -23,9 +23,9 @@ from .request_state import BlockRows, RequestState
 
 # Fewest requests the group path takes a step of: its numpy calls cost ~30 us a step whatever
 # the number of requests, ~3 us less per deciding request than their own plan / rule / apply
-# (bench/overhead.py --fake, 2 cores: even at 8, ahead from 12); a commit costs nothing shared.
+# (bench/overhead.py --fake, 2 cores: even at 8, ahead from 12); commits share less (even at 4).
 DECIDE_MIN = 8
-COMMIT_MIN = 2
+COMMIT_MIN = 4  # (<= DECIDE_MIN: the scheduler skips the group path below it)
 
 
 @dataclass

@@ -120,9 +120,11 @@ class Scheduler:
         """Every running request's next forward, grouped by what one core call can carry."""
         groups: dict[tuple, list[Scheduled]] = {}
         grouped: dict[int, list[RequestState]] = {}  # block size -> the group path's requests
-        can_group = _group.can_group if self.group_path else (lambda seq: False)
+        # (too few requests for any group: not even the check)
+        can_group = _group.can_group if self.group_path and len(self.running) >= _group.COMMIT_MIN else None
+
         for seq in list(self.running.values()):
-            if can_group(seq):
+            if can_group is not None and can_group(seq):
                 g = grouped.get(seq.bs)
                 if g is None:
                     g = grouped[seq.bs] = []
