@@ -9,6 +9,8 @@ full confidence, so every request's output is known in advance: g(P), g(P+1),
 are checked against what the block-causal contract allows them to hold."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -286,13 +288,13 @@ def _mixed_requests(rng, n):
     """n requests of random rules, caches, block and sub-block sizes, lengths and stops."""
     reqs = []
     for i in range(n):
-        bl = [None, None, 1, 4][int(rng.integers(4))]
+        bl = [None, None, 1, 4, 6][int(rng.integers(5))]  # (6: the last block is cut by the context)
         kw = dict(max_tokens=int(rng.integers(1, 40)), ignore_eos=True, block_length=bl,
                   cache=str(rng.choice(["prefix", "dual", "none"], p=[0.4, 0.45, 0.15])))
         if bl == 1:
             kw["cache"] = "prefix"
         elif rng.random() < 0.7:
-            kw["small_block_size"] = int(rng.choice([2, 4]))
+            kw["small_block_size"] = int(rng.choice([d for d in (2, 3, 4) if (bl or 8) % d == 0]))
         rule = str(rng.choice(["threshold", "factor", "steps", "hierarchy", "credit"], p=[0.4, 0.2, 0.2, 0.1, 0.1]))
         kw["generation_algorithm"] = rule
         if rule == "threshold":
@@ -318,6 +320,9 @@ def _walk(group_path: bool, shift: bool, seed: int):
     eng = Engine(model, max_batch=8)
     eng.scheduler.group_path = group_path
     reqs = [r for r in _mixed_requests(rng, 24) if shift or r[2].block_length != 1]
+    # and three whose last block the context cuts to 2 of 6 positions, side by side
+    reqs[3:3] = [(f"cut{i}", [7 + i] * (CTX - 5), SamplingParams(max_tokens=10, ignore_eos=True, block_length=6,
+                  small_block_size=(2, 3, 6)[i], cache=("prefix", "dual", "dual")[i])) for i in range(3)]
     pending = list(reqs)
     outs, states = {}, []
     while pending or eng.has_unfinished():
@@ -342,11 +347,12 @@ def test_group_path_equals_the_per_request_path(shift, seed, monkeypatch, caplog
     the same forwards (items), block states and outputs."""
     from bitdlm.engine import group as _group
 
-    seen = {"decide": 0, "commit": 0, "full": 0, "sub": 0}
+    seen = {"decide": 0, "commit": 0, "full": 0, "sub": 0, "cut": 0}
     plan = _group.plan
 
     def counted(dec, com, table):
         gp = plan(dec, com, table)
+        seen["cut"] += sum(len(s.blk) < table.blk.shape[1] for s in gp.seqs)  # a block cut by the context
         seen["decide"] += gp.n_decide
         seen["commit"] += len(gp.seqs) - gp.n_decide
         seen["full"] += sum(gp.full)
@@ -369,11 +375,11 @@ def test_group_path_equals_the_per_request_path(shift, seed, monkeypatch, caplog
     assert group[0] == single[0]
 
 
-def _group_walk(patch=None):
-    """Outputs of mixed requests on the group path, with `patch(monkeypatch-like setattr)` applied."""
+def _group_walk():
+    """Outputs of mixed requests (group path) and the forwards."""
     model = HashModel(block_size=8)
     eng = Engine(model, max_batch=8)
-    for rid, p, sp in _mixed_requests(np.random.default_rng(3), 12):
+    for rid, p, sp in _mixed_requests(np.random.default_rng(3), 24):
         eng.add_request(rid, p, sp)
     outs = run(eng)
     return {r: (tokens(outs, r), outs[r][-1].finish_reason, outs[r][-1].error) for r in outs}, eng.stats.forwards
@@ -386,6 +392,7 @@ def test_group_path_faults_fall_back_to_the_per_request_path(monkeypatch):
     from bitdlm.engine import group as _group
 
     monkeypatch.setattr(_group, "DECIDE_MIN", 2)
+    monkeypatch.setattr(_group, "COMMIT_MIN", 2)
     want = _group_walk()
 
     raised = {}
@@ -401,16 +408,18 @@ def test_group_path_faults_fall_back_to_the_per_request_path(monkeypatch):
         monkeypatch.setattr(target, name, orig[name])
     assert raised["plan"] > 3 and raised["select"] > 3
     close = RequestState.close_block
-    bad = {"n": 0}
+    bad = {"n": 0, "rid": None}
 
     def close_bad(seq, carried):
-        if seq.rid == "r7":  # (greedy, prefix cache, threshold: committed by the group path)
+        # the first request the group path (not apply()) commits
+        if sys._getframe(1).f_code.co_name == "_apply_group" and bad["rid"] in (None, seq.rid):
             bad["n"] += 1
-            assert seq.groupable
+            bad["rid"] = seq.rid
             raise KeyError("injected")
         return close(seq, carried)
 
     monkeypatch.setattr(RequestState, "close_block", close_bad)
     got = _group_walk()
-    assert bad["n"] == 1 and got[0]["r7"][1] == "error" and "injected" in got[0]["r7"][2]
-    assert {r: v for r, v in got[0].items() if r != "r7"} == {r: v for r, v in want[0].items() if r != "r7"}
+    r = bad["rid"]
+    assert bad["n"] == 1 and got[0][r][1] == "error" and "injected" in got[0][r][2]
+    assert {k: v for k, v in got[0].items() if k != r} == {k: v for k, v in want[0].items() if k != r}
