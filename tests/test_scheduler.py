@@ -423,3 +423,29 @@ def test_group_path_faults_fall_back_to_the_per_request_path(monkeypatch):
     r = bad["rid"]
     assert bad["n"] == 1 and got[0][r][1] == "error" and "injected" in got[0][r][2]
     assert {k: v for k, v in got[0].items() if k != r} == {k: v for k, v in want[0].items() if k != r}
+
+
+def test_failed_batched_forward_with_a_group_is_retried_one_by_one(monkeypatch):
+    """The group path's requests join the per-request retry of a failed call: only the
+    offending request fails."""
+    from bitdlm.engine import group as _group
+
+    monkeypatch.setattr(_group, "DECIDE_MIN", 2)
+    model = FakeModel()
+    eng = Engine(model, max_batch=8)
+    prompts = {f"q{i}": [5 + i] * (3 + i) for i in range(6)}
+    for rid, p in prompts.items():
+        eng.add_request(rid, p, SamplingParams(max_tokens=8, ignore_eos=True))
+    outs = collect({}, eng.step())  # prefill
+    groups = eng.scheduler.schedule([])  # (plans are pure: the next step plans the same)
+    assert sum(len(b.group.seqs) for b in groups.values() if b.group is not None) >= 4
+    model.poisoned.add(eng.scheduler.running["q2"].seq_id)
+    n0 = len(model.calls)
+    collect(outs, eng.step())
+    assert [len(sids) for _, _, sids in model.calls[n0:]] == [6] + [1] * 6
+    run(eng, outs)
+    assert outs["q2"][-1].finish_reason == "error" and "simulated core fault" in outs["q2"][-1].error
+    for rid, p in prompts.items():
+        if rid != "q2":
+            assert tokens(outs, rid) == expected(len(p), 8) and outs[rid][-1].finish_reason == "length"
+    assert model.live == {}

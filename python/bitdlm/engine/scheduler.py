@@ -122,7 +122,6 @@ class Scheduler:
         grouped: dict[int, list[RequestState]] = {}  # block size -> the group path's requests
         # (too few requests for any group: not even the check)
         can_group = _group.can_group if self.group_path and len(self.running) >= _group.COMMIT_MIN else None
-
         for seq in list(self.running.values()):
             if can_group is not None and can_group(seq):
                 g = grouped.get(seq.bs)
