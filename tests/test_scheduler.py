@@ -1,7 +1,8 @@
 """The engine's scheduler on a fake model (no _core forward, no torch): admission
 (max_batch, KV memory), grouping (one forward per block size and output kind),
-retry (a failing batched forward pins the fault on its request), and outputs
-(tokens, stop tokens, length, abort).
+retry (a failing batched forward pins the fault on its request), outputs
+(tokens, stop tokens, length, abort), and the group path (engine/group.py)
+against the per-request path, step by step.
 
 The fake model's "prediction" for absolute position p is the token g(p), with
 full confidence, so every request's output is known in advance: g(P), g(P+1),
