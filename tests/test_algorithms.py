@@ -452,6 +452,8 @@ def test_exception_in_one_requests_step_ends_it_alone(models, monkeypatch, cls, 
         return orig(*a)
 
     monkeypatch.setattr(cls, where, boom)
+    # the per-request path (the group path's faults: tests/test_scheduler.py)
+    eng.scheduler.group_path = cls is OutputProcessor
     sp = SamplingParams(max_tokens=9, ignore_eos=True, generation_algorithm="factor")
     good = {"g1": prompt_ids(3, seed=70), "g2": prompt_ids(BS + 2, seed=71)}
     eng.add_request("g1", good["g1"], sp)

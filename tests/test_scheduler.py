@@ -1,13 +1,16 @@
 """The engine's scheduler on a fake model (no _core forward, no torch): admission
 (max_batch, KV memory), grouping (one forward per block size and output kind),
-retry (a failing batched forward pins the fault on its request), and outputs
-(tokens, stop tokens, length, abort).
+retry (a failing batched forward pins the fault on its request), outputs
+(tokens, stop tokens, length, abort), and the group path (engine/group.py)
+against the per-request path, step by step.
 
 The fake model's "prediction" for absolute position p is the token g(p), with
 full confidence, so every request's output is known in advance: g(P), g(P+1),
 ... for a prompt of P tokens. Every forward is recorded with its items, which
 are checked against what the block-causal contract allows them to hold."""
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
@@ -252,3 +255,198 @@ def test_make_output_fills_every_field_by_name():
     assert dataclasses.asdict(make_output(seq, (4, 5), "t", "e")) == dict(
         request_id="r", new_token_ids=[4, 5], text="t", finished=True, finish_reason="length",
         num_prompt_tokens=3, num_generated_tokens=2, forwards=7, error="e", decode_mode="ar")
+
+
+class HashModel(FakeModel):
+    """FakeModel whose rows depend on the item's tokens: token and confidence from a hash of
+    the input token and the position, the confidence on a coarse grid (ties for the rules)."""
+
+    def __init__(self, shift=True, **kw):
+        super().__init__(**kw)
+        self.meta["diffusion"]["shift_logits"] = shift
+        self.items = []  # per call: every item as a comparable tuple
+
+    def forward(self, items, block_size, mode="logits", temperature=None, top_p=None, uniforms=None,
+                banned=None):
+        self.calls.append((block_size, mode, [it[0] for it in items]))
+        self.items.append((block_size, mode, sorted((sid, t.tolist(), s, c, w, o.tolist())
+                                                    for sid, t, s, c, w, o in items)))
+        toks, confs = [], []
+        for sid, tokens, start, ctx_len, write, out in items:
+            self._check_item(sid, tokens, start, ctx_len, write, out)
+            for o in out.tolist():
+                h = (int(tokens[o]) * 2654435761 + (start + o) * 40503) % 1000003
+                toks.append(2 + h % (V - 4))
+                confs.append((h % 11) / 10)
+        if mode == "logits":
+            lg = np.full((len(toks), V), -10.0, np.float32)
+            lg[np.arange(len(toks)), toks] = 10.0 * np.asarray(confs, np.float32)
+            return lg
+        return np.asarray(toks, np.int32), np.asarray(confs, np.float32)
+
+
+def _mixed_requests(rng, n):
+    """n requests of random rules, caches, block and sub-block sizes, lengths and stops."""
+    reqs = []
+    for i in range(n):
+        bl = [None, None, 1, 4, 6][int(rng.integers(5))]  # (6: the last block is cut by the context)
+        kw = dict(max_tokens=int(rng.integers(1, 40)), ignore_eos=True, block_length=bl,
+                  cache=str(rng.choice(["prefix", "dual", "none"], p=[0.4, 0.45, 0.15])))
+        if bl == 1:
+            kw["cache"] = "prefix"
+        elif rng.random() < 0.7:
+            kw["small_block_size"] = int(rng.choice([d for d in (2, 3, 4) if (bl or 8) % d == 0]))
+        rule = str(rng.choice(["threshold", "factor", "steps", "hierarchy", "credit"], p=[0.4, 0.2, 0.2, 0.1, 0.1]))
+        kw["generation_algorithm"] = rule
+        if rule == "threshold":
+            kw["threshold"] = float(rng.choice([0.6, 0.9, 1.0]))
+        if rule == "steps":
+            kw["steps"] = int(rng.choice([4, 8]))
+        x = rng.random()
+        if x < 0.05:
+            kw["temperature"], kw["seed"] = 0.7, i
+        elif x < 0.1:
+            kw["repetition_penalty"] = 1.3
+        elif x < 0.2:
+            kw["stop_token_ids"] = [int(t) for t in rng.integers(2, V - 2, 3)]
+        plen = int(rng.choice([1, 3, 4, 7, 9, CTX - 6]))
+        reqs.append((f"r{i}", rng.integers(2, V - 2, plen).tolist(), SamplingParams(**kw)))
+    return reqs
+
+
+def _walk(group_path: bool, shift: bool, seed: int):
+    """Outputs, forwards and every running request's block state after every step."""
+    rng = np.random.default_rng(seed)
+    model = HashModel(shift=shift, block_size=8)
+    eng = Engine(model, max_batch=8)
+    eng.scheduler.group_path = group_path
+    reqs = [r for r in _mixed_requests(rng, 24) if shift or r[2].block_length != 1]
+    # and three whose last block the context cuts to 2 of 6 positions, side by side
+    reqs[3:3] = [(f"cut{i}", [7 + i] * (CTX - 5), SamplingParams(max_tokens=10, ignore_eos=True, block_length=6,
+                  small_block_size=(2, 3, 6)[i], cache=("prefix", "dual", "dual")[i])) for i in range(3)]
+    pending = list(reqs)
+    outs, states = {}, []
+    while pending or eng.has_unfinished():
+        assert len(states) < 2000, "the engine did not finish"
+        for _ in range(int(rng.integers(0, 3)) if eng.has_unfinished() else 1):  # arrivals mid-run
+            if pending:
+                eng.add_request(*pending.pop(0))
+        step = eng.step()
+        states.append((sorted((o.request_id, o.new_token_ids, o.finished, o.finish_reason, o.forwards,
+                               o.num_generated_tokens) for o in step),
+                       sorted((s.rid, s.bstart, s.blk.tolist(), s.masked.tolist(), s.first, list(s.hist), s.scratch,
+                               s.prefilling, s.emitted, s.committed, s.forwards)
+                              for s in eng.scheduler.running.values())))
+    assert model.live == {}
+    return {r: (tokens(outs, r) if r in outs else None) for r, _, _ in reqs}, states, model.items, eng.stats.forwards
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_group_path_equals_the_per_request_path(shift, seed, monkeypatch, caplog):
+    """engine/group.py against RequestState.plan / apply, step by step over mixed requests:
+    the same forwards (items), block states and outputs."""
+    from bitdlm.engine import group as _group
+
+    seen = {"decide": 0, "commit": 0, "full": 0, "sub": 0, "cut": 0}
+    plan = _group.plan
+
+    def counted(dec, com, table):
+        gp = plan(dec, com, table)
+        seen["cut"] += sum(len(s.blk) < table.blk.shape[1] for s in gp.seqs)  # a block cut by the context
+        seen["decide"] += gp.n_decide
+        seen["commit"] += len(gp.seqs) - gp.n_decide
+        seen["full"] += sum(gp.full)
+        seen["sub"] += sum(it[2] != it[3] for it in gp.items)  # a sub-block step reads the block's scratch
+        return gp
+
+    monkeypatch.setattr(_group, "plan", counted)
+    # groups as small as these mixed batches make (the defaults are tuned for speed)
+    monkeypatch.setattr(_group, "DECIDE_MIN", 1 + seed % 3)
+    monkeypatch.setattr(_group, "COMMIT_MIN", 1 + seed % 2)
+    group, single = _walk(True, shift, seed), _walk(False, shift, seed)
+    assert min(seen.values()) > 0, seen  # the group path took every kind of step
+    assert "one by one" not in caplog.text  # and never fell back to the per-request path
+    assert group[3] == single[3]  # forwards
+    for a, b in zip(group[2], single[2]):
+        assert a == b
+    assert len(group[1]) == len(single[1])
+    for a, b in zip(group[1], single[1]):
+        assert a == b
+    assert group[0] == single[0]
+
+
+def _group_walk():
+    """Outputs of mixed requests (group path) and the forwards."""
+    model = HashModel(block_size=8)
+    eng = Engine(model, max_batch=8)
+    for rid, p, sp in _mixed_requests(np.random.default_rng(3), 24):
+        eng.add_request(rid, p, sp)
+    outs = run(eng)
+    return {r: (tokens(outs, r), outs[r][-1].finish_reason, outs[r][-1].error) for r in outs}, eng.stats.forwards
+
+
+def test_group_path_faults_fall_back_to_the_per_request_path(monkeypatch):
+    """A group plan or group rule that raises leaves the step to the per-request path (nothing
+    fails); a fault in one request's part of a group step ends that request alone."""
+    from bitdlm.engine import RequestState
+    from bitdlm.engine import group as _group
+
+    monkeypatch.setattr(_group, "DECIDE_MIN", 2)
+    monkeypatch.setattr(_group, "COMMIT_MIN", 2)
+    want = _group_walk()
+
+    raised = {}
+
+    def broken(*a, **kw):
+        raised[name] = raised.get(name, 0) + 1
+        raise RuntimeError("injected")
+
+    orig = {"plan": _group.plan, "select": _group.GroupPlan.select}
+    for target, name in ((_group, "plan"), (_group.GroupPlan, "select")):
+        monkeypatch.setattr(target, name, broken)
+        assert _group_walk() == want, name
+        monkeypatch.setattr(target, name, orig[name])
+    assert raised["plan"] > 3 and raised["select"] > 3
+    close = RequestState.close_block
+    bad = {"n": 0, "rid": None}
+
+    def close_bad(seq, carried):
+        # the first request the group path (not apply()) commits
+        if sys._getframe(1).f_code.co_name == "_apply_group" and bad["rid"] in (None, seq.rid):
+            bad["n"] += 1
+            bad["rid"] = seq.rid
+            raise KeyError("injected")
+        return close(seq, carried)
+
+    monkeypatch.setattr(RequestState, "close_block", close_bad)
+    got = _group_walk()
+    r = bad["rid"]
+    assert bad["n"] == 1 and got[0][r][1] == "error" and "injected" in got[0][r][2]
+    assert {k: v for k, v in got[0].items() if k != r} == {k: v for k, v in want[0].items() if k != r}
+
+
+def test_failed_batched_forward_with_a_group_is_retried_one_by_one(monkeypatch):
+    """The group path's requests join the per-request retry of a failed call: only the
+    offending request fails."""
+    from bitdlm.engine import group as _group
+
+    monkeypatch.setattr(_group, "DECIDE_MIN", 2)
+    model = FakeModel()
+    eng = Engine(model, max_batch=8)
+    prompts = {f"q{i}": [5 + i] * (3 + i) for i in range(6)}
+    for rid, p in prompts.items():
+        eng.add_request(rid, p, SamplingParams(max_tokens=8, ignore_eos=True))
+    outs = collect({}, eng.step())  # prefill
+    groups = eng.scheduler.schedule([])  # (plans are pure: the next step plans the same)
+    assert sum(len(b.group.seqs) for b in groups.values() if b.group is not None) >= 4
+    model.poisoned.add(eng.scheduler.running["q2"].seq_id)
+    n0 = len(model.calls)
+    collect(outs, eng.step())
+    assert [len(sids) for _, _, sids in model.calls[n0:]] == [6] + [1] * 6
+    run(eng, outs)
+    assert outs["q2"][-1].finish_reason == "error" and "simulated core fault" in outs["q2"][-1].error
+    for rid, p in prompts.items():
+        if rid != "q2":
+            assert tokens(outs, rid) == expected(len(p), 8) and outs[rid][-1].finish_reason == "length"
+    assert model.live == {}

@@ -132,10 +132,11 @@ class Algorithm:
         raise NotImplementedError
 
     # The same selection for the candidates of many requests of this class at once, or None
-    # (select_many then calls select() request by request). Arguments: the rule instances,
+    # (select_flat then calls select() request by request). Arguments: the rule instances,
     # every candidate's confidence (float64, one request after another), its request's index
     # (seg), its rank in its request (0 = most confident; ties: the left-most first), the
-    # candidates per request, and each request's block positions -> bool per candidate.
+    # candidates per request, and each request's first candidate's block position -> bool per
+    # candidate.
     select_segments = None
 
     @classmethod
@@ -166,7 +167,7 @@ class Threshold(Algorithm):
         return idx[sel]
 
     @classmethod
-    def select_segments(cls, rules, c, seg, rank, counts, positions):
+    def select_segments(cls, rules, c, seg, rank, counts, first_positions):
         return (c > np.array([r.threshold for r in rules])[seg]) | (rank == 0)
 
 
@@ -189,7 +190,7 @@ class Factor(Algorithm):
         return idx[np.sort(order[:n])]
 
     @classmethod
-    def select_segments(cls, rules, c, seg, rank, counts, positions):
+    def select_segments(cls, rules, c, seg, rank, counts, first_positions):
         f = np.array([r.factor for r in rules])[seg]
         ok = (c >= 1.0 - f / (rank + 2)) | (rank == 0)
         # a request's passing run ends at its first failing rank
@@ -320,40 +321,64 @@ class Steps(Algorithm):
         return idx[np.sort(order[:k])]
 
     @classmethod
-    def select_segments(cls, rules, c, seg, rank, counts, positions):
-        k = np.array([r.take(int(n), p[0]) if n else 0 for r, n, p in zip(rules, counts, positions)], np.int64)
+    def select_segments(cls, rules, c, seg, rank, counts, first_positions):
+        k = np.array([r.take(n, p) if n else 0 for r, n, p in zip(rules, counts.tolist(), first_positions.tolist())],
+                     np.int64)
         return rank < k[seg]
 
 
 def select_many(rules, confs, positions) -> list[np.ndarray]:
     """One step's selection for many requests: rules[i] picks among the candidates confs[i]
     at block positions positions[i] -> per request, a bool mask over its candidates (always
-    one set, as select() returns at least one index). The same choices as each rule's
-    select() (tests/test_algorithms.py), but the rules with a vectorised form (select_segments)
-    rank all their requests' candidates in one pass, not one numpy call chain per request."""
-    out: list = [None] * len(rules)
-    by_cls: dict[type, list[int]] = {}
-    for i, r in enumerate(rules):
-        by_cls.setdefault(type(r), []).append(i)
+    one set, as select() returns at least one index); select_flat on the lists joined."""
+    counts = np.array([len(c) for c in confs], np.int64)
+    sel = select_flat(rules, np.concatenate(confs), counts, np.concatenate(positions))
+    ends = np.cumsum(counts).tolist()
+    return [sel[b - k:b] for b, k in zip(ends, counts.tolist())]
+
+
+def select_flat(rules, conf, counts, positions) -> np.ndarray:
+    """One step's selection for many requests whose candidates lie one request after another:
+    request i's are the next counts[i] entries of conf (confidences) and positions (block
+    positions) -> a bool per candidate, set where unmasked (at least one per request with
+    candidates). The same choices as each rule's select() (tests/test_algorithms.py), but the
+    rules with a vectorised form (select_segments) rank all their requests' candidates in
+    one pass, not one numpy call chain per request."""
+    if not rules:
+        return np.zeros(0, bool)
+    counts = np.asarray(counts, np.int64)
+    c = np.asarray(conf).astype(np.float64)
+    positions = np.asarray(positions)
+    out = np.zeros(c.size, bool)
+    cls0 = type(rules[0]) if rules else None
+    if all(type(r) is cls0 for r in rules):  # the usual case: one rule class, no subsetting
+        by_cls = {cls0: None}
+    else:
+        by_cls = {}
+        for i, r in enumerate(rules):
+            by_cls.setdefault(type(r), []).append(i)
     for cls, idx in by_cls.items():
-        if cls.select_segments is None or len(idx) == 1:  # (one request: select() is cheaper)
-            for i in idx:
-                m = np.zeros(len(confs[i]), bool)
-                m[np.asarray(rules[i].select(confs[i], positions=positions[i]), np.int64)] = True
-                out[i] = m
+        if idx is None:
+            rs, cnt, cand = rules, counts, slice(None)
+        else:
+            rs, cnt = [rules[i] for i in idx], counts[idx]
+            cand = np.repeat(np.isin(np.arange(len(rules)), idx), counts)  # its requests' candidates
+        cc, pp = c[cand], positions[cand]
+        if cls.select_segments is None or len(rs) == 1:  # (one request: select() is cheaper)
+            got, a = np.zeros(cc.size, bool), 0
+            for r, k in zip(rs, cnt.tolist()):
+                got[a + np.asarray(r.select(cc[a:a + k], positions=pp[a:a + k]), np.int64)] = True
+                a += k
+            out[cand] = got
             continue
-        counts = np.array([len(confs[i]) for i in idx], np.int64)
-        c = np.concatenate([confs[i] for i in idx]).astype(np.float64)
-        seg = np.repeat(np.arange(len(idx)), counts)
-        # rank in its request, most confident first, ties to the left: two stable sorts
-        order = np.argsort(-c, kind="stable")
-        order = order[np.argsort(seg[order], kind="stable")]
-        starts = np.cumsum(counts) - counts
-        rank = np.empty(c.size, np.int64)
-        rank[order] = np.arange(c.size) - np.repeat(starts, counts)
-        sel = cls.select_segments([rules[i] for i in idx], c, seg, rank, counts, [positions[i] for i in idx])
-        for i, a, b in zip(idx, starts.tolist(), (starts + counts).tolist()):
-            out[i] = sel[a:b]
+        seg = np.repeat(np.arange(len(rs)), cnt)
+        # rank in its request, most confident first, ties to the left (lexsort is stable)
+        order = np.lexsort((-cc, seg))
+        starts = np.cumsum(cnt) - cnt
+        rank = np.empty(cc.size, np.int64)
+        rank[order] = np.arange(cc.size) - np.repeat(starts, cnt)
+        first_pos = pp[np.minimum(starts, max(cc.size - 1, 0))] if cc.size else np.zeros(len(rs), np.int64)
+        out[cand] = cls.select_segments(rs, cc, seg, rank, cnt, first_pos)
     return out
 
 

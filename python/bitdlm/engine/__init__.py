@@ -5,6 +5,8 @@ split the vLLM v1 way:
 - scheduler.py         admission, grouping into forwards, the batched forward and its retry
 - request_state.py     one request's block walk: plan its next forward, apply the result
                        (the cache strategies' meaning), typed ForwardItem / StepPlan
+- group.py             the group path: the same steps for the greedy, cached requests of one
+                       block size at once, a few numpy calls over their rows of a block table
 - output_processor.py  final tokens, finish checks, incremental text and stop strings
 - policy.py            the decode policy: fixed, or the opt-in adaptive one that assigns a
                        request AR or diffusion at admission from timed forward costs

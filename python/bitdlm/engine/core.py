@@ -13,9 +13,10 @@ import numpy as np
 from .. import decoding
 from ..sampling_params import MAX_SUB_BLOCKS, SamplingParamError, SamplingParams
 from . import policy as _policy
+from .group import GroupPlan
 from .output_processor import OutputProcessor, RequestOutput, make_output, text_state
 from .request_state import BlockConfig, RequestState
-from .scheduler import Scheduler
+from .scheduler import Scheduled, Scheduler
 
 log = logging.getLogger("bitdlm.engine")
 
@@ -70,7 +71,8 @@ class Engine:
         self.stats = EngineStats()
         self.block_config = BlockConfig(shift=self.shift, mask_id=self.mask_id, max_len=self.max_len,
                                         prefill_chunk=max(self.block_size, prefill_chunk // self.block_size
-                                                          * self.block_size), banned=self.banned)
+                                                          * self.block_size), banned=self.banned,
+                                        max_rows=self.max_batch)
         self.scheduler = Scheduler(model, self.max_batch, self.stats, self.vocab, self.banned)
         self.output_processor = OutputProcessor()
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (abort)
@@ -226,33 +228,71 @@ class Engine:
         sched = self.scheduler
         sched.admit(outputs)
         groups = sched.schedule(outputs)
-        for key, members in groups.items():
-            results = sched.forward(key, members, outputs)
-            selected = self._select(members, results, outputs)
-            for m, res, sel in zip(members, results, selected):
-                if res is None:  # its forward (or its rule) failed; the request has been ended
-                    continue
-                seq = m.seq
-                seq.forwards += 1
-                try:
-                    seq.apply(m.plan, res, m.uniforms, sel)
-                    out = self.output_processor.collect(seq)
-                except Exception as e:
-                    sched.fail(seq, outputs, "applying its step", e)
-                    continue
-                if out is not None:
-                    self.stats.tokens += len(out.new_token_ids)
-                    outputs.append(out)
-                if seq.finished:
-                    sched.finish(seq)
-                    if self.policy is not None:
-                        self._observe(seq)
+        for key, batch in groups.items():
+            group_res, results = sched.forward(key, batch, outputs)
+            if batch.group is not None:
+                self._apply_group(batch.group, *group_res, outputs)
+            self._apply_members(batch.members, results, outputs)
         if groups:
             dt = time.perf_counter() - t0
             self.stats.steps += 1
             self.stats.step_seconds += dt
             self.stats.last_step_seconds = dt
         return outputs
+
+    def _apply_members(self, members: list[Scheduled], results: list, outputs: list) -> None:
+        """The per-request path's step: every member's rule (at once where it can), apply, output."""
+        selected = self._select(members, results, outputs)
+        for m, res, sel in zip(members, results, selected):
+            if res is None:  # its forward (or its rule) failed; the request has been ended
+                continue
+            seq = m.seq
+            seq.forwards += 1
+            try:
+                seq.apply(m.plan, res, m.uniforms, sel)
+                out = self.output_processor.collect(seq)
+            except Exception as e:
+                self.scheduler.fail(seq, outputs, "applying its step", e)
+                continue
+            self._emit(seq, out, outputs)
+
+    def _apply_group(self, group: GroupPlan, tok: np.ndarray, conf: np.ndarray, outputs: list) -> None:
+        """The group path's step (engine/group.py): the deciding requests' rules and unmasking at
+        once, then per request its carried token (committing ones) and output. Rules that raise
+        leave the step to the per-request path, where a fault is pinned on its request."""
+        try:
+            sel = group.select(conf)
+        except Exception as e:
+            log.warning("the rules of a group of %d requests failed (%s: %s); applying them one by one",
+                        len(group.seqs), type(e).__name__, e)
+            ends = np.cumsum(group.num_out).tolist()
+            self._apply_members([Scheduled(s, p, None) for s, p in group.plans()],
+                                [(tok[b - k:b], conf[b - k:b]) for b, k in zip(ends, group.num_out)], outputs)
+            return
+        for seq in group.seqs:
+            seq.forwards += 1
+        group.unmask(sel, tok)
+        carried = group.carried(tok)
+        nd = group.n_decide
+        for i, seq in enumerate(group.seqs):
+            try:
+                if i >= nd:
+                    seq.close_block(carried[i - nd])
+                out = self.output_processor.collect(seq)
+            except Exception as e:
+                self.scheduler.fail(seq, outputs, "applying its step", e)
+                continue
+            self._emit(seq, out, outputs)
+
+    def _emit(self, seq: RequestState, out: RequestOutput | None, outputs: list) -> None:
+        """A request's output after its step, and its end."""
+        if out is not None:
+            self.stats.tokens += len(out.new_token_ids)
+            outputs.append(out)
+        if seq.finished:
+            self.scheduler.finish(seq)
+            if self.policy is not None:
+                self._observe(seq)
 
     def _observe(self, seq: RequestState) -> None:
         """A finished request of the engine's default diffusion updates the adaptive

@@ -32,6 +32,29 @@ STEP = "step"        # decide some masked positions of the current sub-block
 FULL = "full"        # as STEP, over the whole block, leaving the sub-block cache's scratch K/V
 
 
+class BlockRows:
+    """The current blocks of the running requests of one block size, a row each (tokens, mask
+    flags): each request's `blk` / `masked` are views of its row, so the group path
+    (engine/group.py) can decide and commit one step of all of them with a few numpy calls.
+    Positions past a request's block (one cut short by the context) stay unmasked."""
+
+    def __init__(self, rows: int, block_size: int):
+        self.blk = np.zeros((rows, block_size), np.int32)
+        self.masked = np.zeros((rows, block_size), bool)
+        self._free = list(range(rows - 1, -1, -1))
+
+    def take(self) -> int:
+        """A free row (all unmasked), or -1 when every row is held."""
+        if not self._free:
+            return -1
+        r = self._free.pop()
+        self.masked[r] = False  # (a request that ended mid-block left masks behind)
+        return r
+
+    def give(self, row: int) -> None:
+        self._free.append(row)
+
+
 @dataclass
 class BlockConfig:
     """What every request's block walk needs to know of the model and the engine."""
@@ -40,12 +63,14 @@ class BlockConfig:
     max_len: int  # the model's context
     prefill_chunk: int  # prompt tokens per prefill forward (rounded to blocks per request)
     banned: np.ndarray  # token ids never produced (the mask token)
+    max_rows: int = 1  # rows per BlockRows table: the engine's max_batch (one per running request)
     # read-only index tables shared by every request, so a step's index arrays come from one
     # boolean pick each, not an allocating chain: block indices (intp), their output rows
     # (int32, shifted by one with shift) and one-element [i] arrays (commit outputs)
     _pos: dict = field(default_factory=dict, repr=False)
     _rows: dict = field(default_factory=dict, repr=False)
     _one: dict = field(default_factory=dict, repr=False)
+    _tables: dict = field(default_factory=dict, repr=False)  # block size -> BlockRows
 
     @staticmethod
     def _frozen(a: np.ndarray) -> np.ndarray:
@@ -66,6 +91,12 @@ class BlockConfig:
             sh = 1 if self.shift else 0
             a = self._rows[n] = self._frozen(np.arange(-sh, n - sh, dtype=np.int32))
         return a
+
+    def block_rows(self, block_size: int) -> BlockRows:
+        t = self._tables.get(block_size)
+        if t is None:
+            t = self._tables[block_size] = BlockRows(self.max_rows, block_size)
+        return t
 
     def index(self, i: int | None) -> np.ndarray:
         """int32 [i], or [] for None."""
@@ -140,6 +171,8 @@ class RequestState:
     reason: str | None = None
     t0: float = 0.0
     assigned: bool = False  # the adaptive policy chose its mode (engine/policy.py)
+    table: BlockRows | None = None  # the table holding blk / masked as its row `row` (-1: own arrays)
+    row: int = -1
 
     def __post_init__(self):
         self.temperature = self.params.effective_temperature()  # read every step
@@ -147,6 +180,10 @@ class RequestState:
         self.mode = mode_of(self.bs)  # "ar" | "diffusion", reported with every output
         # with penalties, every token it picks (carried ones too) comes from penalised logits rows
         self.penalized = self.params.penalized()
+        # the group path (engine/group.py) can take its decoding steps and commits: greedy, a
+        # KV cache, a rule that decides from (token, confidence) rows, no penalties
+        self.groupable = (self.cache != "none" and not self.penalized and not self.algo.needs_logits
+                          and self.temperature == 0)
 
     def tokens_between(self, a: int, b: int) -> list[int]:
         """Generated tokens at absolute positions [a, b) (P <= a <= b): history, then the block."""
@@ -192,7 +229,17 @@ class RequestState:
         n = bend - bstart
         mask_id = -1 if self.cfg.mask_id is None else self.cfg.mask_id
         blk, masked = self.blk, self.masked
+        if blk is None:  # the first block: a row of the block size's table, while one is free
+            t = self.cfg.block_rows(self.bs)
+            r = t.take()
+            if r >= 0:
+                self.table, self.row = t, r
         if blk is not None and len(blk) == n:  # the closed block's arrays are reused (its forward is done)
+            blk.fill(mask_id)
+            masked.fill(True)
+        elif self.row >= 0:  # (past n the row stays unmasked: the closed block has no masks left)
+            blk = self.table.blk[self.row, :n]
+            masked = self.table.masked[self.row, :n]
             blk.fill(mask_id)
             masked.fill(True)
         else:
@@ -214,6 +261,13 @@ class RequestState:
         self.bstart, self.blk, self.masked, self.scratch = bstart, blk, masked, False
         self.first = first
         self.algo.reset()
+
+    def release_row(self) -> None:
+        """Give its table row back (the request has ended); blk / masked become copies."""
+        if self.row >= 0:
+            self.blk, self.masked = self.blk.copy(), self.masked.copy()
+            self.table.give(self.row)
+            self.table, self.row = None, -1
 
     def generated(self) -> np.ndarray:
         """The tokens committed after the prompt so far: earlier blocks, then the decided
@@ -328,9 +382,7 @@ class RequestState:
             return
         if plan.kind == COMMIT:
             tok = self.pick(plan, res, uniforms)[0]
-            end = self.bstart + len(self.blk)
-            self.committed = end
-            self.start_block(end, int(tok[0]) if len(tok) else None)
+            self.close_block(int(tok[0]) if len(tok) else None)
             return
         if plan.kind == FULL:
             self.scratch = True
@@ -346,3 +398,10 @@ class RequestState:
         if not m[self.first]:  # the first masked position was decided: find the next one
             i = int(m.argmax())
             self.first = i if m[i] else len(m)
+
+    def close_block(self, carried: int | None) -> None:
+        """The block's committing forward is done: its K/V are final; `carried` (its last
+        logits' token, with shift) opens the next block."""
+        end = self.bstart + len(self.blk)
+        self.committed = end
+        self.start_block(end, carried)

@@ -1,0 +1,151 @@
+"""The group path: one step of many requests of one block size as a few numpy calls over
+their rows of the block table (request_state.BlockRows), not a plan / apply per request.
+
+It takes the steps that need nothing of a request beyond its block (RequestState.groupable:
+greedy, a KV cache, a rule that decides from (token, confidence) rows, no penalties):
+- decide: a prefix / dual cache STEP or FULL plan. Every request's candidates (the masked
+  positions of its left-most sub-block that still has masks) come from one nonzero() over
+  the rows; the rules decide for all at once (decoding.select_flat); the unmasking is one
+  scatter into the table and the new first masked positions one argmax.
+- commit: a finished block's writing forward; its carried token opens the next block
+  (RequestState.close_block, per request: the AR fast path of start_block).
+Prefill, the cache-less and sampling requests, penalties and the logits rules stay on the
+per-request path. RequestState.plan / apply remain the definition: the group path makes
+the same forward items and the same state changes (tests/test_scheduler.py walks both)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import decoding
+from .request_state import BlockRows, RequestState
+
+# Fewest requests the group path takes a step of: its numpy calls cost ~30 us a step whatever
+# the number of requests, ~3 us less per deciding request than their own plan / rule / apply
+# (bench/overhead.py --fake, 2 cores: even at 8, ahead from 12); commits share less (even at 4).
+DECIDE_MIN = 8
+COMMIT_MIN = 4  # (<= DECIDE_MIN: the scheduler skips the group path below it)
+
+
+@dataclass
+class GroupPlan:
+    """The group path's part of one core call: its items come first, deciding requests', then
+    committing ones' (the core's rows are independent of the other items of a call)."""
+    table: BlockRows
+    seqs: list[RequestState]  # in item order: decide (the first n_decide), then commit
+    n_decide: int
+    items: list[tuple]  # `_core.Model.forward` items, one per request
+    num_out: list[int]  # output rows per item
+    rows: np.ndarray  # the deciding requests' table rows
+    ends: np.ndarray  # their block lengths (the first masked position when none is left)
+    cand_req: np.ndarray  # per candidate (output row): its deciding request's index, ...
+    cand_pos: np.ndarray  # ... and its block position
+    counts: np.ndarray  # candidates per deciding request
+    full: list[bool]  # per deciding request: a full pass that writes the sub-block cache's scratch K/V
+    shift: bool  # a commit's one output row carries the next block's first token
+
+    @property
+    def decide_out(self) -> int:
+        return int(self.cand_pos.size)
+
+    def plans(self) -> list:
+        """The same step as per-request plans, (request, StepPlan) in item order (the scheduler's
+        retry runs them one by one)."""
+        return [(s, s.plan()) for s in self.seqs]
+
+    def select(self, conf: np.ndarray) -> np.ndarray:
+        """The deciding requests' rules on their rows of the call's confidences -> a bool per
+        candidate: unmask it. Changes nothing (so a rule that raises leaves the step to the
+        per-request path)."""
+        return decoding.select_flat([s.algo for s in self.seqs[:self.n_decide]], conf[:self.decide_out],
+                                    self.counts, self.cand_pos)
+
+    def unmask(self, sel: np.ndarray, tok: np.ndarray) -> None:
+        """RequestState.apply's STEP / FULL for every deciding request at once: the selected
+        candidates take their tokens, and each request's first masked position moves on."""
+        nd = self.n_decide
+        if not nd:
+            return
+        at_r, at_j = self.rows[self.cand_req[sel]], self.cand_pos[sel]
+        t = self.table
+        t.blk[at_r, at_j] = tok[:self.decide_out][sel]
+        t.masked[at_r, at_j] = False
+        m = t.masked[self.rows]
+        first = m.argmax(axis=1)
+        first = np.where(m[np.arange(nd), first], first, self.ends)
+        for s, f, full in zip(self.seqs, first.tolist(), self.full):
+            s.first = f
+            if full:
+                s.scratch = True
+
+    def carried(self, tok: np.ndarray) -> list:
+        """Per committing request: the token its block's last logits carry (None without shift)."""
+        n = len(self.seqs) - self.n_decide
+        if self.shift:
+            return tok[self.decide_out:self.decide_out + n].tolist()
+        return [None] * n
+
+
+def can_group(seq: RequestState) -> bool:
+    """Whether the group path takes this request's next step."""
+    return seq.groupable and seq.row >= 0 and not seq.prefilling
+
+
+def split(seqs: list[RequestState]) -> tuple[list[RequestState], list[RequestState], list[RequestState]]:
+    """can_group requests of one block size -> (the group path's deciding ones, its committing
+    ones, the rest: too few to pay for the group's shared calls, for the per-request path)."""
+    dec, com = [], []
+    for s in seqs:
+        (dec if s.first < len(s.blk) else com).append(s)
+    rest = []
+    if len(dec) < DECIDE_MIN:
+        rest, dec = dec, []
+    if not dec and len(com) < COMMIT_MIN:
+        rest, com = rest + com, []
+    return dec, com, rest
+
+
+def plan(dec: list[RequestState], com: list[RequestState], table: BlockRows) -> GroupPlan:
+    """The next forward of every request in `dec` (deciding) and `com` (committing): `split`'s,
+    of one block size (`table`'s)."""
+    cfg = (dec or com)[0].cfg
+    sh = 1 if cfg.shift else 0
+    bs = table.blk.shape[1]
+    if not dec:  # commits only (AR): no candidates
+        z = np.zeros(0, np.intp)
+        return GroupPlan(table, com, 0, _commit_items(com, cfg), [sh] * len(com), z, z, z, z, z, [], bool(sh))
+    rows = np.array([s.row for s in dec], np.intp)
+    ends = np.array([len(s.blk) for s in dec], np.intp)
+    sbs = np.array([s.sbs for s in dec], np.intp)
+    s0 = np.array([s.first for s in dec], np.intp) // sbs * sbs  # the left-most sub-block with masks
+    s1 = np.minimum(s0 + sbs, ends)
+    m = table.masked[rows]
+    cols = cfg.positions(bs)
+    ci, cj = np.nonzero(m & (cols >= s0[:, None]) & (cols < s1[:, None]))  # request by request, left to right
+    counts = np.bincount(ci, minlength=len(dec))
+    # the sub-block cache: after a full pass, the sub-block alone while its first position is unchanged
+    dual = np.array([s.cache == "dual" and s.scratch for s in dec], bool)
+    sub = dual & ~m[np.arange(len(dec)), s0]
+    out = (cj - sh - (s0 * sub)[ci]).astype(np.int32)  # output rows: row j - 1 predicts position j
+    items, full = [], []
+    a = 0
+    for s, x0, x1, k, sb in zip(dec, s0.tolist(), s1.tolist(), counts.tolist(), sub.tolist()):
+        o = out[a:a + k]
+        a += k
+        if sb:
+            items.append((s.seq_id, s.blk[x0:x1], s.bstart + x0, s.bstart + len(s.blk), False, o))
+            full.append(False)
+        else:
+            d = s.cache == "dual"
+            items.append((s.seq_id, s.blk, s.bstart, s.bstart, d, o))
+            full.append(d)
+    items += _commit_items(com, cfg)
+    num_out = counts.tolist() + [sh] * len(com)
+    return GroupPlan(table, dec + com, len(dec), items, num_out, rows, ends, ci, cj, counts, full, bool(sh))
+
+
+def _commit_items(com: list[RequestState], cfg) -> list[tuple]:
+    """The finished blocks, K/V written; with shift the last row carries the next token."""
+    sh = cfg.shift
+    return [(s.seq_id, s.blk, s.bstart, s.bstart, True, cfg.index(len(s.blk) - 1 if sh else None)) for s in com]
