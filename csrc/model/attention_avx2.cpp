@@ -301,6 +301,11 @@ extern const AttnKernels kAttnAvx2 = {&avx2::k_tile<float>,
                                       &avx2::softmax_tile,
                                       &avx2::pv<float>,
                                       &avx2::pv<uint16_t>,
-                                      &avx2::to_f16};
+                                      &avx2::to_f16,
+                                      nullptr,  // seg_lanes_f32: the row-major tiled path
+                                      nullptr,
+                                      nullptr,
+                                      nullptr,
+                                      nullptr};
 
 }  // namespace bitdlm

@@ -13,7 +13,9 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "kernels/simd512.h"  // intrinsics, or SIMDe in tests/simde/attention_harness.cpp
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "model/attention.h"
 #include "model/row_blocks.h"
@@ -171,6 +173,233 @@ static void pv(const float* P, int64_t ldp, int R, const T* V, int64_t ldv, int 
   });
 }
 
+// ---- Rows in lanes (seg_lanes_*): the tiled path of 5+ rows ----
+// Rows (query x head) sit in the lanes of NV vectors, keys and dims in
+// broadcasts from fp32 rows, so neither K nor Q is transposed per tile (Q once
+// per unit, in attention.cpp), each K/V row is read once per 16*NV rows, and
+// the softmax of a key tile runs across rows with no horizontal reductions.
+// Register tiles of 16 accumulators: per step NV row-vector loads and 16/NV
+// broadcasts (fused into the FMAs) for 16 FMAs.
+
+// ST[j * Rp + 16 c] = scale * sum_i K[j][i] QT[i * Rp + 16 c], keys j < J, vectors c < NV
+template <int NV, int J>
+static inline void qk_lanes_blk(const float* QT, int Rp, const float* K, int64_t ldk, int d, float scale, float* ST) {
+  __m512 acc[J][NV];
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[j][c] = _mm512_setzero_ps();
+  for (int i = 0; i < d; ++i) {
+    __m512 qv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) qv[c] = _mm512_loadu_ps(QT + (int64_t)i * Rp + 16 * c);
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) {
+      const __m512 kb = _mm512_set1_ps(K[j * ldk + i]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[j][c] = _mm512_fmadd_ps(kb, qv[c], acc[j][c]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(ST + (int64_t)j * Rp + 16 * c, _mm512_mul_ps(acc[j][c], sc));
+}
+
+// OT[i * Rp + 16 c] += sum_j V[j][i] PT[j * Rp + 16 c], dims i < I, vectors c < NV
+template <int NV, int I>
+static inline void pv_lanes_blk(const float* PT, int Rp, const float* V, int64_t ldv, int nk, float* OT) {
+  __m512 acc[I][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < I; ++i)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[i][c] = _mm512_loadu_ps(OT + (int64_t)i * Rp + 16 * c);
+  for (int j = 0; j < nk; ++j) {
+    __m512 pv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) pv[c] = _mm512_loadu_ps(PT + (int64_t)j * Rp + 16 * c);
+#pragma GCC unroll 16
+    for (int i = 0; i < I; ++i) {
+      const __m512 vb = _mm512_set1_ps(V[j * ldv + i]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[i][c] = _mm512_fmadd_ps(vb, pv[c], acc[i][c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < I; ++i)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(OT + (int64_t)i * Rp + 16 * c, acc[i][c]);
+}
+
+// Scores and online softmax of one key tile (nk <= kAttnTile keys, fp32 rows
+// at stride ld) for the NV row vectors at QT / m / l / OT / ST (lane offset
+// applied by the caller); ST is left holding P = exp(S - m').
+template <int NV>
+static void qk_softmax_lanes(const float* QT, int Rp, const float* K, int64_t ld, int nk, int d, float scale,
+                             float* m, float* l, float* OT, float* ST) {
+  constexpr int B = 16 / NV;  // keys per register tile
+  int j = 0;
+  for (; j + B <= nk; j += B) qk_lanes_blk<NV, B>(QT, Rp, K + j * ld, ld, d, scale, ST + (int64_t)j * Rp);
+  for (; j < nk; ++j) qk_lanes_blk<NV, 1>(QT, Rp, K + j * ld, ld, d, scale, ST + (int64_t)j * Rp);
+  for (int c = 0; c < NV; ++c) {
+    const __m512 m0 = _mm512_loadu_ps(m + 16 * c);
+    __m512 mx = m0;
+    for (int jj = 0; jj < nk; ++jj) mx = _mm512_max_ps(mx, _mm512_loadu_ps(ST + (int64_t)jj * Rp + 16 * c));
+    // e^(m - m'): 0 where m = -inf (exp_neg underflows to 0 below -60)
+    const __m512 alpha = exp_neg(_mm512_sub_ps(m0, mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int jj = 0; jj < nk; ++jj) {
+      float* s = ST + (int64_t)jj * Rp + 16 * c;
+      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s), mx));
+      _mm512_storeu_ps(s, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_storeu_ps(l + 16 * c, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(l + 16 * c), alpha), sum));
+    _mm512_storeu_ps(m + 16 * c, mx);
+    if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.f), _CMP_NEQ_UQ))  // some lane's max moved
+      for (int i = 0; i < d; ++i) {
+        float* o = OT + (int64_t)i * Rp + 16 * c;
+        _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
+      }
+  }
+}
+
+// Values of one key tile: OT += V^T P for the NV row vectors.
+template <int NV>
+static void pv_lanes(const float* PT, int Rp, const float* V, int64_t ld, int nk, int d, float* OT) {
+  constexpr int B = 16 / NV;  // dims per register tile
+  int i = 0;
+  for (; i + B <= d; i += B) pv_lanes_blk<NV, B>(PT, Rp, V + i, ld, nk, OT + (int64_t)i * Rp);
+  for (; i < d; ++i) pv_lanes_blk<NV, 1>(PT, Rp, V + i, ld, nk, OT + (int64_t)i * Rp);
+}
+
+// f(nv_constant, c0) for the row vectors in chunks of up to 4 (64 rows)
+template <class F>
+static inline void for_lane_chunks(int Rp, F&& f) {
+  for (int c0 = 0; c0 < Rp; c0 += 64) switch (std::min(Rp - c0, 64) / 16) {
+      case 4: f(std::integral_constant<int, 4>{}, c0); break;
+      case 3: f(std::integral_constant<int, 3>{}, c0); break;
+      case 2: f(std::integral_constant<int, 2>{}, c0); break;
+      default: f(std::integral_constant<int, 1>{}, c0); break;
+    }
+}
+
+// fp16 rows -> fp32 rows (stride d)
+static inline void rows_f32(const uint16_t* X, int64_t ld, int nk, int d, float* Xf) {
+  for (int j = 0; j < nk; ++j)
+    for (int i = 0; i < d; i += 16) {
+      const __mmask16 k = tail_mask(d - i);
+      _mm512_mask_storeu_ps(Xf + (int64_t)j * d + i, k, load16(X + j * ld + i, k));
+    }
+}
+
+// Key tile by key tile: scores + softmax of every row chunk, then values.
+// fp16 K / V tiles are converted to fp32 rows in `tile` first (K, then V over
+// it): one conversion per element instead of one per broadcast.
+template <class T>
+static void seg_lanes(const float* QT, int Rp, const T* K, const T* V, int64_t ld, int nk, int d, float scale,
+                      float* m, float* l, float* OT, float* ST, float* tile) {
+  constexpr bool f16 = sizeof(T) == 2;
+  for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
+    const int jt = std::min(kAttnTile, nk - j0);
+    const float* Kf;
+    const float* Vf;
+    int64_t ldf;
+    if constexpr (f16) {
+      rows_f32(K + j0 * ld, ld, jt, d, tile);
+      Kf = Vf = tile, ldf = d;
+    } else {
+      Kf = K + j0 * ld, Vf = V + j0 * ld, ldf = ld;
+    }
+    for_lane_chunks(Rp, [&](auto nv, int c0) {
+      qk_softmax_lanes<decltype(nv)::value>(QT + c0, Rp, Kf, ldf, jt, d, scale, m + c0, l + c0, OT + c0, ST + c0);
+    });
+    if constexpr (f16) rows_f32(V + j0 * ld, ld, jt, d, tile);
+    for_lane_chunks(Rp, [&](auto nv, int c0) {
+      pv_lanes<decltype(nv)::value>(ST + c0, Rp, Vf, ldf, jt, d, OT + c0);
+    });
+  }
+}
+
+// 16 x 16 transpose in registers: v[t] lane u becomes v[u] lane t.
+static inline void transpose16(__m512 (&v)[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k)
+    t[2 * k] = _mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), t[2 * k + 1] = _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]);
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {  // v[4k + c], 128-bit lane L: rows 4k..4k+3 of column 4L + c
+    v[4 * k] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+    v[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+    v[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+    v[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm512_shuffle_f32x4(v[c], v[4 + c], 0x88), t[4 + c] = _mm512_shuffle_f32x4(v[c], v[4 + c], 0xDD);
+    t[8 + c] = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0x88), t[12 + c] = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0xDD);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    v[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88), v[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xDD);
+    v[4 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88), v[12 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xDD);
+  }
+}
+
+static inline const float* row_of(const float* X, int64_t ldx, int group, int d, int r) {
+  return X + (int64_t)(r / group) * ldx + (int64_t)(r % group) * d;
+}
+
+static void to_lanes(const float* X, int64_t ldx, int group, int R, int d, float* XT, int Rp) {
+  for (int r0 = 0; r0 < Rp; r0 += 16)
+    for (int i0 = 0; i0 < d; i0 += 16) {
+      const __mmask16 mk = tail_mask(d - i0);
+      __m512 v[16];
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t)
+        v[t] = r0 + t < R ? _mm512_maskz_loadu_ps(mk, row_of(X, ldx, group, d, r0 + t) + i0) : _mm512_setzero_ps();
+      transpose16(v);
+      for (int t = 0; t < 16 && i0 + t < d; ++t) _mm512_storeu_ps(XT + (int64_t)(i0 + t) * Rp + r0, v[t]);
+    }
+}
+
+static void from_lanes(const float* XT, int Rp, int R, int d, const float* sc, float* X, int64_t ldx, int group) {
+  for (int r0 = 0; r0 < R; r0 += 16)
+    for (int i0 = 0; i0 < d; i0 += 16) {
+      const __mmask16 mk = tail_mask(d - i0);
+      __m512 v[16];
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t)
+        v[t] = i0 + t < d ? _mm512_loadu_ps(XT + (int64_t)(i0 + t) * Rp + r0) : _mm512_setzero_ps();
+      transpose16(v);
+      for (int t = 0; t < 16 && r0 + t < R; ++t) {
+        const __m512 x = sc ? _mm512_mul_ps(v[t], _mm512_set1_ps(sc[r0 + t])) : v[t];
+        _mm512_mask_storeu_ps(const_cast<float*>(row_of(X, ldx, group, d, r0 + t)) + i0, mk, x);
+      }
+    }
+}
+
+static void merge_lanes(const float* parts, int64_t slot_size, int n, int Rp, int d, float* OT, float* inv_l) {
+  for (int c = 0; c < Rp; c += 16) {
+    const float* mp = parts + (int64_t)Rp * d + c;  // m of slot s at mp + s * slot_size, l at + Rp
+    __m512 M = _mm512_set1_ps(-INFINITY);
+    for (int s = 0; s < n; ++s) M = _mm512_max_ps(M, _mm512_loadu_ps(mp + s * slot_size));
+    __m512 L = _mm512_setzero_ps();
+    for (int s = 0; s < n; ++s) {
+      const __m512 w = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(mp + s * slot_size), M));  // 0 where m_s = -inf
+      L = _mm512_fmadd_ps(w, _mm512_loadu_ps(mp + s * slot_size + Rp), L);
+      const float* po = parts + s * slot_size + c;
+      for (int i = 0; i < d; ++i) {
+        float* o = OT + (int64_t)i * Rp + c;
+        const __m512 x = _mm512_mul_ps(w, _mm512_loadu_ps(po + (int64_t)i * Rp));
+        _mm512_storeu_ps(o, s == 0 ? x : _mm512_add_ps(_mm512_loadu_ps(o), x));
+      }
+    }
+    _mm512_storeu_ps(inv_l + c, _mm512_div_ps(_mm512_set1_ps(1.f), L));
+  }
+}
+
 }  // namespace avx512
 
 // Null entries are AVX2's (filled by the IsaTable in attention.cpp).
@@ -178,10 +407,15 @@ extern const AttnKernels kAttnAvx512Own = {nullptr,  // k_tile_f32: AVX2 8x8 tra
                                            nullptr,  // k_tile_f16
                                            nullptr,  // v_tile_f16
                                            &avx512::qk,
-                                           nullptr,  // qk_direct_f32 (decode)
-                                           nullptr,  // qk_direct_f16
+                                           nullptr,  // qk_direct_f32 (decode): AVX2's, whose summation order
+                                           nullptr,  // qk_direct_f16  test_isa_forward's cross-ISA logits rely on
                                            &avx512::softmax_tile,
                                            &avx512::pv<float>,
                                            &avx512::pv<uint16_t>,
-                                           nullptr};  // to_f16
+                                           nullptr,  // to_f16
+                                           &avx512::seg_lanes<float>,
+                                           &avx512::seg_lanes<uint16_t>,
+                                           &avx512::to_lanes,
+                                           &avx512::from_lanes,
+                                           &avx512::merge_lanes};
 }  // namespace bitdlm
