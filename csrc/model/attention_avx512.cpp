@@ -181,9 +181,11 @@ static void pv(const float* P, int64_t ldp, int R, const T* V, int64_t ldv, int 
 // Register tiles of 16 accumulators: per step NV row-vector loads and 16/NV
 // broadcasts (fused into the FMAs) for 16 FMAs.
 
-// ST[j * Rp + 16 c] = scale * sum_i K[j][i] QT[i * Rp + 16 c], keys j < J, vectors c < NV
+// ST[j * Rp + 16 c] = scale * sum_i K[j][i] QT[i * Rp + 16 c], keys j < J, vectors c < NV;
+// mx[c] = max(mx[c], those scores)
 template <int NV, int J>
-static inline void qk_lanes_blk(const float* QT, int Rp, const float* K, int64_t ldk, int d, float scale, float* ST) {
+static inline void qk_lanes_blk(const float* QT, int Rp, const float* K, int64_t ldk, int d, float scale, float* ST,
+                                __m512 (&mx)[NV]) {
   __m512 acc[J][NV];
 #pragma GCC unroll 16
   for (int j = 0; j < J; ++j)
@@ -204,7 +206,11 @@ static inline void qk_lanes_blk(const float* QT, int Rp, const float* K, int64_t
 #pragma GCC unroll 16
   for (int j = 0; j < J; ++j)
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(ST + (int64_t)j * Rp + 16 * c, _mm512_mul_ps(acc[j][c], sc));
+    for (int c = 0; c < NV; ++c) {
+      const __m512 x = _mm512_mul_ps(acc[j][c], sc);
+      _mm512_storeu_ps(ST + (int64_t)j * Rp + 16 * c, x);
+      mx[c] = _mm512_max_ps(mx[c], x);
+    }
 }
 
 // OT[i * Rp + 16 c] += sum_j V[j][i] PT[j * Rp + 16 c], dims i < I, vectors c < NV
@@ -232,31 +238,68 @@ static inline void pv_lanes_blk(const float* PT, int Rp, const float* V, int64_t
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(OT + (int64_t)i * Rp + 16 * c, acc[i][c]);
 }
 
-// Scores and online softmax of one key tile (nk <= kAttnTile keys, fp32 rows
-// at stride ld) for the NV row vectors at QT / m / l / OT / ST (lane offset
-// applied by the caller); ST is left holding P = exp(S - m').
-template <int NV>
-static void qk_softmax_lanes(const float* QT, int Rp, const float* K, int64_t ld, int nk, int d, float scale,
-                             float* m, float* l, float* OT, float* ST) {
+// X[j][i0, i0 + w) as fp32 -> Xf[j * w ..] (w <= d - i0), j < nk; fp16 rows at stride ld
+static inline void cols_f32(const uint16_t* X, int64_t ld, int nk, int i0, int w, float* Xf) {
+  const int w16 = w & ~15;
+  for (int j = 0; j < nk; ++j) {
+    const uint16_t* x = X + j * ld + i0;
+    float* y = Xf + (int64_t)j * w;
+    for (int i = 0; i < w16; i += 16)
+      _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
+    if (w16 < w) {
+      const __mmask16 k = tail_mask(w - w16);
+      _mm512_mask_storeu_ps(y + w16, k, load16(x + w16, k));
+    }
+  }
+}
+
+// Key rows of a tile as the kernels read them: fp32 in place, or fp16
+// converted block by block into `buf` just before use (a few KB that stay in
+// L1; converting a whole tile first spilled QT / OT out of L1).
+template <class T>
+static inline const float* key_rows(const T* K, int64_t ld, int j, int n, int d, float* buf, int64_t& ldk) {
+  if constexpr (sizeof(T) == 2) {
+    cols_f32(K + j * ld, ld, n, 0, d, buf);
+    ldk = d;
+    return buf;
+  } else {
+    ldk = ld;
+    return K + j * ld;
+  }
+}
+
+// Scores and online softmax of one key tile (nk <= kAttnTile keys at stride ld)
+// for the NV row vectors at QT / m / l / OT / ST (lane offset applied by the
+// caller); ST is left holding P = exp(S - m').
+template <int NV, class T>
+static void qk_softmax_lanes(const float* QT, int Rp, const T* K, int64_t ld, int nk, int d, float scale, float* m,
+                             float* l, float* OT, float* ST, float* buf) {
   constexpr int B = 16 / NV;  // keys per register tile
+  __m512 mx[NV];
+#pragma GCC unroll 4
+  for (int c = 0; c < NV; ++c) mx[c] = _mm512_loadu_ps(m + 16 * c);
   int j = 0;
-  for (; j + B <= nk; j += B) qk_lanes_blk<NV, B>(QT, Rp, K + j * ld, ld, d, scale, ST + (int64_t)j * Rp);
-  for (; j < nk; ++j) qk_lanes_blk<NV, 1>(QT, Rp, K + j * ld, ld, d, scale, ST + (int64_t)j * Rp);
+  int64_t ldk = 0;
+  for (; j + B <= nk; j += B) {
+    const float* kr = key_rows(K, ld, j, B, d, buf, ldk);
+    qk_lanes_blk<NV, B>(QT, Rp, kr, ldk, d, scale, ST + (int64_t)j * Rp, mx);
+  }
+  for (; j < nk; ++j) {
+    const float* kr = key_rows(K, ld, j, 1, d, buf, ldk);
+    qk_lanes_blk<NV, 1>(QT, Rp, kr, ldk, d, scale, ST + (int64_t)j * Rp, mx);
+  }
   for (int c = 0; c < NV; ++c) {
-    const __m512 m0 = _mm512_loadu_ps(m + 16 * c);
-    __m512 mx = m0;
-    for (int jj = 0; jj < nk; ++jj) mx = _mm512_max_ps(mx, _mm512_loadu_ps(ST + (int64_t)jj * Rp + 16 * c));
     // e^(m - m'): 0 where m = -inf (exp_neg underflows to 0 below -60)
-    const __m512 alpha = exp_neg(_mm512_sub_ps(m0, mx));
+    const __m512 alpha = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(m + 16 * c), mx[c]));
     __m512 sum = _mm512_setzero_ps();
     for (int jj = 0; jj < nk; ++jj) {
       float* s = ST + (int64_t)jj * Rp + 16 * c;
-      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s), mx));
+      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s), mx[c]));
       _mm512_storeu_ps(s, e);
       sum = _mm512_add_ps(sum, e);
     }
     _mm512_storeu_ps(l + 16 * c, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(l + 16 * c), alpha), sum));
-    _mm512_storeu_ps(m + 16 * c, mx);
+    _mm512_storeu_ps(m + 16 * c, mx[c]);
     if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.f), _CMP_NEQ_UQ))  // some lane's max moved
       for (int i = 0; i < d; ++i) {
         float* o = OT + (int64_t)i * Rp + 16 * c;
@@ -265,13 +308,27 @@ static void qk_softmax_lanes(const float* QT, int Rp, const float* K, int64_t ld
   }
 }
 
-// Values of one key tile: OT += V^T P for the NV row vectors.
-template <int NV>
-static void pv_lanes(const float* PT, int Rp, const float* V, int64_t ld, int nk, int d, float* OT) {
+// Values of one key tile: OT += V^T P for the NV row vectors; fp16 V in strips
+// of kStrip dims x nk keys converted into `buf` before use.
+constexpr int kStrip = 32;
+template <int NV, class T>
+static void pv_lanes(const float* PT, int Rp, const T* V, int64_t ld, int nk, int d, float* OT, float* buf) {
   constexpr int B = 16 / NV;  // dims per register tile
-  int i = 0;
-  for (; i + B <= d; i += B) pv_lanes_blk<NV, B>(PT, Rp, V + i, ld, nk, OT + (int64_t)i * Rp);
-  for (; i < d; ++i) pv_lanes_blk<NV, 1>(PT, Rp, V + i, ld, nk, OT + (int64_t)i * Rp);
+  for (int i0 = 0; i0 < d; i0 += kStrip) {
+    const int w = std::min(kStrip, d - i0);
+    const float* Vf;
+    int64_t ldv;
+    if constexpr (sizeof(T) == 2) {
+      cols_f32(V, ld, nk, i0, w, buf);
+      Vf = buf, ldv = w;
+    } else {
+      Vf = V + i0, ldv = ld;
+    }
+    float* o = OT + (int64_t)i0 * Rp;
+    int i = 0;
+    for (; i + B <= w; i += B) pv_lanes_blk<NV, B>(PT, Rp, Vf + i, ldv, nk, o + (int64_t)i * Rp);
+    for (; i < w; ++i) pv_lanes_blk<NV, 1>(PT, Rp, Vf + i, ldv, nk, o + (int64_t)i * Rp);
+  }
 }
 
 // f(nv_constant, c0) for the row vectors in chunks of up to 4 (64 rows)
@@ -285,39 +342,20 @@ static inline void for_lane_chunks(int Rp, F&& f) {
     }
 }
 
-// fp16 rows -> fp32 rows (stride d)
-static inline void rows_f32(const uint16_t* X, int64_t ld, int nk, int d, float* Xf) {
-  for (int j = 0; j < nk; ++j)
-    for (int i = 0; i < d; i += 16) {
-      const __mmask16 k = tail_mask(d - i);
-      _mm512_mask_storeu_ps(Xf + (int64_t)j * d + i, k, load16(X + j * ld + i, k));
-    }
-}
-
 // Key tile by key tile: scores + softmax of every row chunk, then values.
-// fp16 K / V tiles are converted to fp32 rows in `tile` first (K, then V over
-// it): one conversion per element instead of one per broadcast.
+// `tile` holds the converted fp16 blocks (at most kAttnTile * min(d, kStrip)
+// or 16 * d floats).
 template <class T>
 static void seg_lanes(const float* QT, int Rp, const T* K, const T* V, int64_t ld, int nk, int d, float scale,
                       float* m, float* l, float* OT, float* ST, float* tile) {
-  constexpr bool f16 = sizeof(T) == 2;
   for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
     const int jt = std::min(kAttnTile, nk - j0);
-    const float* Kf;
-    const float* Vf;
-    int64_t ldf;
-    if constexpr (f16) {
-      rows_f32(K + j0 * ld, ld, jt, d, tile);
-      Kf = Vf = tile, ldf = d;
-    } else {
-      Kf = K + j0 * ld, Vf = V + j0 * ld, ldf = ld;
-    }
     for_lane_chunks(Rp, [&](auto nv, int c0) {
-      qk_softmax_lanes<decltype(nv)::value>(QT + c0, Rp, Kf, ldf, jt, d, scale, m + c0, l + c0, OT + c0, ST + c0);
+      qk_softmax_lanes<decltype(nv)::value, T>(QT + c0, Rp, K + j0 * ld, ld, jt, d, scale, m + c0, l + c0, OT + c0,
+                                               ST + c0, tile);
     });
-    if constexpr (f16) rows_f32(V + j0 * ld, ld, jt, d, tile);
     for_lane_chunks(Rp, [&](auto nv, int c0) {
-      pv_lanes<decltype(nv)::value>(ST + c0, Rp, Vf, ldf, jt, d, OT + c0);
+      pv_lanes<decltype(nv)::value, T>(ST + c0, Rp, V + j0 * ld, ld, jt, d, OT + c0, tile);
     });
   }
 }
