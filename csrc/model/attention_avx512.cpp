@@ -271,9 +271,20 @@ static inline const float* key_rows(const T* K, int64_t ld, int j, int n, int d,
 // Scores and online softmax of one key tile (nk <= kAttnTile keys at stride ld)
 // for the NV row vectors at QT / m / l / OT / ST (lane offset applied by the
 // caller); ST is left holding P = exp(S - m').
+// Prefetch of n rows (row bytes rb) at stride ld elements: locality 3 = L1, 2 = L2.
+template <int Loc, class T>
+static inline void prefetch_rows(const T* X, int64_t ld, int n, int rb) {
+  for (int j = 0; j < n; ++j)
+    for (int b = 0; b < rb; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(X + j * ld) + b, 0, Loc);
+}
+
+// fp16 K: while a block of B keys is multiplied, the next block's K rows are
+// fetched into L1 and this block's V rows into L2 (for pv_lanes after it): the
+// ~1000 cycles of FMAs per block hide the L2 / DRAM latency that the block by
+// block conversion would otherwise wait on.
 template <int NV, class T>
-static void qk_softmax_lanes(const float* QT, int Rp, const T* K, int64_t ld, int nk, int d, float scale, float* m,
-                             float* l, float* OT, float* ST, float* buf) {
+static void qk_softmax_lanes(const float* QT, int Rp, const T* K, const T* V, int64_t ld, int nk, int d, float scale,
+                             float* m, float* l, float* OT, float* ST, float* buf) {
   constexpr int B = 16 / NV;  // keys per register tile
   __m512 mx[NV];
 #pragma GCC unroll 4
@@ -282,6 +293,10 @@ static void qk_softmax_lanes(const float* QT, int Rp, const T* K, int64_t ld, in
   int64_t ldk = 0;
   for (; j + B <= nk; j += B) {
     const float* kr = key_rows(K, ld, j, B, d, buf, ldk);
+    if constexpr (sizeof(T) == 2) {
+      prefetch_rows<3>(K + (j + B) * ld, ld, B, d * 2);  // past nk: the next tile's (harmless at the segment's end)
+      prefetch_rows<2>(V + j * ld, ld, B, d * 2);
+    }
     qk_lanes_blk<NV, B>(QT, Rp, kr, ldk, d, scale, ST + (int64_t)j * Rp, mx);
   }
   for (; j < nk; ++j) {
@@ -351,8 +366,8 @@ static void seg_lanes(const float* QT, int Rp, const T* K, const T* V, int64_t l
   for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
     const int jt = std::min(kAttnTile, nk - j0);
     for_lane_chunks(Rp, [&](auto nv, int c0) {
-      qk_softmax_lanes<decltype(nv)::value, T>(QT + c0, Rp, K + j0 * ld, ld, jt, d, scale, m + c0, l + c0, OT + c0,
-                                               ST + c0, tile);
+      qk_softmax_lanes<decltype(nv)::value, T>(QT + c0, Rp, K + j0 * ld, V + j0 * ld, ld, jt, d, scale, m + c0,
+                                               l + c0, OT + c0, ST + c0, tile);
     });
     for_lane_chunks(Rp, [&](auto nv, int c0) {
       pv_lanes<decltype(nv)::value, T>(ST + c0, Rp, V + j0 * ld, ld, jt, d, OT + c0, tile);
