@@ -32,10 +32,11 @@ static inline __m512 load16(const uint16_t* p, __mmask16 m) {
 }
 
 // exp for x <= 0: the same range reduction and polynomial as avx2::exp_neg
-// (simd_avx2.h), lane for lane.
+// (simd_avx2.h), bit for bit: lanes below -60 are 0 (so AVX2's clamp at -88
+// is not needed: -inf's NaN is masked too), and 2^n (n >= -87 elsewhere) is
+// applied by vscalefps, exact as AVX2's multiply by the exponent bits.
 static inline __m512 exp_neg(__m512 x) {
   const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-60.0f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
   const __m512 fx = _mm512_floor_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)));
   x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
   x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
@@ -46,8 +47,7 @@ static inline __m512 exp_neg(__m512 x) {
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps((__mmask16)~tiny, y, _mm512_castsi512_ps(e));
+  return _mm512_maskz_scalef_ps((__mmask16)~tiny, y, fx);
 }
 
 // S[r][0..16*NV) = scale * Q[r] . KT[:, cols] for RT rows; the last vector masked by `last`.
