@@ -1,12 +1,10 @@
-// Attention hot loops with AVX-512 F/BW/VL (compiled with those flags only):
-// the tiled path of 8-32 queries (scores, online softmax, values) 16 lanes
-// wide, with masked tails instead of scalar loops. The K/V tile conversions
-// (8x8 transposes) and the direct decode kernels stay AVX2's: attention.cpp
-// fills every entry this table leaves null from kAttnAvx2.
-//
-// Scores tiles cover a whole key tile: 4 query rows x 64 keys = 16 zmm
-// accumulators, per dim 4 key loads + 4 broadcasts for 16 FMAs (AVX2: 4 + 4
-// for 8 FMAs of half the width). Values: 4 rows x 64 dims per pass.
+// Attention hot loops with AVX-512 F/BW/VL (compiled with those flags only).
+// Jobs of 5+ rows (8-32 queries) run the rows-in-lanes path (seg_lanes_*,
+// to_lanes / from_lanes / merge_lanes; docs/architecture.md "Attention"):
+// Q transposed once per unit, K / V elements broadcast against 16-row
+// vectors. Decoding (R <= 4) keeps the row-major softmax_tile and pv here, 16
+// lanes wide with masked tails, and AVX2's qk_direct: attention.cpp fills
+// every entry this table leaves null from kAttnAvx2.
 // GCC 12 warns "__Y is used uninitialized" inside its own AVX-512 intrinsics
 // (GCC bug 105593); nothing of ours is uninitialized.
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -50,57 +48,7 @@ static inline __m512 exp_neg(__m512 x) {
   return _mm512_maskz_scalef_ps((__mmask16)~tiny, y, fx);
 }
 
-// S[r][0..16*NV) = scale * Q[r] . KT[:, cols] for RT rows; the last vector masked by `last`.
-template <int RT, int NV>
-static inline void qk_tile(const float* Q, int d, const float* KT, int ldkt, float scale, float* S, int64_t lds,
-                           __mmask16 last) {
-  __m512 acc[RT][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int i = 0; i < d; ++i) {
-    __m512 kv[NV];
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) kv[c] = load16(KT + (int64_t)i * ldkt + 16 * c, c == NV - 1 ? last : 0xFFFF);
-#pragma GCC unroll 4
-    for (int r = 0; r < RT; ++r) {
-      const __m512 qb = _mm512_set1_ps(Q[(int64_t)r * d + i]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
-    }
-  }
-  const __m512 sc = _mm512_set1_ps(scale);
-#pragma GCC unroll 4
-  for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c)
-      _mm512_mask_storeu_ps(S + r * lds + 16 * c, c == NV - 1 ? last : 0xFFFF, _mm512_mul_ps(acc[r][c], sc));
-}
-
-template <int RT>
-static inline void qk_rows(const float* Q, const float* KT, int ldkt, int nk8, int d, float scale, float* S,
-                           int64_t lds) {
-  const int nv = (nk8 + 15) / 16;
-  const __mmask16 last = tail_mask(nk8 - 16 * (nv - 1));
-  switch (nv) {
-    case 4: qk_tile<RT, 4>(Q, d, KT, ldkt, scale, S, lds, last); break;
-    case 3: qk_tile<RT, 3>(Q, d, KT, ldkt, scale, S, lds, last); break;
-    case 2: qk_tile<RT, 2>(Q, d, KT, ldkt, scale, S, lds, last); break;
-    case 1: qk_tile<RT, 1>(Q, d, KT, ldkt, scale, S, lds, last); break;
-    default: break;
-  }
-}
-
-// KT columns up to round8(nk) are valid (k_tile zeroes the padding); S gets those columns.
-static void qk(const float* Q, int R, const float* KT, int ldkt, int nk, int d, float scale, float* S, int64_t lds) {
-  static_assert(kAttnTile <= 64, "qk_tile covers at most 4 vectors of 16 keys");
-  const int nk8 = round8(nk);
-  for_row_blocks4(R, [&](auto rt, int r) {
-    qk_rows<decltype(rt)::value>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds);
-  });
-}
-
+// Decoding (R <= 4 rows): the online softmax and values row-major, 16 lanes wide.
 static void softmax_tile(float* S, int64_t lds, int R, int n, float* m, float* l, float* O, int d) {
   for (int r = 0; r < R; ++r) {
     float* s = S + r * lds;
@@ -459,7 +407,7 @@ static void merge_lanes(const float* parts, int64_t slot_size, int n, int Rp, in
 extern const AttnKernels kAttnAvx512Own = {nullptr,  // k_tile_f32: AVX2 8x8 transposes
                                            nullptr,  // k_tile_f16
                                            nullptr,  // v_tile_f16
-                                           &avx512::qk,
+                                           nullptr,  // qk: the lanes path below replaced the row-major scores
                                            nullptr,  // qk_direct_f32 (decode): AVX2's, whose summation order
                                            nullptr,  // qk_direct_f16  test_isa_forward's cross-ISA logits rely on
                                            &avx512::softmax_tile,
