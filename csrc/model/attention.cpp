@@ -191,8 +191,7 @@ static void attend_lanes(const AttnKernels& kt, const AttnItem& it, const Visibl
   if (part) OT = part;
   float* m = part ? part + (int64_t)Rp * hd : S + (int64_t)Rp * kAttnTile;
   float* l = m + Rp;
-  for (int r = 0; r < Rp; ++r) m[r] = -INFINITY, l[r] = 0.f;
-  std::memset(OT, 0, sizeof(float) * Rp * hd);
+  for (int r = 0; r < Rp; ++r) m[r] = -INFINITY, l[r] = 0.f;  // OT: unread while m = -inf (seg_lanes_*)
   const float scale = 1.0f / std::sqrt((float)hd);
   auto clip = [&](const auto* K, const auto* V, int64_t ld, int nk, int off) {
     const int lo = std::max(k0 - off, 0), hi = std::min(k1 - off, nk);

@@ -48,8 +48,9 @@ struct AttnKernels {
   // vector lanes. One segment of nk keys (K/V rows at stride ld) for Rp rows (a
   // multiple of 16): queries QT[i * Rp + r] (transposed, padding lanes 0), the
   // running max m[r], sum l[r] and unnormalized output OT[i * Rp + r] updated
-  // as by qk + softmax_tile + pv over its key tiles. ST: kAttnTile * Rp floats
-  // (scores, keys x rows), tile: kAttnTile * d floats (K, then V rows as fp32).
+  // as by qk + softmax_tile + pv over its key tiles (OT is not read in rows
+  // whose m is still -inf: it need not be initialized). ST: kAttnTile * Rp floats
+  // (scores, keys x rows), tile: kAttnTile * d floats (fp16 K / V blocks as fp32).
   void (*seg_lanes_f32)(const float* QT, int Rp, const float* K, const float* V, int64_t ld, int nk, int d, float scale,
                         float* m, float* l, float* OT, float* ST, float* tile);
   void (*seg_lanes_f16)(const float* QT, int Rp, const uint16_t* K, const uint16_t* V, int64_t ld, int nk, int d,

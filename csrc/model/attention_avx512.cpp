@@ -161,14 +161,16 @@ static inline void qk_lanes_blk(const float* QT, int Rp, const float* K, int64_t
     }
 }
 
-// OT[i * Rp + 16 c] += sum_j V[j][i] PT[j * Rp + 16 c], dims i < I, vectors c < NV
+// OT[i * Rp + 16 c] += sum_j V[j][i] PT[j * Rp + 16 c], dims i < I, vectors c < NV; OT
+// read only in the `live` lanes (0 elsewhere: rows that start here)
 template <int NV, int I>
-static inline void pv_lanes_blk(const float* PT, int Rp, const float* V, int64_t ldv, int nk, float* OT) {
+static inline void pv_lanes_blk(const float* PT, int Rp, const float* V, int64_t ldv, int nk, float* OT,
+                                const __mmask16 (&live)[NV]) {
   __m512 acc[I][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < I; ++i)
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[i][c] = _mm512_loadu_ps(OT + (int64_t)i * Rp + 16 * c);
+    for (int c = 0; c < NV; ++c) acc[i][c] = _mm512_maskz_loadu_ps(live[c], OT + (int64_t)i * Rp + 16 * c);
   for (int j = 0; j < nk; ++j) {
     __m512 pv[NV];
 #pragma GCC unroll 4
@@ -232,7 +234,7 @@ static inline void prefetch_rows(const T* X, int64_t ld, int n, int rb) {
 // block conversion would otherwise wait on.
 template <int NV, class T>
 static void qk_softmax_lanes(const float* QT, int Rp, const T* K, const T* V, int64_t ld, int nk, int d, float scale,
-                             float* m, float* l, float* OT, float* ST, float* buf) {
+                             float* m, float* l, float* OT, float* ST, float* buf, __mmask16 (&live)[NV]) {
   constexpr int B = 16 / NV;  // keys per register tile
   __m512 mx[NV];
 #pragma GCC unroll 4
@@ -252,8 +254,10 @@ static void qk_softmax_lanes(const float* QT, int Rp, const T* K, const T* V, in
     qk_lanes_blk<NV, 1>(QT, Rp, kr, ldk, d, scale, ST + (int64_t)j * Rp, mx);
   }
   for (int c = 0; c < NV; ++c) {
-    // e^(m - m'): 0 where m = -inf (exp_neg underflows to 0 below -60)
-    const __m512 alpha = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(m + 16 * c), mx[c]));
+    // e^(m - m'): 0 where m = -inf (exp_neg is 0 below -60)
+    const __m512 m0 = _mm512_loadu_ps(m + 16 * c);
+    live[c] = _mm512_cmp_ps_mask(m0, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);  // rows with an output so far
+    const __m512 alpha = exp_neg(_mm512_sub_ps(m0, mx[c]));
     __m512 sum = _mm512_setzero_ps();
     for (int jj = 0; jj < nk; ++jj) {
       float* s = ST + (int64_t)jj * Rp + 16 * c;
@@ -263,7 +267,8 @@ static void qk_softmax_lanes(const float* QT, int Rp, const T* K, const T* V, in
     }
     _mm512_storeu_ps(l + 16 * c, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(l + 16 * c), alpha), sum));
     _mm512_storeu_ps(m + 16 * c, mx[c]);
-    if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.f), _CMP_NEQ_UQ))  // some lane's max moved
+    // the max of a row with an output so far moved (rows starting here: OT unread)
+    if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.f), _CMP_NEQ_UQ) & live[c])
       for (int i = 0; i < d; ++i) {
         float* o = OT + (int64_t)i * Rp + 16 * c;
         _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
@@ -275,7 +280,8 @@ static void qk_softmax_lanes(const float* QT, int Rp, const T* K, const T* V, in
 // of kStrip dims x nk keys converted into `buf` before use.
 constexpr int kStrip = 32;
 template <int NV, class T>
-static void pv_lanes(const float* PT, int Rp, const T* V, int64_t ld, int nk, int d, float* OT, float* buf) {
+static void pv_lanes(const float* PT, int Rp, const T* V, int64_t ld, int nk, int d, float* OT, float* buf,
+                     const __mmask16 (&live)[NV]) {
   constexpr int B = 16 / NV;  // dims per register tile
   for (int i0 = 0; i0 < d; i0 += kStrip) {
     const int w = std::min(kStrip, d - i0);
@@ -289,8 +295,8 @@ static void pv_lanes(const float* PT, int Rp, const T* V, int64_t ld, int nk, in
     }
     float* o = OT + (int64_t)i0 * Rp;
     int i = 0;
-    for (; i + B <= w; i += B) pv_lanes_blk<NV, B>(PT, Rp, Vf + i, ldv, nk, o + (int64_t)i * Rp);
-    for (; i < w; ++i) pv_lanes_blk<NV, 1>(PT, Rp, Vf + i, ldv, nk, o + (int64_t)i * Rp);
+    for (; i + B <= w; i += B) pv_lanes_blk<NV, B>(PT, Rp, Vf + i, ldv, nk, o + (int64_t)i * Rp, live);
+    for (; i < w; ++i) pv_lanes_blk<NV, 1>(PT, Rp, Vf + i, ldv, nk, o + (int64_t)i * Rp, live);
   }
 }
 
@@ -305,7 +311,7 @@ static inline void for_lane_chunks(int Rp, F&& f) {
     }
 }
 
-// Key tile by key tile: scores + softmax of every row chunk, then values.
+// Key tile by key tile, row chunk by row chunk: scores + softmax, then values.
 // `tile` holds the converted fp16 blocks (at most kAttnTile * min(d, kStrip)
 // or 16 * d floats).
 template <class T>
@@ -314,11 +320,11 @@ static void seg_lanes(const float* QT, int Rp, const T* K, const T* V, int64_t l
   for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
     const int jt = std::min(kAttnTile, nk - j0);
     for_lane_chunks(Rp, [&](auto nv, int c0) {
-      qk_softmax_lanes<decltype(nv)::value, T>(QT + c0, Rp, K + j0 * ld, V + j0 * ld, ld, jt, d, scale, m + c0,
-                                               l + c0, OT + c0, ST + c0, tile);
-    });
-    for_lane_chunks(Rp, [&](auto nv, int c0) {
-      pv_lanes<decltype(nv)::value, T>(ST + c0, Rp, V + j0 * ld, ld, jt, d, OT + c0, tile);
+      constexpr int NV = decltype(nv)::value;
+      __mmask16 live[NV];
+      qk_softmax_lanes<NV, T>(QT + c0, Rp, K + j0 * ld, V + j0 * ld, ld, jt, d, scale, m + c0, l + c0, OT + c0, ST + c0,
+                              tile, live);
+      pv_lanes<NV, T>(ST + c0, Rp, V + j0 * ld, ld, jt, d, OT + c0, tile, live);
     });
   }
 }
@@ -388,13 +394,17 @@ static void merge_lanes(const float* parts, int64_t slot_size, int n, int Rp, in
     for (int s = 0; s < n; ++s) M = _mm512_max_ps(M, _mm512_loadu_ps(mp + s * slot_size));
     __m512 L = _mm512_setzero_ps();
     for (int s = 0; s < n; ++s) {
-      const __m512 w = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(mp + s * slot_size), M));  // 0 where m_s = -inf
+      const __m512 ms = _mm512_loadu_ps(mp + s * slot_size);
+      const __m512 w = exp_neg(_mm512_sub_ps(ms, M));  // 0 where m_s = -inf
+      // rows a slot never saw a key for (m_s = -inf) add nothing: their OT is unread (seg_lanes_*)
+      const __mmask16 seen = _mm512_cmp_ps_mask(ms, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
       L = _mm512_fmadd_ps(w, _mm512_loadu_ps(mp + s * slot_size + Rp), L);
       const float* po = parts + s * slot_size + c;
       for (int i = 0; i < d; ++i) {
         float* o = OT + (int64_t)i * Rp + c;
-        const __m512 x = _mm512_mul_ps(w, _mm512_loadu_ps(po + (int64_t)i * Rp));
-        _mm512_storeu_ps(o, s == 0 ? x : _mm512_add_ps(_mm512_loadu_ps(o), x));
+        const __m512 p = _mm512_loadu_ps(po + (int64_t)i * Rp);
+        const __m512 oo = _mm512_loadu_ps(o);
+        _mm512_storeu_ps(o, s == 0 ? _mm512_maskz_mul_ps(seen, w, p) : _mm512_mask_blend_ps(seen, oo, _mm512_fmadd_ps(w, p, oo)));
       }
     }
     _mm512_storeu_ps(inv_l + c, _mm512_div_ps(_mm512_set1_ps(1.f), L));

@@ -129,7 +129,7 @@ static void run_lanes(int R, int group, int nk, int cut, int d, bool f16) {
     float* OT = parts.data() + u * slot;
     float *m = OT + (int64_t)Rp * d, *l = m + Rp;
     for (int r = 0; r < Rp; ++r) m[r] = -INFINITY, l[r] = 0.f;
-    std::fill(OT, OT + (int64_t)Rp * d, 0.f);
+    std::fill(OT, OT + (int64_t)Rp * d, NAN);  // unread while m = -inf
     for (auto [a, b] : {std::pair<int, int>{k0, mid}, {mid, k1}}) {
       if (a >= b) continue;
       if (f16)
