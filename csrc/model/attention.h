@@ -18,6 +18,8 @@ namespace bitdlm {
 // (register-blocked, FMA-bound) instead of one dot product per query and key.
 // With at most kAttnDirectRows rows (decoding: one query) the tiles would cost
 // as much as the products: scores and values then read K/V rows directly.
+// A table with seg_lanes_* (AVX-512) runs the tiled path with the rows in
+// vector lanes instead (attention.cpp attend_lanes; docs/architecture.md).
 constexpr int kAttnTile = 64;
 constexpr int kAttnDirectRows = 4;
 
