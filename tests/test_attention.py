@@ -27,9 +27,11 @@ def reference(q, k, v, kc, vc, start, ctx, B, nkv, hd):
 
 
 # (query heads, KV heads, head_dim), (queries, cached, B): decoding (direct kernels), 8 / 32 queries
-# (tiles), several units per job (units of >= 64 keys), odd head_dim
+# (tiles), several units per job (units of >= 64 keys), odd head_dim, 128 rows per job (AVX-512:
+# two chunks of 64 lanes), head_dim 13 (the lanes paths' one-dim and one-key register tiles)
 CASES = [((8, 2, 32), (1, 300, 1)), ((8, 2, 32), (8, 300, 32)), ((6, 2, 12), (32, 200, 32)),
-         ((20, 5, 128), (8, 520, 32)), ((4, 4, 16), (5, 150, 2))]
+         ((20, 5, 128), (8, 520, 32)), ((4, 4, 16), (5, 150, 2)), ((32, 2, 16), (8, 100, 32)),
+         ((4, 2, 13), (8, 91, 32))]
 
 
 def make(rng, heads, case, f16):

@@ -823,8 +823,9 @@ _ATTN_SIMDE_HEADERS = ["csrc/kernels/simd512.h", "csrc/model/attention.h", "csrc
 
 
 def test_avx512_attention_kernels_via_simde(tmp_path_factory):
-    """The AVX-512 attention kernels (scores, online softmax, fp32/fp16 values), compiled against SIMDe
-    without any -mavx512 flag, match plain loops within 1e-5 relative on odd shapes."""
+    """The AVX-512 attention kernels (the decode path's online softmax and fp32/fp16 values; the
+    rows-in-lanes path: transposes, segments, merge), compiled against SIMDe without any -mavx512 flag,
+    match plain loops within 1e-5 relative on odd shapes."""
     from helpers import run_simde_harness
 
     out = run_simde_harness("attn_simde", _ATTN_SIMDE, _ATTN_SIMDE_HEADERS, tmp_path_factory)

@@ -97,6 +97,9 @@ static inline __m512i _mm512_cvttps_epi32(__m512 a) {
   for (int i = 0; i < 16; ++i) o[i] = (int32_t)v[i];
   return shim_from<__m512i>(o);
 }
+// the integer form moves the same 128-bit lanes
+#define _mm512_shuffle_f32x4(a, b, imm) \
+  _mm512_castsi512_ps(_mm512_shuffle_i32x4(_mm512_castps_si512(a), _mm512_castps_si512(b), imm))
 #endif
 
 typedef __m512i m512i;

@@ -103,7 +103,12 @@ extern const AttnKernels kAttnPortable = {&portable::k_tile<float>,
                                           &portable::softmax_tile,
                                           &portable::pv<float>,
                                           &portable::pv<uint16_t>,
-                                          &portable::to_f16};
+                                          &portable::to_f16,
+                                          nullptr,  // seg_lanes_f32: the row-major tiled path
+                                          nullptr,
+                                          nullptr,
+                                          nullptr,
+                                          nullptr};
 
 const AttnKernels& attn_kernels(Isa isa) {
   static const IsaTable<AttnKernels> tables{
@@ -168,6 +173,45 @@ constexpr int kUnitKeys = 64, kUnitsPerItem = 64;
 
 }  // namespace
 
+static inline int round16(int n) { return (n + 15) & ~15; }
+
+// The tiled path of a table with rows in lanes (AttnKernels::seg_lanes_*): the
+// same unit as attend() below, with the rows transposed into vector lanes
+// (Rp = R rounded up to 16; padding rows are zero queries, dropped at the end),
+// so the scores of a key are one row of ST and the softmax runs across rows.
+template <class T>
+static void attend_lanes(const AttnKernels& kt, const AttnItem& it, const Visible& vis, int i0, int i1, int kvh,
+                         int group, int k0, int k1, const float* q, const float* k, const float* v, int nh, int nkv,
+                         int hd, float* out, float* part, float* QT, float* OT, float* S, float* tile) {
+  const int64_t ldq = (int64_t)nh * hd, ldkv = (int64_t)nkv * hd;
+  const int R = (i1 - i0) * group, Rp = round16(R);
+  const int64_t qoff = (int64_t)(it.row0 + i0) * ldq + (int64_t)kvh * group * hd;  // row 0: query i0, head kvh * group
+  kt.to_lanes(q + qoff, ldq, group, R, hd, QT, Rp);
+  // a split job's unit keeps its state in its slot, [OT | m | l] (merge_lanes' layout)
+  if (part) OT = part;
+  float* m = part ? part + (int64_t)Rp * hd : S + (int64_t)Rp * kAttnTile;
+  float* l = m + Rp;
+  for (int r = 0; r < Rp; ++r) m[r] = -INFINITY, l[r] = 0.f;  // OT: unread while m = -inf (seg_lanes_*)
+  const float scale = 1.0f / std::sqrt((float)hd);
+  auto clip = [&](const auto* K, const auto* V, int64_t ld, int nk, int off) {
+    const int lo = std::max(k0 - off, 0), hi = std::min(k1 - off, nk);
+    if (lo >= hi) return;
+    if constexpr (sizeof(*K) == 2)
+      kt.seg_lanes_f16(QT, Rp, K + lo * ld, V + lo * ld, ld, hi - lo, hd, scale, m, l, OT, S, tile);
+    else
+      kt.seg_lanes_f32(QT, Rp, K + lo * ld, V + lo * ld, ld, hi - lo, hd, scale, m, l, OT, S, tile);
+  };
+  const T* Kc = static_cast<const T*>(it.kc) + (int64_t)kvh * it.cap * hd;
+  const T* Vc = static_cast<const T*>(it.vc) + (int64_t)kvh * it.cap * hd;
+  clip(Kc, Vc, hd, vis.a1, 0);
+  clip(Kc + (int64_t)vis.a2 * hd, Vc + (int64_t)vis.a2 * hd, hd, vis.nb, vis.a1);
+  clip(k + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd, v + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd, ldkv, vis.nf,
+       vis.a1 + vis.nb);
+  if (part) return;
+  for (int r = 0; r < R; ++r) l[r] = 1.0f / l[r];
+  kt.from_lanes(OT, Rp, R, hd, l, out + qoff, ldq, group);
+}
+
 // Rows R = (i1 - i0) queries x `group` heads against keys [k0, k1) of their
 // common visible keys. With `part` null the output is normalized and written
 // to `out`; otherwise part = [R * hd unnormalized output | R running max | R sum].
@@ -189,6 +233,10 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
   // score rows over all keys are never stored. Few rows (decoding) read the
   // K/V rows directly, more rows go through converted / transposed tiles.
   const bool direct = R <= kAttnDirectRows;
+  if (!direct && kt.seg_lanes_f16) {
+    attend_lanes<T>(kt, it, vis, i0, i1, kvh, group, k0, k1, q, k, v, nh, nkv, hd, out, part, Qs, Os, S, tile);
+    return;
+  }
   if (part) Os = part;
   float* m = part ? part + (int64_t)R * hd : S + (int64_t)R * kAttnTile;
   float* l = m + R;
@@ -282,7 +330,9 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
     }
   }
   const int64_t rows = (int64_t)kQueriesPerJob * group;
-  const int64_t slot_size = rows * (hd + 2);
+  // Partials: [R * hd output | R max | R sum], with rows in lanes [hd x Rp | Rp | Rp]
+  const bool lanes = kt.seg_lanes_f16 != nullptr;
+  const int64_t slot_size = lanes ? round16((int)(round16((int)rows) * (hd + 2))) : rows * (hd + 2);
   std::vector<Unit> units;
   std::vector<int> first_unit(jobs.size() + 1);
   int64_t n_slots = 0;
@@ -309,11 +359,15 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
   }
   first_unit[jobs.size()] = (int)units.size();
   const int nthreads = omp_get_max_threads();
-  const int64_t s_size = rows * (kAttnTile + 2);  // one tile's scores, then the running max and sum per row
-  const int64_t per_thread = rows * hd * 2 + s_size + (int64_t)kAttnTile * hd + max_parts;
-  const size_t need = (size_t)(nthreads * per_thread + n_slots * slot_size);
+  // Rows rounded to 16 (the lanes path's padding) and every area to 16 floats,
+  // so the tiles start on 64-byte lines.
+  const int64_t rows_p = round16((int)rows), qo_size = round16((int)(rows_p * hd));
+  const int64_t s_size = round16((int)(rows_p * (kAttnTile + 2)));  // one tile's scores, then max and sum per row
+  const int64_t tile_size = round16(kAttnTile * hd);
+  const int64_t per_thread = qo_size * 2 + s_size + tile_size + round16(max_parts);
+  const size_t need = (size_t)(nthreads * per_thread + n_slots * slot_size) + 16;
   if (scratch.size() < need) scratch.resize(need);
-  float* sbase = scratch.data();
+  float* sbase = scratch.data() + ((64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64) / sizeof(float);
   float* parts = sbase + nthreads * per_thread;
   // Units of a split job still running; the one that brings it to 0 merges.
   std::unique_ptr<std::atomic<int>[]> left(new std::atomic<int>[jobs.size()]);
@@ -322,10 +376,10 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
 #pragma omp parallel for schedule(dynamic, 1) if (nunits > 1)
   for (int64_t u = 0; u < nunits; ++u) {
     float* Qs = sbase + (int64_t)omp_get_thread_num() * per_thread;
-    float* Os = Qs + rows * hd;
-    float* S = Os + rows * hd;
+    float* Os = Qs + qo_size;
+    float* S = Os + qo_size;
     float* tile = S + s_size;
-    float* w = tile + (int64_t)kAttnTile * hd;
+    float* w = tile + tile_size;
     const Unit& un = units[u];
     const Job& jb = jobs[un.job];
     const AttnItem& it = items[jb.item];
@@ -340,8 +394,14 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
     if (part && left[un.job].fetch_sub(1, std::memory_order_acq_rel) == 1) {
       const int R = (jb.i1 - jb.i0) * group;
       const int u0 = first_unit[un.job];
-      merge_parts(parts + units[u0].slot, slot_size, first_unit[un.job + 1] - u0, R, hd, Os, w);
       const int64_t ldq = (int64_t)nh * hd;
+      if (lanes && R > kAttnDirectRows) {
+        kt.merge_lanes(parts + units[u0].slot, slot_size, first_unit[un.job + 1] - u0, round16(R), hd, Os, S);
+        kt.from_lanes(Os, round16(R), R, hd, S, out + (int64_t)(it.row0 + jb.i0) * ldq + (int64_t)jb.kvh * group * hd,
+                      ldq, group);
+        continue;
+      }
+      merge_parts(parts + units[u0].slot, slot_size, first_unit[un.job + 1] - u0, R, hd, Os, w);
       for (int i = jb.i0; i < jb.i1; ++i)
         std::memcpy(out + (int64_t)(it.row0 + i) * ldq + (int64_t)jb.kvh * group * hd,
                     Os + (int64_t)(i - jb.i0) * group * hd, sizeof(float) * group * hd);

@@ -18,6 +18,8 @@ namespace bitdlm {
 // (register-blocked, FMA-bound) instead of one dot product per query and key.
 // With at most kAttnDirectRows rows (decoding: one query) the tiles would cost
 // as much as the products: scores and values then read K/V rows directly.
+// A table with seg_lanes_* (AVX-512) runs the tiled path with the rows in
+// vector lanes instead (attention.cpp attend_lanes; docs/architecture.md).
 constexpr int kAttnTile = 64;
 constexpr int kAttnDirectRows = 4;
 
@@ -44,6 +46,25 @@ struct AttnKernels {
   void (*pv_f16)(const float* P, int64_t ldp, int R, const uint16_t* V, int64_t ldv, int nk, int d, float* O);
   // fp32 -> fp16 (round to nearest even) for K/V writes
   void (*to_f16)(const float* x, uint16_t* y, int n);
+  // Optional (null but in the AVX-512 table): the tiled path with the rows in
+  // vector lanes. One segment of nk keys (K/V rows at stride ld) for Rp rows (a
+  // multiple of 16): queries QT[i * Rp + r] (transposed, padding lanes 0), the
+  // running max m[r], sum l[r] and unnormalized output OT[i * Rp + r] updated
+  // as by qk + softmax_tile + pv over its key tiles (OT is not read in rows
+  // whose m is still -inf: it need not be initialized). ST: kAttnTile * Rp floats
+  // (scores, keys x rows), tile: kAttnTile * d floats (fp16 K / V blocks as fp32).
+  void (*seg_lanes_f32)(const float* QT, int Rp, const float* K, const float* V, int64_t ld, int nk, int d, float scale,
+                        float* m, float* l, float* OT, float* ST, float* tile);
+  void (*seg_lanes_f16)(const float* QT, int Rp, const uint16_t* K, const uint16_t* V, int64_t ld, int nk, int d,
+                        float scale, float* m, float* l, float* OT, float* ST, float* tile);
+  // Rows <-> lanes for the above, row r at X + (r / group) * ldx + (r % group) * d:
+  // XT[i * Rp + r] = X[row r][i] (rows R..Rp zero); X[row r][i] = XT[i * Rp + r] * (sc ? sc[r] : 1).
+  void (*to_lanes)(const float* X, int64_t ldx, int group, int R, int d, float* XT, int Rp);
+  void (*from_lanes)(const float* XT, int Rp, int R, int d, const float* sc, float* X, int64_t ldx, int group);
+  // The exact softmax merge of n partials in lanes layout (slot s at parts + s *
+  // slot_size: [OT d x Rp | m Rp | l Rp]): OT = sum_s e^(m_s - M) OT_s,
+  // inv_l[r] = 1 / sum_s e^(m_s - M) l_s with M = max_s m_s.
+  void (*merge_lanes)(const float* parts, int64_t slot_size, int n, int Rp, int d, float* OT, float* inv_l);
 };
 
 // The tables (any entry may be nullptr: the level below's serves; kernels/isa_table.h).

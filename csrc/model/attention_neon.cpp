@@ -193,6 +193,11 @@ extern const AttnKernels kAttnNeon = {&neon::k_tile<float>,
                                       &neon::softmax_tile,
                                       &neon::pv<float>,
                                       &neon::pv<uint16_t>,
-                                      &neon::to_f16};
+                                      &neon::to_f16,
+                                      nullptr,  // seg_lanes_f32: the row-major tiled path
+                                      nullptr,
+                                      nullptr,
+                                      nullptr,
+                                      nullptr};
 
 }  // namespace bitdlm

@@ -4,8 +4,10 @@
 // 0 failed" when every value is within a tight relative tolerance (the exp
 // polynomial and the summation order differ from std::exp in the last bits).
 // Run by tests/test_forward.py.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <utility>
 #include <vector>
 
 #include "kernels/isa.h"
@@ -46,14 +48,13 @@ static void run(int R, int nk, int d) {
   const float scale = 0.3f;
   // scores
   std::vector<float> S((size_t)R * kAttnTile, -7.f), Sr(S);
-  t.qk(Q.data(), R, KT.data(), ldkt, nk, d, scale, S.data(), kAttnTile);
+  // (the row-major scores kernel is gone: the lanes path, run_lanes below, computes them)
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < nk8; ++j) {
       float a = 0.f;
       for (int i = 0; i < d; ++i) a += Q[(size_t)r * d + i] * KT[(size_t)i * ldkt + j];
-      Sr[(size_t)r * kAttnTile + j] = a * scale;
+      S[(size_t)r * kAttnTile + j] = Sr[(size_t)r * kAttnTile + j] = a * scale;
     }
-  expect_close("qk", S.data(), Sr.data(), (int)S.size(), R, nk, d);
   // online softmax from a running state
   std::vector<float> m(R), l(R), mr(R), lr(R), O((size_t)R * d), Or;
   for (int r = 0; r < R; ++r) m[r] = mr[r] = r % 3 == 0 ? -INFINITY : 0.2f * r, l[r] = lr[r] = 1.5f;
@@ -88,10 +89,81 @@ static void run(int R, int nk, int d) {
   expect_close("pv_f16", O3.data(), Or.data(), (int)O3.size(), R, nk, d);
 }
 
+// The rows-in-lanes path (seg_lanes_*, to_lanes, from_lanes, merge_lanes): R rows
+// (queries x `group` heads) against nk keys cut into two units at `cut`, each
+// unit in two segments, merged; against softmax attention in plain loops.
+static void run_lanes(int R, int group, int nk, int cut, int d, bool f16) {
+  const AttnKernels& t = kAttnAvx512Own;
+  const int Rp = (R + 15) & ~15, nq = (R + group - 1) / group;
+  const int64_t ldq = (int64_t)group * d + 5;  // rows of one query contiguous, queries apart
+  std::vector<float> Q((size_t)nq * ldq), K((size_t)nk * d), V((size_t)nk * d);
+  for (auto& x : Q) x = 2.f * frand();
+  for (auto& x : K) x = frand();
+  for (auto& x : V) x = frand();
+  std::vector<uint16_t> Kh(K.size()), Vh(V.size());
+  for (size_t i = 0; i < K.size(); ++i) Kh[i] = f32_to_f16(K[i]), K[i] = half_to_float(Kh[i]);
+  for (size_t i = 0; i < V.size(); ++i) Vh[i] = f32_to_f16(V[i]), V[i] = half_to_float(Vh[i]);
+  const float scale = 0.25f;
+  auto row = [&](int r) { return Q.data() + (int64_t)(r / group) * ldq + (int64_t)(r % group) * d; };
+  std::vector<float> ref((size_t)R * d);
+  for (int r = 0; r < R; ++r) {
+    std::vector<double> s(nk);
+    double mx = -1e300, sum = 0;
+    for (int j = 0; j < nk; ++j) {
+      double a = 0;
+      for (int i = 0; i < d; ++i) a += (double)row(r)[i] * K[(size_t)j * d + i];
+      s[j] = a * scale, mx = std::max(mx, s[j]);
+    }
+    for (int j = 0; j < nk; ++j) s[j] = std::exp(s[j] - mx), sum += s[j];
+    for (int i = 0; i < d; ++i) {
+      double a = 0;
+      for (int j = 0; j < nk; ++j) a += s[j] * V[(size_t)j * d + i];
+      ref[(size_t)r * d + i] = (float)(a / sum);
+    }
+  }
+  const int64_t slot = (int64_t)Rp * (d + 2);
+  std::vector<float> QT((size_t)Rp * d), parts(2 * slot), ST((size_t)kAttnTile * Rp), tile((size_t)kAttnTile * d);
+  t.to_lanes(Q.data(), ldq, group, R, d, QT.data(), Rp);
+  for (int u = 0; u < 2; ++u) {
+    const int k0 = u ? cut : 0, k1 = u ? nk : cut, mid = k0 + (k1 - k0) / 3;
+    float* OT = parts.data() + u * slot;
+    float *m = OT + (int64_t)Rp * d, *l = m + Rp;
+    for (int r = 0; r < Rp; ++r) m[r] = -INFINITY, l[r] = 0.f;
+    std::fill(OT, OT + (int64_t)Rp * d, NAN);  // unread while m = -inf
+    for (auto [a, b] : {std::pair<int, int>{k0, mid}, {mid, k1}}) {
+      if (a >= b) continue;
+      if (f16)
+        t.seg_lanes_f16(QT.data(), Rp, Kh.data() + (size_t)a * d, Vh.data() + (size_t)a * d, d, b - a, d, scale, m, l,
+                        OT, ST.data(), tile.data());
+      else
+        t.seg_lanes_f32(QT.data(), Rp, K.data() + (size_t)a * d, V.data() + (size_t)a * d, d, b - a, d, scale, m, l,
+                        OT, ST.data(), tile.data());
+    }
+  }
+  std::vector<float> OT((size_t)Rp * d), inv(Rp), O((size_t)nq * ldq, -9.f);
+  t.merge_lanes(parts.data(), slot, 2, Rp, d, OT.data(), inv.data());
+  t.from_lanes(OT.data(), Rp, R, d, inv.data(), O.data(), ldq, group);
+  std::vector<float> got((size_t)R * d);
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < d; ++i) got[(size_t)r * d + i] = O[(size_t)(r / group) * ldq + (r % group) * d + i];
+  ++g_cases;
+  for (size_t i = 0; i < got.size(); ++i)
+    if (!(std::fabs(got[i] - ref[i]) <= 1e-5f * std::fabs(ref[i]) + 2e-6f)) {
+      std::printf("FAIL lanes R=%d group=%d nk=%d cut=%d d=%d f16=%d at %zu: %g vs %g\n", R, group, nk, cut, d, (int)f16,
+                  i, got[i], ref[i]);
+      ++g_fail;
+      return;
+    }
+}
+
 int main() {
   for (int R : {1, 2, 3, 4, 7, 32})
     for (int nk : {1, 7, 8, 17, 40, 64})
       for (int d : {12, 16, 64, 72, 128}) run(R, nk, d);
+  for (auto [R, group] : {std::pair<int, int>{5, 1}, {12, 3}, {32, 4}, {48, 4}, {64, 8}, {80, 16}})
+    for (int nk : {2, 70, 200})
+      for (int d : {12, 64, 128})
+        for (bool f16 : {false, true}) run_lanes(R, group, nk, nk / 2 + 1, d, f16);
   std::printf("OK %d cases, %d failed\n", g_cases, g_fail);
   return g_fail ? 1 : 0;
 }
