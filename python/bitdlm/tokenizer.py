@@ -79,6 +79,12 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_ids = list(eos_token_ids or [])
         self._template = None
+        self._bytes = False  # the detokenizer's byte table (build_byte_table), built at first use
+
+    def _byte_table(self) -> list | None:
+        if self._bytes is False:
+            self._bytes = build_byte_table(self._tok)
+        return self._bytes
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Tokenizer":
@@ -389,7 +395,19 @@ class IncrementalDetokenizer:
     """Turns a growing token list into text deltas. A delta is only released
     once it no longer ends in an incomplete UTF-8 sequence (decoded as U+FFFD),
     and decoding always restarts a few tokens back so word-boundary rules
-    (leading spaces, byte fallback) see their left context."""
+    (leading spaces, byte fallback) see their left context.
+
+    The definition (`_add_generic`): the text of ids[prefix:] less that of
+    ids[prefix:read], two `decode` calls per step. The fast path gives the same
+    deltas with one `bytes.decode` of the new tokens' bytes, for byte-level
+    tokenizers (`_byte_table`): there the text of ordinary tokens is their
+    concatenated bytes decoded with U+FFFD for invalid sequences, and when the
+    bytes of ids[prefix:read] are valid UTF-8 the text of ids[prefix:] is that
+    text followed by the decoded bytes of ids[read:] (a UTF-8 decoder starts
+    afresh after a complete sequence). It holds while ids[prefix:read] are
+    ordinary tokens with valid UTF-8 bytes; `_pend` (the bytes of ids[read:])
+    is None otherwise, and the definition runs (special / added tokens, ids the
+    table lacks, released text holding U+FFFD) until a release restores it."""
 
     _CONTEXT = 5  # prompt tokens used as left context
 
@@ -400,27 +418,138 @@ class IncrementalDetokenizer:
         self.ids = ctx
         self.prefix = 0  # ids[prefix:read] decode to text already emitted (the left context)
         self.read = len(ctx)
+        self._tbl = tok._byte_table()  # id -> bytes (None: not an ordinary token), or None: no fast path
+        self._pend = self._valid_window()
+
+    def _valid_window(self) -> bytes | None:
+        """b"" (the fast path, nothing pending) when ids[read:] is empty and ids[prefix:read]
+        are ordinary tokens whose bytes are valid UTF-8, else None."""
+        tbl = self._tbl
+        if tbl is None or self.read != len(self.ids):
+            return None
+        try:
+            b"".join([tbl[t] for t in self.ids[self.prefix:self.read]]).decode("utf-8")
+        except (TypeError, IndexError, UnicodeDecodeError):
+            return None
+        return b""
 
     def _decode(self, a: int, b: int | None = None) -> str:
-        # straight to `tokenizers` (the slice is a fresh list already): two calls per step and request
+        # straight to `tokenizers` (the slice is a fresh list already)
         return self.tok._tok.decode(self.ids[a:b], skip_special_tokens=self.skip)
 
     def add(self, token_id: int) -> str:
-        return self.add_many((token_id,))
+        """The text delta of one new token."""
+        t = int(token_id)
+        self.ids.append(t)
+        pend = self._pend
+        if pend is not None:
+            try:  # (ids are >= 0: the engine checks prompts and produces no negative ids)
+                pend += self._tbl[t]
+            except (TypeError, IndexError):  # not an ordinary token: the definition takes over
+                self._pend = None
+                return self._add_generic()
+            return self._take(pend)
+        return self._add_generic()
 
     def add_many(self, token_ids) -> str:
-        """The text delta of several new tokens at once: two decodes for the lot, not per token."""
-        self.ids.extend(map(int, token_ids))
+        """The text delta of several new tokens at once."""
+        ids = self.ids
+        n0 = len(ids)
+        ids.extend(map(int, token_ids))
+        pend = self._pend
+        if pend is not None:
+            tbl = self._tbl
+            try:
+                pend += b"".join([tbl[t] for t in ids[n0:]])
+            except (TypeError, IndexError):
+                self._pend = None
+                return self._add_generic()
+            return self._take(pend)
+        return self._add_generic()
+
+    def _take(self, pend: bytes) -> str:
+        """The fast path's step: `pend` (the bytes of ids[read:]) decoded, released unless it
+        ends in U+FFFD."""
+        text = pend.decode("utf-8", "replace")
+        if text and text[-1] != "\ufffd":
+            self.prefix, self.read = self.read, len(self.ids)
+            # the released bytes are valid UTF-8 when no U+FFFD replaced anything (a real
+            # U+FFFD in them leaves the fast path too, to be safe)
+            self._pend = b"" if "\ufffd" not in text else None
+            return text
+        self._pend = pend
+        return ""
+
+    def _add_generic(self) -> str:
         before = self._decode(self.prefix, self.read)
         now = self._decode(self.prefix)
         if len(now) > len(before) and not now.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
+            self._pend = self._valid_window()
             return now[len(before):]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (end of generation)."""
-        before = self._decode(self.prefix, self.read)
-        now = self._decode(self.prefix)
+        pend = self._pend
+        if pend is not None:
+            out = pend.decode("utf-8", "replace")
+        else:
+            before = self._decode(self.prefix, self.read)
+            now = self._decode(self.prefix)
+            out = now[len(before):] if len(now) > len(before) else ""
         self.prefix = self.read = len(self.ids)
-        return now[len(before):] if len(now) > len(before) else ""
+        self._pend = None if self._tbl is None else b""  # (nothing left of the window)
+        return out
+
+
+# GPT-2's byte-level alphabet: byte -> the printable character that stands for it in the vocabulary
+def _bytes_to_unicode() -> dict:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_byte_table(hf, checks: int = 256) -> list | None:
+    """For a `tokenizers` tokenizer whose decoder is ByteLevel alone: per id, the bytes of
+    its ordinary (non-added) token, None for added tokens; None when the decoder is another
+    or the table fails its checks. Checked against `decode` itself: every token alone, and
+    `checks` random runs of tokens (multi-byte pieces split across tokens among them)."""
+    import random
+
+    from tokenizers import decoders
+
+    if type(hf.decoder) is not decoders.ByteLevel:
+        return None
+    inv = {c: b for b, c in _bytes_to_unicode().items()}
+    added = set(hf.get_added_tokens_decoder())
+    vocab = hf.get_vocab(with_added_tokens=False)
+    if not vocab:
+        return None
+    tbl = [None] * (max(vocab.values()) + 1)
+    for t, i in vocab.items():
+        if i in added:
+            continue
+        try:
+            tbl[i] = bytes([inv[c] for c in t])
+        except KeyError:  # ByteLevel decodes a token with a character outside the alphabet as its UTF-8
+            tbl[i] = t.encode("utf-8")
+    plain = [i for i, b in enumerate(tbl) if b is not None]
+    got = hf.decode_batch([[i] for i in plain], skip_special_tokens=False)
+    if any(g != tbl[i].decode("utf-8", "replace") for i, g in zip(plain, got)):
+        return None
+    rng = random.Random(0)
+    multi = [i for i in plain if any(x >= 0x80 for x in tbl[i])] or plain
+    runs = [[rng.choice(multi if rng.random() < 0.5 else plain) for _ in range(rng.randint(1, 8))]
+            for _ in range(checks)]
+    got = hf.decode_batch(runs, skip_special_tokens=False)
+    if any(g != b"".join(tbl[i] for i in r).decode("utf-8", "replace") for r, g in zip(runs, got)):
+        return None
+    return tbl
