@@ -402,12 +402,13 @@ class IncrementalDetokenizer:
     deltas with one `bytes.decode` of the new tokens' bytes, for byte-level
     tokenizers (`_byte_table`): there the text of ordinary tokens is their
     concatenated bytes decoded with U+FFFD for invalid sequences, and when the
-    bytes of ids[prefix:read] are valid UTF-8 the text of ids[prefix:] is that
-    text followed by the decoded bytes of ids[read:] (a UTF-8 decoder starts
-    afresh after a complete sequence). It holds while ids[prefix:read] are
-    ordinary tokens with valid UTF-8 bytes; `_pend` (the bytes of ids[read:])
-    is None otherwise, and the definition runs (special / added tokens, ids the
-    table lacks, released text holding U+FFFD) until a release restores it."""
+    text of ids[prefix:read] does not end in U+FFFD (its bytes end in a complete
+    character: the decoder starts afresh after it) the text of ids[prefix:] is
+    that text followed by the decoded bytes of ids[read:]. Released text never
+    ends in U+FFFD, so this holds after every release of ordinary tokens.
+    `_pend` (the bytes of ids[read:]) is None while it does not hold, and the
+    definition runs (special / added tokens, ids the table lacks, a prompt
+    context ending mid-character) until a release restores it."""
 
     _CONTEXT = 5  # prompt tokens used as left context
 
@@ -423,15 +424,15 @@ class IncrementalDetokenizer:
 
     def _valid_window(self) -> bytes | None:
         """b"" (the fast path, nothing pending) when ids[read:] is empty and ids[prefix:read]
-        are ordinary tokens whose bytes are valid UTF-8, else None."""
+        are ordinary tokens whose bytes end in a complete character, else None."""
         tbl = self._tbl
         if tbl is None or self.read != len(self.ids):
             return None
         try:
-            b"".join([tbl[t] for t in self.ids[self.prefix:self.read]]).decode("utf-8")
-        except (TypeError, IndexError, UnicodeDecodeError):
+            text = b"".join([tbl[t] for t in self.ids[self.prefix:self.read]]).decode("utf-8", "replace")
+        except (TypeError, IndexError):
             return None
-        return b""
+        return None if text.endswith("\ufffd") else b""
 
     def _decode(self, a: int, b: int | None = None) -> str:
         # straight to `tokenizers` (the slice is a fresh list already)
@@ -473,9 +474,7 @@ class IncrementalDetokenizer:
         text = pend.decode("utf-8", "replace")
         if text and text[-1] != "\ufffd":
             self.prefix, self.read = self.read, len(self.ids)
-            # the released bytes are valid UTF-8 when no U+FFFD replaced anything (a real
-            # U+FFFD in them leaves the fast path too, to be safe)
-            self._pend = b"" if "\ufffd" not in text else None
+            self._pend = b""  # (the released bytes end in a complete character)
             return text
         self._pend = pend
         return ""
