@@ -106,7 +106,8 @@ def run(llm, core, batch: int, sp, prompt_len: int, vocab: int) -> dict:
     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
     return dict(wall=wall, core=core.seconds, calls=core.calls, steps=eng.stats.steps - steps0,
                 cpu_outside=cpu - core.cpu,
-                tokens=sum(len(g.token_ids) for g in gens), outputs=[g.token_ids for g in gens])
+                tokens=sum(len(g.token_ids) for g in gens),
+                outputs=[(g.text, g.finish_reason, *g.token_ids) for g in gens])
 
 
 def compare(a, argv: list[str]) -> int:

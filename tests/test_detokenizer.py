@@ -172,3 +172,124 @@ def test_split_character_is_held_back(packaged):
         got = [new.add(t) for t in ids] + [new.flush()]
         assert got == [old.add(t) for t in ids] + [old.flush()]
     assert [packaged.detokenizer([]).add_many(ids[:k]) for k in (1, 2, 3)] == ["", "", "日"]
+
+
+# ------------------------------------------------------- the engine's outputs
+class OldOutputProcessor:
+    """OutputProcessor.collect before the output-side rework, verbatim: the definition."""
+
+    def collect(self, seq):
+        from bitdlm.engine.output_processor import make_output
+
+        if seq.prefilling:
+            return None
+        front = min(seq.frontier(), seq.limit)
+        pos = seq.P + seq.emitted
+        if pos >= front and not seq.finished:
+            return None
+        new_ids = seq.tokens_between(pos, front) if pos < front else []
+        stops = seq.stop_ids
+        if stops and not stops.isdisjoint(new_ids):
+            new_ids = new_ids[:next(i for i, t in enumerate(new_ids) if t in stops) + 1]
+            seq.finish("stop")
+        pos += len(new_ids)
+        if not seq.finished and pos >= seq.limit:
+            seq.finish("length")
+        text = ""
+        if seq.text is not None and new_ids:
+            text, cut = seq.text.add(new_ids, seq.finished)
+            if cut is not None:
+                new_ids = new_ids[:cut]
+                seq.finish("stop")
+        elif seq.text is not None and seq.finished:
+            text = seq.text.flush()
+        seq.emitted += len(new_ids)
+        if not new_ids and not text and not seq.finished:
+            return None
+        return make_output(seq, new_ids, text)
+
+
+class PoolModel:
+    """A fake model (no _core) whose token for absolute position p is drawn from `pool` by a
+    hash of p and the sequence's first prompt token, with a hashed confidence: every run of
+    the same requests gives the same tokens, whatever else runs beside them."""
+
+    def __init__(self, pool, vocab, block_size=8, sbs=4):
+        self.meta = {"vocab_size": vocab, "max_position_embeddings": 256, "mask_token_id": 1,
+                     "eos_token_ids": [0],
+                     "diffusion": {"block_size": block_size, "small_block_size": sbs,
+                                   "shift_logits": True, "threshold": 0.7}}
+        self.pool = pool
+        self.seqs, self.next = {}, 0
+
+    def alloc_seq(self, capacity):
+        self.next += 1
+        self.seqs[self.next] = None
+        return self.next
+
+    def free_seq(self, sid):
+        del self.seqs[sid]
+
+    def forward(self, items, block_size, mode="select", **kw):
+        import numpy as np
+
+        assert mode == "select"
+        tok, conf = [], []
+        for sid, tokens, start, _ctx, _w, out in items:
+            if self.seqs[sid] is None:  # (the first item of a sequence starts at its prompt)
+                self.seqs[sid] = int(tokens[0])
+            for o in np.asarray(out).tolist():
+                h = ((start + o + 1) * 2654435761 + self.seqs[sid] * 40503) % 1000003
+                tok.append(self.pool[h % len(self.pool)])
+                conf.append((h % 997) / 997.0)
+        return np.asarray(tok, np.int32), np.asarray(conf, np.float32)
+
+
+def _engine_outputs(tok, pool, reqs, old: bool):
+    from bitdlm.engine import Engine
+
+    model = PoolModel(pool, tok._tok.get_vocab_size(with_added_tokens=True))
+    if old:  # the definition: the two-decode detokenizer and the old collect
+        tok = Tokenizer(tok._tok.to_str())
+        tok._bytes = None
+    eng = Engine(model, max_batch=16, tokenizer=tok)
+    if old:
+        eng.output_processor = OldOutputProcessor()
+    for rid, prompt, sp in reqs:
+        eng.add_request(rid, prompt, sp)
+    got = []
+    while eng.has_unfinished():
+        got.append([(o.request_id, o.new_token_ids, o.text, o.finished, o.finish_reason, o.num_generated_tokens,
+                     o.forwards, o.decode_mode) for o in eng.step()])
+    return got
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_engine_outputs_match_definition(packaged, seed):
+    """Many requests (AR and diffusion, group and per-request paths, stop strings with
+    multi-byte characters, EOS, special tokens kept or skipped): every step's outputs, text
+    deltas included, equal the old output path's with the two-decode detokenizer."""
+    from bitdlm.sampling_params import SamplingParams
+
+    rng = random.Random(seed)
+    pools = _pools(packaged)
+    pool = pools["multi"][:200] + pools["raw"][:20] + pools["plain"][:100] + [0] * 3
+    texts = packaged.decode(rng.sample(pool, 60))
+    reqs = []
+    for i in range(40):
+        stops = [texts[j:j + rng.randint(1, 3)] for j in rng.sample(range(len(texts) - 3), rng.randint(0, 3))]
+        stops = [s for s in stops if s.strip()]
+        sp = SamplingParams(max_tokens=rng.randint(1, 60), stop=stops or None, ignore_eos=rng.random() < 0.5,
+                            skip_special_tokens=rng.random() < 0.7,
+                            block_length=1 if rng.random() < 0.4 else None,
+                            generation_algorithm="steps" if rng.random() < 0.3 else "threshold",
+                            **({"cache": "dual"} if rng.random() < 0.3 else {}))
+        reqs.append((f"r{i}", [rng.choice(pools["plain"][2:]) for _ in range(rng.randint(1, 20))], sp))
+    new, old = _engine_outputs(packaged, pool, reqs, False), _engine_outputs(packaged, pool, reqs, True)
+    assert new == old
+    flat = [o for step in new for o in step]
+    ends = {o[0]: o for o in flat if o[3]}
+    ids = {rid: [t for o in flat if o[0] == rid for t in o[1]] for rid in ends}
+    reasons = ["string" if o[4] == "stop" and ids[rid][-1:] != [0] else o[4] for rid, o in ends.items()]
+    assert {"string", "stop", "length"} <= set(reasons)  # stop strings, EOS and max_tokens all end some
+    assert any("\ufffd" not in o[2] and any(ord(c) > 0x7ff for c in o[2]) for o in flat)  # multi-byte text

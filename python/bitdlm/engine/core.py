@@ -274,15 +274,20 @@ class Engine:
         group.unmask(sel, tok)
         carried = group.carried(tok)
         nd = group.n_decide
+        collect, emit = self.output_processor.collect, self._emit
         for i, seq in enumerate(group.seqs):
             try:
                 if i >= nd:
                     seq.close_block(carried[i - nd])
-                out = self.output_processor.collect(seq)
+                out = collect(seq)
             except Exception as e:
                 self.scheduler.fail(seq, outputs, "applying its step", e)
                 continue
-            self._emit(seq, out, outputs)
+            if out is not None and not seq.finished:  # (_emit's common case)
+                self.stats.tokens += len(out.new_token_ids)
+                outputs.append(out)
+            else:
+                emit(seq, out, outputs)
 
     def _emit(self, seq: RequestState, out: RequestOutput | None, outputs: list) -> None:
         """A request's output after its step, and its end."""
