@@ -259,6 +259,7 @@ def _engine_outputs(tok, pool, reqs, old: bool):
         eng.add_request(rid, prompt, sp)
     got = []
     while eng.has_unfinished():
+        assert len(got) < 2000, "the requests never end"
         got.append([(o.request_id, o.new_token_ids, o.text, o.finished, o.finish_reason, o.num_generated_tokens,
                      o.forwards, o.decode_mode) for o in eng.step()])
     return got
