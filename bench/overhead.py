@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
                    outside_ms_per_forward=statistics.median(out_ms), outside_ms_reps=out_ms,
                    outside_cpu_ms_per_forward=statistics.median(1e3 * x["cpu_outside"] / x["calls"] for x in reps),
                    core_ms_per_forward=statistics.median(1e3 * x["core"] / x["calls"] for x in reps),
-                   outputs_hash=hash(tuple(tuple(o) for o in r["outputs"])) & 0xFFFFFFFF)
+                   outputs_hash=zlib.crc32(repr(r["outputs"]).encode()))  # (str hashes vary by process)
         rows.append(row)
         print(f"batch {b:>3} {a.mode:>9}{' fake' if a.fake else ''}: {row['outside_ms_per_forward']:7.3f} ms outside "
               f"the core per forward ({row['outside_cpu_ms_per_forward']:7.3f} ms CPU; "
