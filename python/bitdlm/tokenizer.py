@@ -441,32 +441,42 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """The text delta of one new token."""
         t = int(token_id)
-        self.ids.append(t)
+        ids = self.ids
+        ids.append(t)
         pend = self._pend
-        if pend is not None:
-            try:  # (ids are >= 0: the engine checks prompts and produces no negative ids)
-                pend += self._tbl[t]
-            except (TypeError, IndexError):  # not an ordinary token: the definition takes over
-                self._pend = None
-                return self._add_generic()
-            return self._take(pend)
-        return self._add_generic()
+        if pend is None:
+            return self._add_generic()
+        try:  # (ids are >= 0: the engine checks prompts and produces no negative ids)
+            pend += self._tbl[t]
+        except (TypeError, IndexError):  # not an ordinary token: the definition takes over
+            self._pend = None
+            return self._add_generic()
+        # (once per request and step: _take inlined)
+        text = pend.decode("utf-8", "replace")
+        if text and text[-1] != "\ufffd":
+            self.prefix, self.read = self.read, len(ids)
+            self._pend = b""
+            return text
+        self._pend = pend
+        return ""
 
     def add_many(self, token_ids) -> str:
         """The text delta of several new tokens at once."""
+        if isinstance(token_ids, (list, tuple)) and len(token_ids) == 1:  # (AR's every step)
+            return self.add(token_ids[0])
         ids = self.ids
         n0 = len(ids)
         ids.extend(map(int, token_ids))
         pend = self._pend
-        if pend is not None:
-            tbl = self._tbl
-            try:
-                pend += b"".join([tbl[t] for t in ids[n0:]])
-            except (TypeError, IndexError):
-                self._pend = None
-                return self._add_generic()
-            return self._take(pend)
-        return self._add_generic()
+        if pend is None:
+            return self._add_generic()
+        tbl = self._tbl
+        try:
+            pend += b"".join([tbl[t] for t in ids[n0:]])
+        except (TypeError, IndexError):
+            self._pend = None
+            return self._add_generic()
+        return self._take(pend)
 
     def _take(self, pend: bytes) -> str:
         """The fast path's step: `pend` (the bytes of ids[read:]) decoded, released unless it
