@@ -274,11 +274,21 @@ class Engine:
         group.unmask(sel, tok)
         carried = group.carried(tok)
         nd = group.n_decide
+        try:
+            done = group.commit_ar(carried)
+        except Exception as e:  # (a fault before its writes: per request faults come back in `done`)
+            log.warning("the AR commits of a group failed (%s: %s); committing them one by one",
+                        type(e).__name__, e)
+            done = None
         collect, emit = self.output_processor.collect, self._emit
         for i, seq in enumerate(group.seqs):
             try:
                 if i >= nd:
-                    seq.close_block(carried[i - nd])
+                    d = False if done is None else done[i - nd]
+                    if d is False:
+                        seq.close_block(carried[i - nd])
+                    elif d is not True:
+                        raise d
                 out = collect(seq)
             except Exception as e:
                 self.scheduler.fail(seq, outputs, "applying its step", e)
