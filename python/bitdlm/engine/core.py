@@ -68,6 +68,9 @@ class Engine:
         if tokenizer is None:
             tokenizer = getattr(model, "tokenizer", None)
         self.tokenizer = tokenizer
+        table = getattr(tokenizer, "_byte_table", None)
+        if table is not None:  # the detokenizer's table, built now rather than at the first request
+            table()
         self.stats = EngineStats()
         self.block_config = BlockConfig(shift=self.shift, mask_id=self.mask_id, max_len=self.max_len,
                                         prefill_chunk=max(self.block_size, prefill_chunk // self.block_size
