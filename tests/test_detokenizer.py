@@ -294,3 +294,24 @@ def test_engine_outputs_match_definition(packaged, seed):
     reasons = ["string" if o[4] == "stop" and ids[rid][-1:] != [0] else o[4] for rid, o in ends.items()]
     assert {"string", "stop", "length"} <= set(reasons)  # stop strings, EOS and max_tokens all end some
     assert any("\ufffd" not in o[2] and any(ord(c) > 0x7ff for c in o[2]) for o in flat)  # multi-byte text
+
+
+def test_byte_table_tokens_outside_the_alphabet():
+    """ByteLevel decodes a token holding a character outside its byte alphabet as the token's
+    UTF-8 (the whole token); the table does the same, and its checks pass."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models
+
+    from bitdlm.tokenizer import _bytes_to_unicode
+
+    odd = ["hé", "日本", "a b", "Ġ日", "Ġa\x7f"]
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    for t in odd:
+        vocab[t] = len(vocab)
+    hf = HF(models.BPE(vocab=vocab, merges=[]))
+    hf.decoder = decoders.ByteLevel()
+    tbl = build_byte_table(hf)
+    assert [tbl[vocab[t]] for t in odd] == [b"h\xe9", "日本".encode(), b"a b", "Ġ日".encode(), "Ġa\x7f".encode()]
+    tok = Tokenizer(hf.to_str())
+    _compare(tok, random.Random(4), dict(plain=list(vocab.values()), multi=[vocab[t] for t in odd],
+                                         raw=list(range(128, 200)), added=[], fffd=[], past=[len(vocab)]), streams=200)
