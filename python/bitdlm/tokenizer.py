@@ -462,17 +462,17 @@ class IncrementalDetokenizer:
 
     def add_many(self, token_ids) -> str:
         """The text delta of several new tokens at once."""
-        if isinstance(token_ids, (list, tuple)) and len(token_ids) == 1:  # (AR's every step)
+        if type(token_ids) is not list:  # (the engine's are lists of ints already)
+            token_ids = [int(t) for t in token_ids]
+        if len(token_ids) == 1:  # (AR's every step)
             return self.add(token_ids[0])
-        ids = self.ids
-        n0 = len(ids)
-        ids.extend(map(int, token_ids))
+        self.ids += token_ids
         pend = self._pend
         if pend is None:
             return self._add_generic()
         tbl = self._tbl
         try:
-            pend += b"".join([tbl[t] for t in ids[n0:]])
+            pend += b"".join([tbl[t] for t in token_ids])
         except (TypeError, IndexError):
             self._pend = None
             return self._add_generic()
