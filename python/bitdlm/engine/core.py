@@ -174,7 +174,9 @@ class Engine:
         seq = RequestState(rid=rid, prompt=prompt.astype(np.int32), params=params, algo=algo,
                            cache=params.cache_strategy(), bs=bs, sbs=sbs,
                            stop_ids=frozenset(stop_ids), limit=limit, capacity=capacity,
-                           rng=np.random.default_rng(params.seed), cfg=self.block_config,
+                           rng=(np.random.default_rng(params.seed) if params.effective_temperature() > 0
+                                else None),  # (greedy never draws; a generator costs ~20 us)
+                           cfg=self.block_config,
                            text=text_state(self.tokenizer, prompt.tolist(), params),
                            nfull=P // bs * bs, t0=time.perf_counter(), assigned=assigned)
         self.scheduler.add(seq)
