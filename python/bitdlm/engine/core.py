@@ -276,7 +276,7 @@ class Engine:
             return
         for seq in group.seqs:
             seq.forwards += 1
-        moved = group.unmask(sel, tok)
+        group.unmask(sel, tok)
         carried = group.carried(tok)
         nd = group.n_decide
         try:
@@ -287,10 +287,6 @@ class Engine:
             done = None
         collect, emit = self.output_processor.collect, self._emit
         for i, seq in enumerate(group.seqs):
-            if i < nd and not moved[i]:
-                # its frontier stands: nothing newly final, and it cannot have ended (after every
-                # step a running request has reported up to its frontier: collect returns None)
-                continue
             try:
                 if i >= nd:
                     d = False if done is None else done[i - nd]

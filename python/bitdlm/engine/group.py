@@ -61,14 +61,12 @@ class GroupPlan:
         return decoding.select_flat([s.algo for s in self.seqs[:self.n_decide]], conf[:self.decide_out],
                                     self.counts, self.cand_pos)
 
-    def unmask(self, sel: np.ndarray, tok: np.ndarray) -> list[bool]:
+    def unmask(self, sel: np.ndarray, tok: np.ndarray) -> None:
         """RequestState.apply's STEP / FULL for every deciding request at once: the selected
-        candidates take their tokens, and each request's first masked position moves on ->
-        per deciding request: whether it moved (else its frontier stands, and with it
-        everything its output would report: OutputProcessor.collect has nothing to say)."""
+        candidates take their tokens, and each request's first masked position moves on."""
         nd = self.n_decide
         if not nd:
-            return []
+            return
         at_r, at_j = self.rows[self.cand_req[sel]], self.cand_pos[sel]
         t = self.table
         t.blk[at_r, at_j] = tok[:self.decide_out][sel]
@@ -76,13 +74,10 @@ class GroupPlan:
         m = t.masked[self.rows]
         first = m.argmax(axis=1)
         first = np.where(m[np.arange(nd), first], first, self.ends)
-        moved = []
         for s, f, full in zip(self.seqs, first.tolist(), self.full):
-            moved.append(f != s.first)
             s.first = f
             if full:
                 s.scratch = True
-        return moved
 
     def commit_ar(self, carried: list) -> list[bool] | None:
         """RequestState.close_block for the committing requests that take start_block's AR fast
