@@ -144,12 +144,15 @@ def compare(a, argv: list[str]) -> int:
         med = {k: statistics.median(x["outside_ms_per_forward"] for x in got[k][b]) for k in sides}
         cpu = {k: statistics.median(x["outside_cpu_ms_per_forward"] for x in got[k][b]) for k in sides}
         core = {k: statistics.median(x["core_ms_per_forward"] for x in got[k][b]) for k in sides}
+        low = {k: min(x["outside_ms_per_forward"] for x in got[k][b]) for k in sides}  # (the least loaded run)
         same = {x["outputs_hash"] for k in sides for x in got[k][b]}
         rows.append(dict(batch=b, this_ms=med["this"], other_ms=med["other"], ratio=med["other"] / med["this"],
+                         this_min_ms=low["this"], other_min_ms=low["other"],
                          this_cpu_ms=cpu["this"], other_cpu_ms=cpu["other"],
                          this_core_ms=core["this"], other_core_ms=core["other"], same_outputs=len(same) == 1))
         print(f"batch {b:>3}: outside the core per forward {med['this']:7.3f} ms (this) vs {med['other']:7.3f} ms "
-              f"(other): {rows[-1]['ratio']:5.2f}x; CPU {cpu['this']:.3f} / {cpu['other']:.3f} ms; "
+              f"(other): {rows[-1]['ratio']:5.2f}x; min {low['this']:.3f} / {low['other']:.3f} ms; "
+              f"CPU {cpu['this']:.3f} / {cpu['other']:.3f} ms; "
               f"core {core['this']:.3f} / {core['other']:.3f} ms; "
               f"outputs {'identical' if len(same) == 1 else 'DIFFER'}", flush=True)
     if a.json:
