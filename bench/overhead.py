@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -106,7 +107,8 @@ def run(llm, core, batch: int, sp, prompt_len: int, vocab: int) -> dict:
     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
     return dict(wall=wall, core=core.seconds, calls=core.calls, steps=eng.stats.steps - steps0,
                 cpu_outside=cpu - core.cpu,
-                tokens=sum(len(g.token_ids) for g in gens), outputs=[g.token_ids for g in gens])
+                tokens=sum(len(g.token_ids) for g in gens),
+                outputs=[(g.text, g.finish_reason, *g.token_ids) for g in gens])
 
 
 def compare(a, argv: list[str]) -> int:
@@ -142,12 +144,15 @@ def compare(a, argv: list[str]) -> int:
         med = {k: statistics.median(x["outside_ms_per_forward"] for x in got[k][b]) for k in sides}
         cpu = {k: statistics.median(x["outside_cpu_ms_per_forward"] for x in got[k][b]) for k in sides}
         core = {k: statistics.median(x["core_ms_per_forward"] for x in got[k][b]) for k in sides}
+        low = {k: min(x["outside_ms_per_forward"] for x in got[k][b]) for k in sides}  # (the least loaded run)
         same = {x["outputs_hash"] for k in sides for x in got[k][b]}
         rows.append(dict(batch=b, this_ms=med["this"], other_ms=med["other"], ratio=med["other"] / med["this"],
+                         this_min_ms=low["this"], other_min_ms=low["other"],
                          this_cpu_ms=cpu["this"], other_cpu_ms=cpu["other"],
                          this_core_ms=core["this"], other_core_ms=core["other"], same_outputs=len(same) == 1))
         print(f"batch {b:>3}: outside the core per forward {med['this']:7.3f} ms (this) vs {med['other']:7.3f} ms "
-              f"(other): {rows[-1]['ratio']:5.2f}x; CPU {cpu['this']:.3f} / {cpu['other']:.3f} ms; "
+              f"(other): {rows[-1]['ratio']:5.2f}x; min {low['this']:.3f} / {low['other']:.3f} ms; "
+              f"CPU {cpu['this']:.3f} / {cpu['other']:.3f} ms; "
               f"core {core['this']:.3f} / {core['other']:.3f} ms; "
               f"outputs {'identical' if len(same) == 1 else 'DIFFER'}", flush=True)
     if a.json:
@@ -195,7 +200,7 @@ def main(argv=None) -> int:
                    outside_ms_per_forward=statistics.median(out_ms), outside_ms_reps=out_ms,
                    outside_cpu_ms_per_forward=statistics.median(1e3 * x["cpu_outside"] / x["calls"] for x in reps),
                    core_ms_per_forward=statistics.median(1e3 * x["core"] / x["calls"] for x in reps),
-                   outputs_hash=hash(tuple(tuple(o) for o in r["outputs"])) & 0xFFFFFFFF)
+                   outputs_hash=zlib.crc32(repr(r["outputs"]).encode()))  # (str hashes vary by process)
         rows.append(row)
         print(f"batch {b:>3} {a.mode:>9}{' fake' if a.fake else ''}: {row['outside_ms_per_forward']:7.3f} ms outside "
               f"the core per forward ({row['outside_cpu_ms_per_forward']:7.3f} ms CPU; "

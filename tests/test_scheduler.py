@@ -426,6 +426,46 @@ def test_group_path_faults_fall_back_to_the_per_request_path(monkeypatch):
     assert {k: v for k, v in got[0].items() if k != r} == {k: v for k, v in want[0].items() if k != r}
 
 
+def test_group_ar_commit_fault_ends_that_request_alone(monkeypatch):
+    """A rule whose reset raises while the group path commits AR blocks at once
+    (GroupPlan.commit_ar) ends its request alone; the others decode as without it."""
+    from bitdlm.engine import group as _group
+
+    monkeypatch.setattr(_group, "COMMIT_MIN", 2)
+    used = {"n": 0}
+    commit_ar = _group.GroupPlan.commit_ar
+
+    def counted(self, carried):
+        done = commit_ar(self, carried)
+        used["n"] += sum(d is True for d in done or ())
+        return done
+
+    monkeypatch.setattr(_group.GroupPlan, "commit_ar", counted)
+
+    def walk(bad):
+        eng = Engine(HashModel(block_size=8), max_batch=8)
+        for i in range(6):
+            eng.add_request(f"a{i}", [5 + i, 6, 7], SamplingParams(max_tokens=12, ignore_eos=True, block_length=1))
+        if bad:
+            calls = {"n": 0}
+
+            def reset():
+                calls["n"] += 1
+                if calls["n"] == 5:
+                    raise KeyError("injected")
+
+            eng.scheduler.waiting["a2"].algo.reset = reset
+        outs = run(eng)
+        assert not eng.scheduler.running and eng.model.live == {}
+        return {r: (tokens(outs, r), outs[r][-1].finish_reason, outs[r][-1].error) for r in outs}
+
+    want, got = walk(False), walk(True)
+    assert used["n"] > 50
+    assert got["a2"][1] == "error" and "injected" in got["a2"][2] and len(got["a2"][0]) < 12
+    assert {k: v for k, v in got.items() if k != "a2"} == {k: v for k, v in want.items() if k != "a2"}
+    assert all(len(v[0]) == 12 and v[1] == "length" for v in want.values())
+
+
 def test_failed_batched_forward_with_a_group_is_retried_one_by_one(monkeypatch):
     """The group path's requests join the per-request retry of a failed call: only the
     offending request fails."""

@@ -146,12 +146,13 @@ class LLM:
                     rid, enc, sp = backlog.popleft()
                     acc[rid]["mode"] = eng.add_request(rid, enc, sp)
                     todo.add(rid)
-                for out in eng.step():
+                for out in eng.step():  # (once per request and step)
                     a = acc.get(out.request_id)
                     if a is None:
                         continue
                     a["ids"] += out.new_token_ids
-                    a["text"].append(out.text)
+                    if out.text:
+                        a["text"].append(out.text)
                     a["forwards"] = out.forwards
                     if out.finished:
                         a["reason"] = out.finish_reason

@@ -68,6 +68,9 @@ class Engine:
         if tokenizer is None:
             tokenizer = getattr(model, "tokenizer", None)
         self.tokenizer = tokenizer
+        table = getattr(tokenizer, "_byte_table", None)
+        if table is not None:  # the detokenizer's table, built now rather than at the first request
+            table()
         self.stats = EngineStats()
         self.block_config = BlockConfig(shift=self.shift, mask_id=self.mask_id, max_len=self.max_len,
                                         prefill_chunk=max(self.block_size, prefill_chunk // self.block_size
@@ -171,7 +174,9 @@ class Engine:
         seq = RequestState(rid=rid, prompt=prompt.astype(np.int32), params=params, algo=algo,
                            cache=params.cache_strategy(), bs=bs, sbs=sbs,
                            stop_ids=frozenset(stop_ids), limit=limit, capacity=capacity,
-                           rng=np.random.default_rng(params.seed), cfg=self.block_config,
+                           rng=(np.random.default_rng(params.seed) if params.effective_temperature() > 0
+                                else None),  # (greedy never draws; a generator costs ~20 us)
+                           cfg=self.block_config,
                            text=text_state(self.tokenizer, prompt.tolist(), params),
                            nfull=P // bs * bs, t0=time.perf_counter(), assigned=assigned)
         self.scheduler.add(seq)
@@ -274,15 +279,30 @@ class Engine:
         group.unmask(sel, tok)
         carried = group.carried(tok)
         nd = group.n_decide
+        try:
+            done = group.commit_ar(carried)
+        except Exception as e:  # (a fault before its writes: per request faults come back in `done`)
+            log.warning("the AR commits of a group failed (%s: %s); committing them one by one",
+                        type(e).__name__, e)
+            done = None
+        collect, emit = self.output_processor.collect, self._emit
         for i, seq in enumerate(group.seqs):
             try:
                 if i >= nd:
-                    seq.close_block(carried[i - nd])
-                out = self.output_processor.collect(seq)
+                    d = False if done is None else done[i - nd]
+                    if d is False:
+                        seq.close_block(carried[i - nd])
+                    elif d is not True:
+                        raise d
+                out = collect(seq)
             except Exception as e:
                 self.scheduler.fail(seq, outputs, "applying its step", e)
                 continue
-            self._emit(seq, out, outputs)
+            if out is not None and not seq.finished:  # (_emit's common case)
+                self.stats.tokens += len(out.new_token_ids)
+                outputs.append(out)
+            else:
+                emit(seq, out, outputs)
 
     def _emit(self, seq: RequestState, out: RequestOutput | None, outputs: list) -> None:
         """A request's output after its step, and its end."""

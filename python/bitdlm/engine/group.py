@@ -79,6 +79,45 @@ class GroupPlan:
             if full:
                 s.scratch = True
 
+    def commit_ar(self, carried: list) -> list[bool] | None:
+        """RequestState.close_block for the committing requests that take start_block's AR fast
+        path (a block of one, a carried token, the next block inside the context), their
+        table writes at once -> per committing request: True (done here), False (close_block
+        is still to run) or the exception its rule's reset raised; None: none was done here."""
+        t = self.table
+        nd = self.n_decide
+        if nd == len(self.seqs) or t.blk.shape[1] != 1 or not self.shift:
+            return None
+        com = self.seqs[nd:]
+        max_len = com[0].cfg.max_len
+        done = [s.P <= s.bstart + 1 < max_len and len(s.blk) == 1 for s in com]
+        if all(done):
+            rows = [s.row for s in com]
+            toks = carried
+        else:
+            rows = [s.row for s, d in zip(com, done) if d]
+            toks = [c for c, d in zip(carried, done) if d]
+        if not rows:
+            return None
+        old = t.blk[rows, 0].tolist()  # the closing blocks' tokens
+        t.blk[rows, 0] = toks
+        t.masked[rows, 0] = False
+        it = iter(old)
+        for i, (s, d) in enumerate(zip(com, done)):
+            if not d:
+                continue
+            o = next(it)
+            b = s.bstart
+            if b >= s.P:  # (start_block's fast path, per request: its token becomes history)
+                s.hist.append(o)
+            s.committed = s.bstart = b + 1
+            s.first, s.scratch, s.prefilling = 1, False, False
+            try:
+                s.algo.reset()
+            except Exception as e:  # that request's fault alone: the caller ends it
+                done[i] = e
+        return done
+
     def carried(self, tok: np.ndarray) -> list:
         """Per committing request: the token its block's last logits carry (None without shift)."""
         n = len(self.seqs) - self.n_decide

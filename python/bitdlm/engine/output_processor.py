@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .request_state import RequestState
 
 
-@dataclass
+@dataclass(slots=True)  # (one per request and step: slots build faster)
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]  # newly final, contiguous
@@ -96,29 +96,49 @@ class OutputProcessor:
     """Turns a request's state after a step into its RequestOutput (None: nothing new)."""
 
     def collect(self, seq: RequestState) -> RequestOutput | None:
+        # (once per request and step: RequestState.frontier / tokens_between inlined for the
+        # common case, the newly final tokens all in the current block)
         if seq.prefilling:
             return None
-        front = min(seq.frontier(), seq.limit)
+        bstart = seq.bstart
+        front = bstart + seq.first
+        limit = seq.limit
+        if front > limit:
+            front = limit
         pos = seq.P + seq.emitted
-        if pos >= front and not seq.finished:  # nothing newly final (and pos < limit: it would have ended)
-            return None
-        new_ids = seq.tokens_between(pos, front) if pos < front else []
+        if pos >= front:
+            if not seq.finished:  # nothing newly final (and pos < limit: it would have ended)
+                return None
+            new_ids = []
+        elif pos >= bstart:
+            new_ids = seq.blk[pos - bstart:front - bstart].tolist()
+        else:
+            new_ids = seq.tokens_between(pos, front)
         stops = seq.stop_ids
         if stops and not stops.isdisjoint(new_ids):  # stop token, nothing masked before it: keep it, drop the rest
             new_ids = new_ids[:next(i for i, t in enumerate(new_ids) if t in stops) + 1]
             seq.finish("stop")
-        pos += len(new_ids)
-        if not seq.finished and pos >= seq.limit:
+        n = len(new_ids)
+        if not seq.finished and pos + n >= limit:
             seq.finish("length")
         text = ""
-        if seq.text is not None and new_ids:
-            text, cut = seq.text.add(new_ids, seq.finished)
-            if cut is not None:
-                new_ids = new_ids[:cut]
-                seq.finish("stop")
-        elif seq.text is not None and seq.finished:
-            text = seq.text.flush()
-        seq.emitted += len(new_ids)
-        if not new_ids and not text and not seq.finished:
+        ts = seq.text
+        if ts is not None:
+            if n:
+                if ts.stops:
+                    text, cut = ts.add(new_ids, seq.finished)
+                    if cut is not None:
+                        new_ids = new_ids[:cut]
+                        n = cut
+                        seq.finish("stop")
+                else:  # (TextState.add without stop strings)
+                    text = ts.detok.add_many(new_ids)
+                    if seq.finished:
+                        text += ts.detok.flush()
+            elif seq.finished:
+                text = ts.flush()
+        seq.emitted += n
+        if not n and not text and not seq.finished:
             return None
-        return make_output(seq, new_ids, text)
+        return RequestOutput(seq.rid, new_ids, text, seq.finished, seq.reason if seq.finished else None,
+                             seq.P, seq.emitted, seq.forwards, None, seq.mode)

@@ -151,7 +151,7 @@ class RequestState:
     stop_ids: frozenset
     limit: int  # absolute end of generation (prompt + max_tokens, capped by the context)
     capacity: int
-    rng: np.random.Generator
+    rng: np.random.Generator | None  # None when greedy (temperature 0: nothing is drawn)
     cfg: BlockConfig
     text: object | None = None  # output_processor.TextState, None without a tokenizer
     seq_id: int = -1
