@@ -81,8 +81,23 @@ static void qk_direct(const float* Q, int R, const T* K, int64_t ld, int nk, int
 }
 
 
-// K rows -> transposed fp32 tile: 8 keys x 8 dims at a time through an 8x8
-// register transpose (unpack / shuffle / permute2f128).
+// 8 x 8 transpose in registers: r[t] lane u becomes r[u] lane t.
+static inline void transpose8(__m256 (&r)[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// K rows -> transposed fp32 tile: 8 keys x 8 dims at a time through transpose8.
 template <class T>
 static void k_tile(const T* K, int64_t ld, int nk, int d, float* KT, int ldkt) {
   const int nk8 = round8(nk);
@@ -92,23 +107,9 @@ static void k_tile(const T* K, int64_t ld, int nk, int d, float* KT, int ldkt) {
     for (; i0 + 8 <= d; i0 += 8) {
       __m256 r[8];
       for (int j = 0; j < 8; ++j) r[j] = j < jn ? load8(K + (j0 + j) * ld + i0) : _mm256_setzero_ps();
-      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      transpose8(r);
       float* o = KT + (int64_t)i0 * ldkt + j0;
-      _mm256_storeu_ps(o + 0 * ldkt, _mm256_permute2f128_ps(u0, u4, 0x20));
-      _mm256_storeu_ps(o + 1 * ldkt, _mm256_permute2f128_ps(u1, u5, 0x20));
-      _mm256_storeu_ps(o + 2 * ldkt, _mm256_permute2f128_ps(u2, u6, 0x20));
-      _mm256_storeu_ps(o + 3 * ldkt, _mm256_permute2f128_ps(u3, u7, 0x20));
-      _mm256_storeu_ps(o + 4 * ldkt, _mm256_permute2f128_ps(u0, u4, 0x31));
-      _mm256_storeu_ps(o + 5 * ldkt, _mm256_permute2f128_ps(u1, u5, 0x31));
-      _mm256_storeu_ps(o + 6 * ldkt, _mm256_permute2f128_ps(u2, u6, 0x31));
-      _mm256_storeu_ps(o + 7 * ldkt, _mm256_permute2f128_ps(u3, u7, 0x31));
+      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(o + t * ldkt, r[t]);
     }
     for (; i0 < d; ++i0)  // head_dim not a multiple of 8
       for (int j = 0; j < 8; ++j) {
@@ -292,264 +293,60 @@ static void to_f16(const float* x, uint16_t* y, int n) {
   for (; i < n; ++i) y[i] = f32_to_f16(x[i]);
 }
 
-// ---- Rows in lanes (seg_lanes_*), as attention_avx512.cpp's with 8-lane
-// vectors: chunks of 32 rows (4 ymm; 16 for a tail of 16) against 2 keys / dims
-// per register tile = 8 accumulators (16 ymm registers: 8 + 4 row vectors + a
-// broadcast); AVX2 has no broadcast operands, so each K / V element is one
-// vbroadcastss (a load) for 4 FMAs.
-
-// ST[j * Rp + 8 c] = scale * sum_i K[j][i] QT[i * Rp + 8 c], j < J, c < NV; mx[c] = max(mx[c], scores)
-template <int NV, int J>
-static inline void qk_lanes_blk(const float* QT, int Rp, const float* K, int64_t ldk, int d, float scale, float* ST,
-                                __m256 (&mx)[NV]) {
-  __m256 acc[J][NV];
-#pragma GCC unroll 8
-  for (int j = 0; j < J; ++j)
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) acc[j][c] = _mm256_setzero_ps();
-  for (int i = 0; i < d; ++i) {
-    __m256 qv[NV];
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) qv[c] = _mm256_loadu_ps(QT + (int64_t)i * Rp + 8 * c);
-#pragma GCC unroll 8
-    for (int j = 0; j < J; ++j) {
-      const __m256 kb = _mm256_broadcast_ss(K + j * ldk + i);
-#pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) acc[j][c] = _mm256_fmadd_ps(kb, qv[c], acc[j][c]);
-    }
+// The vector traits of attention_lanes.inc: ymm, 8 lanes; AVX2 has no mask
+// registers, so live masks are all-ones / zero lanes (cmpps) applied by AND,
+// dim tails go through vmaskmovps and fp16 tails through scalar conversion;
+// no broadcast operands either: one vbroadcastss per K / V element for NV
+// FMAs (chunks of 32 rows = 4 ymm x 2 keys / dims = 8 accumulators, of 16
+// registers). Internal linkage: one Lanes per ISA translation unit.
+namespace {
+struct Lanes {
+  using V = __m256;
+  using M = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V load_h(const uint16_t* p) { return load8(p); }
+  static __m256i part_mask(int n) {  // lanes < n all ones
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
-  const __m256 sc = _mm256_set1_ps(scale);
-#pragma GCC unroll 8
-  for (int j = 0; j < J; ++j)
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) {
-      const __m256 x = _mm256_mul_ps(acc[j][c], sc);
-      _mm256_storeu_ps(ST + (int64_t)j * Rp + 8 * c, x);
-      mx[c] = _mm256_max_ps(mx[c], x);
-    }
-}
-
-// OT[i * Rp + 8 c] += sum_j V[j][i] PT[j * Rp + 8 c], i < I, c < NV; OT read only in `live` lanes
-template <int NV, int I>
-static inline void pv_lanes_blk(const float* PT, int Rp, const float* V, int64_t ldv, int nk, float* OT,
-                                const __m256 (&live)[NV]) {
-  __m256 acc[I][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < I; ++i)
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) acc[i][c] = _mm256_and_ps(live[c], _mm256_loadu_ps(OT + (int64_t)i * Rp + 8 * c));
-  for (int j = 0; j < nk; ++j) {
-    __m256 pv[NV];
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) pv[c] = _mm256_loadu_ps(PT + (int64_t)j * Rp + 8 * c);
-#pragma GCC unroll 8
-    for (int i = 0; i < I; ++i) {
-      const __m256 vb = _mm256_broadcast_ss(V + j * ldv + i);
-#pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) acc[i][c] = _mm256_fmadd_ps(vb, pv[c], acc[i][c]);
-    }
+  static V load_part(const float* p, int n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, part_mask(n));
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < I; ++i)
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(OT + (int64_t)i * Rp + 8 * c, acc[i][c]);
-}
-
-// X[j][i0, i0 + w) as fp32 -> Xf[j * w ..], j < nk
-static inline void cols_f32(const uint16_t* X, int64_t ld, int nk, int i0, int w, float* Xf) {
-  for (int j = 0; j < nk; ++j) {
-    const uint16_t* x = X + j * ld + i0;
-    float* y = Xf + (int64_t)j * w;
-    int i = 0;
-    for (; i + 8 <= w; i += 8) _mm256_storeu_ps(y + i, load8(x + i));
-    for (; i < w; ++i) y[i] = half_to_float(x[i]);
+  static void store_part(float* p, V v, int n) {
+    if (n >= 8)
+      _mm256_storeu_ps(p, v);
+    else
+      _mm256_maskstore_ps(p, part_mask(n), v);
   }
-}
-
-template <class T>
-static inline const float* key_rows(const T* K, int64_t ld, int j, int n, int d, float* buf, int64_t& ldk) {
-  if constexpr (sizeof(T) == 2) {
-    cols_f32(K + j * ld, ld, n, 0, d, buf);
-    ldk = d;
-    return buf;
-  } else {
-    ldk = ld;
-    return K + j * ld;
+  static void cvt_tail(const uint16_t* x, float* y, int n) {
+    for (int i = 0; i < n; ++i) y[i] = half_to_float(x[i]);
   }
-}
-
-template <class T>
-static inline void prefetch_rows(const T* X, int64_t ld, int n, int rb, bool l1) {
-  for (int j = 0; j < n; ++j)
-    for (int b = 0; b < rb; b += 64) {
-      const char* p = reinterpret_cast<const char*>(X + j * ld) + b;
-      if (l1)
-        __builtin_prefetch(p, 0, 3);
-      else
-        __builtin_prefetch(p, 0, 2);
-    }
-}
-
-template <int NV, class T>
-static void qk_softmax_lanes(const float* QT, int Rp, const T* K, const T* V, int64_t ld, int nk, int d, float scale,
-                             float* m, float* l, float* OT, float* ST, float* buf, __m256 (&live)[NV]) {
-  constexpr int B = 8 / NV;  // keys per register tile
-  __m256 mx[NV];
-  for (int c = 0; c < NV; ++c) mx[c] = _mm256_loadu_ps(m + 8 * c);
-  int j = 0;
-  int64_t ldk = 0;
-  for (; j + B <= nk; j += B) {
-    const float* kr = key_rows(K, ld, j, B, d, buf, ldk);
-    if constexpr (sizeof(T) == 2) {
-      prefetch_rows(K + (j + B) * ld, ld, B, d * 2, true);
-      prefetch_rows(V + j * ld, ld, B, d * 2, false);
-    }
-    qk_lanes_blk<NV, B>(QT, Rp, kr, ldk, d, scale, ST + (int64_t)j * Rp, mx);
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V exp(V x) { return exp_neg(x); }
+  static M live(V m) { return _mm256_cmp_ps(m, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ); }
+  static V load_live(M k, const float* p) { return _mm256_and_ps(k, _mm256_loadu_ps(p)); }
+  static bool any_ne(V a, V b, M k) { return _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_NEQ_UQ), k)); }
+  // p read as 0 outside `seen` (w is 0 there too)
+  static void merge_slot(bool first, M seen, V w, const float* p, float* o) {
+    const V pv = _mm256_and_ps(seen, _mm256_loadu_ps(p));
+    _mm256_storeu_ps(o, first ? _mm256_mul_ps(w, pv) : _mm256_fmadd_ps(w, pv, _mm256_loadu_ps(o)));
   }
-  for (; j < nk; ++j) {
-    const float* kr = key_rows(K, ld, j, 1, d, buf, ldk);
-    qk_lanes_blk<NV, 1>(QT, Rp, kr, ldk, d, scale, ST + (int64_t)j * Rp, mx);
-  }
-  const __m256 ninf = _mm256_set1_ps(-INFINITY), one = _mm256_set1_ps(1.f);
-  for (int c = 0; c < NV; ++c) {
-    const __m256 m0 = _mm256_loadu_ps(m + 8 * c);
-    live[c] = _mm256_cmp_ps(m0, ninf, _CMP_NEQ_UQ);  // rows with an output so far
-    const __m256 alpha = exp_neg(_mm256_sub_ps(m0, mx[c]));  // 0 where m = -inf
-    __m256 sum = _mm256_setzero_ps();
-    for (int jj = 0; jj < nk; ++jj) {
-      float* s = ST + (int64_t)jj * Rp + 8 * c;
-      const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s), mx[c]));
-      _mm256_storeu_ps(s, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    _mm256_storeu_ps(l + 8 * c, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(l + 8 * c), alpha), sum));
-    _mm256_storeu_ps(m + 8 * c, mx[c]);
-    if (_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(alpha, one, _CMP_NEQ_UQ), live[c])))
-      for (int i = 0; i < d; ++i) {
-        float* o = OT + (int64_t)i * Rp + 8 * c;
-        _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), alpha));
-      }
-  }
-}
+  static void transpose(V (&v)[8]) { transpose8(v); }
+};
+}  // namespace
 
-constexpr int kStrip = 32;
-template <int NV, class T>
-static void pv_lanes(const float* PT, int Rp, const T* V, int64_t ld, int nk, int d, float* OT, float* buf,
-                     const __m256 (&live)[NV]) {
-  constexpr int B = 8 / NV;  // dims per register tile
-  for (int i0 = 0; i0 < d; i0 += kStrip) {
-    const int w = std::min(kStrip, d - i0);
-    const float* Vf;
-    int64_t ldv;
-    if constexpr (sizeof(T) == 2) {
-      cols_f32(V, ld, nk, i0, w, buf);
-      Vf = buf, ldv = w;
-    } else {
-      Vf = V + i0, ldv = ld;
-    }
-    float* o = OT + (int64_t)i0 * Rp;
-    int i = 0;
-    for (; i + B <= w; i += B) pv_lanes_blk<NV, B>(PT, Rp, Vf + i, ldv, nk, o + (int64_t)i * Rp, live);
-    for (; i < w; ++i) pv_lanes_blk<NV, 1>(PT, Rp, Vf + i, ldv, nk, o + (int64_t)i * Rp, live);
-  }
-}
-
-template <class T>
-static void seg_lanes(const float* QT, int Rp, const T* K, const T* V, int64_t ld, int nk, int d, float scale,
-                      float* m, float* l, float* OT, float* ST, float* tile) {
-  for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
-    const int jt = std::min(kAttnTile, nk - j0);
-    for (int c0 = 0; c0 < Rp; c0 += 32) {  // chunks of 32 rows (Rp is a multiple of 16)
-      auto run = [&](auto nv) {
-        constexpr int NV = decltype(nv)::value;
-        __m256 live[NV];
-        qk_softmax_lanes<NV, T>(QT + c0, Rp, K + j0 * ld, V + j0 * ld, ld, jt, d, scale, m + c0, l + c0, OT + c0,
-                                ST + c0, tile, live);
-        pv_lanes<NV, T>(ST + c0, Rp, V + j0 * ld, ld, jt, d, OT + c0, tile, live);
-      };
-      if (Rp - c0 >= 32)
-        run(std::integral_constant<int, 4>{});
-      else
-        run(std::integral_constant<int, 2>{});
-    }
-  }
-}
-
-// 8 x 8 transpose in registers: r[t] lane u becomes r[u] lane t.
-static inline void transpose8(__m256 (&r)[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-
-static inline const float* row_of(const float* X, int64_t ldx, int group, int d, int r) {
-  return X + (int64_t)(r / group) * ldx + (int64_t)(r % group) * d;
-}
-
-static void to_lanes(const float* X, int64_t ldx, int group, int R, int d, float* XT, int Rp) {
-  const int d8 = d & ~7;
-  for (int r0 = 0; r0 < Rp; r0 += 8) {
-    for (int i0 = 0; i0 < d8; i0 += 8) {
-      __m256 v[8];
-      for (int t = 0; t < 8; ++t)
-        v[t] = r0 + t < R ? _mm256_loadu_ps(row_of(X, ldx, group, d, r0 + t) + i0) : _mm256_setzero_ps();
-      transpose8(v);
-      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(XT + (int64_t)(i0 + t) * Rp + r0, v[t]);
-    }
-    for (int i = d8; i < d; ++i)
-      for (int t = 0; t < 8; ++t) XT[(int64_t)i * Rp + r0 + t] = r0 + t < R ? row_of(X, ldx, group, d, r0 + t)[i] : 0.f;
-  }
-}
-
-static void from_lanes(const float* XT, int Rp, int R, int d, const float* sc, float* X, int64_t ldx, int group) {
-  const int d8 = d & ~7;
-  for (int r0 = 0; r0 < R; r0 += 8) {
-    for (int i0 = 0; i0 < d8; i0 += 8) {
-      __m256 v[8];
-      for (int t = 0; t < 8; ++t) v[t] = _mm256_loadu_ps(XT + (int64_t)(i0 + t) * Rp + r0);
-      transpose8(v);
-      for (int t = 0; t < 8 && r0 + t < R; ++t)
-        _mm256_storeu_ps(const_cast<float*>(row_of(X, ldx, group, d, r0 + t)) + i0,
-                         sc ? _mm256_mul_ps(v[t], _mm256_set1_ps(sc[r0 + t])) : v[t]);
-    }
-    for (int t = 0; t < 8 && r0 + t < R; ++t)
-      for (int i = d8; i < d; ++i)
-        const_cast<float*>(row_of(X, ldx, group, d, r0 + t))[i] =
-            sc ? XT[(int64_t)i * Rp + r0 + t] * sc[r0 + t] : XT[(int64_t)i * Rp + r0 + t];
-  }
-}
-
-static void merge_lanes(const float* parts, int64_t slot_size, int n, int Rp, int d, float* OT, float* inv_l) {
-  const __m256 ninf = _mm256_set1_ps(-INFINITY);
-  for (int c = 0; c < Rp; c += 8) {
-    const float* mp = parts + (int64_t)Rp * d + c;
-    __m256 M = ninf;
-    for (int s = 0; s < n; ++s) M = _mm256_max_ps(M, _mm256_loadu_ps(mp + s * slot_size));
-    __m256 L = _mm256_setzero_ps();
-    for (int s = 0; s < n; ++s) {
-      const __m256 ms = _mm256_loadu_ps(mp + s * slot_size);
-      const __m256 w = exp_neg(_mm256_sub_ps(ms, M));
-      const __m256 seen = _mm256_cmp_ps(ms, ninf, _CMP_NEQ_UQ);  // slots that saw no key add nothing
-      L = _mm256_fmadd_ps(w, _mm256_loadu_ps(mp + s * slot_size + Rp), L);
-      const float* po = parts + s * slot_size + c;
-      for (int i = 0; i < d; ++i) {
-        float* o = OT + (int64_t)i * Rp + c;
-        const __m256 p = _mm256_and_ps(seen, _mm256_loadu_ps(po + (int64_t)i * Rp));
-        _mm256_storeu_ps(o, s == 0 ? _mm256_mul_ps(w, p) : _mm256_fmadd_ps(w, p, _mm256_loadu_ps(o)));
-      }
-    }
-    _mm256_storeu_ps(inv_l + c, _mm256_div_ps(_mm256_set1_ps(1.f), L));
-  }
-}
+// The rows-in-lanes path of 5+ rows (seg_lanes, to_lanes, from_lanes,
+// merge_lanes), as attention_avx512.cpp's with 8-lane vectors
+#include "model/attention_lanes.inc"
 
 }  // namespace avx2
 

@@ -1,6 +1,7 @@
 // Attention hot loops with AVX-512 F/BW/VL (compiled with those flags only).
 // Jobs of 5+ rows (8-32 queries) run the rows-in-lanes path (seg_lanes_*,
 // to_lanes / from_lanes / merge_lanes; docs/architecture.md "Attention"):
+// attention_lanes.inc, shared with AVX2, on the zmm traits `Lanes` below:
 // Q transposed once per unit, K / V elements broadcast against 16-row
 // vectors. Decoding (R <= 4) keeps the row-major softmax_tile and pv here, 16
 // lanes wide with masked tails, and AVX2's qk_direct: attention.cpp fills
@@ -121,214 +122,6 @@ static void pv(const float* P, int64_t ldp, int R, const T* V, int64_t ldv, int 
   });
 }
 
-// ---- Rows in lanes (seg_lanes_*): the tiled path of 5+ rows ----
-// Rows (query x head) sit in the lanes of NV vectors, keys and dims in
-// broadcasts from fp32 rows, so neither K nor Q is transposed per tile (Q once
-// per unit, in attention.cpp), each K/V row is read once per 16*NV rows, and
-// the softmax of a key tile runs across rows with no horizontal reductions.
-// Register tiles of 16 accumulators: per step NV row-vector loads and 16/NV
-// broadcasts (fused into the FMAs) for 16 FMAs.
-
-// ST[j * Rp + 16 c] = scale * sum_i K[j][i] QT[i * Rp + 16 c], keys j < J, vectors c < NV;
-// mx[c] = max(mx[c], those scores)
-template <int NV, int J>
-static inline void qk_lanes_blk(const float* QT, int Rp, const float* K, int64_t ldk, int d, float scale, float* ST,
-                                __m512 (&mx)[NV]) {
-  __m512 acc[J][NV];
-#pragma GCC unroll 16
-  for (int j = 0; j < J; ++j)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[j][c] = _mm512_setzero_ps();
-  for (int i = 0; i < d; ++i) {
-    __m512 qv[NV];
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) qv[c] = _mm512_loadu_ps(QT + (int64_t)i * Rp + 16 * c);
-#pragma GCC unroll 16
-    for (int j = 0; j < J; ++j) {
-      const __m512 kb = _mm512_set1_ps(K[j * ldk + i]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[j][c] = _mm512_fmadd_ps(kb, qv[c], acc[j][c]);
-    }
-  }
-  const __m512 sc = _mm512_set1_ps(scale);
-#pragma GCC unroll 16
-  for (int j = 0; j < J; ++j)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) {
-      const __m512 x = _mm512_mul_ps(acc[j][c], sc);
-      _mm512_storeu_ps(ST + (int64_t)j * Rp + 16 * c, x);
-      mx[c] = _mm512_max_ps(mx[c], x);
-    }
-}
-
-// OT[i * Rp + 16 c] += sum_j V[j][i] PT[j * Rp + 16 c], dims i < I, vectors c < NV; OT
-// read only in the `live` lanes (0 elsewhere: rows that start here)
-template <int NV, int I>
-static inline void pv_lanes_blk(const float* PT, int Rp, const float* V, int64_t ldv, int nk, float* OT,
-                                const __mmask16 (&live)[NV]) {
-  __m512 acc[I][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < I; ++i)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[i][c] = _mm512_maskz_loadu_ps(live[c], OT + (int64_t)i * Rp + 16 * c);
-  for (int j = 0; j < nk; ++j) {
-    __m512 pv[NV];
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) pv[c] = _mm512_loadu_ps(PT + (int64_t)j * Rp + 16 * c);
-#pragma GCC unroll 16
-    for (int i = 0; i < I; ++i) {
-      const __m512 vb = _mm512_set1_ps(V[j * ldv + i]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[i][c] = _mm512_fmadd_ps(vb, pv[c], acc[i][c]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < I; ++i)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(OT + (int64_t)i * Rp + 16 * c, acc[i][c]);
-}
-
-// X[j][i0, i0 + w) as fp32 -> Xf[j * w ..] (w <= d - i0), j < nk; fp16 rows at stride ld
-static inline void cols_f32(const uint16_t* X, int64_t ld, int nk, int i0, int w, float* Xf) {
-  const int w16 = w & ~15;
-  for (int j = 0; j < nk; ++j) {
-    const uint16_t* x = X + j * ld + i0;
-    float* y = Xf + (int64_t)j * w;
-    for (int i = 0; i < w16; i += 16)
-      _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
-    if (w16 < w) {
-      const __mmask16 k = tail_mask(w - w16);
-      _mm512_mask_storeu_ps(y + w16, k, load16(x + w16, k));
-    }
-  }
-}
-
-// Key rows of a tile as the kernels read them: fp32 in place, or fp16
-// converted block by block into `buf` just before use (a few KB that stay in
-// L1; converting a whole tile first spilled QT / OT out of L1).
-template <class T>
-static inline const float* key_rows(const T* K, int64_t ld, int j, int n, int d, float* buf, int64_t& ldk) {
-  if constexpr (sizeof(T) == 2) {
-    cols_f32(K + j * ld, ld, n, 0, d, buf);
-    ldk = d;
-    return buf;
-  } else {
-    ldk = ld;
-    return K + j * ld;
-  }
-}
-
-// Scores and online softmax of one key tile (nk <= kAttnTile keys at stride ld)
-// for the NV row vectors at QT / m / l / OT / ST (lane offset applied by the
-// caller); ST is left holding P = exp(S - m').
-// Prefetch of n rows (row bytes rb) at stride ld elements: locality 3 = L1, 2 = L2.
-template <int Loc, class T>
-static inline void prefetch_rows(const T* X, int64_t ld, int n, int rb) {
-  for (int j = 0; j < n; ++j)
-    for (int b = 0; b < rb; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(X + j * ld) + b, 0, Loc);
-}
-
-// fp16 K: while a block of B keys is multiplied, the next block's K rows are
-// fetched into L1 and this block's V rows into L2 (for pv_lanes after it): the
-// ~1000 cycles of FMAs per block hide the L2 / DRAM latency that the block by
-// block conversion would otherwise wait on.
-template <int NV, class T>
-static void qk_softmax_lanes(const float* QT, int Rp, const T* K, const T* V, int64_t ld, int nk, int d, float scale,
-                             float* m, float* l, float* OT, float* ST, float* buf, __mmask16 (&live)[NV]) {
-  constexpr int B = 16 / NV;  // keys per register tile
-  __m512 mx[NV];
-#pragma GCC unroll 4
-  for (int c = 0; c < NV; ++c) mx[c] = _mm512_loadu_ps(m + 16 * c);
-  int j = 0;
-  int64_t ldk = 0;
-  for (; j + B <= nk; j += B) {
-    const float* kr = key_rows(K, ld, j, B, d, buf, ldk);
-    if constexpr (sizeof(T) == 2) {
-      prefetch_rows<3>(K + (j + B) * ld, ld, B, d * 2);  // past nk: the next tile's (harmless at the segment's end)
-      prefetch_rows<2>(V + j * ld, ld, B, d * 2);
-    }
-    qk_lanes_blk<NV, B>(QT, Rp, kr, ldk, d, scale, ST + (int64_t)j * Rp, mx);
-  }
-  for (; j < nk; ++j) {
-    const float* kr = key_rows(K, ld, j, 1, d, buf, ldk);
-    qk_lanes_blk<NV, 1>(QT, Rp, kr, ldk, d, scale, ST + (int64_t)j * Rp, mx);
-  }
-  for (int c = 0; c < NV; ++c) {
-    // e^(m - m'): 0 where m = -inf (exp_neg is 0 below -60)
-    const __m512 m0 = _mm512_loadu_ps(m + 16 * c);
-    live[c] = _mm512_cmp_ps_mask(m0, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);  // rows with an output so far
-    const __m512 alpha = exp_neg(_mm512_sub_ps(m0, mx[c]));
-    __m512 sum = _mm512_setzero_ps();
-    for (int jj = 0; jj < nk; ++jj) {
-      float* s = ST + (int64_t)jj * Rp + 16 * c;
-      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s), mx[c]));
-      _mm512_storeu_ps(s, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    _mm512_storeu_ps(l + 16 * c, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(l + 16 * c), alpha), sum));
-    _mm512_storeu_ps(m + 16 * c, mx[c]);
-    // the max of a row with an output so far moved (rows starting here: OT unread)
-    if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.f), _CMP_NEQ_UQ) & live[c])
-      for (int i = 0; i < d; ++i) {
-        float* o = OT + (int64_t)i * Rp + 16 * c;
-        _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
-      }
-  }
-}
-
-// Values of one key tile: OT += V^T P for the NV row vectors; fp16 V in strips
-// of kStrip dims x nk keys converted into `buf` before use.
-constexpr int kStrip = 32;
-template <int NV, class T>
-static void pv_lanes(const float* PT, int Rp, const T* V, int64_t ld, int nk, int d, float* OT, float* buf,
-                     const __mmask16 (&live)[NV]) {
-  constexpr int B = 16 / NV;  // dims per register tile
-  for (int i0 = 0; i0 < d; i0 += kStrip) {
-    const int w = std::min(kStrip, d - i0);
-    const float* Vf;
-    int64_t ldv;
-    if constexpr (sizeof(T) == 2) {
-      cols_f32(V, ld, nk, i0, w, buf);
-      Vf = buf, ldv = w;
-    } else {
-      Vf = V + i0, ldv = ld;
-    }
-    float* o = OT + (int64_t)i0 * Rp;
-    int i = 0;
-    for (; i + B <= w; i += B) pv_lanes_blk<NV, B>(PT, Rp, Vf + i, ldv, nk, o + (int64_t)i * Rp, live);
-    for (; i < w; ++i) pv_lanes_blk<NV, 1>(PT, Rp, Vf + i, ldv, nk, o + (int64_t)i * Rp, live);
-  }
-}
-
-// f(nv_constant, c0) for the row vectors in chunks of up to 4 (64 rows)
-template <class F>
-static inline void for_lane_chunks(int Rp, F&& f) {
-  for (int c0 = 0; c0 < Rp; c0 += 64) switch (std::min(Rp - c0, 64) / 16) {
-      case 4: f(std::integral_constant<int, 4>{}, c0); break;
-      case 3: f(std::integral_constant<int, 3>{}, c0); break;
-      case 2: f(std::integral_constant<int, 2>{}, c0); break;
-      default: f(std::integral_constant<int, 1>{}, c0); break;
-    }
-}
-
-// Key tile by key tile, row chunk by row chunk: scores + softmax, then values.
-// `tile` holds the converted fp16 blocks (at most kAttnTile * min(d, kStrip)
-// or 16 * d floats).
-template <class T>
-static void seg_lanes(const float* QT, int Rp, const T* K, const T* V, int64_t ld, int nk, int d, float scale,
-                      float* m, float* l, float* OT, float* ST, float* tile) {
-  for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
-    const int jt = std::min(kAttnTile, nk - j0);
-    for_lane_chunks(Rp, [&](auto nv, int c0) {
-      constexpr int NV = decltype(nv)::value;
-      __mmask16 live[NV];
-      qk_softmax_lanes<NV, T>(QT + c0, Rp, K + j0 * ld, V + j0 * ld, ld, jt, d, scale, m + c0, l + c0, OT + c0, ST + c0,
-                              tile, live);
-      pv_lanes<NV, T>(ST + c0, Rp, V + j0 * ld, ld, jt, d, OT + c0, tile, live);
-    });
-  }
-}
-
 // 16 x 16 transpose in registers: v[t] lane u becomes v[u] lane t.
 static inline void transpose16(__m512 (&v)[16]) {
   __m512 t[16];
@@ -354,62 +147,50 @@ static inline void transpose16(__m512 (&v)[16]) {
   }
 }
 
-static inline const float* row_of(const float* X, int64_t ldx, int group, int d, int r) {
-  return X + (int64_t)(r / group) * ldx + (int64_t)(r % group) * d;
-}
-
-static void to_lanes(const float* X, int64_t ldx, int group, int R, int d, float* XT, int Rp) {
-  for (int r0 = 0; r0 < Rp; r0 += 16)
-    for (int i0 = 0; i0 < d; i0 += 16) {
-      const __mmask16 mk = tail_mask(d - i0);
-      __m512 v[16];
-#pragma GCC unroll 16
-      for (int t = 0; t < 16; ++t)
-        v[t] = r0 + t < R ? _mm512_maskz_loadu_ps(mk, row_of(X, ldx, group, d, r0 + t) + i0) : _mm512_setzero_ps();
-      transpose16(v);
-      for (int t = 0; t < 16 && i0 + t < d; ++t) _mm512_storeu_ps(XT + (int64_t)(i0 + t) * Rp + r0, v[t]);
-    }
-}
-
-static void from_lanes(const float* XT, int Rp, int R, int d, const float* sc, float* X, int64_t ldx, int group) {
-  for (int r0 = 0; r0 < R; r0 += 16)
-    for (int i0 = 0; i0 < d; i0 += 16) {
-      const __mmask16 mk = tail_mask(d - i0);
-      __m512 v[16];
-#pragma GCC unroll 16
-      for (int t = 0; t < 16; ++t)
-        v[t] = i0 + t < d ? _mm512_loadu_ps(XT + (int64_t)(i0 + t) * Rp + r0) : _mm512_setzero_ps();
-      transpose16(v);
-      for (int t = 0; t < 16 && r0 + t < R; ++t) {
-        const __m512 x = sc ? _mm512_mul_ps(v[t], _mm512_set1_ps(sc[r0 + t])) : v[t];
-        _mm512_mask_storeu_ps(const_cast<float*>(row_of(X, ldx, group, d, r0 + t)) + i0, mk, x);
-      }
-    }
-}
-
-static void merge_lanes(const float* parts, int64_t slot_size, int n, int Rp, int d, float* OT, float* inv_l) {
-  for (int c = 0; c < Rp; c += 16) {
-    const float* mp = parts + (int64_t)Rp * d + c;  // m of slot s at mp + s * slot_size, l at + Rp
-    __m512 M = _mm512_set1_ps(-INFINITY);
-    for (int s = 0; s < n; ++s) M = _mm512_max_ps(M, _mm512_loadu_ps(mp + s * slot_size));
-    __m512 L = _mm512_setzero_ps();
-    for (int s = 0; s < n; ++s) {
-      const __m512 ms = _mm512_loadu_ps(mp + s * slot_size);
-      const __m512 w = exp_neg(_mm512_sub_ps(ms, M));  // 0 where m_s = -inf
-      // rows a slot never saw a key for (m_s = -inf) add nothing: their OT is unread (seg_lanes_*)
-      const __mmask16 seen = _mm512_cmp_ps_mask(ms, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
-      L = _mm512_fmadd_ps(w, _mm512_loadu_ps(mp + s * slot_size + Rp), L);
-      const float* po = parts + s * slot_size + c;
-      for (int i = 0; i < d; ++i) {
-        float* o = OT + (int64_t)i * Rp + c;
-        const __m512 p = _mm512_loadu_ps(po + (int64_t)i * Rp);
-        const __m512 oo = _mm512_loadu_ps(o);
-        _mm512_storeu_ps(o, s == 0 ? _mm512_maskz_mul_ps(seen, w, p) : _mm512_mask_blend_ps(seen, oo, _mm512_fmadd_ps(w, p, oo)));
-      }
-    }
-    _mm512_storeu_ps(inv_l + c, _mm512_div_ps(_mm512_set1_ps(1.f), L));
+// The vector traits of attention_lanes.inc: zmm, 16 lanes, __mmask16 live
+// masks (masked loads and stores for the dim tails). Internal linkage: one
+// Lanes per ISA translation unit.
+namespace {
+struct Lanes {
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int W = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V bcast(const float* p) { return _mm512_set1_ps(*p); }  // fused into the FMA as {1to16}
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V load_h(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-}
+  static V load_part(const float* p, int n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
+  static void store_part(float* p, V v, int n) { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
+  static void cvt_tail(const uint16_t* x, float* y, int n) {
+    const M k = tail_mask(n);
+    _mm512_mask_storeu_ps(y, k, load16(x, k));
+  }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V exp(V x) { return exp_neg(x); }
+  static M live(V m) { return _mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ); }
+  static V load_live(M k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
+  static bool any_ne(V a, V b, M k) { return _mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ) & k; }
+  // lanes outside `seen` keep *o (the first slot: 0)
+  static void merge_slot(bool first, M seen, V w, const float* p, float* o) {
+    const V pv = _mm512_loadu_ps(p), oo = _mm512_loadu_ps(o);
+    _mm512_storeu_ps(o, first ? _mm512_maskz_mul_ps(seen, w, pv)
+                              : _mm512_mask_blend_ps(seen, oo, _mm512_fmadd_ps(w, pv, oo)));
+  }
+  static void transpose(V (&v)[16]) { transpose16(v); }
+};
+}  // namespace
+
+// The rows-in-lanes path of 5+ rows (seg_lanes, to_lanes, from_lanes, merge_lanes)
+#include "model/attention_lanes.inc"
 
 }  // namespace avx512
 
