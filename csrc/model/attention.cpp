@@ -175,6 +175,25 @@ constexpr int kUnitKeys = 64, kUnitsPerItem = 64;
 
 static inline int round16(int n) { return (n + 15) & ~15; }
 
+// f(K, V, ld, nk) for the part of keys [k0, k1) in each segment of a job's
+// visible keys, in key order: cached keys before the current block [0, a1),
+// the block's cached keys [a2, a2 + nb), then this call's fresh rows (nf).
+template <class T, class F>
+static void for_key_segments(const AttnItem& it, const Visible& vis, int kvh, int k0, int k1, const float* k,
+                             const float* v, int nkv, int hd, F&& f) {
+  const int64_t ldkv = (int64_t)nkv * hd;
+  const T* Kc = static_cast<const T*>(it.kc) + (int64_t)kvh * it.cap * hd;
+  const T* Vc = static_cast<const T*>(it.vc) + (int64_t)kvh * it.cap * hd;
+  auto clip = [&](const auto* K, const auto* V, int64_t ld, int nk, int off) {
+    const int lo = std::max(k0 - off, 0), hi = std::min(k1 - off, nk);
+    if (lo < hi) f(K + lo * ld, V + lo * ld, ld, hi - lo);
+  };
+  clip(Kc, Vc, hd, vis.a1, 0);
+  clip(Kc + (int64_t)vis.a2 * hd, Vc + (int64_t)vis.a2 * hd, hd, vis.nb, vis.a1);
+  clip(k + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd, v + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd, ldkv, vis.nf,
+       vis.a1 + vis.nb);
+}
+
 // The tiled path of a table with rows in lanes (AttnKernels::seg_lanes_*): the
 // same unit as attend() below, with the rows transposed into vector lanes
 // (Rp = R rounded up to 16; padding rows are zero queries, dropped at the end),
@@ -183,7 +202,7 @@ template <class T>
 static void attend_lanes(const AttnKernels& kt, const AttnItem& it, const Visible& vis, int i0, int i1, int kvh,
                          int group, int k0, int k1, const float* q, const float* k, const float* v, int nh, int nkv,
                          int hd, float* out, float* part, float* QT, float* OT, float* S, float* tile) {
-  const int64_t ldq = (int64_t)nh * hd, ldkv = (int64_t)nkv * hd;
+  const int64_t ldq = (int64_t)nh * hd;
   const int R = (i1 - i0) * group, Rp = round16(R);
   const int64_t qoff = (int64_t)(it.row0 + i0) * ldq + (int64_t)kvh * group * hd;  // row 0: query i0, head kvh * group
   kt.to_lanes(q + qoff, ldq, group, R, hd, QT, Rp);
@@ -193,20 +212,12 @@ static void attend_lanes(const AttnKernels& kt, const AttnItem& it, const Visibl
   float* l = m + Rp;
   for (int r = 0; r < Rp; ++r) m[r] = -INFINITY, l[r] = 0.f;  // OT: unread while m = -inf (seg_lanes_*)
   const float scale = 1.0f / std::sqrt((float)hd);
-  auto clip = [&](const auto* K, const auto* V, int64_t ld, int nk, int off) {
-    const int lo = std::max(k0 - off, 0), hi = std::min(k1 - off, nk);
-    if (lo >= hi) return;
+  for_key_segments<T>(it, vis, kvh, k0, k1, k, v, nkv, hd, [&](const auto* K, const auto* V, int64_t ld, int nk) {
     if constexpr (sizeof(*K) == 2)
-      kt.seg_lanes_f16(QT, Rp, K + lo * ld, V + lo * ld, ld, hi - lo, hd, scale, m, l, OT, S, tile);
+      kt.seg_lanes_f16(QT, Rp, K, V, ld, nk, hd, scale, m, l, OT, S, tile);
     else
-      kt.seg_lanes_f32(QT, Rp, K + lo * ld, V + lo * ld, ld, hi - lo, hd, scale, m, l, OT, S, tile);
-  };
-  const T* Kc = static_cast<const T*>(it.kc) + (int64_t)kvh * it.cap * hd;
-  const T* Vc = static_cast<const T*>(it.vc) + (int64_t)kvh * it.cap * hd;
-  clip(Kc, Vc, hd, vis.a1, 0);
-  clip(Kc + (int64_t)vis.a2 * hd, Vc + (int64_t)vis.a2 * hd, hd, vis.nb, vis.a1);
-  clip(k + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd, v + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd, ldkv, vis.nf,
-       vis.a1 + vis.nb);
+      kt.seg_lanes_f32(QT, Rp, K, V, ld, nk, hd, scale, m, l, OT, S, tile);
+  });
   if (part) return;
   for (int r = 0; r < R; ++r) l[r] = 1.0f / l[r];
   kt.from_lanes(OT, Rp, R, hd, l, out + qoff, ldq, group);
@@ -219,24 +230,20 @@ template <class T>
 static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis, int i0, int i1, int kvh,
                    int group, int k0, int k1, const float* q, const float* k, const float* v, int nh, int nkv,
                    int hd, float* out, float* part, float* Qs, float* Os, float* S, float* tile) {
-  const int64_t ldq = (int64_t)nh * hd, ldkv = (int64_t)nkv * hd;
+  const int64_t ldq = (int64_t)nh * hd;
   const int R = (i1 - i0) * group;
-  for (int i = i0; i < i1; ++i)
-    std::memcpy(Qs + (int64_t)(i - i0) * group * hd, q + (int64_t)(it.row0 + i) * ldq + (int64_t)kvh * group * hd,
-                sizeof(float) * group * hd);
-  const T* Kc = static_cast<const T*>(it.kc) + (int64_t)kvh * it.cap * hd;
-  const T* Vc = static_cast<const T*>(it.vc) + (int64_t)kvh * it.cap * hd;
-  const float* Kf = k + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd;
-  const float* Vf = v + (int64_t)it.row0 * ldkv + (int64_t)kvh * hd;
-  const float scale = 1.0f / std::sqrt((float)hd);
   // Key tile by key tile: scores (R x 64, in L1), online softmax, values; the
   // score rows over all keys are never stored. Few rows (decoding) read the
   // K/V rows directly, more rows go through converted / transposed tiles.
   const bool direct = R <= kAttnDirectRows;
-  if (!direct && kt.seg_lanes_f16) {
+  if (!direct && kt.seg_lanes_f16) {  // (it reads Q itself, transposed)
     attend_lanes<T>(kt, it, vis, i0, i1, kvh, group, k0, k1, q, k, v, nh, nkv, hd, out, part, Qs, Os, S, tile);
     return;
   }
+  for (int i = i0; i < i1; ++i)
+    std::memcpy(Qs + (int64_t)(i - i0) * group * hd, q + (int64_t)(it.row0 + i) * ldq + (int64_t)kvh * group * hd,
+                sizeof(float) * group * hd);
+  const float scale = 1.0f / std::sqrt((float)hd);
   if (part) Os = part;
   float* m = part ? part + (int64_t)R * hd : S + (int64_t)R * kAttnTile;
   float* l = m + R;
@@ -269,14 +276,7 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
       }
     }
   };
-  // The part of [k0, k1) inside a segment that starts at key `off`.
-  auto clip = [&](const auto* K, const auto* V, int64_t ld, int nk, int off) {
-    const int lo = std::max(k0 - off, 0), hi = std::min(k1 - off, nk);
-    if (lo < hi) seg(K + lo * ld, V + lo * ld, ld, hi - lo);
-  };
-  clip(Kc, Vc, hd, vis.a1, 0);
-  clip(Kc + (int64_t)vis.a2 * hd, Vc + (int64_t)vis.a2 * hd, hd, vis.nb, vis.a1);
-  clip(Kf, Vf, ldkv, vis.nf, vis.a1 + vis.nb);
+  for_key_segments<T>(it, vis, kvh, k0, k1, k, v, nkv, hd, seg);
   if (part) return;
   for (int r = 0; r < R; ++r) {
     const float inv = 1.0f / l[r];

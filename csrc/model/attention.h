@@ -18,7 +18,7 @@ namespace bitdlm {
 // (register-blocked, FMA-bound) instead of one dot product per query and key.
 // With at most kAttnDirectRows rows (decoding: one query) the tiles would cost
 // as much as the products: scores and values then read K/V rows directly.
-// A table with seg_lanes_* (AVX-512) runs the tiled path with the rows in
+// A table with seg_lanes_* (AVX-512, AVX2) runs the tiled path with the rows in
 // vector lanes instead (attention.cpp attend_lanes; docs/architecture.md).
 constexpr int kAttnTile = 64;
 constexpr int kAttnDirectRows = 4;
@@ -46,7 +46,7 @@ struct AttnKernels {
   void (*pv_f16)(const float* P, int64_t ldp, int R, const uint16_t* V, int64_t ldv, int nk, int d, float* O);
   // fp32 -> fp16 (round to nearest even) for K/V writes
   void (*to_f16)(const float* x, uint16_t* y, int n);
-  // Optional (null but in the AVX-512 table): the tiled path with the rows in
+  // Optional (null in the portable and NEON tables): the tiled path with the rows in
   // vector lanes. One segment of nk keys (K/V rows at stride ld) for Rp rows (a
   // multiple of 16): queries QT[i * Rp + r] (transposed, padding lanes 0), the
   // running max m[r], sum l[r] and unnormalized output OT[i * Rp + r] updated

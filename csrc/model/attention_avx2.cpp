@@ -14,8 +14,6 @@
 namespace bitdlm {
 namespace avx2 {
 
-static inline int round8(int n) { return (n + 7) & ~7; }
-
 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -97,106 +95,6 @@ static inline void transpose8(__m256 (&r)[8]) {
   r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// K rows -> transposed fp32 tile: 8 keys x 8 dims at a time through transpose8.
-template <class T>
-static void k_tile(const T* K, int64_t ld, int nk, int d, float* KT, int ldkt) {
-  const int nk8 = round8(nk);
-  for (int j0 = 0; j0 < nk8; j0 += 8) {
-    const int jn = nk - j0 < 8 ? nk - j0 : 8;
-    int i0 = 0;
-    for (; i0 + 8 <= d; i0 += 8) {
-      __m256 r[8];
-      for (int j = 0; j < 8; ++j) r[j] = j < jn ? load8(K + (j0 + j) * ld + i0) : _mm256_setzero_ps();
-      transpose8(r);
-      float* o = KT + (int64_t)i0 * ldkt + j0;
-      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(o + t * ldkt, r[t]);
-    }
-    for (; i0 < d; ++i0)  // head_dim not a multiple of 8
-      for (int j = 0; j < 8; ++j) {
-        float x = 0.f;
-        if (j < jn) {
-          if constexpr (sizeof(T) == 2)
-            x = half_to_float(K[(j0 + j) * ld + i0]);
-          else
-            x = K[(j0 + j) * ld + i0];
-        }
-        KT[(int64_t)i0 * ldkt + j0 + j] = x;
-      }
-  }
-}
-
-static void v_tile_f16(const uint16_t* V, int64_t ld, int nk, int d, float* Vf) {
-  for (int j = 0; j < nk; ++j) {
-    int i = 0;
-    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(Vf + (int64_t)j * d + i, load8(V + j * ld + i));
-    for (; i < d; ++i) Vf[(int64_t)j * d + i] = half_to_float(V[j * ld + i]);
-  }
-}
-
-// Scores tile: RT query rows x 16 keys, 2*RT accumulators; per dim i one
-// broadcast of Q[r][i] per row and two key vectors.
-template <int RT, int NV>
-static inline void qk_tile(const float* Q, int d, const float* KT, int ldkt, float scale, float* S, int64_t lds) {
-  __m256 acc[RT][NV];
-  for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (int i = 0; i < d; ++i) {
-    __m256 kv[NV];
-    for (int c = 0; c < NV; ++c) kv[c] = _mm256_loadu_ps(KT + (int64_t)i * ldkt + 8 * c);
-    for (int r = 0; r < RT; ++r) {
-      const __m256 qb = _mm256_broadcast_ss(Q + (int64_t)r * d + i);
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_fmadd_ps(qb, kv[c], acc[r][c]);
-    }
-  }
-  const __m256 sc = _mm256_set1_ps(scale);
-  for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(S + r * lds + 8 * c, _mm256_mul_ps(acc[r][c], sc));
-}
-
-// The main tiles with named accumulators: GCC register-allocates these, while
-// for the array form above it keeps a stack copy updated with one store per
-// FMA (measured ~1 FMA per cycle instead of ~2); the array form only runs tails.
-#define BITDLM_FMA4x2(b0, b1, b2, b3, x0, x1)                                          \
-  a00 = _mm256_fmadd_ps(b0, x0, a00), a01 = _mm256_fmadd_ps(b0, x1, a01);             \
-  a10 = _mm256_fmadd_ps(b1, x0, a10), a11 = _mm256_fmadd_ps(b1, x1, a11);             \
-  a20 = _mm256_fmadd_ps(b2, x0, a20), a21 = _mm256_fmadd_ps(b2, x1, a21);             \
-  a30 = _mm256_fmadd_ps(b3, x0, a30), a31 = _mm256_fmadd_ps(b3, x1, a31)
-
-static inline void qk_4x16(const float* Q, int d, const float* KT, int ldkt, float scale, float* S, int64_t lds) {
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-  const float *q0 = Q, *q1 = Q + d, *q2 = Q + 2 * d, *q3 = Q + 3 * d;
-  for (int i = 0; i < d; ++i) {
-    const __m256 k0 = _mm256_loadu_ps(KT + (int64_t)i * ldkt), k1 = _mm256_loadu_ps(KT + (int64_t)i * ldkt + 8);
-    BITDLM_FMA4x2(_mm256_broadcast_ss(q0 + i), _mm256_broadcast_ss(q1 + i), _mm256_broadcast_ss(q2 + i),
-                  _mm256_broadcast_ss(q3 + i), k0, k1);
-  }
-  const __m256 sc = _mm256_set1_ps(scale);
-  _mm256_storeu_ps(S, _mm256_mul_ps(a00, sc)), _mm256_storeu_ps(S + 8, _mm256_mul_ps(a01, sc));
-  _mm256_storeu_ps(S + lds, _mm256_mul_ps(a10, sc)), _mm256_storeu_ps(S + lds + 8, _mm256_mul_ps(a11, sc));
-  _mm256_storeu_ps(S + 2 * lds, _mm256_mul_ps(a20, sc)), _mm256_storeu_ps(S + 2 * lds + 8, _mm256_mul_ps(a21, sc));
-  _mm256_storeu_ps(S + 3 * lds, _mm256_mul_ps(a30, sc)), _mm256_storeu_ps(S + 3 * lds + 8, _mm256_mul_ps(a31, sc));
-}
-
-template <int RT>
-static inline void qk_rows(const float* Q, const float* KT, int ldkt, int nk8, int d, float scale, float* S,
-                           int64_t lds) {
-  int j = 0;
-  for (; j + 16 <= nk8; j += 16)
-    if constexpr (RT == 4)
-      qk_4x16(Q, d, KT + j, ldkt, scale, S + j, lds);
-    else
-      qk_tile<RT, 2>(Q, d, KT + j, ldkt, scale, S + j, lds);
-  if (j < nk8) qk_tile<RT, 1>(Q, d, KT + j, ldkt, scale, S + j, lds);
-}
-
-static void qk(const float* Q, int R, const float* KT, int ldkt, int nk, int d, float scale, float* S, int64_t lds) {
-  const int nk8 = round8(nk);
-  for_row_blocks4(R, [&](auto rt, int r) {
-    qk_rows<decltype(rt)::value>(Q + (int64_t)r * d, KT, ldkt, nk8, d, scale, S + r * lds, lds);
-  });
-}
-
-
 // s[j] = exp(s[j] - mx) for j < n; returns their sum.
 static inline float exp_sum(float* s, int n, float mx) {
   const int n8 = n & ~7;
@@ -241,6 +139,15 @@ static inline void pv_tile(const float* P, int64_t ldp, const T* V, int64_t ldv,
   for (int r = 0; r < RT; ++r)
     for (int c = 0; c < NV; ++c) _mm256_storeu_ps(O + (int64_t)r * d + 8 * c, acc[r][c]);
 }
+
+// The main tile with named accumulators: GCC register-allocates these, while
+// for the array form above it keeps a stack copy updated with one store per
+// FMA (measured ~1 FMA per cycle instead of ~2); the array form only runs tails.
+#define BITDLM_FMA4x2(b0, b1, b2, b3, x0, x1)                                          \
+  a00 = _mm256_fmadd_ps(b0, x0, a00), a01 = _mm256_fmadd_ps(b0, x1, a01);             \
+  a10 = _mm256_fmadd_ps(b1, x0, a10), a11 = _mm256_fmadd_ps(b1, x1, a11);             \
+  a20 = _mm256_fmadd_ps(b2, x0, a20), a21 = _mm256_fmadd_ps(b2, x1, a21);             \
+  a30 = _mm256_fmadd_ps(b3, x0, a30), a31 = _mm256_fmadd_ps(b3, x1, a31)
 
 template <class T>
 static inline void pv_4x16(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O) {
@@ -350,10 +257,13 @@ struct Lanes {
 
 }  // namespace avx2
 
-extern const AttnKernels kAttnAvx2 = {&avx2::k_tile<float>,
-                                      &avx2::k_tile<uint16_t>,
-                                      &avx2::v_tile_f16,
-                                      &avx2::qk,
+// The row-major tiled path's k_tile / v_tile / qk are not here: jobs of 5+
+// rows take the lanes path below (attention.cpp never calls those three for a
+// table that has it), and the IsaTable fills the null entries from portable.
+extern const AttnKernels kAttnAvx2 = {nullptr,  // k_tile_f32
+                                      nullptr,  // k_tile_f16
+                                      nullptr,  // v_tile_f16
+                                      nullptr,  // qk
                                       &avx2::qk_direct<float>,
                                       &avx2::qk_direct<uint16_t>,
                                       &avx2::softmax_tile,

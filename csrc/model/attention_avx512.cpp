@@ -22,7 +22,6 @@
 namespace bitdlm {
 namespace avx512 {
 
-static inline int round8(int n) { return (n + 7) & ~7; }
 static inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
 static inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
@@ -195,10 +194,10 @@ struct Lanes {
 }  // namespace avx512
 
 // Null entries are AVX2's (filled by the IsaTable in attention.cpp).
-extern const AttnKernels kAttnAvx512Own = {nullptr,  // k_tile_f32: AVX2 8x8 transposes
-                                           nullptr,  // k_tile_f16
-                                           nullptr,  // v_tile_f16
-                                           nullptr,  // qk: the lanes path below replaced the row-major scores
+extern const AttnKernels kAttnAvx512Own = {nullptr,  // k_tile_f32, k_tile_f16, v_tile_f16, qk: the row-major
+                                           nullptr,  // tiled path, which the lanes path below replaces
+                                           nullptr,
+                                           nullptr,
                                            nullptr,  // qk_direct_f32 (decode): AVX2's, whose summation order
                                            nullptr,  // qk_direct_f16  test_isa_forward's cross-ISA logits rely on
                                            &avx512::softmax_tile,
