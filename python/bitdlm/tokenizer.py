@@ -451,14 +451,7 @@ class IncrementalDetokenizer:
         except (TypeError, IndexError):  # not an ordinary token: the definition takes over
             self._pend = None
             return self._add_generic()
-        # (once per request and step: _take inlined)
-        text = pend.decode("utf-8", "replace")
-        if text and text[-1] != "\ufffd":
-            self.prefix, self.read = self.read, len(ids)
-            self._pend = b""
-            return text
-        self._pend = pend
-        return ""
+        return self._take(pend)
 
     def add_many(self, token_ids) -> str:
         """The text delta of several new tokens at once."""

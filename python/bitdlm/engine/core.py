@@ -285,7 +285,6 @@ class Engine:
             log.warning("the AR commits of a group failed (%s: %s); committing them one by one",
                         type(e).__name__, e)
             done = None
-        collect, emit = self.output_processor.collect, self._emit
         for i, seq in enumerate(group.seqs):
             try:
                 if i >= nd:
@@ -294,15 +293,11 @@ class Engine:
                         seq.close_block(carried[i - nd])
                     elif d is not True:
                         raise d
-                out = collect(seq)
+                out = self.output_processor.collect(seq)
             except Exception as e:
                 self.scheduler.fail(seq, outputs, "applying its step", e)
                 continue
-            if out is not None and not seq.finished:  # (_emit's common case)
-                self.stats.tokens += len(out.new_token_ids)
-                outputs.append(out)
-            else:
-                emit(seq, out, outputs)
+            self._emit(seq, out, outputs)
 
     def _emit(self, seq: RequestState, out: RequestOutput | None, outputs: list) -> None:
         """A request's output after its step, and its end."""

@@ -89,14 +89,9 @@ class GroupPlan:
         if nd == len(self.seqs) or t.blk.shape[1] != 1 or not self.shift:
             return None
         com = self.seqs[nd:]
-        max_len = com[0].cfg.max_len
-        done = [s.P <= s.bstart + 1 < max_len and len(s.blk) == 1 for s in com]
-        if all(done):
-            rows = [s.row for s in com]
-            toks = carried
-        else:
-            rows = [s.row for s, d in zip(com, done) if d]
-            toks = [c for c, d in zip(carried, done) if d]
+        done = [s.ar_fast_path(s.bstart + 1, c) for s, c in zip(com, carried)]
+        rows = [s.row for s, d in zip(com, done) if d]
+        toks = [c for c, d in zip(carried, done) if d]
         if not rows:
             return None
         old = t.blk[rows, 0].tolist()  # the closing blocks' tokens
@@ -106,15 +101,11 @@ class GroupPlan:
         for i, (s, d) in enumerate(zip(com, done)):
             if not d:
                 continue
-            o = next(it)
-            b = s.bstart
-            if b >= s.P:  # (start_block's fast path, per request: its token becomes history)
-                s.hist.append(o)
-            s.committed = s.bstart = b + 1
-            s.first, s.scratch, s.prefilling = 1, False, False
+            closed = next(it)
+            s.committed = s.bstart + 1  # (close_block, then start_block's fast path)
             try:
-                s.algo.reset()
-            except Exception as e:  # that request's fault alone: the caller ends it
+                s.ar_block_opened(s.bstart + 1, closed)
+            except Exception as e:  # its rule's reset: that request's fault alone, the caller ends it
                 done[i] = e
         return done
 

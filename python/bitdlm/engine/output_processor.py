@@ -24,7 +24,8 @@ class RequestOutput:
 
 def make_output(seq: RequestState, new_ids=(), text: str = "", error: str | None = None) -> RequestOutput:
     # positional, in RequestOutput's field order (half the cost of keywords: one per request and step)
-    return RequestOutput(seq.rid, list(new_ids), text, seq.finished, seq.reason if seq.finished else None,
+    ids = new_ids if type(new_ids) is list else list(new_ids)  # (collect's: a fresh list already)
+    return RequestOutput(seq.rid, ids, text, seq.finished, seq.reason if seq.finished else None,
                          seq.P, seq.emitted, seq.forwards, error, seq.mode)
 
 
@@ -96,49 +97,29 @@ class OutputProcessor:
     """Turns a request's state after a step into its RequestOutput (None: nothing new)."""
 
     def collect(self, seq: RequestState) -> RequestOutput | None:
-        # (once per request and step: RequestState.frontier / tokens_between inlined for the
-        # common case, the newly final tokens all in the current block)
         if seq.prefilling:
             return None
-        bstart = seq.bstart
-        front = bstart + seq.first
-        limit = seq.limit
-        if front > limit:
-            front = limit
+        front = min(seq.frontier(), seq.limit)
         pos = seq.P + seq.emitted
-        if pos >= front:
-            if not seq.finished:  # nothing newly final (and pos < limit: it would have ended)
-                return None
-            new_ids = []
-        elif pos >= bstart:
-            new_ids = seq.blk[pos - bstart:front - bstart].tolist()
-        else:
-            new_ids = seq.tokens_between(pos, front)
+        if pos >= front and not seq.finished:  # nothing newly final (and pos < limit: it would have ended)
+            return None
+        new_ids = seq.tokens_between(pos, front) if pos < front else []
         stops = seq.stop_ids
         if stops and not stops.isdisjoint(new_ids):  # stop token, nothing masked before it: keep it, drop the rest
             new_ids = new_ids[:next(i for i, t in enumerate(new_ids) if t in stops) + 1]
             seq.finish("stop")
-        n = len(new_ids)
-        if not seq.finished and pos + n >= limit:
+        pos += len(new_ids)
+        if not seq.finished and pos >= seq.limit:
             seq.finish("length")
         text = ""
-        ts = seq.text
-        if ts is not None:
-            if n:
-                if ts.stops:
-                    text, cut = ts.add(new_ids, seq.finished)
-                    if cut is not None:
-                        new_ids = new_ids[:cut]
-                        n = cut
-                        seq.finish("stop")
-                else:  # (TextState.add without stop strings)
-                    text = ts.detok.add_many(new_ids)
-                    if seq.finished:
-                        text += ts.detok.flush()
-            elif seq.finished:
-                text = ts.flush()
-        seq.emitted += n
-        if not n and not text and not seq.finished:
+        if seq.text is not None and new_ids:
+            text, cut = seq.text.add(new_ids, seq.finished)
+            if cut is not None:
+                new_ids = new_ids[:cut]
+                seq.finish("stop")
+        elif seq.text is not None and seq.finished:
+            text = seq.text.flush()
+        seq.emitted += len(new_ids)
+        if not new_ids and not text and not seq.finished:
             return None
-        return RequestOutput(seq.rid, new_ids, text, seq.finished, seq.reason if seq.finished else None,
-                             seq.P, seq.emitted, seq.forwards, None, seq.mode)
+        return make_output(seq, new_ids, text)

@@ -187,8 +187,11 @@ class RequestState:
 
     def tokens_between(self, a: int, b: int) -> list[int]:
         """Generated tokens at absolute positions [a, b) (P <= a <= b): history, then the block."""
-        h = self.hist[a - self.P:min(b, self.bstart) - self.P] if a < self.bstart else []
-        return h + (self.blk[max(a, self.bstart) - self.bstart:b - self.bstart].tolist() if b > self.bstart else [])
+        bs0 = self.bstart
+        if a >= bs0:  # (the common case, once per request and step: all in the current block)
+            return self.blk[a - bs0:b - bs0].tolist()
+        h = self.hist[a - self.P:min(b, bs0) - self.P]
+        return h + self.blk[:b - bs0].tolist() if b > bs0 else h
 
     def finish(self, reason: str) -> None:
         self.finished, self.reason = True, reason
@@ -205,19 +208,30 @@ class RequestState:
     # --------------------------------------------------------------- blocks
     def start_block(self, bstart: int, first_token: int | None) -> None:
         """Open the block at `bstart`: prompt remainder or the carried token, then masks."""
-        blk = self.blk
-        if (self.bs == 1 and first_token is not None and blk is not None and self.P <= bstart
-                < self.cfg.max_len):
+        if self.ar_fast_path(bstart, first_token):
             # AR's every token (a block of one past the prompt): the carried token fills the
             # reused one-element block; the same state as _open_block's, in fewer steps
-            if self.bstart >= self.P:  # the closing block was generated: its token is history
-                self.hist.append(int(blk[0]))
-            blk[0] = first_token
+            closed = int(self.blk[0])
+            self.blk[0] = first_token
             self.masked[0] = False
-            self.bstart, self.first, self.scratch, self.prefilling = bstart, 1, False, False
-            self.algo.reset()
+            self.ar_block_opened(bstart, closed)
             return
         self._open_block(bstart, first_token)
+
+    def ar_fast_path(self, bstart: int, first_token: int | None) -> bool:
+        """Whether start_block(bstart, first_token) takes the AR fast path: a block of one past
+        the prompt and inside the context, opened by a carried token in the closed block's array."""
+        return (self.bs == 1 and first_token is not None and self.blk is not None
+                and self.P <= bstart < self.cfg.max_len)
+
+    def ar_block_opened(self, bstart: int, closed: int) -> None:
+        """The AR fast path's state once the block holds its carried token (start_block, or the
+        group path's table writes): the closed block's token `closed` becomes history when it
+        was generated, and the block at `bstart` is open."""
+        if self.bstart >= self.P:
+            self.hist.append(closed)
+        self.bstart, self.first, self.scratch, self.prefilling = bstart, 1, False, False
+        self.algo.reset()
 
     def _open_block(self, bstart: int, first_token: int | None) -> None:
         """start_block's general case."""
