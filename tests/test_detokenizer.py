@@ -175,40 +175,6 @@ def test_split_character_is_held_back(packaged):
 
 
 # ------------------------------------------------------- the engine's outputs
-class OldOutputProcessor:
-    """OutputProcessor.collect before the output-side rework, verbatim: the definition."""
-
-    def collect(self, seq):
-        from bitdlm.engine.output_processor import make_output
-
-        if seq.prefilling:
-            return None
-        front = min(seq.frontier(), seq.limit)
-        pos = seq.P + seq.emitted
-        if pos >= front and not seq.finished:
-            return None
-        new_ids = seq.tokens_between(pos, front) if pos < front else []
-        stops = seq.stop_ids
-        if stops and not stops.isdisjoint(new_ids):
-            new_ids = new_ids[:next(i for i, t in enumerate(new_ids) if t in stops) + 1]
-            seq.finish("stop")
-        pos += len(new_ids)
-        if not seq.finished and pos >= seq.limit:
-            seq.finish("length")
-        text = ""
-        if seq.text is not None and new_ids:
-            text, cut = seq.text.add(new_ids, seq.finished)
-            if cut is not None:
-                new_ids = new_ids[:cut]
-                seq.finish("stop")
-        elif seq.text is not None and seq.finished:
-            text = seq.text.flush()
-        seq.emitted += len(new_ids)
-        if not new_ids and not text and not seq.finished:
-            return None
-        return make_output(seq, new_ids, text)
-
-
 class PoolModel:
     """A fake model (no _core) whose token for absolute position p is drawn from `pool` by a
     hash of p and the sequence's first prompt token, with a hashed confidence: every run of
@@ -249,12 +215,10 @@ def _engine_outputs(tok, pool, reqs, old: bool):
     from bitdlm.engine import Engine
 
     model = PoolModel(pool, tok._tok.get_vocab_size(with_added_tokens=True))
-    if old:  # the definition: the two-decode detokenizer and the old collect
+    if old:  # the definition: the two-decode detokenizer
         tok = Tokenizer(tok._tok.to_str())
         tok._bytes = None
     eng = Engine(model, max_batch=16, tokenizer=tok)
-    if old:
-        eng.output_processor = OldOutputProcessor()
     for rid, prompt, sp in reqs:
         eng.add_request(rid, prompt, sp)
     got = []
@@ -269,7 +233,7 @@ def _engine_outputs(tok, pool, reqs, old: bool):
 def test_engine_outputs_match_definition(packaged, seed):
     """Many requests (AR and diffusion, group and per-request paths, stop strings with
     multi-byte characters, EOS, special tokens kept or skipped): every step's outputs, text
-    deltas included, equal the old output path's with the two-decode detokenizer."""
+    deltas included, equal those of the same engine with the two-decode detokenizer."""
     from bitdlm.sampling_params import SamplingParams
 
     rng = random.Random(seed)
