@@ -65,8 +65,12 @@ du -sh "$DATA"
 if [ -n "${DATA_ONLY:-}" ]; then stamp "DATA_ONLY: corpus in place"; exit 0; fi
 
 # The core, for `bitdlm convert` at the end: build it in the background once.
+# CORE_READY_FILE=PATH: another job of the same call builds it and touches PATH when done
+# (e.g. a bench build whose native tests run beside the training); convert waits for PATH.
 BUILD_PID=
-if ! PYTHONPATH=python python3 -c 'import bitdlm._core' 2>/dev/null; then
+if [ -n "${CORE_READY_FILE:-}" ]; then
+  stamp "the core is built beside this leg (waiting for $CORE_READY_FILE before convert)"
+elif ! PYTHONPATH=python python3 -c 'import bitdlm._core' 2>/dev/null; then
   stamp "building the core in the background ($WORK/build.log)"
   (BUILD_DIR=build-dev nice -n 10 scripts/dev_build.sh > "$WORK/build.log" 2>&1) &
   BUILD_PID=$!
@@ -92,6 +96,10 @@ stamp "training exited with rc $train_rc"
 
 if [ -f "$CKPT/DONE" ]; then
   if [ -n "$BUILD_PID" ]; then stamp "waiting for the core build"; wait "$BUILD_PID"; tail -2 "$WORK/build.log"; fi
+  if [ -n "${CORE_READY_FILE:-}" ]; then
+    stamp "waiting for $CORE_READY_FILE"
+    for _ in $(seq 300); do [ -f "$CORE_READY_FILE" ] && break; sleep 1; done
+  fi
   stamp "bitdlm convert"
   PYTHONPATH=python python3 -m bitdlm.cli convert "$CKPT" "$OUT/model.bin" --force \
     && ls -l "$OUT/model.bin" || echo "ERROR: convert failed (the checkpoint still comes back)"
