@@ -210,12 +210,28 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
                                tok_s=res.get("tokens_per_s"), wall_s=res.get("wall_s"),
                                latency_p50=(res.get("latency_s") or {}).get("p50"),
                                decode_modes=res.get("decode_modes"))
+                    if flags:  # the adaptive policy's state after the run: cost curves, tokens/forward
+                        row["policy_state"] = policy_state(bases[0])
                     rows.append(row)
+                    ps = row.get("policy_state") or {}
+                    why = (f"; policy tpf {ps['tokens_per_forward']}, s by requests: AR {ps['cost_ar_seconds']}, "
+                           f"diffusion {ps['cost_diffusion_seconds']}" if ps.get("calibrated") else "")
                     print(f"server  {t:>3} thr c={c:>3} {mode:>8}: {row['tok_s'] or 0:8.1f} tok/s "
-                          f"({row['errors']} errors; modes {row['decode_modes']})", flush=True)
+                          f"({row['errors']} errors; modes {row['decode_modes']}{why})", flush=True)
         finally:
             load.stop_servers(procs)
     return rows
+
+
+def policy_state(base: str):
+    """/health's decode_policy_state (the adaptive policy's cost curves, its tokens per forward
+    estimate, the modes it assigned), or None: why it chose as it did, for the JSON."""
+    import httpx
+
+    try:
+        return httpx.get(base + "/health", timeout=5, trust_env=False).json().get("decode_policy_state")
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------- llama.cpp

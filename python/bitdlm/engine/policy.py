@@ -172,8 +172,9 @@ def calibrate(model, *, max_batch: int, block_size: int, sub_block: int, mask_id
                     seqs.append(model.alloc_seq(block_size))
             except MemoryError:
                 break
-            if not pts_ar:  # warm-up: first-touch of the weights and the thread pool
+            if not pts_ar:  # warm-up: first-touch of the weights, the thread pool, the wide-row buffers
                 model.forward([(seqs[0], ar_tok, 0, 0, False, out_ar)], 1, "select", banned=banned)
+                model.forward([(seqs[0], blk, 0, 0, False, out_d)], block_size, "select", banned=banned)
             if not _linear(pts_ar):
                 pts_ar.append((n, timed([(s, ar_tok, 0, 0, False, out_ar) for s in seqs[:n]], 1)))
             if not _linear(pts_d):
