@@ -74,6 +74,28 @@ def test_cost_curve_interpolates_and_extrapolates():
         P.CostCurve([])
 
 
+def test_observed_forwards_rescale_a_mode_and_flip_the_decision():
+    """A calibration that priced diffusion at 25 ms (diffusion wins at 3 tokens per forward
+    against 10 ms AR) is corrected by serving forwards that cost 50: the decision flips to AR;
+    one absurd stall is clipped, and nothing moves before calibration."""
+    pol = P.AdaptivePolicy()
+    pol.observe_forward(P.DIFFUSION, 1, 1.0)  # not calibrated: ignored
+    assert pol.forwards_observed[P.DIFFUSION] == 0
+    pol.set_costs(P.CostCurve([(1, 0.010), (4, 0.012)]), P.CostCurve([(1, 0.025), (4, 0.060)]))
+    assert pol.decide(0, 0, 3.0) == P.DIFFUSION
+    pol.observe_forward(P.DIFFUSION, 1, 1000.0)  # a stall: at most COST_SCALE_LIMITS[1] x
+    assert pol.cost_scale[P.DIFFUSION] == pytest.approx(1 + P.COST_EMA * (P.COST_SCALE_LIMITS[1] - 1))
+    pol.cost_scale[P.DIFFUSION] = 1.0
+    for _ in range(100):
+        pol.observe_forward(P.DIFFUSION, 4, 0.120)  # twice the calibrated 60 ms at 4 requests
+    assert pol.cost_scale[P.DIFFUSION] == pytest.approx(2.0, rel=1e-2)
+    assert pol.cost(P.DIFFUSION)(1) == pytest.approx(0.050, rel=1e-2)
+    assert pol.decide(0, 0, 3.0) == P.AR
+    assert pol.cost_scale[P.AR] == 1.0 and pol.forwards_observed == {P.AR: 0, P.DIFFUSION: 101}
+    s = pol.summary()
+    assert s["cost_scale"][P.DIFFUSION] == pytest.approx(2.0, rel=1e-2) and s["forwards_observed"][P.DIFFUSION] == 101
+
+
 def test_tpf_estimate_starts_at_the_prior_and_follows_finished_requests():
     pol = P.AdaptivePolicy()
     assert pol.tpf == P.TPF_PRIOR
@@ -151,6 +173,33 @@ def test_adaptive_outputs_equal_the_fixed_policy_for_the_reported_mode(model):
     # the check can fail: the two modes give different text for some of these prompts
     assert any(a.token_ids != d.token_ids for a, d in zip(as_ar, as_diffusion))
     assert llm.engine.policy.assigned == {P.AR: modes.count(P.AR), P.DIFFUSION: modes.count(P.DIFFUSION)}
+
+
+def test_the_engine_prices_its_decoding_forwards_and_not_its_prompt_chunks(model, monkeypatch):
+    """Every forward of AR / the default diffusion with select outputs and no prompt chunk
+    reaches observe_forward once, with its number of requests; prefill forwards never do."""
+    llm = _forced(LLM(model, max_batch=8, decode_policy="adaptive"), [(1, 0.01)], [(1, 0.01)])
+    eng = llm.engine
+    seen, expected = [], []
+    monkeypatch.setattr(eng.policy, "observe_forward", lambda mode, n, s: seen.append((mode, n)))
+    real = eng.scheduler.forward
+
+    def spy(key, batch, outputs):
+        prefill = any(m.plan.kind == "prefill" for m in batch.members)
+        n = len(batch.members) + (len(batch.group.seqs) if batch.group is not None else 0)
+        if key.mode == "select" and not prefill:
+            expected.append((P.mode_of(key.block_size), n))
+        spy.prefills += prefill
+        return real(key, batch, outputs)
+
+    spy.prefills = 0
+    monkeypatch.setattr(eng.scheduler, "forward", spy)
+    long_prompt = " ".join(PROMPTS) * 3  # whole blocks: prefill forwards
+    params = [SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, block_length=1)]
+    llm.generate([long_prompt, "The cat", "Hello"], params[0])
+    llm.generate([long_prompt, "One day"], params[1])
+    assert spy.prefills >= 2 and seen == expected
+    assert {m for m, _ in seen} == {P.AR, P.DIFFUSION} and max(n for _, n in seen) >= 2
 
 
 def test_explicit_decoding_is_never_reassigned(model):

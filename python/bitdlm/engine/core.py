@@ -15,7 +15,7 @@ from ..sampling_params import MAX_SUB_BLOCKS, SamplingParamError, SamplingParams
 from . import policy as _policy
 from .group import GroupPlan
 from .output_processor import OutputProcessor, RequestOutput, make_output, text_state
-from .request_state import BlockConfig, RequestState
+from .request_state import PREFILL, BlockConfig, RequestState
 from .scheduler import Scheduled, Scheduler
 
 log = logging.getLogger("bitdlm.engine")
@@ -234,7 +234,10 @@ class Engine:
         sched.admit(outputs)
         groups = sched.schedule(outputs)
         for key, batch in groups.items():
+            tf = time.perf_counter()
             group_res, results = sched.forward(key, batch, outputs)
+            if self.policy is not None:
+                self._observe_forward(key, batch, time.perf_counter() - tf)
             if batch.group is not None:
                 self._apply_group(batch.group, *group_res, outputs)
             self._apply_members(batch.members, results, outputs)
@@ -244,6 +247,17 @@ class Engine:
             self.stats.step_seconds += dt
             self.stats.last_step_seconds = dt
         return outputs
+
+    def _observe_forward(self, key, batch, seconds: float) -> None:
+        """A forward of the kind the adaptive policy prices (decoding steps of AR or of the
+        engine's diffusion block size, select outputs, no prompt chunk in it) corrects the
+        policy's cost curve of that mode."""
+        if key.mode != "select" or key.block_size not in (1, self.block_size):
+            return
+        if any(m.plan.kind == PREFILL for m in batch.members):
+            return
+        n = len(batch.members) + (len(batch.group.seqs) if batch.group is not None else 0)
+        self.policy.observe_forward(_policy.mode_of(key.block_size), n, seconds)
 
     def _apply_members(self, members: list[Scheduled], results: list, outputs: list) -> None:
         """The per-request path's step: every member's rule (at once where it can), apply, output."""

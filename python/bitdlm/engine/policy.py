@@ -14,7 +14,11 @@ The cost model: the scheduler runs one forward per block size, so a step with
 curve timed at start-up on scratch sequences (`calibrate`), and yields
 a + d * tpf tokens, tpf being the diffusion requests' tokens per forward (an
 EMA over finished diffusion requests; before any, the rule's own rate for the
-fixed-rate rule, else TPF_PRIOR).
+fixed-rate rule, else TPF_PRIOR). Each curve is then scaled by what the serving
+forwards of its mode cost against it (`observe_forward`, an EMA of the ratio): the
+start-up timings see empty sequences (no cached keys to attend to) in one second
+of the machine's life, which another process's load can make any multiple of the
+rest.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ MODES = (AR, DIFFUSION)
 TPF_PRIOR = 2.0
 TPF_EMA = 0.25  # weight of each finished diffusion request in the estimate
 CALIBRATION_BUDGET_S = 1.5  # start-up time spent timing forwards (larger counts are extrapolated)
+COST_EMA = 0.05  # weight of each observed forward in its mode's cost scale (~20 forwards of memory)
+COST_SCALE_LIMITS = (0.25, 4.0)  # one forward's ratio is clipped to these (a stall is not a new price)
 
 
 def mode_of(block_size: int) -> str:
@@ -200,6 +206,8 @@ class AdaptivePolicy:
         self.tpf = float(tpf_prior)
         self.observed = 0  # finished diffusion requests in the estimate
         self.assigned = {m: 0 for m in MODES}
+        self.cost_scale = {m: 1.0 for m in MODES}  # observed / calibrated cost of each mode's forwards
+        self.forwards_observed = {m: 0 for m in MODES}
 
     @property
     def calibrated(self) -> bool:
@@ -208,10 +216,29 @@ class AdaptivePolicy:
     def set_costs(self, cost_ar: CostCurve, cost_diffusion: CostCurve, seconds: float = 0.0) -> None:
         self.cost_ar, self.cost_diffusion, self.calibration_seconds = cost_ar, cost_diffusion, seconds
 
+    def cost(self, mode: str):
+        """The cost curve decisions use for `mode`: the calibrated one times its scale."""
+        curve, k = (self.cost_ar if mode == AR else self.cost_diffusion), self.cost_scale[mode]
+        return lambda n: k * curve(n)
+
     def decide(self, a: int, d: int, prior: float | None = None) -> str:
         """`prior`: the request's own tokens per forward estimate, used until one is observed."""
         tpf = self.tpf if self.observed or prior is None else prior
-        return choose_mode(self.cost_ar, self.cost_diffusion, a, d, tpf)
+        return choose_mode(self.cost(AR), self.cost(DIFFUSION), a, d, tpf)
+
+    def observe_forward(self, mode: str, n: int, seconds: float) -> None:
+        """A decoding forward of n requests in `mode` took `seconds`: that mode's cost scale
+        moves towards seconds / calibrated cost(n). A mode never run keeps its scale; where
+        the other is priced too low, the policy picks it and so observes it."""
+        if not self.calibrated or n <= 0 or not seconds > 0:
+            return
+        predicted = (self.cost_ar if mode == AR else self.cost_diffusion)(n)
+        if not predicted > 0:
+            return
+        lo, hi = COST_SCALE_LIMITS
+        ratio = min(hi, max(lo, seconds / predicted))
+        self.cost_scale[mode] += COST_EMA * (ratio - self.cost_scale[mode])
+        self.forwards_observed[mode] += 1
 
     def observe(self, tokens: int, forwards: int) -> None:
         """A diffusion request finished: `tokens` generated in `forwards` decoding forwards."""
@@ -225,4 +252,6 @@ class AdaptivePolicy:
                 "assigned": dict(self.assigned), "calibrated": self.calibrated,
                 "calibration_seconds": round(self.calibration_seconds, 4),
                 "cost_ar_seconds": self.cost_ar.points() if self.cost_ar else None,
-                "cost_diffusion_seconds": self.cost_diffusion.points() if self.cost_diffusion else None}
+                "cost_diffusion_seconds": self.cost_diffusion.points() if self.cost_diffusion else None,
+                "cost_scale": {m: round(k, 4) for m, k in self.cost_scale.items()},
+                "forwards_observed": dict(self.forwards_observed)}
