@@ -215,7 +215,8 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
                     rows.append(row)
                     ps = row.get("policy_state") or {}
                     why = (f"; policy tpf {ps['tokens_per_forward']}, s by requests: AR {ps['cost_ar_seconds']}, "
-                           f"diffusion {ps['cost_diffusion_seconds']}" if ps.get("calibrated") else "")
+                           f"diffusion {ps['cost_diffusion_seconds']}, scaled by {ps.get('cost_scale')}"
+                           if ps.get("calibrated") else "")
                     print(f"server  {t:>3} thr c={c:>3} {mode:>8}: {row['tok_s'] or 0:8.1f} tok/s "
                           f"({row['errors']} errors; modes {row['decode_modes']}{why})", flush=True)
         finally:

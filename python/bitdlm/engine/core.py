@@ -236,11 +236,12 @@ class Engine:
         for key, batch in groups.items():
             tf = time.perf_counter()
             group_res, results = sched.forward(key, batch, outputs)
-            if self.policy is not None:
-                self._observe_forward(key, batch, time.perf_counter() - tf)
+            priced = self.policy is not None and self._priced(key, batch)  # (before apply moves the requests on)
             if batch.group is not None:
                 self._apply_group(batch.group, *group_res, outputs)
             self._apply_members(batch.members, results, outputs)
+            if priced:  # the forward and its Python side: what the mode costs per step
+                self.policy.observe_forward(_policy.mode_of(key.block_size), priced, time.perf_counter() - tf)
         if groups:
             dt = time.perf_counter() - t0
             self.stats.steps += 1
@@ -248,16 +249,15 @@ class Engine:
             self.stats.last_step_seconds = dt
         return outputs
 
-    def _observe_forward(self, key, batch, seconds: float) -> None:
-        """A forward of the kind the adaptive policy prices (decoding steps of AR or of the
-        engine's diffusion block size, select outputs, no prompt chunk in it) corrects the
-        policy's cost curve of that mode."""
+    def _priced(self, key, batch) -> int:
+        """The number of requests of a forward of the kind the adaptive policy prices
+        (decoding steps of AR or of the engine's diffusion block size, select outputs, no
+        prompt chunk in it), else 0: its time corrects that mode's cost curve."""
         if key.mode != "select" or key.block_size not in (1, self.block_size):
-            return
+            return 0
         if any(m.plan.kind == PREFILL for m in batch.members):
-            return
-        n = len(batch.members) + (len(batch.group.seqs) if batch.group is not None else 0)
-        self.policy.observe_forward(_policy.mode_of(key.block_size), n, seconds)
+            return 0
+        return len(batch.members) + (len(batch.group.seqs) if batch.group is not None else 0)
 
     def _apply_members(self, members: list[Scheduled], results: list, outputs: list) -> None:
         """The per-request path's step: every member's rule (at once where it can), apply, output."""

@@ -15,10 +15,10 @@ curve timed at start-up on scratch sequences (`calibrate`), and yields
 a + d * tpf tokens, tpf being the diffusion requests' tokens per forward (an
 EMA over finished diffusion requests; before any, the rule's own rate for the
 fixed-rate rule, else TPF_PRIOR). Each curve is then scaled by what the serving
-forwards of its mode cost against it (`observe_forward`, an EMA of the ratio): the
-start-up timings see empty sequences (no cached keys to attend to) in one second
-of the machine's life, which another process's load can make any multiple of the
-rest.
+steps of its mode cost against it (`observe_forward`: the forward and the applying
+of its results, an EMA of the ratio): the start-up timings see bare forwards of
+empty sequences (no cached keys to attend to, no Python side) in one second of the
+machine's life, which another process's load can make any multiple of the rest.
 """
 from __future__ import annotations
 
@@ -227,9 +227,10 @@ class AdaptivePolicy:
         return choose_mode(self.cost(AR), self.cost(DIFFUSION), a, d, tpf)
 
     def observe_forward(self, mode: str, n: int, seconds: float) -> None:
-        """A decoding forward of n requests in `mode` took `seconds`: that mode's cost scale
-        moves towards seconds / calibrated cost(n). A mode never run keeps its scale; where
-        the other is priced too low, the policy picks it and so observes it."""
+        """A decoding step of n requests in `mode` took `seconds` (its forward and the applying
+        of its results): that mode's cost scale moves towards seconds / calibrated cost(n).
+        A mode never run keeps its scale; where the other is priced too low, the policy picks
+        it and so observes it."""
         if not self.calibrated or n <= 0 or not seconds > 0:
             return
         predicted = (self.cost_ar if mode == AR else self.cost_diffusion)(n)
