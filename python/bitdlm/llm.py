@@ -131,7 +131,7 @@ class LLM:
             if not isinstance(sp, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(sp).__name__}")
             sp.validate()
-        encoded = [eng.check_prompt(self._encode(p)).tolist() for p in plist]
+        encoded = [eng.check_prompt(self._encode(p)) for p in plist]
         ids = [f"gen-{uuid.uuid4().hex}" for _ in plist]
         # requests enter the engine a window at a time as others finish: admission
         # stays linear and memory bounded for 10^6 prompts, and decoding starts at once
@@ -144,7 +144,7 @@ class LLM:
             while todo or backlog:
                 while backlog and len(todo) < window:
                     rid, enc, sp = backlog.popleft()
-                    acc[rid]["mode"] = eng.add_request(rid, enc, sp)
+                    acc[rid]["mode"] = eng.add_checked(rid, enc, sp)  # (all checked above)
                     todo.add(rid)
                 for out in eng.step():  # (once per request and step)
                     a = acc.get(out.request_id)
@@ -170,7 +170,7 @@ class LLM:
             a = acc[rid]
             n = len(a["ids"])
             res.append(Generation(text="".join(a["text"]), token_ids=a["ids"], finish_reason=a["reason"],
-                                  prompt_token_ids=enc,
+                                  prompt_token_ids=enc.tolist(),
                                   stats=dict(forwards=a["forwards"], generated_tokens=n,
                                              tokens_per_forward=n / a["forwards"] if a["forwards"] else 0.0,
                                              seconds=a["t"]), decode_mode=a["mode"]))
