@@ -303,9 +303,9 @@ class Steps(Algorithm):
         if not self.sbs:
             raise ValueError("the steps rule needs configure() and the candidates' block positions")
         j = int(first_position) // self.sbs
-        if j != self._sub:
-            self._sub, self._used = j, 0
-        left = self.sub_block_steps(j) - self._used
+        if j != self._sub:  # (its steps counted once per sub-block, not per step)
+            self._sub, self._used, self._sub_steps = j, 0, self.sub_block_steps(j)
+        left = self._sub_steps - self._used
         self._used += 1
         # ceil(masked left / steps left) is LLaDA's schedule (m // s, one more for the first m % s steps)
         return n if left <= 0 else -(-n // left)
@@ -350,9 +350,9 @@ def select_flat(rules, conf, counts, positions) -> np.ndarray:
     c = np.asarray(conf).astype(np.float64)
     positions = np.asarray(positions)
     out = np.zeros(c.size, bool)
-    cls0 = type(rules[0]) if rules else None
-    if all(type(r) is cls0 for r in rules):  # the usual case: one rule class, no subsetting
-        by_cls = {cls0: None}
+    classes = set(map(type, rules))
+    if len(classes) == 1:  # the usual case: one rule class, no subsetting
+        by_cls = {classes.pop(): None}
     else:
         by_cls = {}
         for i, r in enumerate(rules):
@@ -371,12 +371,12 @@ def select_flat(rules, conf, counts, positions) -> np.ndarray:
                 a += k
             out[cand] = got
             continue
-        seg = np.repeat(np.arange(len(rs)), cnt)
+        seg = np.arange(len(rs)).repeat(cnt)
         # rank in its request, most confident first, ties to the left (lexsort is stable)
         order = np.lexsort((-cc, seg))
         starts = np.cumsum(cnt) - cnt
         rank = np.empty(cc.size, np.int64)
-        rank[order] = np.arange(cc.size) - np.repeat(starts, cnt)
+        rank[order] = np.arange(cc.size) - starts[seg]
         first_pos = pp[np.minimum(starts, max(cc.size - 1, 0))] if cc.size else np.zeros(len(rs), np.int64)
         out[cand] = cls.select_segments(rs, cc, seg, rank, cnt, first_pos)
     return out

@@ -125,17 +125,21 @@ class GroupPlan:
         return [None] * n
 
 
-def can_group(seq: RequestState) -> bool:
-    """Whether the group path takes this request's next step."""
-    return seq.groupable and seq.row >= 0 and not seq.prefilling
+DECIDE, COMMIT = 0, 1
 
 
-def split(seqs: list[RequestState]) -> tuple[list[RequestState], list[RequestState], list[RequestState]]:
-    """can_group requests of one block size -> (the group path's deciding ones, its committing
-    ones, the rest: too few to pay for the group's shared calls, for the per-request path)."""
-    dec, com = [], []
-    for s in seqs:
-        (dec if s.first < len(s.blk) else com).append(s)
+def role(seq: RequestState) -> int | None:
+    """The group path's part in this request's next step: DECIDE (its block has masks left),
+    COMMIT, or None: not the group path's."""
+    if seq.groupable and seq.row >= 0 and not seq.prefilling:
+        return DECIDE if seq.first < len(seq.blk) else COMMIT
+    return None
+
+
+def split(dec: list[RequestState], com: list[RequestState]) -> tuple[list, list, list]:
+    """The deciding and committing requests of one block size (`role`) -> (the group path's
+    deciding ones, its committing ones, the rest: too few to pay for the group's shared
+    calls, for the per-request path)."""
     rest = []
     if len(dec) < DECIDE_MIN:
         rest, dec = dec, []
