@@ -98,18 +98,15 @@ class GroupPlan:
             return None
         com = self.seqs[nd:]
         done = [s.ar_fast_path(s.bstart + 1, c) for s, c in zip(com, carried)]
-        rows = [s.row for s, d in zip(com, done) if d]
-        toks = [c for c, d in zip(carried, done) if d]
-        if not rows:
+        idx = range(len(com)) if all(done) else [i for i, d in enumerate(done) if d]  # (usually all)
+        if not idx:
             return None
+        rows = np.array([com[i].row for i in idx], np.intp)
         old = t.blk[rows, 0].tolist()  # the closing blocks' tokens
-        t.blk[rows, 0] = toks
+        t.blk[rows, 0] = [carried[i] for i in idx]
         t.masked[rows, 0] = False
-        it = iter(old)
-        for i, (s, d) in enumerate(zip(com, done)):
-            if not d:
-                continue
-            closed = next(it)
+        for i, closed in zip(idx, old):
+            s = com[i]
             s.committed = s.bstart + 1  # (close_block, then start_block's fast path)
             try:
                 s.ar_block_opened(s.bstart + 1, closed)
