@@ -90,10 +90,10 @@ class LLM:
                 raise ValueError("this model has no tokenizer: pass token ids")
             return self.tokenizer.encode(prompt)
         try:
-            ids = [int(t) for t in prompt]
+            ids = list(map(int, prompt))
         except (TypeError, ValueError):
             raise ValueError("a prompt is a string or a list of token ids") from None
-        if any(isinstance(t, bool) for t in prompt):
+        if bool in set(map(type, prompt)):  # (isinstance(t, bool): bool has no subclasses)
             raise ValueError("a prompt is a string or a list of token ids")
         return ids
 
