@@ -278,8 +278,6 @@ class Engine:
             self._apply_members([Scheduled(s, p, None) for s, p in group.plans()],
                                 [(tok[b - k:b], conf[b - k:b]) for b, k in zip(ends, group.num_out)], outputs)
             return
-        for seq in group.seqs:
-            seq.forwards += 1
         moved = group.unmask(sel, tok)
         carried = group.carried(tok)
         nd = group.n_decide
@@ -291,6 +289,7 @@ class Engine:
             done = None
         collect = self.output_processor.collect
         for i, seq in enumerate(group.seqs):
+            seq.forwards += 1  # (before its output, which reports it)
             try:
                 if i < nd:
                     if not moved[i]:  # nothing newly final: no output, and it goes on
