@@ -122,19 +122,9 @@ class GroupPlan:
         return [None] * n
 
 
-DECIDE, COMMIT = 0, 1
-
-
-def role(seq: RequestState) -> int | None:
-    """The group path's part in this request's next step: DECIDE (its block has masks left),
-    COMMIT, or None: not the group path's."""
-    if seq.groupable and seq.row >= 0 and not seq.prefilling:
-        return DECIDE if seq.first < len(seq.blk) else COMMIT
-    return None
-
-
 def split(dec: list[RequestState], com: list[RequestState]) -> tuple[list, list, list]:
-    """The deciding and committing requests of one block size (`role`) -> (the group path's
+    """The deciding and committing requests of one block size (Scheduler.schedule sorts the
+    groupable ones that hold a table row and are past their prompt) -> (the group path's
     deciding ones, its committing ones, the rest: too few to pay for the group's shared
     calls, for the per-request path)."""
     rest = []

@@ -122,15 +122,15 @@ class Scheduler:
         grouped: dict[int, tuple[list, list]] = {}  # block size -> the group path's (deciding, committing)
         running = list(self.running.values())
         # (too few requests for any group: not even the check)
-        role = _group.role if self.group_path and len(running) >= _group.COMMIT_MIN else None
+        grouping = self.group_path and len(running) >= _group.COMMIT_MIN
         for seq in running:
-            r = None if role is None else role(seq)
-            if r is not None:
+            # the group path's: groupable (RequestState.groupable), a table row, past the prompt
+            if grouping and seq.groupable and seq.row >= 0 and not seq.prefilling:
                 g = grouped.get(seq.bs)
                 if g is None:
                     g = grouped[seq.bs] = ([], [])
                     groups.setdefault((seq.bs, False), [])  # (the calls keep the order of first arrival)
-                g[r].append(seq)
+                g[seq.first == len(seq.blk)].append(seq)  # deciding while its block has masks left, else committing
                 continue
             self._plan_one(seq, groups, outputs)
         plans = {}
