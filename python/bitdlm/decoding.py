@@ -363,14 +363,14 @@ def select_flat(rules, conf, counts, positions) -> np.ndarray:
     f32 = conf.dtype == np.float32
     c = conf.astype(np.float64)
     positions = np.asarray(positions)
-    out = np.zeros(c.size, bool)
     classes = set(map(type, rules))
-    if len(classes) == 1:  # the usual case: one rule class, no subsetting
+    if len(classes) == 1:  # the usual case: one rule class, no subsetting (its selection is the result)
         by_cls = {classes.pop(): None}
     else:
         by_cls = {}
         for i, r in enumerate(rules):
             by_cls.setdefault(type(r), []).append(i)
+        out = np.zeros(c.size, bool)
     for cls, idx in by_cls.items():
         if idx is None:
             rs, cnt, cand = rules, counts, slice(None)
@@ -383,15 +383,17 @@ def select_flat(rules, conf, counts, positions) -> np.ndarray:
             for r, k in zip(rs, cnt.tolist()):
                 got[a + np.asarray(r.select(cc[a:a + k], positions=pp[a:a + k]), np.int64)] = True
                 a += k
-            out[cand] = got
-            continue
-        seg = np.arange(len(rs)).repeat(cnt)
-        order = _segment_order(cc, seg, len(rs), f32)
-        starts = np.cumsum(cnt) - cnt
-        rank = np.empty(cc.size, np.int64)
-        rank[order] = np.arange(cc.size) - starts[seg]
-        first_pos = pp[np.minimum(starts, max(cc.size - 1, 0))] if cc.size else np.zeros(len(rs), np.int64)
-        out[cand] = cls.select_segments(rs, cc, seg, rank, cnt, first_pos)
+        else:
+            seg = np.arange(len(rs)).repeat(cnt)
+            order = _segment_order(cc, seg, len(rs), f32)
+            starts = np.cumsum(cnt) - cnt
+            rank = np.empty(cc.size, np.int64)
+            rank[order] = np.arange(cc.size) - starts[seg]
+            first_pos = pp[np.minimum(starts, max(cc.size - 1, 0))] if cc.size else np.zeros(len(rs), np.int64)
+            got = np.asarray(cls.select_segments(rs, cc, seg, rank, cnt, first_pos), bool)
+        if idx is None:
+            return got
+        out[cand] = got
     return out
 
 
