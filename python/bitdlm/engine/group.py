@@ -143,7 +143,7 @@ def plan(dec: list[RequestState], com: list[RequestState], table: BlockRows) -> 
     bs = table.blk.shape[1]
     if not dec:  # commits only (AR): no candidates
         z = np.zeros(0, np.intp)
-        return GroupPlan(table, com, 0, _commit_items(com, cfg), [sh] * len(com), z, z, z, z, z,
+        return GroupPlan(table, com, 0, _commit_items(com, cfg, bs), [sh] * len(com), z, z, z, z, z,
                          np.zeros(0, bool), bool(sh))
     rows = np.array([s.row for s in dec], np.intp)
     first = np.array([s.first for s in dec], np.intp)
@@ -165,12 +165,17 @@ def plan(dec: list[RequestState], com: list[RequestState], table: BlockRows) -> 
     items = [(s.seq_id, s.blk[x0:x0 + s.sbs], s.bstart + x0, s.bstart + len(s.blk), False, out[b0:b1]) if sb
              else (s.seq_id, s.blk, s.bstart, s.bstart, d, out[b0:b1])
              for s, x0, b0, b1, sb, d in zip(dec, s0.tolist(), [0] + b, b, sub.tolist(), full.tolist())]
-    items += _commit_items(com, cfg)
+    items += _commit_items(com, cfg, bs)
     num_out = counts.tolist() + [sh] * len(com)
     return GroupPlan(table, dec + com, len(dec), items, num_out, rows, first, ci, cj, counts, full, bool(sh))
 
 
-def _commit_items(com: list[RequestState], cfg) -> list[tuple]:
-    """The finished blocks, K/V written; with shift the last row carries the next token."""
-    sh = cfg.shift
-    return [(s.seq_id, s.blk, s.bstart, s.bstart, True, cfg.index(len(s.blk) - 1 if sh else None)) for s in com]
+def _commit_items(com: list[RequestState], cfg, bs: int) -> list[tuple]:
+    """The finished blocks (of `bs` tokens, fewer where the context cuts one), K/V written; with
+    shift the last row carries the next token."""
+    if not cfg.shift:
+        none = cfg.index(None)
+        return [(s.seq_id, s.blk, s.bstart, s.bstart, True, none) for s in com]
+    last = cfg.index(bs - 1)
+    return [(s.seq_id, s.blk, s.bstart, s.bstart, True, last if len(s.blk) == bs else cfg.index(len(s.blk) - 1))
+            for s in com]
