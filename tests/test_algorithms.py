@@ -561,3 +561,32 @@ def test_select_many_equals_select_request_by_request():
                 want = pairs[i][1].select(confs[j], positions=poss[j])
                 assert np.nonzero(many[j])[0].tolist() == want.tolist(), (type(pairs[i][1]).__name__, confs[j])
                 masked[i][poss[j][want]] = False
+
+
+def test_segment_order_equals_lexsort():
+    # select_flat's ranking: the one-argsort key of float32 confidences against the lexsort it
+    # replaces, over ties, values near the key's lower bound, 0, NaN and > 1 (the lexsort's cases)
+    rng = np.random.default_rng(11)
+    fast = 0
+    for case in range(400):
+        nseg = int(rng.integers(1, 300))
+        seg = np.sort(rng.integers(0, nseg, int(rng.integers(1, 600))))
+        kind = case % 5
+        if kind == 0:
+            c = np.round(rng.random(seg.size), 2)  # ties (and zeros)
+        elif kind == 1:  # near float32 neighbours, small or at the bound: distinct, but not in a coarse key
+            base = nseg * 2.0 ** -27 if case % 2 else 10.0 ** rng.uniform(-12, -3)
+            c = base * (1 + rng.integers(0, 3, seg.size) * 2.0 ** -22)
+        elif kind == 2:
+            c = 10.0 ** rng.uniform(-6, 0, seg.size)
+        elif kind == 3:
+            c = rng.random(seg.size)
+            c[rng.integers(0, seg.size)] = np.nan if case % 2 else 1.5
+        else:
+            c = 1 - rng.integers(0, 3, seg.size) * 2.0 ** -24  # adjacent float32 values below 1
+        c32 = c.astype(np.float32)
+        for f32, cc in ((True, c32.astype(np.float64)), (False, c)):
+            got = decoding._segment_order(cc, seg, nseg, f32)
+            assert got.tolist() == np.lexsort((-cc, seg)).tolist(), (case, f32)
+        fast += bool(c32.min() > nseg * 2.0 ** -27 and c32.max() <= 1)
+    assert fast > 100  # the argsort path ran

@@ -490,3 +490,33 @@ def test_failed_batched_forward_with_a_group_is_retried_one_by_one(monkeypatch):
         if rid != "q2":
             assert tokens(outs, rid) == expected(len(p), 8) and outs[rid][-1].finish_reason == "length"
     assert model.live == {}
+
+
+def test_generate_checks_params_and_prompts_once(monkeypatch):
+    """LLM.generate validates each distinct SamplingParams once and checks each prompt once
+    (then Engine.add_checked), not again per request; add_request alone still checks both."""
+    from bitdlm import LLM
+
+    calls = {"validate": 0, "check_prompt": 0}
+    validate, check_prompt = SamplingParams.validate, Engine.check_prompt
+
+    def counted_validate(self):
+        calls["validate"] += 1
+        return validate(self)
+
+    def counted_check(self, prompt_ids):
+        calls["check_prompt"] += 1
+        return check_prompt(self, prompt_ids)
+
+    monkeypatch.setattr(SamplingParams, "validate", counted_validate)
+    monkeypatch.setattr(Engine, "check_prompt", counted_check)
+    gens = LLM(FakeModel()).generate([[5, 6, 7]] * 10, SamplingParams(max_tokens=5, ignore_eos=True))
+    assert calls == {"validate": 1, "check_prompt": 10}
+    assert [g.token_ids for g in gens] == [expected(3, 5)] * 10
+    assert gens[0].prompt_token_ids == [5, 6, 7]
+    eng = Engine(FakeModel())
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.add_request("x", [5], SamplingParams(max_tokens=0))
+    with pytest.raises(ValueError, match="mask token"):
+        eng.add_request("x", [5, MASK], SamplingParams())
+    assert not eng.has_unfinished()

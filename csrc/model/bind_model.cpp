@@ -208,6 +208,10 @@ void register_model(py::module_& m) {
       // stall every Python thread (the server's event loop) for a whole forward.
       .def("kv_bytes_used", [](PyModel& s) { return s.model->kv_bytes_used(); },
            py::call_guard<py::gil_scoped_release>())
+      .def("kv_zero_filled", [](PyModel& s) { return s.model->kv_zero_filled(); },
+           py::call_guard<py::gil_scoped_release>(),
+           "Cache positions (per sequence) zeroed because a forward read them before any write; "
+           "the engine reads only what it wrote: 0")
       .def("kv_bytes_per_token", [](PyModel& s) { return s.model->kv_bytes_per_token(); })
       .def_property_readonly("kv_dtype", [](PyModel& s) { return s.model->kv_f16() ? "f16" : "f32"; })
       .def("set_profile", [](PyModel& s, bool on) { s.model->set_profile(on); }, py::arg("on"),

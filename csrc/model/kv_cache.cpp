@@ -1,6 +1,8 @@
 #include "model/kv_cache.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <string>
 
@@ -24,8 +26,9 @@ int KvCache::alloc(int64_t capacity) {
     throw KvBudgetError("KV cache budget exceeded: a sequence of capacity " + std::to_string(capacity) + " needs " +
                         std::to_string(bytes) + " bytes, " + std::to_string(budget_ - used_) + " of " +
                         std::to_string(budget_) + " bytes are free");
-  // calloc: zero pages are committed lazily, so unused capacity costs no RSS.
-  char* p = static_cast<char*>(std::calloc((size_t)bytes, 1));
+  // Not zeroed (prepare zeroes what a forward would read unwritten). Large blocks come
+  // from mmap, committed page by page as they are written: unused capacity costs no RSS.
+  char* p = static_cast<char*>(std::malloc((size_t)bytes));
   if (!p) throw KvBudgetError("KV cache: allocation of " + std::to_string(bytes) + " bytes failed");
   const int id = next_id_++;  // ids are never reused: a stale id fails loudly
   seqs_[id] = Seq{p, capacity};
@@ -39,6 +42,25 @@ void KvCache::free(int id) {
   std::free(it->second.data);
   used_ -= bytes_for(it->second.cap);
   seqs_.erase(it);
+}
+
+void KvCache::prepare(int id, int64_t start, int64_t n, int64_t ctx_len, bool write) {
+  Seq& s = seqs_.at(id);
+  int64_t need = ctx_len > start + n ? ctx_len : std::min(ctx_len, start);  // end of the cached reads
+  if (write) need = std::max(need, start);  // (no gap below a write: `ready` stays a prefix)
+  need = std::min(need, s.cap);
+  if (need <= s.ready) return;
+  const int64_t row = (int64_t)hd_ * elem_, blk = n_kv_ * s.cap * row;
+  for (int64_t b = 0; b < (int64_t)layers_ * 2; ++b)  // every layer's K and V, head by head
+    for (int h = 0; h < n_kv_; ++h)
+      std::memset(s.data + b * blk + (h * s.cap + s.ready) * row, 0, (size_t)((need - s.ready) * row));
+  zero_filled_ += need - s.ready;
+  s.ready = need;
+}
+
+void KvCache::written(int id, int64_t start, int64_t n) {
+  Seq& s = seqs_.at(id);
+  if (start <= s.ready) s.ready = std::max(s.ready, std::min(start + n, s.cap));
 }
 
 void* KvCache::block(int id, int layer, int kv) const {

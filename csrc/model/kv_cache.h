@@ -20,6 +20,16 @@ class KvCache {
 
   int alloc(int64_t capacity);  // -> seq id; throws KvBudgetError / std::invalid_argument
   void free(int id);            // throws std::out_of_range for unknown ids
+  // A sequence's memory is not zeroed at alloc (a memset of the whole capacity per
+  // request cost more than the engine's step); instead positions [0, ready) are
+  // known to be written or zeroed. Before a forward, `prepare` zeroes what the item
+  // would read past `ready` (cached [0, min(ctx_len, start)) and [start + n, ctx_len);
+  // with a write, also the gap [ready, start)), so a read sees zeros where nothing was
+  // written, as with calloc; after the forward, `written` marks a write's positions.
+  // The engine reads only what it wrote: nothing is zeroed there (zero_filled() stays 0).
+  void prepare(int id, int64_t start, int64_t n, int64_t ctx_len, bool write);
+  void written(int id, int64_t start, int64_t n);
+  int64_t zero_filled() const { return zero_filled_; }  // positions zeroed by prepare, all sequences
   bool has(int id) const { return seqs_.count(id) != 0; }
   int64_t capacity(int id) const { return seqs_.at(id).cap; }
   // This layer's K or V block [n_kv, cap, head_dim] of sequence id.
@@ -35,12 +45,14 @@ class KvCache {
   struct Seq {
     char* data;
     int64_t cap;
+    int64_t ready = 0;  // positions [0, ready) written or zeroed
   };
   void* block(int id, int layer, int kv) const;
   int layers_, n_kv_, hd_;
   bool f16_;
   int64_t elem_, per_pos_, budget_, used_ = 0;
   int next_id_ = 0;
+  int64_t zero_filled_ = 0;
   std::unordered_map<int, Seq> seqs_;
 };
 

@@ -160,6 +160,11 @@ int64_t Model::kv_bytes_used() {
   return kv_.bytes_used();
 }
 
+int64_t Model::kv_zero_filled() {
+  std::lock_guard<std::mutex> g(mu_);
+  return kv_.zero_filled();
+}
+
 void Model::validate(const std::vector<Item>& items, int B, int64_t* n_out) {
   if (B < 1) throw std::invalid_argument("block_size must be >= 1, got " + std::to_string(B));
   std::unordered_set<int> seen;
@@ -274,6 +279,7 @@ int Model::run(const std::vector<Item>& items, int B) {
     const Item& it = items[t];
     ai_[t] = AttnItem{nullptr, nullptr, kv_.capacity(it.seq), it.start, (int)it.tokens.size(), it.ctx_len, (int)row};
     for (size_t j = 0; j < it.tokens.size(); ++j) row_item_[row++] = (int)t;
+    kv_.prepare(it.seq, it.start, (int64_t)it.tokens.size(), it.ctx_len, it.write);  // (unwritten reads: zeros)
   }
 
   embed_rope(items, N);
@@ -283,6 +289,8 @@ int Model::run(const std::vector<Item>& items, int B) {
     attention_block(l, items, B, N);
     mlp_block(l, N);
   }
+  for (const Item& it : items)
+    if (it.write) kv_.written(it.seq, it.start, (int64_t)it.tokens.size());
   return final_norm(items, N);
 }
 

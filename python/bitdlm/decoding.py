@@ -303,9 +303,9 @@ class Steps(Algorithm):
         if not self.sbs:
             raise ValueError("the steps rule needs configure() and the candidates' block positions")
         j = int(first_position) // self.sbs
-        if j != self._sub:
-            self._sub, self._used = j, 0
-        left = self.sub_block_steps(j) - self._used
+        if j != self._sub:  # (its steps counted once per sub-block, not per step)
+            self._sub, self._used, self._sub_steps = j, 0, self.sub_block_steps(j)
+        left = self._sub_steps - self._used
         self._used += 1
         # ceil(masked left / steps left) is LLaDA's schedule (m // s, one more for the first m % s steps)
         return n if left <= 0 else -(-n // left)
@@ -337,6 +337,18 @@ def select_many(rules, confs, positions) -> list[np.ndarray]:
     return [sel[b - k:b] for b, k in zip(ends, counts.tolist())]
 
 
+def _segment_order(c: np.ndarray, seg: np.ndarray, nseg: int, f32: bool) -> np.ndarray:
+    """The candidates in rank order: by request (seg, ascending), the most confident first, ties
+    to the left: np.lexsort((-c, seg)). Float32 confidences (f32; c holds them as float64) in
+    (nseg * 2**-27, 1], every greedy one, sort in one argsort of the key seg * 2 - c instead
+    (3x faster at 512 candidates): two requests' keys do not overlap, and two distinct float32
+    values keep their order (their gap, >= c * 2**-24, exceeds twice the key's rounding error,
+    <= nseg * 2**-52). NaN, 0 or tiny values take the lexsort."""
+    if f32 and c.size and c.min() > nseg * 2.0 ** -27 and c.max() <= 1.0:
+        return np.argsort(seg * 2.0 - c, kind="stable")
+    return np.lexsort((-c, seg))
+
+
 def select_flat(rules, conf, counts, positions) -> np.ndarray:
     """One step's selection for many requests whose candidates lie one request after another:
     request i's are the next counts[i] entries of conf (confidences) and positions (block
@@ -347,16 +359,18 @@ def select_flat(rules, conf, counts, positions) -> np.ndarray:
     if not rules:
         return np.zeros(0, bool)
     counts = np.asarray(counts, np.int64)
-    c = np.asarray(conf).astype(np.float64)
+    conf = np.asarray(conf)
+    f32 = conf.dtype == np.float32
+    c = conf.astype(np.float64)
     positions = np.asarray(positions)
-    out = np.zeros(c.size, bool)
-    cls0 = type(rules[0]) if rules else None
-    if all(type(r) is cls0 for r in rules):  # the usual case: one rule class, no subsetting
-        by_cls = {cls0: None}
+    classes = set(map(type, rules))
+    if len(classes) == 1:  # the usual case: one rule class, no subsetting (its selection is the result)
+        by_cls = {classes.pop(): None}
     else:
         by_cls = {}
         for i, r in enumerate(rules):
             by_cls.setdefault(type(r), []).append(i)
+        out = np.zeros(c.size, bool)
     for cls, idx in by_cls.items():
         if idx is None:
             rs, cnt, cand = rules, counts, slice(None)
@@ -369,16 +383,17 @@ def select_flat(rules, conf, counts, positions) -> np.ndarray:
             for r, k in zip(rs, cnt.tolist()):
                 got[a + np.asarray(r.select(cc[a:a + k], positions=pp[a:a + k]), np.int64)] = True
                 a += k
-            out[cand] = got
-            continue
-        seg = np.repeat(np.arange(len(rs)), cnt)
-        # rank in its request, most confident first, ties to the left (lexsort is stable)
-        order = np.lexsort((-cc, seg))
-        starts = np.cumsum(cnt) - cnt
-        rank = np.empty(cc.size, np.int64)
-        rank[order] = np.arange(cc.size) - np.repeat(starts, cnt)
-        first_pos = pp[np.minimum(starts, max(cc.size - 1, 0))] if cc.size else np.zeros(len(rs), np.int64)
-        out[cand] = cls.select_segments(rs, cc, seg, rank, cnt, first_pos)
+        else:
+            seg = np.arange(len(rs)).repeat(cnt)
+            order = _segment_order(cc, seg, len(rs), f32)
+            starts = np.cumsum(cnt) - cnt
+            rank = np.empty(cc.size, np.int64)
+            rank[order] = np.arange(cc.size) - starts[seg]
+            first_pos = pp[np.minimum(starts, max(cc.size - 1, 0))] if cc.size else np.zeros(len(rs), np.int64)
+            got = np.asarray(cls.select_segments(rs, cc, seg, rank, cnt, first_pos), bool)
+        if idx is None:
+            return got
+        out[cand] = got
     return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import threading
 import time
@@ -90,10 +91,10 @@ class LLM:
                 raise ValueError("this model has no tokenizer: pass token ids")
             return self.tokenizer.encode(prompt)
         try:
-            ids = [int(t) for t in prompt]
+            ids = list(map(int, prompt))
         except (TypeError, ValueError):
             raise ValueError("a prompt is a string or a list of token ids") from None
-        if any(isinstance(t, bool) for t in prompt):
+        if bool in set(map(type, prompt)):  # (isinstance(t, bool): bool has no subclasses)
             raise ValueError("a prompt is a string or a list of token ids")
         return ids
 
@@ -131,49 +132,47 @@ class LLM:
             if not isinstance(sp, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(sp).__name__}")
             sp.validate()
-        encoded = [eng.check_prompt(self._encode(p)).tolist() for p in plist]
-        ids = [f"gen-{uuid.uuid4().hex}" for _ in plist]
+        encoded = [eng.check_prompt(self._encode(p)) for p in plist]
+        base = f"gen-{uuid.uuid4().hex}-"  # (one random id per call, numbered: a uuid4 per prompt costs ~2 us)
+        ids = [base + str(i) for i in range(len(plist))]
         # requests enter the engine a window at a time as others finish: admission
         # stays linear and memory bounded for 10^6 prompts, and decoding starts at once
         backlog = collections.deque(zip(ids, encoded, plist_params))
         window = max(4 * eng.max_batch, 64)
         t0 = time.perf_counter()
-        acc = {rid: dict(ids=[], text=[], reason=None, forwards=0, t=None, mode=None) for rid in ids}
-        todo = set()
+        modes, done = {}, {}
+        live: dict[str, list] = {}  # a running request's outputs (kept as they come: one append per step)
         try:
-            while todo or backlog:
-                while backlog and len(todo) < window:
+            while live or backlog:
+                while backlog and len(live) < window:
                     rid, enc, sp = backlog.popleft()
-                    acc[rid]["mode"] = eng.add_request(rid, enc, sp)
-                    todo.add(rid)
+                    modes[rid] = eng.add_checked(rid, enc, sp)  # (all checked above)
+                    live[rid] = []
                 for out in eng.step():  # (once per request and step)
-                    a = acc.get(out.request_id)
-                    if a is None:
+                    outs = live.get(out.request_id)
+                    if outs is None:
                         continue
-                    a["ids"] += out.new_token_ids
-                    if out.text:
-                        a["text"].append(out.text)
-                    a["forwards"] = out.forwards
+                    outs.append(out)
                     if out.finished:
-                        a["reason"] = out.finish_reason
-                        a["t"] = time.perf_counter() - t0
-                        todo.discard(out.request_id)
+                        del live[out.request_id]
                         if out.error:
                             raise RuntimeError(f"request failed: {out.error}")
+                        done[out.request_id] = (list(itertools.chain.from_iterable(o.new_token_ids for o in outs)),
+                                                "".join([o.text for o in outs]), out.finish_reason, out.forwards,
+                                                time.perf_counter() - t0)
         except BaseException:
-            for rid in todo:
+            for rid in live:
                 eng.abort(rid)
-            self._drain(todo)
+            self._drain(set(live))
             raise
         res = []
         for rid, enc in zip(ids, encoded):
-            a = acc[rid]
-            n = len(a["ids"])
-            res.append(Generation(text="".join(a["text"]), token_ids=a["ids"], finish_reason=a["reason"],
-                                  prompt_token_ids=enc,
-                                  stats=dict(forwards=a["forwards"], generated_tokens=n,
-                                             tokens_per_forward=n / a["forwards"] if a["forwards"] else 0.0,
-                                             seconds=a["t"]), decode_mode=a["mode"]))
+            toks, text, reason, forwards, t = done[rid]
+            n = len(toks)
+            res.append(Generation(text=text, token_ids=toks, finish_reason=reason, prompt_token_ids=enc.tolist(),
+                                  stats=dict(forwards=forwards, generated_tokens=n,
+                                             tokens_per_forward=n / forwards if forwards else 0.0,
+                                             seconds=t), decode_mode=modes[rid]))
         return res
 
     def generate_stream(self, prompt, params: SamplingParams | None = None):

@@ -136,10 +136,14 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
         params.validate()
+        return self.add_checked(request_id, self.check_prompt(prompt_ids), params)
+
+    def add_checked(self, request_id: str, prompt: np.ndarray, params: SamplingParams) -> str:
+        """add_request for a prompt that check_prompt returned and params that passed
+        validate() (LLM.generate checks each of its params once, not once per prompt)."""
         rid = str(request_id)
         if self.scheduler.has(rid):
             raise ValueError(f"request id {rid!r} is already in use")
-        prompt = self.check_prompt(prompt_ids)
         P = int(prompt.size)
         params, assigned = self._assign_mode(params)
         bs = self.block_size if params.block_length is None else int(params.block_length)
@@ -288,9 +292,7 @@ class Engine:
             self._apply_members([Scheduled(s, p, None) for s, p in group.plans()],
                                 [(tok[b - k:b], conf[b - k:b]) for b, k in zip(ends, group.num_out)], outputs)
             return
-        for seq in group.seqs:
-            seq.forwards += 1
-        group.unmask(sel, tok)
+        moved = group.unmask(sel, tok)
         carried = group.carried(tok)
         nd = group.n_decide
         try:
@@ -299,15 +301,20 @@ class Engine:
             log.warning("the AR commits of a group failed (%s: %s); committing them one by one",
                         type(e).__name__, e)
             done = None
+        collect = self.output_processor.collect
         for i, seq in enumerate(group.seqs):
+            seq.forwards += 1  # (before its output, which reports it)
             try:
-                if i >= nd:
+                if i < nd:
+                    if not moved[i]:  # nothing newly final: no output, and it goes on
+                        continue
+                else:
                     d = False if done is None else done[i - nd]
                     if d is False:
                         seq.close_block(carried[i - nd])
                     elif d is not True:
                         raise d
-                out = self.output_processor.collect(seq)
+                out = collect(seq)
             except Exception as e:
                 self.scheduler.fail(seq, outputs, "applying its step", e)
                 continue

@@ -38,11 +38,11 @@ class GroupPlan:
     items: list[tuple]  # `_core.Model.forward` items, one per request
     num_out: list[int]  # output rows per item
     rows: np.ndarray  # the deciding requests' table rows
-    ends: np.ndarray  # their block lengths (the first masked position when none is left)
+    first: np.ndarray  # their first masked positions before the step
     cand_req: np.ndarray  # per candidate (output row): its deciding request's index, ...
     cand_pos: np.ndarray  # ... and its block position
     counts: np.ndarray  # candidates per deciding request
-    full: list[bool]  # per deciding request: a full pass that writes the sub-block cache's scratch K/V
+    full: np.ndarray  # per deciding request: a full pass that writes the sub-block cache's scratch K/V
     shift: bool  # a commit's one output row carries the next block's first token
 
     @property
@@ -61,23 +61,31 @@ class GroupPlan:
         return decoding.select_flat([s.algo for s in self.seqs[:self.n_decide]], conf[:self.decide_out],
                                     self.counts, self.cand_pos)
 
-    def unmask(self, sel: np.ndarray, tok: np.ndarray) -> None:
+    def unmask(self, sel: np.ndarray, tok: np.ndarray) -> list[bool]:
         """RequestState.apply's STEP / FULL for every deciding request at once: the selected
-        candidates take their tokens, and each request's first masked position moves on."""
+        candidates take their tokens, and each request's first masked position moves on
+        -> per deciding request: whether it moved (else nothing became final: its output
+        is None, as OutputProcessor.collect would find)."""
         nd = self.n_decide
         if not nd:
-            return
+            return []
         at_r, at_j = self.rows[self.cand_req[sel]], self.cand_pos[sel]
         t = self.table
         t.blk[at_r, at_j] = tok[:self.decide_out][sel]
         t.masked[at_r, at_j] = False
         m = t.masked[self.rows]
         first = m.argmax(axis=1)
-        first = np.where(m[np.arange(nd), first], first, self.ends)
-        for s, f, full in zip(self.seqs, first.tolist(), self.full):
+        done = ~m[np.arange(nd), first]  # no mask left (none past a block cut by the context either)
+        moved = ((first != self.first) | done).tolist()
+        first = first.tolist()
+        seqs = self.seqs
+        for i in np.flatnonzero(done).tolist():
+            first[i] = len(seqs[i].blk)
+        for s, f in zip(seqs, first):
             s.first = f
-            if full:
-                s.scratch = True
+        for i in np.flatnonzero(self.full).tolist():
+            seqs[i].scratch = True
+        return moved
 
     def commit_ar(self, carried: list) -> list[bool] | None:
         """RequestState.close_block for the committing requests that take start_block's AR fast
@@ -90,18 +98,15 @@ class GroupPlan:
             return None
         com = self.seqs[nd:]
         done = [s.ar_fast_path(s.bstart + 1, c) for s, c in zip(com, carried)]
-        rows = [s.row for s, d in zip(com, done) if d]
-        toks = [c for c, d in zip(carried, done) if d]
-        if not rows:
+        idx = range(len(com)) if all(done) else [i for i, d in enumerate(done) if d]  # (usually all)
+        if not idx:
             return None
+        rows = np.array([com[i].row for i in idx], np.intp)
         old = t.blk[rows, 0].tolist()  # the closing blocks' tokens
-        t.blk[rows, 0] = toks
+        t.blk[rows, 0] = [carried[i] for i in idx]
         t.masked[rows, 0] = False
-        it = iter(old)
-        for i, (s, d) in enumerate(zip(com, done)):
-            if not d:
-                continue
-            closed = next(it)
+        for i, closed in zip(idx, old):
+            s = com[i]
             s.committed = s.bstart + 1  # (close_block, then start_block's fast path)
             try:
                 s.ar_block_opened(s.bstart + 1, closed)
@@ -117,17 +122,11 @@ class GroupPlan:
         return [None] * n
 
 
-def can_group(seq: RequestState) -> bool:
-    """Whether the group path takes this request's next step."""
-    return seq.groupable and seq.row >= 0 and not seq.prefilling
-
-
-def split(seqs: list[RequestState]) -> tuple[list[RequestState], list[RequestState], list[RequestState]]:
-    """can_group requests of one block size -> (the group path's deciding ones, its committing
-    ones, the rest: too few to pay for the group's shared calls, for the per-request path)."""
-    dec, com = [], []
-    for s in seqs:
-        (dec if s.first < len(s.blk) else com).append(s)
+def split(dec: list[RequestState], com: list[RequestState]) -> tuple[list, list, list]:
+    """The deciding and committing requests of one block size (Scheduler.schedule sorts the
+    groupable ones that hold a table row and are past their prompt) -> (the group path's
+    deciding ones, its committing ones, the rest: too few to pay for the group's shared
+    calls, for the per-request path)."""
     rest = []
     if len(dec) < DECIDE_MIN:
         rest, dec = dec, []
@@ -144,38 +143,39 @@ def plan(dec: list[RequestState], com: list[RequestState], table: BlockRows) -> 
     bs = table.blk.shape[1]
     if not dec:  # commits only (AR): no candidates
         z = np.zeros(0, np.intp)
-        return GroupPlan(table, com, 0, _commit_items(com, cfg), [sh] * len(com), z, z, z, z, z, [], bool(sh))
+        return GroupPlan(table, com, 0, _commit_items(com, cfg, bs), [sh] * len(com), z, z, z, z, z,
+                         np.zeros(0, bool), bool(sh))
     rows = np.array([s.row for s in dec], np.intp)
-    ends = np.array([len(s.blk) for s in dec], np.intp)
-    sbs = np.array([s.sbs for s in dec], np.intp)
-    s0 = np.array([s.first for s in dec], np.intp) // sbs * sbs  # the left-most sub-block with masks
-    s1 = np.minimum(s0 + sbs, ends)
+    first = np.array([s.first for s in dec], np.intp)
+    sbs = table.sbs[rows]
+    s0 = first // sbs * sbs  # the left-most sub-block with masks
     m = table.masked[rows]
     cols = cfg.positions(bs)
-    ci, cj = np.nonzero(m & (cols >= s0[:, None]) & (cols < s1[:, None]))  # request by request, left to right
+    # (nothing is masked past a block cut by the context: no clip to its length)
+    ci, cj = np.nonzero(m & (cols >= s0[:, None]) & (cols < (s0 + sbs)[:, None]))  # request by request, left to right
     counts = np.bincount(ci, minlength=len(dec))
     # the sub-block cache: after a full pass, the sub-block alone while its first position is unchanged
-    dual = np.array([s.cache == "dual" and s.scratch for s in dec], bool)
+    dual = table.dual[rows]
     sub = dual & ~m[np.arange(len(dec)), s0]
+    if sub.any():
+        sub &= np.array([s.scratch for s in dec], bool)
+    full = dual & ~sub
     out = (cj - sh - (s0 * sub)[ci]).astype(np.int32)  # output rows: row j - 1 predicts position j
-    items, full = [], []
-    a = 0
-    for s, x0, x1, k, sb in zip(dec, s0.tolist(), s1.tolist(), counts.tolist(), sub.tolist()):
-        o = out[a:a + k]
-        a += k
-        if sb:
-            items.append((s.seq_id, s.blk[x0:x1], s.bstart + x0, s.bstart + len(s.blk), False, o))
-            full.append(False)
-        else:
-            d = s.cache == "dual"
-            items.append((s.seq_id, s.blk, s.bstart, s.bstart, d, o))
-            full.append(d)
-    items += _commit_items(com, cfg)
+    b = np.cumsum(counts).tolist()
+    items = [(s.seq_id, s.blk[x0:x0 + s.sbs], s.bstart + x0, s.bstart + len(s.blk), False, out[b0:b1]) if sb
+             else (s.seq_id, s.blk, s.bstart, s.bstart, d, out[b0:b1])
+             for s, x0, b0, b1, sb, d in zip(dec, s0.tolist(), [0] + b, b, sub.tolist(), full.tolist())]
+    items += _commit_items(com, cfg, bs)
     num_out = counts.tolist() + [sh] * len(com)
-    return GroupPlan(table, dec + com, len(dec), items, num_out, rows, ends, ci, cj, counts, full, bool(sh))
+    return GroupPlan(table, dec + com, len(dec), items, num_out, rows, first, ci, cj, counts, full, bool(sh))
 
 
-def _commit_items(com: list[RequestState], cfg) -> list[tuple]:
-    """The finished blocks, K/V written; with shift the last row carries the next token."""
-    sh = cfg.shift
-    return [(s.seq_id, s.blk, s.bstart, s.bstart, True, cfg.index(len(s.blk) - 1 if sh else None)) for s in com]
+def _commit_items(com: list[RequestState], cfg, bs: int) -> list[tuple]:
+    """The finished blocks (of `bs` tokens, fewer where the context cuts one), K/V written; with
+    shift the last row carries the next token."""
+    if not cfg.shift:
+        none = cfg.index(None)
+        return [(s.seq_id, s.blk, s.bstart, s.bstart, True, none) for s in com]
+    last = cfg.index(bs - 1)
+    return [(s.seq_id, s.blk, s.bstart, s.bstart, True, last if len(s.blk) == bs else cfg.index(len(s.blk) - 1))
+            for s in com]

@@ -99,7 +99,9 @@ class OutputProcessor:
     def collect(self, seq: RequestState) -> RequestOutput | None:
         if seq.prefilling:
             return None
-        front = min(seq.frontier(), seq.limit)
+        front, limit = seq.frontier(), seq.limit
+        if front > limit:
+            front = limit
         pos = seq.P + seq.emitted
         if pos >= front and not seq.finished:  # nothing newly final (and pos < limit: it would have ended)
             return None
@@ -109,7 +111,7 @@ class OutputProcessor:
             new_ids = new_ids[:next(i for i, t in enumerate(new_ids) if t in stops) + 1]
             seq.finish("stop")
         pos += len(new_ids)
-        if not seq.finished and pos >= seq.limit:
+        if pos >= limit and not seq.finished:
             seq.finish("length")
         text = ""
         if seq.text is not None and new_ids:

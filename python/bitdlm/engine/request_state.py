@@ -41,14 +41,20 @@ class BlockRows:
     def __init__(self, rows: int, block_size: int):
         self.blk = np.zeros((rows, block_size), np.int32)
         self.masked = np.zeros((rows, block_size), bool)
+        # what the group path reads of a row's request that never changes while it holds the
+        # row (set by take): its sub-block size and whether it uses the sub-block cache
+        self.sbs = np.zeros(rows, np.intp)
+        self.dual = np.zeros(rows, bool)
         self._free = list(range(rows - 1, -1, -1))
 
-    def take(self) -> int:
-        """A free row (all unmasked), or -1 when every row is held."""
+    def take(self, sbs: int, dual: bool) -> int:
+        """A free row (all unmasked) for a request of sub-block size `sbs` (`dual`: with the
+        sub-block cache), or -1 when every row is held."""
         if not self._free:
             return -1
         r = self._free.pop()
         self.masked[r] = False  # (a request that ended mid-block left masks behind)
+        self.sbs[r], self.dual[r] = sbs, dual
         return r
 
     def give(self, row: int) -> None:
@@ -245,7 +251,7 @@ class RequestState:
         blk, masked = self.blk, self.masked
         if blk is None:  # the first block: a row of the block size's table, while one is free
             t = self.cfg.block_rows(self.bs)
-            r = t.take()
+            r = t.take(self.sbs, self.cache == "dual")
             if r >= 0:
                 self.table, self.row = t, r
         if blk is not None and len(blk) == n:  # the closed block's arrays are reused (its forward is done)

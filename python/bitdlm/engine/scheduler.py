@@ -119,28 +119,31 @@ class Scheduler:
     def schedule(self, outputs: list) -> dict[GroupKey, Batch]:
         """Every running request's next forward, grouped by what one core call can carry."""
         groups: dict[tuple, list[Scheduled]] = {}
-        grouped: dict[int, list[RequestState]] = {}  # block size -> the group path's requests
+        grouped: dict[int, tuple[list, list]] = {}  # block size -> the group path's (deciding, committing)
+        running = list(self.running.values())
         # (too few requests for any group: not even the check)
-        can_group = _group.can_group if self.group_path and len(self.running) >= _group.COMMIT_MIN else None
-        for seq in list(self.running.values()):
-            if can_group is not None and can_group(seq):
+        grouping = self.group_path and len(running) >= _group.COMMIT_MIN
+        for seq in running:
+            # the group path's: groupable (RequestState.groupable), a table row, past the prompt
+            if grouping and seq.groupable and seq.row >= 0 and not seq.prefilling:
                 g = grouped.get(seq.bs)
                 if g is None:
-                    g = grouped[seq.bs] = []
+                    g = grouped[seq.bs] = ([], [])
                     groups.setdefault((seq.bs, False), [])  # (the calls keep the order of first arrival)
-                g.append(seq)
+                g[seq.first == len(seq.blk)].append(seq)  # deciding while its block has masks left, else committing
                 continue
             self._plan_one(seq, groups, outputs)
         plans = {}
-        for bs, seqs in grouped.items():
-            dec, com, rest = _group.split(seqs)
+        for bs, (dec, com) in grouped.items():
+            dec, com, rest = _group.split(dec, com)
             if dec or com:
                 try:
-                    plans[bs] = _group.plan(dec, com, seqs[0].table)
+                    plans[bs] = _group.plan(dec, com, (dec or com)[0].table)
                 except Exception as e:  # planned one by one below, where a fault is pinned on its request
+                    mine = set(map(id, dec + com + rest))
+                    rest = [s for s in running if id(s) in mine]  # (in arrival order)
                     log.warning("group plan of %d requests failed (%s: %s); planning them one by one",
-                                len(seqs), type(e).__name__, e)
-                    rest = seqs
+                                len(rest), type(e).__name__, e)
             for seq in rest:
                 self._plan_one(seq, groups, outputs)
         return {GroupKey(bs, "logits" if lg else "select"): Batch(plans.get(bs) if not lg else None, g)
