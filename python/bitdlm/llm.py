@@ -146,7 +146,7 @@ class LLM:
             while live or backlog:
                 while backlog and len(live) < window:
                     rid, enc, sp = backlog.popleft()
-                    modes[rid] = eng.add_checked(rid, enc, sp)  # (all checked above)
+                    modes[rid] = eng.add_checked(rid, enc, sp, final_only=True)  # (all checked above)
                     live[rid] = []
                 for out in eng.step():  # (once per request and step)
                     outs = live.get(out.request_id)

@@ -138,9 +138,11 @@ class Engine:
         params.validate()
         return self.add_checked(request_id, self.check_prompt(prompt_ids), params)
 
-    def add_checked(self, request_id: str, prompt: np.ndarray, params: SamplingParams) -> str:
+    def add_checked(self, request_id: str, prompt: np.ndarray, params: SamplingParams,
+                    final_only: bool = False) -> str:
         """add_request for a prompt that check_prompt returned and params that passed
-        validate() (LLM.generate checks each of its params once, not once per prompt)."""
+        validate() (LLM.generate checks each of its params once, not once per prompt).
+        final_only: no output until the request ends, then one with all its tokens and text."""
         rid = str(request_id)
         if self.scheduler.has(rid):
             raise ValueError(f"request id {rid!r} is already in use")
@@ -182,7 +184,7 @@ class Engine:
                                 else None),  # (greedy never draws; a generator costs ~20 us)
                            cfg=self.block_config,
                            text=text_state(self.tokenizer, prompt.tolist(), params),
-                           nfull=P // bs * bs, t0=time.perf_counter(), assigned=assigned)
+                           nfull=P // bs * bs, t0=time.perf_counter(), assigned=assigned, final_only=final_only)
         self.scheduler.add(seq)
         if assigned:
             self.policy.assigned[seq.mode] += 1
