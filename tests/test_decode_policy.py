@@ -280,6 +280,10 @@ def test_server_reports_policy_modes_and_keeps_explicit_choices(model):
         assert _metric(text, 'bitdlm_requests_decode_mode_total{mode="ar"}') == 5.0
         assert _metric(text, 'bitdlm_requests_decode_mode_total{mode="diffusion"}') == 5.0
         assert _metric(text, "bitdlm_decode_policy_tokens_per_forward") > 0
+        pol = engine.policy  # AR requests ran: its scale left 1.0, and /metrics and /health show it
+        assert pol.forwards_observed["ar"] > 0 and pol.cost_scale["ar"] != 1.0
+        assert _metric(text, 'bitdlm_decode_policy_cost_scale{mode="ar"}') == pytest.approx(pol.cost_scale["ar"])
+        assert c.get("/health").json()["decode_policy_state"]["forwards_observed"]["ar"] == pol.forwards_observed["ar"]
     engine, app = _app(model, "fixed")
     with TestClient(app) as c:
         h = c.get("/health").json()
@@ -289,6 +293,7 @@ def test_server_reports_policy_modes_and_keeps_explicit_choices(model):
         text = c.get("/metrics").text
         assert _metric(text, 'bitdlm_decode_policy_info{policy="fixed"}') == 1.0
         assert _metric(text, "bitdlm_decode_policy_tokens_per_forward") is None
+        assert _metric(text, 'bitdlm_decode_policy_cost_scale{mode="ar"}') is None
 
 
 def test_bad_decode_policy_and_steps_flags_are_clear_errors(capsys):

@@ -104,6 +104,11 @@ class Metrics:
                       "The adaptive policy's estimate of a diffusion request's tokens per forward",
                       registry=r)
             g.set_function(lambda: float(adaptive.tpf))
+            g = Gauge("bitdlm_decode_policy_cost_scale",
+                      "The adaptive policy's cost scale per mode: what its serving steps cost against "
+                      "the start-up calibration", ["mode"], registry=r)
+            for m in adaptive.cost_scale:  # (dict values the engine thread rebinds: the read never waits)
+                g.labels(mode=m).set_function(lambda m=m: float(adaptive.cost_scale[m]))
         if model is not None and getattr(model, "profiling", False):
             r.register(_PhaseCollector(model))
 
