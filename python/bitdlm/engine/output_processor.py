@@ -115,32 +115,31 @@ class OutputProcessor:
             seq.finish("length")
         text = ""
         deferred = seq.final_only and seq.text is not None and not seq.text.stops  # text once, at the end
-        if seq.text is not None and new_ids and not deferred:
-            text, cut = seq.text.add(new_ids, seq.finished)
-            if cut is not None:
-                new_ids = new_ids[:cut]
-                seq.finish("stop")
-        elif seq.text is not None and seq.finished and not deferred:
-            text = seq.text.flush()
+        if seq.text is not None and not deferred:
+            if new_ids:
+                text, cut = seq.text.add(new_ids, seq.finished)
+                if cut is not None:
+                    new_ids = new_ids[:cut]
+                    seq.finish("stop")
+            elif seq.finished:
+                text = seq.text.flush()
         seq.emitted += len(new_ids)
         if seq.final_only:
-            return self._final(seq, new_ids, text, deferred)
+            return self._final(seq, text, deferred)
         if not new_ids and not text and not seq.finished:
             return None
         return make_output(seq, new_ids, text)
 
     @staticmethod
-    def _final(seq: RequestState, new_ids: list[int], text: str, deferred: bool) -> RequestOutput | None:
-        """A final_only request's step: keep its tokens (and text pieces); at its end, the one
-        output. The deferred text is the one the steps' deltas would have joined into: the
-        incremental detokenizer gives the same string for any split of the ids."""
-        seq.final_ids += new_ids
+    def _final(seq: RequestState, text: str, deferred: bool) -> RequestOutput | None:
+        """A final_only request's step: keep its text piece (where stop strings needed the text
+        per step); at its end, the one output: every emitted token, read back from the request
+        (final tokens never change), and its text. The deferred text is the one the steps'
+        deltas would have joined into: the incremental detokenizer gives the same string for
+        any split of the ids."""
         if text:
             seq.final_text.append(text)
         if not seq.finished:
             return None
-        if deferred:
-            text = seq.text.add(seq.final_ids, True)[0]
-        else:
-            text = "".join(seq.final_text)
-        return make_output(seq, seq.final_ids, text)
+        ids = seq.tokens_between(seq.P, seq.P + seq.emitted)
+        return make_output(seq, ids, seq.text.add(ids, True)[0] if deferred else "".join(seq.final_text))

@@ -216,9 +216,13 @@ class AdaptivePolicy:
     def set_costs(self, cost_ar: CostCurve, cost_diffusion: CostCurve, seconds: float = 0.0) -> None:
         self.cost_ar, self.cost_diffusion, self.calibration_seconds = cost_ar, cost_diffusion, seconds
 
+    def _curve(self, mode: str) -> CostCurve:
+        """`mode`'s calibrated cost curve."""
+        return self.cost_ar if mode == AR else self.cost_diffusion
+
     def cost(self, mode: str):
         """The cost curve decisions use for `mode`: the calibrated one times its scale."""
-        curve, k = (self.cost_ar if mode == AR else self.cost_diffusion), self.cost_scale[mode]
+        curve, k = self._curve(mode), self.cost_scale[mode]
         return lambda n: k * curve(n)
 
     def decide(self, a: int, d: int, prior: float | None = None) -> str:
@@ -233,7 +237,7 @@ class AdaptivePolicy:
         it and so observes it."""
         if not self.calibrated or n <= 0 or not seconds > 0:
             return
-        predicted = (self.cost_ar if mode == AR else self.cost_diffusion)(n)
+        predicted = self._curve(mode)(n)
         if not predicted > 0:
             return
         lo, hi = COST_SCALE_LIMITS

@@ -180,9 +180,8 @@ class RequestState:
     table: BlockRows | None = None  # the table holding blk / masked as its row `row` (-1: own arrays)
     row: int = -1
     # final_only (LLM.generate): one output, at the end, with every token and the whole text
-    # (vLLM's FINAL_ONLY): the steps between only keep the tokens
+    # (vLLM's FINAL_ONLY): the steps between output nothing
     final_only: bool = False
-    final_ids: list = field(default_factory=list)
     final_text: list = field(default_factory=list)  # (text pieces, where stop strings need them per step)
 
     def __post_init__(self):
