@@ -8,6 +8,7 @@
 #   P. a torch.profiler table of 10 steps of the new trainer (where a step's time goes)
 #   M. throughput per torch.compile mode and batch (default / max-autotune-no-cudagraphs /
 #      reduce-overhead x batch 64 / 128; 150 steps each, no evaluation): the levers for 1M tokens/s
+#      (BENCH_M_MODES / BENCH_M_BATCHES pick a subset)
 # Same seed, schedule and batch: A and B see identical batches and masks, so
 # their per-step losses compare directly. Logs under $OUT.
 set -uo pipefail
@@ -64,8 +65,8 @@ timeout 150 python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --step
   --out "$WORK/prof" --state-dir "$WORK/prof_state" 2>&1 | grep -v Warning | tee "$OUT/profile.txt" | tail -45
 fi
 if on M; then
-for mode in default max-autotune-no-cudagraphs reduce-overhead; do
-  for b in 64 128; do
+for mode in ${BENCH_M_MODES:-default max-autotune-no-cudagraphs reduce-overhead}; do
+  for b in ${BENCH_M_BATCHES:-64 128}; do
     stamp "M: compile mode $mode, batch $b, 150 steps"
     timeout ${BENCH_TIMEOUT_M:-95} python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --batch "$b" \
       --compile-mode "$mode" --steps 150 --log-every 50 --eval-batches 1 --out "$WORK/m_${mode}_$b" \
