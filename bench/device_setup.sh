@@ -5,12 +5,13 @@
 # The wheels, fetched where there is network (Python 3.12 on the device):
 #   pip download -d .whl --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #     fastapi uvicorn pydantic prometheus-client httpx pyyaml tqdm && pip download -d .whl --no-deps gguf
-# 1. the server's Python deps, from the carried wheels when the machine lacks them
+# 1. the server's Python deps, from the carried wheels ($WHEELS, default .whl/) when the machine lacks them
 deps=${DEPS:-"import fastapi, uvicorn, pydantic, prometheus_client, httpx"}
-if ! python3 -c "$deps" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+whl=${WHEELS:-.whl}
+if ! python3 -c "$deps" 2>/dev/null && compgen -G "$whl/*.whl" >/dev/null; then
   # pure wheels, and of the compiled ones (pydantic_core per CPython version) this one's
   cp=cp$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')
-  wheels=$(ls .whl/*-none-any.whl; ls .whl/*-"$cp"-"$cp"-*.whl 2>/dev/null || true)
+  wheels=$(ls "$whl"/*-none-any.whl; ls "$whl"/*-"$cp"-"$cp"-*.whl 2>/dev/null || true)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site $wheels
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
