@@ -5,6 +5,7 @@ assigned and reports. On the packaged tiny model (no torch)."""
 from __future__ import annotations
 
 import os
+import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -94,6 +95,31 @@ def test_observed_forwards_rescale_a_mode_and_flip_the_decision():
     assert pol.cost_scale[P.AR] == 1.0 and pol.forwards_observed == {P.AR: 0, P.DIFFUSION: 101}
     s = pol.summary()
     assert s["cost_scale"][P.DIFFUSION] == pytest.approx(2.0, rel=1e-2) and s["forwards_observed"][P.DIFFUSION] == 101
+
+
+def test_a_mode_priced_out_is_timed_again_once_the_other_ran_a_while():
+    """Diffusion priced 4x too high at start-up is never picked, so never observed: once AR
+    has run since diffusion's last price and REPRICE_AFTER_S passed, diffusion is stale;
+    re-timing it at its calibrated cost restores the decision. Nothing is stale before
+    calibration, right after it, or when the other mode has not run since."""
+    pol = P.AdaptivePolicy()
+    assert pol.stale_mode() is None  # not calibrated
+    pol.set_costs(P.CostCurve([(1, 0.010)]), P.CostCurve([(1, 0.025)]))
+    t0 = pol.priced_at[P.DIFFUSION]
+    assert pol.stale_mode(t0 + 10 * P.REPRICE_AFTER_S) is None  # neither ran since calibration
+    pol.cost_scale[P.DIFFUSION] = 4.0
+    assert pol.decide(0, 0, 3.0) == P.AR
+    pol.observe_forward(P.AR, 1, 0.010)
+    t_ar = pol.priced_at[P.AR]
+    assert t_ar > t0 and pol.stale_mode(t0 + P.REPRICE_AFTER_S / 2) is None  # not long enough
+    assert pol.stale_mode(t0 + P.REPRICE_AFTER_S) == P.DIFFUSION
+    pol.reprice(P.DIFFUSION, 0.025)
+    assert pol.cost_scale[P.DIFFUSION] == pytest.approx(1.0) and pol.repriced == {P.AR: 0, P.DIFFUSION: 1}
+    assert pol.decide(0, 0, 3.0) == P.DIFFUSION
+    assert pol.stale_mode(pol.priced_at[P.DIFFUSION] + 10 * P.REPRICE_AFTER_S) is None  # AR did not run since
+    pol.reprice(P.AR, 1e6)  # a re-timing is clipped like an observation
+    assert pol.cost_scale[P.AR] == P.COST_SCALE_LIMITS[1]
+    assert pol.summary()["repriced"] == {P.AR: 1, P.DIFFUSION: 1}
 
 
 def test_tpf_estimate_starts_at_the_prior_and_follows_finished_requests():
@@ -200,6 +226,55 @@ def test_the_engine_prices_its_decoding_forwards_and_not_its_prompt_chunks(model
     llm.generate([long_prompt, "One day"], params[1])
     assert spy.prefills >= 2 and seen == expected
     assert {m for m, _ in seen} == {P.AR, P.DIFFUSION} and max(n for _, n in seen) >= 2
+
+
+def _stale(pol, mode):
+    """Back-date `mode`'s last price: the other mode served since, REPRICE_AFTER_S ago."""
+    other = P.AR if mode == P.DIFFUSION else P.DIFFUSION
+    pol.served_at[other] = time.monotonic()
+    pol.priced_at[mode] = pol.served_at[other] - P.REPRICE_AFTER_S - 1.0
+
+
+def test_an_idle_engine_times_a_stale_mode_again(model):
+    """Engine.reprice_idle times the stale mode on a scratch sequence (freed) and sets its
+    scale from that against the calibrated curve; never while a request is queued."""
+    llm = LLM(model, max_batch=4, decode_policy="adaptive")
+    eng = llm.engine
+    eng.calibrate()
+    pol = eng.policy
+    assert eng.reprice_idle() is None  # nothing stale after calibration
+    pol.cost_scale[P.DIFFUSION] = 4.0  # priced out
+    _stale(pol, P.DIFFUSION)
+    eng.add_request("r", eng.tokenizer.encode("The cat"), SamplingParams(max_tokens=4))
+    assert eng.reprice_idle() is None and pol.repriced[P.DIFFUSION] == 0  # a request is queued
+    while eng.has_unfinished():
+        eng.step()
+    _stale(pol, P.DIFFUSION)
+    before = model.kv_bytes_used()
+    assert eng.reprice_idle() == P.DIFFUSION
+    assert pol.repriced[P.DIFFUSION] == 1 and model.kv_bytes_used() == before
+    lo, hi = P.COST_SCALE_LIMITS
+    assert lo < pol.cost_scale[P.DIFFUSION] < hi  # the tiny model's forward, timed again: not 4x the curve
+    assert eng.reprice_idle() is None  # priced now
+
+
+def test_the_server_times_a_stale_mode_while_idle(model, monkeypatch):
+    """The engine thread, idle for REPRICE_IDLE_S, re-times the stale mode; /health shows it."""
+    from fastapi.testclient import TestClient
+
+    from bitdlm.server import engine_loop
+
+    monkeypatch.setattr(engine_loop, "REPRICE_IDLE_S", 0.05)
+    engine, app = _app(model, "adaptive")
+    with TestClient(app) as c:
+        assert c.post("/v1/completions", json={"prompt": "The cat", "max_tokens": 4}).status_code == 200
+        pol = engine.policy
+        _stale(pol, P.AR)  # (written from this thread: the engine thread only reads it while idle)
+        deadline = time.monotonic() + 10
+        while pol.repriced[P.AR] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.get("/health").json()["decode_policy_state"]["repriced"][P.AR] == 1
+        assert c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4}).status_code == 200
 
 
 def test_explicit_decoding_is_never_reassigned(model):

@@ -95,6 +95,20 @@ class Engine:
         pol.set_costs(*_policy.calibrate(self.model, max_batch=self.max_batch, block_size=self.block_size,
                                          sub_block=sbs, mask_id=self.mask_id, banned=self.banned))
 
+    def reprice_idle(self) -> str | None:
+        """On the forwards' thread while no request is queued: time again the mode whose price
+        the adaptive policy holds stale (policy.stale_mode), one scratch request's forwards
+        (tens of ms on the 2B shape). -> the mode re-timed, or None."""
+        pol = self.policy
+        if pol is None or self.has_unfinished():
+            return None
+        mode = pol.stale_mode()
+        if mode is not None:
+            pol.reprice(mode, _policy.time_mode(self.model, mode, block_size=self.block_size,
+                                                sub_block=self.default_sbs, mask_id=self.mask_id,
+                                                banned=self.banned))
+        return mode
+
     def _assign_mode(self, params: SamplingParams) -> tuple[SamplingParams, bool]:
         """Under the adaptive policy, the parameters of the mode it picks for a request that
         left the choice unset, against the requests it would run beside (running, then

@@ -19,6 +19,10 @@ steps of its mode cost against it (`observe_forward`: the forward and the applyi
 of its results, an EMA of the ratio): the start-up timings see bare forwards of
 empty sequences (no cached keys to attend to, no Python side) in one second of the
 machine's life, which another process's load can make any multiple of the rest.
+A mode priced too high is never picked, so never observed: when the engine is idle
+and one mode has run since the other was last priced (REPRICE_AFTER_S ago or more),
+the stale mode is timed again (`time_mode`, a few forwards of one request) and its
+scale set from that (`reprice`).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ TPF_EMA = 0.25  # weight of each finished diffusion request in the estimate
 CALIBRATION_BUDGET_S = 1.5  # start-up time spent timing forwards (larger counts are extrapolated)
 COST_EMA = 0.05  # weight of each observed forward in its mode's cost scale (~20 forwards of memory)
 COST_SCALE_LIMITS = (0.25, 4.0)  # one forward's ratio is clipped to these (a stall is not a new price)
+REPRICE_AFTER_S = 20.0  # an idle engine re-times a mode not run for this long while the other ran
 
 
 def mode_of(block_size: int) -> str:
@@ -147,29 +152,41 @@ def _linear(pts, ratio: float = 1.8) -> bool:
     return len(pts) >= 2 and pts[-1][1] >= ratio * pts[-2][1] * (pts[-1][0] / pts[-2][0]) / 2
 
 
+def _items(mode: str, seqs, block_size: int, mask_id: int, sub_block: int):
+    """One scratch forward's items in `mode`, one per sequence, as the scheduler shapes them:
+    AR one token and one output; diffusion a block of `block_size` masks at position 0 with
+    `sub_block` outputs (the prefix cache's step). -> (items, the forward's block size)."""
+    if mode == AR:
+        tok, out, bs = np.zeros(1, np.int32), np.zeros(1, np.int32), 1
+    else:
+        tok, bs = np.full(block_size, mask_id, np.int32), block_size
+        out = np.arange(min(sub_block, block_size), dtype=np.int32)
+    return [(s, tok, 0, 0, False, out) for s in seqs], bs
+
+
+def _timed(model, items, bs, banned, reps: int) -> float:
+    """The fastest of `reps` forwards of `items` (seconds)."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model.forward(items, bs, "select", banned=banned)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def calibrate(model, *, max_batch: int, block_size: int, sub_block: int, mask_id: int, banned,
-              budget_s: float = CALIBRATION_BUDGET_S, reps: int = 2):
-    """Time forwards shaped like the scheduler's: n AR items (one token, one output) and n
-    diffusion items (a block of `block_size` masks at position 0, `sub_block` outputs: the
-    prefix cache's step), for n in _counts(max_batch). A curve stops once doubling n nearly
-    doubles its time (compute-bound: the rest is linear, extrapolated), and both stop when
+              budget_s: float = CALIBRATION_BUDGET_S, reps: int = 3):
+    """Time forwards shaped like the scheduler's (`_items`) of n AR and n diffusion
+    requests, for n in _counts(max_batch). A curve stops once doubling n nearly doubles
+    its time (compute-bound: the rest is linear, extrapolated), and both stop when
     `budget_s` is spent. Scratch sequences, nothing written, freed after.
     -> (CostCurve AR, CostCurve diffusion, seconds)."""
     t_start = time.perf_counter()
-    ar_tok = np.zeros(1, np.int32)
-    blk = np.full(block_size, mask_id, np.int32)
-    out_ar = np.zeros(1, np.int32)
-    out_d = np.arange(min(sub_block, block_size), dtype=np.int32)
     seqs: list[int] = []
-    pts_ar, pts_d = [], []
+    pts = {AR: [], DIFFUSION: []}
 
-    def timed(items, bs):
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            model.forward(items, bs, "select", banned=banned)
-            best = min(best, time.perf_counter() - t0)
-        return best
+    def items(mode, n):
+        return _items(mode, seqs[:n], block_size, mask_id, sub_block)
 
     try:
         for n in _counts(max_batch):
@@ -178,21 +195,32 @@ def calibrate(model, *, max_batch: int, block_size: int, sub_block: int, mask_id
                     seqs.append(model.alloc_seq(block_size))
             except MemoryError:
                 break
-            if not pts_ar:  # warm-up: first-touch of the weights, the thread pool, the wide-row buffers
-                model.forward([(seqs[0], ar_tok, 0, 0, False, out_ar)], 1, "select", banned=banned)
-                model.forward([(seqs[0], blk, 0, 0, False, out_d)], block_size, "select", banned=banned)
-            if not _linear(pts_ar):
-                pts_ar.append((n, timed([(s, ar_tok, 0, 0, False, out_ar) for s in seqs[:n]], 1)))
-            if not _linear(pts_d):
-                pts_d.append((n, timed([(s, blk, 0, 0, False, out_d) for s in seqs[:n]], block_size)))
-            if time.perf_counter() - t_start > budget_s or _linear(pts_ar) and _linear(pts_d):
+            if not pts[AR]:  # warm-up: first-touch of the weights, the thread pool, the wide-row buffers
+                for mode in MODES:
+                    model.forward(*items(mode, 1), "select", banned=banned)
+            for mode in MODES:
+                if not _linear(pts[mode]):
+                    pts[mode].append((n, _timed(model, *items(mode, n), banned, reps)))
+            if time.perf_counter() - t_start > budget_s or _linear(pts[AR]) and _linear(pts[DIFFUSION]):
                 break
     finally:
         for s in seqs:
             model.free_seq(s)
-    if not pts_ar:
+    if not pts[AR]:
         raise MemoryError("no KV cache left for the calibration's scratch sequences")
-    return CostCurve(pts_ar), CostCurve(pts_d), time.perf_counter() - t_start
+    return CostCurve(pts[AR]), CostCurve(pts[DIFFUSION]), time.perf_counter() - t_start
+
+
+def time_mode(model, mode: str, *, block_size: int, sub_block: int, mask_id: int, banned, reps: int = 3) -> float:
+    """Seconds of one forward of one request in `mode` now (the fastest of `reps`, after one
+    untimed), on a scratch sequence freed after: what `reprice` compares with the curve."""
+    seq = model.alloc_seq(block_size)
+    try:
+        items, bs = _items(mode, [seq], block_size, mask_id, sub_block)
+        model.forward(items, bs, "select", banned=banned)
+        return _timed(model, items, bs, banned, reps)
+    finally:
+        model.free_seq(seq)
 
 
 class AdaptivePolicy:
@@ -208,6 +236,9 @@ class AdaptivePolicy:
         self.assigned = {m: 0 for m in MODES}
         self.cost_scale = {m: 1.0 for m in MODES}  # observed / calibrated cost of each mode's forwards
         self.forwards_observed = {m: 0 for m in MODES}
+        self.priced_at = {m: 0.0 for m in MODES}  # time.monotonic() of each mode's last timing
+        self.served_at = {m: 0.0 for m in MODES}  # ... and of its last observed serving forward
+        self.repriced = {m: 0 for m in MODES}
 
     @property
     def calibrated(self) -> bool:
@@ -215,6 +246,8 @@ class AdaptivePolicy:
 
     def set_costs(self, cost_ar: CostCurve, cost_diffusion: CostCurve, seconds: float = 0.0) -> None:
         self.cost_ar, self.cost_diffusion, self.calibration_seconds = cost_ar, cost_diffusion, seconds
+        now = time.monotonic()
+        self.priced_at = {m: now for m in MODES}
 
     def _curve(self, mode: str) -> CostCurve:
         """`mode`'s calibrated cost curve."""
@@ -244,6 +277,32 @@ class AdaptivePolicy:
         ratio = min(hi, max(lo, seconds / predicted))
         self.cost_scale[mode] += COST_EMA * (ratio - self.cost_scale[mode])
         self.forwards_observed[mode] += 1
+        self.priced_at[mode] = self.served_at[mode] = time.monotonic()
+
+    def stale_mode(self, now: float | None = None) -> str | None:
+        """A mode to time again: not priced for REPRICE_AFTER_S while the other mode served
+        since (the host's state may have moved, and a mode priced too high is never run
+        to find out). None when neither is. (A re-timing is no serving: two idle modes do
+        not re-time each other in turn.)"""
+        if not self.calibrated:
+            return None
+        now = time.monotonic() if now is None else now
+        for mode, other in ((AR, DIFFUSION), (DIFFUSION, AR)):
+            if now - self.priced_at[mode] >= REPRICE_AFTER_S and self.served_at[other] > self.priced_at[mode]:
+                return mode
+        return None
+
+    def reprice(self, mode: str, seconds: float) -> None:
+        """One request's forward in `mode` took `seconds` now (time_mode): its scale becomes
+        seconds / calibrated cost(1), clipped to COST_SCALE_LIMITS (a deliberate timing
+        replaces the estimate rather than nudging it)."""
+        predicted = self._curve(mode)(1)
+        if not (self.calibrated and predicted > 0 and seconds > 0):
+            return
+        lo, hi = COST_SCALE_LIMITS
+        self.cost_scale[mode] = min(hi, max(lo, seconds / predicted))
+        self.priced_at[mode] = time.monotonic()
+        self.repriced[mode] += 1
 
     def observe(self, tokens: int, forwards: int) -> None:
         """A diffusion request finished: `tokens` generated in `forwards` decoding forwards."""
@@ -259,4 +318,4 @@ class AdaptivePolicy:
                 "cost_ar_seconds": self.cost_ar.points() if self.cost_ar else None,
                 "cost_diffusion_seconds": self.cost_diffusion.points() if self.cost_diffusion else None,
                 "cost_scale": {m: round(k, 4) for m, k in self.cost_scale.items()},
-                "forwards_observed": dict(self.forwards_observed)}
+                "forwards_observed": dict(self.forwards_observed), "repriced": dict(self.repriced)}

@@ -18,6 +18,7 @@ from .errors import (EngineFailure, EngineStopped, QueueFull, RequestRejected,
                      ShuttingDown)
 
 log = logging.getLogger("bitdlm.server")
+REPRICE_IDLE_S = 1.0  # an idle engine thread with an adaptive policy looks for a stale price this often
 
 
 class Sink:
@@ -92,6 +93,7 @@ class EngineLoop:
         self.step_faults = 0          # steps that raised (engine thread writes)
         self._last_forwards = 0
         self.ready = threading.Event()  # set once the thread is serving (after calibration)
+        self._reprice = getattr(engine, "policy", None) is not None  # (the adaptive policy's idle re-timing)
         self._thread = threading.Thread(target=self._run, name="bitdlm-engine", daemon=True)
 
     # -- called from the event loop / other threads
@@ -177,11 +179,15 @@ class EngineLoop:
             while True:
                 with self._cv:
                     while not self._cmds and not self._active and not self._stopping:
-                        self._cv.wait()
+                        if not self._cv.wait(REPRICE_IDLE_S if self._reprice else None):
+                            break  # idle a while: re-time a stale decode mode (below)
                     if self._stopping:
                         break
                     cmds = list(self._cmds)
                     self._cmds.clear()
+                if not cmds and not self._active:
+                    self._reprice_idle()
+                    continue
                 try:
                     self._iteration(cmds)
                 except Exception:
@@ -197,6 +203,15 @@ class EngineLoop:
         finally:
             self.ready.set()
             self._shutdown()
+
+    def _reprice_idle(self):
+        """The adaptive policy's idle re-timing (Engine.reprice_idle); a request that arrives
+        meanwhile waits for it (a few forwards of one request)."""
+        try:
+            self.engine.reprice_idle()
+        except Exception:
+            log.exception("decode policy re-timing failed; it is not tried again")
+            self._reprice = False
 
     def _iteration(self, cmds):
         aborted = False
