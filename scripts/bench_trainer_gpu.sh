@@ -6,6 +6,8 @@
 #   C. the new trainer's steady-state throughput (more steps, no evaluation)
 #   D. the new trainer on a larger shape (for the shape choice)
 #   P. a torch.profiler table of 10 steps of the new trainer (where a step's time goes)
+#   F. the floor: the step's matrix products and attention alone at its shapes
+#      (scripts/trainer_floor.py): the tokens/s no trainer of this shape can pass here
 #   M. throughput per torch.compile mode and batch (default / max-autotune-no-cudagraphs /
 #      reduce-overhead x batch 64 / 128; 150 steps each, no evaluation): the levers for 1M tokens/s
 #      (BENCH_M_MODES / BENCH_M_BATCHES pick a subset)
@@ -58,6 +60,12 @@ stamp "D: larger shape (10 layers, FFN 1536), 200 steps"
 timeout 100 python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --layers 10 --ffn 1536 --steps 200 \
   --log-every 100 --eval-batches 1 --out "$WORK/big" --state-dir "$WORK/big_state" 2>&1 | grep -v Warning | tail -8
 cp "$WORK/big/train_log.json" "$OUT/big_log.json" 2>/dev/null
+fi
+if on F; then
+stamp "F: the floor (matrix products + attention alone), batch 64 and 128"
+for b in 64 128; do
+  timeout 120 python3 scripts/trainer_floor.py --batch $b --json "$OUT/floor_$b.json" 2>&1 | grep -v -i warn
+done
 fi
 if on P; then
 stamp "P: profile of 10 steps of the new trainer"
