@@ -347,6 +347,48 @@ def test_select_greedy_each_isa_odd_vocab(isa):
     np.testing.assert_allclose(conf, _softmax(masked).max(-1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_select_greedy_large_vocab_split_over_threads(isa):
+    """A large vocab's greedy row is cut into fixed chunks (sampling.h kSelectChunk) spread
+    over the team when it is the forward's only output: the winner is the first of an exact
+    tie between the first and the last chunk, the confidence is the softmax's, and the bits
+    are the same on 1 and 3 threads and for the same row among others (a row per thread)."""
+    if isa not in _core.supported_isas():
+        pytest.skip(f"{isa} not supported by this CPU")
+    V = 2 * 8192 + 1000  # three chunks, the last one short
+    hf = make_hf((64, 4, 2, 16, 128, V, 1, True), seed=3)
+    emb = hf.model.embed_tokens.weight.data
+    toks = np.random.default_rng(4).integers(0, V, 6).astype(np.int32)
+    best = int(core_logits(to_core(hf), toks)[-1].argmax())
+    lo, hi = 17, V - 3  # copy the winner's row to the first and the last chunk: an exact tie
+    emb[lo] = emb[best]
+    emb[hi] = emb[best]
+    core = to_core(hf)
+    logits = core_logits(core, toks)
+    assert logits[-1, lo] == logits[-1, hi] == logits[-1].max()
+    old, old_threads = _core.active_isa(), core.threads
+    _core.set_isa(isa)
+    got = {}
+    try:
+        for threads in (1, 3):
+            core.threads = threads
+            for out in (np.array([5], np.int32), np.arange(6, dtype=np.int32)):  # one row; six rows
+                seq = core.alloc_seq(6)
+                try:
+                    got[threads, len(out)] = core.forward([(seq, toks, 0, 0, False, out)], 1, "select", banned=[])
+                finally:
+                    core.free_seq(seq)
+    finally:
+        _core.set_isa(old)
+        core.threads = old_threads
+    tok, conf = got[3, 1]
+    assert tok[0] == lo
+    np.testing.assert_allclose(conf[0], _softmax(logits[-1:].astype(np.float64)).max(), rtol=1e-5)
+    for key, (t, c) in got.items():  # the same bits whatever the split
+        assert t[-1] == tok[0] and c[-1] == conf[0], key
+        np.testing.assert_array_equal(t, got[1, 6][0][-len(t):])
+
+
 def _ref_sample(logits, T, top_p, u):
     p = _softmax(logits.astype(np.float64) / T)
     order = np.lexsort((np.arange(len(p)), -p))  # descending probability, lower id first

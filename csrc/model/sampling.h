@@ -12,11 +12,18 @@ namespace bitdlm {
 //  most probable tokens, kept while the mass before them is <= top_p, at least
 //  one), renormalized; tok = the first id in increasing id order whose
 //  cumulative kept mass exceeds uniform[r] * kept mass; conf = its kept probability.
-// The greedy row (argmax, first on ties, and its softmax probability) per ISA
-// level; false for rows it cannot handle (NaN): the portable row then serves.
+// The greedy row's pieces per ISA level, over a chunk of n logits: its max, the
+// first index holding a value (-1: none, e.g. NaN logits: the portable row then
+// serves), and the sum of exp(l[i] - mx) in double from the level's float exps.
+// select_rows runs them over fixed chunks of the vocab (kSelectChunk) and adds
+// the chunks' sums in chunk order, so one row split over threads gives the
+// same bits as the same row on one thread.
 struct SelectKernels {
-  bool (*greedy)(const float* l, int V, int32_t* tok, float* conf);
+  float (*row_max)(const float* l, int n);
+  int (*first_eq)(const float* l, int n, float v);
+  double (*exp_sum)(const float* l, int n, float mx);
 };
+constexpr int kSelectChunk = 8192;
 #if defined(__x86_64__)
 extern const SelectKernels kSelectAvx2;  // sampling_avx2.cpp
 #elif defined(__aarch64__)
