@@ -453,7 +453,8 @@ def test_item_arrays_of_any_integer_form(small):
     s = core.alloc_seq(16)
     toks = np.arange(3, 11, dtype=np.int32)  # (every other one: 3, 5, 7, 9)
     forms = [lambda a: np.ascontiguousarray(a, np.int32), lambda a: np.asarray(a, np.int32)[::-1][::-1],
-             lambda a: np.asarray(a, ">i4"), lambda a: np.asarray(a, np.int64), lambda a: list(a)]
+             lambda a: np.asarray(a, ">i4"), lambda a: np.asarray(a, np.int64), lambda a: [int(x) for x in a],
+             lambda a: [np.int64(a[0])] + [int(x) for x in a[1:]]]  # (lists of ints: read as they are)
     try:
         got = [core.forward([(s, f(toks[::2]) if k else toks[::2], 0, 0, False, f([3, 1]))], 4, "logits")
                for k, f in enumerate(forms)]
@@ -463,6 +464,10 @@ def test_item_arrays_of_any_integer_form(small):
         assert np.array_equal(got[0], want)
         with pytest.raises(ValueError, match="token id"):
             core.forward([(s, np.array([1, V], np.int32), 0, 0, False, np.array([0], np.int32))], 2, "logits")
+        with pytest.raises(ValueError, match="token id"):
+            core.forward([(s, [1, V], 0, 0, False, [0])], 2, "logits")
+        with pytest.raises(ValueError, match="out of range"):
+            core.forward([(s, [1, 2], 0, 0, False, [0, 2**40])], 2, "logits")
     finally:
         core.free_seq(s)
 

@@ -63,6 +63,19 @@ std::vector<int32_t> int_vec(const py::handle& obj, const char* what) {
       return out;
     }
   }
+  if (PyList_CheckExact(obj.ptr())) {  // a list of ints (the group path's out_idx): read as it is
+    const Py_ssize_t n = PyList_GET_SIZE(obj.ptr());
+    std::vector<int32_t> out((size_t)n);
+    bool plain = true;
+    for (Py_ssize_t i = 0; i < n && plain; ++i) {
+      PyObject* x = PyList_GET_ITEM(obj.ptr(), i);
+      int overflow = 0;
+      const long long v = PyLong_CheckExact(x) ? PyLong_AsLongLongAndOverflow(x, &overflow) : 0;
+      plain = PyLong_CheckExact(x) && !overflow && v >= INT32_MIN && v <= INT32_MAX;
+      out[(size_t)i] = (int32_t)v;
+    }
+    if (plain) return out;  // (else the checks and messages below)
+  }
   py::array arr = py::array::ensure(obj);
   if (!arr) throw std::invalid_argument(std::string(what) + " must be a sequence of integers");
   if (arr.ndim() > 1) throw std::invalid_argument(std::string(what) + " must be 1-D");
