@@ -4,9 +4,10 @@ their rows of the block table (request_state.BlockRows), not a plan / apply per 
 It takes the steps that need nothing of a request beyond its block (RequestState.groupable:
 greedy, a KV cache, a rule that decides from (token, confidence) rows, no penalties):
 - decide: a prefix / dual cache STEP or FULL plan. Every request's candidates (the masked
-  positions of its left-most sub-block that still has masks) come from one nonzero() over
-  the rows; the rules decide for all at once (decoding.select_flat); the unmasking is one
-  scatter into the table and the new first masked positions one argmax.
+  positions of its left-most sub-block that still has masks) come from one pass over the
+  rows (_core.group_candidates); the rules decide for all at once (decoding.select_flat);
+  the unmasking and the new first masked positions are another pass (_core.group_unmask).
+  (Those two replace ~25 small numpy calls a step, ~1-2 us each at 64 requests.)
 - commit: a finished block's writing forward; its carried token opens the next block
   (RequestState.close_block, per request: the AR fast path of start_block).
 Prefill, the cache-less and sampling requests, penalties and the logits rules stay on the
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import decoding
+from .. import _core, decoding
 from .request_state import BlockRows, RequestState
 
 # Fewest requests the group path takes a step of: its numpy calls cost ~30 us a step whatever
@@ -71,19 +72,12 @@ class GroupPlan:
         if not nd:
             return []
         t = self.table
-        at = self.cand_at[sel]
-        t.blk.ravel()[at] = tok[:self.decide_out][sel]  # (1-D scatters: a third of the cost of 2-D ones)
-        t.masked.ravel()[at] = False
-        m = t.masked.take(self.rows, axis=0)  # (take: a quarter of the cost of m[rows])
-        first = m.argmax(axis=1)
-        done = ~m[np.arange(nd), first]  # no mask left (none past a block cut by the context either)
-        moved = ((first != self.first) | done).tolist()
-        first = first.tolist()
+        # (-1: no mask left, none past a block cut by the context either)
+        first, moved = _core.group_unmask(t.blk, t.masked, self.cand_at, np.ascontiguousarray(sel, bool),
+                                          np.ascontiguousarray(tok, np.int32), self.rows, self.first)
         seqs = self.seqs
-        for i in done.nonzero()[0].tolist():
-            first[i] = len(seqs[i].blk)
         for s, f in zip(seqs, first):
-            s.first = f
+            s.first = f if f >= 0 else len(s.blk)
         if True in self.full:
             for s, f in zip(seqs, self.full):
                 if f:
@@ -151,22 +145,13 @@ def plan(dec: list[RequestState], com: list[RequestState], table: BlockRows) -> 
     n = len(dec)
     rows = np.array([s.row for s in dec], np.intp)
     first = np.array([s.first for s in dec], np.intp)
-    sbs = table.sbs.take(rows)
-    s0 = first // sbs * sbs  # the left-most sub-block with masks
-    m = table.masked.take(rows, axis=0)  # (take: a quarter of the cost of masked[rows])
-    cols = cfg.positions(bs)
-    # (nothing is masked past a block cut by the context: no clip to its length); request by
-    # request, left to right (a 1-D nonzero and a division: a third of the cost of a 2-D nonzero)
-    flat = (m & (cols >= s0[:, None]) & (cols < (s0 + sbs)[:, None])).ravel().nonzero()[0]
-    ci = flat // bs
-    cj = flat - ci * bs
-    counts = np.bincount(ci, minlength=n)
-    out = cj.astype(np.int32)
-    out -= sh  # output rows: row j - 1 predicts position j
+    # the masked positions of each request's left-most sub-block with masks (from s0), request by
+    # request, left to right; output rows: row j - 1 predicts position j; head: s0 is masked
+    ci, cj, cand_at, out, counts, s0, head = _core.group_candidates(table.masked, rows, first, table.sbs, sh)
     dual = table.dual.take(rows)
     if dual.any():
         # the sub-block cache: after a full pass, the sub-block alone while its first position is unchanged
-        sub = dual & ~m[np.arange(n), s0]
+        sub = dual & ~head
         if sub.any():
             sub &= np.array([s.scratch for s in dec], bool)
             out -= (s0 * sub).take(ci).astype(np.int32)  # (rows counted from the sub-block's start)
@@ -181,8 +166,7 @@ def plan(dec: list[RequestState], com: list[RequestState], table: BlockRows) -> 
              for s, x0, b0, b1, sb, d in zip(dec, s0.tolist(), [0] + b, b, sub, full)]
     items += _commit_items(com, cfg, bs)
     num_out = counts.tolist() + [sh] * len(com)
-    return GroupPlan(table, dec + com, n, items, num_out, rows, first, ci, cj, rows.take(ci) * bs + cj, counts,
-                     full, bool(sh))
+    return GroupPlan(table, dec + com, n, items, num_out, rows, first, ci, cj, cand_at, counts, full, bool(sh))
 
 
 def _commit_items(com: list[RequestState], cfg, bs: int) -> list[tuple]:

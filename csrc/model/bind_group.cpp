@@ -1,0 +1,140 @@
+// The group path's per-step array work (python/bitdlm/engine/group.py): finding every deciding
+// request's candidates in the block table, and unmasking the selected ones. Each replaces ~15
+// small numpy calls (~1-2 us apiece at 64 requests) by one pass over the table's rows; the
+// decisions stay in Python (the rules, decoding.select_flat). group.py's docstrings say what
+// the values mean; tests/test_scheduler.py checks the group path against the per-request one.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace bitdlm {
+
+namespace {
+
+// A C-contiguous array of exactly `T` (no conversion: group_unmask writes into the caller's
+// table, a converted copy would take the writes instead).
+template <class T>
+py::array_t<T> exact(const py::handle& obj, const char* what, int ndim) {
+  if (!py::isinstance<py::array_t<T>>(obj))
+    throw std::invalid_argument(std::string(what) + ": expected an array of " + std::string(py::str(py::dtype::of<T>())));
+  auto a = py::reinterpret_borrow<py::array_t<T>>(obj);
+  if (a.ndim() != ndim || !(a.flags() & py::array::c_style))
+    throw std::invalid_argument(std::string(what) + ": expected a C-contiguous " + std::to_string(ndim) + "-D array");
+  return a;
+}
+
+// -> (cand_req, cand_pos, cand_at, out_rows, counts, s0, head): for deciding request i (table row
+// rows[i], first masked position first[i], sub-block size sbs[rows[i]]), the masked positions
+// of its left-most sub-block that has masks (starting at s0[i]), request by request, left to
+// right: the request's index, the block position, the index in the table's flattened rows, the
+// output row (position - shift); candidates per request; and whether position s0[i] is masked.
+py::tuple group_candidates(const py::handle& masked_obj, const py::handle& rows_obj, const py::handle& first_obj,
+                           const py::handle& sbs_obj, int shift) {
+  auto masked = exact<bool>(masked_obj, "masked", 2);
+  auto rows = exact<intptr_t>(rows_obj, "rows", 1);
+  auto first = exact<intptr_t>(first_obj, "first", 1);
+  auto sbs = exact<intptr_t>(sbs_obj, "sbs", 1);
+  const intptr_t R = masked.shape(0), bs = masked.shape(1), n = rows.size();
+  if (first.size() != n) throw std::invalid_argument("rows and first differ in length");
+  if (sbs.size() != R) throw std::invalid_argument("sbs must hold one value per table row");
+  const bool* m = masked.data();
+  const intptr_t* rw = rows.data();
+  const intptr_t* fi = first.data();
+  const intptr_t* sb = sbs.data();
+  py::array_t<intptr_t> counts(n), s0(n);
+  py::array_t<bool> head(n);
+  std::vector<intptr_t> req, pos;
+  req.reserve((size_t)n * 2);
+  pos.reserve((size_t)n * 2);
+  for (intptr_t i = 0; i < n; ++i) {
+    const intptr_t r = rw[i], f = fi[i], w = r >= 0 && r < R ? sb[r] : 0;
+    if (r < 0 || r >= R || w < 1 || f < 0 || f >= bs)
+      throw std::invalid_argument("group_candidates: request " + std::to_string(i) + " has row " + std::to_string(r) +
+                                  ", first " + std::to_string(f) + ", sub-block size " + std::to_string(w));
+    const intptr_t a = f / w * w, b = std::min(a + w, bs);
+    const bool* row = m + r * bs;
+    intptr_t k = 0;
+    for (intptr_t j = a; j < b; ++j)
+      if (row[j]) {
+        req.push_back(i);
+        pos.push_back(j);
+        ++k;
+      }
+    counts.mutable_data()[i] = k;
+    s0.mutable_data()[i] = a;
+    head.mutable_data()[i] = row[a];
+  }
+  const intptr_t c = (intptr_t)req.size();
+  py::array_t<intptr_t> cand_req(c), cand_pos(c), cand_at(c);
+  py::array_t<int32_t> out(c);
+  for (intptr_t k = 0; k < c; ++k) {
+    cand_req.mutable_data()[k] = req[k];
+    cand_pos.mutable_data()[k] = pos[k];
+    cand_at.mutable_data()[k] = rw[req[k]] * bs + pos[k];
+    out.mutable_data()[k] = (int32_t)(pos[k] - shift);
+  }
+  return py::make_tuple(cand_req, cand_pos, cand_at, out, counts, s0, head);
+}
+
+// Every selected candidate k (sel[k]) takes token tok[k] at table index cand_at[k] and is no
+// longer masked; then per deciding request (table row rows[i]) -> (first: its row's first masked
+// position, -1 where none is left; moved: whether that differs from first_before[i], or none is left).
+py::tuple group_unmask(const py::handle& blk_obj, const py::handle& masked_obj, const py::handle& at_obj,
+                       const py::handle& sel_obj, const py::handle& tok_obj, const py::handle& rows_obj,
+                       const py::handle& before_obj) {
+  auto blk = exact<int32_t>(blk_obj, "blk", 2);
+  auto masked = exact<bool>(masked_obj, "masked", 2);
+  auto at = exact<intptr_t>(at_obj, "cand_at", 1);
+  auto sel = exact<bool>(sel_obj, "sel", 1);
+  auto tok = exact<int32_t>(tok_obj, "tok", 1);
+  auto rows = exact<intptr_t>(rows_obj, "rows", 1);
+  auto before = exact<intptr_t>(before_obj, "first", 1);
+  const intptr_t R = masked.shape(0), bs = masked.shape(1), c = at.size(), n = rows.size();
+  if (blk.shape(0) != R || blk.shape(1) != bs) throw std::invalid_argument("blk and masked differ in shape");
+  if (sel.size() != c || tok.size() < c) throw std::invalid_argument("sel and tok need one value per candidate");
+  if (before.size() != n) throw std::invalid_argument("rows and first differ in length");
+  int32_t* bk = blk.mutable_data();
+  bool* m = masked.mutable_data();
+  const intptr_t* ap = at.data();
+  const bool* sp = sel.data();
+  const int32_t* tp = tok.data();
+  for (intptr_t k = 0; k < c; ++k)  // (checked before any write)
+    if (ap[k] < 0 || ap[k] >= R * bs) throw std::invalid_argument("cand_at " + std::to_string(ap[k]) + " outside the table");
+  for (intptr_t i = 0; i < n; ++i)
+    if (rows.data()[i] < 0 || rows.data()[i] >= R)
+      throw std::invalid_argument("row " + std::to_string(rows.data()[i]) + " outside the table");
+  for (intptr_t k = 0; k < c; ++k)
+    if (sp[k]) {
+      bk[ap[k]] = tp[k];
+      m[ap[k]] = false;
+    }
+  py::list first(n), moved(n);
+  for (intptr_t i = 0; i < n; ++i) {
+    const bool* row = m + rows.data()[i] * bs;
+    intptr_t f = 0;
+    while (f < bs && !row[f]) ++f;
+    first[(size_t)i] = f == bs ? -1 : f;
+    moved[(size_t)i] = py::bool_(f != before.data()[i]);  // (none left: f = bs, never a first position)
+  }
+  return py::make_tuple(first, moved);
+}
+
+}  // namespace
+
+void register_group(py::module_& m) {
+  m.def("group_candidates", &group_candidates, py::arg("masked"), py::arg("rows"), py::arg("first"), py::arg("sbs"),
+        py::arg("shift"),
+        "The group path's candidates: (cand_req, cand_pos, cand_at, out_rows, counts, s0, head); see engine/group.py");
+  m.def("group_unmask", &group_unmask, py::arg("blk"), py::arg("masked"), py::arg("cand_at"), py::arg("sel"),
+        py::arg("tok"), py::arg("rows"), py::arg("first"),
+        "The group path's unmasking, in place -> (first, or -1 where no mask is left; moved); see engine/group.py");
+}
+
+}  // namespace bitdlm
