@@ -1,5 +1,6 @@
 // The group path's per-step array work (python/bitdlm/engine/group.py): finding every deciding
-// request's candidates in the block table, and unmasking the selected ones. Each replaces ~15
+// request's candidates in the block table, ranking them (decoding.select_flat), and unmasking
+// the selected ones. Each replaces ~15
 // small numpy calls (~1-2 us apiece at 64 requests) by one pass over the table's rows; the
 // decisions stay in Python (the rules, decoding.select_flat). group.py's docstrings say what
 // the values mean; tests/test_scheduler.py checks the group path against the per-request one.
@@ -7,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -126,9 +128,40 @@ py::tuple group_unmask(const py::handle& blk_obj, const py::handle& masked_obj, 
   return py::make_tuple(first, moved);
 }
 
+// -> rank int64[c.size]: each candidate's place in its request (segment i: the next counts[i]
+// entries of c), the most confident first, equal ones (and NaN ones, last) in index order:
+// np.lexsort((-c, seg)) inverted per segment (decoding.select_flat's ranking).
+py::array_t<int64_t> segment_ranks(const py::handle& c_obj, const py::handle& counts_obj) {
+  auto c = exact<double>(c_obj, "c", 1);
+  auto counts = exact<int64_t>(counts_obj, "counts", 1);
+  const double* cp = c.data();
+  const int64_t* kp = counts.data();
+  int64_t total = 0;
+  for (py::ssize_t i = 0; i < counts.size(); ++i) {
+    if (kp[i] < 0) throw std::invalid_argument("counts must be >= 0");
+    total += kp[i];
+  }
+  if (total != c.size()) throw std::invalid_argument("counts must add up to the candidates");
+  py::array_t<int64_t> rank(c.size());
+  int64_t* rp = rank.mutable_data();
+  std::vector<int64_t> idx;
+  const auto before = [cp](int64_t i, int64_t j) {  // i ranks before j (a strict weak order, NaN last)
+    return !std::isnan(cp[i]) && (std::isnan(cp[j]) || cp[i] > cp[j]);
+  };
+  for (int64_t a = 0, i = 0; i < counts.size(); a += kp[i++]) {
+    idx.resize((size_t)kp[i]);
+    for (int64_t k = 0; k < kp[i]; ++k) idx[(size_t)k] = a + k;
+    std::stable_sort(idx.begin(), idx.end(), before);
+    for (int64_t k = 0; k < kp[i]; ++k) rp[idx[(size_t)k]] = k;
+  }
+  return rank;
+}
+
 }  // namespace
 
 void register_group(py::module_& m) {
+  m.def("segment_ranks", &segment_ranks, py::arg("c"), py::arg("counts"),
+        "Each candidate's rank in its segment, the most confident first (ties, then NaN, in index order)");
   m.def("group_candidates", &group_candidates, py::arg("masked"), py::arg("rows"), py::arg("first"), py::arg("sbs"),
         py::arg("shift"),
         "The group path's candidates: (cand_req, cand_pos, cand_at, out_rows, counts, s0, head); see engine/group.py");
