@@ -149,10 +149,20 @@ py::array_t<int64_t> segment_ranks(const py::handle& c_obj, const py::handle& co
     return !std::isnan(cp[i]) && (std::isnan(cp[j]) || cp[i] > cp[j]);
   };
   for (int64_t a = 0, i = 0; i < counts.size(); a += kp[i++]) {
-    idx.resize((size_t)kp[i]);
-    for (int64_t k = 0; k < kp[i]; ++k) idx[(size_t)k] = a + k;
-    std::stable_sort(idx.begin(), idx.end(), before);
-    for (int64_t k = 0; k < kp[i]; ++k) rp[idx[(size_t)k]] = k;
+    const int64_t n = kp[i];
+    idx.resize((size_t)n);
+    for (int64_t k = 0; k < n; ++k) idx[(size_t)k] = a + k;
+    if (n <= 32) {  // a sub-block's candidates: an insertion sort (stable; stable_sort allocates a buffer per call)
+      for (int64_t k = 1; k < n; ++k) {
+        const int64_t x = idx[(size_t)k];
+        int64_t j = k;
+        for (; j > 0 && before(x, idx[(size_t)j - 1]); --j) idx[(size_t)j] = idx[(size_t)j - 1];
+        idx[(size_t)j] = x;
+      }
+    } else {
+      std::stable_sort(idx.begin(), idx.end(), before);
+    }
+    for (int64_t k = 0; k < n; ++k) rp[idx[(size_t)k]] = k;
   }
   return rank;
 }

@@ -327,7 +327,7 @@ class Steps(Algorithm):
     def select_segments(cls, rules, c, seg, rank, counts, first_positions):
         k = np.array([r.take(n, p) if n else 0 for r, n, p in zip(rules, counts.tolist(), first_positions.tolist())],
                      np.int64)
-        return rank < k[seg]
+        return rank < k.take(seg)
 
 
 def select_many(rules, confs, positions) -> list[np.ndarray]:
