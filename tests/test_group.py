@@ -22,21 +22,28 @@ def _table(rng, R=12, bs=8):
 
 def test_candidates_are_the_masked_positions_of_the_first_sub_block_with_masks():
     rng = np.random.default_rng(0)
-    for _ in range(200):
+    seen_sub = 0
+    for case in range(300):
         masked, sbs, rows, first = _table(rng)
         bs = masked.shape[1]
         sh = int(rng.integers(0, 2))
-        ci, cj, at, out, counts, s0, head = _core.group_candidates(masked, rows, first, sbs, sh)
+        dual = rng.random(len(masked)) < (0.5 if case % 3 else 0.0)  # (a third: no sub-block cache)
+        scratch = [bool(x) for x in rng.random(len(rows)) < 0.7] if dual.any() else None
+        ci, cj, at, out, counts, s0, sub, full = _core.group_candidates(masked, rows, first, sbs, sh, dual, scratch)
         want_s0 = first // sbs[rows] * sbs[rows]
         cols = np.arange(bs)
         win = masked[rows] & (cols >= want_s0[:, None]) & (cols < (want_s0 + sbs[rows])[:, None])
         want_ci, want_cj = np.nonzero(win)
         assert ci.tolist() == want_ci.tolist() and cj.tolist() == want_cj.tolist()
         assert at.tolist() == (rows[want_ci] * bs + want_cj).tolist()
-        assert out.dtype == np.int32 and out.tolist() == (want_cj - sh).tolist()
         assert counts.tolist() == np.bincount(want_ci, minlength=len(rows)).tolist()
-        assert s0.tolist() == want_s0.tolist()
-        assert head.tolist() == masked[rows, want_s0].tolist()
+        assert s0 == want_s0.tolist()
+        # the sub-block cache: the sub-block alone after a full pass while s0 is decided
+        want_sub = dual[rows] & ~masked[rows, want_s0] & np.asarray(scratch or [False] * len(rows), bool)
+        assert sub == want_sub.tolist() and full == (dual[rows] & ~want_sub).tolist()
+        assert out.dtype == np.int32 and out.tolist() == (want_cj - sh - (want_s0 * want_sub)[want_ci]).tolist()
+        seen_sub += int(want_sub.sum())
+    assert seen_sub > 50
 
 
 def test_unmask_writes_the_selected_candidates_and_finds_the_next_masks():
@@ -45,7 +52,7 @@ def test_unmask_writes_the_selected_candidates_and_finds_the_next_masks():
         masked, sbs, rows, first = _table(rng)
         bs = masked.shape[1]
         blk = rng.integers(0, 100, masked.shape).astype(np.int32)
-        _, cj, at, _, _, _, _ = _core.group_candidates(masked, rows, first, sbs, 1)
+        at = _core.group_candidates(masked, rows, first, sbs, 1, np.zeros(len(masked), bool), None)[2]
         sel = rng.random(at.size) < 0.5
         tok = rng.integers(100, 200, at.size + 3).astype(np.int32)  # (more outputs than candidates: commits)
         want_blk, want_masked = blk.copy(), masked.copy()
@@ -61,12 +68,17 @@ def test_unmask_writes_the_selected_candidates_and_finds_the_next_masks():
 
 def test_arrays_that_would_be_converted_are_refused():
     masked, sbs, rows, first = _table(np.random.default_rng(2))
+    no_dual = np.zeros(len(masked), bool)
     with pytest.raises(ValueError, match="masked"):
-        _core.group_candidates(masked.astype(np.int8), rows, first, sbs, 1)
+        _core.group_candidates(masked.astype(np.int8), rows, first, sbs, 1, no_dual, None)
     with pytest.raises(ValueError, match="rows"):
-        _core.group_candidates(masked, rows.astype(np.int32), first, sbs, 1)
+        _core.group_candidates(masked, rows.astype(np.int32), first, sbs, 1, no_dual, None)
+    with pytest.raises(ValueError, match="scratch"):  # a row with the sub-block cache needs its requests' scratch
+        _core.group_candidates(masked, rows, first, sbs, 1, np.ones(len(masked), bool), None)
+    with pytest.raises(ValueError, match="scratch"):
+        _core.group_candidates(masked, rows, first, sbs, 1, no_dual, tuple([False] * len(rows)))
     blk = np.zeros(masked.shape, np.int64)
-    _, _, at, _, _, _, _ = _core.group_candidates(masked, rows, first, sbs, 1)
+    at = _core.group_candidates(masked, rows, first, sbs, 1, no_dual, None)[2]
     sel, tok = np.ones(at.size, bool), np.zeros(at.size, np.int32)
     with pytest.raises(ValueError, match="blk"):
         _core.group_unmask(blk, masked, at, sel, tok, rows, first)

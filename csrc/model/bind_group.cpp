@@ -32,29 +32,40 @@ py::array_t<T> exact(const py::handle& obj, const char* what, int ndim) {
   return a;
 }
 
-// -> (cand_req, cand_pos, cand_at, out_rows, counts, s0, head): for deciding request i (table row
-// rows[i], first masked position first[i], sub-block size sbs[rows[i]]), the masked positions
-// of its left-most sub-block that has masks (starting at s0[i]), request by request, left to
-// right: the request's index, the block position, the index in the table's flattened rows, the
-// output row (position - shift); candidates per request; and whether position s0[i] is masked.
+// -> (cand_req, cand_pos, cand_at, out_rows, counts, s0, sub, full): for deciding request i
+// (table row rows[i], first masked position first[i], sub-block size sbs[rows[i]]), the masked
+// positions of its left-most sub-block that has masks (starting at s0[i]), request by request,
+// left to right: the request's index, the block position, the index in the table's flattened
+// rows, the output row; candidates per request; the sub-block cache's choice (dual[rows[i]]):
+// sub[i], the sub-block alone against the block's scratch K/V (scratch[i] written and s0[i] no
+// longer masked: its output rows count from s0[i]), else full[i], a full pass that writes it.
+// Output rows are position - shift (row j - 1 predicts position j). scratch: one bool per
+// request, or None where no row uses the sub-block cache.
 py::tuple group_candidates(const py::handle& masked_obj, const py::handle& rows_obj, const py::handle& first_obj,
-                           const py::handle& sbs_obj, int shift) {
+                           const py::handle& sbs_obj, int shift, const py::handle& dual_obj,
+                           const py::handle& scratch_obj) {
   auto masked = exact<bool>(masked_obj, "masked", 2);
   auto rows = exact<intptr_t>(rows_obj, "rows", 1);
   auto first = exact<intptr_t>(first_obj, "first", 1);
   auto sbs = exact<intptr_t>(sbs_obj, "sbs", 1);
+  auto dual = exact<bool>(dual_obj, "dual", 1);
   const intptr_t R = masked.shape(0), bs = masked.shape(1), n = rows.size();
   if (first.size() != n) throw std::invalid_argument("rows and first differ in length");
-  if (sbs.size() != R) throw std::invalid_argument("sbs must hold one value per table row");
+  if (sbs.size() != R || dual.size() != R) throw std::invalid_argument("sbs and dual need one value per table row");
+  const bool has_scratch = !scratch_obj.is_none();
+  if (has_scratch && !py::isinstance<py::list>(scratch_obj)) throw std::invalid_argument("scratch: expected a list or None");
+  py::list scratch = has_scratch ? py::reinterpret_borrow<py::list>(scratch_obj) : py::list();
+  if (has_scratch && (intptr_t)scratch.size() != n) throw std::invalid_argument("scratch needs one value per request");
   const bool* m = masked.data();
   const intptr_t* rw = rows.data();
   const intptr_t* fi = first.data();
   const intptr_t* sb = sbs.data();
-  py::array_t<intptr_t> counts(n), s0(n);
-  py::array_t<bool> head(n);
-  std::vector<intptr_t> req, pos;
+  py::array_t<intptr_t> counts(n);
+  py::list s0(n), sub(n), full(n);
+  std::vector<intptr_t> req, pos, base;
   req.reserve((size_t)n * 2);
   pos.reserve((size_t)n * 2);
+  base.resize((size_t)n);
   for (intptr_t i = 0; i < n; ++i) {
     const intptr_t r = rw[i], f = fi[i], w = r >= 0 && r < R ? sb[r] : 0;
     if (r < 0 || r >= R || w < 1 || f < 0 || f >= bs)
@@ -70,8 +81,15 @@ py::tuple group_candidates(const py::handle& masked_obj, const py::handle& rows_
         ++k;
       }
     counts.mutable_data()[i] = k;
-    s0.mutable_data()[i] = a;
-    head.mutable_data()[i] = row[a];
+    bool d = dual.data()[r], si = false;
+    if (d) {
+      if (!has_scratch) throw std::invalid_argument("a row uses the sub-block cache: scratch is needed");
+      si = !row[a] && py::cast<bool>(scratch[(size_t)i]);
+    }
+    base[(size_t)i] = si ? a : 0;
+    s0[(size_t)i] = a;
+    sub[(size_t)i] = py::bool_(si);
+    full[(size_t)i] = py::bool_(d && !si);
   }
   const intptr_t c = (intptr_t)req.size();
   py::array_t<intptr_t> cand_req(c), cand_pos(c), cand_at(c);
@@ -80,9 +98,9 @@ py::tuple group_candidates(const py::handle& masked_obj, const py::handle& rows_
     cand_req.mutable_data()[k] = req[k];
     cand_pos.mutable_data()[k] = pos[k];
     cand_at.mutable_data()[k] = rw[req[k]] * bs + pos[k];
-    out.mutable_data()[k] = (int32_t)(pos[k] - shift);
+    out.mutable_data()[k] = (int32_t)(pos[k] - shift - base[(size_t)req[k]]);
   }
-  return py::make_tuple(cand_req, cand_pos, cand_at, out, counts, s0, head);
+  return py::make_tuple(cand_req, cand_pos, cand_at, out, counts, s0, sub, full);
 }
 
 // Every selected candidate k (sel[k]) takes token tok[k] at table index cand_at[k] and is no
@@ -173,8 +191,8 @@ void register_group(py::module_& m) {
   m.def("segment_ranks", &segment_ranks, py::arg("c"), py::arg("counts"),
         "Each candidate's rank in its segment, the most confident first (ties, then NaN, in index order)");
   m.def("group_candidates", &group_candidates, py::arg("masked"), py::arg("rows"), py::arg("first"), py::arg("sbs"),
-        py::arg("shift"),
-        "The group path's candidates: (cand_req, cand_pos, cand_at, out_rows, counts, s0, head); see engine/group.py");
+        py::arg("shift"), py::arg("dual"), py::arg("scratch"),
+        "The group path's candidates: (cand_req, cand_pos, cand_at, out_rows, counts, s0, sub, full); see engine/group.py");
   m.def("group_unmask", &group_unmask, py::arg("blk"), py::arg("masked"), py::arg("cand_at"), py::arg("sel"),
         py::arg("tok"), py::arg("rows"), py::arg("first"),
         "The group path's unmasking, in place -> (first, or -1 where no mask is left; moved); see engine/group.py");

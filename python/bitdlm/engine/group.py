@@ -146,24 +146,16 @@ def plan(dec: list[RequestState], com: list[RequestState], table: BlockRows) -> 
     rows = np.array([s.row for s in dec], np.intp)
     first = np.array([s.first for s in dec], np.intp)
     # the masked positions of each request's left-most sub-block with masks (from s0), request by
-    # request, left to right; output rows: row j - 1 predicts position j; head: s0 is masked
-    ci, cj, cand_at, out, counts, s0, head = _core.group_candidates(table.masked, rows, first, table.sbs, sh)
-    dual = table.dual.take(rows)
-    if dual.any():
-        # the sub-block cache: after a full pass, the sub-block alone while its first position is unchanged
-        sub = dual & ~head
-        if sub.any():
-            sub &= np.array([s.scratch for s in dec], bool)
-            out -= (s0 * sub).take(ci).astype(np.int32)  # (rows counted from the sub-block's start)
-        full = (dual & ~sub).tolist()
-        sub = sub.tolist()
-    else:
-        full = sub = [False] * n
+    # request, left to right, and their output rows; the sub-block cache's choice per request:
+    # after a full pass (`full`), the sub-block alone (`sub`) while its first position is unchanged
+    scratch = [s.scratch for s in dec] if table.has_dual else None
+    ci, cj, cand_at, out, counts, s0, sub, full = _core.group_candidates(table.masked, rows, first, table.sbs, sh,
+                                                                         table.dual, scratch)
     b = counts.cumsum().tolist()
     out = out.tolist()  # (an item's out_idx as a list slice: a third of the cost of an array slice)
     items = [(s.seq_id, s.blk[x0:x0 + s.sbs], s.bstart + x0, s.bstart + len(s.blk), False, out[b0:b1]) if sb
              else (s.seq_id, s.blk, s.bstart, s.bstart, d, out[b0:b1])
-             for s, x0, b0, b1, sb, d in zip(dec, s0.tolist(), [0] + b, b, sub, full)]
+             for s, x0, b0, b1, sb, d in zip(dec, s0, [0] + b, b, sub, full)]
     items += _commit_items(com, cfg, bs)
     num_out = counts.tolist() + [sh] * len(com)
     return GroupPlan(table, dec + com, n, items, num_out, rows, first, ci, cj, cand_at, counts, full, bool(sh))
