@@ -20,17 +20,10 @@ namespace bitdlm {
 
 namespace {
 
-// A C-contiguous array of exactly `T` (no conversion: group_unmask writes into the caller's
-// table, a converted copy would take the writes instead).
+// A C-contiguous array of exactly `T`, taken with .noconvert() (TypeError otherwise):
+// group_unmask writes into the caller's table, a converted copy would take the writes instead.
 template <class T>
-py::array_t<T> exact(const py::handle& obj, const char* what, int ndim) {
-  if (!py::isinstance<py::array_t<T>>(obj))
-    throw std::invalid_argument(std::string(what) + ": expected an array of " + std::string(py::str(py::dtype::of<T>())));
-  auto a = py::reinterpret_borrow<py::array_t<T>>(obj);
-  if (a.ndim() != ndim || !(a.flags() & py::array::c_style))
-    throw std::invalid_argument(std::string(what) + ": expected a C-contiguous " + std::to_string(ndim) + "-D array");
-  return a;
-}
+using Exact = py::array_t<T, py::array::c_style>;
 
 // -> (cand_req, cand_pos, cand_at, out_rows, counts, s0, sub, full): for deciding request i
 // (table row rows[i], first masked position first[i], sub-block size sbs[rows[i]]), the masked
@@ -41,14 +34,10 @@ py::array_t<T> exact(const py::handle& obj, const char* what, int ndim) {
 // longer masked: its output rows count from s0[i]), else full[i], a full pass that writes it.
 // Output rows are position - shift (row j - 1 predicts position j). scratch: one bool per
 // request, or None where no row uses the sub-block cache.
-py::tuple group_candidates(const py::handle& masked_obj, const py::handle& rows_obj, const py::handle& first_obj,
-                           const py::handle& sbs_obj, int shift, const py::handle& dual_obj,
-                           const py::handle& scratch_obj) {
-  auto masked = exact<bool>(masked_obj, "masked", 2);
-  auto rows = exact<intptr_t>(rows_obj, "rows", 1);
-  auto first = exact<intptr_t>(first_obj, "first", 1);
-  auto sbs = exact<intptr_t>(sbs_obj, "sbs", 1);
-  auto dual = exact<bool>(dual_obj, "dual", 1);
+py::tuple group_candidates(Exact<bool> masked, Exact<intptr_t> rows, Exact<intptr_t> first, Exact<intptr_t> sbs,
+                           int shift, Exact<bool> dual, const py::handle& scratch_obj) {
+  if (masked.ndim() != 2 || rows.ndim() != 1 || first.ndim() != 1 || sbs.ndim() != 1 || dual.ndim() != 1)
+    throw std::invalid_argument("group_candidates: masked is [rows, block], the others 1-D");
   const intptr_t R = masked.shape(0), bs = masked.shape(1), n = rows.size();
   if (first.size() != n) throw std::invalid_argument("rows and first differ in length");
   if (sbs.size() != R || dual.size() != R) throw std::invalid_argument("sbs and dual need one value per table row");
@@ -106,16 +95,11 @@ py::tuple group_candidates(const py::handle& masked_obj, const py::handle& rows_
 // Every selected candidate k (sel[k]) takes token tok[k] at table index cand_at[k] and is no
 // longer masked; then per deciding request (table row rows[i]) -> (first: its row's first masked
 // position, -1 where none is left; moved: whether that differs from first_before[i], or none is left).
-py::tuple group_unmask(const py::handle& blk_obj, const py::handle& masked_obj, const py::handle& at_obj,
-                       const py::handle& sel_obj, const py::handle& tok_obj, const py::handle& rows_obj,
-                       const py::handle& before_obj) {
-  auto blk = exact<int32_t>(blk_obj, "blk", 2);
-  auto masked = exact<bool>(masked_obj, "masked", 2);
-  auto at = exact<intptr_t>(at_obj, "cand_at", 1);
-  auto sel = exact<bool>(sel_obj, "sel", 1);
-  auto tok = exact<int32_t>(tok_obj, "tok", 1);
-  auto rows = exact<intptr_t>(rows_obj, "rows", 1);
-  auto before = exact<intptr_t>(before_obj, "first", 1);
+py::tuple group_unmask(Exact<int32_t> blk, Exact<bool> masked, Exact<intptr_t> at, Exact<bool> sel,
+                       Exact<int32_t> tok, Exact<intptr_t> rows, Exact<intptr_t> before) {
+  if (blk.ndim() != 2 || masked.ndim() != 2 || at.ndim() != 1 || sel.ndim() != 1 || tok.ndim() != 1 ||
+      rows.ndim() != 1 || before.ndim() != 1)
+    throw std::invalid_argument("group_unmask: blk and masked are [rows, block], the others 1-D");
   const intptr_t R = masked.shape(0), bs = masked.shape(1), c = at.size(), n = rows.size();
   if (blk.shape(0) != R || blk.shape(1) != bs) throw std::invalid_argument("blk and masked differ in shape");
   if (sel.size() != c || tok.size() < c) throw std::invalid_argument("sel and tok need one value per candidate");
@@ -149,9 +133,8 @@ py::tuple group_unmask(const py::handle& blk_obj, const py::handle& masked_obj, 
 // -> rank int64[c.size]: each candidate's place in its request (segment i: the next counts[i]
 // entries of c), the most confident first, equal ones (and NaN ones, last) in index order:
 // np.lexsort((-c, seg)) inverted per segment (decoding.select_flat's ranking).
-py::array_t<int64_t> segment_ranks(const py::handle& c_obj, const py::handle& counts_obj) {
-  auto c = exact<double>(c_obj, "c", 1);
-  auto counts = exact<int64_t>(counts_obj, "counts", 1);
+py::array_t<int64_t> segment_ranks(Exact<double> c, Exact<int64_t> counts) {
+  if (c.ndim() != 1 || counts.ndim() != 1) throw std::invalid_argument("segment_ranks: c and counts are 1-D");
   const double* cp = c.data();
   const int64_t* kp = counts.data();
   int64_t total = 0;
@@ -188,13 +171,15 @@ py::array_t<int64_t> segment_ranks(const py::handle& c_obj, const py::handle& co
 }  // namespace
 
 void register_group(py::module_& m) {
-  m.def("segment_ranks", &segment_ranks, py::arg("c"), py::arg("counts"),
+  m.def("segment_ranks", &segment_ranks, py::arg("c").noconvert(), py::arg("counts").noconvert(),
         "Each candidate's rank in its segment, the most confident first (ties, then NaN, in index order)");
-  m.def("group_candidates", &group_candidates, py::arg("masked"), py::arg("rows"), py::arg("first"), py::arg("sbs"),
-        py::arg("shift"), py::arg("dual"), py::arg("scratch"),
+  m.def("group_candidates", &group_candidates, py::arg("masked").noconvert(), py::arg("rows").noconvert(),
+        py::arg("first").noconvert(), py::arg("sbs").noconvert(), py::arg("shift"), py::arg("dual").noconvert(),
+        py::arg("scratch"),
         "The group path's candidates: (cand_req, cand_pos, cand_at, out_rows, counts, s0, sub, full); see engine/group.py");
-  m.def("group_unmask", &group_unmask, py::arg("blk"), py::arg("masked"), py::arg("cand_at"), py::arg("sel"),
-        py::arg("tok"), py::arg("rows"), py::arg("first"),
+  m.def("group_unmask", &group_unmask, py::arg("blk").noconvert(), py::arg("masked").noconvert(),
+        py::arg("cand_at").noconvert(), py::arg("sel").noconvert(), py::arg("tok").noconvert(),
+        py::arg("rows").noconvert(), py::arg("first").noconvert(),
         "The group path's unmasking, in place -> (first, or -1 where no mask is left; moved); see engine/group.py");
 }
 
