@@ -15,7 +15,10 @@ outside time, only under a noisier clock.
 
 Modes (--mode): `steps` (LLaDA's fixed rate, 2 tokens per decoding step, prefix
 cache), `dual` (the same with the sub-block cache), `ar` (block_length 1),
-`threshold` (the model's default rule).
+`threshold` (the model's default rule), `adaptive-ar` (an adaptive engine whose cost
+curves price AR far below diffusion, so it assigns every request AR, as it did at 64
+concurrent server requests; the requests as `bitdlm serve --decode-policy adaptive
+--steps 16` makes them: to compare with `ar`, the same tokens).
 """
 from __future__ import annotations
 
@@ -94,6 +97,7 @@ def params_for(mode: str, max_tokens: int, repetition_penalty: float = 1.0):
     return {"steps": lambda: SamplingParams(generation_algorithm="steps", steps=16, **base),
             "dual": lambda: SamplingParams(generation_algorithm="steps", steps=16, cache="dual", **base),
             "ar": lambda: SamplingParams(block_length=1, **base),
+            "adaptive-ar": lambda: SamplingParams(generation_algorithm="steps", steps=16, decoding_set=False, **base),
             "threshold": lambda: SamplingParams(**base)}[mode]()
 
 
@@ -166,7 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="bitdlm .bin (default: the shipped tiny model)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", default="1,16,64", help="concurrent requests, comma separated")
-    ap.add_argument("--mode", default="steps", choices=["steps", "dual", "ar", "threshold"])
+    ap.add_argument("--mode", default="steps", choices=["steps", "dual", "ar", "threshold", "adaptive-ar"])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repetition-penalty", type=float, default=1.0,
                     help="!= 1: the penalised logits path (1.000001 decides as 1 does: the same forwards)")
@@ -188,7 +192,12 @@ def main(argv=None) -> int:
     batches = [int(x) for x in a.batch.split(",") if x]
     m = bitdlm.load(a.model or default_model_path(), threads=a.threads)
     core = m._core = FakeCore(m._core, m.vocab_size) if a.fake else CpuTimedCore(m._core)
-    llm = bitdlm.LLM(m, max_batch=max(batches))
+    llm = bitdlm.LLM(m, max_batch=max(batches), decode_policy="adaptive" if a.mode == "adaptive-ar" else "fixed")
+    if a.mode == "adaptive-ar":  # AR at a thousandth of diffusion's price: every request is assigned AR
+        from bitdlm.engine import policy
+
+        n = max(batches)
+        llm.engine.policy.set_costs(policy.CostCurve([(1, 1e-3), (n, 1e-3)]), policy.CostCurve([(1, 1.0), (n, n)]))
     sp = params_for(a.mode, a.max_tokens, a.repetition_penalty)
     run(llm, core, 1, sp, a.prompt_len, m.vocab_size)  # warm up
     rows = []

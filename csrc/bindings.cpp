@@ -13,6 +13,7 @@ namespace py = pybind11;
 namespace bitdlm {
 void register_kernels(py::module_& m);  // csrc/kernels/bind_kernels.cpp
 void register_model(py::module_& m);    // csrc/model/bind_model.cpp
+void register_group(py::module_& m);    // csrc/model/bind_group.cpp
 #ifdef BITDLM_BENCH_KERNELS
 void register_bench(py::module_& m);  // csrc/bench/bind_bench.cpp (bench builds only)
 #endif
@@ -113,6 +114,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "bitdlm native core: ternary kernels and the BitNet forward";
   bitdlm::register_kernels(m);
   bitdlm::register_model(m);
+  bitdlm::register_group(m);
 #ifdef BITDLM_BENCH_KERNELS
   bitdlm::register_bench(m);
 #endif

@@ -563,30 +563,34 @@ def test_select_many_equals_select_request_by_request():
                 masked[i][poss[j][want]] = False
 
 
-def test_segment_order_equals_lexsort():
-    # select_flat's ranking: the one-argsort key of float32 confidences against the lexsort it
-    # replaces, over ties, values near the key's lower bound, 0, NaN and > 1 (the lexsort's cases)
+def test_segment_ranks_equal_the_lexsort():
+    # select_flat's ranking (_core.segment_ranks) against np.lexsort((-c, seg)) inverted per
+    # segment, over ties, near float32 neighbours, 0 and -0, NaN, inf and > 1, empty segments
+    from bitdlm import _core
+
     rng = np.random.default_rng(11)
-    fast = 0
     for case in range(400):
         nseg = int(rng.integers(1, 300))
-        seg = np.sort(rng.integers(0, nseg, int(rng.integers(1, 600))))
+        seg = np.sort(rng.integers(0, nseg, int(rng.integers(0, 600))))
         kind = case % 5
         if kind == 0:
-            c = np.round(rng.random(seg.size), 2)  # ties (and zeros)
-        elif kind == 1:  # near float32 neighbours, small or at the bound: distinct, but not in a coarse key
+            c = np.round(rng.random(seg.size), 2) * rng.choice([1.0, -1.0], seg.size)  # ties, 0 and -0
+        elif kind == 1:  # near float32 neighbours, small or at a coarse key's bound
             base = nseg * 2.0 ** -27 if case % 2 else 10.0 ** rng.uniform(-12, -3)
             c = base * (1 + rng.integers(0, 3, seg.size) * 2.0 ** -22)
         elif kind == 2:
             c = 10.0 ** rng.uniform(-6, 0, seg.size)
         elif kind == 3:
             c = rng.random(seg.size)
-            c[rng.integers(0, seg.size)] = np.nan if case % 2 else 1.5
+            if seg.size:
+                c[rng.integers(0, seg.size, 3)] = [np.nan, np.inf, 1.5] if case % 2 else np.nan
         else:
             c = 1 - rng.integers(0, 3, seg.size) * 2.0 ** -24  # adjacent float32 values below 1
-        c32 = c.astype(np.float32)
-        for f32, cc in ((True, c32.astype(np.float64)), (False, c)):
-            got = decoding._segment_order(cc, seg, nseg, f32)
-            assert got.tolist() == np.lexsort((-cc, seg)).tolist(), (case, f32)
-        fast += bool(c32.min() > nseg * 2.0 ** -27 and c32.max() <= 1)
-    assert fast > 100  # the argsort path ran
+        counts = np.bincount(seg, minlength=nseg).astype(np.int64)
+        for cc in (c.astype(np.float32).astype(np.float64), c):
+            order = np.lexsort((-cc, seg))
+            want = np.empty(cc.size, np.int64)
+            want[order] = np.arange(cc.size) - (np.cumsum(counts) - counts)[seg[order]]
+            assert _core.segment_ranks(cc, counts).tolist() == want.tolist(), case
+    with pytest.raises(ValueError, match="add up"):
+        _core.segment_ranks(np.zeros(3), np.array([1, 1], np.int64))

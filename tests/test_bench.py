@@ -354,3 +354,18 @@ def test_kernels_smallops_only_times_the_row_drivers(tmp_path):
         # real rows cost more than an empty region; the total is the 2B shape's 90 + 30 calls
         assert us["add_norm_quant"] > us["empty"] and us["act_norm_quant"] > 0
         assert e["per_forward_ms"] == pytest.approx((90 * us["add_norm_quant"] + 30 * us["act_norm_quant"]) / 1e3)
+
+
+def test_overhead_adaptive_ar_mode_decodes_every_request_as_ar(tmp_path):
+    """bench/overhead.py --mode adaptive-ar: an adaptive engine that assigns every request AR
+    gives the plain AR mode's outputs (the A/B of the policy's cost is like for like)."""
+    import overhead
+
+    hashes = {}
+    for mode in ("ar", "adaptive-ar"):
+        out = tmp_path / f"{mode}.json"
+        assert overhead.main(["--fake", "--threads", "1", "--batch", "8", "--mode", mode, "--max-tokens", "6",
+                              "--reps", "1", "--json", str(out)]) == 0
+        row = json.loads(out.read_text())["rows"][0]
+        hashes[mode] = row["outputs_hash"], row["forwards"]
+    assert hashes["ar"] == hashes["adaptive-ar"]

@@ -64,6 +64,38 @@ def test_mixed_roofline_switches_from_diffusion_to_ar_with_load():
     assert assign(cost_ar, cost_d, 64, tpf=3.0) == modes
 
 
+def test_every_split_at_once_decides_as_one_rate_per_split():
+    """best_split's rates from the curves' tables (and from plain callables) pick the same split,
+    ties included, as the rates computed one split at a time with Python floats."""
+    import numpy as np
+
+    def one_by_one(cost_ar, cost_d, n, tpf):
+        rates = []
+        for k in range(n + 1):
+            cost = cost_ar(k) + cost_d(n - k)
+            rates.append((k + (n - k) * tpf) / cost if cost > 0 else 0.0)
+        return rates.index(max(rates))
+
+    rng = np.random.default_rng(0)
+    flat = P.CostCurve([(1, 0.01)])
+    cases = [(flat, flat, 1.0, 1.0, 1.0)]  # every split ties
+    for _ in range(60):
+        def curve():
+            ns = sorted(rng.choice(np.arange(1, 65), int(rng.integers(1, 5)), replace=False).tolist())
+            return P.CostCurve([(n, float(rng.uniform(1e-3, 0.05))) for n in ns])
+        cases.append((curve(), curve(), float(rng.choice([1.0, 2.0, 3.7, rng.uniform(0.5, 9)])),
+                      float(rng.uniform(0.25, 4)), float(rng.uniform(0.25, 4))))
+    for ca, cd, tpf, ka, kd in cases:
+        pol = P.AdaptivePolicy()
+        pol.set_costs(ca, cd)
+        pol.cost_scale = {P.AR: ka, P.DIFFUSION: kd}
+        for n in (1, 2, 7, 33, 64, 130):
+            want = one_by_one(lambda k: ka * ca(k), lambda k: kd * cd(k), n, tpf)
+            assert P.best_split(pol.cost(P.AR), pol.cost(P.DIFFUSION), n, tpf) == want, (n, tpf)
+            assert P.best_split(lambda k: ka * ca(k), lambda k: kd * cd(k), n, tpf) == want
+    assert P.CostCurve([(2, 0.004), (4, 0.008)]).upto(5).tolist() == [0.0, 0.004, 0.004, 0.006, 0.008, 0.01]
+
+
 def test_cost_curve_interpolates_and_extrapolates():
     c = P.CostCurve([(4, 0.004), (1, 0.002), (2, 0.0025)])
     assert c(0) == 0.0 and c(1) == 0.002 and c(2) == 0.0025

@@ -487,6 +487,33 @@ def test_bad_arguments(small):
         core.free_seq(s)
 
 
+def test_item_arrays_of_any_integer_form(small):
+    """An item's tokens and out_idx read the same from native int32 arrays (read as they are,
+    strided views included) as from lists, int64 and big-endian arrays (converted)."""
+    hf, core = small
+    V = hf.config.vocab_size
+    s = core.alloc_seq(16)
+    toks = np.arange(3, 11, dtype=np.int32)  # (every other one: 3, 5, 7, 9)
+    forms = [lambda a: np.ascontiguousarray(a, np.int32), lambda a: np.asarray(a, np.int32)[::-1][::-1],
+             lambda a: np.asarray(a, ">i4"), lambda a: np.asarray(a, np.int64), lambda a: [int(x) for x in a],
+             lambda a: [np.int64(a[0])] + [int(x) for x in a[1:]]]  # (lists of ints: read as they are)
+    try:
+        got = [core.forward([(s, f(toks[::2]) if k else toks[::2], 0, 0, False, f([3, 1]))], 4, "logits")
+               for k, f in enumerate(forms)]
+        for g in got[1:]:
+            assert np.array_equal(g, got[0])
+        want = core.forward([(s, np.array([3, 5, 7, 9]), 0, 0, False, np.array([3, 1]))], 4, "logits")
+        assert np.array_equal(got[0], want)
+        with pytest.raises(ValueError, match="token id"):
+            core.forward([(s, np.array([1, V], np.int32), 0, 0, False, np.array([0], np.int32))], 2, "logits")
+        with pytest.raises(ValueError, match="token id"):
+            core.forward([(s, [1, V], 0, 0, False, [0])], 2, "logits")
+        with pytest.raises(ValueError, match="out of range"):
+            core.forward([(s, [1, 2], 0, 0, False, [0, 2**40])], 2, "logits")
+    finally:
+        core.free_seq(s)
+
+
 def test_bad_model_files(small):
     hf, _ = small
     good = to_core(hf)  # noqa: F841  (the builder itself works)

@@ -56,7 +56,9 @@ class FakeModel:
         assert sid in self.live, f"forward on freed sequence {sid}"
         assert start + len(tokens) <= self.live[sid] and ctx_len <= self.live[sid]
         assert all(0 <= o < len(tokens) for o in out)
-        assert tokens.dtype == np.int32 and out.dtype == np.int32
+        assert tokens.dtype == np.int32
+        # out_idx: an int32 array, or a list of ints (the group path's)
+        assert out.dtype == np.int32 if isinstance(out, np.ndarray) else all(type(o) is int for o in out)
 
     def forward(self, items, block_size, mode="logits", temperature=None, top_p=None, uniforms=None,
                 banned=None):
@@ -269,12 +271,12 @@ class HashModel(FakeModel):
     def forward(self, items, block_size, mode="logits", temperature=None, top_p=None, uniforms=None,
                 banned=None):
         self.calls.append((block_size, mode, [it[0] for it in items]))
-        self.items.append((block_size, mode, sorted((sid, t.tolist(), s, c, w, o.tolist())
-                                                    for sid, t, s, c, w, o in items)))
+        self.items.append((block_size, mode, sorted((sid, t.tolist(), s, c, w, np.asarray(o, np.int64).tolist())
+                                                    for sid, t, s, c, w, o in items)))  # (out_idx: array or list)
         toks, confs = [], []
         for sid, tokens, start, ctx_len, write, out in items:
             self._check_item(sid, tokens, start, ctx_len, write, out)
-            for o in out.tolist():
+            for o in np.asarray(out, np.int64).tolist():
                 h = (int(tokens[o]) * 2654435761 + (start + o) * 40503) % 1000003
                 toks.append(2 + h % (V - 4))
                 confs.append((h % 11) / 10)

@@ -51,6 +51,31 @@ T meta_get(const py::dict& meta, const char* key) {
 
 // An integer vector from a list / numpy array; refuses floats and out-of-int32 values.
 std::vector<int32_t> int_vec(const py::handle& obj, const char* what) {
+  if (py::isinstance<py::array>(obj)) {  // the engine's int32 arrays, read as they are (~1 us less per array
+    // than the conversion to int64 below: two per item, 64 items a step at 64 requests)
+    auto a = py::reinterpret_borrow<py::array>(obj);
+    const py::dtype dt = a.dtype();
+    if (a.ndim() == 1 && dt.kind() == 'i' && dt.itemsize() == 4 && dt.byteorder() != '>') {
+      const auto* p = static_cast<const char*>(a.data());
+      const py::ssize_t st = a.strides(0);
+      std::vector<int32_t> out((size_t)a.size());
+      for (size_t i = 0; i < out.size(); ++i) out[i] = *reinterpret_cast<const int32_t*>(p + (py::ssize_t)i * st);
+      return out;
+    }
+  }
+  if (PyList_CheckExact(obj.ptr())) {  // a list of ints (the group path's out_idx): read as it is
+    const Py_ssize_t n = PyList_GET_SIZE(obj.ptr());
+    std::vector<int32_t> out((size_t)n);
+    bool plain = true;
+    for (Py_ssize_t i = 0; i < n && plain; ++i) {
+      PyObject* x = PyList_GET_ITEM(obj.ptr(), i);
+      int overflow = 0;
+      const long long v = PyLong_CheckExact(x) ? PyLong_AsLongLongAndOverflow(x, &overflow) : 0;
+      plain = PyLong_CheckExact(x) && !overflow && v >= INT32_MIN && v <= INT32_MAX;
+      out[(size_t)i] = (int32_t)v;
+    }
+    if (plain) return out;  // (else the checks and messages below)
+  }
   py::array arr = py::array::ensure(obj);
   if (!arr) throw std::invalid_argument(std::string(what) + " must be a sequence of integers");
   if (arr.ndim() > 1) throw std::invalid_argument(std::string(what) + " must be 1-D");

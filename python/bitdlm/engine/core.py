@@ -334,7 +334,8 @@ class Engine:
             except Exception as e:
                 self.scheduler.fail(seq, outputs, "applying its step", e)
                 continue
-            self._emit(seq, out, outputs)
+            if out is not None or seq.finished:  # (most steps of a final_only request: nothing to emit)
+                self._emit(seq, out, outputs)
 
     def _emit(self, seq: RequestState, out: RequestOutput | None, outputs: list) -> None:
         """A request's output after its step, and its end."""

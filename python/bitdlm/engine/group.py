@@ -4,9 +4,10 @@ their rows of the block table (request_state.BlockRows), not a plan / apply per 
 It takes the steps that need nothing of a request beyond its block (RequestState.groupable:
 greedy, a KV cache, a rule that decides from (token, confidence) rows, no penalties):
 - decide: a prefix / dual cache STEP or FULL plan. Every request's candidates (the masked
-  positions of its left-most sub-block that still has masks) come from one nonzero() over
-  the rows; the rules decide for all at once (decoding.select_flat); the unmasking is one
-  scatter into the table and the new first masked positions one argmax.
+  positions of its left-most sub-block that still has masks) come from one pass over the
+  rows (_core.group_candidates); the rules decide for all at once (decoding.select_flat);
+  the unmasking and the new first masked positions are another pass (_core.group_unmask).
+  (Those two replace ~25 small numpy calls a step, ~1-2 us each at 64 requests.)
 - commit: a finished block's writing forward; its carried token opens the next block
   (RequestState.close_block, per request: the AR fast path of start_block).
 Prefill, the cache-less and sampling requests, penalties and the logits rules stay on the
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import decoding
+from .. import _core, decoding
 from .request_state import BlockRows, RequestState
 
 # Fewest requests the group path takes a step of: its numpy calls cost ~30 us a step whatever
@@ -40,9 +41,10 @@ class GroupPlan:
     rows: np.ndarray  # the deciding requests' table rows
     first: np.ndarray  # their first masked positions before the step
     cand_req: np.ndarray  # per candidate (output row): its deciding request's index, ...
-    cand_pos: np.ndarray  # ... and its block position
+    cand_pos: np.ndarray  # ... its block position, ...
+    cand_at: np.ndarray  # ... and its index in the table's flattened rows (row * block size + position)
     counts: np.ndarray  # candidates per deciding request
-    full: np.ndarray  # per deciding request: a full pass that writes the sub-block cache's scratch K/V
+    full: list[bool]  # per deciding request: a full pass that writes the sub-block cache's scratch K/V
     shift: bool  # a commit's one output row carries the next block's first token
 
     @property
@@ -69,22 +71,17 @@ class GroupPlan:
         nd = self.n_decide
         if not nd:
             return []
-        at_r, at_j = self.rows[self.cand_req[sel]], self.cand_pos[sel]
         t = self.table
-        t.blk[at_r, at_j] = tok[:self.decide_out][sel]
-        t.masked[at_r, at_j] = False
-        m = t.masked[self.rows]
-        first = m.argmax(axis=1)
-        done = ~m[np.arange(nd), first]  # no mask left (none past a block cut by the context either)
-        moved = ((first != self.first) | done).tolist()
-        first = first.tolist()
+        # (-1: no mask left, none past a block cut by the context either)
+        first, moved = _core.group_unmask(t.blk, t.masked, self.cand_at, np.ascontiguousarray(sel, bool),
+                                          np.ascontiguousarray(tok, np.int32), self.rows, self.first)
         seqs = self.seqs
-        for i in np.flatnonzero(done).tolist():
-            first[i] = len(seqs[i].blk)
         for s, f in zip(seqs, first):
-            s.first = f
-        for i in np.flatnonzero(self.full).tolist():
-            seqs[i].scratch = True
+            s.first = f if f >= 0 else len(s.blk)
+        if True in self.full:
+            for s, f in zip(seqs, self.full):
+                if f:
+                    s.scratch = True
         return moved
 
     def commit_ar(self, carried: list) -> list[bool] | None:
@@ -143,31 +140,25 @@ def plan(dec: list[RequestState], com: list[RequestState], table: BlockRows) -> 
     bs = table.blk.shape[1]
     if not dec:  # commits only (AR): no candidates
         z = np.zeros(0, np.intp)
-        return GroupPlan(table, com, 0, _commit_items(com, cfg, bs), [sh] * len(com), z, z, z, z, z,
-                         np.zeros(0, bool), bool(sh))
+        return GroupPlan(table, com, 0, _commit_items(com, cfg, bs), [sh] * len(com), z, z, z, z, z, z,
+                         [], bool(sh))
+    n = len(dec)
     rows = np.array([s.row for s in dec], np.intp)
     first = np.array([s.first for s in dec], np.intp)
-    sbs = table.sbs[rows]
-    s0 = first // sbs * sbs  # the left-most sub-block with masks
-    m = table.masked[rows]
-    cols = cfg.positions(bs)
-    # (nothing is masked past a block cut by the context: no clip to its length)
-    ci, cj = np.nonzero(m & (cols >= s0[:, None]) & (cols < (s0 + sbs)[:, None]))  # request by request, left to right
-    counts = np.bincount(ci, minlength=len(dec))
-    # the sub-block cache: after a full pass, the sub-block alone while its first position is unchanged
-    dual = table.dual[rows]
-    sub = dual & ~m[np.arange(len(dec)), s0]
-    if sub.any():
-        sub &= np.array([s.scratch for s in dec], bool)
-    full = dual & ~sub
-    out = (cj - sh - (s0 * sub)[ci]).astype(np.int32)  # output rows: row j - 1 predicts position j
-    b = np.cumsum(counts).tolist()
+    # the masked positions of each request's left-most sub-block with masks (from s0), request by
+    # request, left to right, and their output rows; the sub-block cache's choice per request:
+    # after a full pass (`full`), the sub-block alone (`sub`) while its first position is unchanged
+    scratch = [s.scratch for s in dec] if table.has_dual else None
+    ci, cj, cand_at, out, counts, s0, sub, full = _core.group_candidates(table.masked, rows, first, table.sbs, sh,
+                                                                         table.dual, scratch)
+    b = counts.cumsum().tolist()
+    out = out.tolist()  # (an item's out_idx as a list slice: a third of the cost of an array slice)
     items = [(s.seq_id, s.blk[x0:x0 + s.sbs], s.bstart + x0, s.bstart + len(s.blk), False, out[b0:b1]) if sb
              else (s.seq_id, s.blk, s.bstart, s.bstart, d, out[b0:b1])
-             for s, x0, b0, b1, sb, d in zip(dec, s0.tolist(), [0] + b, b, sub.tolist(), full.tolist())]
+             for s, x0, b0, b1, sb, d in zip(dec, s0, [0] + b, b, sub, full)]
     items += _commit_items(com, cfg, bs)
     num_out = counts.tolist() + [sh] * len(com)
-    return GroupPlan(table, dec + com, len(dec), items, num_out, rows, first, ci, cj, counts, full, bool(sh))
+    return GroupPlan(table, dec + com, n, items, num_out, rows, first, ci, cj, cand_at, counts, full, bool(sh))
 
 
 def _commit_items(com: list[RequestState], cfg, bs: int) -> list[tuple]:

@@ -45,6 +45,7 @@ class BlockRows:
         # row (set by take): its sub-block size and whether it uses the sub-block cache
         self.sbs = np.zeros(rows, np.intp)
         self.dual = np.zeros(rows, bool)
+        self.has_dual = False  # a row was ever taken for the sub-block cache (then the group path reads scratch)
         self._free = list(range(rows - 1, -1, -1))
 
     def take(self, sbs: int, dual: bool) -> int:
@@ -55,6 +56,7 @@ class BlockRows:
         r = self._free.pop()
         self.masked[r] = False  # (a request that ended mid-block left masks behind)
         self.sbs[r], self.dual[r] = sbs, dual
+        self.has_dual |= dual
         return r
 
     def give(self, row: int) -> None:
