@@ -22,10 +22,12 @@ import numpy as np
 from .. import _core, decoding
 from .request_state import BlockRows, RequestState
 
-# Fewest requests the group path takes a step of: its numpy calls cost ~30 us a step whatever
-# the number of requests, ~3 us less per deciding request than their own plan / rule / apply
-# (bench/overhead.py --fake, 2 cores: even at 8, ahead from 12); commits share less (even at 4).
-DECIDE_MIN = 8
+# Fewest requests the group path takes a step of. Since its candidates and unmasking are
+# native passes (_core.group_candidates / group_unmask) it is ahead from 4 deciding requests:
+# bench/overhead.py --fake --batch 4,6,8 against DECIDE_MIN 8 (2 cores, 5 rounds, Python time
+# per forward): threshold 1.3x / 1.9x less at 4 / 6, steps 1.25x / 1.5x, dual 1.06x / 1.45x,
+# equal at 8; at 2 it loses for threshold (1.1x more) and wins for dual (1.2x less).
+DECIDE_MIN = 4
 COMMIT_MIN = 4  # (<= DECIDE_MIN: the scheduler skips the group path below it)
 
 
