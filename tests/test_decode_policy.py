@@ -154,6 +154,25 @@ def test_a_mode_priced_out_is_timed_again_once_the_other_ran_a_while():
     assert pol.summary()["repriced"] == {P.AR: 1, P.DIFFUSION: 1}
 
 
+def test_recent_load_prices_a_lone_arrival_as_part_of_its_burst():
+    """Bandwidth-bound AR (flat to 16 requests) against a diffusion forward that grows with its
+    requests: diffusion wins for one request, AR for 16. A lone arrival on an engine that
+    recently ran 16 requests a step is priced as one of 16 (AR: a diffusion request among them
+    would add a forward to every step), on an idle-for-long engine as one (diffusion); the
+    estimate follows the steps' request counts (an EMA)."""
+    pol = P.AdaptivePolicy()
+    pol.set_costs(P.CostCurve([(1, 0.010), (16, 0.012)]), P.CostCurve([(1, 0.020), (16, 0.320)]))
+    assert pol.load == 0 and pol.decide(0, 0, 3.0) == P.DIFFUSION
+    assert P.best_split(pol.cost(P.AR), pol.cost(P.DIFFUSION), 16, 3.0) == 16
+    pol.observe_load(16)  # the first step sets it
+    assert pol.load == 16 and pol.decide(0, 0, 3.0) == P.AR
+    for _ in range(200):
+        pol.observe_load(1)
+    assert pol.load == pytest.approx(1.0, abs=0.01) and pol.decide(0, 0, 3.0) == P.DIFFUSION
+    pol.observe_load(0)  # (no step): nothing moves
+    assert pol.summary()["load"] == pytest.approx(1.0, abs=0.01)
+
+
 def test_tpf_estimate_starts_at_the_prior_and_follows_finished_requests():
     pol = P.AdaptivePolicy()
     assert pol.tpf == P.TPF_PRIOR
@@ -307,6 +326,22 @@ def test_the_server_times_a_stale_mode_while_idle(model, monkeypatch):
             time.sleep(0.02)
         assert c.get("/health").json()["decode_policy_state"]["repriced"][P.AR] == 1
         assert c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4}).status_code == 200
+
+
+def test_the_engine_reports_each_steps_request_count_as_the_load(model, monkeypatch):
+    """observe_load gets, once per step that ran a forward, the requests running in it
+    (those that finish in the step included)."""
+    llm = _forced(LLM(model, max_batch=8, decode_policy="adaptive"), [(1, 0.01)], [(1, 0.01)])
+    eng = llm.engine
+    seen = []
+    monkeypatch.setattr(eng.policy, "observe_load", seen.append)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        eng.add_request(f"r{i}", eng.tokenizer.encode(prompt), SamplingParams(max_tokens=4 + 4 * i, ignore_eos=True))
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    assert len(seen) == steps and seen[0] == 3 and seen[-1] == 1 and sorted(seen, reverse=True) == seen
 
 
 def test_explicit_decoding_is_never_reassigned(model):

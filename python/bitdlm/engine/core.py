@@ -253,6 +253,7 @@ class Engine:
         sched = self.scheduler
         sched.admit(outputs)
         groups = sched.schedule(outputs)
+        n_running = len(sched.running)  # (before the step's finished requests leave)
         for key, batch in groups.items():
             tf = time.perf_counter()
             group_res, results = sched.forward(key, batch, outputs)
@@ -263,6 +264,8 @@ class Engine:
             if priced:  # the forward and its Python side: what the mode costs per step
                 self.policy.observe_forward(_policy.mode_of(key.block_size), priced, time.perf_counter() - tf)
         if groups:
+            if self.policy is not None:
+                self.policy.observe_load(n_running)
             dt = time.perf_counter() - t0
             self.stats.steps += 1
             self.stats.step_seconds += dt

@@ -44,6 +44,7 @@ TPF_PRIOR = 2.0
 TPF_EMA = 0.25  # weight of each finished diffusion request in the estimate
 CALIBRATION_BUDGET_S = 1.5  # start-up time spent timing forwards (larger counts are extrapolated)
 COST_EMA = 0.05  # weight of each observed forward in its mode's cost scale (~20 forwards of memory)
+LOAD_EMA = 0.05  # weight of each engine step's request count in the recent concurrency (~20 steps)
 COST_SCALE_LIMITS = (0.25, 4.0)  # one forward's ratio is clipped to these (a stall is not a new price)
 REPRICE_AFTER_S = 20.0  # an idle engine re-times a mode not run for this long while the other ran
 
@@ -161,13 +162,16 @@ def best_split(cost_ar, cost_diffusion, n: int, tpf: float) -> int:
     return int(rates.argmax())  # (the first of equal maxima)
 
 
-def choose_mode(cost_ar, cost_diffusion, a: int, d: int, tpf: float) -> str:
+def choose_mode(cost_ar, cost_diffusion, a: int, d: int, tpf: float, load: int = 0) -> str:
     """The mode for one more request beside `a` AR and `d` diffusion ones: towards the best
-    split of the a + d + 1 requests. (Not the better of the two sets one request apart: the
-    first AR request of a diffusion set costs a forward of its own, so that greedy step
-    never leaves an all-diffusion set even where an all-AR one is several times faster.)
-    Running requests keep their modes; as they finish, arrivals move the set to the split."""
-    return AR if a < best_split(cost_ar, cost_diffusion, a + d + 1, tpf) else DIFFUSION
+    split of the a + d + 1 requests, or of `load` requests where more are expected (the
+    engine's recent concurrency: the first arrivals of a burst see an almost empty engine,
+    and a diffusion request among AR ones adds a forward to every step of its life). (Not
+    the better of the two sets one request apart: the first AR request of a diffusion set
+    costs a forward of its own, so that greedy step never leaves an all-diffusion set even
+    where an all-AR one is several times faster.) Running requests keep their modes; as
+    they finish, arrivals move the set to the split."""
+    return AR if a < best_split(cost_ar, cost_diffusion, max(a + d + 1, load), tpf) else DIFFUSION
 
 
 def _counts(max_batch: int) -> list[int]:
@@ -271,6 +275,7 @@ class AdaptivePolicy:
         self.priced_at = {m: 0.0 for m in MODES}  # time.monotonic() of each mode's last timing
         self.served_at = {m: 0.0 for m in MODES}  # ... and of its last observed serving forward
         self.repriced = {m: 0 for m in MODES}
+        self.load = 0.0  # recent requests per engine step (observe_load; 0: none yet)
 
     @property
     def calibrated(self) -> bool:
@@ -292,7 +297,13 @@ class AdaptivePolicy:
     def decide(self, a: int, d: int, prior: float | None = None) -> str:
         """`prior`: the request's own tokens per forward estimate, used until one is observed."""
         tpf = self.tpf if self.observed or prior is None else prior
-        return choose_mode(self.cost(AR), self.cost(DIFFUSION), a, d, tpf)
+        return choose_mode(self.cost(AR), self.cost(DIFFUSION), a, d, tpf, round(self.load))
+
+    def observe_load(self, n: int) -> None:
+        """An engine step ran n requests: the recent concurrency (an EMA over steps) moves
+        towards n; decisions price the split of at least that many requests."""
+        if n > 0:
+            self.load = float(n) if self.load == 0 else self.load + LOAD_EMA * (n - self.load)
 
     def observe_forward(self, mode: str, n: int, seconds: float) -> None:
         """A decoding step of n requests in `mode` took `seconds` (its forward and the applying
@@ -349,4 +360,5 @@ class AdaptivePolicy:
                 "cost_ar_seconds": self.cost_ar.points() if self.cost_ar else None,
                 "cost_diffusion_seconds": self.cost_diffusion.points() if self.cost_diffusion else None,
                 "cost_scale": {m: round(k, 4) for m, k in self.cost_scale.items()},
-                "forwards_observed": dict(self.forwards_observed), "repriced": dict(self.repriced)}
+                "forwards_observed": dict(self.forwards_observed), "repriced": dict(self.repriced),
+                "load": round(self.load, 3)}
