@@ -337,8 +337,8 @@ def main(argv=None):
             g["lr"] = lr
         ts = time.perf_counter()
         x = base.sample_batch(train_stream, train_starts, args.batch, args.seq_len, gen)
-        masks = base.make_masks(args.batch, args.seq_len, args.block_size, shift, copies == 2,
-                                gen).to(device, non_blocking=True)
+        masks = base.to_device(base.make_masks(args.batch, args.seq_len, args.block_size, shift, copies == 2,
+                                               gen), device)
         sample_s += time.perf_counter() - ts
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)

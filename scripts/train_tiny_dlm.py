@@ -221,8 +221,17 @@ def sample_batch(stream, starts, batch: int, seq_len: int, gen):
     at_doc = torch.rand(batch, generator=gen) < 0.5
     doc = starts[torch.randint(len(starts), (batch,), generator=gen)].clamp(max=n)
     anywhere = torch.randint(n, (batch,), generator=gen)
-    s = torch.where(at_doc, doc, anywhere).to(stream.device)
+    s = to_device(torch.where(at_doc, doc, anywhere), stream.device)
     return stream[s[:, None] + torch.arange(seq_len, device=stream.device)]
+
+
+def to_device(t, device):
+    """`t` (on the CPU) on `device` without waiting for it: a copy from pageable memory to a
+    GPU first waits for everything queued on the stream (the last step's kernels: 34 ms a
+    step of the GPU trainer's 70 on an H100), one from pinned memory is queued behind them."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- objective
