@@ -64,7 +64,8 @@ fi
 if on F; then
 stamp "F: the floor (matrix products + attention alone), batch 64 and 128"
 for b in 64 128; do
-  timeout 120 python3 scripts/trainer_floor.py --batch $b --json "$OUT/floor_$b.json" 2>&1 | grep -v -i warn
+  timeout 120 python3 scripts/trainer_floor.py "${SHAPE[@]}" --vocab 8192 --batch $b --json "$OUT/floor_$b.json" \
+    2>&1 | grep -v -i warn
 done
 fi
 if on P; then

@@ -9,16 +9,17 @@ FlexAttention forward + backward with the block-diffusion BlockMask (compiled, a
 trainer runs it). Also the copy bandwidth, for the elementwise share. Prints each part's
 milliseconds and the tokens/s the floor allows (B x L / the sum): a trainer cannot beat it.
 
-    python3 scripts/trainer_floor.py --batch 64          # the shipped shape (bench_trainer_gpu.sh part F)
+    python3 scripts/trainer_floor.py --vocab 8192 --batch 64 --hidden 512 --layers 8 --heads 8 \
+        --kv-heads 4 --ffn 1024 --seq-len 512 --block-size 32 --complementary   # bench_trainer_gpu.sh part F
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_tiny_dlm as base  # noqa: E402
 
 
 def timed(fn, reps: int = 10) -> float:
@@ -49,27 +50,21 @@ def timed(fn, reps: int = 10) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--copies", type=int, default=2, help="noisy copies (2: --complementary)")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--ffn", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--json", default=None)
+    p = base.build_parser(__doc__)  # the trainer's shape flags, so the floor is its step's
+    p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
+    args.copies = 2 if args.complementary else 1
 
     import torch
+    import torch._dynamo
 
     import fast_bitnet as fb
 
+    torch._dynamo.config.disable = False  # (train_tiny_dlm's TORCH_COMPILE_DISABLE=1 is for transformers)
+
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    B, L, H, F = args.batch, args.seq_len, args.hidden, args.ffn
+    B, L, H, F = args.batch, args.seq_len, args.hidden, args.ffn  # (--vocab: the tokenizer's size)
     hd = H // args.heads
     T = (args.copies + 1) * L
     M = B * T
