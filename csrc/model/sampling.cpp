@@ -47,44 +47,70 @@ static double exp_sum(const float* l, int n, float mx) {
 static const SelectKernels kSelectPortable = {&row_max, &first_eq, &exp_sum};
 
 // One greedy row over kSelectChunk-sized chunks: the chunks' maxima, the first
-// index of the largest, the chunks' exp sums added in chunk order. With
-// `team` > 1 the chunks are split over that many threads (one row, a large
-// vocab: decoding's lm_head output); the bits do not depend on it. NaN rows
-// (no element equals the max) take the portable row.
-static void greedy_chunked(const SelectKernels& t, const float* l, int V, int32_t* tok, float* conf, int team) {
-  const int nc = (V + kSelectChunk - 1) / kSelectChunk;
-  thread_local std::vector<float> cmax;
-  thread_local std::vector<double> csum;
-  cmax.resize(nc);
-  csum.resize(nc);
-  float* cm = cmax.data();
-  double* cs = csum.data();
-  auto len = [V](int c) { return std::min(kSelectChunk, V - c * kSelectChunk); };
+// index of the largest, the chunks' exp sums added in chunk order, so that a
+// row split over threads (greedy_split) gives the same bits as on one thread
+// (greedy_row). NaN rows (no element equals the max) take the portable row.
+struct ChunkedRow {
+  const SelectKernels& t;
+  const float* l;
+  int V;
+  int chunks() const { return (V + kSelectChunk - 1) / kSelectChunk; }
+  const float* at(int c) const { return l + (int64_t)c * kSelectChunk; }
+  int len(int c) const { return std::min(kSelectChunk, V - c * kSelectChunk); }
+  float max(int c) const { return t.row_max(at(c), len(c)); }
+  double sum(int c, float mx) const { return t.exp_sum(at(c), len(c), mx); }
+  // The first index holding the largest of the chunks' maxima cm (-1: none), and that max.
+  int first_best(const float* cm, float* mx) const {
+    int cb = 0;
+    for (int c = 1; c < chunks(); ++c)
+      if (cm[c] > cm[cb]) cb = c;
+    *mx = cm[cb];
+    const int i = t.first_eq(at(cb), len(cb), *mx);
+    return i < 0 ? -1 : cb * kSelectChunk + i;
+  }
+  void finish(int best, const double* cs, int32_t* tok, float* conf) const {
+    if (best < 0) return greedy(l, V, tok, conf);
+    double sum = 0;
+    for (int c = 0; c < chunks(); ++c) sum += cs[c];
+    *tok = best;
+    *conf = (float)(1.0 / sum);
+  }
+};
+
+// One thread (also inside the row-per-thread loop: no region of its own).
+static void greedy_row(const SelectKernels& t, const float* l, int V, int32_t* tok, float* conf) {
+  const ChunkedRow row{t, l, V};
+  thread_local std::vector<float> cm;
+  thread_local std::vector<double> cs;
+  cm.resize(row.chunks());
+  cs.resize(row.chunks());
+  for (int c = 0; c < row.chunks(); ++c) cm[c] = row.max(c);
+  float mx;
+  const int best = row.first_best(cm.data(), &mx);
+  if (best >= 0)
+    for (int c = 0; c < row.chunks(); ++c) cs[c] = row.sum(c, mx);
+  row.finish(best, cs.data(), tok, conf);
+}
+
+// The chunks over the team (one row of a large vocab: decoding's lm_head output).
+static void greedy_split(const SelectKernels& t, const float* l, int V, int32_t* tok, float* conf) {
+  const ChunkedRow row{t, l, V};
+  std::vector<float> cm(row.chunks());
+  std::vector<double> cs(row.chunks());
   int best = -1;
   float mx = 0.f;
-#pragma omp parallel num_threads(team) if (team > 1)
+#pragma omp parallel
   {
 #pragma omp for schedule(static)
-    for (int c = 0; c < nc; ++c) cm[c] = t.row_max(l + (int64_t)c * kSelectChunk, len(c));
+    for (int c = 0; c < row.chunks(); ++c) cm[c] = row.max(c);
 #pragma omp single
-    {
-      int cb = 0;
-      for (int c = 1; c < nc; ++c)
-        if (cm[c] > cm[cb]) cb = c;
-      mx = cm[cb];
-      const int i = t.first_eq(l + (int64_t)cb * kSelectChunk, len(cb), mx);
-      best = i < 0 ? -1 : cb * kSelectChunk + i;
-    }
+    best = row.first_best(cm.data(), &mx);
     if (best >= 0) {
 #pragma omp for schedule(static)
-      for (int c = 0; c < nc; ++c) cs[c] = t.exp_sum(l + (int64_t)c * kSelectChunk, len(c), mx);
+      for (int c = 0; c < row.chunks(); ++c) cs[c] = row.sum(c, mx);
     }
   }
-  if (best < 0) return greedy(l, V, tok, conf);
-  double sum = 0;
-  for (int c = 0; c < nc; ++c) sum += cs[c];
-  *tok = best;
-  *conf = (float)(1.0 / sum);
+  row.finish(best, cs.data(), tok, conf);
 }
 
 static void sample(float* l, int V, float T, float top_p, float u, int32_t* tok, float* conf) {
@@ -156,15 +182,15 @@ void select_rows(float* logits, int rows, int V, int64_t ld, const float* temper
   const SelectKernels& t = tables.active();
   // One greedy row of a large vocab (a decoding step): its chunks over the team
   // (~0.14 ms of one thread for 128k logits on Sapphire Rapids); else a row per thread.
-  if (rows == 1 && temperature[0] <= 0.f && V >= 2 * kSelectChunk) {
-    greedy_chunked(t, logits, V, tok, conf, omp_get_max_threads());
+  if (rows == 1 && temperature[0] <= 0.f && V >= 2 * kSelectChunk && omp_get_max_threads() > 1) {
+    greedy_split(t, logits, V, tok, conf);
     return;
   }
 #pragma omp parallel for schedule(dynamic, 1) if (rows > 1)
   for (int r = 0; r < rows; ++r) {
     float* l = logits + r * ld;
     if (temperature[r] <= 0.f)
-      greedy_chunked(t, l, V, tok + r, conf + r, 1);
+      greedy_row(t, l, V, tok + r, conf + r);
     else
       sample(l, V, temperature[r], top_p[r], uniform[r], tok + r, conf + r);
   }
