@@ -290,6 +290,17 @@ class AdaptivePolicy:
         """`mode`'s calibrated cost curve."""
         return self.cost_ar if mode == AR else self.cost_diffusion
 
+    def _ratio(self, mode: str, n: int, seconds: float) -> float | None:
+        """seconds / the calibrated cost of n requests in `mode`, clipped to COST_SCALE_LIMITS;
+        None before calibration or for a timing that says nothing (n or seconds <= 0)."""
+        if not self.calibrated or n <= 0 or not seconds > 0:
+            return None
+        predicted = self._curve(mode)(n)
+        if not predicted > 0:
+            return None
+        lo, hi = COST_SCALE_LIMITS
+        return min(hi, max(lo, seconds / predicted))
+
     def cost(self, mode: str):
         """The cost curve decisions use for `mode`: the calibrated one times its scale."""
         return ScaledCurve(self._curve(mode), self.cost_scale[mode])
@@ -310,13 +321,9 @@ class AdaptivePolicy:
         of its results): that mode's cost scale moves towards seconds / calibrated cost(n).
         A mode never run keeps its scale; where the other is priced too low, the policy picks
         it and so observes it."""
-        if not self.calibrated or n <= 0 or not seconds > 0:
+        ratio = self._ratio(mode, n, seconds)
+        if ratio is None:
             return
-        predicted = self._curve(mode)(n)
-        if not predicted > 0:
-            return
-        lo, hi = COST_SCALE_LIMITS
-        ratio = min(hi, max(lo, seconds / predicted))
         self.cost_scale[mode] += COST_EMA * (ratio - self.cost_scale[mode])
         self.forwards_observed[mode] += 1
         self.priced_at[mode] = self.served_at[mode] = time.monotonic()
@@ -338,11 +345,10 @@ class AdaptivePolicy:
         """One request's forward in `mode` took `seconds` now (time_mode): its scale becomes
         seconds / calibrated cost(1), clipped to COST_SCALE_LIMITS (a deliberate timing
         replaces the estimate rather than nudging it)."""
-        predicted = self._curve(mode)(1)
-        if not (self.calibrated and predicted > 0 and seconds > 0):
+        ratio = self._ratio(mode, 1, seconds)
+        if ratio is None:
             return
-        lo, hi = COST_SCALE_LIMITS
-        self.cost_scale[mode] = min(hi, max(lo, seconds / predicted))
+        self.cost_scale[mode] = ratio
         self.priced_at[mode] = time.monotonic()
         self.repriced[mode] += 1
 
