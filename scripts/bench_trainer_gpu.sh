@@ -56,10 +56,16 @@ timeout 80 python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --steps
 cp "$WORK/thr/train_log.json" "$OUT/thr_log.json"
 fi
 if on D; then
-stamp "D: larger shape (10 layers, FFN 1536), 200 steps"
-timeout 100 python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" --layers 10 --ffn 1536 --steps 200 \
-  --log-every 100 --eval-batches 1 --out "$WORK/big" --state-dir "$WORK/big_state" 2>&1 | grep -v Warning | tail -8
-cp "$WORK/big/train_log.json" "$OUT/big_log.json" 2>/dev/null
+# BENCH_D_SHAPES: extra shape flags per candidate, ';'-separated (the shape choice: tokens/s and
+# early loss of each beside C's shipped shape; the last flag of a repeated option wins)
+IFS=';' read -ra DSHAPES <<< "${BENCH_D_SHAPES:---layers 10 --ffn 1536}"
+for i in "${!DSHAPES[@]}"; do
+  stamp "D$i: larger shape (${DSHAPES[$i]}), ${BENCH_D_STEPS:-200} steps"
+  timeout ${BENCH_TIMEOUT_D:-100} python3 scripts/train_dlm_gpu.py "${COMMON[@]}" "${SHAPE[@]}" ${DSHAPES[$i]} \
+    --steps ${BENCH_D_STEPS:-200} --log-every 100 --eval-batches 1 --out "$WORK/big$i" --state-dir "$WORK/big${i}_state" \
+    2>&1 | grep -v Warning | tail -8
+  cp "$WORK/big$i/train_log.json" "$OUT/big${i}_log.json" 2>/dev/null
+done
 fi
 if on F; then
 stamp "F: the floor (matrix products + attention alone), batch 64 and 128"
@@ -91,8 +97,9 @@ out = Path(sys.argv[1])
 def load(n):
     p = out / n
     return json.loads(p.read_text()) if p.exists() else None
-old, new, thr, big = (load(n) for n in ("old_log.json", "new_log.json", "thr_log.json", "big_log.json"))
-for name, lg in (("old", old), ("new", new), ("new 400 steps", thr), ("new 10L/1536", big)):
+old, new, thr = (load(n) for n in ("old_log.json", "new_log.json", "thr_log.json"))
+bigs = [(p.stem, json.loads(p.read_text())) for p in sorted(out.glob("big*_log.json"))]
+for name, lg in [("old", old), ("new", new), ("new 400 steps", thr)] + bigs:
     if lg:
         fe = lg.get("final_eval") or {}
         print(f"{name:14s} tokens/s {lg.get('tokens_per_s', 0):>12,.0f}  final held-out loss "
