@@ -4,13 +4,14 @@ One command, JSON + PNG. On the 2B-shaped synthetic model (bench/make_synthetic_
 random ternary weights, int8 lm_head) it measures, at every thread count of --threads:
 
   offline   the real `LLM.generate` path, one request: generated tokens/s with LLaDA's
-            fixed-rate rule (`steps`: block 32 / steps = the tokens per forward of a
-            decoding step) at each of --tpf, with the prefix cache and the sub-block cache,
+            fixed-rate rule (`steps`: a block of 32 in `steps` deciding forwards and one
+            commit, 32 / (steps + 1) tokens per forward) at each of --tpf, with the prefix cache and the sub-block cache,
             beside autoregressive decoding (`block_length` 1); per run the forwards, the
             achieved tokens per forward (commit and prefill forwards included), and the
             time per forward spent outside `_core.forward` (the Python side: scheduler,
             numpy, detokenizer); the end-to-end break-even tokens per forward (diffusion
-            beats AR above it: seconds per diffusion forward / seconds per AR token);
+            beats AR above it: where its tokens/s over the measured tokens per forward
+            reaches AR's, interpolated);
   server    `bitdlm serve` under --concurrency parallel streaming requests (bench/serve.py),
             AR against the fixed-rate rule at each of --server-tpf, generated tokens/s, and
             `--decode-policy adaptive` with that rule as its default (`--steps`): the policy
@@ -55,8 +56,11 @@ def med(xs):
 
 
 def steps_for(tpf: float, block: int = BLOCK, sub: int = SUB) -> int:
-    """Steps per block for `tpf` tokens per decoding step (at least one per sub-block)."""
-    return max(-(-block // sub), min(block, round(block / tpf)))
+    """Steps per block for `tpf` tokens per forward (at least one per sub-block): a block takes its
+    `steps` deciding forwards plus the forward that commits it (with shift that one carries the next
+    block's first token), so block / (steps + 1) tokens per forward: steps 15 gives 2.0, where
+    steps 16 gave 1.88."""
+    return max(-(-block // sub), min(block, round(block / tpf) - 1))
 
 
 def child_env(threads: int | None = None, **extra) -> dict:
@@ -155,8 +159,27 @@ def offline(model: str, threads: list[int], tpfs: list[float], max_tokens: int, 
     return rows
 
 
+def crossing(points: list[tuple[float, float]], level: float) -> tuple[float, str]:
+    """The tokens per forward where diffusion's tokens/s (`points`: (tpf, tokens/s)) reaches `level`
+    (AR's), linear between the measured points; outside them, the line of the nearest two (or the
+    one point's tokens/s per forward held constant): (tpf, "interpolated" | "extrapolated")."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if y0 < level <= y1:
+            return x0 + (x1 - x0) * (level - y0) / (y1 - y0), "interpolated"
+    if len(pts) >= 2:
+        (x0, y0), (x1, y1) = pts[:2] if pts[0][1] >= level else pts[-2:]
+        if y1 != y0:
+            return x0 + (x1 - x0) * (level - y0) / (y1 - y0), "extrapolated"
+    x, y = pts[0]
+    return x * level / y, "extrapolated"
+
+
 def break_even(rows: list[dict]) -> list[dict]:
-    """Per thread count and cache: seconds per diffusion forward / seconds per AR token."""
+    """Per thread count and cache: the tokens per forward from which diffusion's end-to-end tokens/s
+    reaches AR's (`crossing` over the measured points), and beside it the old cost ratio (median
+    seconds per diffusion forward / seconds per AR token; it mixes the forward kinds of every
+    point: a block's full passes and commit weigh more at high tokens per forward)."""
     out = []
     for t in sorted({r["threads"] for r in rows}):
         ar = [r for r in rows if r["threads"] == t and r["mode"] == "ar"]
@@ -168,9 +191,10 @@ def break_even(rows: list[dict]) -> list[dict]:
             if d:
                 s_fwd = med([r["seconds"] / r["forwards"] for r in d])
                 best = max(d, key=lambda r: r["tok_s"])
+                tpf, how = crossing([(r["tpf"], r["tok_s"]) for r in d], ar[0]["tok_s"])
                 out.append(dict(threads=t, cache=cache, ar_tok_s=ar[0]["tok_s"], ms_per_diffusion_forward=1e3 * s_fwd,
-                                ms_per_ar_token=1e3 * s_tok, break_even_tpf=s_fwd / s_tok,
-                                best_tok_s=best["tok_s"], best_tpf=best["tpf"]))
+                                ms_per_ar_token=1e3 * s_tok, break_even_tpf=tpf, break_even_how=how,
+                                cost_ratio=s_fwd / s_tok, best_tok_s=best["tok_s"], best_tpf=best["tpf"]))
     return out
 
 
@@ -386,12 +410,13 @@ def markdown(doc: dict) -> str:
            "| threads | decoding | cache | tokens/forward | tokens/s | ms/forward | ms outside the core |",
            "|---:|---|---|---:|---:|---:|---:|"]
     for r in doc["offline"]:
-        name = "AR (block 1)" if r["mode"] == "ar" else f"steps {r['steps']} ({r['tpf_target']}/step)"
+        name = "AR (block 1)" if r["mode"] == "ar" else f"steps {r['steps']} ({r['tpf_target']}/forward)"
         out.append(f"| {r['threads']} | {name} | {r['cache'] if r['mode'] != 'ar' else '-'} | {r['tpf']:.2f} | "
                    f"{r['tok_s']:.1f} | {r['ms_per_forward']:.2f} | {r['outside_ms_per_forward']:.3f} |")
-    out += ["", "| threads | cache | break-even tokens/forward | ms per diffusion forward | ms per AR token |",
-            "|---:|---|---:|---:|---:|"]
-    out += [f"| {r['threads']} | {r['cache']} | {r['break_even_tpf']:.2f} | {r['ms_per_diffusion_forward']:.2f} | "
+    out += ["", "| threads | cache | break-even tokens/forward | how | ms per diffusion forward / per AR token |",
+            "|---:|---|---:|---|---:|"]
+    out += [f"| {r['threads']} | {r['cache']} | {r['break_even_tpf']:.2f} | {r['break_even_how']} | "
+            f"{r['ms_per_diffusion_forward']:.2f} / "
             f"{r['ms_per_ar_token']:.2f} |" for r in doc["break_even"]]
     conc = sorted({r["concurrency"] for r in doc["server"]} | {r["parallel"] for r in doc["llama"]})
     if conc:
@@ -421,12 +446,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="bitdlm .bin (default: make the synthetic one in --workdir)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bitdlm-e2e"))
     ap.add_argument("--threads", default=None, help="thread counts (default 8,16; --tiny: 1)")
-    ap.add_argument("--tpf", default="1,2,3,4,8", help="tokens per decoding step of the fixed-rate rule")
+    ap.add_argument("--tpf", default="1,2,3,4,8", help="tokens per forward of the fixed-rate rule (steps_for: its commit counted)")
     ap.add_argument("--max-tokens", type=int, default=None, help="generated per request (default 64; --tiny 16)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2, help="offline repetitions (the fastest is kept)")
     ap.add_argument("--concurrency", default=None, help="server concurrency (default 1,4,16,64; --tiny 1,2)")
-    ap.add_argument("--server-tpf", default="2,4", help="fixed-rate tokens per step timed through the server")
+    ap.add_argument("--server-tpf", default="2,4", help="fixed-rate tokens per forward timed through the server")
     ap.add_argument("--server-max-tokens", type=int, default=None, help="per server request (default 32; --tiny 8)")
     ap.add_argument("--server-time-limit", type=float, default=90.0, help="seconds per server load at most")
     ap.add_argument("--llama-archive", default="", help="trimmed llama.cpp source (bench/llama_trim.py); '' skips")
@@ -497,7 +522,8 @@ def main(argv=None) -> int:
         print("\nbreak-even tokens per forward, end to end (diffusion beats AR above it):")
         for r in doc["break_even"]:
             print(f"  {r['threads']:>3} threads, {r['cache']:>6} cache: {r['break_even_tpf']:5.2f} "
-                  f"({r['ms_per_diffusion_forward']:.2f} ms per forward / {r['ms_per_ar_token']:.2f} ms per AR token)")
+                  f"({r['break_even_how']}; cost ratio {r['cost_ratio']:.2f}: {r['ms_per_diffusion_forward']:.2f} ms "
+                  f"per forward / {r['ms_per_ar_token']:.2f} ms per AR token)")
     if a.json:  # the same tables as Markdown, beside the JSON
         with open(os.path.splitext(a.json)[0] + ".md", "w") as f:
             f.write(markdown(doc))

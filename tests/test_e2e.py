@@ -54,27 +54,27 @@ def test_e2e_tiny(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     doc = json.loads(out.read_text())
     off = {(r["mode"], r["cache"]): r for r in doc["offline"]}
-    assert set(off) == {("ar", "prefix"), ("steps32", "prefix"), ("steps8", "prefix"),
-                        ("steps32", "dual"), ("steps8", "dual")}
+    assert set(off) == {("ar", "prefix"), ("steps31", "prefix"), ("steps7", "prefix"),
+                        ("steps31", "dual"), ("steps7", "dual")}
     # the fixed-rate rule sets the tokens per forward: 16 tokens after a 32-token prompt are one
-    # block of 32 (its first 16 kept), 4 per step at steps 8, 1 at steps 32; AR: one per forward
+    # block of 32 (its first 16 kept), ~4 per step at steps 7, ~1 at steps 31; AR: one per forward
     assert 0.9 <= off[("ar", "prefix")]["tpf"] <= 1.0  # one forward per token (the prefill gives the first)
-    assert off[("steps8", "prefix")]["forwards"] < off[("steps32", "prefix")]["forwards"]
+    assert off[("steps7", "prefix")]["forwards"] < off[("steps31", "prefix")]["forwards"]
     for r in doc["offline"]:
         assert r["tokens"] == 16 and r["tok_s"] > 0 and 0 <= r["outside_ms_per_forward"] < r["ms_per_forward"]
     assert {r["cache"] for r in doc["break_even"]} == {"prefix", "dual"}
-    assert all(r["break_even_tpf"] > 0 for r in doc["break_even"])
+    assert all(r["break_even_tpf"] > 0 and r["cost_ratio"] > 0 for r in doc["break_even"])
     srv = {r["mode"]: r for r in doc["server"]}
-    assert set(srv) == {"ar", "steps8", "adaptive-steps8"}, doc["notes"]
+    assert set(srv) == {"ar", "steps7", "adaptive-steps7"}, doc["notes"]
     # concurrency 2 sends 4 requests (at least 4 per cell: one request is a latency, not a rate)
     assert all(r["errors"] == 0 and r["requests"] == 4 and r["tok_s"] > 0 for r in srv.values()), srv
     # every response says its mode: the fixed series the one asked for, the adaptive one its choice
-    assert srv["ar"]["decode_modes"] == {"ar": 4} and srv["steps8"]["decode_modes"] == {"diffusion": 4}
-    assert sum(srv["adaptive-steps8"]["decode_modes"].values()) == 4
+    assert srv["ar"]["decode_modes"] == {"ar": 4} and srv["steps7"]["decode_modes"] == {"diffusion": 4}
+    assert sum(srv["adaptive-steps7"]["decode_modes"].values()) == 4
     assert [r["spin"] for r in doc["spin"]] == ["bounded (bitdlm default)", "libgomp default"]
     assert png.read_bytes()[:8] == PNG_MAGIC
     md = (tmp_path / "e2e.md").read_text()
-    assert "| 1 | AR (block 1) |" in md and "bitdlm serve steps8" in md and "bitdlm serve adaptive-steps8" in md
+    assert "| 1 | AR (block 1) |" in md and "bitdlm serve steps7" in md and "bitdlm serve adaptive-steps7" in md
 
 
 def test_llama_batched_bench_output_is_read_in_both_formats():
@@ -88,7 +88,20 @@ def test_llama_batched_bench_output_is_read_in_both_formats():
     for text in (md, jl):
         (row,) = e2e.batched_rows(text)
         assert (int(row["pl"]), row["speed_tg"], row["speed"]) == (4, 41.57, 80.32)
-    assert e2e.steps_for(3) == 11 and e2e.steps_for(8) == 4 and e2e.steps_for(64) == 4  # >= one per sub-block
+    # a block's deciding forwards and its commit: 32 / (steps + 1) tokens per forward, >= one step per sub-block
+    assert e2e.steps_for(2) == 15 and e2e.steps_for(3) == 10 and e2e.steps_for(8) == 4 and e2e.steps_for(64) == 4
+
+
+def test_break_even_is_where_diffusion_reaches_ar():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import e2e
+
+    # session 10's 16-thread dual-cache points: AR 93.4 tok/s; 91.0 at 1.88, 146.6 at 3.56 tokens per forward
+    tpf, how = e2e.crossing([(3.56, 146.6), (1.88, 91.0)], 93.4)
+    assert how == "interpolated" and tpf == pytest.approx(1.88 + 1.68 * 2.4 / 55.6)
+    assert e2e.crossing([(2.0, 100.0), (4.0, 150.0)], 93.4) == (pytest.approx(2.0 - 2 * 6.6 / 50), "extrapolated")
+    assert e2e.crossing([(2.0, 50.0), (4.0, 80.0)], 93.4) == (pytest.approx(2.0 + 2 * 43.4 / 30), "extrapolated")
+    assert e2e.crossing([(2.0, 50.0)], 100.0) == (4.0, "extrapolated")
 
 
 def test_llama_rows_from_both_tools(tmp_path):
