@@ -87,7 +87,7 @@ def test_fp32_codes_scales_and_metadata(fp32_model):
     assert meta["rope_theta"] == TINY_CONFIG["rope_theta"]
     assert meta["rms_norm_eps"] == TINY_CONFIG["rms_norm_eps"]
     assert meta["tie_word_embeddings"] is True and meta["hidden_act"] == "relu2"
-    assert meta["quant"] == {"weights": "i2_b128", "lm_head": "f16"}
+    assert meta["quant"] == {"weights": "i2_b128", "lm_head": "f16", "embedding": "f16"}
     assert meta["mask_token_id"] == MASK_ID
     assert meta["eos_token_ids"] == [EOS_ID, IM_END_ID]
     assert meta["pad_token_id"] == EOS_ID and meta["bos_token_id"] is None
