@@ -480,3 +480,37 @@ def test_close_with_live_views(good):
     assert a.shape == (64,)
     with pytest.raises(KeyError):
         ModelFile.open(good[0]).array("nope")
+
+
+def test_restore_vocab_script(good, tmp_path):
+    """scripts/restore_vocab.py: the tables re-stored from the rows a .bin holds, everything else copied."""
+    import importlib.util
+    from pathlib import Path
+
+    from bitdlm.convert.tensors import quantize_lm_head_i8
+
+    spec = importlib.util.spec_from_file_location(
+        "restore_vocab", Path(__file__).resolve().parent.parent / "scripts" / "restore_vocab.py")
+    rv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rv)
+    i8 = tmp_path / "i8.bin"
+    assert rv.main([str(good[0]), str(i8), "--embedding", "i8", "--lm-head", "i8"]) == 0
+    with ModelFile.open(good[0]) as a, ModelFile.open(i8, verify=True) as b:
+        assert b.meta["quant"] == {"weights": "i2_b128", "lm_head": "i8", "embedding": "i8"}
+        assert {k: v for k, v in a.meta.items() if k != "quant"} == {k: v for k, v in b.meta.items() if k != "quant"}
+        q, s = quantize_lm_head_i8(a.array(EMB).astype(np.float32))
+        np.testing.assert_array_equal(b.array(HEAD), q)
+        np.testing.assert_array_equal(b.array(HEAD_S), s)
+        assert set(b.tensors) == set(a.tensors) - {EMB} | {HEAD, HEAD_S}
+        for name, t in a.tensors.items():
+            if name != EMB:
+                np.testing.assert_array_equal(a.array(name), b.array(name))
+                assert b.tensors[name].scale == t.scale
+    back = tmp_path / "back.bin"  # an int8 table already there is copied, not quantized again
+    assert rv.main([str(i8), str(back), "--embedding", "f16", "--lm-head", "i8"]) == 0
+    with ModelFile.open(i8) as b, ModelFile.open(back, verify=True) as c:
+        np.testing.assert_array_equal(c.array(HEAD), b.array(HEAD))
+        rows = b.array(HEAD).astype(np.float32) * b.array(HEAD_S)[:, None]
+        np.testing.assert_array_equal(c.array(EMB), rows.astype(np.float16))
+    assert rv.main([str(good[0]), str(tmp_path / "x.bin"), "--embedding", "i8", "--lm-head", "f16"]) == 2
+    assert not (tmp_path / "x.bin").exists()

@@ -144,8 +144,8 @@ def build(cfg: dict, files_dir: Path, open_tensors, out_path: Path, *, origin: d
 def _unused(ckpt, specs: dict, hp: dict) -> list:
     """The summary's `dropped` lines for checkpoint tensors the model does not read."""
     dropped = []
-    used = set(specs) | {scale_name(n) for n in specs} | {"model.embed_tokens.weight"}  # (a tied i8
-    # embedding is written as the lm_head's table: not in specs, still used)
+    # the embedding is always read: a tied i8 one is written as the lm_head's table (not in specs)
+    used = set(specs) | {scale_name(n) for n in specs} | {"model.embed_tokens.weight"}
     if hp["tie_word_embeddings"] and "lm_head.weight" in ckpt:
         dropped.append("lm_head.weight (tie_word_embeddings is true: the embedding is the lm_head)")
         used.add("lm_head.weight")

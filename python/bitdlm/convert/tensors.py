@@ -172,8 +172,9 @@ def write_tensors(w, ckpt: Checkpoint, specs: dict, hp: dict, linear_class, prog
         elif name.endswith(".scale"):
             pass  # written with its int8 table
         elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            src = name if name == "model.embed_tokens.weight" or not hp["tie_word_embeddings"] \
-                else "model.embed_tokens.weight"
+            # a tied lm_head (and a tied i8 embedding, which is the lm_head's table) reads the embedding
+            tied_head = name == "lm_head.weight" and hp["tie_word_embeddings"]
+            src = "model.embed_tokens.weight" if tied_head else name
             meter = precision[name] = ErrorMeter(ckpt.info(src)[0], dtype)
             if dtype == "i8":
                 _write_i8(w, name, row_blocks(ckpt, src, (v, h)), meter)
