@@ -2,10 +2,12 @@
 
 For benchmarks only: the weights are random (uniform ternary codes, a per-tensor
 scale that keeps activations at unit variance), so the text is garbage but every
-kernel does exactly the work of the real model. Seeded and vectorised: the full
+kernel does exactly the work of the real model. `--embedding i8` (with `--lm-head
+i8`: the model is tied) drops the f16 embedding: its rows come from the int8
+lm_head table (docs/format.md). Seeded and vectorised: the full
 2B shape takes a few seconds plus the disk write. Never commit the output.
 
-    python bench/make_synthetic_model.py OUT.bin [--lm-head f16|i8] [--layers N] [--seed S]
+    python bench/make_synthetic_model.py OUT.bin [--lm-head f16|i8] [--embedding f16|i8] [--layers N] [--seed S]
         [--hidden H --ffn F --heads A --kv-heads K --vocab V]   (defaults: the 2B-4T shape)
 """
 from __future__ import annotations
@@ -76,7 +78,7 @@ def _tiny_tokenizer_json(vocab: int) -> str:
     return tok.to_str()
 
 
-def make_meta(hidden, layers, heads, kv_heads, ffn, vocab, lm_head, seed, max_pos=4096) -> dict:
+def make_meta(hidden, layers, heads, kv_heads, ffn, vocab, lm_head, seed, max_pos=4096, embedding="f16") -> dict:
     if hidden % heads or heads % kv_heads:
         raise ValueError("hidden must divide by heads and heads by kv_heads")
     if vocab < 16:
@@ -95,7 +97,7 @@ def make_meta(hidden, layers, heads, kv_heads, ffn, vocab, lm_head, seed, max_po
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
         "hidden_act": "relu2",
-        "quant": {"weights": "i2_b128", "lm_head": lm_head},
+        "quant": {"weights": "i2_b128", "lm_head": lm_head, "embedding": embedding},
         "bos_token_id": vocab - 4,
         "eos_token_ids": [vocab - 3],
         "mask_token_id": vocab - 2,
@@ -112,7 +114,7 @@ def iter_tensors(meta: dict, seed: int):
     the embedding and one tensor are in memory at a time). Ternary tensors are
     packed i2_b128 uint8 with their s_w; others have scale None. The random stream
     does not depend on the lm_head type, so the f16 and i8 variants of a seed hold
-    the same weights."""
+    the same weights (and an i8 embedding reads the rows of that int8 lm_head)."""
     rng = np.random.default_rng(seed)
     H, F, V = meta["hidden_size"], meta["intermediate_size"], meta["vocab_size"]
     hd, nh, nkv = meta["head_dim"], meta["num_attention_heads"], meta["num_key_value_heads"]
@@ -126,7 +128,8 @@ def iter_tensors(meta: dict, seed: int):
         return random_ternary_packed(rng, m, k), float(np.sqrt(2.0 * k / 3.0))
 
     emb, emb_q, emb_scale = random_embedding(rng, V, H)
-    yield "model.embed_tokens.weight", emb, None
+    if meta["quant"].get("embedding", "f16") == "f16":
+        yield "model.embed_tokens.weight", emb, None
     if meta["quant"]["lm_head"] == "i8":
         # tied model with an int8 copy of the embedding as the output layer
         yield "lm_head.weight", emb_q, None
@@ -161,6 +164,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output .bin path (never commit it)")
     ap.add_argument("--lm-head", choices=["f16", "i8"], default="f16")
+    ap.add_argument("--embedding", choices=["f16", "i8"], default="f16",
+                    help="i8: no f16 embedding, its rows are the int8 lm_head's (needs --lm-head i8: tied)")
     ap.add_argument("--shape", choices=["2b", "tiny"], default="2b",
                     help="base shape: the 2B-4T one or a tiny one for tests; the flags below override it")
     ap.add_argument("--layers", type=int, default=None)
@@ -177,8 +182,10 @@ def main(argv=None) -> int:
             shape[k] = getattr(a, k)
     if min(shape.values()) < 1:
         ap.error("shape values must be >= 1")
+    if a.embedding == "i8" and a.lm_head != "i8":
+        ap.error("--embedding i8 needs --lm-head i8 (the model is tied: one int8 table serves both)")
     t0 = time.perf_counter()
-    meta = make_meta(**shape, lm_head=a.lm_head, seed=a.seed)
+    meta = make_meta(**shape, lm_head=a.lm_head, seed=a.seed, embedding=a.embedding)
     write_model(a.out, meta, a.seed)
     size = os.path.getsize(a.out)
     print(json.dumps({"out": a.out, "bytes": size, "seconds": round(time.perf_counter() - t0, 2)}))

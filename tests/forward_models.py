@@ -53,8 +53,40 @@ def make_hf(shape, seed=0, rope_theta=10000.0):
     return model.eval()
 
 
-def to_core(model, kv_budget=1 << 30, lm_head="f16", kv_dtype="f32"):
-    """Build a _core.Model straight from the HF weights (independent of the .bin writer)."""
+def i8_rows(a):
+    """Per-row absmax int8 of a [V, H] table: (q, scale) with a ~= q * scale[row] (a zero row: scale 1)."""
+    amax = np.abs(a).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)  # (the padding row is zero)
+    return np.clip(np.rint(a / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
+def pow2_embedding(model, seed=0):
+    """Set the embedding rows to q * 2^-e with int8 codes q (each row reaching |q| = 127) and a
+    power-of-two scale that differs between rows (e in 5..9): exact in fp16, and per-row int8
+    quantization (i8_rows, convert's quantize_lm_head_i8) gives back exactly (q, 2^-e)."""
+    import torch
+
+    w = model.model.embed_tokens.weight
+    V, H = w.shape
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-126, 127, size=(V, H))
+    q[np.arange(V), rng.integers(0, H, V)] = rng.choice([-127, 127], V)
+    e = rng.integers(5, 10, V)
+    with torch.no_grad():
+        w.copy_(torch.from_numpy((q * np.exp2(-e.astype(np.float64))[:, None]).astype(np.float32)))
+    return q.astype(np.int8), np.exp2(-e).astype(np.float32)
+
+
+def to_core(model, kv_budget=1 << 30, lm_head="f16", kv_dtype="f32", embedding="f16"):
+    """Build a _core.Model straight from the HF weights (independent of the .bin writer).
+    embedding "i8": per-row int8 rows (i8_rows); tied, they are the int8 lm_head's table
+    (lm_head must be "i8"), untied, model.embed_tokens.weight i8 + .scale."""
+    buf, meta, tensors = core_parts(model, lm_head, embedding)
+    return _core.Model(buf, meta, tensors, kv_budget, kv_dtype)
+
+
+def core_parts(model, lm_head="f16", embedding="f16"):
+    """(buffer, meta, tensor table) that to_core hands to _core.Model."""
     cfg = model.config
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     buf = bytearray()
@@ -71,13 +103,16 @@ def to_core(model, kv_budget=1 << 30, lm_head="f16", kv_dtype="f32"):
         elif any(name.endswith(t + ".weight") for t in TERNARY):
             codes, s = weight_quant(w)
             add(name, pack_i2(codes), "i2_b128", w.shape, float(s))
-    add("model.embed_tokens.weight", sd["model.embed_tokens.weight"].astype(np.float16), "f16",
-        sd["model.embed_tokens.weight"].shape)
-    head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    emb = sd["model.embed_tokens.weight"]
+    if embedding == "f16":
+        add("model.embed_tokens.weight", emb.astype(np.float16), "f16", emb.shape)
+    elif not cfg.tie_word_embeddings:
+        q, scale = i8_rows(emb)
+        add("model.embed_tokens.weight", q, "i8", emb.shape)
+        add("model.embed_tokens.scale", scale, "f32", scale.shape)
+    head = sd.get("lm_head.weight", emb)
     if lm_head == "i8":
-        amax = np.abs(head).max(axis=1)
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)  # (the padding row is zero)
-        q = np.clip(np.rint(head / scale[:, None]), -127, 127).astype(np.int8)
+        q, scale = i8_rows(head)
         add("lm_head.weight", q, "i8", head.shape)
         add("lm_head.scale", scale, "f32", scale.shape)
     elif not cfg.tie_word_embeddings:
@@ -89,8 +124,8 @@ def to_core(model, kv_budget=1 << 30, lm_head="f16", kv_dtype="f32"):
                 max_position_embeddings=cfg.max_position_embeddings,
                 rope_theta=float(cfg.rope_parameters["rope_theta"]), rms_norm_eps=cfg.rms_norm_eps,
                 tie_word_embeddings=bool(cfg.tie_word_embeddings), hidden_act="relu2",
-                quant={"weights": "i2_b128", "lm_head": lm_head})
-    return _core.Model(bytes(buf), meta, tensors, kv_budget, kv_dtype)
+                quant={"weights": "i2_b128", "lm_head": lm_head, "embedding": embedding})
+    return bytes(buf), meta, tensors
 
 
 def core_logits(core, tokens, B=1, cap=None, start=0, ctx_len=0, write=True, seq=None, out=None):

@@ -236,11 +236,16 @@ def hf_weights(hf):
 
 def bin_weights(model):
     """Ref64 weights as a loaded bitdlm .bin stores them."""
+    from bitdlm.format import embedding_table
     from bitdlm.packing import unpack_i2
 
     f, m = model.file, model.meta
     arr = lambda n: np.asarray(f.array(n), np.float64)  # noqa: E731
-    w = {"embed": np.asarray(f.array("model.embed_tokens.weight"), np.float64), "norm": arr("model.norm.weight")}
+    weight, scale = embedding_table(m)
+    emb = np.asarray(f.array(weight), np.float32)
+    if scale is not None:  # int8 rows: float(q) * scale in fp32, as the forward computes them
+        emb = emb * np.asarray(f.array(scale), np.float32)[:, None]
+    w = {"embed": emb.astype(np.float64), "norm": arr("model.norm.weight")}
     if m["quant"]["lm_head"] == "i8":
         w["head"] = np.asarray(f.array("lm_head.weight"), np.float64) * arr("lm_head.scale")[:, None]
     else:

@@ -88,6 +88,21 @@ def test_f16_and_i8_variants_hold_the_same_weights(tiny):
         assert np.all(np.abs(q * s[:, None] - emb) <= s[:, None] * 0.5 + 1e-7)
 
 
+def test_int8_embedding_variant(tiny, tmp_path):
+    """--embedding i8: the i8 variant's file less its f16 embedding, the rows read from the int8
+    lm_head; needs --lm-head i8 (tied)."""
+    p = str(tmp_path / "e.bin")
+    assert msm.main([p, "--lm-head", "i8", "--embedding", "i8", "--seed", "3"] + TINY) == 0
+    with ModelFile.open(tiny["i8"]) as a, ModelFile.open(p, verify=True) as b:
+        assert b.meta["quant"]["embedding"] == "i8" and "model.embed_tokens.weight" not in b.tensors
+        assert set(a.tensors) - set(b.tensors) == {"model.embed_tokens.weight"}
+        for name, t in b.tensors.items():
+            assert np.array_equal(a.array(name), b.array(name)), name
+        assert a.file_size - b.file_size == pytest.approx(1000 * 256 * 2, abs=256)  # (header, alignment)
+    with pytest.raises(SystemExit):
+        msm.main([str(tmp_path / "x.bin"), "--embedding", "i8"] + TINY)
+
+
 def test_seed_changes_weights(tmp_path):
     p1, p2 = str(tmp_path / "a.bin"), str(tmp_path / "b.bin")
     msm.main([p1, "--seed", "1", "--layers", "1"] + TINY)

@@ -19,7 +19,7 @@ from hf_models import (CHAT_TEMPLATE, EOS_ID, IM_END_ID, MASK_ID, TINY_CONFIG, c
 from bitdlm import packing
 from bitdlm.convert import (ConversionError, convert, convert_report, format_summary, quantize_lm_head_i8,
                             run_cli, unpack_hf_packed)
-from bitdlm.format import ModelFile
+from bitdlm.format import ModelFile, embedding_table
 
 pytestmark = pytest.mark.torch
 
@@ -87,7 +87,7 @@ def test_fp32_codes_scales_and_metadata(fp32_model):
     assert meta["rope_theta"] == TINY_CONFIG["rope_theta"]
     assert meta["rms_norm_eps"] == TINY_CONFIG["rms_norm_eps"]
     assert meta["tie_word_embeddings"] is True and meta["hidden_act"] == "relu2"
-    assert meta["quant"] == {"weights": "i2_b128", "lm_head": "f16"}
+    assert meta["quant"] == {"weights": "i2_b128", "lm_head": "f16", "embedding": "f16"}
     assert meta["mask_token_id"] == MASK_ID
     assert meta["eos_token_ids"] == [EOS_ID, IM_END_ID]
     assert meta["pad_token_id"] == EOS_ID and meta["bos_token_id"] is None
@@ -211,6 +211,63 @@ def test_lm_head_int8_and_untied_f16(tmp_path, tied, monkeypatch):
         with ModelFile.open(out) as mf:
             np.testing.assert_array_equal(mf.array("lm_head.weight"), w.astype(np.float16))
             assert "lm_head.scale" not in mf.tensors
+
+
+@pytest.mark.parametrize("tied,lm_head", [(True, "i8"), (False, "f16"), (False, "i8")])
+def test_embedding_int8(tmp_path, tied, lm_head, monkeypatch):
+    """--embedding i8: per-row absmax int8 rows (tied: the int8 lm_head's table, no f16 embedding in
+    the file), the precision line measures the dequantized rows, the file shrinks by the f16 table."""
+    from bitdlm.convert import tensors
+
+    monkeypatch.setattr(tensors.row_blocks, "__defaults__", (96,))  # several row blocks (320 rows)
+    hf = make_hf_model(tmp_path / "hf", seed=5, tie_word_embeddings=tied)
+    sd = _hf_state(hf)
+    emb = sd["model.embed_tokens.weight"].float().numpy()
+    r = convert_report(hf, tmp_path / "e.bin", lm_head=lm_head, embedding="i8", progress=False)
+    q2, s2 = quantize_lm_head_i8(emb)
+    with ModelFile.open(r["output"], verify=True) as mf:
+        assert mf.meta["quant"] == {"weights": "i2_b128", "lm_head": lm_head, "embedding": "i8"}
+        weight, scale = embedding_table(mf.meta)
+        np.testing.assert_array_equal(mf.array(weight), q2)
+        np.testing.assert_array_equal(mf.array(scale), s2)
+        assert ("model.embed_tokens.weight" in mf.tensors) != tied
+        if not tied:
+            head = sd["lm_head.weight"].float().numpy()
+            want = quantize_lm_head_i8(head)[0] if lm_head == "i8" else head.astype(np.float16)
+            np.testing.assert_array_equal(mf.array("lm_head.weight"), want)
+    p = r["precision"]["model.embed_tokens.weight"]
+    err = float(np.abs(q2.astype(np.float32) * s2[:, None] - emb).max())
+    assert p["stored"] == "i8" and p["source_dtype"] == "F32" and p["max_abs_error"] == err > 0
+    assert list(r["precision"])[0] == "model.embed_tokens.weight"
+    assert (r["precision"].get("lm_head.weight") == p) == tied  # tied: one table, one measure
+    text = format_summary(r)
+    assert f"embedding F32 -> i8: max |delta| {err:.3g}" in text
+    assert ("one table of the tied int8 lm_head" in text) == tied
+    assert not any("embed_tokens" in d for d in r["dropped"])  # the rows' source is used
+    r16 = convert_report(hf, tmp_path / "f.bin", lm_head=lm_head, progress=False)
+    V, H = emb.shape
+    saved = V * H * 2 - (0 if tied else V * H + V * 4)
+    assert abs(r16["bytes"] - r["bytes"] - saved) <= 3 * 64  # (alignment and header padding)
+
+
+def test_embedding_int8_refusals(tmp_path):
+    hf = make_hf_model(tmp_path / "hf", seed=5)  # tied
+    out = tmp_path / "x.bin"
+    with pytest.raises(ConversionError, match="--embedding i8 of a tied model .* add --lm-head i8"):
+        convert(hf, out, embedding="i8", progress=False)
+    with pytest.raises(ConversionError, match="--embedding must be f16 or i8"):
+        convert(hf, out, embedding="i4", lm_head="i8", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no temporary file
+    env = child_env()
+    cmd = [sys.executable, "-m", "bitdlm.cli", "convert", str(hf), str(out), "--quiet", "--embedding", "i8"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--lm-head i8" in r.stderr, r.stderr
+    r = subprocess.run(cmd + ["--lm-head", "i8"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "embedding F32 -> i8: max |delta|" in r.stdout and "tied int8 lm_head" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "bitdlm.cli", "info", str(out), "--summary"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 0 and "embedding: i8, rows of lm_head.weight x lm_head.scale" in r.stdout
 
 
 def test_dlm_config_keys_and_cli_overrides(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 
 from bitdlm import packing
 from bitdlm.format import (ALIGN, PREAMBLE_SIZE, VERSION, ModelFile, ModelFormatError,
-                           ModelWriter, describe, expected_tensors, register_cli, storage_shape)
+                           ModelWriter, describe, embedding_table, expected_tensors, register_cli,
+                           required_bytes, storage_shape, validate_meta)
 from format_models import word_tokenizer, random_tensors, small_meta, write_model
 
 
@@ -62,6 +63,143 @@ def test_lm_head_variants(tmp_path, lm_head, tied):
         assert mf.tensors["lm_head.weight"].dtype == lm_head
         assert mf.tensors["lm_head.weight"].shape == (100, 64)
         assert ("lm_head.scale" in mf.tensors) == (lm_head == "i8")
+
+
+def _i8_meta(tied=True, lm_head="i8", **over):
+    return small_meta(quant={"weights": "i2_b128", "lm_head": lm_head, "embedding": "i8"},
+                      tie_word_embeddings=tied, **over)
+
+
+EMB, EMB_S, HEAD, HEAD_S = "model.embed_tokens.weight", "model.embed_tokens.scale", "lm_head.weight", "lm_head.scale"
+
+
+@pytest.mark.parametrize("tied,lm_head", [(True, "i8"), (False, "f16"), (False, "i8")])
+def test_int8_embedding_round_trip(tmp_path, tied, lm_head, capsys):
+    """quant.embedding "i8": tied + i8 lm_head is ONE int8 table (no model.embed_tokens.*);
+    untied has its own int8 table + per-row scales; the bytes the reader requires are exact."""
+    meta = _i8_meta(tied, lm_head)
+    p = tmp_path / "m.bin"
+    tensors = write_model(p, meta)
+    with ModelFile.open(p, verify=True) as mf:
+        assert mf.meta["quant"]["embedding"] == "i8"
+        for name, (arr, _, _) in tensors.items():
+            np.testing.assert_array_equal(mf.array(name), arr)
+        if tied:
+            assert EMB not in mf.tensors and EMB_S not in mf.tensors
+            assert embedding_table(mf.meta) == (HEAD, HEAD_S)
+        else:
+            assert (mf.tensors[EMB].dtype, mf.tensors[EMB].shape) == ("i8", (100, 64))
+            assert (mf.tensors[EMB_S].dtype, mf.tensors[EMB_S].shape) == ("f32", (100,))
+            assert embedding_table(mf.meta) == (EMB, EMB_S)
+            assert mf.tensors[HEAD].dtype == lm_head and (HEAD_S in mf.tensors) == (lm_head == "i8")
+        assert required_bytes(mf.meta) == sum(t.nbytes for t in mf.tensors.values())
+        assert "  embedding: i8, rows of " + embedding_table(mf.meta)[0] in describe(mf)
+    # the same model with an f16 embedding: the i8 file is smaller by the f16 table minus what it adds
+    f16 = small_meta(quant={"weights": "i2_b128", "lm_head": lm_head}, tie_word_embeddings=tied)
+    saved = 100 * 64 * 2 - (0 if tied else 100 * 64 + 100 * 4)
+    assert required_bytes(f16) - required_bytes(meta) == saved
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    args = parser.parse_args(["info", str(p), "--summary"])
+    assert args.func(args) == 0 and "embedding: i8" in capsys.readouterr().out
+
+
+def test_embedding_key_absent_is_f16(good, tmp_path):
+    """Files from before quant.embedding existed (no key) are f16 files, unchanged."""
+    explicit = small_meta(quant={"weights": "i2_b128", "lm_head": "f16", "embedding": "f16"})
+    assert "embedding" not in small_meta()["quant"]
+    assert expected_tensors(explicit) == expected_tensors(small_meta())
+    assert required_bytes(explicit) == required_bytes(small_meta())
+    assert list(expected_tensors(small_meta()))[:2] == [EMB, NORM]  # the same file order as always
+    with ModelFile.open(good[0]) as mf:
+        assert mf.tensors[EMB].dtype == "f16" and embedding_table(mf.meta) == (EMB, None)
+        assert "  embedding: f16, rows of model.embed_tokens.weight\n" in describe(mf)
+
+
+def test_embedding_metadata_refused():
+    for quant, pattern in [({"lm_head": "f16", "embedding": "i8"}, "needs quant.lm_head 'i8'"),
+                           ({"lm_head": "i8", "embedding": "i4"}, "unsupported embedding"),
+                           ({"lm_head": "i8", "embedding": None}, "unsupported embedding"),
+                           ({"lm_head": "i8", "embedding": ["i8"]}, "unsupported embedding"),
+                           ({"lm_head": "i8", "embedding": 8}, "unsupported embedding")]:
+        with pytest.raises(ModelFormatError, match=pattern):
+            validate_meta(small_meta(quant={"weights": "i2_b128", **quant}))
+    validate_meta(_i8_meta(tied=False, lm_head="f16"))  # untied: any lm_head
+
+
+def _i8_corruptions(data: bytes, tied: bool):
+    """Damaged int8-embedding files (the header edited, crc fixed): name -> (bytes, error pattern)."""
+    R, M = _rewrite_header, (lambda **kv: (lambda h: h["meta"]["quant"].update(**kv)))  # noqa: E731
+    scale = HEAD_S if tied else EMB_S
+    cases = {
+        "scale missing": (R(data, lambda h: h["tensors"].remove(_tensor(h, scale))), f"{scale}' is missing"),
+        "scale as f16": (R(data, _set(scale, "dtype", "f16")), "nbytes"),
+        "scale as f16 with its nbytes": (R(data, lambda h: _tensor(h, scale).update(dtype="f16", nbytes=200)),
+                                         "expected f32"),
+        "scale one short": (R(data, lambda h: _tensor(h, scale).update(shape=[99], nbytes=396)), "expected f32"),
+        "scale 2-D": (R(data, lambda h: _tensor(h, scale).update(shape=[100, 1])), "expected f32"),
+        "unknown embedding dtype": (R(data, M(embedding="i4")), "unsupported embedding"),
+        "embedding dtype as a number": (R(data, M(embedding=8)), "unsupported embedding"),
+        "meta says f16": (R(data, M(embedding="f16")), "call for .* bytes|missing|expected f16"),
+    }
+    if tied:
+        cases["tied with an f16 lm_head"] = (R(data, M(lm_head="f16")), "needs quant.lm_head 'i8'")
+        cases["scale renamed to the embedding's"] = (R(data, _set(HEAD_S, "name", EMB_S)), "missing|unexpected")
+        cases["an f16 embedding left in"] = (R(data, lambda h: h["tensors"].append(
+            dict(_tensor(h, NORM), name=EMB))), "unexpected|overlap")
+    else:
+        cases["table as f16"] = (R(data, lambda h: _tensor(h, EMB).update(dtype="f16", nbytes=12800)),
+                                 "beyond the end|overlap|expected i8")
+        cases["table as i8 of the wrong width"] = (R(data, lambda h: _tensor(h, EMB).update(shape=[100, 32],
+                                                                                              nbytes=3200)),
+                                                   "expected i8")
+        cases["the embedding's scale named as the lm_head's"] = (R(data, _set(EMB_S, "name", HEAD_S)),
+                                                                 "listed twice")
+    return cases
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_embedding_bad_files(tmp_path, tied):
+    p = tmp_path / "m.bin"
+    write_model(p, _i8_meta(tied, "i8"))
+    data = p.read_bytes()
+    for label, (blob, pattern) in _i8_corruptions(data, tied).items():
+        bad = tmp_path / "bad.bin"
+        bad.write_bytes(blob)
+        with pytest.raises(ModelFormatError, match=pattern) as ei:
+            ModelFile.open(bad).close()
+        assert str(bad) in str(ei.value), label
+    # an i8 header over an f16 file's tensors: the f16 embedding is unexpected, the scales are missing
+    f16 = tmp_path / "f16.bin"
+    write_model(f16, small_meta(quant={"weights": "i2_b128", "lm_head": "i8"}, tie_word_embeddings=tied))
+    blob = _rewrite_header(f16.read_bytes(), lambda h: h["meta"]["quant"].update(embedding="i8"))
+    bad.write_bytes(blob)
+    with pytest.raises(ModelFormatError, match="unexpected|missing|expected i8"):
+        ModelFile.open(bad).close()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_int8_embedding_nonfinite_scale_caught_by_verify(tmp_path, value):
+    """A NaN / Inf row scale makes NaN hidden states (no crash): a plain open does not read the data,
+    verify() (and `bitdlm info --verify`) refuses it, as for every float tensor. A negative or zero
+    scale is a valid table (the row negated / zero) and is not refused."""
+    for tied in (True, False):
+        meta = _i8_meta(tied, "i8")
+        tensors = random_tensors(meta)
+        name = embedding_table(meta)[1]
+        sc = np.abs(tensors[name][0])
+        sc[7] = value
+        tensors[name] = (sc, None, None)
+        p = tmp_path / f"nan{tied}.bin"
+        write_model(p, meta, tensors)
+        ModelFile.open(p).close()
+        with pytest.raises(ModelFormatError, match=f"{name}' holds NaN or Inf"):
+            ModelFile.open(p, verify=True)
+        sc[7] = -0.5
+        sc[8] = 0.0
+        p.unlink()
+        write_model(p, meta, tensors)
+        ModelFile.open(p, verify=True).close()
 
 
 def test_writer_failures_leave_nothing(tmp_path):
@@ -342,3 +480,37 @@ def test_close_with_live_views(good):
     assert a.shape == (64,)
     with pytest.raises(KeyError):
         ModelFile.open(good[0]).array("nope")
+
+
+def test_restore_vocab_script(good, tmp_path):
+    """scripts/restore_vocab.py: the tables re-stored from the rows a .bin holds, everything else copied."""
+    import importlib.util
+    from pathlib import Path
+
+    from bitdlm.convert.tensors import quantize_lm_head_i8
+
+    spec = importlib.util.spec_from_file_location(
+        "restore_vocab", Path(__file__).resolve().parent.parent / "scripts" / "restore_vocab.py")
+    rv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rv)
+    i8 = tmp_path / "i8.bin"
+    assert rv.main([str(good[0]), str(i8), "--embedding", "i8", "--lm-head", "i8"]) == 0
+    with ModelFile.open(good[0]) as a, ModelFile.open(i8, verify=True) as b:
+        assert b.meta["quant"] == {"weights": "i2_b128", "lm_head": "i8", "embedding": "i8"}
+        assert {k: v for k, v in a.meta.items() if k != "quant"} == {k: v for k, v in b.meta.items() if k != "quant"}
+        q, s = quantize_lm_head_i8(a.array(EMB).astype(np.float32))
+        np.testing.assert_array_equal(b.array(HEAD), q)
+        np.testing.assert_array_equal(b.array(HEAD_S), s)
+        assert set(b.tensors) == set(a.tensors) - {EMB} | {HEAD, HEAD_S}
+        for name, t in a.tensors.items():
+            if name != EMB:
+                np.testing.assert_array_equal(a.array(name), b.array(name))
+                assert b.tensors[name].scale == t.scale
+    back = tmp_path / "back.bin"  # an int8 table already there is copied, not quantized again
+    assert rv.main([str(i8), str(back), "--embedding", "f16", "--lm-head", "i8"]) == 0
+    with ModelFile.open(i8) as b, ModelFile.open(back, verify=True) as c:
+        np.testing.assert_array_equal(c.array(HEAD), b.array(HEAD))
+        rows = b.array(HEAD).astype(np.float32) * b.array(HEAD_S)[:, None]
+        np.testing.assert_array_equal(c.array(EMB), rows.astype(np.float16))
+    assert rv.main([str(good[0]), str(tmp_path / "x.bin"), "--embedding", "i8", "--lm-head", "f16"]) == 2
+    assert not (tmp_path / "x.bin").exists()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bitdlm import _core
-from forward_models import SHAPES, core_logits, make_hf, to_core
+from forward_models import SHAPES, core_logits, core_parts, i8_rows, make_hf, pow2_embedding, to_core
 
 torch.set_num_threads(1)
 
@@ -289,6 +289,37 @@ def test_int8_lm_head_close_to_fp16(small):
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
 
 
+@pytest.mark.parametrize("shape,lm_head", [("gqa4_hd32", "i8"), ("gqa2_hd64_untied", "f16"),
+                                           ("gqa2_hd64_untied", "i8")])
+def test_int8_embedding_equals_f16_of_the_same_rows(shape, lm_head):
+    """An int8 embedding (row t = float(q[t]) * scale[t], format/spec.py vocab_tensors) gives bit for
+    bit the logits of an f16 embedding holding the same rows, made exact in fp16: int8 codes times a
+    power-of-two scale that differs from row to row (a row read with another row's scale, or no
+    scale, changes the numbers). Tied: the rows are the int8 lm_head's; untied: their own table."""
+    hf = make_hf(SHAPES[shape], seed=11)
+    q, s = pow2_embedding(hf, seed=11)
+    q2, s2 = i8_rows(hf.model.embed_tokens.weight.detach().numpy())
+    np.testing.assert_array_equal(q2, q)  # the premise: the int8 table holds exactly these rows
+    np.testing.assert_array_equal(s2, s)
+    f16, i8 = (to_core(hf, lm_head=lm_head, embedding=e) for e in ("f16", "i8"))
+    V = SHAPES[shape][5]
+    rng = np.random.default_rng(13)
+    toks = rng.integers(0, V, 40)
+    for B in (1, 8):
+        np.testing.assert_array_equal(core_logits(i8, toks, B=B), core_logits(f16, toks, B=B))
+    # several items in one call: every row reads its own token's row
+    outs = []
+    for c in (f16, i8):
+        r = np.random.default_rng(14)
+        seqs = [c.alloc_seq(32) for _ in range(3)]
+        batch = [(sq, r.integers(0, V, n).astype(np.int32), 0, 0, True, np.arange(n, dtype=np.int32))
+                 for sq, n in zip(seqs, (5, 17, 1))]
+        outs.append(c.forward(batch, 4, "logits"))
+        for sq in seqs:
+            c.free_seq(sq)
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
 def _softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -527,20 +558,41 @@ def test_bad_model_files(small):
         _core.Model(bytes(64), {"hidden_size": 8}, {}, 1 << 20)
 
 
-@pytest.mark.parametrize("lm_head", ["f16", "i8"])
-def test_load_converted_file(tmp_path, lm_head):
+def test_bad_int8_embedding_tables():
+    """_core.Model's own checks of the int8 embedding (the reader refuses these files first)."""
+    hf = make_hf(SHAPES["gqa2_hd64_untied"], seed=2)
+    buf, meta, tensors = core_parts(hf, "f16", "i8")
+    _core.Model(buf, meta, tensors, 1 << 20)  # the good one loads
+    q = meta["quant"]
+    for quant, t, pattern in [
+            ({}, {"model.embed_tokens.scale": None}, "lacks tensor model.embed_tokens.scale"),
+            ({}, {"model.embed_tokens.scale": (tensors["model.embed_tokens.scale"][0], "f16", [300], None)},
+             "dtype f16, expected f32"),
+            ({}, {"model.embed_tokens.weight": (tensors["model.embed_tokens.weight"][0], "i8", [300, 128], None)},
+             "shape"),
+            ({"embedding": "i4"}, {}, "unsupported embedding type"),
+            ({"embedding": "f16"}, {}, "dtype i8, expected f16")]:
+        tt = {k: v for k, v in {**tensors, **t}.items() if v is not None}
+        with pytest.raises(ValueError, match=pattern):
+            _core.Model(buf, {**meta, "quant": {**q, **quant}}, tt, 1 << 20)
+    with pytest.raises(ValueError, match="needs lm_head i8"):
+        _core.Model(buf, {**meta, "tie_word_embeddings": True}, tensors, 1 << 20)
+
+
+@pytest.mark.parametrize("lm_head,embedding", [("f16", "f16"), ("i8", "f16"), ("i8", "i8")])
+def test_load_converted_file(tmp_path, lm_head, embedding):
     """bitdlm.load over a real converted .bin: same numbers as the weights handed over directly."""
     import bitdlm
     from hf_models import convert_tiny, load_reference_model
 
-    path = convert_tiny(tmp_path, seed=3, lm_head=lm_head)
+    path = convert_tiny(tmp_path, seed=3, lm_head=lm_head, convert_kwargs={"embedding": embedding})
     m = bitdlm.load(path, threads=1, kv_budget_gb=0.01)
     assert m.meta["vocab_size"] == 320 and m.tokenizer is not None and m.kv_dtype == "f16"
     ref = load_reference_model(path.parent / "hf")
     toks = np.random.default_rng(10).integers(0, 320, 40)
     got = m.logits(toks)
     assert got.shape == (40, 320) and got.dtype == np.float32
-    direct = core_logits(to_core(ref, lm_head=lm_head, kv_dtype="f16"), toks)
+    direct = core_logits(to_core(ref, lm_head=lm_head, kv_dtype="f16", embedding=embedding), toks)
     np.testing.assert_allclose(got, direct, rtol=0, atol=1e-5)
     if lm_head == "f16":  # the converted file against transformers itself (embedding in f16 as in the file)
         with torch.no_grad():
@@ -862,6 +914,21 @@ def test_small_rope_and_f16_bit_identical(isa, N, heads, hd):
                                                                             np.uint16)])
     got = _core.smallop_f16_row(isa, bits)
     np.testing.assert_array_equal(got.view(np.uint32), bits.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("isa", SMALL_ISAS)
+def test_small_i8_row_bit_identical(isa):
+    """int8 embedding rows: float(q) * scale, one fp32 rounding, as numpy computes it (every code,
+    scales that round, underflow to subnormals, overflow, 0, negative, inf and NaN)."""
+    _small_isa(isa)
+    q = np.concatenate([np.arange(-128, 128), np.random.default_rng(3).integers(-128, 128, 1000)]).astype(np.int8)
+    for scale in (0.0123456, 1 / 127, 3e-41, 1e-44, 3e36, 0.0, -0.75, np.inf, np.nan):
+        got = _core.smallop_i8_row(isa, q, scale)
+        with np.errstate(over="ignore", invalid="ignore"):
+            ref = q.astype(np.float32) * np.float32(scale)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+        ok = ~np.isnan(ref)
+        np.testing.assert_array_equal(got[ok].view(np.uint32), ref[ok].view(np.uint32), err_msg=str(scale))
 
 
 def test_small_bad_isa():

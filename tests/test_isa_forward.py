@@ -40,13 +40,16 @@ def _runs():
     return out
 
 
-@pytest.fixture(scope="module", params=[("gqa4_hd32", "f16"), ("gqa2_hd64_untied", "f16"), ("gqa4_hd32", "i8")],
+# (shape, lm_head, embedding)
+@pytest.fixture(scope="module", params=[("gqa4_hd32", "f16", "f16"), ("gqa2_hd64_untied", "f16", "f16"),
+                                        ("gqa4_hd32", "i8", "f16"), ("gqa4_hd32", "i8", "i8")],
                 ids=lambda p: "-".join(p))
 def model(request):
     pytest.importorskip("torch")  # the oracle weights come from transformers' BitNet
     pytest.importorskip("transformers")
-    shape, lm_head = request.param
-    return to_core(make_hf(SHAPES[shape], seed=len(shape)), lm_head=lm_head), SHAPES[shape][5]
+    shape, lm_head, embedding = request.param
+    return (to_core(make_hf(SHAPES[shape], seed=len(shape)), lm_head=lm_head, embedding=embedding),
+            SHAPES[shape][5])
 
 
 @pytest.mark.native

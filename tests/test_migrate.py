@@ -144,6 +144,15 @@ def test_sglbitnt_cli_flags_and_errors(hf_bf16, tmp_path):
     assert r.returncode == 0, r.stderr
     with ModelFile.open(tmp_path / "n.bin") as mf:
         assert mf.meta["mask_token_id"] == 2
+    # --embedding i8 reaches this path too: one int8 table (tied), or one clear line without --lm-head i8
+    r = subprocess.run(cmd + ["--tokenizer", str(hf), "--embedding", "i8", "--force"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--lm-head i8" in r.stderr, r.stderr
+    r = subprocess.run(cmd + ["--tokenizer", str(hf), "--embedding", "i8", "--lm-head", "i8", "--force"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "embedding F16 -> i8" in r.stdout, r.stderr + r.stdout
+    with ModelFile.open(tmp_path / "n.bin", verify=True) as mf:
+        assert mf.meta["quant"]["embedding"] == "i8" and "model.embed_tokens.weight" not in mf.tensors
     # everywhere else an SGLBITNT file is given: one line saying how to convert it
     with pytest.raises(ModelFormatError, match="SGLBITNT.*bitdlm convert OLD.bin NEW.bin"):
         ModelFile.open(old)

@@ -163,15 +163,18 @@ void register_model(py::module_& m) {
              c.tied = meta_get<bool>(meta, "tie_word_embeddings");
              if (meta.contains("hidden_act") && meta["hidden_act"].cast<std::string>() != "relu2")
                throw std::invalid_argument("unsupported hidden_act " + meta["hidden_act"].cast<std::string>());
-             std::string head = "f16";
+             std::string head = "f16", embed = "f16";
              if (meta.contains("quant")) {
                py::dict q = meta["quant"].cast<py::dict>();
                if (q.contains("lm_head")) head = q["lm_head"].cast<std::string>();
+               if (q.contains("embedding")) embed = q["embedding"].cast<std::string>();
                if (q.contains("weights") && q["weights"].cast<std::string>() != "i2_b128")
                  throw std::invalid_argument("unsupported weight quantization " + q["weights"].cast<std::string>());
              }
              if (head != "f16" && head != "i8") throw std::invalid_argument("unsupported lm_head type " + head);
              c.lm_head_i8 = head == "i8";
+             if (embed != "f16" && embed != "i8") throw std::invalid_argument("unsupported embedding type " + embed);
+             c.embed_i8 = embed == "i8";
              if (kv_dtype != "f16" && kv_dtype != "f32")
                throw std::invalid_argument("kv_dtype must be 'f16' or 'f32', got " + kv_dtype);
 

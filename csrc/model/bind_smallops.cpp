@@ -102,6 +102,15 @@ void register_smallops(py::module_& m) {
         return x;
       },
       py::arg("isa"), py::arg("e"));
+  m.def(
+      "smallop_i8_row",
+      [](const std::string& isa, I8 q, float scale) {
+        const SmallOps& t = table_for(isa);
+        F32 x(q.size());
+        t.i8_row(q.data(), scale, x.mutable_data(), (int)q.size());
+        return x;
+      },
+      py::arg("isa"), py::arg("q"), py::arg("scale"));
 }
 
 }  // namespace bitdlm

@@ -101,17 +101,29 @@ Model::Model(const Config& c, const std::map<std::string, TensorRef>& t, int64_t
     L.down = ternary(p + "mlp.down_proj.weight", H, c.inter);
     layers_.push_back(L);
   }
-  embed_ = reinterpret_cast<const uint16_t*>(need(t, "model.embed_tokens.weight", "f16", {c.vocab, H}).data);
   final_norm_ = f32("model.norm.weight", H);
   if (c.lm_head_i8) {
     head_i8_ = reinterpret_cast<const int8_t*>(need(t, "lm_head.weight", "i8", {c.vocab, H}).data);
     head_scale_ = f32("lm_head.scale", c.vocab);
-    head_f16_ = nullptr;
-  } else if (c.tied) {
-    head_f16_ = embed_;
-  } else {
-    head_f16_ = reinterpret_cast<const uint16_t*>(need(t, "lm_head.weight", "f16", {c.vocab, H}).data);
   }
+  // The embedding / lm_head rule of format/spec.py vocab_tensors.
+  if (!c.embed_i8) {
+    embed_ = reinterpret_cast<const uint16_t*>(need(t, "model.embed_tokens.weight", "f16", {c.vocab, H}).data);
+  } else if (c.tied) {
+    if (!c.lm_head_i8)
+      throw std::invalid_argument("an i8 embedding of a tied model reads the int8 lm_head: it needs lm_head i8");
+    embed_i8_ = head_i8_;
+    embed_scale_ = head_scale_;
+  } else {
+    embed_i8_ = reinterpret_cast<const int8_t*>(need(t, "model.embed_tokens.weight", "i8", {c.vocab, H}).data);
+    embed_scale_ = f32("model.embed_tokens.scale", c.vocab);
+  }
+  if (c.lm_head_i8)
+    head_f16_ = nullptr;
+  else if (c.tied)
+    head_f16_ = embed_;
+  else
+    head_f16_ = reinterpret_cast<const uint16_t*>(need(t, "lm_head.weight", "f16", {c.vocab, H}).data);
 }
 
 void Model::set_profile(bool on) {
@@ -294,7 +306,8 @@ int Model::run(const std::vector<Item>& items, int B) {
   return final_norm(items, N);
 }
 
-// Embedding rows and the RoPE tables (the same formulas and fp32 rounding as transformers).
+// Embedding rows (f16 decoded, or int8 x the row's scale in fp32) and the RoPE tables
+// (the same formulas and fp32 rounding as transformers).
 void Model::embed_rope(const std::vector<Item>& items, int N) {
   const int H = cfg_.hidden, half = cfg_.head_dim / 2;
   PhaseTimer t(prof_on_, prof_, kEmbed);
@@ -305,7 +318,11 @@ void Model::embed_rope(const std::vector<Item>& items, int N) {
   for_rows(N, [&](int r) {
     const AttnItem& a = ai_[row_item_[r]];
     const int j = r - a.row0;
-    so.f16_row(embed_ + (int64_t)items[row_item_[r]].tokens[j] * H, x_.data() + (int64_t)r * H, H);
+    const int64_t tok = items[row_item_[r]].tokens[j];
+    if (embed_i8_)
+      so.i8_row(embed_i8_ + tok * H, embed_scale_[tok], x_.data() + (int64_t)r * H, H);
+    else
+      so.f16_row(embed_ + tok * H, x_.data() + (int64_t)r * H, H);
     const float pos = (float)(a.start + j);
     for (int i = 0; i < half; ++i) {
       const float f = pos * inv_freq[i];

@@ -19,6 +19,9 @@ struct Config {
   float eps = 1e-5f;
   bool tied = true;
   bool lm_head_i8 = false;
+  // int8 embedding rows with per-row scales (quant.embedding "i8"): tied, the lm_head's
+  // int8 table; untied, model.embed_tokens.weight i8 + .scale (format/spec.py vocab_tensors)
+  bool embed_i8 = false;
 };
 
 // A tensor inside the mapped file (validated against what the model expects).
@@ -124,7 +127,9 @@ class Model {
 
   Config cfg_;
   std::vector<Layer> layers_;
-  const uint16_t* embed_;     // f16 [V, H]
+  const uint16_t* embed_ = nullptr;      // f16 [V, H], or null with:
+  const int8_t* embed_i8_ = nullptr;     // i8 [V, H], row t = float(q[t]) * embed_scale_[t]
+  const float* embed_scale_ = nullptr;
   const float* final_norm_;
   const uint16_t* head_f16_;  // f16 [V, H] (the embedding when tied)
   const int8_t* head_i8_ = nullptr;

@@ -33,6 +33,9 @@ struct SmallOps {
   void (*rope)(float* v, const float* cos, const float* sin, int heads, int hd);
   // fp16 bits -> fp32 (embedding rows).
   void (*f16_row)(const uint16_t* e, float* x, int n);
+  // int8 row with its scale -> fp32: x = float(q) * scale, one rounding per value
+  // (int8 embedding rows; docs/format.md).
+  void (*i8_row)(const int8_t* q, float scale, float* x, int n);
 };
 
 extern const SmallOps kSmallOpsScalar;

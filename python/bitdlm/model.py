@@ -122,7 +122,8 @@ class Model:
     def __repr__(self):
         m = self.meta
         return (f"Model({self.path!r}, layers={m['num_hidden_layers']}, hidden={m['hidden_size']}, "
-                f"vocab={m['vocab_size']}, lm_head={m['quant']['lm_head']}, threads={self.threads})")
+                f"vocab={m['vocab_size']}, lm_head={m['quant']['lm_head']}, "
+                f"embedding={m['quant'].get('embedding', 'f16')}, threads={self.threads})")
 
 
 def load(path, threads: int | None = None, kv_budget_gb: float | None = None, kv_dtype: str | None = None,

@@ -41,7 +41,11 @@ def format_summary(r: dict) -> str:
             continue
         lines.append(f"  precision:     {what} {p['source_dtype']} -> {p['stored']}: max |delta| "
                      f"{p['max_abs_error']:.3g} (largest |w| {p['max_abs_value']:.3g})")
-        if what == "embedding" and r["lm_head"] == "f16" and "lm_head.weight" not in r["precision"]:
+        if what == "embedding" and p["stored"] == "i8":
+            lines.append("                 the forward reads row t as int8[t] x scale[t] (per-row absmax)"
+                         + (": the one table of the tied int8 lm_head" if r.get("tied") and r["lm_head"] == "i8"
+                            else ""))
+        elif what == "embedding" and r["lm_head"] == "f16" and "lm_head.weight" not in r["precision"]:
             lines.append("                 the tied lm_head reads these rows: every logit h.w moves by up to "
                          "sum|h| x that against the source model")
         elif what == "lm_head":
@@ -75,7 +79,7 @@ def run_cli(args) -> int:
     try:
         report = report_for(args.hf_dir, args.out, mask_token=args.mask_token, block_size=args.block_size,
                             small_block_size=args.small_block_size, threshold=args.threshold,
-                            shift=args.shift, lm_head=args.lm_head, force=args.force,
+                            shift=args.shift, lm_head=args.lm_head, embedding=args.embedding, force=args.force,
                             progress=not args.quiet, tokenizer=args.tokenizer)
     except (ConversionError, ModelFormatError, FileExistsError) as e:
         print(f"bitdlm convert: error: {e}", file=sys.stderr)
@@ -115,6 +119,9 @@ def add_arguments(p) -> None:
                    help="logits at i-1 predict token i (default: config or on)")
     p.add_argument("--no-shift", dest="shift", action="store_false", help="logits at i predict token i")
     p.add_argument("--lm-head", choices=("f16", "i8"), default="f16", help="lm_head storage (default f16)")
+    p.add_argument("--embedding", choices=("f16", "i8"), default="f16",
+                   help="token embedding storage (default f16). i8: int8 rows with a per-row scale; a tied "
+                        "model needs --lm-head i8 and then keeps one int8 table for both (docs/format.md)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -191,11 +191,12 @@ def _config(reader, path: Path) -> dict:
     return cfg
 
 
-def convert_report(path, out_path, *, tokenizer=None, lm_head="f16", force=False, **settings) -> dict:
+def convert_report(path, out_path, *, tokenizer=None, lm_head="f16", embedding="f16", force=False,
+                   **settings) -> dict:
     """Convert the GGUF file `path` into the bitdlm `.bin` `out_path`; the summary of
     hf.convert_report (settings: the same keyword arguments)."""
     path, out_path = Path(path), Path(out_path)
-    check_options(out_path, force, lm_head, path)
+    check_options(out_path, force, lm_head, path, embedding)
     try:
         import gguf
     except ImportError:
@@ -218,4 +219,4 @@ def convert_report(path, out_path, *, tokenizer=None, lm_head="f16", force=False
         elif not (files / "tokenizer.json").is_file():
             raise ConversionError(f"--tokenizer {files}: no tokenizer.json there")
         return build(cfg, files, lambda: GGUFFile(reader, path), out_path, origin=origin,
-                     linear_class="bitlinear", lm_head=lm_head, force=force, **settings)
+                     linear_class="bitlinear", lm_head=lm_head, embedding=embedding, force=force, **settings)

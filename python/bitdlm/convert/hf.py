@@ -37,12 +37,13 @@ def convert(hf_dir, out_path, **kwargs) -> Path:
     return Path(convert_report(hf_dir, out_path, **kwargs)["output"])
 
 
-def convert_report(hf_dir, out_path, *, lm_head="f16", force=False, **settings) -> dict:
+def convert_report(hf_dir, out_path, *, lm_head="f16", embedding="f16", force=False, **settings) -> dict:
     """Convert a Hugging Face BitNet checkpoint directory into `out_path`.
 
     Returns the summary `bitdlm convert` prints: the tokens chosen and where from,
     the chat template, the diffusion settings, what was guessed or dropped, and
-    the precision the f16 / i8 storage lost (measured). Raises ConversionError
+    the precision the f16 / i8 storage lost (measured). `lm_head` / `embedding`:
+    "f16" or "i8", the storage of each (format/spec.py vocab_tensors). Raises ConversionError
     (a ValueError) with a user-facing message; on any failure (SIGTERM / SIGINT
     included) no output file and no temporary file is left behind.
     settings: mask_token, block_size, small_block_size, threshold, shift, progress."""
@@ -51,24 +52,27 @@ def convert_report(hf_dir, out_path, *, lm_head="f16", force=False, **settings) 
         raise ConversionError(f"{hf_dir}: no such directory")
     if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir} is not a directory (expected a Hugging Face checkpoint folder)")
-    check_options(out_path, force, lm_head, hf_dir)
+    check_options(out_path, force, lm_head, hf_dir, embedding)
     cfg = read_json(hf_dir / "config.json", True)
     # a non-UTF-8 directory name decodes with surrogate escapes: not storable as UTF-8
     origin = {"converter": "bitdlm convert", "hf_dir": os.fsencode(hf_dir.resolve()).decode("utf-8", "replace")}
     return build(cfg, hf_dir, lambda: Checkpoint(hf_dir), out_path, origin=origin, lm_head=lm_head,
-                 force=force, **settings)
+                 embedding=embedding, force=force, **settings)
 
 
-def check_options(out_path: Path, force: bool, lm_head: str, source: Path | None = None) -> None:
+def check_options(out_path: Path, force: bool, lm_head: str, source: Path | None = None,
+                  embedding: str = "f16") -> None:
     """What every converter checks before reading its input (`source`: never overwritten)."""
     check_output(out_path, force, source)
     if lm_head not in ("f16", "i8"):
         raise ConversionError(f"--lm-head must be f16 or i8, got {lm_head!r}")
+    if embedding not in ("f16", "i8"):
+        raise ConversionError(f"--embedding must be f16 or i8, got {embedding!r}")
 
 
 def build(cfg: dict, files_dir: Path, open_tensors, out_path: Path, *, origin: dict, linear_class=_FROM_CONFIG,
           mask_token=None, block_size=None, small_block_size=None, threshold=None, shift=None,
-          lm_head="f16", force=False, progress=True) -> dict:
+          lm_head="f16", embedding="f16", force=False, progress=True) -> dict:
     """Write `out_path` from a model's config.json contents `cfg`, the tokenizer and
     settings files of folder `files_dir` (tokenizer.json, tokenizer_config.json,
     generation_config.json, dlm_config.json, chat template) and the TensorSource
@@ -85,8 +89,12 @@ def build(cfg: dict, files_dir: Path, open_tensors, out_path: Path, *, origin: d
     linear_class = config_class if linear_class is _FROM_CONFIG else linear_class
     diffusion, diff_src = diffusion_settings(cfg, block_size, small_block_size, threshold, shift, dlm)
 
+    if embedding == "i8" and hp["tie_word_embeddings"] and lm_head != "i8":
+        raise ConversionError("--embedding i8 of a tied model (tie_word_embeddings) reads the int8 lm_head's "
+                              "table: add --lm-head i8 (with an f16 lm_head the one tied table is the f16 "
+                              "embedding)")
     meta = dict(hp)
-    meta["quant"] = {"weights": "i2_b128", "lm_head": lm_head}
+    meta["quant"] = {"weights": "i2_b128", "lm_head": lm_head, "embedding": embedding}
     ids, chosen = special_tokens(cfg, tok_cfg, gen_cfg, tokenizer, hp["vocab_size"], mask_token, dropped,
                                   dlm)
     meta.update(ids)
@@ -124,7 +132,7 @@ def build(cfg: dict, files_dir: Path, open_tensors, out_path: Path, *, origin: d
     return {
         "output": str(out_path), "bytes": out_path.stat().st_size,
         "weights": kinds, "linear_class": linear_class if set(kinds) - {"master"} else None,
-        "lm_head": lm_head, "tokens": tokens,
+        "lm_head": lm_head, "embedding": embedding, "tied": hp["tie_word_embeddings"], "tokens": tokens,
         "chat_template": {"present": meta["chat_template"] is not None, "source": template_src,
                           "chars": len(meta["chat_template"] or "")},
         "diffusion": {k: {"value": diffusion[k], "source": diff_src[k]} for k in diffusion},
@@ -136,7 +144,8 @@ def build(cfg: dict, files_dir: Path, open_tensors, out_path: Path, *, origin: d
 def _unused(ckpt, specs: dict, hp: dict) -> list:
     """The summary's `dropped` lines for checkpoint tensors the model does not read."""
     dropped = []
-    used = set(specs) | {scale_name(n) for n in specs}
+    # the embedding is always read: a tied i8 one is written as the lm_head's table (not in specs)
+    used = set(specs) | {scale_name(n) for n in specs} | {"model.embed_tokens.weight"}
     if hp["tie_word_embeddings"] and "lm_head.weight" in ckpt:
         dropped.append("lm_head.weight (tie_word_embeddings is true: the embedding is the lm_head)")
         used.add("lm_head.weight")

@@ -233,17 +233,18 @@ def tokenizer_dir(path: Path, tokenizer) -> Path:
     return d
 
 
-def convert_report(path, out_path, *, tokenizer=None, lm_head="f16", force=False, **settings) -> dict:
+def convert_report(path, out_path, *, tokenizer=None, lm_head="f16", embedding="f16", force=False,
+                   **settings) -> dict:
     """Convert the SGLBITNT v1 file `path` into the bitdlm `.bin` `out_path`; the
     summary of hf.convert_report (settings: the same keyword arguments)."""
     path, out_path = Path(path), Path(out_path)
-    check_options(out_path, force, lm_head, path)
+    check_options(out_path, force, lm_head, path, embedding)
     tok_dir = tokenizer_dir(path, tokenizer)
     src = SglbitntFile(path)
     origin = {"converter": f"bitdlm convert (SGLBITNT v1, {src.dialect})",
               "hf_dir": os.fsencode(path.resolve()).decode("utf-8", "replace")}
     try:
         return build(src.config, tok_dir, lambda: src, out_path, origin=origin, linear_class="autobitlinear",
-                     lm_head=lm_head, force=force, **settings)
+                     lm_head=lm_head, embedding=embedding, force=force, **settings)
     finally:
         src.close()

@@ -97,7 +97,8 @@ def row_blocks(ckpt: Checkpoint, name: str, shape, rows: int = 8192):
 
 
 def quantize_lm_head_i8(w: np.ndarray):
-    """Per-row absmax int8: w ~= q * scale[row], scale = max|row| / 127."""
+    """Per-row absmax int8: w ~= q * scale[row], scale = max|row| / 127 (the int8
+    lm_head and the int8 embedding alike)."""
     w = np.asarray(w, dtype=np.float32)
     amax = np.abs(w).max(axis=1)
     scale = (np.maximum(amax, np.float32(1e-8)) / np.float32(127.0)).astype(np.float32)
@@ -142,8 +143,8 @@ def precheck(ckpt: Checkpoint, specs: dict, hp: dict, linear_class) -> list:
     for name, (dtype, shape) in specs.items():
         if dtype == "i2_b128":
             kinds.add(ternary_kind(ckpt, name, shape, linear_class))
-        elif name == "lm_head.scale":
-            continue
+        elif name in ("lm_head.scale", "model.embed_tokens.scale"):
+            continue  # made with their int8 tables
         elif name == "lm_head.weight":
             src = "model.embed_tokens.weight" if hp["tie_word_embeddings"] else "lm_head.weight"
             if src not in ckpt:
@@ -156,7 +157,8 @@ def precheck(ckpt: Checkpoint, specs: dict, hp: dict, linear_class) -> list:
 
 def write_tensors(w, ckpt: Checkpoint, specs: dict, hp: dict, linear_class, progress: bool) -> dict:
     """Write every tensor of `specs` from `ckpt` into ModelWriter `w`; returns the
-    measured precision loss {name: ErrorMeter} of the f16 / i8 copies."""
+    measured precision loss {name: ErrorMeter} of the f16 / i8 copies (embedding
+    first; a tied i8 embedding is the lm_head's table and shares its meter)."""
     from tqdm import tqdm
 
     h, v = hp["hidden_size"], hp["vocab_size"]
@@ -167,33 +169,38 @@ def write_tensors(w, ckpt: Checkpoint, specs: dict, hp: dict, linear_class, prog
         if dtype == "i2_b128":
             codes, s = ternary_tensor(ckpt, name, shape, linear_class)
             w.write(name, packing.pack_i2(codes), scale=float(s))
-        elif name == "model.embed_tokens.weight":
-            meter = precision[name] = ErrorMeter(ckpt.info(name)[0], "f16")
-            w.write(name, f16_blocks(row_blocks(ckpt, name, shape), meter))
-        elif name.startswith("lm_head."):
-            if name == "lm_head.scale":
-                bar.update(1)
-                continue  # written together with lm_head.weight
-            src = "model.embed_tokens.weight" if hp["tie_word_embeddings"] else "lm_head.weight"
+        elif name.endswith(".scale"):
+            pass  # written with its int8 table
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            # a tied lm_head (and a tied i8 embedding, which is the lm_head's table) reads the embedding
+            tied_head = name == "lm_head.weight" and hp["tie_word_embeddings"]
+            src = "model.embed_tokens.weight" if tied_head else name
+            meter = precision[name] = ErrorMeter(ckpt.info(src)[0], dtype)
             if dtype == "i8":
-                # per-row scales: quantize block by block, scales collected on the way
-                scales = []
-                meter = precision["lm_head.weight"] = ErrorMeter(ckpt.info(src)[0], "i8")
-
-                def q_blocks():
-                    for b in row_blocks(ckpt, src, (v, h)):
-                        q, sc = quantize_lm_head_i8(b)
-                        meter.add(b, q.astype(np.float32) * sc[:, None])
-                        scales.append(sc)
-                        yield q
-
-                w.write("lm_head.weight", q_blocks())
-                w.write("lm_head.scale", np.concatenate(scales))
+                _write_i8(w, name, row_blocks(ckpt, src, (v, h)), meter)
             else:
-                meter = precision[name] = ErrorMeter(ckpt.info(src)[0], "f16")
                 w.write(name, f16_blocks(row_blocks(ckpt, src, (v, h)), meter))
         else:  # norms
             w.write(name, ckpt.f32(name, shape))
         bar.update(1)
     bar.close()
-    return precision
+    if "model.embed_tokens.weight" not in specs:  # tied i8 embedding: the rows of the int8 lm_head
+        precision["model.embed_tokens.weight"] = precision["lm_head.weight"]
+    return {k: precision[k] for k in sorted(precision, key=lambda k: k.startswith("lm_head."))}
+
+
+def _write_i8(w, name: str, blocks, meter) -> None:
+    """An int8 table `name` with per-row scales (`name` .weight -> .scale), quantized
+    block by block; the meter sees the dequantized rows q * scale in fp32, exactly
+    what the forward reads."""
+    scales = []
+
+    def q_blocks():
+        for b in blocks:
+            q, sc = quantize_lm_head_i8(b)
+            meter.add(b, q.astype(np.float32) * sc[:, None])
+            scales.append(sc)
+            yield q
+
+    w.write(name, q_blocks())
+    w.write(name[:-len("weight")] + "scale", np.concatenate(scales))

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from .reader import ModelFile
-from .spec import ModelFormatError
+from .spec import ModelFormatError, embedding_dtype, embedding_table
 
 
 def _fmt_bytes(n: int) -> str:
@@ -25,6 +25,9 @@ def describe(mf: ModelFile, show_tensors: bool = True) -> str:
     lines = [f"{mf.path}: bitdlm format v{mf.header['version']}, {_fmt_bytes(mf.file_size)}"]
     for k, v in meta.items():
         lines.append(f"  {k}: {json.dumps(v)}")
+    weight, scale = embedding_table(mf.meta)
+    lines.append(f"  embedding: {embedding_dtype(mf.meta)}, rows of {weight}"
+                 + (f" x {scale} (int8 x per-row f32 scale)" if scale else ""))
     lines.append(f"  tokenizer_json: <{len(tok)} chars>")
     if tmpl is None:
         lines.append("  chat_template: null")

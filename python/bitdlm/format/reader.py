@@ -14,7 +14,7 @@ import numpy as np
 from .spec import (ALIGN, DTYPES, MAGIC, MAX_HEADER_BYTES, MAX_JSON_DEPTH, MAX_NAME_CHARS, PREAMBLE,
                    PREAMBLE_SIZE, VERSION, ModelFormatError, TensorInfo, check_tokenizer, expected_tensors,
                    finite_float, is_int, json_depth_ok, required_bytes, short_repr, storage_nbytes,
-                   validate_meta)
+                   validate_meta, vocab_tensors)
 
 
 class ModelFile:
@@ -205,8 +205,7 @@ def _parse_tensors(header: dict, size: int, path) -> dict:
     if need > size - data_offset:
         raise ModelFormatError(f"{path}: the hyperparameters call for {need} bytes of tensors but the "
                                f"file has {size - data_offset} after the header (truncated or corrupted)")
-    n_expected = meta["num_hidden_layers"] * 11 + 2 + {"i8": 2, "f16": 0 if meta["tie_word_embeddings"] else 1}[
-        meta["quant"]["lm_head"]]
+    n_expected = meta["num_hidden_layers"] * 11 + 1 + len(vocab_tensors(meta))
     if len(table) > n_expected:
         raise ModelFormatError(f"{path}: unexpected tensors: the table has {len(table)} entries, the "
                                f"hyperparameters call for {n_expected}")

@@ -13,6 +13,8 @@ Layout (docs/format.md is the specification):
 The header holds `meta` (hyperparameters, special tokens, diffusion defaults,
 chat template, the whole tokenizer JSON) and `tensors` (name, dtype, logical
 shape, offset, nbytes, per-tensor scale for ternary tensors, crc32 of the data).
+Which tensors: `expected_tensors`; the embedding / lm_head storage rule
+(quant.embedding, quant.lm_head, tie_word_embeddings) is `vocab_tensors`.
 
 Also the small value helpers (`is_int`, `finite_float`, `short_repr`) every
 checker of untrusted JSON in bitdlm shares. No torch (runtime path).
@@ -169,6 +171,12 @@ def validate_meta(meta) -> None:
         raise ModelFormatError(f"unsupported weight quantization {short_repr(quant.get('weights'))}")
     if quant.get("lm_head") not in ("f16", "i8"):
         raise ModelFormatError(f"unsupported lm_head dtype {short_repr(quant.get('lm_head'))}")
+    emb = quant.get("embedding", "f16")
+    if emb not in ("f16", "i8"):
+        raise ModelFormatError(f"unsupported embedding dtype {short_repr(emb)} (expected 'f16' or 'i8')")
+    if emb == "i8" and meta["tie_word_embeddings"] and quant["lm_head"] != "i8":
+        raise ModelFormatError("quant.embedding 'i8' of a tied model reads the int8 lm_head table: it needs "
+                               "quant.lm_head 'i8' (the f16 lm_head of a tied model is the f16 embedding)")
     vocab = meta["vocab_size"]
 
     def token_id(key, v):
@@ -221,28 +229,76 @@ def short_repr(v, n: int = 80) -> str:
 
 def required_bytes(meta) -> int:
     """Bytes the tensors of a file with (validated) `meta` take, computed without listing them."""
-    h, i, v, hd = meta["hidden_size"], meta["intermediate_size"], meta["vocab_size"], meta["head_dim"]
+    h, i, hd = meta["hidden_size"], meta["intermediate_size"], meta["head_dim"]
     q, kv = meta["num_attention_heads"] * hd, meta["num_key_value_heads"] * hd
 
     def i2(m, k):
         return m * pad_k(k) // 4
 
     per_layer = (3 * h + i) * 4 + i2(q, h) + 2 * i2(kv, h) + i2(h, q) + 2 * i2(i, h) + i2(h, i)
-    total = meta["num_hidden_layers"] * per_layer + v * h * 2 + h * 4
-    lm = meta["quant"]["lm_head"]
+    vocab = sum(storage_nbytes(dt, shape) for dt, shape in vocab_tensors(meta).values())
+    return meta["num_hidden_layers"] * per_layer + h * 4 + vocab
+
+
+def embedding_dtype(meta) -> str:
+    """quant.embedding of (validated) `meta`: "f16" or "i8" (absent, as in every file
+    written before the key existed, means "f16")."""
+    return meta["quant"].get("embedding", "f16")
+
+
+# The vocabulary tables: the token embedding and the lm_head, by quant.embedding,
+# quant.lm_head and tie_word_embeddings. This is the one place of the rule
+# (docs/format.md "Token embedding and lm_head"); V = vocab_size, H = hidden_size.
+#
+#   embedding f16   model.embed_tokens.weight f16 [V, H]; row t is read as is.
+#   embedding i8    an int8 table with one f32 scale per row; row t of the embedding is
+#                   float32(weight[t]) * scale[t], one fp32 multiply per value (the
+#                   per-row convention of the int8 lm_head: w ~= q * scale[row]).
+#     tied, lm_head i8:  the table IS lm_head.weight i8 [V, H] + lm_head.scale f32 [V]:
+#                        one table serves both ends, the file has no model.embed_tokens.*
+#     untied:            model.embed_tokens.weight i8 [V, H] + model.embed_tokens.scale f32 [V]
+#     tied, lm_head f16: refused by validate_meta: tied means one table, and the f16
+#                        lm_head of a tied model IS the f16 embedding (nothing to save)
+#   lm_head i8      lm_head.weight i8 [V, H] + lm_head.scale f32 [V] (tied or not; tied: the
+#                   embedding quantized)
+#   lm_head f16     untied: lm_head.weight f16 [V, H]; tied: reads model.embed_tokens.weight
+def vocab_tensors(meta) -> dict:
+    """name -> (dtype, shape) of the embedding and lm_head tensors of (validated) `meta`,
+    embedding first (the rule above)."""
+    v, h = meta["vocab_size"], meta["hidden_size"]
+    tied, lm = meta["tie_word_embeddings"], meta["quant"]["lm_head"]
+    out = {}
+    if embedding_dtype(meta) == "f16":
+        out["model.embed_tokens.weight"] = ("f16", (v, h))
+    elif not tied:
+        out["model.embed_tokens.weight"] = ("i8", (v, h))
+        out["model.embed_tokens.scale"] = ("f32", (v,))
     if lm == "i8":
-        total += v * h + v * 4
-    elif not meta["tie_word_embeddings"]:
-        total += v * h * 2
-    return total
+        out["lm_head.weight"] = ("i8", (v, h))
+        out["lm_head.scale"] = ("f32", (v,))
+    elif not tied:
+        out["lm_head.weight"] = ("f16", (v, h))
+    return out
+
+
+def embedding_table(meta) -> tuple:
+    """(weight name, scale name or None) the embedding rows of (validated) `meta` are read from."""
+    if embedding_dtype(meta) == "f16":
+        return "model.embed_tokens.weight", None
+    if meta["tie_word_embeddings"]:
+        return "lm_head.weight", "lm_head.scale"
+    return "model.embed_tokens.weight", "model.embed_tokens.scale"
 
 
 def expected_tensors(meta) -> dict:
-    """name -> (dtype, logical shape) of every tensor a file with `meta` must hold."""
-    h, i, v = meta["hidden_size"], meta["intermediate_size"], meta["vocab_size"]
+    """name -> (dtype, logical shape) of every tensor a file with `meta` must hold,
+    in file order: embedding, final norm, layers, lm_head."""
+    h, i = meta["hidden_size"], meta["intermediate_size"]
     hd = meta["head_dim"]
     q, kv = meta["num_attention_heads"] * hd, meta["num_key_value_heads"] * hd
-    out = {"model.embed_tokens.weight": ("f16", (v, h)), "model.norm.weight": ("f32", (h,))}
+    vocab = vocab_tensors(meta)
+    out = {n: spec for n, spec in vocab.items() if n.startswith("model.embed_tokens.")}
+    out["model.norm.weight"] = ("f32", (h,))
     ternary = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
                "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
                "mlp.down_proj": (h, i)}
@@ -254,12 +310,7 @@ def expected_tensors(meta) -> dict:
             out[p + name + ".weight"] = ("f32", (dim,))
         for name in TERNARY_NAMES:
             out[p + name + ".weight"] = ("i2_b128", ternary[name])
-    lm = meta["quant"]["lm_head"]
-    if lm == "i8":
-        out["lm_head.weight"] = ("i8", (v, h))
-        out["lm_head.scale"] = ("f32", (v,))
-    elif not meta["tie_word_embeddings"]:
-        out["lm_head.weight"] = ("f16", (v, h))
+    out.update((n, spec) for n, spec in vocab.items() if n.startswith("lm_head."))
     return out
 
 
