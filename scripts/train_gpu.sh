@@ -19,8 +19,10 @@
 # within 30 s and without data.tar.xz in the carry, the resuming leg.
 # Options (environment): INIT_BIN=FILE.bin starts leg 1 from a .bin's weights (same shape and
 # tokenizer: the shipped model, with the corpus it was trained on) with a new schedule;
-# TRAIN_LR the peak learning rate (2e-3); FINAL_LEG=1 ends the schedule where this leg's time is
-# up (evaluate, convert, sample) when TRAIN_STEPS is not reached by then.
+# TRAIN_LR the peak learning rate (2e-3); EXTRA_SHAPE more shape flags (a larger model: its .bin
+# fits 16 MiB with CONVERT_ARGS="--lm-head i8 --embedding i8", docs/tiny_model.md); FINAL_LEG=1
+# ends the schedule where this leg's time is up (evaluate, convert, sample) when TRAIN_STEPS is not
+# reached by then.
 # CPU stand-in (everything but CUDA; tiny run):
 #   TRAIN_DEVICE=cpu TRAIN_STEPS=4 OUT=/tmp/out-train bash scripts/train_gpu.sh
 set -uo pipefail
@@ -94,14 +96,14 @@ train_rc=$?
 stamp "training exited with rc $train_rc"
 [ -f "$CKPT/train_log.json" ] && cp "$CKPT/train_log.json" "$OUT/train_log.json"
 
-if [ -f "$CKPT/DONE" ]; then
+if [ "$train_rc" -eq 0 ] && [ -f "$CKPT/DONE" ]; then  # (a failed leg never converts an older run's DONE)
   if [ -n "$BUILD_PID" ]; then stamp "waiting for the core build"; wait "$BUILD_PID"; tail -2 "$WORK/build.log"; fi
   if [ -n "${CORE_READY_FILE:-}" ]; then
     stamp "waiting for $CORE_READY_FILE"
     for _ in $(seq 300); do [ -f "$CORE_READY_FILE" ] && break; sleep 1; done
   fi
   stamp "bitdlm convert"
-  PYTHONPATH=python python3 -m bitdlm.cli convert "$CKPT" "$OUT/model.bin" --force \
+  PYTHONPATH=python python3 -m bitdlm.cli convert "$CKPT" "$OUT/model.bin" --force ${CONVERT_ARGS:-} \
     && ls -l "$OUT/model.bin" || echo "ERROR: convert failed (the checkpoint still comes back)"
   if [ -f "$OUT/model.bin" ]; then
     PYTHONPATH=python timeout 60 python3 -m bitdlm.cli generate 'def fibonacci(n):' --model "$OUT/model.bin" \
