@@ -200,7 +200,7 @@ def break_even(rows: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- server
 def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[float], max_tokens: int,
-           prompt_len: int, time_limit: float) -> list[dict]:
+           prompt_len: int, time_limit: float, rounds: int = 4) -> list[dict]:
     import asyncio
 
     import serve as load  # bench/serve.py
@@ -224,8 +224,9 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
         try:
             for c in concurrency:
                 for mode, extra in modes:
-                    # at least 4 requests: at concurrency 1 one request is a latency, not a rate
-                    args.concurrency, args.num_requests, args.extra_body = c, max(4, c), extra
+                    # `rounds` requests per client, closed loop: a rate at that concurrency, not
+                    # the ramp of one burst (whose first arrival finds an idle engine)
+                    args.concurrency, args.num_requests, args.extra_body = c, rounds * c, extra
                     asyncio.run(load.run_load(bases, SimpleNamespace(**{**vars(args), "num_requests": 1,
                                                                          "concurrency": 1})))  # warm
                     res = asyncio.run(load.run_load(bases, args))
@@ -453,6 +454,8 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default=None, help="server concurrency (default 1,4,16,64; --tiny 1,2)")
     ap.add_argument("--server-tpf", default="2,4", help="fixed-rate tokens per forward timed through the server")
     ap.add_argument("--server-max-tokens", type=int, default=None, help="per server request (default 32; --tiny 8)")
+    ap.add_argument("--server-rounds", type=int, default=4,
+                    help="requests per client at each concurrency, closed loop (one round: a single burst)")
     ap.add_argument("--server-time-limit", type=float, default=90.0, help="seconds per server load at most")
     ap.add_argument("--llama-archive", default="", help="trimmed llama.cpp source (bench/llama_trim.py); '' skips")
     ap.add_argument("--skip", default="", help="sections to skip: offline,server,llama,spin")
@@ -508,7 +511,7 @@ def main(argv=None) -> int:
     if "server" not in skip:
         try:
             doc["server"] = server(model, threads, conc, [float(x) for x in a.server_tpf.split(",") if x],
-                                   server_tokens, a.prompt_len, a.server_time_limit)
+                                   server_tokens, a.prompt_len, a.server_time_limit, a.server_rounds)
         except (ImportError, SystemExit, RuntimeError) as e:
             doc["notes"].append(f"server skipped: {e}")
             print(doc["notes"][-1], file=sys.stderr)
