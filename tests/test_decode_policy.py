@@ -9,6 +9,7 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from bitdlm.engine import policy as P  # noqa: E402
@@ -250,6 +251,94 @@ def test_adaptive_outputs_equal_the_fixed_policy_for_the_reported_mode(model):
     # the check can fail: the two modes give different text for some of these prompts
     assert any(a.token_ids != d.token_ids for a, d in zip(as_ar, as_diffusion))
     assert llm.engine.policy.assigned == {P.AR: modes.count(P.AR), P.DIFFUSION: modes.count(P.DIFFUSION)}
+
+
+def _run_engine(eng, arrivals):
+    """Drive the engine: `arrivals` maps a step number to [(rid, prompt ids, params)] added
+    before that step -> {rid: (token ids, first decode_mode reported, last one)}."""
+    toks, modes, step = {}, {}, 0
+    while True:
+        for rid, ids, sp in arrivals.get(step, []):
+            eng.add_request(rid, ids, sp)
+            toks[rid] = []
+        if not eng.has_unfinished() and step > max(arrivals):
+            break
+        for o in eng.step():
+            assert o.error is None, o.error
+            toks[o.request_id] += o.new_token_ids
+            modes.setdefault(o.request_id, [o.decode_mode, o.decode_mode])[1] = o.decode_mode
+        step += 1
+    return {rid: (toks[rid], *modes[rid]) for rid in toks}
+
+
+def _reference_switched(model, prompt, first, switch_at, n):
+    """The tokens a request gives that decodes its positions up to `switch_at` (a block end) as
+    the diffusion tokens `first` and then greedy AR, driven straight on the core (no engine):
+    the K/V of [0, switch_at) written by forwards of whole 32-blocks under the block mask,
+    the last of them carrying the first AR token (shift), then one token per forward under
+    the causal mask. Mask token banned, first index of the largest logit."""
+    x = np.asarray(list(prompt) + list(first), np.int32)
+    assert len(x) == switch_at and switch_at % BLOCK == 0  # (the prompt's blocks too: the same K/V as prefill's)
+    mask = model.meta["mask_token_id"]
+    sid = model.alloc_seq(switch_at + n + BLOCK)
+    out = []
+    try:
+        for b in range(0, switch_at, BLOCK):
+            lg = model.forward([(sid, x[b:b + BLOCK], b, b, True, np.array([BLOCK - 1], np.int32))], BLOCK)
+        pos = switch_at
+        while len(out) < n:
+            lg = np.array(lg, np.float32).reshape(-1, lg.shape[-1])[-1]
+            lg[mask] = -np.inf
+            t = int(np.argmax(lg))
+            out.append(t)
+            lg = model.forward([(sid, np.array([t], np.int32), pos, pos, True, np.array([0], np.int32))], 1)
+            pos += 1
+    finally:
+        model.free_seq(sid)
+    return out
+
+
+def test_a_burst_moves_its_lone_diffusion_request_to_ar_when_its_block_closes(model):
+    """The first arrival of a burst finds an idle engine and takes diffusion; when its block
+    closes beside the burst's AR requests, the policy prices it again and it decodes AR from
+    there: its tokens are diffusion's up to that block end, then greedy AR against the K/V the
+    blocks left (checked on a driver of the core alone), and it reports the move. Alone, it
+    stays on diffusion."""
+
+    cost_ar, cost_d = [(1, 0.010), (4, 0.0101), (16, 0.0104)], [(1, 0.0101), (2, 0.020), (16, 0.160)]
+    prompt = LLM(model).engine.tokenizer.encode('def parse_args(argv):\n    """Parse the command line."""\n')
+    switch_at = (len(prompt) // BLOCK + 1) * BLOCK  # the end of the first block it generates into
+    sp = SamplingParams(max_tokens=70, ignore_eos=True)
+    others = [(f"o{i}", list(range(100 + i, 120 + i)), SamplingParams(max_tokens=40, ignore_eos=True))
+              for i in range(8)]
+    llm = _forced(LLM(model, max_batch=16, decode_policy="adaptive"), cost_ar, cost_d)
+    got = _run_engine(llm.engine, {0: [("first", prompt, sp)], 2: others})
+    toks, mode0, mode1 = got["first"]
+    assert (mode0, mode1) == (P.DIFFUSION, P.AR)
+    # the burst ends on AR (the second arrival ties at two requests and takes diffusion too)
+    assert all(got[r][2] == P.AR for r, _, _ in others)
+    moved = [r for r, (_, m0, m1) in got.items() if (m0, m1) == (P.DIFFUSION, P.AR)]
+    assert llm.engine.policy.switched == len(moved) and llm.engine.policy.summary()["switched_to_ar"] == len(moved)
+    # alone (the same request, nothing beside it): diffusion to the end, the same first block
+    alone = _forced(LLM(model, max_batch=16, decode_policy="adaptive"), cost_ar, cost_d)
+    solo, m0, m1 = _run_engine(alone.engine, {0: [("first", prompt, sp)]})["first"]
+    assert (m0, m1) == (P.DIFFUSION, P.DIFFUSION) and alone.engine.policy.switched == 0
+    k = switch_at - len(prompt)
+    assert toks[:k] == solo[:k]
+    assert len(toks) == 70 and toks[k:] == _reference_switched(model, prompt, toks[:k], switch_at, 70 - k)
+    # the check can fail: diffusion's own continuation differs from the AR one here
+    assert solo[k:] != toks[k:]
+    # LLM.generate (one output at the end, its tokens read back from the request's history)
+    # gives what the streamed steps gave, for the same arrivals (all at once: both first two
+    # take diffusion and move)
+    reqs = [("first", prompt, sp)] + others
+    streamed = _run_engine(_forced(LLM(model, max_batch=16, decode_policy="adaptive"), cost_ar, cost_d).engine,
+                           {0: reqs})
+    final = _forced(LLM(model, max_batch=16, decode_policy="adaptive"), cost_ar, cost_d)
+    gens = final.generate([ids for _, ids, _ in reqs], [p for _, _, p in reqs])
+    assert final.engine.policy.switched >= 1
+    assert [g.token_ids for g in gens] == [streamed[r][0] for r, _, _ in reqs]
+    assert [(g.decode_mode, g.stats["decode_mode_at_end"]) for g in gens] == [streamed[r][1:] for r, _, _ in reqs]
 
 
 def test_the_engine_prices_its_decoding_forwards_and_not_its_prompt_chunks(model, monkeypatch):

@@ -20,7 +20,9 @@ class Generation:
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     prompt_token_ids: list[int]
     stats: dict = field(default_factory=dict)  # forwards, tokens_per_forward, seconds
-    decode_mode: str = "diffusion"  # "ar" | "diffusion": the mode it decoded in (decode_policy)
+    # "ar" | "diffusion": the mode it was admitted in (decode_policy); stats["decode_mode_at_end"]
+    # differs where the adaptive policy moved it from diffusion to AR when a block closed
+    decode_mode: str = "diffusion"
 
 
 class LLM:
@@ -159,7 +161,7 @@ class LLM:
                             raise RuntimeError(f"request failed: {out.error}")
                         done[out.request_id] = (list(itertools.chain.from_iterable(o.new_token_ids for o in outs)),
                                                 "".join([o.text for o in outs]), out.finish_reason, out.forwards,
-                                                time.perf_counter() - t0)
+                                                time.perf_counter() - t0, out.decode_mode)
         except BaseException:
             for rid in live:
                 eng.abort(rid)
@@ -167,12 +169,12 @@ class LLM:
             raise
         res = []
         for rid, enc in zip(ids, encoded):
-            toks, text, reason, forwards, t = done[rid]
+            toks, text, reason, forwards, t, end_mode = done[rid]
             n = len(toks)
             res.append(Generation(text=text, token_ids=toks, finish_reason=reason, prompt_token_ids=enc.tolist(),
                                   stats=dict(forwards=forwards, generated_tokens=n,
                                              tokens_per_forward=n / forwards if forwards else 0.0,
-                                             seconds=t), decode_mode=modes[rid]))
+                                             seconds=t, decode_mode_at_end=end_mode), decode_mode=modes[rid]))
         return res
 
     def generate_stream(self, prompt, params: SamplingParams | None = None):
@@ -191,14 +193,14 @@ class LLM:
         rid = f"gen-{uuid.uuid4().hex}"
         mode = eng.add_request(rid, enc, params or SamplingParams())
         t0 = time.perf_counter()
-        ids, texts, reason, forwards = [], [], None, 0
+        ids, texts, reason, forwards, end_mode = [], [], None, 0, mode
         try:
             while reason is None:
                 for out in eng.step():
                     if out.request_id != rid:
                         continue
                     ids += out.new_token_ids
-                    forwards = out.forwards
+                    forwards, end_mode = out.forwards, out.decode_mode
                     if out.finished:
                         reason = out.finish_reason
                         if out.error:
@@ -214,7 +216,8 @@ class LLM:
         self.last = Generation(text="".join(texts), token_ids=ids, finish_reason=reason, prompt_token_ids=enc,
                                stats=dict(forwards=forwards, generated_tokens=n,
                                           tokens_per_forward=n / forwards if forwards else 0.0,
-                                          seconds=time.perf_counter() - t0), decode_mode=mode)
+                                          seconds=time.perf_counter() - t0, decode_mode_at_end=end_mode),
+                               decode_mode=mode)
         return self.last
 
     def _drain(self, rids: set) -> None:

@@ -15,7 +15,7 @@ from ..sampling_params import MAX_SUB_BLOCKS, SamplingParamError, SamplingParams
 from . import policy as _policy
 from .group import GroupPlan
 from .output_processor import OutputProcessor, RequestOutput, make_output, text_state
-from .request_state import PREFILL, BlockConfig, RequestState
+from .request_state import COMMIT, PREFILL, BlockConfig, RequestState
 from .scheduler import Scheduled, Scheduler
 
 log = logging.getLogger("bitdlm.engine")
@@ -181,9 +181,7 @@ class Engine:
                                      f"use at least {-(-bs // MAX_SUB_BLOCKS)}")
         if params.stop_list() and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this engine has none")
-        thr = self.default_threshold if params.threshold is None else float(params.threshold)
-        algo = decoding.make(params.generation_algorithm, **{**params.algorithm_values(), "threshold": thr})
-        algo.configure(bs, sbs)
+        algo = self._algo(params, bs, sbs)
         limit = min(P + params.max_tokens, self.max_len)
         # the block holding the last wanted position is decoded (and, with the sub-block
         # cache, written as scratch) in full
@@ -203,6 +201,13 @@ class Engine:
         if assigned:
             self.policy.assigned[seq.mode] += 1
         return seq.mode
+
+    def _algo(self, params: SamplingParams, bs: int, sbs: int) -> decoding.Algorithm:
+        """A request's own unmasking rule (rules may keep state), set up for its block sizes."""
+        thr = self.default_threshold if params.threshold is None else float(params.threshold)
+        algo = decoding.make(params.generation_algorithm, **{**params.algorithm_values(), "threshold": thr})
+        algo.configure(bs, sbs)
+        return algo
 
     def check_prompt(self, prompt_ids) -> np.ndarray:
         """The prompt as int64 ids, or ValueError: not integers, empty, out of the
@@ -254,6 +259,8 @@ class Engine:
         sched.admit(outputs)
         groups = sched.schedule(outputs)
         n_running = len(sched.running)  # (before the step's finished requests leave)
+        if self.policy is not None:
+            self._reprice_closing(groups)
         for key, batch in groups.items():
             tf = time.perf_counter()
             group_res, results = sched.forward(key, batch, outputs)
@@ -271,6 +278,36 @@ class Engine:
             self.stats.step_seconds += dt
             self.stats.last_step_seconds = dt
         return outputs
+
+    def _reprice_closing(self, groups) -> None:
+        """Adaptive policy: a diffusion request it assigned whose block closes in this step is
+        priced again against the requests now beside it, and decodes AR from its next token on
+        where that split is the better one (RequestState.close_block). Why: the first arrival
+        of a burst finds an idle engine and takes diffusion; it need not make every AR step of
+        the burst pay a diffusion forward for the rest of its life. Never the other way:
+        diffusion blocks start at multiples of the block size, AR positions anywhere."""
+        pol = self.policy
+        if not pol.calibrated or not self.shift:
+            return
+        closing = []
+        for batch in groups.values():
+            if batch.group is not None:
+                closing += batch.group.seqs[batch.group.n_decide:]
+            closing += [m.seq for m in batch.members if m.plan.kind == COMMIT]
+        closing = [s for s in closing if s.assigned and s.bs != 1 and s.to_ar is None]
+        if not closing:
+            return
+        sched = self.scheduler
+        others = list(itertools.islice(itertools.chain(sched.running.values(), sched.waiting.values()),
+                                       self.max_batch))
+        a = sum(1 for s in others if s.bs == 1)
+        d = len(others) - a
+        for seq in closing:
+            if pol.decide(a, d - 1, _policy.prior_tpf(seq.params, seq.bs)) == _policy.AR:
+                params = _policy.mode_params(seq.params, _policy.AR)
+                seq.to_ar = (params, self._algo(params, 1, 1))
+                pol.switched += 1
+                a, d = a + 1, d - 1
 
     def _priced(self, key, batch) -> int:
         """The number of requests of a forward of the kind the adaptive policy prices

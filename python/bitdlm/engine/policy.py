@@ -7,7 +7,8 @@ towards the split of the requests it will run beside (itself included) that the
 cost model predicts gives the most tokens/s (`choose_mode`). Its
 output is then exactly the fixed policy's output for the assigned mode
 (`mode_params`), and the mode is reported with the request. Running requests
-keep their mode.
+keep their mode, except that a diffusion request it assigned is priced again when
+its block closes and may go on in AR (EngineCore._reprice_closing).
 
 The cost model: the scheduler runs one forward per block size, so a step with
 `a` AR and `d` diffusion requests costs cost_ar(a) + cost_diffusion(d), each
@@ -169,8 +170,8 @@ def choose_mode(cost_ar, cost_diffusion, a: int, d: int, tpf: float, load: int =
     and a diffusion request among AR ones adds a forward to every step of its life). (Not
     the better of the two sets one request apart: the first AR request of a diffusion set
     costs a forward of its own, so that greedy step never leaves an all-diffusion set even
-    where an all-AR one is several times faster.) Running requests keep their modes; as
-    they finish, arrivals move the set to the split."""
+    where an all-AR one is several times faster.) As requests finish, and as diffusion
+    ones close their blocks (priced again then), the set moves to the split."""
     return AR if a < best_split(cost_ar, cost_diffusion, max(a + d + 1, load), tpf) else DIFFUSION
 
 
@@ -275,6 +276,7 @@ class AdaptivePolicy:
         self.priced_at = {m: 0.0 for m in MODES}  # time.monotonic() of each mode's last timing
         self.served_at = {m: 0.0 for m in MODES}  # ... and of its last observed serving forward
         self.repriced = {m: 0 for m in MODES}
+        self.switched = 0  # diffusion requests moved to AR when a block closed (EngineCore._reprice_closing)
         self.load = 0.0  # recent requests per engine step (observe_load; 0: none yet)
 
     @property
@@ -367,4 +369,4 @@ class AdaptivePolicy:
                 "cost_diffusion_seconds": self.cost_diffusion.points() if self.cost_diffusion else None,
                 "cost_scale": {m: round(k, 4) for m, k in self.cost_scale.items()},
                 "forwards_observed": dict(self.forwards_observed), "repriced": dict(self.repriced),
-                "load": round(self.load, 3)}
+                "load": round(self.load, 3), "switched_to_ar": self.switched}

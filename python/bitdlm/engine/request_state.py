@@ -179,6 +179,9 @@ class RequestState:
     reason: str | None = None
     t0: float = 0.0
     assigned: bool = False  # the adaptive policy chose its mode (engine/policy.py)
+    # (params, algo) of AR: the adaptive policy moves it to AR when its block closes (close_block)
+    to_ar: tuple | None = None
+    switched_at: int = -1  # the position from which it decodes AR after such a move (-1: never moved)
     table: BlockRows | None = None  # the table holding blk / masked as its row `row` (-1: own arrays)
     row: int = -1
     # final_only (LLM.generate): one output, at the end, with every token and the whole text
@@ -192,6 +195,9 @@ class RequestState:
         self.mode = mode_of(self.bs)  # "ar" | "diffusion", reported with every output
         # with penalties, every token it picks (carried ones too) comes from penalised logits rows
         self.penalized = self.params.penalized()
+        self._set_groupable()
+
+    def _set_groupable(self) -> None:
         # the group path (engine/group.py) can take its decoding steps and commits: greedy, a
         # KV cache, a rule that decides from (token, confidence) rows, no penalties
         self.groupable = (self.cache != "none" and not self.penalized and not self.algo.needs_logits
@@ -430,4 +436,21 @@ class RequestState:
         logits' token, with shift) opens the next block."""
         end = self.bstart + len(self.blk)
         self.committed = end
+        if self.to_ar is not None:
+            self._become_ar(*self.to_ar)
         self.start_block(end, carried)
+
+    def _become_ar(self, params: SamplingParams, algo: decoding.Algorithm) -> None:
+        """From the closed block on, one token per forward (block size 1): everything up to the
+        block's end is committed K/V and history, and the carried token (the closed block's
+        last logits, as AR's own step would pick it) opens AR's first block. The cache's
+        capacity, rounded up to whole blocks at admission, covers AR's positions."""
+        g0 = max(self.bstart, self.P) - self.bstart
+        self.hist.extend(self.blk[g0:].tolist())
+        self.release_row()
+        self.blk = self.masked = None  # (start_block takes a row of block size 1's table)
+        self.params, self.algo, self.bs, self.sbs = params, algo, 1, 1
+        self.cache = params.cache_strategy()
+        self.mode = mode_of(1)
+        self._set_groupable()
+        self.to_ar, self.switched_at = None, self.committed
