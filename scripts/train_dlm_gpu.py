@@ -103,6 +103,7 @@ def weights_from_bin(path, vocab: dict) -> tuple[dict, dict]:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
     from bitdlm.format.reader import ModelFile
+    from bitdlm.format.spec import embedding_table
     from bitdlm.packing import unpack_i2
 
     out = {}
@@ -111,7 +112,15 @@ def weights_from_bin(path, vocab: dict) -> tuple[dict, dict]:
         tok = json.loads(meta["tokenizer_json"])
         if tok["model"]["vocab"] != vocab:
             raise SystemExit(f"--init-bin {path}: its tokenizer is not the corpus's (prepare the data with it)")
+        emb_w, emb_s = embedding_table(meta)
+        if emb_s is not None:  # int8 rows x per-row scales (--embedding i8), as the forward reads them
+            out["model.embed_tokens.weight"] = (np.asarray(mf.array(emb_w), np.float32)
+                                                * np.asarray(mf.array(emb_s), np.float32)[:, None])
         for name, t in mf.tensors.items():
+            if name in (emb_w, emb_s) and emb_s is not None:
+                continue
+            if meta["tie_word_embeddings"] and name.startswith("lm_head."):
+                continue  # a tied model's int8 lm_head is a quantized copy of the embedding
             a = mf.array(name)
             if t.dtype == "i2_b128":
                 codes = unpack_i2(a, t.shape[1]).astype(np.float32)

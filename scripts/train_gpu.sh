@@ -9,7 +9,8 @@
 # The state lives outside the carried folders ($WORK, default ~/bitdlm-train):
 # a carried folder is replaced on every call, the machine's disk is not.
 # Every leg returns the portable checkpoint (bf16 weights + trainer_state.json,
-# tar in <= 15 MiB parts), train_log.json and run.log. If the machine is lost,
+# tar in <= 15 MiB parts), train_log.json and run.log; where the parts would pass 62 MiB
+# (a larger shape), the leg's weights as model_leg.bin instead (INIT_BIN's fallback start). If the machine is lost,
 # put the parts that came back in build-train/carry/resume/ and call again:
 # the leg resumes from those weights (fresh AdamW moments, short re-warmup).
 # Carried inputs (ignored folder build-train/carry, <= 64 MiB with the tree):
@@ -116,8 +117,16 @@ fi
 stamp "packing the portable checkpoint"
 tar -C "$WORK" -cf - --exclude ckpt/state --exclude ckpt/DONE ckpt | split -b 15M -d - "$OUT/ckpt.tar.part-"
 total=$(du -cb "$OUT"/* | tail -1 | cut -f1)
-if [ "$total" -gt $((62 * 1048576)) ]; then  # keep the .bin and logs; the checkpoint stays on the machine
-  echo "WARNING: $total bytes > 62 MiB: the checkpoint parts are not returned"; rm -f "$OUT"/ckpt.tar.part-*
+if [ "$total" -gt $((${RETURN_MIB:-62} * 1048576)) ]; then  # keep the .bin and logs; the checkpoint stays on the machine
+  echo "WARNING: $total bytes > ${RETURN_MIB:-62} MiB: the checkpoint parts are not returned"; rm -f "$OUT"/ckpt.tar.part-*
+  if [ ! -f "$OUT/model.bin" ] && [ "$train_rc" -eq 0 ]; then
+    # (a larger shape: bf16 weights over 62 MiB) what a lost machine leaves instead: this leg's
+    # weights as a .bin, the start of a new schedule (INIT_BIN=model_leg.bin, same EXTRA_SHAPE)
+    if [ -n "$BUILD_PID" ]; then wait "$BUILD_PID"; BUILD_PID=; fi
+    stamp "converting this leg's weights -> model_leg.bin (the fallback start if the machine is lost)"
+    PYTHONPATH=python python3 -m bitdlm.cli convert "$CKPT" "$OUT/model_leg.bin" --force ${CONVERT_ARGS:-} \
+      >/dev/null && ls -l "$OUT/model_leg.bin" || echo "(convert of the leg failed)"
+  fi
 fi
 ls -l "$OUT"
 echo "files in OUT: $(find "$OUT" -type f | wc -l) (limit 8); reassemble: cat ckpt.tar.part-* | tar -xf -"

@@ -440,6 +440,20 @@ def test_init_bin_starts_from_the_function_of_a_converted_model(corpus, tmp_path
         gpu.weights_from_bin(binp, other)
     with pytest.raises(SystemExit, match="not this shape|is \\("):
         gpu.main(_gpu_args(data, tmp_path / "wide", "--init-bin", str(binp), "--hidden", "128"))
+    # a .bin with the int8 table (--lm-head i8 --embedding i8, a larger shape's package form):
+    # the same ternary latents, and the embedding rows the forward reads (int8 x row scale)
+    b8 = tmp_path / "m8.bin"
+    convert(tmp_path / "one", b8, progress=False, lm_head="i8", embedding="i8")
+    a8, _ = gpu.weights_from_bin(b8, tok)
+    assert set(a8) == set(arrays)
+    assert all(np.array_equal(a8[n], arrays[n]) for n in arrays if n != "model.embed_tokens.weight")
+    m8 = ModelFile.open(b8)
+    want = m8.array("lm_head.weight").astype(np.float32) * m8.array("lm_head.scale")[:, None]
+    assert np.array_equal(a8["model.embed_tokens.weight"], want)
+    emb = arrays["model.embed_tokens.weight"]
+    err = np.abs(a8["model.embed_tokens.weight"] - emb).max(axis=1)
+    assert np.all(err <= np.abs(emb).max(axis=1) / 127 * 0.51 + 1e-6) and err.max() > 0
+    assert gpu.main(_gpu_args(data, tmp_path / "init8", "--init-bin", str(b8))) == 0
 
 
 def test_final_leg_ends_the_schedule_where_the_time_is_up(corpus, tmp_path):
