@@ -8,7 +8,7 @@ cost model predicts gives the most tokens/s (`choose_mode`). Its
 output is then exactly the fixed policy's output for the assigned mode
 (`mode_params`), and the mode is reported with the request. Running requests
 keep their mode, except that a diffusion request it assigned is priced again when
-its block closes and may go on in AR (EngineCore._reprice_closing).
+its block closes and may go on in AR (Engine._reprice_closing).
 
 The cost model: the scheduler runs one forward per block size, so a step with
 `a` AR and `d` diffusion requests costs cost_ar(a) + cost_diffusion(d), each
@@ -276,7 +276,7 @@ class AdaptivePolicy:
         self.priced_at = {m: 0.0 for m in MODES}  # time.monotonic() of each mode's last timing
         self.served_at = {m: 0.0 for m in MODES}  # ... and of its last observed serving forward
         self.repriced = {m: 0 for m in MODES}
-        self.switched = 0  # diffusion requests moved to AR when a block closed (EngineCore._reprice_closing)
+        self.switched = 0  # diffusion requests moved to AR when a block closed (Engine._reprice_closing)
         self.load = 0.0  # recent requests per engine step (observe_load; 0: none yet)
 
     @property
