@@ -454,6 +454,9 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default=None, help="server concurrency (default 1,4,16,64; --tiny 1,2)")
     ap.add_argument("--server-tpf", default="2,4", help="fixed-rate tokens per forward timed through the server")
     ap.add_argument("--server-max-tokens", type=int, default=None, help="per server request (default 32; --tiny 8)")
+    ap.add_argument("--server-threads", default=None,
+                    help="thread counts of the server section (default: --threads; e.g. 16,15: a core left "
+                         "to the event loop and the load generator)")
     ap.add_argument("--server-rounds", type=int, default=4,
                     help="requests per client at each concurrency, closed loop (one round: a single burst)")
     ap.add_argument("--server-time-limit", type=float, default=90.0, help="seconds per server load at most")
@@ -510,7 +513,7 @@ def main(argv=None) -> int:
         save()
     if "server" not in skip:
         try:
-            doc["server"] = server(model, threads, conc, [float(x) for x in a.server_tpf.split(",") if x],
+            doc["server"] = server(model, ints(a.server_threads) if a.server_threads else threads, conc, [float(x) for x in a.server_tpf.split(",") if x],
                                    server_tokens, a.prompt_len, a.server_time_limit, a.server_rounds)
         except (ImportError, SystemExit, RuntimeError) as e:
             doc["notes"].append(f"server skipped: {e}")
