@@ -181,7 +181,6 @@ class RequestState:
     assigned: bool = False  # the adaptive policy chose its mode (engine/policy.py)
     # (params, algo) of AR: the adaptive policy moves it to AR when its block closes (close_block)
     to_ar: tuple | None = None
-    switched_at: int = -1  # the position from which it decodes AR after such a move (-1: never moved)
     table: BlockRows | None = None  # the table holding blk / masked as its row `row` (-1: own arrays)
     row: int = -1
     # final_only (LLM.generate): one output, at the end, with every token and the whole text
@@ -453,4 +452,4 @@ class RequestState:
         self.cache = params.cache_strategy()
         self.mode = mode_of(1)
         self._set_groupable()
-        self.to_ar, self.switched_at = None, self.committed
+        self.to_ar = None
