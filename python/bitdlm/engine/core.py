@@ -122,16 +122,21 @@ class Engine:
             log.warning("decode policy calibration failed (%s: %s): this request decodes as it asks",
                         type(e).__name__, e)
             return params, False
+        a, d = self._mode_counts(self.max_batch - 1)
+        mode = pol.decide(a, d, _policy.prior_tpf(params, self.block_size))
+        return _policy.mode_params(params, mode), True
+
+    def _mode_counts(self, limit: int) -> tuple[int, int]:
+        """(AR, diffusion) requests among the first `limit` running, then waiting ones: those a
+        request would run beside."""
         sched = self.scheduler
         a = d = 0
-        for seq in itertools.islice(itertools.chain(sched.running.values(), sched.waiting.values()),
-                                    self.max_batch - 1):
+        for seq in itertools.islice(itertools.chain(sched.running.values(), sched.waiting.values()), limit):
             if seq.bs == 1:
                 a += 1
             else:
                 d += 1
-        mode = pol.decide(a, d, _policy.prior_tpf(params, self.block_size))
-        return _policy.mode_params(params, mode), True
+        return a, d
 
     @property
     def prefill_chunk(self) -> int:
@@ -297,11 +302,7 @@ class Engine:
         closing = [s for s in closing if s.assigned and s.bs != 1 and s.to_ar is None]
         if not closing:
             return
-        sched = self.scheduler
-        others = list(itertools.islice(itertools.chain(sched.running.values(), sched.waiting.values()),
-                                       self.max_batch))
-        a = sum(1 for s in others if s.bs == 1)
-        d = len(others) - a
+        a, d = self._mode_counts(self.max_batch)  # (the closing ones among them)
         for seq in closing:
             if pol.decide(a, d - 1, _policy.prior_tpf(seq.params, seq.bs)) == _policy.AR:
                 params = _policy.mode_params(seq.params, _policy.AR)

@@ -253,9 +253,8 @@ class RequestState:
     def _open_block(self, bstart: int, first_token: int | None) -> None:
         """start_block's general case."""
         self.prefilling = False
-        if self.blk is not None:  # the closing block's generated part becomes history
-            g0 = max(self.bstart, self.P) - self.bstart
-            self.hist.extend(self.blk[g0:].tolist())
+        if self.blk is not None:
+            self._retire_block()
         bend = min(bstart + self.bs, self.cfg.max_len)
         n = bend - bstart
         mask_id = -1 if self.cfg.mask_id is None else self.cfg.mask_id
@@ -292,6 +291,11 @@ class RequestState:
         self.bstart, self.blk, self.masked, self.scratch = bstart, blk, masked, False
         self.first = first
         self.algo.reset()
+
+    def _retire_block(self) -> None:
+        """The closing block's generated part becomes history."""
+        g0 = max(self.bstart, self.P) - self.bstart
+        self.hist.extend(self.blk[g0:].tolist())
 
     def release_row(self) -> None:
         """Give its table row back (the request has ended); blk / masked become copies."""
@@ -444,8 +448,7 @@ class RequestState:
         block's end is committed K/V and history, and the carried token (the closed block's
         last logits, as AR's own step would pick it) opens AR's first block. The cache's
         capacity, rounded up to whole blocks at admission, covers AR's positions."""
-        g0 = max(self.bstart, self.P) - self.bstart
-        self.hist.extend(self.blk[g0:].tolist())
+        self._retire_block()
         self.release_row()
         self.blk = self.masked = None  # (start_block takes a row of block size 1's table)
         self.params, self.algo, self.bs, self.sbs = params, algo, 1, 1
