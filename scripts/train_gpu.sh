@@ -97,15 +97,21 @@ train_rc=$?
 stamp "training exited with rc $train_rc"
 [ -f "$CKPT/train_log.json" ] && cp "$CKPT/train_log.json" "$OUT/train_log.json"
 
-if [ "$train_rc" -eq 0 ] && [ -f "$CKPT/DONE" ]; then  # (a failed leg never converts an older run's DONE)
-  if [ -n "$BUILD_PID" ]; then stamp "waiting for the core build"; wait "$BUILD_PID"; tail -2 "$WORK/build.log"; fi
+# convert_ckpt FILE: the checkpoint's weights -> FILE (CONVERT_ARGS), once the core is built
+convert_ckpt() {
+  if [ -n "$BUILD_PID" ]; then
+    stamp "waiting for the core build"; wait "$BUILD_PID"; tail -2 "$WORK/build.log"; BUILD_PID=
+  fi
   if [ -n "${CORE_READY_FILE:-}" ]; then
     stamp "waiting for $CORE_READY_FILE"
     for _ in $(seq 300); do [ -f "$CORE_READY_FILE" ] && break; sleep 1; done
   fi
-  stamp "bitdlm convert"
-  PYTHONPATH=python python3 -m bitdlm.cli convert "$CKPT" "$OUT/model.bin" --force ${CONVERT_ARGS:-} \
-    && ls -l "$OUT/model.bin" || echo "ERROR: convert failed (the checkpoint still comes back)"
+  stamp "bitdlm convert -> $1"
+  PYTHONPATH=python python3 -m bitdlm.cli convert "$CKPT" "$1" --force ${CONVERT_ARGS:-} && ls -l "$1"
+}
+
+if [ "$train_rc" -eq 0 ] && [ -f "$CKPT/DONE" ]; then  # (a failed leg never converts an older run's DONE)
+  convert_ckpt "$OUT/model.bin" || echo "ERROR: convert failed (the checkpoint still comes back)"
   if [ -f "$OUT/model.bin" ]; then
     PYTHONPATH=python timeout 60 python3 -m bitdlm.cli generate 'def fibonacci(n):' --model "$OUT/model.bin" \
       --max-tokens 64 --stats || echo "(generate failed)"
@@ -122,10 +128,7 @@ if [ "$total" -gt $((${RETURN_MIB:-62} * 1048576)) ]; then  # keep the .bin and 
   if [ ! -f "$OUT/model.bin" ] && [ "$train_rc" -eq 0 ]; then
     # (a larger shape: bf16 weights over 62 MiB) what a lost machine leaves instead: this leg's
     # weights as a .bin, the start of a new schedule (INIT_BIN=model_leg.bin, same EXTRA_SHAPE)
-    if [ -n "$BUILD_PID" ]; then wait "$BUILD_PID"; BUILD_PID=; fi
-    stamp "converting this leg's weights -> model_leg.bin (the fallback start if the machine is lost)"
-    PYTHONPATH=python python3 -m bitdlm.cli convert "$CKPT" "$OUT/model_leg.bin" --force ${CONVERT_ARGS:-} \
-      >/dev/null && ls -l "$OUT/model_leg.bin" || echo "(convert of the leg failed)"
+    convert_ckpt "$OUT/model_leg.bin" || echo "(convert of the leg failed)"
   fi
 fi
 ls -l "$OUT"
