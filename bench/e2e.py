@@ -5,7 +5,8 @@ random ternary weights, int8 lm_head) it measures, at every thread count of --th
 
   offline   the real `LLM.generate` path, one request: generated tokens/s with LLaDA's
             fixed-rate rule (`steps`: a block of 32 in `steps` deciding forwards and one
-            commit, 32 / (steps + 1) tokens per forward) at each of --tpf, with the prefix cache and the sub-block cache,
+            commit, 32 / (steps + 1) tokens per forward) at each of --tpf, with the prefix
+            cache and the sub-block cache,
             beside autoregressive decoding (`block_length` 1); per run the forwards, the
             achieved tokens per forward (commit and prefill forwards included), and the
             time per forward spent outside `_core.forward` (the Python side: scheduler,
@@ -447,7 +448,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="bitdlm .bin (default: make the synthetic one in --workdir)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bitdlm-e2e"))
     ap.add_argument("--threads", default=None, help="thread counts (default 8,16; --tiny: 1)")
-    ap.add_argument("--tpf", default="1,2,3,4,8", help="tokens per forward of the fixed-rate rule (steps_for: its commit counted)")
+    ap.add_argument("--tpf", default="1,2,3,4,8",
+                    help="tokens per forward of the fixed-rate rule (steps_for: its commit counted)")
     ap.add_argument("--max-tokens", type=int, default=None, help="generated per request (default 64; --tiny 16)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2, help="offline repetitions (the fastest is kept)")
@@ -513,8 +515,9 @@ def main(argv=None) -> int:
         save()
     if "server" not in skip:
         try:
-            doc["server"] = server(model, ints(a.server_threads) if a.server_threads else threads, conc, [float(x) for x in a.server_tpf.split(",") if x],
-                                   server_tokens, a.prompt_len, a.server_time_limit, a.server_rounds)
+            doc["server"] = server(model, ints(a.server_threads) if a.server_threads else threads, conc,
+                                   [float(x) for x in a.server_tpf.split(",") if x], server_tokens, a.prompt_len,
+                                   a.server_time_limit, a.server_rounds)
         except (ImportError, SystemExit, RuntimeError) as e:
             doc["notes"].append(f"server skipped: {e}")
             print(doc["notes"][-1], file=sys.stderr)

@@ -48,8 +48,8 @@ def test_e2e_tiny(tmp_path):
     """The whole bench/e2e.py path on the tiny model: offline, through the server, spin; JSON + PNG."""
     out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "e2e.py"), "--tiny", "--tpf", "1,4", "--reps", "1",
-           "--server-tpf", "4", "--concurrency", "2", "--server-rounds", "2", "--workdir", str(tmp_path), "--json", str(out),
-           "--plot", str(png)]
+           "--server-tpf", "4", "--concurrency", "2", "--server-rounds", "2", "--workdir", str(tmp_path),
+           "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     doc = json.loads(out.read_text())
