@@ -117,14 +117,16 @@ def test_amx_min_tokens_setter():
 @pytest.mark.skipif(not _core.build_info().get("bench_kernels"),
                     reason="bench-only kernels not built (BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh)")
 def test_amx_variant_setter_range():
-    ok = [v for v in range(128) if not v & ~(1 | 8 | 16 | 32 | 64)]
+    # bits 1 8 16 32 64 128 256; 256 (stream depth 3) only with 128 (the stream)
+    ok = [v for v in range(512) if not v & ~(1 | 8 | 16 | 32 | 64 | 128 | 256) and (v & 128 or not v & 256)]
     try:
         for v in ok:
             _core.set_amx_variant(v)
             assert _core.get_amx_variant() == v
-        for bad in (-1, 2, 4, 128, 256):  # static schedule / 32-token jobs / VNNI lm_head bits are gone
+        # static schedule / 32-token jobs bits are gone; deep without the stream; no bit above 256
+        for bad in (-1, 2, 4, 256, 256 | 49, 512, 1024 | 49):
             with pytest.raises(ValueError, match="AMX variant"):
                 _core.set_amx_variant(bad)
         assert _core.get_amx_variant() == ok[-1]  # a refused value changes nothing
     finally:
-        _core.set_amx_variant(1 | 32)
+        _core.set_amx_variant(49)

@@ -26,7 +26,8 @@ BENCH = bool(_core.build_info().get("bench_kernels"))
 # The shipped AMX kernel (None), plus in bench builds the variants bench/amx_sweep.py
 # measures (csrc/bench/amx_variants_amx.cpp bit flags: each alone and the combinations
 # the kernel distinguishes)
-AMX_VARIANTS = [None] + ([0, 1, 1 | 8, 1 | 16, 1 | 8 | 16, 32, 32 | 8 | 16, 64, 64 | 8 | 16] if BENCH else [])
+AMX_VARIANTS = [None] + ([0, 1, 1 | 8, 1 | 16, 1 | 8 | 16, 32, 32 | 8 | 16, 64, 64 | 8 | 16,
+                          128 | 49, 256 | 128 | 49, 128 | 64 | 8, 128] if BENCH else [])
 _BENCH_NAMES = ("bench_peak_int8", "bench_peak_vnni", "bench_peak_amx", "bench_bandwidth", "set_amx_variant",
                 "get_amx_variant", "bench_gemm_multi", "bench_amx_overheads")
 # bench builds: bench_gemm_multi's kernels bench/amx_sweep.py times: the shipped VNNI tiles through
@@ -52,7 +53,7 @@ class amx_variant:
 
     def __exit__(self, *exc):
         if self.v is not None:
-            _core.set_amx_variant(1 | 32)  # the shipped kernel again
+            _core.set_amx_variant(49)  # the shipped kernel again (kAmxShipped: dispatch's own kernel)
 
 
 @pytest.fixture(params=ISAS)

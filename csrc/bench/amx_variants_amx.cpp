@@ -7,6 +7,20 @@
 //   8  kAmxPrefetch: software prefetch of the job's weight rows 8 blocks ahead
 //   16 kAmxPipeline: double-buffered unpack, one block ahead of the TDPBUSDs
 //   32 kAmxRows64 / 64 kAmxRows128: 64- / 128-row jobs with K-sliced B panels
+//   128 kAmxStream (session 12, unmeasured on AMX hardware): one unpack
+//                 pipeline over the job's whole item sequence (ternary_ks's
+//                 order: token tile pair, K slice, 32-row group, block; same
+//                 C-tile park / restore), the item D ahead unpacked right after
+//                 an item's TDPBUSDs are issued, across slice and group
+//                 boundaries, into a ring of D + 1 4-KiB A buffers; D = 2. It
+//                 replaces bits 1 and 16 (sweep it as 177 = 128 | 49); 8 and
+//                 32 / 64 keep their meaning (without 32 / 64: 32-row jobs).
+//                 Why: the shipped walker restarts its one-block-ahead pipeline
+//                 per (pair, slice, group), so every 4 blocks a block's tile
+//                 loads follow its own unpack stores directly (a suspected
+//                 TILELOADD-after-store stall).
+//   256 kAmxDeep: stream depth D = 3 (ring of 4); only with 128 (set_amx_variant
+//                 refuses it alone): 433 = 256 | 128 | 49.
 // _core.set_amx_variant (bind_bench.cpp) installs variant_tiles in the
 // dispatcher (set_amx_ternary_kernel); every variant is bit-exact
 // (tests/simde/harness.cpp, tests/test_kernels.py natively).
@@ -65,6 +79,23 @@ static void unpack_rows(const TernaryW& w, const ActQ& a, int m0, int nrows, uin
 // 8 blocks = 4 cache lines per row, ~1000 TDPBUSD cycles at N = 32.
 constexpr int kPfBlocks = 8;
 
+// Block b of the 32-row group at row m (r0 / r1 rows in its 16-row halves, nh
+// halves) -> 4 A tiles at dst (as block_dpbusd reads them); with pf first the
+// software prefetch of the group's rows kPfBlocks blocks ahead (every other
+// block).
+static inline void unpack_group(const TernaryW& w, const ActQ& a, int m, int r0, int r1, int nh, int b, uint8_t* dst,
+                                bool pf) {
+  const int nb = a.Kp / kKBlock;
+  const int64_t wstride = a.Kp / 4;
+  if (pf && !(b & 1) && b + kPfBlocks < nb) {
+    const int rows = nh == 2 ? kTileRows + r1 : r0;
+    const uint8_t* p = w.data + (int64_t)m * wstride + (b + kPfBlocks) * 32;
+    for (int r = 0; r < rows; ++r) PREFETCH(p + r * wstride);
+  }
+  unpack_block(w, a, m, r0, b, dst);
+  if (nh == 2) unpack_block(w, a, m + kTileRows, r1, b, dst + 2 * kTileBytes);
+}
+
 // One 32-row group's blocks [b0, b1) into tmm0-3 with the kAmxPrefetch /
 // kAmxPipeline options. ub: 2 x 4 KiB of A tiles (the second half only with
 // kAmxPipeline: block b + 1 is unpacked into the other buffer after block b's
@@ -72,18 +103,8 @@ constexpr int kPfBlocks = 8;
 // iteration).
 static inline void group_blocks(const TernaryW& w, const ActQ& a, int m, int r0, int r1, int nh, bool two,
                                 const int8_t* bt0, const int8_t* bt1, int b0, int b1, uint8_t* ub, int var) {
-  const int nb = a.Kp / kKBlock;
-  const int64_t wstride = a.Kp / 4;
   const bool pipe = var & kAmxPipeline, pf = var & kAmxPrefetch;
-  const int rows = nh == 2 ? kTileRows + r1 : r0;
-  auto unpack = [&](int b, uint8_t* dst) {
-    if (pf && !(b & 1) && b + kPfBlocks < nb) {
-      const uint8_t* p = w.data + (int64_t)m * wstride + (b + kPfBlocks) * 32;
-      for (int r = 0; r < rows; ++r) PREFETCH(p + r * wstride);
-    }
-    unpack_block(w, a, m, r0, b, dst);
-    if (nh == 2) unpack_block(w, a, m + kTileRows, r1, b, dst + 2 * kTileBytes);
-  };
+  auto unpack = [&](int b, uint8_t* dst) { unpack_group(w, a, m, r0, r1, nh, b, dst, pf); };
   if (pipe) unpack(b0, ub);
   for (int b = b0; b < b1; ++b) {
     uint8_t* cur = pipe ? ub + ((b - b0) & 1) * 4 * kTileBytes : ub;
@@ -100,10 +121,71 @@ struct Rows {
       : nh(rows > kTileRows ? 2 : 1), r0(rows < kTileRows ? rows : kTileRows), r1(rows - kTileRows) {}
 };
 
+// kAmxStream: the (group, block) items of one token tile pair in ternary_ks's
+// order (per K slice of kSliceBlocks blocks, per group, per block of the
+// slice), starting over for the next pair (the unpack does not depend on the
+// tokens).
+struct Walk {
+  int nb, ng, b0 = 0, g = 0, b = 0;
+  Walk(int nblocks, int ngroups) : nb(nblocks), ng(ngroups) {}
+  void next() {
+    const int b1 = b0 + kSliceBlocks < nb ? b0 + kSliceBlocks : nb;
+    if (++b < b1) return;
+    if (++g < ng) {
+      b = b0;
+      return;
+    }
+    g = 0;
+    b0 = b1 < nb ? b1 : 0;
+    b = b0;
+  }
+};
+
+constexpr int kStreamDepth = 2, kDeepStreamDepth = 3;
+
+// kAmxStream over ternary_ks (same walk, same C park / restore): `depth` items
+// are unpacked ahead into a ring of depth + 1 slots of 4 KiB; after item i's
+// TDPBUSDs are issued, item i + depth goes into the slot item i - 1 used (its
+// tile loads were issued an item ago), whatever slice / group / pair it
+// belongs to, so a tile load reads stores made `depth` items earlier.
+static void stream_tiles(const TernaryW& w, const ActQ& a, const int8_t* vb, int m0, int m1, int n0, int n1,
+                         int32_t* out, int var) {
+  const int nb = a.Kp / kKBlock;
+  const int ng = (m1 - m0 + 2 * kTileRows - 1) / (2 * kTileRows);
+  const int depth = (var & kAmxDeep) ? kDeepStreamDepth : kStreamDepth, slots = depth + 1;
+  const bool pf = var & kAmxPrefetch;
+  alignas(64) uint8_t ring[(kDeepStreamDepth + 1) * 4 * kTileBytes];
+  Walk ahead(nb, ng);
+  // items not unpacked yet: token tile pairs x groups x blocks
+  int64_t todo = (int64_t)((n1 - n0 + 2 * kTileRows - 1) / (2 * kTileRows)) * ng * nb;
+  int put = 0, get = 0;  // ring slots: the next to unpack into, the next to multiply
+  auto unpack_next = [&]() {
+    const int m = m0 + ahead.g * 2 * kTileRows;
+    const Rows rw(m1 - m < 2 * kTileRows ? m1 - m : 2 * kTileRows);
+    unpack_group(w, a, m, rw.r0, rw.r1, rw.nh, ahead.b, ring + put * 4 * kTileBytes, pf);
+    put = put + 1 < slots ? put + 1 : 0;
+    ahead.next();
+    --todo;
+  };
+  for (int i = 0; i < depth && todo > 0; ++i) unpack_next();
+  ternary_ks(w, a, vb, m0, m1, n0, n1, out,
+             [&](int, int, int, int nh, bool two, const int8_t* bt0, const int8_t* bt1, int b0, int b1) {
+               for (int b = b0; b < b1; ++b) {
+                 block_dpbusd(ring + get * 4 * kTileBytes, bt0, bt1, b, nh, two);
+                 get = get + 1 < slots ? get + 1 : 0;
+                 if (todo > 0) unpack_next();
+               }
+             });
+}
+
 // The variant's kernel for rows [m0, m1) (32, 64 or 128 rows) x tokens [n0, n1).
 static void variant_tiles(const TernaryW& w, const ActQ& a, const int8_t* vb, int m0, int m1, int n0, int n1,
                           int32_t* out) {
   const int var = g_amx_bench_variant;
+  if (var & kAmxStream) {
+    stream_tiles(w, a, vb, m0, m1, n0, n1, out, var);
+    return;
+  }
   const int S = a.Kp / kTileK, nb = a.Kp / kKBlock;
   alignas(64) uint8_t ub[8 * kTileBytes];
   alignas(64) int32_t c[kTileRows * kTileRows];

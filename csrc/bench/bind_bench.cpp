@@ -240,9 +240,10 @@ void register_bench(py::module_& m) {
   m.def(
       "set_amx_variant",
       [](int v) {
-        if (v < 0 || (v & ~kAmxVariantBits))
+        if (!amx_variant_ok(v))
           throw std::invalid_argument("AMX variant: bit flags of 1 (L1 unpack), 8 (prefetch), 16 (pipelined unpack),"
-                                      " 32 / 64 (64- / 128-row K-sliced jobs); got " + std::to_string(v));
+                                      " 32 / 64 (64- / 128-row K-sliced jobs), 128 (one unpack stream over the job),"
+                                      " 256 (stream depth 3; only with 128); got " + std::to_string(v));
         g_amx_bench_variant = v;
         const int rows = (v & kAmxRows128) ? 128 : (v & kAmxRows64) ? 64 : 32;
         // the shipped kernel itself for its own bits, so 49 measures exactly what ships

@@ -36,13 +36,17 @@ static void check_amx(int M, int K, int N, int act_lo, int act_hi, int code_mode
   for (int i = 0; i < groups * steps; ++i) kAmxKernels.amx_act(a, i / steps, i % steps, vba);
   // the shipped kernel (kAmxRowBlock-row jobs), then the bench-only variants
   // (csrc/bench/amx_variants_amx.cpp: bits 1 L1 unpack, 8 prefetch, 16
-  // pipelined unpack, 32 / 64 64- / 128-row jobs) with the job heights
-  // bench/amx_sweep.py gives them; one run also with 32-token jobs
+  // pipelined unpack, 32 / 64 64- / 128-row jobs, 128 one unpack stream over
+  // the job, 256 stream depth 3) with the job heights bench/amx_sweep.py gives
+  // them; some runs also with 32-token jobs
   struct Case {
     int variant, chunk;
   };
   for (const Case c : {Case{-1, 64}, Case{-1, 32}, Case{0, 64}, Case{1, 64}, Case{1 | 8, 64}, Case{1 | 16, 64},
-                       Case{1 | 8 | 16, 32}, Case{32 | 8 | 16, 64}, Case{64, 32}, Case{64 | 16, 64}}) {
+                       Case{1 | 8 | 16, 32}, Case{32 | 8 | 16, 64}, Case{64, 32}, Case{64 | 16, 64},
+                       Case{128 | 32 | 1 | 16, 64}, Case{128 | 32 | 1 | 16, 32}, Case{128 | 256 | 32 | 1 | 16, 64},
+                       Case{128 | 256 | 32 | 1 | 16, 32}, Case{128, 64}, Case{128 | 64 | 8, 64},
+                       Case{128 | 256 | 64, 32}}) {
     AmxTernaryFn fn = kAmxKernels.amx_ternary;
     int rb = kAmxRowBlock;
     if (c.variant >= 0) {
