@@ -1,15 +1,19 @@
 """AMX variant sweep: which AMX kernel variant (and which ISA) runs the 2B GEMMs fastest.
 
     PYTHONPATH=python python3 bench/amx_sweep.py [--json bench/out/amx_sweep.json]
-        [--variants 0,1,9,17,33,41,49,57,65] [--threads 1,16] [--quick]
+        [--variants 0,1,9,17,33,41,49,177,433,57,65] [--threads 1,16] [--quick]
 
 Needs the bench-only kernels: BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh
 (the shipped module has only the shipped AMX kernel, variant 49).
 
 1. Single GEMMs: every AMX variant (bit flags, csrc/bench/amx_variants_amx.cpp:
    1 = unpack one 128-k block at a time into L1, 8 = weight-row prefetch,
-   16 = double-buffered unpack, 32 / 64 = 64- / 128-row jobs with K-sliced B;
-   49 = the shipped kernel, 33 the one before; docs/kernels.md) x N in {2,4,8,16,32,64} x the four 2B shapes x threads
+   16 = double-buffered unpack, 32 / 64 = 64- / 128-row jobs with K-sliced B,
+   128 = one unpack stream over the whole job (2 blocks ahead, across K slices
+   and row groups), 256 = that stream 3 blocks ahead (only with 128);
+   49 = the shipped kernel, 33 the one before, 177 / 433 = 49 with the stream
+   2 / 3 deep, listed next to 49 so the pass runs them back to back;
+   docs/kernels.md) x N in {2,4,8,16,32,64} x the four 2B shapes x threads
    {1, all cores}; beside them the other ISAs >= avx2 this CPU runs (the row
    "variant" is then the ISA name), so the N from which AMX beats VNNI
    (kAmxMinTokens) can be read off. Median us and T MAC/s.
@@ -39,7 +43,7 @@ Needs the bench-only kernels: BITDLM_BENCH_KERNELS=1 scripts/dev_build.sh
    before the parallel region, no barrier in it; both): a 2560 x 2560 call at
    N = 2, 16, 32 (us) and the 30-layer pass at N = 8, 32 (ms).
 Warm-up passes first (caches, AMX power state, OpenMP team); AMX rows are
-skipped where the CPU lacks AMX. Takes ~60 s on 16 threads.
+skipped where the CPU lacks AMX. Takes ~60-75 s on 16 threads.
 """
 from __future__ import annotations
 
@@ -100,7 +104,7 @@ def configs(variants: list[int]) -> list[tuple[str, str, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "amx_sweep.json"))
-    ap.add_argument("--variants", default="0,1,9,17,33,41,49,57,65")
+    ap.add_argument("--variants", default="0,1,9,17,33,41,49,177,433,57,65")
     ap.add_argument("--threads", default=None, help="comma list (default: 1 and all cores)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     args = ap.parse_args()
