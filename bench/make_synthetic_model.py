@@ -23,6 +23,7 @@ import numpy as np
 # the repo checkout, unless PYTHONPATH / an install provides bitdlm first
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
+from bitdlm.format import embedding_dtype  # noqa: E402
 from bitdlm.packing import K_BLOCK, pack_i2  # noqa: E402
 
 # microsoft/bitnet-b1.58-2B-4T (see /work/shared/reference.md)
@@ -128,7 +129,7 @@ def iter_tensors(meta: dict, seed: int):
         return random_ternary_packed(rng, m, k), float(np.sqrt(2.0 * k / 3.0))
 
     emb, emb_q, emb_scale = random_embedding(rng, V, H)
-    if meta["quant"].get("embedding", "f16") == "f16":
+    if embedding_dtype(meta) == "f16":
         yield "model.embed_tokens.weight", emb, None
     if meta["quant"]["lm_head"] == "i8":
         # tied model with an int8 copy of the embedding as the output layer

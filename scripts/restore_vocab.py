@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
-from bitdlm.convert.tensors import ErrorMeter, f16_blocks, quantize_lm_head_i8  # noqa: E402
+from bitdlm.convert.tensors import ErrorMeter, f16_blocks, write_i8_table  # noqa: E402
 from bitdlm.format import (ModelFile, ModelFormatError, ModelWriter, embedding_table,  # noqa: E402
                            expected_tensors, vocab_tensors)
 
@@ -66,27 +66,16 @@ def restore(src_path, out_path, lm_head: str, embedding: str, force: bool = Fals
                 # (tied, i8 embedding: the file's one table is lm_head.weight, made from IN's lm_head rows,
                 # so the logits of an IN with an int8 lm_head do not move)
                 src = _table(mf, "embedding" if name.startswith("model.embed_tokens.") else "lm_head")
-                scale_name = name[:-len("weight")] + "scale"
                 if dtype == mf.tensors[src[0]].dtype:  # already stored so: the same table
                     w.write(name, mf.array(src[0]))
                     if src[1] is not None:
-                        w.write(scale_name, mf.array(src[1]))
+                        w.write(name[:-len("weight")] + "scale", mf.array(src[1]))
                     continue
                 meter = ErrorMeter(mf.tensors[src[0]].dtype, dtype)
                 if dtype == "f16":
                     w.write(name, f16_blocks(_f32_blocks(mf, src), meter))
                 else:
-                    scales = []
-
-                    def q_blocks():
-                        for b in _f32_blocks(mf, src):
-                            q, sc = quantize_lm_head_i8(b)
-                            meter.add(b, q.astype(np.float32) * sc[:, None])
-                            scales.append(sc)
-                            yield q
-
-                    w.write(name, q_blocks())
-                    w.write(scale_name, np.concatenate(scales))
+                    write_i8_table(w, name, _f32_blocks(mf, src), meter)
                 precision[name] = meter.as_dict()
             w.commit()
     return precision

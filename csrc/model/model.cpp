@@ -102,11 +102,11 @@ Model::Model(const Config& c, const std::map<std::string, TensorRef>& t, int64_t
     layers_.push_back(L);
   }
   final_norm_ = f32("model.norm.weight", H);
+  // The embedding / lm_head rule of format/spec.py vocab_tensors.
   if (c.lm_head_i8) {
     head_i8_ = reinterpret_cast<const int8_t*>(need(t, "lm_head.weight", "i8", {c.vocab, H}).data);
     head_scale_ = f32("lm_head.scale", c.vocab);
   }
-  // The embedding / lm_head rule of format/spec.py vocab_tensors.
   if (!c.embed_i8) {
     embed_ = reinterpret_cast<const uint16_t*>(need(t, "model.embed_tokens.weight", "f16", {c.vocab, H}).data);
   } else if (c.tied) {
@@ -118,12 +118,9 @@ Model::Model(const Config& c, const std::map<std::string, TensorRef>& t, int64_t
     embed_i8_ = reinterpret_cast<const int8_t*>(need(t, "model.embed_tokens.weight", "i8", {c.vocab, H}).data);
     embed_scale_ = f32("model.embed_tokens.scale", c.vocab);
   }
-  if (c.lm_head_i8)
-    head_f16_ = nullptr;
-  else if (c.tied)
-    head_f16_ = embed_;
-  else
-    head_f16_ = reinterpret_cast<const uint16_t*>(need(t, "lm_head.weight", "f16", {c.vocab, H}).data);
+  if (!c.lm_head_i8)  // (tied: an f16 lm_head is the f16 embedding, set above)
+    head_f16_ = c.tied ? embed_
+                       : reinterpret_cast<const uint16_t*>(need(t, "lm_head.weight", "f16", {c.vocab, H}).data);
 }
 
 void Model::set_profile(bool on) {

@@ -131,7 +131,7 @@ class Model {
   const int8_t* embed_i8_ = nullptr;     // i8 [V, H], row t = float(q[t]) * embed_scale_[t]
   const float* embed_scale_ = nullptr;
   const float* final_norm_;
-  const uint16_t* head_f16_;  // f16 [V, H] (the embedding when tied)
+  const uint16_t* head_f16_ = nullptr;  // f16 [V, H] (the embedding when tied); null: head_i8_
   const int8_t* head_i8_ = nullptr;
   const float* head_scale_ = nullptr;
   KvCache kv_;

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _core
 from ._cpu import check_threads, default_threads  # default_threads re-exported: bitdlm.model
-from .format import ModelFile
+from .format import ModelFile, embedding_dtype
 
 # KV caches hold f16 by default: they halve the bytes attention reads per token
 # (bench/forward.py measures both); "f32" is exact against an fp32 reference.
@@ -123,7 +123,7 @@ class Model:
         m = self.meta
         return (f"Model({self.path!r}, layers={m['num_hidden_layers']}, hidden={m['hidden_size']}, "
                 f"vocab={m['vocab_size']}, lm_head={m['quant']['lm_head']}, "
-                f"embedding={m['quant'].get('embedding', 'f16')}, threads={self.threads})")
+                f"embedding={embedding_dtype(m)}, threads={self.threads})")
 
 
 def load(path, threads: int | None = None, kv_budget_gb: float | None = None, kv_dtype: str | None = None,

@@ -177,7 +177,7 @@ def write_tensors(w, ckpt: Checkpoint, specs: dict, hp: dict, linear_class, prog
             src = "model.embed_tokens.weight" if tied_head else name
             meter = precision[name] = ErrorMeter(ckpt.info(src)[0], dtype)
             if dtype == "i8":
-                _write_i8(w, name, row_blocks(ckpt, src, (v, h)), meter)
+                write_i8_table(w, name, row_blocks(ckpt, src, (v, h)), meter)
             else:
                 w.write(name, f16_blocks(row_blocks(ckpt, src, (v, h)), meter))
         else:  # norms
@@ -189,10 +189,10 @@ def write_tensors(w, ckpt: Checkpoint, specs: dict, hp: dict, linear_class, prog
     return {k: precision[k] for k in sorted(precision, key=lambda k: k.startswith("lm_head."))}
 
 
-def _write_i8(w, name: str, blocks, meter) -> None:
+def write_i8_table(w, name: str, blocks, meter) -> None:
     """An int8 table `name` with per-row scales (`name` .weight -> .scale), quantized
-    block by block; the meter sees the dequantized rows q * scale in fp32, exactly
-    what the forward reads."""
+    block by block from the fp32 row blocks `blocks`; the meter sees the dequantized
+    rows q * scale in fp32, exactly what the forward reads (also scripts/restore_vocab.py)."""
     scales = []
 
     def q_blocks():
