@@ -9,6 +9,7 @@
 #include "model/row_blocks.h"
 #include "kernels/isa.h"
 #include "model/half.h"
+#include "model/prefetch.h"
 #include "model/simd_avx2.h"
 
 namespace bitdlm {
@@ -46,6 +47,7 @@ static void qk_direct(const float* Q, int R, const T* K, int64_t ld, int nk, int
     const float *q0 = Q, *q1 = Q + d, *q2 = Q + 2 * d, *q3 = Q + 3 * d;
     const __m128 sc = _mm_set1_ps(scale);
     for (; j + 2 <= nk; j += 2) {
+      prefetch_rows(K + (j + kAttnPrefetchRows) * ld, ld, 2, d);
       const T *k0 = K + j * ld, *k1 = k0 + ld;
       __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
       for (int i = 0; i < d; i += 8) {
@@ -66,7 +68,8 @@ static void qk_direct(const float* Q, int R, const T* K, int64_t ld, int nk, int
     }
   }
   const int d8 = d & ~7;
-  for (; j < nk; ++j)
+  for (; j < nk; ++j) {
+    prefetch_rows(K + (j + kAttnPrefetchRows) * ld, ld, 1, d);
     for (int r = 0; r < R; ++r) {
       const float* q = Q + (int64_t)r * d;
       const T* k = K + j * ld;
@@ -76,6 +79,7 @@ static void qk_direct(const float* Q, int R, const T* K, int64_t ld, int nk, int
       for (int i = d8; i < d; ++i) x += q[i] * load1(k + i);
       S[r * lds + j] = x * scale;
     }
+  }
 }
 
 
@@ -124,11 +128,12 @@ static inline void scale_row(float* x, int n, float a) {
 
 // Values tile: RT rows x 8*NV output dims, accumulated over nk keys.
 template <int RT, int NV, class T>
-static inline void pv_tile(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O) {
+static inline void pv_tile(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O, int pf) {
   __m256 acc[RT][NV];
   for (int r = 0; r < RT; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_loadu_ps(O + (int64_t)r * d + 8 * c);
   for (int j = 0; j < nk; ++j) {
+    if (pf) prefetch_rows(V + (j + kAttnPrefetchRows) * ldv, ldv, 1, pf);
     __m256 vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = load8(V + j * ldv + 8 * c);
     for (int r = 0; r < RT; ++r) {
@@ -150,13 +155,14 @@ static inline void pv_tile(const float* P, int64_t ldp, const T* V, int64_t ldv,
   a30 = _mm256_fmadd_ps(b3, x0, a30), a31 = _mm256_fmadd_ps(b3, x1, a31)
 
 template <class T>
-static inline void pv_4x16(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O) {
+static inline void pv_4x16(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O, int pf) {
   float *o0 = O, *o1 = O + d, *o2 = O + 2 * d, *o3 = O + 3 * d;
   __m256 a00 = _mm256_loadu_ps(o0), a01 = _mm256_loadu_ps(o0 + 8), a10 = _mm256_loadu_ps(o1),
          a11 = _mm256_loadu_ps(o1 + 8), a20 = _mm256_loadu_ps(o2), a21 = _mm256_loadu_ps(o2 + 8),
          a30 = _mm256_loadu_ps(o3), a31 = _mm256_loadu_ps(o3 + 8);
   const float *p0 = P, *p1 = P + ldp, *p2 = P + 2 * ldp, *p3 = P + 3 * ldp;
   for (int j = 0; j < nk; ++j) {
+    if (pf) prefetch_rows(V + (j + kAttnPrefetchRows) * ldv, ldv, 1, pf);
     const __m256 v0 = load8(V + j * ldv), v1 = load8(V + j * ldv + 8);
     BITDLM_FMA4x2(_mm256_broadcast_ss(p0 + j), _mm256_broadcast_ss(p1 + j), _mm256_broadcast_ss(p2 + j),
                   _mm256_broadcast_ss(p3 + j), v0, v1);
@@ -168,13 +174,13 @@ static inline void pv_4x16(const float* P, int64_t ldp, const T* V, int64_t ldv,
 
 template <int RT, class T>
 static inline void pv_rows(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O) {
-  int i = 0;
+  int i = 0;  // the first pass over the keys prefetches whole V rows ahead
   for (; i + 16 <= d; i += 16)
     if constexpr (RT == 4)
-      pv_4x16(P, ldp, V + i, ldv, nk, d, O + i);
+      pv_4x16(P, ldp, V + i, ldv, nk, d, O + i, i ? 0 : d);
     else
-      pv_tile<RT, 2, T>(P, ldp, V + i, ldv, nk, d, O + i);
-  for (; i + 8 <= d; i += 8) pv_tile<RT, 1, T>(P, ldp, V + i, ldv, nk, d, O + i);
+      pv_tile<RT, 2, T>(P, ldp, V + i, ldv, nk, d, O + i, i ? 0 : d);
+  for (; i + 8 <= d; i += 8) pv_tile<RT, 1, T>(P, ldp, V + i, ldv, nk, d, O + i, i ? 0 : d);
   for (; i < d; ++i)
     for (int r = 0; r < RT; ++r) {
       float acc = O[(int64_t)r * d + i];

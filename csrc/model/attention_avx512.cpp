@@ -3,9 +3,9 @@
 // to_lanes / from_lanes / merge_lanes; docs/architecture.md "Attention"):
 // attention_lanes.inc, shared with AVX2, on the zmm traits `Lanes` below:
 // Q transposed once per unit, K / V elements broadcast against 16-row
-// vectors. Decoding (R <= 4) keeps the row-major softmax_tile and pv here, 16
-// lanes wide with masked tails, and AVX2's qk_direct: attention.cpp fills
-// every entry this table leaves null from kAttnAvx2.
+// vectors. Decoding (R <= 4) runs the row-major qk_direct, softmax_tile and
+// pv here, 16 lanes wide with masked tails; attention.cpp fills every entry
+// this table leaves null from kAttnAvx2.
 // GCC 12 warns "__Y is used uninitialized" inside its own AVX-512 intrinsics
 // (GCC bug 105593); nothing of ours is uninitialized.
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -16,7 +16,9 @@
 #include <cmath>
 #include <type_traits>
 
+#include "kernels/isa.h"
 #include "model/attention.h"
+#include "model/prefetch.h"
 #include "model/row_blocks.h"
 
 namespace bitdlm {
@@ -80,16 +82,117 @@ static void softmax_tile(float* S, int64_t lds, int R, int n, float* m, float* l
   }
 }
 
+// Scores straight from K rows for R <= 4 rows (decoding: one query's heads of
+// a KV head), in AVX2's summation order bit for bit (attention_avx2.cpp
+// qk_direct; test_isa_forward compares the two groups' logits), at half its
+// instructions: a zmm holds two keys' 8-dim chunks (lanes 0-7: key j, 8-15:
+// key j + 1) against a query chunk broadcast to both halves, so each lane
+// accumulates exactly what AVX2's ymm lane does; the reductions below repeat
+// AVX2's hadd / hsum steps per 128-bit chunk.
+static inline float load1(const float* p) { return *p; }
+static inline float load1(const uint16_t* p) { return half_to_float(*p); }
+static inline __m512 pair8(const float* k0, const float* k1) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(k0)), _mm256_loadu_ps(k1), 1);
+}
+static inline __m512 pair8(const uint16_t* k0, const uint16_t* k1) {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(k0));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(k1));
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1));
+}
+// _mm256_hadd_ps per 256-bit half: [a0+a1, a2+a3, b0+b1, b2+b3] per 128-bit chunk.
+static inline __m512 hadd(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
+}
+
+// R == 4, d % 8 == 0 (AVX2's 2-key x 4-row path): NP pairs of keys (2 x NP
+// keys, 4 x NP accumulation chains).
+template <int NP, class T>
+static inline void qk_pairs_rows4(const float* Q, const T* K, int64_t ld, int d, float scale, float* S, int64_t lds) {
+  __m512 a[NP][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) a[p][r] = _mm512_setzero_ps();
+  prefetch_rows(K + kAttnPrefetchRows * ld, ld, 2 * NP, d);
+  for (int i = 0; i < d; i += 8) {
+    __m512 x[NP];
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) x[p] = pair8(K + 2 * p * ld + i, K + (2 * p + 1) * ld + i);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const __m512 q = _mm512_broadcast_f32x8(_mm256_loadu_ps(Q + (int64_t)r * d + i));
+#pragma GCC unroll 2
+      for (int p = 0; p < NP; ++p) a[p][r] = _mm512_fmadd_ps(q, x[p], a[p][r]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  alignas(64) float s[NP][16];
+#pragma GCC unroll 2
+  for (int p = 0; p < NP; ++p) {  // AVX2's hsum4: hadd(hadd(r0, r1), hadd(r2, r3)), then low + high 128
+    const __m512 h = hadd(hadd(a[p][0], a[p][1]), hadd(a[p][2], a[p][3]));
+    _mm512_store_ps(s[p], _mm512_mul_ps(_mm512_add_ps(h, _mm512_shuffle_f32x4(h, h, 0xB1)), sc));
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)  // chunk 0: key 2p, chunk 2: key 2p + 1; lane r (+ 8): row r
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) S[r * lds + 2 * p] = s[p][r], S[r * lds + 2 * p + 1] = s[p][8 + r];
+}
+
+// One row against keys k0 and k1 (AVX2's one-dot-product path, d % 8 == 0):
+// AVX2's hsum = (low + high 128), + movehl, + movehdup, per key.
+template <class T>
+static inline void qk_row_pair(const float* q, const T* k0, const T* k1, int d, float scale, float* s0, float* s1) {
+  __m512 a = _mm512_setzero_ps();
+  for (int i = 0; i < d; i += 8)
+    a = _mm512_fmadd_ps(_mm512_broadcast_f32x8(_mm256_loadu_ps(q + i)), pair8(k0 + i, k1 + i), a);
+  a = _mm512_add_ps(a, _mm512_shuffle_f32x4(a, a, 0xB1));
+  a = _mm512_add_ps(a, _mm512_shuffle_ps(a, a, 0xEE));
+  a = _mm512_add_ps(a, _mm512_shuffle_ps(a, a, 0xF5));
+  alignas(64) float t[16];
+  _mm512_store_ps(t, a);
+  *s0 = t[0] * scale;
+  if (s1) *s1 = t[8] * scale;
+}
+
+template <class T>
+static void qk_direct(const float* Q, int R, const T* K, int64_t ld, int nk, int d, float scale, float* S,
+                      int64_t lds) {
+  if (d % 8) {  // (no model has such heads) plain loops, one dot product at a time
+    for (int j = 0; j < nk; ++j)
+      for (int r = 0; r < R; ++r) {
+        float x = 0.f;
+        for (int i = 0; i < d; ++i) x += Q[(int64_t)r * d + i] * load1(K + j * ld + i);
+        S[r * lds + j] = x * scale;
+      }
+    return;
+  }
+  int j = 0;
+  if (R == 4) {
+    for (; j + 4 <= nk; j += 4) qk_pairs_rows4<2, T>(Q, K + j * ld, ld, d, scale, S + j, lds);
+    if (j + 2 <= nk) qk_pairs_rows4<1, T>(Q, K + j * ld, ld, d, scale, S + j, lds), j += 2;
+  } else {
+    for (; j + 2 <= nk; j += 2) {
+      prefetch_rows(K + (j + kAttnPrefetchRows) * ld, ld, 2, d);
+      for (int r = 0; r < R; ++r)
+        qk_row_pair(Q + (int64_t)r * d, K + j * ld, K + (j + 1) * ld, d, scale, S + r * lds + j, S + r * lds + j + 1);
+    }
+  }
+  if (j < nk)  // the odd last key: AVX2's one-dot-product reduction
+    for (int r = 0; r < R; ++r)
+      qk_row_pair(Q + (int64_t)r * d, K + j * ld, K + j * ld, d, scale, S + r * lds + j, (float*)nullptr);
+}
+
 // O[r][0..16*NV) += sum_j P[r][j] V[j][..] for RT rows; the last vector masked by `last`.
 template <int RT, int NV, class T>
 static inline void pv_tile(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O,
-                           __mmask16 last) {
+                           __mmask16 last, int pf) {
   __m512 acc[RT][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_maskz_loadu_ps(c == NV - 1 ? last : 0xFFFF, O + (int64_t)r * d + 16 * c);
   for (int j = 0; j < nk; ++j) {
+    if (pf) prefetch_rows(V + (j + kAttnPrefetchRows) * ldv, ldv, 1, pf);
     __m512 vv[NV];
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) vv[c] = load16(V + j * ldv + 16 * c, c == NV - 1 ? last : 0xFFFF);
@@ -109,9 +212,9 @@ static inline void pv_tile(const float* P, int64_t ldp, const T* V, int64_t ldv,
 
 template <int RT, class T>
 static inline void pv_rows(const float* P, int64_t ldp, const T* V, int64_t ldv, int nk, int d, float* O) {
-  int i = 0;
-  for (; i + 64 <= d; i += 64) pv_tile<RT, 4, T>(P, ldp, V + i, ldv, nk, d, O + i, 0xFFFF);
-  for (; i < d; i += 16) pv_tile<RT, 1, T>(P, ldp, V + i, ldv, nk, d, O + i, tail_mask(d - i));
+  int i = 0;  // the first pass over the keys prefetches whole V rows ahead
+  for (; i + 64 <= d; i += 64) pv_tile<RT, 4, T>(P, ldp, V + i, ldv, nk, d, O + i, 0xFFFF, i ? 0 : d);
+  for (; i < d; i += 16) pv_tile<RT, 1, T>(P, ldp, V + i, ldv, nk, d, O + i, tail_mask(d - i), i ? 0 : d);
 }
 
 template <class T>
@@ -198,8 +301,8 @@ extern const AttnKernels kAttnAvx512Own = {nullptr,  // k_tile_f32, k_tile_f16, 
                                            nullptr,  // tiled path, which the lanes path below replaces
                                            nullptr,
                                            nullptr,
-                                           nullptr,  // qk_direct_f32 (decode): AVX2's, whose summation order
-                                           nullptr,  // qk_direct_f16  test_isa_forward's cross-ISA logits rely on
+                                           &avx512::qk_direct<float>,  // decoding (R <= 4)
+                                           &avx512::qk_direct<uint16_t>,
                                            &avx512::softmax_tile,
                                            &avx512::pv<float>,
                                            &avx512::pv<uint16_t>,

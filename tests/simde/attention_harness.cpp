@@ -55,6 +55,39 @@ static void run(int R, int nk, int d) {
       for (int i = 0; i < d; ++i) a += Q[(size_t)r * d + i] * KT[(size_t)i * ldkt + j];
       S[(size_t)r * kAttnTile + j] = Sr[(size_t)r * kAttnTile + j] = a * scale;
     }
+  // scores straight from K rows (decoding, R <= 4), fp32 and fp16 rows at an odd stride
+  if (R <= kAttnDirectRows) {
+    const int64_t ld = d + 3;
+    std::vector<float> K((size_t)nk * ld), Sd((size_t)R * kAttnTile, -9.f), Sh(Sd), Shr((size_t)R * nk);
+    std::vector<uint16_t> Kh(K.size());
+    for (int j = 0; j < nk; ++j)
+      for (int i = 0; i < d; ++i) {
+        K[(size_t)j * ld + i] = KT[(size_t)i * ldkt + j];
+        Kh[(size_t)j * ld + i] = f32_to_f16(K[(size_t)j * ld + i]);
+      }
+    t.qk_direct_f32(Q.data(), R, K.data(), ld, nk, d, scale, Sd.data(), kAttnTile);
+    t.qk_direct_f16(Q.data(), R, Kh.data(), ld, nk, d, scale, Sh.data(), kAttnTile);
+    std::vector<float> got((size_t)R * nk), goth(got.size()), ref(got.size());
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < nk; ++j) {
+        float a = 0.f;
+        for (int i = 0; i < d; ++i) a += Q[(size_t)r * d + i] * half_to_float(Kh[(size_t)j * ld + i]);
+        Shr[(size_t)r * nk + j] = a * scale;
+        got[(size_t)r * nk + j] = Sd[(size_t)r * kAttnTile + j];
+        goth[(size_t)r * nk + j] = Sh[(size_t)r * kAttnTile + j];
+        ref[(size_t)r * nk + j] = S[(size_t)r * kAttnTile + j];
+      }
+    expect_close("qk_direct_f32", got.data(), ref.data(), (int)got.size(), R, nk, d);
+    expect_close("qk_direct_f16", goth.data(), Shr.data(), (int)goth.size(), R, nk, d);
+    for (int r = 0; r < R; ++r)  // nothing past the nk keys is written
+      for (int j = nk; j < kAttnTile; ++j)
+        if (Sd[(size_t)r * kAttnTile + j] != -9.f || Sh[(size_t)r * kAttnTile + j] != -9.f) {
+          std::printf("FAIL qk_direct wrote past nk R=%d nk=%d d=%d\n", R, nk, d);
+          ++g_fail;
+          r = R;
+          break;
+        }
+  }
   // online softmax from a running state
   std::vector<float> m(R), l(R), mr(R), lr(R), O((size_t)R * d), Or;
   for (int r = 0; r < R; ++r) m[r] = mr[r] = r % 3 == 0 ? -INFINITY : 0.2f * r, l[r] = lr[r] = 1.5f;
