@@ -1,4 +1,4 @@
-// Attention hot loops with AVX-512 F/BW/VL (compiled with those flags only).
+// Attention hot loops with AVX-512 F/BW/VL/DQ (compiled with those flags only).
 // Jobs of 5+ rows (8-32 queries) run the rows-in-lanes path (seg_lanes_*,
 // to_lanes / from_lanes / merge_lanes; docs/architecture.md "Attention"):
 // attention_lanes.inc, shared with AVX2, on the zmm traits `Lanes` below:
