@@ -48,6 +48,13 @@ BITDLM_BENCH_KERNELS=1 BUILD_DIR=build-dev scripts/dev_build.sh > /tmp/bitdlm_bu
 python3 -c "from bitdlm import _core; print('supported ISAs:', _core.supported_isas(), 'picked:', _core.active_isa(),
       'bench kernels:', _core.build_info()['bench_kernels'])"
 
+step "host probe: OpenMP fork / barrier costs (PROBE_MAX_US, default 40: an unfit host stops the timings)"
+max_us=${PROBE_MAX_US-40}  # (its table goes to kernels.log: $OUT holds at most 8 files)
+python3 bench/host_probe.py ${max_us:+--max-fork-us "$max_us"}
+probe=$?
+if [ $probe -eq 3 ]; then echo "UNFIT HOST: no timings (set PROBE_MAX_US= to time anyway)"; exit 3; fi
+[ $probe -eq 0 ] || status=1
+
 if [ -z "${SKIP_TESTS:-}" ]; then  # SKIP_TESTS=1: when an earlier call on this host ran them
   step "tests: kernels (every ISA through the isa fixture, AMX + its bench variants) + logits across ISAs"
   timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_isa_forward.py \

@@ -371,6 +371,28 @@ def test_kernels_smallops_only_times_the_row_drivers(tmp_path):
         assert e["per_forward_ms"] == pytest.approx((90 * us["add_norm_quant"] + 30 * us["act_norm_quant"]) / 1e3)
 
 
+def test_host_probe_reports_omp_costs_and_refuses_an_unfit_host(tmp_path):
+    """`bench/host_probe.py` (the device scripts' first step): the fork and barrier costs per thread
+    count into its JSON, exit status 3 when the fork is above --max-fork-us; the shipped module (no
+    bench kernels) gets exit status 2 and the build switch, no traceback."""
+    from hf_models import child_env
+
+    from bitdlm import _core
+
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, os.path.join(BENCH, "host_probe.py"), "--threads", "1", "--reps", "200", "--json", str(out)]
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=120)
+    if not _core.build_info()["bench_kernels"]:
+        assert r.returncode == 2 and "BITDLM_BENCH_KERNELS=1" in r.stdout and "Traceback" not in r.stderr
+        return
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["fit"] and [row["threads"] for row in res["rows"]] == [1]
+    assert res["rows"][0]["fork_us"] > 0 and res["rows"][0]["barrier_us"] > 0
+    r = subprocess.run(cmd + ["--max-fork-us", "0"], env=child_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and "UNFIT" in r.stdout and not json.loads(out.read_text())["fit"]
+
+
 def test_overhead_adaptive_ar_mode_decodes_every_request_as_ar(tmp_path):
     """bench/overhead.py --mode adaptive-ar: an adaptive engine that assigns every request AR
     gives the plain AR mode's outputs (the A/B of the policy's cost is like for like)."""

@@ -200,7 +200,59 @@ static py::dict amx_overheads(int threads, int N, int Kp, int reps) {
   return d;
 }
 
+// The host's OpenMP costs on `threads` threads, mean us over `reps`: fork
+// (an empty parallel region: fork + join) and barrier (one `omp barrier`
+// inside a running region). On a VM whose vCPUs the hypervisor takes away,
+// both grow by orders of magnitude (a device host of session 13: ~650 us per
+// fork at 16 threads against ~4 us on the next one), which makes every
+// multi-thread timing of that host noise: bench/host_probe.py checks first.
+static py::dict omp_costs(int threads, int reps) {
+  double fork, barrier;
+  {
+    py::gil_scoped_release nogil;
+    auto forks = [&] {
+      const double t0 = omp_get_wtime();
+      for (int r = 0; r < reps; ++r) {
+#pragma omp parallel num_threads(threads)
+        {
+          asm volatile("" ::: "memory");  // (an empty region the compiler keeps)
+        }
+      }
+      return (omp_get_wtime() - t0) / reps * 1e6;
+    };
+    forks();  // warm-up: the thread pool
+    fork = forks();
+    double t = 0;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp barrier
+#pragma omp master
+      t = omp_get_wtime();
+      for (int r = 0; r < reps; ++r) {
+#pragma omp barrier
+      }
+#pragma omp master
+      t = omp_get_wtime() - t;
+    }
+    barrier = t / reps * 1e6;
+  }
+  py::dict d;
+  d["threads"] = threads;
+  d["fork_us"] = fork;
+  d["barrier_us"] = barrier;
+  return d;
+}
+
 void register_bench(py::module_& m) {
+  m.def(
+      "bench_omp_costs",
+      [](int threads, int reps) {
+        if (threads < 1 || reps < 1) throw std::invalid_argument("threads and reps >= 1");
+        return omp_costs(threads, reps);
+      },
+      py::arg("threads"), py::arg("reps") = 2000,
+      "Bench builds: mean us of an empty OpenMP parallel region (fork + join) and of one barrier, on `threads` "
+      "threads");
   m.def(
       "bench_amx_overheads",
       [](int threads, int n, int kp, int reps) {
