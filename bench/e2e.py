@@ -201,7 +201,7 @@ def break_even(rows: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- server
 def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[float], max_tokens: int,
-           prompt_len: int, time_limit: float, rounds: int = 4) -> list[dict]:
+           prompt_len: int, time_limit: float, rounds: int = 4, min_requests: int = 0) -> list[dict]:
     import asyncio
 
     import serve as load  # bench/serve.py
@@ -227,7 +227,9 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
                 for mode, extra in modes:
                     # `rounds` requests per client, closed loop: a rate at that concurrency, not
                     # the ramp of one burst (whose first arrival finds an idle engine)
-                    args.concurrency, args.num_requests, args.extra_body = c, rounds * c, extra
+                    # (at least min_requests: a 1-client load long enough to outlast what the
+                    # adaptive policy remembers of the load before it)
+                    args.concurrency, args.num_requests, args.extra_body = c, max(rounds * c, min_requests), extra
                     asyncio.run(load.run_load(bases, SimpleNamespace(**{**vars(args), "num_requests": 1,
                                                                          "concurrency": 1})))  # warm
                     res = asyncio.run(load.run_load(bases, args))
@@ -461,6 +463,8 @@ def main(argv=None) -> int:
                          "to the event loop and the load generator)")
     ap.add_argument("--server-rounds", type=int, default=4,
                     help="requests per client at each concurrency, closed loop (one round: a single burst)")
+    ap.add_argument("--server-min-requests", type=int, default=0,
+                    help="requests per load at least (rounds x clients below it are raised to it)")
     ap.add_argument("--server-time-limit", type=float, default=90.0, help="seconds per server load at most")
     ap.add_argument("--llama-archive", default="", help="trimmed llama.cpp source (bench/llama_trim.py); '' skips")
     ap.add_argument("--skip", default="", help="sections to skip: offline,server,llama,spin")
@@ -517,7 +521,7 @@ def main(argv=None) -> int:
         try:
             doc["server"] = server(model, ints(a.server_threads) if a.server_threads else threads, conc,
                                    [float(x) for x in a.server_tpf.split(",") if x], server_tokens, a.prompt_len,
-                                   a.server_time_limit, a.server_rounds)
+                                   a.server_time_limit, a.server_rounds, a.server_min_requests)
         except (ImportError, SystemExit, RuntimeError) as e:
             doc["notes"].append(f"server skipped: {e}")
             print(doc["notes"][-1], file=sys.stderr)
