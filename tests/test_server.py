@@ -41,7 +41,7 @@ class FakeEngine:
         self.reqs, self.delay, self.tps, self.max_batch = {}, delay, tps, max_batch
         self.aborted = []
 
-    def add_request(self, rid, prompt_ids, params):
+    def add_request(self, rid, prompt_ids, params, arriving=0):
         if 2 in prompt_ids:
             raise ValueError("token 2 is not allowed here")
         self.reqs[rid] = {"p": list(prompt_ids), "max": params.max_tokens, "gen": [], "fw": 0}

@@ -148,7 +148,8 @@ class LLM:
             while live or backlog:
                 while backlog and len(live) < window:
                     rid, enc, sp = backlog.popleft()
-                    modes[rid] = eng.add_checked(rid, enc, sp, final_only=True)  # (all checked above)
+                    modes[rid] = eng.add_checked(rid, enc, sp, final_only=True,  # (all checked above)
+                                                 arriving=min(len(backlog), window - len(live) - 1))
                     live[rid] = []
                 for out in eng.step():  # (once per request and step)
                     outs = live.get(out.request_id)

@@ -109,10 +109,11 @@ class Engine:
                                                 banned=self.banned))
         return mode
 
-    def _assign_mode(self, params: SamplingParams) -> tuple[SamplingParams, bool]:
+    def _assign_mode(self, params: SamplingParams, arriving: int = 0) -> tuple[SamplingParams, bool]:
         """Under the adaptive policy, the parameters of the mode it picks for a request that
         left the choice unset, against the requests it would run beside (running, then
-        waiting, up to max_batch - 1) -> (params, whether the policy chose)."""
+        waiting, up to max_batch - 1, and `arriving` more known to come) -> (params, whether
+        the policy chose)."""
         pol = self.policy
         if pol is None or not _policy.reassignable(params):
             return params, False
@@ -123,7 +124,8 @@ class Engine:
                         type(e).__name__, e)
             return params, False
         a, d = self._mode_counts(self.max_batch - 1)
-        mode = pol.decide(a, d, _policy.prior_tpf(params, self.block_size))
+        arriving = min(max(0, int(arriving)), max(0, self.max_batch - 1 - a - d))
+        mode = pol.decide(a, d, _policy.prior_tpf(params, self.block_size), arriving)
         return _policy.mode_params(params, mode), True
 
     def _mode_counts(self, limit: int) -> tuple[int, int]:
@@ -147,18 +149,20 @@ class Engine:
         self.block_config.prefill_chunk = int(n)
 
     # ---------------------------------------------------------------- requests
-    def add_request(self, request_id: str, prompt_ids, params: SamplingParams | None = None) -> str:
+    def add_request(self, request_id: str, prompt_ids, params: SamplingParams | None = None, *,
+                    arriving: int = 0) -> str:
         """Queue a request -> its decoding mode, "ar" (block size 1) or "diffusion" (chosen by
-        the adaptive policy where the request left it unset). Raises ValueError on bad input;
-        nothing is queued then."""
+        the adaptive policy where the request left it unset). `arriving`: requests the caller
+        will add right after this one (a batch of arrivals), which the policy counts as its
+        neighbours. Raises ValueError on bad input; nothing is queued then."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
         params.validate()
-        return self.add_checked(request_id, self.check_prompt(prompt_ids), params)
+        return self.add_checked(request_id, self.check_prompt(prompt_ids), params, arriving=arriving)
 
     def add_checked(self, request_id: str, prompt: np.ndarray, params: SamplingParams,
-                    final_only: bool = False) -> str:
+                    final_only: bool = False, arriving: int = 0) -> str:
         """add_request for a prompt that check_prompt returned and params that passed
         validate() (LLM.generate checks each of its params once, not once per prompt).
         final_only: no output until the request ends, then one with all its tokens and text."""
@@ -166,7 +170,7 @@ class Engine:
         if self.scheduler.has(rid):
             raise ValueError(f"request id {rid!r} is already in use")
         P = int(prompt.size)
-        params, assigned = self._assign_mode(params)
+        params, assigned = self._assign_mode(params, arriving)
         bs = self.block_size if params.block_length is None else int(params.block_length)
         if bs > self.max_len:
             raise ValueError(f"block_length {bs} exceeds the context of {self.max_len} tokens")

@@ -307,10 +307,14 @@ class AdaptivePolicy:
         """The cost curve decisions use for `mode`: the calibrated one times its scale."""
         return ScaledCurve(self._curve(mode), self.cost_scale[mode])
 
-    def decide(self, a: int, d: int, prior: float | None = None) -> str:
-        """`prior`: the request's own tokens per forward estimate, used until one is observed."""
+    def decide(self, a: int, d: int, prior: float | None = None, arriving: int = 0) -> str:
+        """`prior`: the request's own tokens per forward estimate, used until one is observed.
+        `arriving`: requests already known to come right after this one (the rest of a batch of
+        arrivals): the split is priced for them too, so the first of a burst is not decided as
+        if it ran alone."""
         tpf = self.tpf if self.observed or prior is None else prior
-        return choose_mode(self.cost(AR), self.cost(DIFFUSION), a, d, tpf, round(self.load))
+        load = max(round(self.load), a + d + 1 + max(0, int(arriving)))
+        return choose_mode(self.cost(AR), self.cost(DIFFUSION), a, d, tpf, load)
 
     def observe_load(self, n: int) -> None:
         """An engine step ran n requests: the recent concurrency (an EMA over steps) moves

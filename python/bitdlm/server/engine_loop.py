@@ -215,9 +215,11 @@ class EngineLoop:
 
     def _iteration(self, cmds):
         aborted = False
+        arriving = sum(1 for cmd in cmds if cmd[0] == "add")  # this batch's arrivals, for the policy
         for cmd in cmds:
             if cmd[0] == "add":
-                self._add(*cmd[1:])
+                arriving -= 1
+                self._add(*cmd[1:], arriving=arriving)
             else:
                 aborted |= self._abort(cmd[1])
         # a step also collects the engine's abort outputs, so an idle engine is left clean
@@ -238,9 +240,9 @@ class EngineLoop:
             except Exception:
                 log.exception("kv_bytes_used failed")
 
-    def _add(self, rid, prompt_ids, params, sink):
+    def _add(self, rid, prompt_ids, params, sink, arriving=0):
         try:
-            mode = self.engine.add_request(rid, prompt_ids, params)
+            mode = self.engine.add_request(rid, prompt_ids, params, arriving=arriving)
         except ValueError as e:
             self._release()
             sink.put("error", RequestRejected(str(e)))
