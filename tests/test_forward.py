@@ -954,7 +954,7 @@ def test_forward_identical_across_isas(kv_dtype):
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ATTN_SIMDE = ["tests/simde/attention_harness.cpp", "csrc/model/attention_avx512.cpp"]
 _ATTN_SIMDE_HEADERS = ["csrc/kernels/simd512.h", "csrc/model/attention.h", "csrc/model/attention_lanes.inc",
-                       "csrc/model/row_blocks.h",
+                       "csrc/model/row_blocks.h", "csrc/model/prefetch.h",
                        "csrc/model/half.h",
                        "csrc/kernels/isa.h", "csrc/kernels/gemm.h"]
 
