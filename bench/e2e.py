@@ -201,8 +201,15 @@ def break_even(rows: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- server
 def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[float], max_tokens: int,
-           prompt_len: int, time_limit: float, rounds: int = 4, min_requests: int = 0) -> list[dict]:
+           prompt_len: int, time_limit: float, rounds: int = 4, min_requests: int = 0,
+           repeats: int = 1) -> list[dict]:
+    """Closed-loop loads through the server: per thread count, one fixed-policy server (AR and each
+    fixed rate from the request) and one adaptive server per rate, all started before any load.
+    Each (concurrency, mode) load runs `repeats` times, the modes interleaved (the order rotates
+    every repeat), so a drift of the machine's state (another tenant, the clock, the page cache)
+    lands on every mode alike; a row carries the median tokens/s of its repeats and all of them."""
     import asyncio
+    import statistics
 
     import serve as load  # bench/serve.py
 
@@ -213,42 +220,64 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
         (f"steps{n}", {"generation_algorithm": "steps", "steps": n}) for n in steps])] + [
         (["--decode-policy", "adaptive", "--steps", str(n)], [(f"adaptive-steps{n}", {})]) for n in steps]
     rows = []
-    for t, (flags, modes) in ((t, setup) for t in sorted(threads, reverse=True) for setup in setups):
-        # (the most threads first: a run cut short keeps them)
-        args = SimpleNamespace(model=model, replicas=1, threads=t, pin=False, max_batch=max(concurrency),
-                               start_timeout=300.0,
-                               server_arg=["--max-queue", str(4 * max(concurrency))] + flags,
-                               chat=False, api_key=None, served_model_name=None, max_tokens=max_tokens,
-                               temperature=0.0, prompt=None, prompt_ids=prompt_len, threshold=None,
-                               small_block_size=None, ignore_eos=True, time_limit=time_limit, label="")
-        procs, bases, _ = load.start_servers(args)
+    for t in sorted(threads, reverse=True):  # (the most threads first: a run cut short keeps them)
+        servers = []  # (procs, base, adaptive?, modes)
         try:
+            for flags, modes in setups:
+                args = SimpleNamespace(model=model, replicas=1, threads=t, pin=False, max_batch=max(concurrency),
+                                       start_timeout=300.0,
+                                       server_arg=["--max-queue", str(4 * max(concurrency))] + flags,
+                                       chat=False, api_key=None, served_model_name=None, max_tokens=max_tokens,
+                                       temperature=0.0, prompt=None, prompt_ids=prompt_len, threshold=None,
+                                       small_block_size=None, ignore_eos=True, time_limit=time_limit, label="")
+                procs, bases, _ = load.start_servers(args)
+                servers.append((procs, bases, bool(flags), modes, args))
+            loads = [(bases, adaptive, mode, extra, args) for _, bases, adaptive, modes, args in servers
+                     for mode, extra in modes]
             for c in concurrency:
-                for mode, extra in modes:
-                    # `rounds` requests per client, closed loop: a rate at that concurrency, not
-                    # the ramp of one burst (whose first arrival finds an idle engine)
-                    # (at least min_requests: a 1-client load long enough to outlast what the
-                    # adaptive policy remembers of the load before it)
-                    args.concurrency, args.num_requests, args.extra_body = c, max(rounds * c, min_requests), extra
-                    asyncio.run(load.run_load(bases, SimpleNamespace(**{**vars(args), "num_requests": 1,
-                                                                         "concurrency": 1})))  # warm
-                    res = asyncio.run(load.run_load(bases, args))
-                    row = dict(threads=t, concurrency=c, mode=mode, requests=res.get("completed"),
-                               errors=res.get("errors"), first_errors=res.get("first_errors"),
-                               tok_s=res.get("tokens_per_s"), wall_s=res.get("wall_s"),
-                               latency_p50=(res.get("latency_s") or {}).get("p50"),
-                               decode_modes=res.get("decode_modes"))
-                    if flags:  # the adaptive policy's state after the run: cost curves, tokens/forward
-                        row["policy_state"] = policy_state(bases[0])
+                results = {mode: [] for _, _, mode, _, _ in loads}
+                last = {}
+                for k in range(max(1, repeats)):
+                    for bases, adaptive, mode, extra, args in loads[k % len(loads):] + loads[:k % len(loads)]:
+                        # `rounds` requests per client, closed loop: a rate at that concurrency, not
+                        # the ramp of one burst (whose first arrival finds an idle engine)
+                        # (at least min_requests: a 1-client load long enough to outlast what the
+                        # adaptive policy remembers of the load before it)
+                        args.concurrency, args.num_requests, args.extra_body = c, max(rounds * c, min_requests), extra
+                        asyncio.run(load.run_load(bases, SimpleNamespace(**{**vars(args), "num_requests": 1,
+                                                                             "concurrency": 1})))  # warm
+                        res = asyncio.run(load.run_load(bases, args))
+                        results[mode].append(res)
+                        last[mode] = policy_state(bases[0]) if adaptive else None
+                for bases, adaptive, mode, extra, args in loads:
+                    runs = results[mode]
+                    rates = [r.get("tokens_per_s") or 0.0 for r in runs]
+                    modes_seen: dict = {}
+                    for r in runs:
+                        for m, n in (r.get("decode_modes") or {}).items():
+                            modes_seen[m] = modes_seen.get(m, 0) + n
+                    row = dict(threads=t, concurrency=c, mode=mode, repeats=len(runs),
+                               requests=sum(r.get("completed") or 0 for r in runs),
+                               errors=sum(r.get("errors") or 0 for r in runs),
+                               first_errors=[e for r in runs for e in (r.get("first_errors") or [])][:5],
+                               tok_s=statistics.median(rates), tok_s_all=rates,
+                               wall_s=sum(r.get("wall_s") or 0.0 for r in runs),
+                               latency_p50=statistics.median([(r.get("latency_s") or {}).get("p50") or 0.0
+                                                              for r in runs]),
+                               decode_modes=modes_seen)
+                    if adaptive:  # the adaptive policy's state after its last load: cost curves, tokens/forward
+                        row["policy_state"] = last.get(mode)
                     rows.append(row)
                     ps = row.get("policy_state") or {}
                     why = (f"; policy tpf {ps['tokens_per_forward']}, s by requests: AR {ps['cost_ar_seconds']}, "
                            f"diffusion {ps['cost_diffusion_seconds']}, scaled by {ps.get('cost_scale')}"
                            if ps.get("calibrated") else "")
-                    print(f"server  {t:>3} thr c={c:>3} {mode:>8}: {row['tok_s'] or 0:8.1f} tok/s "
+                    spread = f" (of {', '.join(f'{x:.1f}' for x in rates)})" if len(rates) > 1 else ""
+                    print(f"server  {t:>3} thr c={c:>3} {mode:>8}: {row['tok_s'] or 0:8.1f} tok/s{spread} "
                           f"({row['errors']} errors; modes {row['decode_modes']}{why})", flush=True)
         finally:
-            load.stop_servers(procs)
+            for procs, *_ in servers:
+                load.stop_servers(procs)
     return rows
 
 
@@ -434,10 +463,32 @@ def markdown(doc: dict) -> str:
         for (t, name), v in sorted(series.items()):
             out.append(f"| {t} | {name} | " + " | ".join("-" if v.get(c) is None else f"{v[c]:.1f}" for c in conc)
                        + " |")
+        out += adaptive_vs_fixed(doc["server"])
     if doc["spin"]:
         out += ["", "AR tokens/s, OpenMP spin: " + ", ".join(f"{r['spin']} {r['ar_tok_s']:.1f}" for r in doc["spin"])
                 + f" ({doc['spin'][0]['threads']} threads)"]
     return "\n".join(out) + "\n"
+
+
+def adaptive_vs_fixed(rows: list[dict]) -> list[str]:
+    """Issue 20's server target as a table: each adaptive-stepsN median against the better of AR
+    and fixed stepsN at the same threads and concurrency (the ratio; >= 1 meets it)."""
+    by = {(r["threads"], r["concurrency"], r["mode"]): r["tok_s"] or 0.0 for r in rows}
+    out = []
+    for (t, c, mode), v in sorted(by.items()):
+        if not mode.startswith("adaptive-"):
+            continue
+        fixed = mode[len("adaptive-"):]
+        ar, diff = by.get((t, c, "ar")), by.get((t, c, fixed))
+        if ar is None or diff is None:
+            continue
+        best = max(ar, diff)
+        out.append(f"| {t} | {c} | {mode} | {v:.1f} | {ar:.1f} | {diff:.1f} | {v / best if best else 0:.3f} |")
+    if not out:
+        return []
+    return ["", "adaptive policy against the better fixed mode (medians)", "",
+            "| threads | concurrency | adaptive | tok/s | AR | fixed diffusion | adaptive / better |",
+            "|---:|---:|---|---:|---:|---:|---:|"] + out
 
 
 def ints(s: str) -> list[int]:
@@ -465,6 +516,8 @@ def main(argv=None) -> int:
                     help="requests per client at each concurrency, closed loop (one round: a single burst)")
     ap.add_argument("--server-min-requests", type=int, default=0,
                     help="requests per load at least (rounds x clients below it are raised to it)")
+    ap.add_argument("--server-repeats", type=int, default=1,
+                    help="loads per (concurrency, mode), the modes interleaved; rows give the median")
     ap.add_argument("--server-time-limit", type=float, default=90.0, help="seconds per server load at most")
     ap.add_argument("--llama-archive", default="", help="trimmed llama.cpp source (bench/llama_trim.py); '' skips")
     ap.add_argument("--skip", default="", help="sections to skip: offline,server,llama,spin")
@@ -521,7 +574,8 @@ def main(argv=None) -> int:
         try:
             doc["server"] = server(model, ints(a.server_threads) if a.server_threads else threads, conc,
                                    [float(x) for x in a.server_tpf.split(",") if x], server_tokens, a.prompt_len,
-                                   a.server_time_limit, a.server_rounds, a.server_min_requests)
+                                   a.server_time_limit, a.server_rounds, a.server_min_requests,
+                                   a.server_repeats)
         except (ImportError, SystemExit, RuntimeError) as e:
             doc["notes"].append(f"server skipped: {e}")
             print(doc["notes"][-1], file=sys.stderr)

@@ -49,7 +49,7 @@ def test_e2e_tiny(tmp_path):
     out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "e2e.py"), "--tiny", "--tpf", "1,4", "--reps", "1",
            "--server-tpf", "4", "--concurrency", "2", "--server-rounds", "2", "--server-min-requests", "5",
-           "--workdir", str(tmp_path),
+           "--server-repeats", "2", "--workdir", str(tmp_path),
            "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -68,14 +68,20 @@ def test_e2e_tiny(tmp_path):
     srv = {r["mode"]: r for r in doc["server"]}
     assert set(srv) == {"ar", "steps7", "adaptive-steps7"}, doc["notes"]
     # concurrency 2, two rounds: 4 requests (each client sends its next when its last is done),
-    # raised to --server-min-requests 5
-    assert all(r["errors"] == 0 and r["requests"] == 5 and r["tok_s"] > 0 for r in srv.values()), srv
+    # raised to --server-min-requests 5; two interleaved repeats of each load, the row their median
+    assert all(r["errors"] == 0 and r["requests"] == 10 and r["repeats"] == 2 and r["tok_s"] > 0
+               for r in srv.values()), srv
+    assert all(len(r["tok_s_all"]) == 2 and r["tok_s"] == pytest.approx(sum(r["tok_s_all"]) / 2)
+               for r in srv.values())
     # every response says its mode: the fixed series the one asked for, the adaptive one its choice
-    assert srv["ar"]["decode_modes"] == {"ar": 5} and srv["steps7"]["decode_modes"] == {"diffusion": 5}
-    assert sum(srv["adaptive-steps7"]["decode_modes"].values()) == 5
+    assert srv["ar"]["decode_modes"] == {"ar": 10} and srv["steps7"]["decode_modes"] == {"diffusion": 10}
+    assert sum(srv["adaptive-steps7"]["decode_modes"].values()) == 10
+    assert srv["adaptive-steps7"]["policy_state"]["calibrated"]
     assert [r["spin"] for r in doc["spin"]] == ["bounded (bitdlm default)", "libgomp default"]
     assert png.read_bytes()[:8] == PNG_MAGIC
     md = (tmp_path / "e2e.md").read_text()
+    ratio = srv["adaptive-steps7"]["tok_s"] / max(srv["ar"]["tok_s"], srv["steps7"]["tok_s"])
+    assert f"| 1 | 2 | adaptive-steps7 | {srv['adaptive-steps7']['tok_s']:.1f} |" in md and f"| {ratio:.3f} |" in md
     assert "| 1 | AR (block 1) |" in md and "bitdlm serve steps7" in md and "bitdlm serve adaptive-steps7" in md
 
 
