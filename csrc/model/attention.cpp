@@ -201,11 +201,15 @@ static void for_key_segments(const AttnItem& it, const Visible& vis, int kvh, in
 template <class T>
 static void attend_lanes(const AttnKernels& kt, const AttnItem& it, const Visible& vis, int i0, int i1, int kvh,
                          int group, int k0, int k1, const float* q, const float* k, const float* v, int nh, int nkv,
-                         int hd, float* out, float* part, float* QT, float* OT, float* S, float* tile) {
+                         int hd, float* out, float* part, const float* qt, float* QT, float* OT, float* S,
+                         float* tile) {
   const int64_t ldq = (int64_t)nh * hd;
   const int R = (i1 - i0) * group, Rp = round16(R);
   const int64_t qoff = (int64_t)(it.row0 + i0) * ldq + (int64_t)kvh * group * hd;  // row 0: query i0, head kvh * group
-  kt.to_lanes(q + qoff, ldq, group, R, hd, QT, Rp);
+  if (qt)  // the job's queries, transposed once for all its units
+    QT = const_cast<float*>(qt);
+  else
+    kt.to_lanes(q + qoff, ldq, group, R, hd, QT, Rp);
   // a split job's unit keeps its state in its slot, [OT | m | l] (merge_lanes' layout)
   if (part) OT = part;
   float* m = part ? part + (int64_t)Rp * hd : S + (int64_t)Rp * kAttnTile;
@@ -229,7 +233,7 @@ static void attend_lanes(const AttnKernels& kt, const AttnItem& it, const Visibl
 template <class T>
 static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis, int i0, int i1, int kvh,
                    int group, int k0, int k1, const float* q, const float* k, const float* v, int nh, int nkv,
-                   int hd, float* out, float* part, float* Qs, float* Os, float* S, float* tile) {
+                   int hd, float* out, float* part, const float* qt, float* Qs, float* Os, float* S, float* tile) {
   const int64_t ldq = (int64_t)nh * hd;
   const int R = (i1 - i0) * group;
   // Key tile by key tile: scores (R x 64, in L1), online softmax, values; the
@@ -237,7 +241,7 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
   // K/V rows directly, more rows go through converted / transposed tiles.
   const bool direct = R <= kAttnDirectRows;
   if (!direct && kt.seg_lanes_f16) {  // (it reads Q itself, transposed)
-    attend_lanes<T>(kt, it, vis, i0, i1, kvh, group, k0, k1, q, k, v, nh, nkv, hd, out, part, Qs, Os, S, tile);
+    attend_lanes<T>(kt, it, vis, i0, i1, kvh, group, k0, k1, q, k, v, nh, nkv, hd, out, part, qt, Qs, Os, S, tile);
     return;
   }
   for (int i = i0; i < i1; ++i)
@@ -358,6 +362,17 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
     for (int k0 = 0; k0 < nk; k0 += len) units.push_back(Unit{(int)j, k0, std::min(nk, k0 + len), slot_size * n_slots++});
   }
   first_unit[jobs.size()] = (int)units.size();
+  // A lanes job split into several units has its queries transposed once, before the
+  // units run (each unit did it again: ~8% of 8 queries x 512 keys on one thread).
+  std::vector<int> pre;  // such jobs
+  std::vector<int64_t> qt_off(jobs.size(), -1);
+  const int64_t qt_size = round16((int)(round16((int)rows) * hd));
+  if (lanes)
+    for (size_t j = 0; j < jobs.size(); ++j)
+      if ((jobs[j].i1 - jobs[j].i0) * group > kAttnDirectRows && first_unit[j + 1] - first_unit[j] > 1) {
+        qt_off[j] = (int64_t)pre.size() * qt_size;
+        pre.push_back((int)j);
+      }
   const int nthreads = omp_get_max_threads();
   // Rows rounded to 16 (the lanes path's padding) and every area to 16 floats,
   // so the tiles start on 64-byte lines.
@@ -365,15 +380,28 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
   const int64_t s_size = round16((int)(rows_p * (kAttnTile + 2)));  // one tile's scores, then max and sum per row
   const int64_t tile_size = round16(kAttnTile * hd);
   const int64_t per_thread = qo_size * 2 + s_size + tile_size + round16(max_parts);
-  const size_t need = (size_t)(nthreads * per_thread + n_slots * slot_size) + 16;
+  const size_t need = (size_t)(nthreads * per_thread + n_slots * slot_size + (int64_t)pre.size() * qt_size) + 16;
   if (scratch.size() < need) scratch.resize(need);
   float* sbase = scratch.data() + ((64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64) / sizeof(float);
   float* parts = sbase + nthreads * per_thread;
+  float* qts = parts + n_slots * slot_size;
+  const int64_t ldq = (int64_t)nh * hd;
   // Units of a split job still running; the one that brings it to 0 merges.
   std::unique_ptr<std::atomic<int>[]> left(new std::atomic<int>[jobs.size()]);
   for (size_t j = 0; j < jobs.size(); ++j) left[j].store(first_unit[j + 1] - first_unit[j], std::memory_order_relaxed);
-  const int64_t nunits = (int64_t)units.size();
-#pragma omp parallel for schedule(dynamic, 1) if (nunits > 1)
+  const int64_t nunits = (int64_t)units.size(), npre = (int64_t)pre.size();
+#pragma omp parallel if (nunits > 1)
+  {
+  if (npre) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < npre; ++p) {
+      const Job& jb = jobs[pre[p]];
+      const int R = (jb.i1 - jb.i0) * group;
+      kt.to_lanes(q + (int64_t)(items[jb.item].row0 + jb.i0) * ldq + (int64_t)jb.kvh * group * hd, ldq, group, R, hd,
+                  qts + qt_off[pre[p]], round16(R));
+    }
+  }
+#pragma omp for schedule(dynamic, 1)
   for (int64_t u = 0; u < nunits; ++u) {
     float* Qs = sbase + (int64_t)omp_get_thread_num() * per_thread;
     float* Os = Qs + qo_size;
@@ -384,17 +412,17 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
     const Job& jb = jobs[un.job];
     const AttnItem& it = items[jb.item];
     float* part = un.slot < 0 ? nullptr : parts + un.slot;
+    const float* qt = qt_off[un.job] < 0 ? nullptr : qts + qt_off[un.job];
     if (kv_f16)
       attend<uint16_t>(kt, it, vis[un.job], jb.i0, jb.i1, jb.kvh, group, un.k0, un.k1, q, k, v, nh, nkv, hd, out,
-                       part, Qs, Os, S, tile);
+                       part, qt, Qs, Os, S, tile);
     else
       attend<float>(kt, it, vis[un.job], jb.i0, jb.i1, jb.kvh, group, un.k0, un.k1, q, k, v, nh, nkv, hd, out, part,
-                    Qs, Os, S, tile);
+                    qt, Qs, Os, S, tile);
     // acq_rel: this unit's partial is visible to the merger, the others' to us.
     if (part && left[un.job].fetch_sub(1, std::memory_order_acq_rel) == 1) {
       const int R = (jb.i1 - jb.i0) * group;
       const int u0 = first_unit[un.job];
-      const int64_t ldq = (int64_t)nh * hd;
       if (lanes && R > kAttnDirectRows) {
         kt.merge_lanes(parts + units[u0].slot, slot_size, first_unit[un.job + 1] - u0, round16(R), hd, Os, S);
         kt.from_lanes(Os, round16(R), R, hd, S, out + (int64_t)(it.row0 + jb.i0) * ldq + (int64_t)jb.kvh * group * hd,
@@ -407,6 +435,7 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
                     Os + (int64_t)(i - jb.i0) * group * hd, sizeof(float) * group * hd);
     }
   }
+  }  // omp parallel
 }
 
 }  // namespace bitdlm
