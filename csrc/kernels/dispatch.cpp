@@ -24,6 +24,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <memory>
 #include <new>
 
 #include "kernels/isa.h"
@@ -250,7 +251,12 @@ void quantize_act(const float* x, int N, int K, int Kp, int8_t* q, float* scale,
 // matrices still give every thread work. Jobs are handed out dynamically: on a
 // shared machine a descheduled thread then delays the call by at most one job
 // instead of its whole static share (measured: static 2-thread calls stalled
-// for whole 24 ms scheduler slices under load).
+// for whole 24 ms scheduler slices under load). The job list is cut into one
+// contiguous range per thread (JobRanges): a thread takes its own range's jobs
+// in order, then the rest of the others'; so each thread streams one stretch
+// of the weights (its tiles' prefetch runs on into its next job) instead of
+// 20 KB pieces scattered between the threads, and a descheduled thread's jobs
+// are still taken by the others.
 // AMX path: the activations are re-laid out into VNNI tiles first (in the same
 // parallel region, split over (token group, k step) tiles, then a barrier);
 // every thread configures its tiles once, runs its jobs and releases them.
@@ -272,6 +278,36 @@ static int8_t* vnni_buffer(const ActQ& a) {
   return t_vnni;
 }
 
+namespace {
+// Per-thread cursors over contiguous ranges of a call's jobs [0, total): range i is
+// [total * i / n, total * (i + 1) / n), n = the most threads the call may get.
+class JobRanges {
+ public:
+  JobRanges(int64_t total, int n) : total_(total), n_(n), next_(new Cursor[n]) {
+    for (int i = 0; i < n; ++i) next_[i].v.store(begin(i), std::memory_order_relaxed);
+  }
+  // f(job) for every job, range `self` first, then the others' leftovers; every job runs once
+  // over all callers (a range's cursor hands out each of its jobs to one fetch_add).
+  template <class F>
+  void run(int self, F&& f) {
+    for (int k = 0; k < n_; ++k) {
+      const int i = (self + k) % n_;
+      const int64_t end = begin(i + 1);
+      for (int64_t j; (j = next_[i].v.fetch_add(1, std::memory_order_relaxed)) < end;) f(j);
+    }
+  }
+
+ private:
+  struct alignas(64) Cursor {
+    std::atomic<int64_t> v;
+  };
+  int64_t begin(int i) const { return total_ * i / n_; }
+  int64_t total_;
+  int n_;
+  std::unique_ptr<Cursor[]> next_;
+};
+}  // namespace
+
 static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* out_i32) {
   const KernelTable& t = table();
   const bool amx = t.amx_ternary && a.N >= amx_min_tokens();
@@ -287,6 +323,7 @@ static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* ou
   const int groups = (a.N + 15) / 16, steps = a.Kp / 64;
   int8_t* const vb = amx ? vnni_buffer(a) : nullptr;
   const bool par = macs >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
+  JobRanges ranges(total, par ? omp_get_max_threads() : 1);
 #pragma omp parallel if (par)
   {
     if (amx) {
@@ -311,8 +348,7 @@ static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* ou
       else
         t.ternary(ws[i], a, m0, m1, n0, n1, out_i32);
     };
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t job = 0; job < total; ++job) run_job(job);
+    ranges.run(omp_get_thread_num(), run_job);
     if (amx) t.amx_end();
   }
 }
