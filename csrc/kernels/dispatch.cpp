@@ -29,6 +29,7 @@
 
 #include "kernels/isa.h"
 #include "kernels/isa_table.h"
+#include "kernels/job_ranges.h"
 
 namespace bitdlm {
 
@@ -278,35 +279,6 @@ static int8_t* vnni_buffer(const ActQ& a) {
   return t_vnni;
 }
 
-namespace {
-// Per-thread cursors over contiguous ranges of a call's jobs [0, total): range i is
-// [total * i / n, total * (i + 1) / n), n = the most threads the call may get.
-class JobRanges {
- public:
-  JobRanges(int64_t total, int n) : total_(total), n_(n), next_(new Cursor[n]) {
-    for (int i = 0; i < n; ++i) next_[i].v.store(begin(i), std::memory_order_relaxed);
-  }
-  // f(job) for every job, range `self` first, then the others' leftovers; every job runs once
-  // over all callers (a range's cursor hands out each of its jobs to one fetch_add).
-  template <class F>
-  void run(int self, F&& f) {
-    for (int k = 0; k < n_; ++k) {
-      const int i = (self + k) % n_;
-      const int64_t end = begin(i + 1);
-      for (int64_t j; (j = next_[i].v.fetch_add(1, std::memory_order_relaxed)) < end;) f(j);
-    }
-  }
-
- private:
-  struct alignas(64) Cursor {
-    std::atomic<int64_t> v;
-  };
-  int64_t begin(int i) const { return total_ * i / n_; }
-  int64_t total_;
-  int n_;
-  std::unique_ptr<Cursor[]> next_;
-};
-}  // namespace
 
 static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* out_i32) {
   const KernelTable& t = table();

@@ -13,6 +13,7 @@
 #include "kernels/isa.h"
 #include "model/half.h"
 #include "kernels/isa_table.h"
+#include "kernels/job_ranges.h"
 
 namespace bitdlm {
 
@@ -390,6 +391,7 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
   std::unique_ptr<std::atomic<int>[]> left(new std::atomic<int>[jobs.size()]);
   for (size_t j = 0; j < jobs.size(); ++j) left[j].store(first_unit[j + 1] - first_unit[j], std::memory_order_relaxed);
   const int64_t nunits = (int64_t)units.size(), npre = (int64_t)pre.size();
+  JobRanges ranges(nunits, nunits > 1 ? nthreads : 1);
 #pragma omp parallel if (nunits > 1)
   {
   if (npre) {
@@ -401,8 +403,8 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
                   qts + qt_off[pre[p]], round16(R));
     }
   }
-#pragma omp for schedule(dynamic, 1)
-  for (int64_t u = 0; u < nunits; ++u) {
+  // (units of one job are neighbouring keys: one stretch of the cache per thread, JobRanges)
+  ranges.run(omp_get_thread_num(), [&](int64_t u) {
     float* Qs = sbase + (int64_t)omp_get_thread_num() * per_thread;
     float* Os = Qs + qo_size;
     float* S = Os + qo_size;
@@ -427,14 +429,14 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
         kt.merge_lanes(parts + units[u0].slot, slot_size, first_unit[un.job + 1] - u0, round16(R), hd, Os, S);
         kt.from_lanes(Os, round16(R), R, hd, S, out + (int64_t)(it.row0 + jb.i0) * ldq + (int64_t)jb.kvh * group * hd,
                       ldq, group);
-        continue;
+        return;
       }
       merge_parts(parts + units[u0].slot, slot_size, first_unit[un.job + 1] - u0, R, hd, Os, w);
       for (int i = jb.i0; i < jb.i1; ++i)
         std::memcpy(out + (int64_t)(it.row0 + i) * ldq + (int64_t)jb.kvh * group * hd,
                     Os + (int64_t)(i - jb.i0) * group * hd, sizeof(float) * group * hd);
     }
-  }
+  });
   }  // omp parallel
 }
 
