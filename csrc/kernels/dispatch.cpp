@@ -339,8 +339,9 @@ static void run_rows(int M, int64_t macs, F&& f) {
   constexpr int kRowBlock = 64;
   const int nb = (M + kRowBlock - 1) / kRowBlock;
   const bool par = macs >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
-#pragma omp parallel for schedule(dynamic, 1) if (par)
-  for (int b = 0; b < nb; ++b) f(b * kRowBlock, std::min(M, (b + 1) * kRowBlock));
+  JobRanges ranges(nb, par ? omp_get_max_threads() : 1);
+#pragma omp parallel if (par)
+  ranges.run(omp_get_thread_num(), [&](int64_t b) { f((int)b * kRowBlock, std::min(M, ((int)b + 1) * kRowBlock)); });
 }
 
 void gemm_f16_f32(const uint16_t* W, int M, int K, const float* x, int N, float* y, int ldy) {
@@ -367,17 +368,17 @@ void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& 
   const int groups = (a.N + 15) / 16, steps = a.Kp / 64;
   int8_t* const vb = vnni_buffer(a);
   const bool par = (int64_t)M * K * a.N >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
+  JobRanges lm_ranges(nb, par ? omp_get_max_threads() : 1);
 #pragma omp parallel if (par)
   {
 #pragma omp for schedule(static)
     for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
     t.amx_begin();
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int b = 0; b < nb; ++b) {
-      const int m0 = b * kRowBlock, m1 = std::min(M, m0 + kRowBlock), me = std::min(m1, m16);
+    lm_ranges.run(omp_get_thread_num(), [&](int64_t job) {
+      const int m0 = (int)job * kRowBlock, m1 = std::min(M, m0 + kRowBlock), me = std::min(m1, m16);
       if (me > m0) t.amx_i8(W, wscale, K, a, vb, y, ldy, m0, me);
       if (m1 > me) t.i8(W, wscale, K, a, y, ldy, std::max(m0, me), m1);
-    }
+    });
     t.amx_end();
   }
 }
