@@ -393,6 +393,43 @@ def test_host_probe_reports_omp_costs_and_refuses_an_unfit_host(tmp_path):
     assert r.returncode == 3 and "UNFIT" in r.stdout and not json.loads(out.read_text())["fit"]
 
 
+def test_gemm_ab_compares_builds_side_by_side(tmp_path):
+    """`bench/gemm_ab.py`: two copies of this build's extension (loaded as separate modules) give
+    equal outputs and a ratio line each; one layer, one repetition."""
+    import shutil
+
+    from hf_models import child_env
+
+    from bitdlm import _core
+
+    copies = [tmp_path / f"core{i}.so" for i in range(2)]
+    for c in copies:
+        shutil.copy(_core.__file__, c)
+    cmd = [sys.executable, os.path.join(BENCH, "gemm_ab.py"), *map(str, copies), "--layers", "1", "--reps", "1",
+           "--n", "3"]
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if "GB/s" in ln]
+    assert len(lines) == 2 and lines[0].rstrip().endswith("x1.000"), r.stdout
+    assert "1 layers' GEMMs" in r.stdout and "N=3" in r.stdout
+
+
+def test_forward_ab_runs_builds_on_one_model(tiny):
+    """`bench/forward_ab.py`: two copies of this build, each its own `_core.Model` over one mapped
+    file, time the same forwards and select the same tokens; the build's file named twice works too
+    (each is loaded from a private copy)."""
+    from hf_models import child_env
+
+    from bitdlm import _core
+
+    cmd = [sys.executable, os.path.join(BENCH, "forward_ab.py"), _core.__file__, _core.__file__, "--model",
+           tiny["i8"], "--reps", "1", "--cases", "decode_ctx512,sub8_ctx512"]
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("x1.000") >= 2 and "sub8_ctx512:" in r.stdout, r.stdout
+    assert "same tokens selected by every build: True" in r.stdout
+
+
 def test_overhead_adaptive_ar_mode_decodes_every_request_as_ar(tmp_path):
     """bench/overhead.py --mode adaptive-ar: an adaptive engine that assigns every request AR
     gives the plain AR mode's outputs (the A/B of the policy's cost is like for like)."""
