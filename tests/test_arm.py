@@ -35,6 +35,7 @@ _UNITS = {
     "csrc/model/sampling_neon.cpp": [],
 }
 _HEADERS = ["csrc/kernels/gemm_arm.inc", "csrc/kernels/isa.h", "csrc/kernels/isa_table.h", "csrc/kernels/gemm.h",
+            "csrc/kernels/job_ranges.h",
             "csrc/kernels/ternary_driver.h", "csrc/kernels/lm_driver.h", "csrc/kernels/epilogue.h",
             "csrc/model/attention.h", "csrc/model/half.h",
             "csrc/model/simd_neon.h", "csrc/model/sampling.h", "tests/kernel_checks.h",
