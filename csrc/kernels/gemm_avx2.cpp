@@ -64,6 +64,18 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
           for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + (r + kPfRows) * wstride + b * 32), _MM_HINT_T0);
       __m256i p[R];
       for (int r = 0; r < R; ++r) p[r] = _mm256_loadu_si256((const __m256i*)(w + r * wstride + b * 32));
+      if constexpr (R * T == 1) {
+        // decode: one accumulator, so its 4 adds per block were a latency chain; the 4
+        // groups' pair sums are added as a tree first (|sum| <= 4 x 512 per block: the
+        // kChunk bound above still holds)
+        __m256i m[4];
+        for (int i = 0; i < 4; ++i)
+          m[i] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p[0], 2 * i), mask),
+                                      _mm256_loadu_si256((const __m256i*)(q + b * kKBlock + 32 * i)));
+        const __m256i sum = _mm256_add_epi16(_mm256_add_epi16(m[0], m[1]), _mm256_add_epi16(m[2], m[3]));
+        acc[0][0] = _mm256_add_epi16(acc[0][0], sum);
+        continue;
+      }
       for (int i = 0; i < 4; ++i) {
         __m256i u[R];
         for (int r = 0; r < R; ++r) u[r] = _mm256_and_si256(_mm256_srli_epi16(p[r], 2 * i), mask);
