@@ -24,7 +24,6 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <memory>
 #include <new>
 
 #include "kernels/isa.h"
@@ -278,7 +277,6 @@ static int8_t* vnni_buffer(const ActQ& a) {
   }
   return t_vnni;
 }
-
 
 static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* out_i32) {
   const KernelTable& t = table();

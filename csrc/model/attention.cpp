@@ -394,49 +394,49 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
   JobRanges ranges(nunits, nunits > 1 ? nthreads : 1);
 #pragma omp parallel if (nunits > 1)
   {
-  if (npre) {
+    if (npre) {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < npre; ++p) {
-      const Job& jb = jobs[pre[p]];
-      const int R = (jb.i1 - jb.i0) * group;
-      kt.to_lanes(q + (int64_t)(items[jb.item].row0 + jb.i0) * ldq + (int64_t)jb.kvh * group * hd, ldq, group, R, hd,
-                  qts + qt_off[pre[p]], round16(R));
-    }
-  }
-  // (units of one job are neighbouring keys: one stretch of the cache per thread, JobRanges)
-  ranges.run(omp_get_thread_num(), [&](int64_t u) {
-    float* Qs = sbase + (int64_t)omp_get_thread_num() * per_thread;
-    float* Os = Qs + qo_size;
-    float* S = Os + qo_size;
-    float* tile = S + s_size;
-    float* w = tile + tile_size;
-    const Unit& un = units[u];
-    const Job& jb = jobs[un.job];
-    const AttnItem& it = items[jb.item];
-    float* part = un.slot < 0 ? nullptr : parts + un.slot;
-    const float* qt = qt_off[un.job] < 0 ? nullptr : qts + qt_off[un.job];
-    if (kv_f16)
-      attend<uint16_t>(kt, it, vis[un.job], jb.i0, jb.i1, jb.kvh, group, un.k0, un.k1, q, k, v, nh, nkv, hd, out,
-                       part, qt, Qs, Os, S, tile);
-    else
-      attend<float>(kt, it, vis[un.job], jb.i0, jb.i1, jb.kvh, group, un.k0, un.k1, q, k, v, nh, nkv, hd, out, part,
-                    qt, Qs, Os, S, tile);
-    // acq_rel: this unit's partial is visible to the merger, the others' to us.
-    if (part && left[un.job].fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      const int R = (jb.i1 - jb.i0) * group;
-      const int u0 = first_unit[un.job];
-      if (lanes && R > kAttnDirectRows) {
-        kt.merge_lanes(parts + units[u0].slot, slot_size, first_unit[un.job + 1] - u0, round16(R), hd, Os, S);
-        kt.from_lanes(Os, round16(R), R, hd, S, out + (int64_t)(it.row0 + jb.i0) * ldq + (int64_t)jb.kvh * group * hd,
-                      ldq, group);
-        return;
+      for (int64_t p = 0; p < npre; ++p) {
+        const Job& jb = jobs[pre[p]];
+        const int R = (jb.i1 - jb.i0) * group;
+        kt.to_lanes(q + (int64_t)(items[jb.item].row0 + jb.i0) * ldq + (int64_t)jb.kvh * group * hd, ldq, group, R, hd,
+                    qts + qt_off[pre[p]], round16(R));
       }
-      merge_parts(parts + units[u0].slot, slot_size, first_unit[un.job + 1] - u0, R, hd, Os, w);
-      for (int i = jb.i0; i < jb.i1; ++i)
-        std::memcpy(out + (int64_t)(it.row0 + i) * ldq + (int64_t)jb.kvh * group * hd,
-                    Os + (int64_t)(i - jb.i0) * group * hd, sizeof(float) * group * hd);
     }
-  });
+    // (units of one job are neighbouring keys: one stretch of the cache per thread, JobRanges)
+    ranges.run(omp_get_thread_num(), [&](int64_t u) {
+      float* Qs = sbase + (int64_t)omp_get_thread_num() * per_thread;
+      float* Os = Qs + qo_size;
+      float* S = Os + qo_size;
+      float* tile = S + s_size;
+      float* w = tile + tile_size;
+      const Unit& un = units[u];
+      const Job& jb = jobs[un.job];
+      const AttnItem& it = items[jb.item];
+      float* part = un.slot < 0 ? nullptr : parts + un.slot;
+      const float* qt = qt_off[un.job] < 0 ? nullptr : qts + qt_off[un.job];
+      if (kv_f16)
+        attend<uint16_t>(kt, it, vis[un.job], jb.i0, jb.i1, jb.kvh, group, un.k0, un.k1, q, k, v, nh, nkv, hd, out,
+                         part, qt, Qs, Os, S, tile);
+      else
+        attend<float>(kt, it, vis[un.job], jb.i0, jb.i1, jb.kvh, group, un.k0, un.k1, q, k, v, nh, nkv, hd, out, part,
+                      qt, Qs, Os, S, tile);
+      // acq_rel: this unit's partial is visible to the merger, the others' to us.
+      if (part && left[un.job].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        const int R = (jb.i1 - jb.i0) * group;
+        const int u0 = first_unit[un.job];
+        if (lanes && R > kAttnDirectRows) {
+          kt.merge_lanes(parts + units[u0].slot, slot_size, first_unit[un.job + 1] - u0, round16(R), hd, Os, S);
+          kt.from_lanes(Os, round16(R), R, hd, S, out + (int64_t)(it.row0 + jb.i0) * ldq + (int64_t)jb.kvh * group * hd,
+                        ldq, group);
+          return;
+        }
+        merge_parts(parts + units[u0].slot, slot_size, first_unit[un.job + 1] - u0, R, hd, Os, w);
+        for (int i = jb.i0; i < jb.i1; ++i)
+          std::memcpy(out + (int64_t)(it.row0 + i) * ldq + (int64_t)jb.kvh * group * hd,
+                      Os + (int64_t)(i - jb.i0) * group * hd, sizeof(float) * group * hd);
+      }
+    });
   }  // omp parallel
 }
 
