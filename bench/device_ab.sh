@@ -6,11 +6,12 @@
 #   bench/forward_ab.py  decode / 8-token / 32-token steps of the 2B synthetic model (int8 lm_head)
 #   bench/gemm_ab.py     the 30 layers' ternary GEMMs from DRAM, N = 1 and 8
 #   bench/attn_ab.py     attention alone (1 / 8 / 32 queries x 512 cached)
-# for every ISA of AB_ISAS present (default "amx avx512vnni"; forward_ab and gemm_ab per ISA).
+# for every ISA of AB_ISAS present (default "amx avx512vnni"; forward_ab and gemm_ab per ISA),
+# then bench/forward.py's phase table of this tree per ISA at the first thread count.
 # The base tree travels as a tar of its sources (the device gets no git history):
 #   git archive -o build-train/carry/base_src.tar 29680d6 CMakeLists.txt pyproject.toml csrc scripts/dev_build.sh
 #   OUT=$OUT BASE_SRC=build-train/carry/base_src.tar WHEELS=.whl-slim bash bench/device_ab.sh
-# (carry build-train/carry and .whl-slim). Everything lands in $OUT/ab.log (+ probe.json).
+# (carry build-train/carry and .whl-slim). Results: $OUT/ab.log, probe.json, forward_<isa>.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT}" "${BASE_SRC:?set BASE_SRC to a tar of the base sources}"
@@ -61,5 +62,12 @@ for t in $THREADS; do
   done
   step "attn_ab avx512 $t threads"
   timeout 120 python3 bench/attn_ab.py "$BASE" "$NEW" --threads "$t" --reps 9 --isa avx512 --cases 1x512,8x512,32x512
+done
+step "bench/forward.py: this tree's phases per ISA at the most threads"
+t=${THREADS%% *}
+for isa in $ISAS; do
+  case " $supported " in *" $isa "*) ;; *) continue ;; esac
+  timeout 150 python3 bench/forward.py --isa "$isa" --threads "$t" --lm-head i8 --reps 5 --model-dir /tmp/bitdlm_fwd \
+    --cases decode_ctx512,sub8_ctx512,block32_ctx512_out8 --out "$OUT/forward_$isa.json" 2>&1 | sed -n '/ms per phase/,$p'
 done
 step "done"
