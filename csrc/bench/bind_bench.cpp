@@ -133,6 +133,8 @@ static void bench_ternary_multi(const BenchKernel& k, const TernaryW* ws, int n_
       else
         t.amx_begin();
     }
+    // (one shared counter, as the product until session 14; it now uses JobRanges: compare
+    // the variants with each other here, the product with bench/gemm_ab.py)
 #pragma omp for schedule(dynamic, 1) nowait
     for (int job = 0; job < first[n_ws]; ++job) {
       int i = 0;
