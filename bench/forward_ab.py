@@ -36,6 +36,8 @@ CASES = {  # name: (tokens, cached positions, block size, outputs) as bench/forw
     "sub8_ctx512": (8, 512, 32, 8),
     "block32_ctx512_out8": (32, 512, 32, 8),
     "block32_ctx2048_out8": (32, 2048, 32, 8),
+    "prefill512_b1": (512, 0, 1, 1),  # a prompt from nothing, causal (AR requests' prefill)
+    "prefill512_b32": (512, 0, 32, 1),  # the same block-causal (diffusion requests')
 }
 
 
@@ -62,6 +64,7 @@ def main() -> int:
     meta = f.meta
     tensors = f.core_tensors()
     ctx_max = max(ctx for _, ctx, _, _ in cases.values())
+    cap = max(ctx + n for n, ctx, _, _ in cases.values()) + 64
     rng = np.random.default_rng(0)
     V = int(meta["vocab_size"])
     prefill = rng.integers(4, V, ctx_max).astype(np.int32)
@@ -80,7 +83,7 @@ def main() -> int:
             mod.set_isa(a.isa)
         m = mod.Model(f.buffer, meta, tensors, 4 << 30, "f16")
         m.threads = a.threads
-        sid = m.alloc_seq(ctx_max + 64)
+        sid = m.alloc_seq(cap)
         for s in range(0, ctx_max, 256):  # the cache written for real, as bench/forward.py
             n = min(256, ctx_max - s)
             m.forward([(sid, prefill[s:s + n], s, s, True, np.array([n - 1], np.int32))], 1, "select")

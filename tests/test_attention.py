@@ -31,7 +31,13 @@ def reference(q, k, v, kc, vc, start, ctx, B, nkv, hd):
 # two chunks of 64 lanes), head_dim 13 (the lanes paths' one-dim and one-key register tiles)
 CASES = [((8, 2, 32), (1, 300, 1)), ((8, 2, 32), (8, 300, 32)), ((6, 2, 12), (32, 200, 32)),
          ((20, 5, 128), (8, 520, 32)), ((4, 4, 16), (5, 150, 2)), ((32, 2, 16), (8, 100, 32)),
-         ((4, 2, 13), (8, 91, 32))]
+         ((4, 2, 13), (8, 91, 32)),
+         # block size 1 (causal prefill): jobs of up to 8 queries with per-row key limits on the
+         # lanes paths, split into units (several keys before the fresh ones) or not (none cached),
+         # a prompt cut mid-job (19 = 2 x 8 + 3), 3 query heads per KV head (6 rows a query
+         # pair), and 2 (the 1-query kernels)
+         ((20, 5, 128), (19, 300, 1)), ((8, 2, 32), (16, 0, 1)), ((6, 2, 12), (11, 70, 1)),
+         ((4, 2, 16), (9, 40, 1))]
 
 
 def make(rng, heads, case, f16):

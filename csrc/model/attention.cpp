@@ -148,6 +148,7 @@ Visible visible(const AttnItem& it, int B, int i) {
 
 struct Job {
   int item, kvh, i0, i1;  // fresh queries [i0, i1) of item, KV head kvh
+  int causal;             // -1, or where its queries' fresh key counts start (attention(): causal_nf)
 };
 
 // A unit of parallel work: keys [k0, k1) of a job, counted over its visible
@@ -176,7 +177,7 @@ constexpr int kUnitKeys = 64, kUnitsPerItem = 64;
 
 static inline int round16(int n) { return (n + 15) & ~15; }
 
-// f(K, V, ld, nk) for the part of keys [k0, k1) in each segment of a job's
+// f(K, V, ld, nk, first) for the part of keys [k0, k1) in each segment of a job's
 // visible keys, in key order: cached keys before the current block [0, a1),
 // the block's cached keys [a2, a2 + nb), then this call's fresh rows (nf).
 template <class T, class F>
@@ -187,7 +188,7 @@ static void for_key_segments(const AttnItem& it, const Visible& vis, int kvh, in
   const T* Vc = static_cast<const T*>(it.vc) + (int64_t)kvh * it.cap * hd;
   auto clip = [&](const auto* K, const auto* V, int64_t ld, int nk, int off) {
     const int lo = std::max(k0 - off, 0), hi = std::min(k1 - off, nk);
-    if (lo < hi) f(K + lo * ld, V + lo * ld, ld, hi - lo);
+    if (lo < hi) f(K + lo * ld, V + lo * ld, ld, hi - lo, off + lo);
   };
   clip(Kc, Vc, hd, vis.a1, 0);
   clip(Kc + (int64_t)vis.a2 * hd, Vc + (int64_t)vis.a2 * hd, hd, vis.nb, vis.a1);
@@ -199,11 +200,13 @@ static void for_key_segments(const AttnItem& it, const Visible& vis, int kvh, in
 // same unit as attend() below, with the rows transposed into vector lanes
 // (Rp = R rounded up to 16; padding rows are zero queries, dropped at the end),
 // so the scores of a key are one row of ST and the softmax runs across rows.
+// nfq (null: every query of the job sees vis.nf fresh keys): each query's own fresh keys, for a
+// causal job (block size 1: each query sees one fresh key more than the one before).
 template <class T>
 static void attend_lanes(const AttnKernels& kt, const AttnItem& it, const Visible& vis, int i0, int i1, int kvh,
                          int group, int k0, int k1, const float* q, const float* k, const float* v, int nh, int nkv,
                          int hd, float* out, float* part, const float* qt, float* QT, float* OT, float* S,
-                         float* tile) {
+                         float* tile, const int* nfq) {
   const int64_t ldq = (int64_t)nh * hd;
   const int R = (i1 - i0) * group, Rp = round16(R);
   const int64_t qoff = (int64_t)(it.row0 + i0) * ldq + (int64_t)kvh * group * hd;  // row 0: query i0, head kvh * group
@@ -217,11 +220,22 @@ static void attend_lanes(const AttnKernels& kt, const AttnItem& it, const Visibl
   float* l = m + Rp;
   for (int r = 0; r < Rp; ++r) m[r] = -INFINITY, l[r] = 0.f;  // OT: unread while m = -inf (seg_lanes_*)
   const float scale = 1.0f / std::sqrt((float)hd);
-  for_key_segments<T>(it, vis, kvh, k0, k1, k, v, nkv, hd, [&](const auto* K, const auto* V, int64_t ld, int nk) {
+  // a causal job's fresh keys: row r (query i0 + r / group) sees those before its own limit
+  thread_local std::vector<float> lim_buf;
+  const int fresh0 = vis.a1 + vis.nb;  // the fresh segment's first key in the job's key order
+  for_key_segments<T>(it, vis, kvh, k0, k1, k, v, nkv, hd,
+                      [&](const auto* K, const auto* V, int64_t ld, int nk, int first) {
+    const float* lim = nullptr;
+    if (nfq && first >= fresh0) {
+      lim_buf.resize(Rp);
+      for (int r = 0; r < Rp; ++r)  // (padding rows: every key)
+        lim_buf[r] = r < R ? (float)(nfq[r / group] - (first - fresh0)) : (float)nk;
+      lim = lim_buf.data();
+    }
     if constexpr (sizeof(*K) == 2)
-      kt.seg_lanes_f16(QT, Rp, K, V, ld, nk, hd, scale, m, l, OT, S, tile);
+      kt.seg_lanes_f16(QT, Rp, K, V, ld, nk, hd, scale, m, l, OT, S, tile, lim);
     else
-      kt.seg_lanes_f32(QT, Rp, K, V, ld, nk, hd, scale, m, l, OT, S, tile);
+      kt.seg_lanes_f32(QT, Rp, K, V, ld, nk, hd, scale, m, l, OT, S, tile, lim);
   });
   if (part) return;
   for (int r = 0; r < R; ++r) l[r] = 1.0f / l[r];
@@ -234,7 +248,8 @@ static void attend_lanes(const AttnKernels& kt, const AttnItem& it, const Visibl
 template <class T>
 static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis, int i0, int i1, int kvh,
                    int group, int k0, int k1, const float* q, const float* k, const float* v, int nh, int nkv,
-                   int hd, float* out, float* part, const float* qt, float* Qs, float* Os, float* S, float* tile) {
+                   int hd, float* out, float* part, const float* qt, float* Qs, float* Os, float* S, float* tile,
+                   const int* nfq) {
   const int64_t ldq = (int64_t)nh * hd;
   const int R = (i1 - i0) * group;
   // Key tile by key tile: scores (R x 64, in L1), online softmax, values; the
@@ -242,7 +257,8 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
   // K/V rows directly, more rows go through converted / transposed tiles.
   const bool direct = R <= kAttnDirectRows;
   if (!direct && kt.seg_lanes_f16) {  // (it reads Q itself, transposed)
-    attend_lanes<T>(kt, it, vis, i0, i1, kvh, group, k0, k1, q, k, v, nh, nkv, hd, out, part, qt, Qs, Os, S, tile);
+    attend_lanes<T>(kt, it, vis, i0, i1, kvh, group, k0, k1, q, k, v, nh, nkv, hd, out, part, qt, Qs, Os, S, tile,
+                    nfq);
     return;
   }
   for (int i = i0; i < i1; ++i)
@@ -254,7 +270,7 @@ static void attend(const AttnKernels& kt, const AttnItem& it, const Visible& vis
   float* l = m + R;
   for (int r = 0; r < R; ++r) m[r] = -INFINITY, l[r] = 0.f;
   std::memset(Os, 0, sizeof(float) * R * hd);
-  auto seg = [&](const auto* K, const auto* V, int64_t ld, int nk) {
+  auto seg = [&](const auto* K, const auto* V, int64_t ld, int nk, int) {  // (never a causal job: see attention())
     constexpr bool f16 = sizeof(*K) == 2;
     for (int j0 = 0; j0 < nk; j0 += kAttnTile) {
       const int jt = std::min(kAttnTile, nk - j0);
@@ -318,25 +334,42 @@ static void merge_parts(const float* parts, int64_t slot_size, int n, int R, int
 void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_items, int B, const float* q,
                const float* k, const float* v, int nh, int nkv, int hd, float* out, std::vector<float>& scratch) {
   const int group = nh / nkv;
-  // Jobs: (item, KV head, up to kQueriesPerJob consecutive queries that see the same keys).
+  const bool lanes = kt.seg_lanes_f16 != nullptr;
+  // Jobs: (item, KV head, up to kQueriesPerJob consecutive queries that see the same keys; with
+  // the rows-in-lanes path also queries that differ only in how many fresh keys they see, as
+  // under block size 1, where each sees one more: a causal job, whose rows the lanes kernels
+  // limit (seg_lanes' lim), run on the keys of its last query. Without it every query of a
+  // causal prefill was a job of its own on the 1-query kernels: 3x the attention time of the
+  // same prompt block-causal, 512 tokens on the dev machine. Causal jobs need more than
+  // kAttnDirectRows rows, i.e. two queries' rows, to take the lanes path.)
+  const bool causal_jobs = lanes && 2 * group > kAttnDirectRows;
   std::vector<Job> jobs;
   std::vector<Visible> vis;
+  std::vector<int> causal_nf;  // the fresh keys of each query of the causal jobs, kQueriesPerJob a job
   for (int t = 0; t < n_items; ++t) {
     const AttnItem& it = items[t];
     for (int i0 = 0; i0 < it.n;) {
       const Visible v0 = visible(it, B, i0);
+      Visible vl = v0;
+      int nf[kQueriesPerJob] = {v0.nf};
       int i1 = i0 + 1;
-      while (i1 < it.n && i1 - i0 < kQueriesPerJob && visible(it, B, i1) == v0) ++i1;
+      for (; i1 < it.n && i1 - i0 < kQueriesPerJob; ++i1) {
+        const Visible vi = visible(it, B, i1);
+        if (!(vi == vl) && !(causal_jobs && vi.a1 == v0.a1 && vi.a2 == v0.a2 && vi.nb == v0.nb)) break;
+        nf[i1 - i0] = vi.nf;
+        vl = vi;
+      }
+      const int causal = vl.nf != v0.nf ? (int)causal_nf.size() : -1;
+      if (causal >= 0) causal_nf.insert(causal_nf.end(), nf, nf + kQueriesPerJob);
       for (int h = 0; h < nkv; ++h) {
-        jobs.push_back(Job{t, h, i0, i1});
-        vis.push_back(v0);
+        jobs.push_back(Job{t, h, i0, i1, causal});
+        vis.push_back(vl);
       }
       i0 = i1;
     }
   }
   const int64_t rows = (int64_t)kQueriesPerJob * group;
   // Partials: [R * hd output | R max | R sum], with rows in lanes [hd x Rp | Rp | Rp]
-  const bool lanes = kt.seg_lanes_f16 != nullptr;
   const int64_t slot_size = lanes ? round16((int)(round16((int)rows) * (hd + 2))) : rows * (hd + 2);
   std::vector<Unit> units;
   std::vector<int> first_unit(jobs.size() + 1);
@@ -415,12 +448,13 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
       const AttnItem& it = items[jb.item];
       float* part = un.slot < 0 ? nullptr : parts + un.slot;
       const float* qt = qt_off[un.job] < 0 ? nullptr : qts + qt_off[un.job];
+      const int* nfq = jb.causal < 0 ? nullptr : causal_nf.data() + jb.causal;
       if (kv_f16)
         attend<uint16_t>(kt, it, vis[un.job], jb.i0, jb.i1, jb.kvh, group, un.k0, un.k1, q, k, v, nh, nkv, hd, out,
-                         part, qt, Qs, Os, S, tile);
+                         part, qt, Qs, Os, S, tile, nfq);
       else
         attend<float>(kt, it, vis[un.job], jb.i0, jb.i1, jb.kvh, group, un.k0, un.k1, q, k, v, nh, nkv, hd, out, part,
-                      qt, Qs, Os, S, tile);
+                      qt, Qs, Os, S, tile, nfq);
       // acq_rel: this unit's partial is visible to the merger, the others' to us.
       if (part && left[un.job].fetch_sub(1, std::memory_order_acq_rel) == 1) {
         const int R = (jb.i1 - jb.i0) * group;

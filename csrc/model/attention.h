@@ -53,10 +53,12 @@ struct AttnKernels {
   // as by qk + softmax_tile + pv over its key tiles (OT is not read in rows
   // whose m is still -inf: it need not be initialized). ST: kAttnTile * Rp floats
   // (scores, keys x rows), tile: kAttnTile * d floats (fp16 K / V blocks as fp32).
+  // lim (null: every key): per row, the keys of the segment it may see, [0, lim[r]) (causal
+  // rows of one job: the running max is taken over those alone; a row that sees none keeps m = -inf).
   void (*seg_lanes_f32)(const float* QT, int Rp, const float* K, const float* V, int64_t ld, int nk, int d, float scale,
-                        float* m, float* l, float* OT, float* ST, float* tile);
+                        float* m, float* l, float* OT, float* ST, float* tile, const float* lim);
   void (*seg_lanes_f16)(const float* QT, int Rp, const uint16_t* K, const uint16_t* V, int64_t ld, int nk, int d,
-                        float scale, float* m, float* l, float* OT, float* ST, float* tile);
+                        float scale, float* m, float* l, float* OT, float* ST, float* tile, const float* lim);
   // Rows <-> lanes for the above, row r at X + (r / group) * ldx + (r % group) * d:
   // XT[i * Rp + r] = X[row r][i] (rows R..Rp zero); X[row r][i] = XT[i * Rp + r] * (sc ? sc[r] : 1).
   void (*to_lanes)(const float* X, int64_t ldx, int group, int R, int d, float* XT, int Rp);

@@ -246,6 +246,10 @@ struct Lanes {
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V exp(V x) { return exp_neg(x); }
   static M live(V m) { return _mm256_cmp_ps(m, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ); }
+  static V or_zero(V m) { return _mm256_and_ps(live(m), m); }  // -inf -> 0
+  static V keep_below(V j, V lim, V x) {  // x where j < lim, else -inf
+    return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, _mm256_cmp_ps(j, lim, _CMP_LT_OQ));
+  }
   static V load_live(M k, const float* p) { return _mm256_and_ps(k, _mm256_loadu_ps(p)); }
   static bool any_ne(V a, V b, M k) { return _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_NEQ_UQ), k)); }
   // p read as 0 outside `seen` (w is 0 there too)

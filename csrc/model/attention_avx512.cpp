@@ -279,6 +279,10 @@ struct Lanes {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V exp(V x) { return exp_neg(x); }
   static M live(V m) { return _mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ); }
+  static V or_zero(V m) { return _mm512_mask_blend_ps(live(m), _mm512_setzero_ps(), m); }  // -inf -> 0
+  static V keep_below(V j, V lim, V x) {  // x where j < lim, else -inf
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(j, lim, _CMP_LT_OQ), _mm512_set1_ps(-INFINITY), x);
+  }
   static V load_live(M k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
   static bool any_ne(V a, V b, M k) { return _mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ) & k; }
   // lanes outside `seen` keep *o (the first slot: 0)

@@ -125,7 +125,9 @@ static void run(int R, int nk, int d) {
 // The rows-in-lanes path (seg_lanes_*, to_lanes, from_lanes, merge_lanes): R rows
 // (queries x `group` heads) against nk keys cut into two units at `cut`, each
 // unit in two segments, merged; against softmax attention in plain loops.
-static void run_lanes(int R, int group, int nk, int cut, int d, bool f16) {
+// causal: query i of nq sees only its keys [0, nk - (nq - 1 - i)) (seg_lanes' lim; a row may see
+// none of a unit's keys).
+static void run_lanes(int R, int group, int nk, int cut, int d, bool f16, bool causal = false) {
   const AttnKernels& t = kAttnAvx512Own;
   const int Rp = (R + 15) & ~15, nq = (R + group - 1) / group;
   const int64_t ldq = (int64_t)group * d + 5;  // rows of one query contiguous, queries apart
@@ -138,8 +140,10 @@ static void run_lanes(int R, int group, int nk, int cut, int d, bool f16) {
   for (size_t i = 0; i < V.size(); ++i) Vh[i] = f32_to_f16(V[i]), V[i] = half_to_float(Vh[i]);
   const float scale = 0.25f;
   auto row = [&](int r) { return Q.data() + (int64_t)(r / group) * ldq + (int64_t)(r % group) * d; };
+  auto keys = [&](int r) { return causal ? nk - (nq - 1 - r / group) : nk; };  // row r sees [0, keys(r))
   std::vector<float> ref((size_t)R * d);
   for (int r = 0; r < R; ++r) {
+    const int nk = keys(r);
     std::vector<double> s(nk);
     double mx = -1e300, sum = 0;
     for (int j = 0; j < nk; ++j) {
@@ -165,12 +169,15 @@ static void run_lanes(int R, int group, int nk, int cut, int d, bool f16) {
     std::fill(OT, OT + (int64_t)Rp * d, NAN);  // unread while m = -inf
     for (auto [a, b] : {std::pair<int, int>{k0, mid}, {mid, k1}}) {
       if (a >= b) continue;
+      std::vector<float> lim(Rp);  // the segment's keys [a, b) as seen by each row
+      for (int r = 0; r < Rp; ++r) lim[r] = r < R ? (float)(keys(r) - a) : (float)(b - a);
+      const float* lp = causal ? lim.data() : nullptr;
       if (f16)
         t.seg_lanes_f16(QT.data(), Rp, Kh.data() + (size_t)a * d, Vh.data() + (size_t)a * d, d, b - a, d, scale, m, l,
-                        OT, ST.data(), tile.data());
+                        OT, ST.data(), tile.data(), lp);
       else
         t.seg_lanes_f32(QT.data(), Rp, K.data() + (size_t)a * d, V.data() + (size_t)a * d, d, b - a, d, scale, m, l,
-                        OT, ST.data(), tile.data());
+                        OT, ST.data(), tile.data(), lp);
     }
   }
   std::vector<float> OT((size_t)Rp * d), inv(Rp), O((size_t)nq * ldq, -9.f);
@@ -182,8 +189,8 @@ static void run_lanes(int R, int group, int nk, int cut, int d, bool f16) {
   ++g_cases;
   for (size_t i = 0; i < got.size(); ++i)
     if (!(std::fabs(got[i] - ref[i]) <= 1e-5f * std::fabs(ref[i]) + 2e-6f)) {
-      std::printf("FAIL lanes R=%d group=%d nk=%d cut=%d d=%d f16=%d at %zu: %g vs %g\n", R, group, nk, cut, d, (int)f16,
-                  i, got[i], ref[i]);
+      std::printf("FAIL lanes R=%d group=%d nk=%d cut=%d d=%d f16=%d causal=%d at %zu: %g vs %g\n", R, group, nk, cut,
+                  d, (int)f16, (int)causal, i, got[i], ref[i]);
       ++g_fail;
       return;
     }
@@ -197,6 +204,11 @@ int main() {
     for (int nk : {2, 70, 200})
       for (int d : {12, 64, 128})
         for (bool f16 : {false, true}) run_lanes(R, group, nk, nk / 2 + 1, d, f16);
+  // causal rows (block size 1): 2-8 queries, limits inside one key tile, across tiles and units
+  for (auto [R, group] : {std::pair<int, int>{8, 4}, {12, 3}, {32, 4}, {64, 8}, {30, 5}})
+    for (int nk : {8, 70, 200})
+      for (int cut : {nk / 2 + 1, nk - 2})
+        for (bool f16 : {false, true}) run_lanes(R, group, nk, cut, 64, f16, true);
   std::printf("OK %d cases, %d failed\n", g_cases, g_fail);
   return g_fail ? 1 : 0;
 }
