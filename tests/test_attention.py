@@ -37,7 +37,9 @@ CASES = [((8, 2, 32), (1, 300, 1)), ((8, 2, 32), (8, 300, 32)), ((6, 2, 12), (32
          # a prompt cut mid-job (19 = 2 x 8 + 3), 3 query heads per KV head (6 rows a query
          # pair), and 2 (the 1-query kernels)
          ((20, 5, 128), (19, 300, 1)), ((8, 2, 32), (16, 0, 1)), ((6, 2, 12), (11, 70, 1)),
-         ((4, 2, 16), (9, 40, 1))]
+         ((4, 2, 16), (9, 40, 1)),
+         # block size 4: a job of 8 queries spans two blocks (limits 4 and 8 fresh keys)
+         ((8, 2, 32), (16, 60, 4))]
 
 
 def make(rng, heads, case, f16):
