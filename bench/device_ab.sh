@@ -3,7 +3,8 @@
 # cores): builds both cores, probes the host (bench/host_probe.py: an unfit host stops here),
 # then at each thread count of AB_THREADS (default "16 8") runs, each build loaded side by side in
 # one process and called in alternating order:
-#   bench/forward_ab.py  decode / 8-token / 32-token steps of the 2B synthetic model (int8 lm_head)
+#   bench/forward_ab.py  decode / 8-token / 32-token steps and a 512-token causal prompt of the 2B
+#                        synthetic model (int8 lm_head)
 #   bench/gemm_ab.py     the 30 layers' ternary GEMMs from DRAM, N = 1 and 8
 #   bench/attn_ab.py     attention alone (1 / 8 / 32 queries x 512 cached)
 # for every ISA of AB_ISAS present (default "amx avx512vnni"; forward_ab and gemm_ab per ISA),
@@ -54,7 +55,8 @@ for t in $THREADS; do
   for isa in $ISAS; do
     case " $supported " in *" $isa "*) ;; *) continue ;; esac
     step "forward_ab $isa $t threads"
-    timeout 240 python3 bench/forward_ab.py "$BASE" "$NEW" --threads "$t" --isa "$isa" --reps 9
+    timeout 300 python3 bench/forward_ab.py "$BASE" "$NEW" --threads "$t" --isa "$isa" --reps 9 \
+      --cases decode_ctx512,sub8_ctx512,block32_ctx512_out8,prefill512_b1
     for n in 1 8; do
       step "gemm_ab $isa N=$n $t threads"
       timeout 120 python3 bench/gemm_ab.py "$BASE" "$NEW" --threads "$t" --isa "$isa" --n "$n" --reps 9
