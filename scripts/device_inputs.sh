@@ -11,12 +11,16 @@
 #                                  $LLAMA_GIT (the commits it names; e.g. from the search tool's fetch)
 #   build-train/carry/data.tar.xz  the training corpus (scripts/prepare_code_data.py --pack; ~10 min
 #                                  on 2 cores; its manifest must equal docs/tiny_model_corpus.json)
-#     scripts/device_inputs.sh [wheels] [llama] [bitnet] [data]      # default: all four
+#   .whl-slim/                     .whl without matplotlib and its dependencies (the device calls
+#                                  that make no plots: more of the 64 MiB left for the corpus)
+#   build-train/carry/base_src.tar the sources of BASE (default 29680d6, the session-13 tree) for
+#                                  bench/device_ab.sh's A/B (`git archive`)
+#     scripts/device_inputs.sh [wheels] [slim] [llama] [bitnet] [data] [base]   # default: all six
 # Keep .whl/ out of the working tree that travels to the device: `echo /.whl/ >> .git/info/exclude`
 # (it is carried explicitly, `carry: [".whl", "bench/out"]`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-parts=${*:-wheels llama bitnet data}
+parts=${*:-wheels slim llama bitnet data base}
 py=python3
 for part in $parts; do
   case $part in
@@ -29,6 +33,22 @@ for part in $parts; do
     $py -m pip download -q -d .whl --no-deps gguf
     rm -f .whl/numpy-*.whl .whl/pillow-*.whl
     echo ".whl: $(ls .whl | wc -l) wheels, $(du -sh .whl | cut -f1)" ;;
+  slim)
+    if compgen -G ".whl-slim/*.whl" >/dev/null; then echo ".whl-slim: present"; continue; fi
+    grep -qx '/.whl-slim/' .git/info/exclude 2>/dev/null || echo /.whl-slim/ >> .git/info/exclude
+    mkdir -p .whl-slim
+    for w in .whl/*.whl; do
+      case $(basename "$w") in
+        matplotlib-*|contourpy-*|cycler-*|fonttools-*|kiwisolver-*|pyparsing-*|python_dateutil-*|tzdata-*|six-*) ;;
+        *) cp "$w" .whl-slim/ ;;
+      esac
+    done
+    echo ".whl-slim: $(ls .whl-slim | wc -l) wheels, $(du -sh .whl-slim | cut -f1)" ;;
+  base)
+    out=build-train/carry/base_src.tar
+    mkdir -p build-train/carry
+    git archive -o "$out" "${BASE:-29680d6}" CMakeLists.txt pyproject.toml csrc scripts/dev_build.sh \
+      && echo "$out: sources of ${BASE:-29680d6} ($(du -h "$out" | cut -f1))" ;;
   llama)
     out=bench/out/llama-cpu.tar.gz
     if [ -f "$out" ]; then echo "$out: present"; continue; fi
@@ -63,6 +83,6 @@ for part in $parts; do
       echo "WARNING: the manifest differs from docs/tiny_model_corpus.json (other package versions installed):"
       echo "  the corpus and its tokenizer are not the shipped model's (--init-bin refuses another tokenizer)"
     fi ;;
-  *) echo "unknown part: $part (wheels, llama, bitnet, data)"; exit 2 ;;
+  *) echo "unknown part: $part (wheels, slim, llama, bitnet, data, base)"; exit 2 ;;
   esac
 done
