@@ -223,6 +223,47 @@ def test_isas_agree_with_threads():
         np.testing.assert_array_equal(o, outs[0])
 
 
+def test_jobs_of_absent_threads_are_stolen(tmp_path):
+    """JobRanges (kernels/job_ranges.h) cuts a call's jobs into one range per thread the call may
+    get (omp_get_max_threads); when the team is smaller (OMP_THREAD_LIMIT, a busy machine's dynamic
+    teams) the ranges of threads that never come are taken by the others: the GEMMs, the int8
+    lm_head and attention still compute every output, as on one thread."""
+    code = """
+import numpy as np
+from bitdlm import _core
+from bitdlm.packing import pack_i2
+rng = np.random.default_rng(3)
+k = 2560
+x = rng.standard_normal((9, k)).astype(np.float32)
+q, s, sums = _core.quantize_act(x)
+codes = [rng.integers(-1, 2, size=(m, k), dtype=np.int8) for m in (640, 2560)]
+w8 = rng.integers(-127, 128, size=(3000, k), dtype=np.int8)
+ws8 = np.full(3000, 0.01, np.float32)
+nh, nkv, hd, n, ctx = 20, 5, 64, 8, 300
+kc, vc = (rng.standard_normal((1, nkv, ctx + n, hd)).astype(np.float32) for _ in range(2))
+qa = rng.standard_normal((n, nh * hd)).astype(np.float32)
+ka, va = (rng.standard_normal((n, nkv * hd)).astype(np.float32) for _ in range(2))
+def run():
+    return (_core.gemm_multi([pack_i2(c) for c in codes], [0.5, 2.0], q, s, sums)
+            + [_core.gemm_i8(w8, ws8, q, s)] + [_core.attention(qa, ka, va, kc, vc, ctx, ctx, 32),
+                                                 _core.attention(qa[:1], ka[:1], va[:1], kc, vc, ctx, ctx, 1)])
+_core.set_num_threads(1)
+one = run()
+_core.set_num_threads(16)  # 16 ranges, a team of at most 2 (OMP_THREAD_LIMIT)
+many = run()
+assert all(np.array_equal(a, b) for a, b in zip(one, many))
+print("ok", _core.get_max_threads())
+"""
+    import subprocess
+    import sys
+
+    from hf_models import child_env
+
+    r = subprocess.run([sys.executable, "-c", code], env=child_env(OMP_THREAD_LIMIT=2), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-3000:]
+
+
 def test_gemm_multi_two_threads(isa):
     # several matrices in one parallel region, N > 64 (token chunks) and the
     # K-blocked path (K = 6912), on 2 threads
