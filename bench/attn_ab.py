@@ -3,8 +3,8 @@
     OPENBLAS_NUM_THREADS=1 python bench/attn_ab.py A/_core*.so B/_core*.so [--threads 1] [--reps 15]
         [--isa avx512] [--cases 1x512,8x512,32x512,1x2048,8x2048,32x2048]
 
-Both extension files are loaded side by side (as modules ab0._core / ab1._core; copy a
-build's .so anywhere, e.g. a `git archive` of the base commit built with
+Both extension files are loaded side by side (bench/ab_builds.py; the same build may be
+named twice; a base: e.g. a `git archive` of the base commit built with
 scripts/dev_build.sh). Each case (queries x cached keys, the 2B shape and the 30
 layers' fp16 caches of bench/kernels.py part 4; B = 32, decode B = 1) runs `reps` pairs
 of calls, A then B, the order alternating, the caches evicted (a 320 MB read) before
@@ -15,11 +15,12 @@ OpenMP team on a 2-core machine (calls of ~230 ms); OMP_WAIT_POLICY=PASSIVE help
 there at 2 threads too.
 """
 import argparse
-import importlib.util
 import statistics
 import time
 
 import numpy as np
+
+from ab_builds import load_builds  # bench/ab_builds.py
 
 ap = argparse.ArgumentParser()
 ap.add_argument("a")
@@ -29,13 +30,7 @@ ap.add_argument("--reps", type=int, default=15)
 ap.add_argument("--isa", default="avx512")
 ap.add_argument("--cases", default="1x512,8x512,32x512,1x2048,8x2048,32x2048")
 args = ap.parse_args()
-mods = []
-for i, so in enumerate((args.a, args.b)):
-    spec = importlib.util.spec_from_file_location(f"ab{i}._core", so)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    m.set_num_threads(args.threads)
-    mods.append(m)
+mods = load_builds((args.a, args.b), args.threads)
 rng = np.random.default_rng(1)
 L, KV, HD, H = 30, 5, 128, 20
 ev = np.ones(320 << 20 >> 3, dtype=np.uint64)

@@ -3,9 +3,9 @@
     OPENBLAS_NUM_THREADS=1 python bench/forward_ab.py A/_core*.so B/_core*.so [...] [--model M.bin]
         [--threads 1] [--reps 9] [--cases decode_ctx512,sub8_ctx512,block32_ctx512_out8] [--isa NAME]
 
-Every build's extension is loaded side by side (modules ab0._core, ab1._core, ...:
-copy a build's .so anywhere, e.g. one of `git worktree add` + scripts/dev_build.sh)
-and builds its own `_core.Model` over the same memory-mapped file (one page cache).
+Every build's extension is loaded side by side (bench/ab_builds.py; a build's .so from
+anywhere, e.g. one of `git worktree add` + scripts/dev_build.sh) and builds its own
+`_core.Model` over the same memory-mapped file (one page cache).
 Each builds its KV cache the same way (a chunked prefill of the context); then,
 per case, each repetition runs one forward of every build, the order reversed every
 other repetition, so on a shared machine (other tenants' DRAM traffic, the clock)
@@ -17,15 +17,14 @@ whether the builds selected the same tokens. Default model: bench/forward.py's
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
+
+from ab_builds import load_builds  # bench/ab_builds.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(HERE, "..", "python"))
@@ -70,17 +69,7 @@ def main() -> int:
     prefill = rng.integers(4, V, ctx_max).astype(np.int32)
     fresh = {c: rng.integers(4, V, n).astype(np.int32) for c, (n, _, _, _) in cases.items()}
     runs = []
-    tmp = tempfile.mkdtemp(prefix="forward_ab_")
-    for i, so in enumerate(a.builds):
-        # a private copy per build: one file loaded twice (the same build named twice) would
-        # register its pybind11 types twice
-        so_copy = os.path.join(tmp, f"core{i}.so")
-        shutil.copy(so, so_copy)
-        spec = importlib.util.spec_from_file_location(f"ab{i}._core", so_copy)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        if a.isa:
-            mod.set_isa(a.isa)
+    for mod in load_builds(a.builds, isa=a.isa):
         m = mod.Model(f.buffer, meta, tensors, 4 << 30, "f16")
         m.threads = a.threads
         sid = m.alloc_seq(cap)
@@ -111,7 +100,6 @@ def main() -> int:
             med = statistics.median(t)
             print(f"  {so}: {med * 1e3:8.2f} ms  x{med / base:.3f}")
     print("same tokens selected by every build:", same)
-    shutil.rmtree(tmp, ignore_errors=True)  # (loaded extensions stay mapped: unlinking is safe on Linux)
     return 0
 
 

@@ -6,31 +6,21 @@
 The 30 layers of the BitNet-2B shape (~520 MB of packed weights: far more than any
 LLC, so the weights come from DRAM as in a forward), called as the forward calls
 them: per layer q/k/v in one multi-GEMM, o, gate/up in one, down; N tokens of
-activations. Every build's extension is loaded side by side (modules ab0._core,
-ab1._core, ...: copy a build's .so anywhere, e.g. one of `git worktree add` + 
-scripts/dev_build.sh); each repetition runs every build once, the order reversed
+activations. Every build's extension is loaded side by side (bench/ab_builds.py; a
+build's .so from anywhere, e.g. one of `git worktree add` + scripts/dev_build.sh); each repetition runs every build once, the order reversed
 every other repetition, so on a shared machine the builds see the same load. Prints
 each build's median, its GB/s of weights and its ratio to the first build's median.
 The outputs of the builds are compared first (exact int32 arithmetic: they must
 be equal). Never imports torch.
 """
 import argparse
-import importlib.util
 import statistics
 import time
 
 import numpy as np
 
-LAYER_K2560 = [2560, 640, 640, 2560, 6912, 6912]  # q, k, v, o, gate, up (K = hidden)
-LAYER_DOWN = (2560, 6912)
-N_LAYERS = 30
-
-
-def random_packed(rng, m: int, k: int) -> np.ndarray:
-    """A valid i2_b128 matrix: every 2-bit field uniform in {0, 1, 2}."""
-    kp = (k + 127) // 128 * 128
-    f = rng.integers(0, 3, size=(m, kp // 4, 4), dtype=np.uint8)
-    return (f[..., 0] | (f[..., 1] << 2) | (f[..., 2] << 4) | (f[..., 3] << 6)).astype(np.uint8)
+from ab_builds import load_builds  # bench/ab_builds.py
+from kernels import LAYER_DOWN, LAYER_K2560, N_LAYERS, random_packed  # bench/kernels.py
 
 
 def main() -> int:
@@ -43,15 +33,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=N_LAYERS, help="fewer: a smoke run (the weights fit caches)")
     a = ap.parse_args()
     layers = a.layers
-    mods = []
-    for i, so in enumerate(a.builds):
-        spec = importlib.util.spec_from_file_location(f"ab{i}._core", so)
-        m = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(m)
-        m.set_num_threads(a.threads)
-        if a.isa:
-            m.set_isa(a.isa)
-        mods.append(m)
+    mods = load_builds(a.builds, a.threads, a.isa)
     rng = np.random.default_rng(0)
     ws = [random_packed(rng, m, 2560) for _ in range(layers) for m in LAYER_K2560]
     wd = [random_packed(rng, *LAYER_DOWN) for _ in range(layers)]
