@@ -26,11 +26,7 @@ export PYTHONUNBUFFERED=1 OPENBLAS_NUM_THREADS=1
 
 step "machine"
 lscpu | grep -E "Model name|^CPU\(s\)|L3" || true
-if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
-  cp=cp$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    $(ls "$WHEELS"/*-none-any.whl "$WHEELS"/*-"$cp"-"$cp"-*.whl 2>/dev/null) && export PYTHONPATH=/tmp/site
-fi
+source bench/device_wheels.sh
 export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 
 step "build this tree (bench kernels) and the base"

@@ -37,10 +37,7 @@ step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 step "machine"
 lscpu | grep -E "Model name|^CPU\(s\)|Thread\(s\) per core|L3" || true
 grep -o -w -E "avx512f|avx512_vnni|amx_tile|amx_int8" /proc/cpuinfo | sort | uniq -c || true
-if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
-    && export PYTHONPATH=python:/tmp/site
-fi
+source bench/device_wheels.sh
 
 step "build (BITDLM_BENCH_KERNELS=1)"
 BITDLM_BENCH_KERNELS=1 BUILD_DIR=build-dev scripts/dev_build.sh > /tmp/bitdlm_build.log 2>&1 \

@@ -7,15 +7,7 @@
 #     fastapi uvicorn pydantic prometheus-client httpx pyyaml tqdm && pip download -d .whl --no-deps gguf
 # 1. the server's Python deps, from the carried wheels ($WHEELS, default .whl/) when the machine lacks them
 deps=${DEPS:-"import fastapi, uvicorn, pydantic, prometheus_client, httpx"}
-whl=${WHEELS:-.whl}
-if ! python3 -c "$deps" 2>/dev/null && compgen -G "$whl/*.whl" >/dev/null; then
-  # pure wheels, and of the compiled ones (pydantic_core per CPython version) this one's
-  cp=cp$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')
-  wheels=$(ls "$whl"/*-none-any.whl; ls "$whl"/*-"$cp"-"$cp"-*.whl 2>/dev/null || true)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site $wheels
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+python3 -c "$deps" 2>/dev/null || source bench/device_wheels.sh
 export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "$deps" \
   || { echo "missing server dependencies: carry their wheels in .whl/ (docs/scaling.md)"; exit 1; }

@@ -26,12 +26,8 @@ taskset -c "$GPU_CORES" env OUT="$OUT/train" TRAIN_STEPS="${STEPS:-9500}" LEG_MI
   CORE_READY_FILE=/tmp/core_ready ${FINAL:+FINAL_LEG=1} bash scripts/train_gpu.sh > /tmp/train.out 2>&1 &
 TP=$!
 WHEELS=${WHEELS:-.whl-slim}
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  cp=cp$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    $(ls "$WHEELS"/*-none-any.whl "$WHEELS"/*-"$cp"-"$cp"-*.whl 2>/dev/null) > "$B/pip.log" 2>&1
-fi
-export PYTHONPATH=$PWD/python:/tmp/site PYTHONUNBUFFERED=1 B
+source bench/device_wheels.sh > "$B/pip.log" 2>&1
+export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 B
 (BITDLM_BENCH_KERNELS=1 BUILD_DIR=build-dev taskset -c "$CPU_CORES" scripts/dev_build.sh) > "$B/build.log" 2>&1
 echo "build rc $? at $(date -u +%T)" >> "$B/build.log"
 touch /tmp/core_ready
