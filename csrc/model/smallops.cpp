@@ -1,6 +1,7 @@
 // The baseline (scalar) small-op table, the table array and the row drivers.
 #define SMALLOPS_NS scalar
 #define SMALLOPS_TABLE kSmallOpsScalar
+#define SMALLOPS_LANES 4
 #include "model/smallops.inc"
 
 #include <omp.h>
