@@ -30,8 +30,10 @@ constexpr int kChunk = 8;  // blocks between int16 -> int32 widenings (see above
 // tiles (the activation load is a memory operand either way) but a single
 // forward stream through the matrix, fetched kPfRows rows ahead. A/B over the
 // 30 layers of the 2B shape, 1 thread: 4 x 1 tiles 2 tiles ahead 6.5-7.0 GB/s,
-// 1 x 1 tiles 4 rows ahead 8.0 GB/s (no prefetch: 3.5 and 7.2).
-constexpr int kPfRows = 4;
+// 1 x 1 tiles 4 rows ahead 8.0 GB/s (no prefetch: 3.5 and 7.2). 16 rows (as the
+// AVX-512 decode tile) since gemv_tile's one-shift unpack: 0.97-0.99x the time of 4
+// on a Zen 5 core (bench/gemm_ab.py --isa avx2 --n 1), nothing before it.
+constexpr int kPfRows = 16;
 
 // Horizontal sums of 4 int32x8 vectors -> one int32x4 (lane i = sum of v_i).
 static inline __m128i hsum4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
@@ -39,10 +41,54 @@ static inline __m128i hsum4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
+// Decode, one row x one token: the exact int32 dot of a packed row over nb blocks.
+// Groups 1 and 3 are masked in place (codes x 4 in bits 2-3, the AVX-512 VNNI
+// tile's one-shift unpack) instead of shifted down: a block costs 1 shift and 4
+// ands, not 3 and 4, on a path that is ALU-bound on one core (~15 vector ops per
+// 32 weight bytes). Their pair sums (x 4) go to a second int16 accumulator,
+// |s1 + s3| <= 2 x 2032 a block, x kChunk 8 = 32512 < 32767 (codes in [-127,
+// 127]); the first (|s0 + s2| <= 1016 a block) is widened times 4, so the int32
+// lanes hold 4 x the dot, shifted back (exactly) at the end. Two pair-sum
+// accumulators also halve the dependent adds per block (the 4 sequential adds
+// into one accumulator were a latency chain).
+static inline int32_t gemv_tile(const uint8_t* __restrict w, int64_t wstride, const int8_t* __restrict q, int nb) {
+  const __m256i m3 = _mm256_set1_epi8(3), m12 = _mm256_set1_epi8(12);
+  const __m256i ones = _mm256_set1_epi16(1), fours = _mm256_set1_epi16(4);
+  __m256i acc32 = _mm256_setzero_si256();
+  for (int b0 = 0; b0 < nb; b0 += kChunk) {
+    const int b1 = b0 + kChunk < nb ? b0 + kChunk : nb;
+    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+    for (int b = b0; b < b1; ++b) {
+      // decode streams the weights from DRAM with no reuse; rows are short (640 B at
+      // K = 2560), so help the prefetcher: fetch kPfRows rows ahead (prefetches never
+      // fault past the end of the matrix)
+      if (!(b & 1)) _mm_prefetch((const char*)(w + kPfRows * wstride + b * 32), _MM_HINT_T0);
+      const __m256i p = _mm256_loadu_si256((const __m256i*)(w + b * 32));
+      const __m256i p4 = _mm256_srli_epi16(p, 4);
+      const __m256i* a = (const __m256i*)(q + b * kKBlock);
+      const __m256i s0 = _mm256_maddubs_epi16(_mm256_and_si256(p, m3), _mm256_loadu_si256(a));
+      const __m256i s1 = _mm256_maddubs_epi16(_mm256_and_si256(p, m12), _mm256_loadu_si256(a + 1));
+      const __m256i s2 = _mm256_maddubs_epi16(_mm256_and_si256(p4, m3), _mm256_loadu_si256(a + 2));
+      const __m256i s3 = _mm256_maddubs_epi16(_mm256_and_si256(p4, m12), _mm256_loadu_si256(a + 3));
+      lo = _mm256_add_epi16(lo, _mm256_add_epi16(s0, s2));
+      hi = _mm256_add_epi16(hi, _mm256_add_epi16(s1, s3));
+    }
+    acc32 = _mm256_add_epi32(acc32, _mm256_add_epi32(_mm256_madd_epi16(lo, fours), _mm256_madd_epi16(hi, ones)));
+  }
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc32), _mm256_extracti128_si256(acc32, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s) >> 2;  // (4 x the dot: exact)
+}
+
 // Exact int32 dots of R packed rows x T tokens over nb blocks -> dots[r][t].
 template <int R, int T>
 static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, const int8_t* __restrict q,
                                 int64_t qstride, int nb, int32_t dots[R][8]) {
+  if constexpr (R * T == 1) {
+    dots[0][0] = gemv_tile(w, wstride, q, nb);
+    return;
+  }
   const __m256i mask = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc32[R][T];
@@ -54,28 +100,8 @@ static inline void ternary_tile(const uint8_t* __restrict w, int64_t wstride, co
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
     for (int b = b0; b < b1; ++b) {
-      if constexpr (T == 1)
-        // decode streams the weights from DRAM with no reuse; rows are short
-        // (640 B at K = 2560), so help the prefetcher: fetch kPfRows rows
-        // ahead (prefetches never fault past the end of the matrix)
-        // (if constexpr: a plain `if (T == 1)` measurably slowed the T = 8
-        // tile 2x, presumably by changing how GCC unrolls/allocates the loop)
-        if (!(b & 1))
-          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + (r + kPfRows) * wstride + b * 32), _MM_HINT_T0);
       __m256i p[R];
       for (int r = 0; r < R; ++r) p[r] = _mm256_loadu_si256((const __m256i*)(w + r * wstride + b * 32));
-      if constexpr (R * T == 1) {
-        // decode: one accumulator, so its 4 adds per block were a latency chain; the 4
-        // groups' pair sums are added as a tree first (|sum| <= 4 x 512 per block: the
-        // kChunk bound above still holds)
-        __m256i m[4];
-        for (int i = 0; i < 4; ++i)
-          m[i] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p[0], 2 * i), mask),
-                                      _mm256_loadu_si256((const __m256i*)(q + b * kKBlock + 32 * i)));
-        const __m256i sum = _mm256_add_epi16(_mm256_add_epi16(m[0], m[1]), _mm256_add_epi16(m[2], m[3]));
-        acc[0][0] = _mm256_add_epi16(acc[0][0], sum);
-        continue;
-      }
       for (int i = 0; i < 4; ++i) {
         __m256i u[R];
         for (int r = 0; r < R; ++r) u[r] = _mm256_and_si256(_mm256_srli_epi16(p[r], 2 * i), mask);
