@@ -189,8 +189,11 @@ def test_gemm_i32_extremes(isa):
         q = np.full((3, pad_k(k)), fill, np.int8)
         q[:, k:] = 0
         sums = q.astype(np.int32).sum(axis=1).astype(np.int32)
-        out = _core.gemm_i32(pack_i2(codes), q, sums)
-        np.testing.assert_array_equal(out, q[:, :k].astype(np.int64) @ codes.astype(np.int64).T)
+        ref = q[:, :k].astype(np.int64) @ codes.astype(np.int64).T
+        np.testing.assert_array_equal(_core.gemm_i32(pack_i2(codes), q, sums), ref)
+        # one token: the decode tile (AVX2: groups 1 and 3 x 4 in an int16 accumulator of their own,
+        # at -128 exactly its bound, -32768 after kChunk blocks)
+        np.testing.assert_array_equal(_core.gemm_i32(pack_i2(codes), q[:1], sums[:1]), ref[:1])
 
 
 @pytest.mark.parametrize("m,k,n", [(5, 200, 1), (64, 2560, 8), (33, 300, 33), (130, 384, 70)])
