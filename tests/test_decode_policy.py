@@ -108,6 +108,56 @@ def test_cost_curve_interpolates_and_extrapolates():
         P.CostCurve([])
 
 
+def test_an_ar_curve_cut_short_follows_the_rows_of_the_diffusion_points():
+    """Past its own points the AR curve interpolates the forward's cost by rows through the
+    diffusion points (block_size rows a request), not its last segment: the dev machine's
+    2-core calibration timed AR at 1 and 2 requests only (22 ms each: flat), and 16 AR rows
+    then took 81 ms, priced at 22 by the flat extrapolation."""
+    ar, d = [(1, 0.0219), (2, 0.0219)], [(1, 0.1369), (2, 0.2795)]
+    assert P.CostCurve(ar)(16) == pytest.approx(0.0219)  # the old extrapolation
+    c = P.ar_curve(ar, d, 32)
+    assert c(1) == c(2) == pytest.approx(0.0219)  # its own points stand
+    assert c(16) == pytest.approx(0.0219 + (0.1369 - 0.0219) * 14 / 30)
+    assert c(64) == pytest.approx(0.2795)
+    assert c(128) == pytest.approx(0.2795 + (0.2795 - 0.1369) * 2)  # then the rows' last segment
+    assert c.points() == [[1, 0.0219], [2, 0.0219]]
+    # an AR curve that reaches past the diffusion rows keeps its own extrapolation
+    long_ar = [(1, 0.01), (16, 0.02), (32, 0.03), (64, 0.06)]
+    assert P.ar_curve(long_ar, [(1, 0.027)], 32)(128) == pytest.approx(P.CostCurve(long_ar)(128))
+
+
+class _ClockModel:
+    """A model whose forwards advance a fake clock by a roofline cost of their rows."""
+
+    def __init__(self, floor, per_row):
+        self.t, self.floor, self.per_row, self.live = 0.0, floor, per_row, set()
+
+    def cost(self, rows):
+        return max(self.floor, self.per_row * rows)
+
+    def alloc_seq(self, capacity):
+        s = len(self.live) + 100
+        self.live.add(s)
+        return s
+
+    def free_seq(self, s):
+        self.live.discard(s)
+
+    def forward(self, items, block_size, mode, banned=None):
+        self.t += self.cost(sum(len(it[1]) for it in items))
+
+
+def test_a_calibration_the_budget_cuts_short_still_prices_ar_batches_near_their_cost(monkeypatch):
+    m = _ClockModel(floor=0.010, per_row=0.001)
+    monkeypatch.setattr(P, "time", type("FakeTime", (), {"perf_counter": lambda: m.t, "monotonic": lambda: m.t}))
+    cost_ar, cost_d, secs = P.calibrate(m, max_batch=64, block_size=32, sub_block=8, mask_id=0, banned=None,
+                                        budget_s=0.15)
+    assert max(cost_ar.ns) <= 2 and not m.live  # cut short; scratch sequences freed
+    for n in (16, 32, 64):
+        assert cost_ar(n) == pytest.approx(m.cost(n), rel=0.35), n
+        assert cost_d(n) == pytest.approx(m.cost(32 * n), rel=0.01), n
+
+
 def test_observed_forwards_rescale_a_mode_and_flip_the_decision():
     """A calibration that priced diffusion at 25 ms (diffusion wins at 3 tokens per forward
     against 10 ms AR) is corrected by serving forwards that cost 50: the decision flips to AR;

@@ -12,7 +12,8 @@ its block closes and may go on in AR (Engine._reprice_closing).
 
 The cost model: the scheduler runs one forward per block size, so a step with
 `a` AR and `d` diffusion requests costs cost_ar(a) + cost_diffusion(d), each
-curve timed at start-up on scratch sequences (`calibrate`), and yields
+curve timed at start-up on scratch sequences (`calibrate`; the AR curve continues past
+its last timed count through the diffusion points by rows, `ar_curve`), and yields
 a + d * tpf tokens, tpf being the diffusion requests' tokens per forward (an
 EMA over finished diffusion requests; before any, the rule's own rate for the
 fixed-rate rule, else TPF_PRIOR). Each curve is then scaled by what the serving
@@ -94,21 +95,25 @@ def mode_params(params, mode: str):
 
 class CostCurve:
     """Seconds of one forward by number of requests in it, piecewise linear through
-    measured points (n, seconds) made non-decreasing, extrapolated along the last segment;
-    0 requests cost 0 (no forward)."""
+    measured points (n, seconds) made non-decreasing, extrapolated along the last segment
+    (or, past the last point, `beyond(n)` where given: see calibrate); 0 requests cost 0
+    (no forward)."""
 
-    def __init__(self, points):
+    def __init__(self, points, beyond=None):
         pts = sorted((int(n), float(s)) for n, s in points)
         if not pts or pts[0][0] < 1:
             raise ValueError("a cost curve needs points at n >= 1")
         self.ns = [n for n, _ in pts]
         self.secs = list(itertools.accumulate((s for _, s in pts), max))  # (timing noise: more is never cheaper)
+        self.beyond = beyond
         self._table = np.zeros(1)  # [self(0), self(1), ...] as far as `upto` was asked
 
     def __call__(self, n: int) -> float:
         if n <= 0:
             return 0.0
         ns, secs = self.ns, self.secs
+        if n > ns[-1] and self.beyond is not None:
+            return max(secs[-1], self.beyond(n))
         if n <= ns[0] or len(ns) == 1:
             return secs[0] if n <= ns[0] else secs[0] * n / ns[0]
         i = min(bisect.bisect_left(ns, n), len(ns) - 1)  # segment [i-1, i] (the last one past the end)
@@ -245,7 +250,19 @@ def calibrate(model, *, max_batch: int, block_size: int, sub_block: int, mask_id
             model.free_seq(s)
     if not pts[AR]:
         raise MemoryError("no KV cache left for the calibration's scratch sequences")
-    return CostCurve(pts[AR]), CostCurve(pts[DIFFUSION]), time.perf_counter() - t_start
+    return ar_curve(pts[AR], pts[DIFFUSION], block_size), CostCurve(pts[DIFFUSION]), time.perf_counter() - t_start
+
+
+def ar_curve(ar_pts, diffusion_pts, block_size: int) -> CostCurve:
+    """The AR cost curve, which past its own last point follows the forward's cost by rows:
+    its own points, then the diffusion points (block_size rows a request) beyond them. A
+    forward's cost is mostly its rows through the GEMMs, whichever mode they come from, and
+    an AR curve cut short by the budget (slow diffusion forwards spend it; 2 cores, 2B:
+    AR timed at 1 and 2 requests only, 22 ms each) otherwise extrapolates its last segment:
+    flat there, 22 ms predicted for 16 rows that took 81."""
+    own_max = max(n for n, _ in ar_pts)
+    rows = list(ar_pts) + [(n * block_size, s) for n, s in diffusion_pts if n * block_size > own_max]
+    return CostCurve(ar_pts, beyond=CostCurve(rows) if len(rows) > len(ar_pts) else None)
 
 
 def time_mode(model, mode: str, *, block_size: int, sub_block: int, mask_id: int, banned, reps: int = 3) -> float:
