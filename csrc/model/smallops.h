@@ -4,7 +4,8 @@
 // One source (smallops.inc) is compiled per ISA: smallops.cpp (baseline, also
 // the drivers), smallops_avx2.cpp, smallops_avx512.cpp. (On aarch64 the
 // baseline build is already NEON-vectorized: its one table serves every level.) The kernels are
-// written as fixed 16-lane loops that the compiler vectorizes for each target,
+// written as fixed 16-lane loops that the compiler vectorizes for each target (the quantizer
+// on GCC / clang vector types of the table's width, SMALLOPS_LANES),
 // with FMA contraction off, so every table computes the same IEEE operations
 // in the same order: all ISAs agree bit for bit (tests/test_forward.py).
 // The RMSNorm sum of squares follows torch's fp32 sum order with 8-float
