@@ -20,6 +20,11 @@ Each case is then run again with the model's phase profiler on
 (norm_quant, act_quant, rope_kv, gemm_*, attention, lm_head, select, ...) is
 stored as `phases_ms` and printed as a table; `small_ops_pct` is the share of
 the small ops (embed, norm_quant, rope_kv, act_quant, final_norm) in it.
+The same pass times every parallel region (`_core.team_profile`,
+kernels/team_clock.h): per kind (ternary GEMMs, lm_head, attention) its wall
+time as fork + work + imbalance + join, ms per forward (`team_ms`, a second
+table): whether a 16-thread call loses to slower work per thread or to time
+outside it.
 --isa runs the workers under BITDLM_ISA=<isa> (default: the dispatcher's best);
 --cases keeps only the named cases.
 
@@ -57,6 +62,8 @@ def ensure_model(model_dir: str, lm_head: str, shape: str = "2b") -> str:
 
 
 SMALL_OPS = ("embed", "norm_quant", "rope_kv", "act_quant", "final_norm")
+# a parallel region's wall time in four parts (kernels/team_clock.h, _core.team_profile)
+TEAM_PARTS = ("wall", "fork", "work", "imbalance", "join")
 
 
 def worker(path: str, threads: list[int], reps: int, kv_dtype: str, only: list[str] | None = None) -> dict:
@@ -117,12 +124,19 @@ def worker(path: str, threads: list[int], reps: int, kv_dtype: str, only: list[s
                          "reps": reps}
             m.set_profile(True)
             m.profile(reset=True)
+            _core.team_profile(reset=True)
             for _ in range(max(1, reps // 2)):
                 m.forward([item], B, "select", banned=[0])
             prof = m.profile(reset=True)
+            team = _core.team_profile(reset=True)
             m.set_profile(False)
             calls = prof.pop("calls")
             row[name]["phases_ms"] = {k: round(1e3 * v / calls, 3) for k, v in prof.items() if v > 0}
+            # the parallel regions' wall = fork + work + imbalance + join (kernels/team_clock.h)
+            row[name]["team_ms"] = {
+                kind: {"regions": round(t["calls"] / calls, 1), "mean_threads": round(t["mean_threads"], 2),
+                       **{p: round(1e3 * t[p] / calls, 3) for p in TEAM_PARTS}}
+                for kind, t in team.items() if t["calls"]}
             small = sum(v for k, v in prof.items() if k in SMALL_OPS)
             row[name]["small_ops_ms"] = round(1e3 * small / calls, 3)
             row[name]["small_ops_pct"] = round(100 * small / max(sum(prof.values()), 1e-12), 2)
@@ -206,6 +220,7 @@ def main(argv=None) -> int:
     return 0
 
 
+
 def print_phases(out: dict) -> None:
     """Per lm_head type and thread count: ms per phase (rows) for every case (columns)."""
     for head, r in out["results"].items():
@@ -221,6 +236,16 @@ def print_phases(out: dict) -> None:
             print(f"{'sum':14s}" + "".join(f"{sum(row[c]['phases_ms'].values()):21.2f}" for c in cases))
             print(f"{'timed median':14s}" + "".join(f"{row[c]['ms_median']:21.2f}" for c in cases))
             print(f"{'small ops %':14s}" + "".join(f"{row[c]['small_ops_pct']:21.2f}" for c in cases))
+            teams = [c for c in cases if row[c].get("team_ms")]
+            if not teams:
+                continue
+            print(f"\nlm_head={head} threads={th}: the parallel regions, ms per forward "
+                  f"(wall = fork + work + imbalance + join; kernels/team_clock.h)")
+            print(f"{'case':22s}{'region':>14s}{'per fwd':>9s}{'threads':>8s}" + "".join(f"{p:>10s}" for p in TEAM_PARTS))
+            for c in teams:
+                for kind, t in row[c]["team_ms"].items():
+                    print(f"{c[:21]:22s}{kind:>14s}{t['regions']:9.1f}{t['mean_threads']:8.2f}"
+                          + "".join(f"{t[p]:10.3f}" for p in TEAM_PARTS))
 
 
 if __name__ == "__main__":

@@ -744,6 +744,41 @@ def test_phase_profile(small):
         core.set_profile(False)
 
 
+
+def test_team_profile_splits_each_parallel_region(small):
+    """With the profile on, every parallel region of a forward is timed per kind (ternary GEMMs,
+    lm_head, attention): calls as the forward makes them, wall = fork + work + imbalance + join,
+    all parts >= 0; off, nothing is recorded."""
+    import time
+
+    hf, core = small
+    toks = np.arange(2, 34)
+    old = _core.get_max_threads()
+    _core.set_num_threads(2)
+    core.set_profile(True)
+    try:
+        _core.team_profile(reset=True)
+        t0 = time.perf_counter()
+        core_logits(core, toks, B=8)
+        wall = time.perf_counter() - t0
+        team = _core.team_profile(reset=True)
+        layers = hf.config.num_hidden_layers
+        g = team["ternary_gemm"]
+        assert g["calls"] == 4 * layers  # q/k/v, o, gate/up, down: one region each a layer
+        assert team["lm_head"]["calls"] >= 1 and team["attention"]["calls"] == g["calls"] // 4
+        for kind, t in team.items():
+            parts = t["fork"] + t["work"] + t["imbalance"] + t["join"]
+            assert min(t["fork"], t["work"], t["imbalance"], t["join"]) >= 0, kind
+            assert parts == pytest.approx(t["wall"], rel=1e-6, abs=1e-9), kind
+            assert 1 <= t["mean_threads"] <= 2, kind
+        assert sum(t["wall"] for t in team.values()) <= wall
+        core.set_profile(False)
+        core_logits(core, toks, B=8)
+        assert all(t["calls"] == 0 for t in _core.team_profile(reset=True).values())
+    finally:
+        core.set_profile(False)
+        _core.set_num_threads(old)
+
 # ---- the small ops (csrc/model/smallops.*): every ISA table bit-identical to the scalar one ----
 
 SMALL_ISAS = ["scalar", "avx2", "avx512"]

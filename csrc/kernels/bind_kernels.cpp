@@ -11,6 +11,7 @@
 #include "bind_arrays.h"
 #include "kernels/bind_multi.h"
 #include "kernels/gemm.h"
+#include "kernels/team_clock.h"
 
 namespace py = pybind11;
 
@@ -27,6 +28,32 @@ void register_kernels(py::module_& m) {
         "Ternary GEMMs of >= n tokens run on AMX (with the amx ISA); ValueError if n < 1");
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   m.def("get_max_threads", []() { return omp_get_max_threads(); });
+  m.def("set_team_profile", &set_team_profile, py::arg("on"),
+        "time every parallel region's fork, per-thread work, imbalance and join (team_profile); "
+        "Model.set_profile turns it on and off with the phase profile");
+  m.def(
+      "team_profile",
+      [](bool reset) {
+        py::dict d;
+        const auto st = team_profile(reset);
+        for (int k = 0; k < kNumTeamKinds; ++k) {
+          const TeamStats& s = st[k];
+          py::dict e;
+          e["calls"] = s.calls;
+          e["wall"] = s.wall;
+          e["fork"] = s.fork;
+          e["work"] = s.work;
+          e["imbalance"] = s.imbalance;
+          e["join"] = s.join;
+          e["mean_threads"] = s.calls ? s.threads / (double)s.calls : 0.0;
+          d[kTeamKindNames[k]] = e;
+        }
+        return d;
+      },
+      py::arg("reset") = false,
+      "per region kind (ternary_gemm, lm_head, attention): calls and seconds summed over them: wall "
+      "(the region) = fork (to a thread's start, mean) + work (a thread's jobs, mean) + imbalance (last "
+      "thread done - mean) + join (region end - last thread done); mean_threads: the team size");
 
   // [N, Kp] int8 codes at a kActAlign boundary (gemm.h): a view into a slightly
   // larger array, which it keeps alive.

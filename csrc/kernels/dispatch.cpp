@@ -29,6 +29,7 @@
 #include "kernels/isa.h"
 #include "kernels/isa_table.h"
 #include "kernels/job_ranges.h"
+#include "kernels/team_clock.h"
 
 namespace bitdlm {
 
@@ -294,8 +295,10 @@ static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* ou
   int8_t* const vb = amx ? vnni_buffer(a) : nullptr;
   const bool par = macs >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
   JobRanges ranges(total, par ? omp_get_max_threads() : 1);
+  TeamClock clock(kTeamTernary, par ? omp_get_max_threads() : 1);
 #pragma omp parallel if (par)
   {
+    clock.enter(omp_get_thread_num());
     if (amx) {
 #pragma omp for schedule(static)
       for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
@@ -320,7 +323,9 @@ static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* ou
     };
     ranges.run(omp_get_thread_num(), run_job);
     if (amx) t.amx_end();
+    clock.done(omp_get_thread_num());
   }
+  clock.finish();
 }
 
 void gemm_i2_i8(const TernaryW* ws, int n_ws, const ActQ& a) { run_ternary(ws, n_ws, a, nullptr); }
@@ -338,8 +343,14 @@ static void run_rows(int M, int64_t macs, F&& f) {
   const int nb = (M + kRowBlock - 1) / kRowBlock;
   const bool par = macs >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
   JobRanges ranges(nb, par ? omp_get_max_threads() : 1);
+  TeamClock clock(kTeamLmHead, par ? omp_get_max_threads() : 1);
 #pragma omp parallel if (par)
-  ranges.run(omp_get_thread_num(), [&](int64_t b) { f((int)b * kRowBlock, std::min(M, ((int)b + 1) * kRowBlock)); });
+  {
+    clock.enter(omp_get_thread_num());
+    ranges.run(omp_get_thread_num(), [&](int64_t b) { f((int)b * kRowBlock, std::min(M, ((int)b + 1) * kRowBlock)); });
+    clock.done(omp_get_thread_num());
+  }
+  clock.finish();
 }
 
 void gemm_f16_f32(const uint16_t* W, int M, int K, const float* x, int N, float* y, int ldy) {
@@ -367,8 +378,10 @@ void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& 
   int8_t* const vb = vnni_buffer(a);
   const bool par = (int64_t)M * K * a.N >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
   JobRanges lm_ranges(nb, par ? omp_get_max_threads() : 1);
+  TeamClock clock(kTeamLmHead, par ? omp_get_max_threads() : 1);
 #pragma omp parallel if (par)
   {
+    clock.enter(omp_get_thread_num());
 #pragma omp for schedule(static)
     for (int i = 0; i < groups * steps; ++i) t.amx_act(a, i / steps, i % steps, vb);
     t.amx_begin();
@@ -378,7 +391,9 @@ void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& 
       if (m1 > me) t.i8(W, wscale, K, a, y, ldy, std::max(m0, me), m1);
     });
     t.amx_end();
+    clock.done(omp_get_thread_num());
   }
+  clock.finish();
 }
 
 }  // namespace bitdlm

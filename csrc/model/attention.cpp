@@ -14,6 +14,7 @@
 #include "model/half.h"
 #include "kernels/isa_table.h"
 #include "kernels/job_ranges.h"
+#include "kernels/team_clock.h"
 
 namespace bitdlm {
 
@@ -425,8 +426,10 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
   for (size_t j = 0; j < jobs.size(); ++j) left[j].store(first_unit[j + 1] - first_unit[j], std::memory_order_relaxed);
   const int64_t nunits = (int64_t)units.size(), npre = (int64_t)pre.size();
   JobRanges ranges(nunits, nunits > 1 ? nthreads : 1);
+  TeamClock clock(kTeamAttention, nunits > 1 ? nthreads : 1);
 #pragma omp parallel if (nunits > 1)
   {
+    clock.enter(omp_get_thread_num());
     if (npre) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t p = 0; p < npre; ++p) {
@@ -471,7 +474,9 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
                       Os + (int64_t)(i - jb.i0) * group * hd, sizeof(float) * group * hd);
       }
     });
+    clock.done(omp_get_thread_num());
   }  // omp parallel
+  clock.finish();
 }
 
 }  // namespace bitdlm

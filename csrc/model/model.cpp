@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <unordered_set>
 
+#include "kernels/team_clock.h"
 #include "model/attention.h"
 #include "model/smallops.h"
 #include "model/sampling.h"
@@ -73,6 +74,7 @@ Model::Model(const Config& c, const std::map<std::string, TensorRef>& t, int64_t
     throw std::invalid_argument("model config: sizes must be positive");
   const char* prof = std::getenv("BITDLM_PROFILE");
   prof_on_ = prof && *prof && std::string(prof) != "0";
+  if (prof_on_) set_team_profile(true);
   if (c.heads % c.kv_heads) throw std::invalid_argument("model config: num_attention_heads % num_key_value_heads != 0");
   if (c.head_dim % 2) throw std::invalid_argument("model config: head_dim must be even (RoPE)");
   if (kv_budget < 0) throw std::invalid_argument("kv_budget_bytes must be >= 0");
@@ -126,6 +128,7 @@ Model::Model(const Config& c, const std::map<std::string, TensorRef>& t, int64_t
 void Model::set_profile(bool on) {
   std::lock_guard<std::mutex> g(mu_);
   prof_on_ = on;
+  set_team_profile(on);  // (process-wide: the parallel regions' clocks, kernels/team_clock.h)
 }
 
 std::vector<std::pair<std::string, double>> Model::profile() {
