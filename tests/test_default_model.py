@@ -307,6 +307,10 @@ def test_cli_generate_profile():
     for phase in ("gemm_qkv", "gemm_gate_up", "attention", "lm_head"):
         assert phase in rows and float(rows[phase][1]) > 0, r.stderr
     assert "forwards)" in r.stderr
+    # the parallel regions: every kind the forward ran, wall = fork + work + imbalance + join
+    for kind in ("[ternary_gemm]", "[lm_head]", "[attention]"):
+        wall, fork, work, imb, join = map(float, rows[kind][3:8])
+        assert float(rows[kind][1]) > 0 and wall > 0 and abs(fork + work + imb + join - wall) <= 0.01, r.stderr
 
 
 # ------------------------------------------------------------------ parallel decoding

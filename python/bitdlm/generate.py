@@ -92,7 +92,11 @@ def run_cli(args) -> int:
               f"forwards: {s['forwards']}  tokens/forward: {s['tokens_per_forward']:.2f}  "
               f"seconds: {secs:.3f}  tok/s: {n / secs if secs else 0.0:.1f}", file=sys.stderr)
     if llm.model.profiling:  # --profile, or BITDLM_PROFILE=1 at load
-        print_profile(llm.model.profile(), sys.stderr)
+        prof = llm.model.profile()
+        print_profile(prof, sys.stderr)
+        from . import _core
+
+        print_team_profile(_core.team_profile(), prof["calls"], sys.stderr)
     return 0
 
 
@@ -105,3 +109,18 @@ def print_profile(prof: dict, file) -> None:
     for name, sec in sorted(prof.items(), key=lambda kv: -kv[1]):
         if sec > 0:
             print(f"{name:14s}{1e3 * sec:10.1f}{1e3 * sec / calls:12.2f}{100 * sec / total:7.1f}%", file=file)
+
+
+def print_team_profile(team: dict, forwards: int, file) -> None:
+    """_core.team_profile(): each kind of parallel region's wall time as fork + work (mean
+    thread) + imbalance + join, ms per forward (kernels/team_clock.h)."""
+    rows = {k: t for k, t in team.items() if t["calls"]}
+    if not rows:
+        return
+    n = forwards or 1
+    parts = ("wall", "fork", "work", "imbalance", "join")
+    print(f"{'[regions]':14s}{'per fwd':>9s}{'threads':>8s}" + "".join(f"{p:>10s}" for p in parts)
+          + "   (ms per forward)", file=file)
+    for kind, t in rows.items():
+        print(f"{'[' + kind + ']':14s}{t['calls'] / n:9.1f}{t['mean_threads']:8.2f}"
+              + "".join(f"{1e3 * t[p] / n:10.3f}" for p in parts), file=file)
