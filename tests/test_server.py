@@ -540,6 +540,12 @@ def test_metrics_count_requests_tokens_and_forwards(server):
     # --profile: the forward's time per phase
     for phase in ("gemm_qkv", "gemm_gate_up", "attention", "lm_head", "select"):
         assert metric(server.base, "bitdlm_forward_phase_seconds_total", f'phase="{phase}"') > 0, phase
+    # ... and its parallel regions, wall = fork + work + imbalance + join
+    for kind in ("ternary_gemm", "lm_head", "attention"):
+        assert metric(server.base, "bitdlm_parallel_regions_total", f'kind="{kind}"') > 0, kind
+        part = {p: metric(server.base, "bitdlm_parallel_region_seconds_total", f'kind="{kind}",part="{p}"')
+                for p in ("wall", "fork", "work", "imbalance", "join")}
+        assert part["wall"] > 0 and part["work"] > 0, kind
 
 
 def test_serve_cli_refuses_bad_setups(tiny_model, monkeypatch, capsys):

@@ -120,7 +120,8 @@ def add_serve_args(p: argparse.ArgumentParser, old_spellings: bool = False) -> N
                    help="server and uvicorn logging (default: info)")
     p.add_argument("--profile", action="store_true",
                    help="time every forward phase and export it on /metrics as "
-                        "bitdlm_forward_phase_seconds_total{phase=...} (also BITDLM_PROFILE=1; "
+                        "bitdlm_forward_phase_seconds_total{phase=...}, and the parallel regions as "
+                        "bitdlm_parallel_region_seconds_total{kind=...,part=...} (also BITDLM_PROFILE=1; "
                         "default: off)")
 
 

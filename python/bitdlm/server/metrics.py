@@ -24,6 +24,23 @@ class _PhaseCollector:
         for phase, sec in prof.items():
             c.add_metric([phase], sec)
         yield c
+        # each kind of parallel region's wall = fork + work + imbalance + join (kernels/team_clock.h;
+        # process-wide, read under a lock the forward holds for one region's sum at a time)
+        from .. import _core
+
+        team = _core.team_profile()
+        n = CounterMetricFamily("bitdlm_parallel_regions", "Parallel regions of the forwards by kind "
+                                "(ternary_gemm, lm_head, attention)", labels=["kind"])
+        t = CounterMetricFamily("bitdlm_parallel_region_seconds",
+                                "Wall time of the forwards' parallel regions by kind and part (wall = fork "
+                                "+ work + imbalance + join: threads starting, working (mean), waiting for "
+                                "the last, joining)", labels=["kind", "part"])
+        for kind, st in team.items():
+            n.add_metric([kind], st["calls"])
+            for part in ("wall", "fork", "work", "imbalance", "join"):
+                t.add_metric([kind, part], st[part])
+        yield n
+        yield t
 
 
 class Metrics:
