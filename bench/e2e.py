@@ -17,6 +17,9 @@ random ternary weights, int8 lm_head) it measures, at every thread count of --th
             AR against the fixed-rate rule at each of --server-tpf, generated tokens/s, and
             `--decode-policy adaptive` with that rule as its default (`--steps`): the policy
             assigns each request AR or the rule by the load (the modes it chose are counted);
+            with --server-profile the servers run with --profile and each row also gets its
+            loads' engine step (ms) and its forwards' phases and parallel regions (fork + work
+            + imbalance + join), from /metrics;
   llama.cpp the same weights as GGUF (TQ2_0, Q8_0 output layer): `llama-bench` tg for one
             stream and `llama-batched-bench` for the parallel streams, both built from the
             trimmed source of bench/llama_trim.py (skipped without --llama-archive);
@@ -202,12 +205,14 @@ def break_even(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- server
 def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[float], max_tokens: int,
            prompt_len: int, time_limit: float, rounds: int = 4, min_requests: int = 0,
-           repeats: int = 1) -> list[dict]:
+           repeats: int = 1, profile: bool = False) -> list[dict]:
     """Closed-loop loads through the server: per thread count, one fixed-policy server (AR and each
     fixed rate from the request) and one adaptive server per rate, all started before any load.
     Each (concurrency, mode) load runs `repeats` times, the modes interleaved (the order rotates
     every repeat), so a drift of the machine's state (another tenant, the clock, the page cache)
-    lands on every mode alike; a row carries the median tokens/s of its repeats and all of them."""
+    lands on every mode alike; a row carries the median tokens/s of its repeats and all of them.
+    profile: the servers run with --profile and a row also carries, per engine step of its loads,
+    the forwards' phases and parallel regions (`per_step`: server_profile)."""
     import asyncio
     import statistics
 
@@ -226,7 +231,8 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
             for flags, modes in setups:
                 args = SimpleNamespace(model=model, replicas=1, threads=t, pin=False, max_batch=max(concurrency),
                                        start_timeout=300.0,
-                                       server_arg=["--max-queue", str(4 * max(concurrency))] + flags,
+                                       server_arg=["--max-queue", str(4 * max(concurrency))] + flags
+                                       + (["--profile"] if profile else []),
                                        chat=False, api_key=None, served_model_name=None, max_tokens=max_tokens,
                                        temperature=0.0, prompt=None, prompt_ids=prompt_len, threshold=None,
                                        small_block_size=None, ignore_eos=True, time_limit=time_limit, label="")
@@ -236,6 +242,7 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
                      for mode, extra in modes]
             for c in concurrency:
                 results = {mode: [] for _, _, mode, _, _ in loads}
+                prof = {mode: {} for _, _, mode, _, _ in loads}  # summed /metrics differences over its loads
                 last = {}
                 for k in range(max(1, repeats)):
                     for bases, adaptive, mode, extra, args in loads[k % len(loads):] + loads[:k % len(loads)]:
@@ -246,7 +253,11 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
                         args.concurrency, args.num_requests, args.extra_body = c, max(rounds * c, min_requests), extra
                         asyncio.run(load.run_load(bases, SimpleNamespace(**{**vars(args), "num_requests": 1,
                                                                              "concurrency": 1})))  # warm
+                        before = scrape(bases[0]) if profile else {}
                         res = asyncio.run(load.run_load(bases, args))
+                        if profile:
+                            for k, v in scrape(bases[0]).items():
+                                prof[mode][k] = prof[mode].get(k, 0.0) + v - before.get(k, 0.0)
                         results[mode].append(res)
                         last[mode] = policy_state(bases[0]) if adaptive else None
                 for bases, adaptive, mode, extra, args in loads:
@@ -267,6 +278,8 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
                                decode_modes=modes_seen)
                     if adaptive:  # the adaptive policy's state after its last load: cost curves, tokens/forward
                         row["policy_state"] = last.get(mode)
+                    if profile:
+                        row["per_step"] = server_profile(prof[mode])
                     rows.append(row)
                     ps = row.get("policy_state") or {}
                     why = (f"; policy tpf {ps['tokens_per_forward']}, s by requests: AR {ps['cost_ar_seconds']}, "
@@ -275,10 +288,61 @@ def server(model: str, threads: list[int], concurrency: list[int], tpfs: list[fl
                     spread = f" (of {', '.join(f'{x:.1f}' for x in rates)})" if len(rates) > 1 else ""
                     print(f"server  {t:>3} thr c={c:>3} {mode:>8}: {row['tok_s'] or 0:8.1f} tok/s{spread} "
                           f"({row['errors']} errors; modes {row['decode_modes']}{why})", flush=True)
+                    if row.get("per_step"):
+                        print(f"        per step: {row['per_step']['summary']}", flush=True)
         finally:
             for procs, *_ in servers:
                 load.stop_servers(procs)
     return rows
+
+
+def scrape(base: str) -> dict:
+    """Every bitdlm_* sample of the server's /metrics: {'name{labels}': value} (empty on failure)."""
+    import httpx
+
+    try:
+        text = httpx.get(base + "/metrics", timeout=10, trust_env=False).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("bitdlm_"):
+            key, _, val = line.rpartition(" ")
+            try:
+                out[key] = float(val)
+            except ValueError:
+                pass
+    return out
+
+
+def server_profile(d: dict) -> dict:
+    """Per engine step of some loads (d: their /metrics differences, servers run with --profile): ms of
+    the step (the engine's step latency), of its forwards' phases, and of its parallel regions by kind as
+    wall = fork + work + imbalance + join: where a serving step's time goes beside the bare forward."""
+    steps = d.get("bitdlm_engine_steps_total", 0.0)
+    if steps <= 0:
+        return {}
+
+    def per(v):
+        return round(1e3 * v / steps, 3)
+
+    phases = {k.split('phase="')[1].split('"')[0]: per(v) for k, v in d.items()
+              if k.startswith("bitdlm_forward_phase_seconds_total{") and v > 0}
+    regions: dict = {}
+    for k, v in d.items():
+        if k.startswith("bitdlm_parallel_region_seconds_total{"):
+            kind = k.split('kind="')[1].split('"')[0]
+            part = k.split('part="')[1].split('"')[0]
+            regions.setdefault(kind, {})[part] = per(v)
+    out = {"steps": int(steps), "forwards": int(d.get("bitdlm_forward_passes_total", 0.0)),
+           "step_ms": per(d.get("bitdlm_step_latency_seconds_sum", 0.0)),
+           "forward_phases_ms": phases, "regions_ms": regions}
+    reg = "; ".join(f"{kind} {r.get('wall', 0):.2f} = fork {r.get('fork', 0):.2f} + work {r.get('work', 0):.2f} "
+                    f"+ imbalance {r.get('imbalance', 0):.2f} + join {r.get('join', 0):.2f}"
+                    for kind, r in regions.items())
+    out["summary"] = (f"{out['step_ms']:.2f} ms a step, its forwards' phases {sum(phases.values()):.2f} ms; "
+                      f"regions (ms a step): {reg}")
+    return out
 
 
 def policy_state(base: str):
@@ -519,6 +583,9 @@ def main(argv=None) -> int:
     ap.add_argument("--server-repeats", type=int, default=1,
                     help="loads per (concurrency, mode), the modes interleaved; rows give the median")
     ap.add_argument("--server-time-limit", type=float, default=90.0, help="seconds per server load at most")
+    ap.add_argument("--server-profile", action="store_true",
+                    help="servers run with --profile: each row gets, per engine step, its forwards' phases "
+                         "and parallel regions (fork + work + imbalance + join) from /metrics")
     ap.add_argument("--llama-archive", default="", help="trimmed llama.cpp source (bench/llama_trim.py); '' skips")
     ap.add_argument("--skip", default="", help="sections to skip: offline,server,llama,spin")
     ap.add_argument("--json", default=None)
@@ -575,7 +642,7 @@ def main(argv=None) -> int:
             doc["server"] = server(model, ints(a.server_threads) if a.server_threads else threads, conc,
                                    [float(x) for x in a.server_tpf.split(",") if x], server_tokens, a.prompt_len,
                                    a.server_time_limit, a.server_rounds, a.server_min_requests,
-                                   a.server_repeats)
+                                   a.server_repeats, a.server_profile)
         except (ImportError, SystemExit, RuntimeError) as e:
             doc["notes"].append(f"server skipped: {e}")
             print(doc["notes"][-1], file=sys.stderr)

@@ -10,7 +10,7 @@
 # FFN 1920 model of docs/tiny_model.md, whose .bin fits 16 MiB with an int8 token table).
 # Example CPU_CMD (issue 20's closed loop on 12 cores):
 #   CPU_CMD='OUT=$B/e2e THREADS=12 LLAMA=none WHEELS=.whl-slim LIMIT=380 ARGS="--server-tpf 4 \
-#     --server-threads 12 --concurrency 16,64 --server-rounds 3 --server-repeats 3 \
+#     --server-threads 12 --concurrency 16,64 --server-rounds 3 --server-repeats 3 --server-profile \
 #     --skip offline,llama,spin" taskset -c 4-15 bash bench/device_e2e.sh'
 set -u
 cd "$(dirname "$0")/.."

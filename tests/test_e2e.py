@@ -49,7 +49,7 @@ def test_e2e_tiny(tmp_path):
     out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "e2e.py"), "--tiny", "--tpf", "1,4", "--reps", "1",
            "--server-tpf", "4", "--concurrency", "2", "--server-rounds", "2", "--server-min-requests", "5",
-           "--server-repeats", "2", "--workdir", str(tmp_path),
+           "--server-repeats", "2", "--server-profile", "--workdir", str(tmp_path),
            "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -77,6 +77,14 @@ def test_e2e_tiny(tmp_path):
     assert srv["ar"]["decode_modes"] == {"ar": 10} and srv["steps7"]["decode_modes"] == {"diffusion": 10}
     assert sum(srv["adaptive-steps7"]["decode_modes"].values()) == 10
     assert srv["adaptive-steps7"]["policy_state"]["calibrated"]
+    # --server-profile: per engine step of a row's loads, its forwards' phases and parallel regions
+    for r in srv.values():
+        ps = r["per_step"]
+        assert ps["steps"] > 0 and ps["forwards"] >= ps["steps"] and ps["step_ms"] > 0, ps
+        assert ps["forward_phases_ms"]["lm_head"] > 0 and ps["forward_phases_ms"]["attention"] > 0, ps
+        g = ps["regions_ms"]["ternary_gemm"]
+        assert g["work"] > 0 and g["wall"] == pytest.approx(g["fork"] + g["work"] + g["imbalance"] + g["join"],
+                                                            abs=0.01), g
     assert [r["spin"] for r in doc["spin"]] == ["bounded (bitdlm default)", "libgomp default"]
     assert png.read_bytes()[:8] == PNG_MAGIC
     md = (tmp_path / "e2e.md").read_text()
