@@ -475,6 +475,44 @@ def test_kv_budget(small):
     assert core.kv_bytes_used() == 0
 
 
+def test_freed_kv_blocks_are_kept_for_the_next_sequences(small):
+    """A freed sequence's block is kept (committed pages: no faults for the next request) and
+    reused by a sequence of about its size (up to 1.25x), never beyond the budget: kept blocks
+    make room for a new one, and what a reused block reads unwritten is still zeros."""
+    hf, _ = small
+    per = to_core(hf).kv_bytes_per_token()
+    core = to_core(hf, kv_budget=100 * per)
+    a = core.alloc_seq(40)
+    core.free_seq(a)
+    assert core.kv_bytes_used() == 0 and core.kv_bytes_kept() == 40 * per
+    b = core.alloc_seq(36)  # 40 <= 1.25 x 36: the kept block, at its real size
+    assert core.kv_bytes_kept() == 0 and core.kv_bytes_used() == 40 * per
+    c = core.alloc_seq(10)  # nothing kept fits: a fresh block
+    assert core.kv_bytes_used() == 50 * per
+    core.free_seq(b)
+    core.free_seq(c)
+    assert core.kv_bytes_kept() == 50 * per
+    d = core.alloc_seq(90)  # 90 + 50 kept > 100: the kept blocks make room
+    assert core.kv_bytes_used() == 90 * per and core.kv_bytes_kept() <= 10 * per
+    with pytest.raises(MemoryError, match="budget"):
+        core.alloc_seq(11)
+    # a reused block holds the last sequence's K/V: what a forward reads unwritten is zeros, as
+    # in a fresh one (a read of 8 unwritten cached positions gives a fresh model's logits)
+    core.free_seq(d)
+    d = core.alloc_seq(90)
+    core_logits(core, np.arange(20, 36), B=8, seq=d)  # writes positions [0, 16)
+    core.free_seq(d)
+    assert core.kv_bytes_kept() >= 90 * per
+    toks = np.arange(2, 10)
+    fresh = to_core(hf, kv_budget=100 * per)
+    outs = []
+    for m in (fresh, core):
+        s = m.alloc_seq(90)
+        outs.append(core_logits(m, toks, B=8, seq=s, start=8, ctx_len=8, write=False))
+    assert core.kv_bytes_kept() < 90 * per  # (the written block was the one reused)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_bad_arguments(small):
     hf, core = small
     V = hf.config.vocab_size

@@ -236,6 +236,10 @@ void register_model(py::module_& m) {
       // stall every Python thread (the server's event loop) for a whole forward.
       .def("kv_bytes_used", [](PyModel& s) { return s.model->kv_bytes_used(); },
            py::call_guard<py::gil_scoped_release>())
+      .def("kv_bytes_kept", [](PyModel& s) { return s.model->kv_bytes_kept(); },
+           py::call_guard<py::gil_scoped_release>(),
+           "Bytes of freed sequences' caches kept committed for the next sequences (they count "
+           "against the budget and are released when a new sequence needs their room)")
       .def("kv_zero_filled", [](PyModel& s) { return s.model->kv_zero_filled(); },
            py::call_guard<py::gil_scoped_release>(),
            "Cache positions (per sequence) zeroed because a forward read them before any write; "

@@ -172,6 +172,11 @@ int64_t Model::kv_bytes_used() {
   return kv_.bytes_used();
 }
 
+int64_t Model::kv_bytes_kept() {
+  std::lock_guard<std::mutex> g(mu_);
+  return kv_.bytes_kept();
+}
+
 int64_t Model::kv_zero_filled() {
   std::lock_guard<std::mutex> g(mu_);
   return kv_.zero_filled();

@@ -81,6 +81,7 @@ class Model {
   int alloc_seq(int64_t capacity);
   void free_seq(int id);
   int64_t kv_bytes_used();
+  int64_t kv_bytes_kept();  // freed sequences' blocks kept for reuse (KvCache::alloc)
   int64_t kv_zero_filled();  // cache positions zeroed because a forward read them unwritten (KvCache::prepare)
   int64_t kv_bytes_per_token() const { return kv_.bytes_for(1); }
   bool kv_f16() const { return kv_.f16(); }
