@@ -25,6 +25,7 @@ from helpers import ROOT, cached_binary
 _UNITS = {
     "tests/arm/harness.cpp": [],
     "csrc/kernels/dispatch.cpp": [],
+    "csrc/kernels/team_clock.cpp": [],
     "csrc/kernels/gemm_scalar.cpp": [],
     "csrc/kernels/gemm_neon.cpp": [],
     "csrc/kernels/gemm_dotprod.cpp": ["-march=armv8.2-a+dotprod"],
@@ -35,7 +36,7 @@ _UNITS = {
     "csrc/model/sampling_neon.cpp": [],
 }
 _HEADERS = ["csrc/kernels/gemm_arm.inc", "csrc/kernels/isa.h", "csrc/kernels/isa_table.h", "csrc/kernels/gemm.h",
-            "csrc/kernels/job_ranges.h",
+            "csrc/kernels/job_ranges.h", "csrc/kernels/team_clock.h",
             "csrc/kernels/ternary_driver.h", "csrc/kernels/lm_driver.h", "csrc/kernels/epilogue.h",
             "csrc/model/attention.h", "csrc/model/half.h",
             "csrc/model/simd_neon.h", "csrc/model/sampling.h", "tests/kernel_checks.h",
