@@ -38,7 +38,7 @@ _UNITS = {
 _HEADERS = ["csrc/kernels/gemm_arm.inc", "csrc/kernels/isa.h", "csrc/kernels/isa_table.h", "csrc/kernels/gemm.h",
             "csrc/kernels/job_ranges.h", "csrc/kernels/team_clock.h",
             "csrc/kernels/ternary_driver.h", "csrc/kernels/lm_driver.h", "csrc/kernels/epilogue.h",
-            "csrc/model/attention.h", "csrc/model/half.h",
+            "csrc/model/attention.h", "csrc/model/half.h", "csrc/model/softmax_tile.inc",
             "csrc/model/simd_neon.h", "csrc/model/sampling.h", "tests/kernel_checks.h",
             "tests/test_arm.py"]
 
