@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -24,11 +25,37 @@ def wait_until(pred, timeout=15.0, interval=0.05):
     return pred()
 
 
+_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.M)
+
+
+def with_includes(files: list[str]) -> list[str]:
+    """`files` (repo-relative) and every file they #include "..." from csrc/, tests/ or their own
+    folder, transitively, in a stable order: what a test binary made from them depends on."""
+    out, todo = [], list(files)
+    while todo:
+        rel = todo.pop(0)
+        if rel in out:
+            continue
+        out.append(rel)
+        with open(os.path.join(ROOT, rel), "rb") as f:
+            text = f.read()
+        for inc in _INCLUDE.findall(text):
+            inc = inc.decode()
+            for base in ("csrc", "tests", os.path.dirname(rel)):
+                cand = os.path.normpath(os.path.join(base, inc))
+                if os.path.exists(os.path.join(ROOT, cand)):
+                    todo.append(cand)
+                    break
+    return out
+
+
 def cached_binary(name: str, files: list[str], build, tmp_path_factory) -> str:
     """The path of a test binary made from the repo-relative `files`, cached in the temp
-    directory by their hash; build(out, tmpdir) makes it at `out` (asserting success)."""
+    directory by the hash of them and of everything they include (with_includes: a header left
+    off a list cannot leave a stale binary); build(out, tmpdir) makes it at `out` (asserting
+    success)."""
     h = hashlib.sha256()
-    for rel in files:
+    for rel in with_includes(files):
         with open(os.path.join(ROOT, rel), "rb") as f:
             h.update(f.read())
     exe = os.path.join(tempfile.gettempdir(), f"bitdlm_{name}_{h.hexdigest()[:16]}")

@@ -90,3 +90,15 @@ def test_arm_kernels_bit_exact_under_qemu(harness, cpu, levels):
 
 def test_arm_bitdlm_isa_override_under_qemu(harness):
     assert "picked: neon" in harness("max", "scalar,neon,dotprod,i8mm", BITDLM_ISA="neon")
+
+
+def test_a_harness_binary_depends_on_every_file_its_sources_include():
+    """cached_binary hashes what the sources include as well as the listed files: the NEON
+    attention's softmax_tile.inc once stayed off this file's list, and a change to it ran the old
+    harness binary (a mutant of it passed)."""
+    from helpers import with_includes
+
+    deps = with_includes(list(_UNITS))
+    assert "csrc/model/softmax_tile.inc" in deps and "csrc/kernels/gemm_arm.inc" in deps
+    assert "csrc/kernels/job_ranges.h" in deps and "tests/kernel_checks.h" in deps
+    assert len(deps) == len(set(deps))
