@@ -222,6 +222,14 @@ def test_recent_load_prices_a_lone_arrival_as_part_of_its_burst():
     assert pol.load == pytest.approx(1.0, abs=0.01) and pol.decide(0, 0, 3.0) == P.DIFFUSION
     pol.observe_load(0)  # (no step): nothing moves
     assert pol.summary()["load"] == pytest.approx(1.0, abs=0.01)
+    # each diffusion assignment is kept with its inputs (/health): two here, the AR one is not
+    why = pol.summary()["last_diffusion_decisions"]
+    assert len(why) == 2 and why[0]["load"] == 0 and why[1]["load"] == pytest.approx(1.0, abs=0.01)
+    assert why[1]["priced_requests"] == 1 and why[1]["best_ar_of_them"] == 0 and why[1]["tpf"] == 3.0
+    assert why[1]["rate_best"] > why[1]["rate_all_ar"] > 0
+    for _ in range(P.DECISIONS_KEPT + 3):
+        pol.decide(0, 0, 3.0)
+    assert len(pol.summary()["last_diffusion_decisions"]) == P.DECISIONS_KEPT
 
 
 def test_a_batch_of_arrivals_is_priced_together():

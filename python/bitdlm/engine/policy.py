@@ -49,6 +49,7 @@ COST_EMA = 0.05  # weight of each observed forward in its mode's cost scale (~20
 LOAD_EMA = 0.05  # weight of each engine step's request count in the recent concurrency (~20 steps)
 COST_SCALE_LIMITS = (0.25, 4.0)  # one forward's ratio is clipped to these (a stall is not a new price)
 REPRICE_AFTER_S = 20.0  # an idle engine re-times a mode not run for this long while the other ran
+DECISIONS_KEPT = 8  # the last diffusion assignments kept with their inputs (/health)
 
 
 def mode_of(block_size: int) -> str:
@@ -295,6 +296,7 @@ class AdaptivePolicy:
         self.repriced = {m: 0 for m in MODES}
         self.switched = 0  # diffusion requests moved to AR when a block closed (Engine._reprice_closing)
         self.load = 0.0  # recent requests per engine step (observe_load; 0: none yet)
+        self.diffusion_decisions: list[dict] = []  # the last DECISIONS_KEPT diffusion assignments, why
 
     @property
     def calibrated(self) -> bool:
@@ -331,7 +333,19 @@ class AdaptivePolicy:
         if it ran alone."""
         tpf = self.tpf if self.observed or prior is None else prior
         load = max(round(self.load), a + d + 1 + max(0, int(arriving)))
-        return choose_mode(self.cost(AR), self.cost(DIFFUSION), a, d, tpf, load)
+        cost_ar, cost_d = self.cost(AR), self.cost(DIFFUSION)
+        mode = choose_mode(cost_ar, cost_d, a, d, tpf, load)
+        if mode == DIFFUSION:  # why (/health): one diffusion request beside AR ones adds a forward per step
+            n = max(a + d + 1, load)
+            split = best_split(cost_ar, cost_d, n, tpf)
+            self.diffusion_decisions.append({
+                "running_ar": a, "running_diffusion": d, "arriving": int(arriving), "load": round(self.load, 3),
+                "priced_requests": n, "best_ar_of_them": split, "tpf": round(tpf, 4),
+                "cost_scale": {m: round(k, 4) for m, k in self.cost_scale.items()},
+                "rate_all_ar": round(float(step_rate(cost_ar(n), 0.0, n, 0, tpf)), 2),
+                "rate_best": round(float(step_rate(cost_ar(split), cost_d(n - split), split, n - split, tpf)), 2)})
+            del self.diffusion_decisions[:-DECISIONS_KEPT]
+        return mode
 
     def observe_load(self, n: int) -> None:
         """An engine step ran n requests: the recent concurrency (an EMA over steps) moves
@@ -390,4 +404,5 @@ class AdaptivePolicy:
                 "cost_diffusion_seconds": self.cost_diffusion.points() if self.cost_diffusion else None,
                 "cost_scale": {m: round(k, 4) for m, k in self.cost_scale.items()},
                 "forwards_observed": dict(self.forwards_observed), "repriced": dict(self.repriced),
-                "load": round(self.load, 3), "switched_to_ar": self.switched}
+                "load": round(self.load, 3), "switched_to_ar": self.switched,
+                "last_diffusion_decisions": list(self.diffusion_decisions)}
