@@ -300,19 +300,12 @@ def scrape(base: str) -> dict:
     """Every bitdlm_* sample of the server's /metrics: {'name{labels}': value} (empty on failure)."""
     import httpx
 
+    import serve as load  # bench/serve.py
+
     try:
-        text = httpx.get(base + "/metrics", timeout=10, trust_env=False).text
+        return load.parse_metrics(httpx.get(base + "/metrics", timeout=10, trust_env=False).text)
     except httpx.HTTPError:
         return {}
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("bitdlm_"):
-            key, _, val = line.rpartition(" ")
-            try:
-                out[key] = float(val)
-            except ValueError:
-                pass
-    return out
 
 
 def server_profile(d: dict) -> dict:

@@ -62,8 +62,6 @@ def ensure_model(model_dir: str, lm_head: str, shape: str = "2b") -> str:
 
 
 SMALL_OPS = ("embed", "norm_quant", "rope_kv", "act_quant", "final_norm")
-# a parallel region's wall time in four parts (kernels/team_clock.h, _core.team_profile)
-TEAM_PARTS = ("wall", "fork", "work", "imbalance", "join")
 
 
 def worker(path: str, threads: list[int], reps: int, kv_dtype: str, only: list[str] | None = None) -> dict:
@@ -71,6 +69,7 @@ def worker(path: str, threads: list[int], reps: int, kv_dtype: str, only: list[s
 
     import bitdlm
     from bitdlm import _core
+    from bitdlm.model import REGION_PARTS
 
     t0 = time.perf_counter()
     m = bitdlm.load(path, threads=max(threads), kv_budget_gb=4, kv_dtype=kv_dtype)
@@ -135,7 +134,7 @@ def worker(path: str, threads: list[int], reps: int, kv_dtype: str, only: list[s
             # the parallel regions' wall = fork + work + imbalance + join (kernels/team_clock.h)
             row[name]["team_ms"] = {
                 kind: {"regions": round(t["calls"] / calls, 1), "mean_threads": round(t["mean_threads"], 2),
-                       **{p: round(1e3 * t[p] / calls, 3) for p in TEAM_PARTS}}
+                       **{p: round(1e3 * t[p] / calls, 3) for p in REGION_PARTS}}
                 for kind, t in team.items() if t["calls"]}
             small = sum(v for k, v in prof.items() if k in SMALL_OPS)
             row[name]["small_ops_ms"] = round(1e3 * small / calls, 3)
@@ -220,9 +219,10 @@ def main(argv=None) -> int:
     return 0
 
 
-
 def print_phases(out: dict) -> None:
     """Per lm_head type and thread count: ms per phase (rows) for every case (columns)."""
+    from bitdlm.model import REGION_PARTS  # (the region table's columns)
+
     for head, r in out["results"].items():
         for th, row in r["threads"].items():
             cases = [k for k, v in row.items() if isinstance(v, dict) and "phases_ms" in v]
@@ -241,11 +241,11 @@ def print_phases(out: dict) -> None:
                 continue
             print(f"\nlm_head={head} threads={th}: the parallel regions, ms per forward "
                   f"(wall = fork + work + imbalance + join; kernels/team_clock.h)")
-            print(f"{'case':22s}{'region':>14s}{'per fwd':>9s}{'threads':>8s}" + "".join(f"{p:>10s}" for p in TEAM_PARTS))
+            print(f"{'case':22s}{'region':>14s}{'per fwd':>9s}{'threads':>8s}" + "".join(f"{p:>10s}" for p in REGION_PARTS))
             for c in teams:
                 for kind, t in row[c]["team_ms"].items():
                     print(f"{c[:21]:22s}{kind:>14s}{t['regions']:9.1f}{t['mean_threads']:8.2f}"
-                          + "".join(f"{t[p]:10.3f}" for p in TEAM_PARTS))
+                          + "".join(f"{t[p]:10.3f}" for p in REGION_PARTS))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import itertools
 import importlib.util
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -137,17 +136,27 @@ def stats(results, wall):
     }
 
 
+def parse_metrics(text: str) -> dict:
+    """Every bitdlm_* sample of a /metrics text: {'name{labels}': value}."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("bitdlm_"):
+            key, _, val = line.rpartition(" ")
+            try:
+                out[key] = float(val)
+            except ValueError:
+                pass
+    return out
+
+
 async def server_metrics(client, base, headers):
-    metrics = {}
     try:
         r = await client.get(base + "/metrics", headers=headers, timeout=10)
-        for name in ("bitdlm_tokens_per_forward", "bitdlm_engine_steps_total"):
-            m = re.search(rf"^{name} (\S+)$", r.text, re.M)
-            if m:
-                metrics[name] = float(m.group(1))
+        samples = parse_metrics(r.text)
     except Exception:
-        pass
-    return metrics
+        return {}
+    return {name: samples[name] for name in ("bitdlm_tokens_per_forward", "bitdlm_engine_steps_total")
+            if name in samples}
 
 
 async def run_load(bases, args):

@@ -294,8 +294,9 @@ static void run_ternary(const TernaryW* ws, int n_ws, const ActQ& a, int32_t* ou
   const int groups = (a.N + 15) / 16, steps = a.Kp / 64;
   int8_t* const vb = amx ? vnni_buffer(a) : nullptr;
   const bool par = macs >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
-  JobRanges ranges(total, par ? omp_get_max_threads() : 1);
-  TeamClock clock(kTeamTernary, par ? omp_get_max_threads() : 1);
+  const int team = par ? omp_get_max_threads() : 1;
+  JobRanges ranges(total, team);
+  TeamClock clock(kTeamTernary, team);
 #pragma omp parallel if (par)
   {
     clock.enter(omp_get_thread_num());
@@ -342,8 +343,9 @@ static void run_rows(int M, int64_t macs, F&& f) {
   constexpr int kRowBlock = 64;
   const int nb = (M + kRowBlock - 1) / kRowBlock;
   const bool par = macs >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
-  JobRanges ranges(nb, par ? omp_get_max_threads() : 1);
-  TeamClock clock(kTeamLmHead, par ? omp_get_max_threads() : 1);
+  const int team = par ? omp_get_max_threads() : 1;
+  JobRanges ranges(nb, team);
+  TeamClock clock(kTeamLmHead, team);
 #pragma omp parallel if (par)
   {
     clock.enter(omp_get_thread_num());
@@ -377,8 +379,9 @@ void gemm_i8_i8(const int8_t* W, const float* wscale, int M, int K, const ActQ& 
   const int groups = (a.N + 15) / 16, steps = a.Kp / 64;
   int8_t* const vb = vnni_buffer(a);
   const bool par = (int64_t)M * K * a.N >= kParallelMacs && omp_get_max_threads() > 1 && !omp_in_parallel();
-  JobRanges lm_ranges(nb, par ? omp_get_max_threads() : 1);
-  TeamClock clock(kTeamLmHead, par ? omp_get_max_threads() : 1);
+  const int team = par ? omp_get_max_threads() : 1;
+  JobRanges lm_ranges(nb, team);
+  TeamClock clock(kTeamLmHead, team);
 #pragma omp parallel if (par)
   {
     clock.enter(omp_get_thread_num());

@@ -2,8 +2,9 @@
 // (`_core.set_team_profile`, which Model.set_profile / BITDLM_PROFILE turn on with the phase
 // profile). Per region, four parts that add up to its wall time: the fork (region start to a
 // thread's start, mean over the team), the work (a thread's own range and what it stole, mean),
-// the imbalance (last thread done - mean thread done) and the join (region end - last done). A 16-thread GEMM at half a core's efficiency is either
-// slower work per thread or time outside it: this tells which (bench/forward.py prints it).
+// the imbalance (last thread done - mean thread done) and the join (region end - last done).
+// A 16-thread GEMM at half a core's efficiency is either slower work per thread or time
+// outside it: this tells which (bench/forward.py prints it).
 // Off, a region pays one relaxed load.
 #pragma once
 #include <omp.h>

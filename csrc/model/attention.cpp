@@ -425,8 +425,9 @@ void attention(const AttnKernels& kt, bool kv_f16, const AttnItem* items, int n_
   std::unique_ptr<std::atomic<int>[]> left(new std::atomic<int>[jobs.size()]);
   for (size_t j = 0; j < jobs.size(); ++j) left[j].store(first_unit[j + 1] - first_unit[j], std::memory_order_relaxed);
   const int64_t nunits = (int64_t)units.size(), npre = (int64_t)pre.size();
-  JobRanges ranges(nunits, nunits > 1 ? nthreads : 1);
-  TeamClock clock(kTeamAttention, nunits > 1 ? nthreads : 1);
+  const int team = nunits > 1 ? nthreads : 1;
+  JobRanges ranges(nunits, team);
+  TeamClock clock(kTeamAttention, team);
 #pragma omp parallel if (nunits > 1)
   {
     clock.enter(omp_get_thread_num());

@@ -117,8 +117,9 @@ def print_team_profile(team: dict, forwards: int, file) -> None:
     rows = {k: t for k, t in team.items() if t["calls"]}
     if not rows:
         return
+    from .model import REGION_PARTS as parts
+
     n = forwards or 1
-    parts = ("wall", "fork", "work", "imbalance", "join")
     print(f"{'[regions]':14s}{'per fwd':>9s}{'threads':>8s}" + "".join(f"{p:>10s}" for p in parts)
           + "   (ms per forward)", file=file)
     for kind, t in rows.items():

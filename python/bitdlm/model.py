@@ -13,6 +13,10 @@ from . import _core
 from ._cpu import check_threads, default_threads  # default_threads re-exported: bitdlm.model
 from .format import ModelFile, embedding_dtype
 
+# A parallel region's wall time in four parts (kernels/team_clock.h, _core.team_profile): the
+# columns `bitdlm generate --profile`, serve's /metrics and bench/forward.py show.
+REGION_PARTS = ("wall", "fork", "work", "imbalance", "join")
+
 # KV caches hold f16 by default: they halve the bytes attention reads per token
 # (bench/forward.py measures both); "f32" is exact against an fp32 reference.
 DEFAULT_KV_DTYPE = "f16"

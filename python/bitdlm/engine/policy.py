@@ -336,7 +336,7 @@ class AdaptivePolicy:
         cost_ar, cost_d = self.cost(AR), self.cost(DIFFUSION)
         mode = choose_mode(cost_ar, cost_d, a, d, tpf, load)
         if mode == DIFFUSION:  # why (/health): one diffusion request beside AR ones adds a forward per step
-            n = max(a + d + 1, load)
+            n = load  # (choose_mode's split, of load >= a + d + 1 requests)
             split = best_split(cost_ar, cost_d, n, tpf)
             self.diffusion_decisions.append({
                 "running_ar": a, "running_diffusion": d, "arriving": int(arriving), "load": round(self.load, 3),

@@ -27,6 +27,7 @@ class _PhaseCollector:
         # each kind of parallel region's wall = fork + work + imbalance + join (kernels/team_clock.h;
         # process-wide, read under a lock the forward holds for one region's sum at a time)
         from .. import _core
+        from ..model import REGION_PARTS
 
         team = _core.team_profile()
         n = CounterMetricFamily("bitdlm_parallel_regions", "Parallel regions of the forwards by kind "
@@ -37,7 +38,7 @@ class _PhaseCollector:
                                 "the last, joining)", labels=["kind", "part"])
         for kind, st in team.items():
             n.add_metric([kind], st["calls"])
-            for part in ("wall", "fork", "work", "imbalance", "join"):
+            for part in REGION_PARTS:
                 t.add_metric([kind, part], st[part])
         yield n
         yield t
